@@ -1,0 +1,5 @@
+import sys
+
+from safegate.cli import main
+
+sys.exit(main())

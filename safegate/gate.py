@@ -1,0 +1,140 @@
+"""The gate: resolve settings, read the machine, run the five checks, and wait for them to pass."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from safegate.config import CompetingRule, Config, Profile, ThermalConfig
+from safegate.lockstore import LockStore, legacy_removable, read_legacy, remove_legacy, resolve_lock_dir
+from safegate.policy import (
+    CheckResult,
+    Verdict,
+    check_competing,
+    check_lock,
+    check_memory,
+    check_pressure,
+    check_stale,
+    check_thermal,
+    match_competing,
+)
+from safegate.probes.memory import read_memory
+from safegate.probes.processes import read_processes
+from safegate.probes.thermal import read_thermal
+from safegate.units import Size, validate_lock_name
+
+# Waiting re-checks with a capped backoff: quick at first (a lock is often released soon), then
+# rarely enough that a long wait costs next to no CPU.
+WAIT_FIRST = 0.2
+WAIT_FACTOR = 1.5
+WAIT_CAP = 2.0
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """What the caller asked for explicitly (command line or API); None means 'from the profile'."""
+
+    mem: Size | None = None
+    margin: Size | None = None
+    max_temp: float | None = None
+    lock: str | None = None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything one evaluation needs, resolved from overrides > environment > config > built-ins."""
+
+    profile: Profile
+    need: Size
+    margin: Size
+    max_temp: float
+    resume_temp: float
+    max_pressure: float
+    lock: str
+    rules: tuple[CompetingRule, ...]
+    thermal: ThermalConfig
+    legacy_lock_files: tuple[Path, ...]
+    lock_dir: Path
+
+
+def resolve(config: Config, profile_name: str, overrides: Overrides, env: Mapping[str, str] | None = None) -> Settings:
+    env = os.environ if env is None else env
+    profile = config.profile(profile_name)
+    max_temp = overrides.max_temp if overrides.max_temp is not None else profile.max_temp
+    resume = profile.resume_temp
+    if resume is None or resume > max_temp:
+        resume = max_temp - 5
+    lock = validate_lock_name(overrides.lock) if overrides.lock is not None else profile.lock
+    return Settings(
+        profile=profile,
+        need=overrides.mem if overrides.mem is not None else profile.memory,
+        margin=overrides.margin if overrides.margin is not None else profile.memory_margin,
+        max_temp=max_temp,
+        resume_temp=resume,
+        max_pressure=profile.max_memory_pressure,
+        lock=lock,
+        rules=profile.competing,
+        thermal=config.thermal,
+        legacy_lock_files=config.legacy_lock_files,
+        lock_dir=resolve_lock_dir(config.lock_dir, env),
+    )
+
+
+def evaluate(settings: Settings, *, resuming: bool = False, started: Iterable[int] = ()) -> Verdict:
+    """One pass of every check. *resuming*: a thermal block was seen, so pass only below resume_temp."""
+    store = LockStore(settings.lock_dir)
+    store.ensure_directory()
+    removals = list(store.cleanup())
+    legacy = [read_legacy(p) for p in settings.legacy_lock_files]
+    removals += [remove_legacy(s) for s in legacy if legacy_removable(s)]
+    legacy = [s for s in legacy if s.alive or s.note]
+
+    mem = read_memory()
+    thermal = read_thermal(settings.thermal)
+    lock_state = store.state(settings.lock)
+    procs = read_processes(started)
+
+    limit = settings.resume_temp if resuming else settings.max_temp
+    checks: list[CheckResult] = [
+        check_stale(removals),
+        check_memory(mem, settings.need.resolve(mem.total), settings.margin.resolve(mem.total)),
+        check_pressure(mem, settings.max_pressure),
+        check_thermal(thermal, limit, require=settings.thermal.require, resuming=resuming),
+        check_lock(lock_state, legacy),
+        check_competing(match_competing(procs, settings.rules, mem.total), settings.rules),
+    ]
+    return Verdict(profile=settings.profile.name, checks=tuple(checks))
+
+
+def wait_until_clear(
+    settings: Settings,
+    timeout: float | None,
+    on_blocked: Callable[[Verdict], None] | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Verdict:
+    """Re-check until every check passes or *timeout* seconds (None: forever) run out; the last verdict."""
+    deadline = None if timeout is None else clock() + timeout
+    delay = WAIT_FIRST
+    resuming = False
+    while True:
+        verdict = evaluate(settings, resuming=resuming)
+        if verdict.ok:
+            return verdict
+        thermal = verdict.result("thermal")
+        if thermal is not None and thermal.blocks:
+            # Once too hot, wait for resume_temp, not just below max_temp, so the gate does not flap.
+            resuming = True
+        if on_blocked is not None:
+            on_blocked(verdict)
+        if deadline is not None:
+            remaining = deadline - clock()
+            if remaining <= 0:
+                return verdict
+            sleep(min(delay, remaining))
+        else:
+            sleep(delay)
+        delay = min(delay * WAIT_FACTOR, WAIT_CAP)

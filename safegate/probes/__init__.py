@@ -1,0 +1,1 @@
+"""Probes read the machine into frozen snapshots; they never judge what they read."""

@@ -1,0 +1,140 @@
+"""Parsers for the values users type: sizes, durations, temperatures, lock names.
+
+Pure functions; they raise ValueParseError with a message naming the value and what is accepted.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from safegate.errors import ValueParseError
+
+_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?|\.[0-9]+)\s*([A-Za-z]*)\s*$")
+_BINARY = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4, "p": 1024**5}
+_DECIMAL = {"kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "pb": 10**15}
+SIZE_ACCEPTED = "a size like 512M, 1.5G, 10GiB (powers of 1024), 10GB (powers of 1000), or a percentage like 10%"
+DURATION_ACCEPTED = "a duration like 30 (seconds), 250ms, 90s, 5m, 2h"
+TEMP_ACCEPTED = "a temperature in degrees Celsius between -50 and 200, like 80"
+LOCK_NAME_ACCEPTED = (
+    "1-64 printable characters without '/', '\\', '..', spaces, or a leading '.' or '-'"
+)
+LOCK_NAME_MAX = 64
+
+
+@dataclass(frozen=True)
+class Size:
+    """A size in bytes, or a percentage of total RAM resolved later against the machine."""
+
+    bytes: int | None = None
+    percent: float | None = None
+
+    def resolve(self, total: int) -> int:
+        if self.percent is not None:
+            return int(total * self.percent / 100)
+        assert self.bytes is not None
+        return self.bytes
+
+    def __str__(self) -> str:
+        if self.percent is not None:
+            return f"{self.percent:g}%"
+        assert self.bytes is not None
+        return format_bytes(self.bytes)
+
+
+def parse_size(text: str, *, allow_percent: bool = True) -> Size:
+    """Parse '512M', '1.5G', '10GiB', '10GB', '4096', '10%'."""
+    raw = str(text)
+    stripped = raw.strip()
+    if allow_percent and stripped.endswith("%"):
+        number = stripped[:-1].strip()
+        try:
+            pct = float(number)
+        except ValueError:
+            raise ValueParseError(f"invalid size {raw!r}: expected {SIZE_ACCEPTED}") from None
+        if not math.isfinite(pct) or not 0 <= pct <= 100:
+            raise ValueParseError(f"invalid size {raw!r}: a percentage must be between 0% and 100%")
+        return Size(percent=pct)
+    match = _SIZE_RE.match(raw)
+    if match is None:
+        accepted = SIZE_ACCEPTED if allow_percent else SIZE_ACCEPTED.split(", or a percentage")[0]
+        raise ValueParseError(f"invalid size {raw!r}: expected {accepted}")
+    number, unit = match.group(1), match.group(2).lower()
+    if unit in _DECIMAL:
+        factor = _DECIMAL[unit]
+    else:
+        # "G", "GiB", "Gi" and "GB"-less spellings are binary; strip the optional "ib"/"i".
+        key = unit[:-2] if unit.endswith("ib") else unit[:-1] if unit.endswith("i") else unit
+        if key not in _BINARY or (unit.endswith(("ib", "i")) and key in ("", "b")):
+            raise ValueParseError(f"invalid size {raw!r}: unknown unit {match.group(2)!r}; expected {SIZE_ACCEPTED}")
+        factor = _BINARY[key]
+    value = float(number) * factor
+    if not math.isfinite(value) or value > 2**63:
+        raise ValueParseError(f"invalid size {raw!r}: too large")
+    return Size(bytes=int(value))
+
+
+_DURATION_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?|\.[0-9]+)\s*(ms|s|m|h|d)?\s*$", re.IGNORECASE)
+_DURATION_FACTORS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str) -> float:
+    """Parse '30', '250ms', '90s', '5m', '2h' into seconds."""
+    raw = str(text)
+    match = _DURATION_RE.match(raw)
+    if match is None:
+        raise ValueParseError(f"invalid duration {raw!r}: expected {DURATION_ACCEPTED}")
+    seconds = float(match.group(1)) * _DURATION_FACTORS[(match.group(2) or "s").lower()]
+    if not math.isfinite(seconds) or seconds > 10 * 365 * 86400:
+        raise ValueParseError(f"invalid duration {raw!r}: longer than 10 years")
+    return seconds
+
+
+def parse_temp(text: str | float) -> float:
+    """Parse '80', '80C', '72.5' (degrees Celsius)."""
+    raw = str(text)
+    cleaned = raw.strip().removesuffix("C").removesuffix("c").removesuffix("°").strip()
+    try:
+        value = float(cleaned)
+    except ValueError:
+        raise ValueParseError(f"invalid temperature {raw!r}: expected {TEMP_ACCEPTED}") from None
+    if not math.isfinite(value) or not -50 <= value <= 200:
+        raise ValueParseError(f"invalid temperature {raw!r}: expected {TEMP_ACCEPTED}")
+    return value
+
+
+def validate_lock_name(name: str) -> str:
+    """Return *name* if it is safe as a file name inside the lock dir, else raise."""
+    ok = (
+        0 < len(name) <= LOCK_NAME_MAX
+        and name.isprintable()
+        and not any(ch.isspace() for ch in name)
+        and "/" not in name
+        and "\\" not in name
+        and ".." not in name
+        and not name.startswith((".", "-"))
+    )
+    if not ok:
+        raise ValueParseError(f"invalid lock name {name!r}: expected {LOCK_NAME_ACCEPTED}")
+    return name
+
+
+def format_bytes(n: int | float) -> str:
+    """Human size in binary units, e.g. '9.8 GiB'."""
+    value = float(n)
+    sign = "-" if value < 0 else ""
+    value = abs(value)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{sign}{value:.0f} {unit}" if unit == "B" else f"{sign}{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def format_duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.0f}s"
+    if seconds < 3600:
+        return f"{seconds // 60:.0f}m{seconds % 60:02.0f}s"
+    return f"{seconds // 3600:.0f}h{(seconds % 3600) // 60:02.0f}m"
