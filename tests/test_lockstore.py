@@ -1,0 +1,265 @@
+"""The lock store against real holders: flock(1), other safegate processes, dead holders, hostile files."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import Nobody, Procs, hold_with_flock, hold_with_safegate, wait_until
+
+from safegate.errors import LockDirError
+from safegate.lockstore import Holder, LockStore, legacy_removable, read_legacy, remove_legacy
+
+
+def store_at(path: Path) -> LockStore:
+    store = LockStore(path)
+    store.ensure_directory()
+    return store
+
+
+def test_directory_created_sticky_and_world_writable(tmp_path: Path) -> None:
+    old = os.umask(0o077)
+    try:
+        store = store_at(tmp_path / "a" / "locks")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(store.directory).st_mode) == 0o1777
+
+
+def test_lock_file_is_0666_whatever_the_umask(tmp_path: Path) -> None:
+    store = store_at(tmp_path / "locks")
+    old = os.umask(0o077)
+    try:
+        held = store.try_acquire("heavy", "p")
+    finally:
+        os.umask(old)
+    assert held is not None
+    held.release()
+    assert stat.S_IMODE(os.stat(store.lock_path("heavy")).st_mode) == 0o666
+
+
+def test_acquire_writes_holder_and_release_removes_it(tmp_path: Path) -> None:
+    store = store_at(tmp_path / "locks")
+    with store.try_acquire("heavy", "whisper-large-v3", ["whisper", "x.mp3"]) as held:
+        assert held is not None
+        holder, note = store.read_holder("heavy")
+        assert note == "" and holder is not None
+        assert holder.pid == os.getpid() and holder.profile == "whisper-large-v3"
+        assert holder.cmdline == ["whisper", "x.mp3"]
+        assert store.is_held("heavy")
+    assert not store.is_held("heavy")
+    assert not store.holder_path("heavy").exists()
+    assert store.lock_path("heavy").exists()  # never unlinked: unlinking splits waiters across inodes
+
+
+def test_second_acquire_in_other_process_is_refused(tmp_path: Path, procs: Procs) -> None:
+    lock_dir = tmp_path / "locks"
+    hold_with_safegate(procs, lock_dir, "heavy")
+    store = store_at(lock_dir)
+    assert store.try_acquire("heavy", "p") is None
+    state = store.state("heavy")
+    assert state.held and state.holder is not None and state.holder_alive
+
+
+def test_flock1_holder_excludes(tmp_path: Path, procs: Procs) -> None:
+    store = store_at(tmp_path / "locks")
+    holder = hold_with_flock(procs, store.lock_path("heavy"))
+    assert store.is_held("heavy")
+    assert store.try_acquire("heavy", "p") is None
+    os.killpg(holder.pid, signal.SIGKILL)  # flock and its sleep child, which shares the open lock file
+    holder.wait()
+    held = wait_until(lambda: store.try_acquire("heavy", "p"), what="the lock to become free")
+    # And safegate's hold excludes flock(1) in turn.
+    assert subprocess.run(["flock", "-n", str(store.lock_path("heavy")), "true"]).returncode != 0
+    held.release()
+    assert subprocess.run(["flock", "-n", str(store.lock_path("heavy")), "true"]).returncode == 0
+
+
+def test_killed_holder_leaves_stale_metadata_that_cleanup_removes(tmp_path: Path, procs: Procs) -> None:
+    lock_dir = tmp_path / "locks"
+    holder = hold_with_safegate(procs, lock_dir, "whisper-large")
+    store = store_at(lock_dir)
+    assert list(store.cleanup()) == []  # alive: nothing to remove
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait()
+    assert store.holder_path("whisper-large").exists()
+    removals = list(store.cleanup())
+    assert len(removals) == 1 and removals[0].removed
+    assert f"pid {holder.pid}" in removals[0].what
+    assert not store.holder_path("whisper-large").exists()
+
+
+def test_reused_pid_is_not_taken_for_the_holder(tmp_path: Path) -> None:
+    store = store_at(tmp_path / "locks")
+    # Metadata naming a live pid (ours) but another start time: the pid was reused, the holder is gone.
+    fake = Holder.for_current_process("heavy", "p")
+    store.write_holder(Holder(**{**fake.__dict__, "start_time": fake.start_time - 1000}))
+    removals = list(store.cleanup())
+    assert len(removals) == 1 and removals[0].removed
+
+
+def test_metadata_of_a_held_lock_is_kept_even_if_its_writer_died(tmp_path: Path, procs: Procs) -> None:
+    # A job that inherited the lock fd keeps the lock held after the writer is gone: keep naming it.
+    store = store_at(tmp_path / "locks")
+    dead = Holder(pid=2**22 + 7, start_time=1.0, user="u", host="h", cmdline=["x"], started_at=1.0,
+                  profile="p", lock="heavy")
+    store.write_holder(dead)
+    hold_with_flock(procs, store.lock_path("heavy"))
+    assert list(store.cleanup()) == []
+    assert store.read_holder("heavy")[0] == dead
+
+
+@pytest.mark.parametrize("content", [b"", b"{trunc", b"not json at all", b"[1,2]", b'{"pid": "x"}', b"\xff\xfe"])
+def test_corrupt_metadata_is_reported_and_removed_when_free(tmp_path: Path, content: bytes) -> None:
+    store = store_at(tmp_path / "locks")
+    store.holder_path("heavy").write_bytes(content)
+    holder, note = store.read_holder("heavy")
+    assert holder is None and "corrupt" in note
+    removals = list(store.cleanup())
+    assert len(removals) == 1 and removals[0].removed and "unusable" in removals[0].what
+
+
+def test_huge_metadata_is_not_read_whole(tmp_path: Path) -> None:
+    store = store_at(tmp_path / "locks")
+    store.holder_path("heavy").write_bytes(b" " * (10 * 1024 * 1024))
+    holder, note = store.read_holder("heavy")
+    assert holder is None and "larger than" in note
+
+
+def test_symlinked_lock_dir_is_refused(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    with pytest.raises(LockDirError, match="symlink"):
+        LockStore(tmp_path / "link").ensure_directory()
+
+
+def test_world_writable_dir_without_sticky_is_refused(tmp_path: Path) -> None:
+    d = tmp_path / "open"
+    d.mkdir()
+    os.chmod(d, 0o777)
+    with pytest.raises(LockDirError, match="chmod \\+t"):
+        LockStore(d).ensure_directory()
+
+
+def test_lock_dir_that_is_a_file_is_refused(tmp_path: Path) -> None:
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(LockDirError, match="not a directory"):
+        LockStore(f).ensure_directory()
+    with pytest.raises(LockDirError, match="Not a directory"):
+        LockStore(f / "sub").ensure_directory()
+
+
+def test_symlink_at_lock_path_is_refused_and_target_untouched(tmp_path: Path) -> None:
+    store = store_at(tmp_path / "locks")
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    store.lock_path("heavy").symlink_to(victim)
+    with pytest.raises(LockDirError, match="symlink"):
+        store.try_acquire("heavy", "p")
+    with pytest.raises(LockDirError, match="symlink"):
+        store.is_held("heavy")
+    assert victim.read_text() == "precious"
+
+
+def test_symlink_at_holder_path_is_replaced_not_followed(tmp_path: Path) -> None:
+    store = store_at(tmp_path / "locks")
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    store.holder_path("heavy").symlink_to(victim)
+    assert store.read_holder("heavy")[0] is None  # reading refuses to follow it
+    held = store.try_acquire("heavy", "p")
+    assert held is not None and held.holder is not None
+    assert victim.read_text() == "precious"
+    assert not store.holder_path("heavy").is_symlink()
+    held.release()
+
+
+def test_legacy_pid_files(tmp_path: Path, procs: Procs) -> None:
+    live_proc = procs.spawn(["sleep", "600"])
+    live, dead, junk = tmp_path / "live.lock", tmp_path / "dead.lock", tmp_path / "junk.lock"
+    live.write_text(f"{live_proc.pid}\n")
+    finished = subprocess.run(["sh", "-c", "echo $$"], capture_output=True, text=True, check=True)
+    dead.write_text(finished.stdout)
+    junk.write_text("hello\n")
+    assert read_legacy(live).alive
+    dead_state = read_legacy(dead)
+    assert not dead_state.alive and legacy_removable(dead_state)
+    assert remove_legacy(dead_state).removed and not dead.exists()
+    junk_state = read_legacy(junk)
+    assert junk_state.pid is None and "does not hold a pid" in junk_state.note and not legacy_removable(junk_state)
+    assert not read_legacy(tmp_path / "absent.lock").alive
+
+
+def test_legacy_pid_reused_after_file_written_is_stale(tmp_path: Path, procs: Procs) -> None:
+    path = tmp_path / "old.lock"
+    path.write_text("1\n")  # pid 1 is alive, but started long before... so make the file older than it
+    os.utime(path, (0, 0))
+    assert not read_legacy(path).alive
+
+
+def test_unwritable_lock_dir_as_normal_user(tmp_path: Path) -> None:
+    if os.geteuid() == 0:
+        pytest.skip("root ignores file modes; test_unwritable_lock_dir_as_nobody covers this as root")
+    d = tmp_path / "ro"
+    d.mkdir()
+    os.chmod(d, 0o555)
+    with pytest.raises(LockDirError, match="not writable"):
+        LockStore(d).ensure_directory()
+
+
+def test_unwritable_lock_dir_as_nobody(nobody: Nobody) -> None:
+    d = nobody.workdir / "root-only"
+    d.mkdir()
+    os.chmod(d, 0o755)
+    code = (
+        "import sys; from pathlib import Path; from safegate.lockstore import LockStore\n"
+        "from safegate.errors import LockDirError\n"
+        "try:\n    LockStore(Path(sys.argv[1])).ensure_directory()\n"
+        "except LockDirError as e:\n    print(e)\n"
+    )
+    out = nobody.run(["-c", code, str(d)])
+    assert "not writable by you" in out.stdout, out.stderr
+
+
+def test_foreign_0600_lock_file_is_refused_clearly(nobody: Nobody) -> None:
+    d = nobody.workdir / "locks"
+    d.mkdir()
+    os.chmod(d, 0o1777)
+    lock = d / "heavy.lock"
+    lock.write_text("")
+    os.chmod(lock, 0o600)  # left by another user (root) with a tight umask
+    code = (
+        "import sys; from pathlib import Path; from safegate.lockstore import LockStore\n"
+        "from safegate.errors import LockDirError\n"
+        "try:\n    LockStore(Path(sys.argv[1])).try_acquire('heavy', 'p')\n"
+        "except LockDirError as e:\n    print(e)\n"
+    )
+    out = nobody.run(["-c", code, str(d)])
+    assert "not accessible to you" in out.stdout and "0600" in out.stdout, out.stderr
+
+
+def test_lock_taken_by_one_user_can_be_taken_by_another(nobody: Nobody) -> None:
+    # The lock dir is shared by all users (RAM is shared): a lock file root created must work for nobody.
+    d = nobody.workdir / "shared"
+    store = store_at(d)
+    store.try_acquire("heavy", "p").release()  # type: ignore[union-attr]
+    code = (
+        "import sys; from pathlib import Path; from safegate.lockstore import LockStore\n"
+        "h = LockStore(Path(sys.argv[1])).try_acquire('heavy', 'p'); print('held' if h else 'busy'); h.release()\n"
+    )
+    out = nobody.run(["-c", code, str(d)])
+    assert out.stdout.strip() == "held", out.stderr
+
+
+def test_holder_json_round_trip() -> None:
+    h = Holder.for_current_process("heavy", "default", ["a", "b c"])
+    assert Holder.from_json(h.to_json()) == h
+    assert json.loads(h.to_json())["pid"] == os.getpid()
