@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
         typer.echo(f"safegate: {' '.join(message.split())}{hint}", err=True)
         return int(ExitCode.USAGE)
-    except Exception as exc:  # noqa: BLE001 - the last resort: one line, never a traceback
+    except Exception as exc:
         if os.environ.get("SAFEGATE_DEBUG"):
             raise
         typer.echo(f"safegate: internal error: {type(exc).__name__}: {exc}", err=True)

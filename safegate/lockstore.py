@@ -19,7 +19,7 @@ import socket
 import stat
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -46,7 +46,7 @@ def default_lock_dir() -> Path:
     return Path("/run/lock/safegate") if Path("/run/lock").is_dir() else Path("/tmp/safegate")
 
 
-def resolve_lock_dir(configured: Path | None, env: dict[str, str] | os._Environ[str]) -> Path:
+def resolve_lock_dir(configured: Path | None, env: Mapping[str, str]) -> Path:
     """Environment beats config beats the built-in default."""
     if env.get("SAFEGATE_LOCK_DIR"):
         return Path(env["SAFEGATE_LOCK_DIR"])

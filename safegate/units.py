@@ -58,7 +58,7 @@ def parse_size(text: str, *, allow_percent: bool = True) -> Size:
         return Size(percent=pct)
     match = _SIZE_RE.match(raw)
     if match is None:
-        accepted = SIZE_ACCEPTED if allow_percent else SIZE_ACCEPTED.split(", or a percentage")[0]
+        accepted = SIZE_ACCEPTED if allow_percent else SIZE_ACCEPTED.split(", or a percentage", maxsplit=1)[0]
         raise ValueParseError(f"invalid size {raw!r}: expected {accepted}")
     number, unit = match.group(1), match.group(2).lower()
     if unit in _DECIMAL:

@@ -220,7 +220,9 @@ class Nobody:
 
     def run(self, args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         full_env = dict(env or {})
-        full_env.update(PYTHONPATH=self.pythonpath, PATH=os.environ.get("PATH", "/usr/bin:/bin"), HOME=str(self.workdir))
+        full_env.update(
+            PYTHONPATH=self.pythonpath, PATH=os.environ.get("PATH", "/usr/bin:/bin"), HOME=str(self.workdir)
+        )
         return subprocess.run(
             ["runuser", "-u", "nobody", "--", "env", *[f"{k}={v}" for k, v in full_env.items()], self.python, *args],
             capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,

@@ -42,7 +42,9 @@ def test_size_percent_resolves_against_total() -> None:
     assert str(size) == "10%"
 
 
-@pytest.mark.parametrize("text", ["10GG", "-1G", "abc", "", "G", "1.2.3G", "10 G B", "10iB", "101%", "-5%", "x%", "nan"])
+@pytest.mark.parametrize(
+    "text", ["10GG", "-1G", "abc", "", "G", "1.2.3G", "10 G B", "10iB", "101%", "-5%", "x%", "nan"]
+)
 def test_size_rejects(text: str) -> None:
     with pytest.raises(ValueParseError, match="invalid size"):
         parse_size(text)

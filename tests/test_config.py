@@ -1,0 +1,156 @@
+"""Config files: the documented example, precedence, merging, and every kind of mistake."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from safegate.config import DEFAULT_CPU_SENSORS, find_config_path, load_config
+from safegate.errors import ConfigError
+
+GiB = 1024**3
+
+EXAMPLE = """
+lock_dir = "/run/lock/safegate"
+legacy_lock_files = ["/tmp/j5a_locks/whisper_large.lock"]
+
+[defaults]
+memory_margin = "4G"
+max_temp = 80
+resume_temp = 75
+max_memory_pressure = 20      # PSI some avg10, percent
+
+[thermal]
+sensors = ["coretemp:Package*", "k10temp:Tctl"]   # [] = no psutil sensors
+ignore = ["acpitz:*"]
+files = ["/sys/class/hwmon/hwmon3/temp1_input"]   # millidegrees C
+require = false
+
+[profiles.whisper-large-v3]
+match = ['whisper.*large']    # exec picks this profile when the command matches
+memory = "10G"
+lock = "whisper-large"
+
+[[profiles.whisper-large-v3.competing]]
+pattern = 'whisper.*large'
+action = "block"
+
+[[profiles.whisper-large-v3.competing]]
+pattern = 'claude'
+action = "warn"
+min_rss = "500M"
+"""
+
+
+def write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_builtin_profiles_without_any_config(tmp_path: Path) -> None:
+    cfg = load_config(env={"HOME": str(tmp_path), "XDG_CONFIG_HOME": str(tmp_path / "none")})
+    assert cfg.path is None or cfg.path == Path("/etc/safegate/config.toml")
+    whisper = cfg.profile("whisper-large-v3")
+    assert whisper.memory.bytes == 10 * GiB and whisper.lock == "whisper-large" and whisper.source == "built-in"
+    assert [r.action for r in whisper.competing][:2] == ["block", "warn"]
+    default = cfg.profile("default")
+    assert default.lock == "heavy" and default.memory.bytes == 0 and default.memory_margin.bytes == 4 * GiB
+    assert [(r.pattern, r.action, str(r.min_rss)) for r in default.competing] == [(".", "warn", "25%")]
+    assert cfg.thermal.sensors == DEFAULT_CPU_SENSORS
+
+
+def test_documented_example_loads(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, EXAMPLE))
+    assert cfg.lock_dir == Path("/run/lock/safegate")
+    assert cfg.legacy_lock_files == (Path("/tmp/j5a_locks/whisper_large.lock"),)
+    assert cfg.thermal.sensors == ("coretemp:Package*", "k10temp:Tctl") and cfg.thermal.ignore == ("acpitz:*",)
+    whisper = cfg.profile("whisper-large-v3")
+    assert whisper.source.endswith("config.toml") and whisper.resume_temp == 75
+    assert len(whisper.competing) == 2  # the file's list replaces the built-in one
+
+
+def test_profile_overrides_builtin_key_by_key(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, '[profiles.whisper-large-v3]\nmemory = "8G"\n'))
+    whisper = cfg.profile("whisper-large-v3")
+    assert whisper.memory.bytes == 8 * GiB and whisper.lock == "whisper-large" and whisper.competing
+
+
+def test_defaults_apply_to_every_profile(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, '[defaults]\nmax_temp = 70\n[profiles.llm]\nmemory = "20G"\n'))
+    assert cfg.profile("llm").max_temp == 70 and cfg.profile("default").max_temp == 70
+    assert cfg.profile("llm").effective_resume_temp == 65
+
+
+def test_unknown_profile_lists_known_ones(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown profile 'nope': known profiles are default, whisper-large-v3"):
+        load_config(write(tmp_path, "")).profile("nope")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("lock_dir = 3", "lock_dir: expected a directory path"),
+        ("bogus = 1", "bogus: unknown key"),
+        ("[defaults]\nmemory_margin = \"4GG\"", "defaults.memory_margin: invalid size '4GG'"),
+        ("[defaults]\nmax_temp = \"hot\"", "defaults.max_temp: invalid temperature 'hot'"),
+        ("[defaults]\nmax_temp = true", "defaults.max_temp: expected a temperature"),
+        ("[defaults]\nmax_memory_pressure = 120", "defaults.max_memory_pressure: expected a percentage"),
+        ("[defaults]\nlock = \"x\"", "defaults.lock: is per profile"),
+        ("[thermal]\nsensors = \"coretemp:*\"", "thermal.sensors: expected a list of strings"),
+        ("[thermal]\nsensors = [\"coretemp\"]", "expected 'chip:label' globs"),
+        ("[thermal]\nrequire = \"yes\"", "thermal.require: expected true or false"),
+        ("[thermal]\nfan = 1", "thermal.fan: unknown key"),
+        ("[profiles.night]\nmemory = \"10GG\"", "profiles.night.memory: invalid size '10GG'"),
+        ("[profiles.night]\nlock = \"../x\"", "profiles.night.lock: invalid lock name '../x'"),
+        ("[profiles.night]\nmatch = ['(']", "profiles.night.match: invalid regular expression"),
+        ("[profiles.night]\nmemroy = \"1G\"", "profiles.night.memroy: unknown key"),
+        ("[[profiles.night.competing]]\naction = \"block\"", "missing key 'pattern'"),
+        ("[[profiles.night.competing]]\npattern = 'x'\naction = \"kill\"", "invalid action 'kill'"),
+        ("[[profiles.night.competing]]\npattern = 'x'\nmin_rss = \"lots\"", "competing[0].min_rss: invalid size"),
+        ("[profiles.night]\nmax_temp = 70\nresume_temp = 75", "resume_temp: 75 is above max_temp 70"),
+        ("profiles = 3", "profiles: expected a table of profiles"),
+        ("[profiles.\"a b\"]\nmemory = \"1G\"", "invalid profile name"),
+        ("x = [", "invalid TOML"),
+        ("a = " + "[" * 2000 + "]" * 2000, "config"),
+    ],
+)
+def test_every_mistake_is_one_clear_line(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    text_of = str(info.value)
+    assert message in text_of
+    assert "\n" not in text_of.strip() or "invalid TOML" in text_of
+    assert "config.toml" in text_of
+
+
+def test_a_mistake_in_an_unused_profile_shows_on_first_load(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"profiles\.only-at-2am\.memory"):
+        load_config(write(tmp_path, '[profiles.only-at-2am]\nmemory = "lots"\n'))
+
+
+def test_missing_unreadable_and_directory_configs(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(str(tmp_path / "absent.toml"))
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(str(tmp_path))
+    bad = tmp_path / "latin1.toml"
+    bad.write_bytes(b'x = "\xff"\n')
+    with pytest.raises(ConfigError, match="config"):
+        load_config(str(bad))
+
+
+def test_search_order(tmp_path: Path) -> None:
+    xdg = tmp_path / "xdg"
+    (xdg / "safegate").mkdir(parents=True)
+    (xdg / "safegate" / "config.toml").write_text("")
+    env = {"XDG_CONFIG_HOME": str(xdg), "HOME": str(tmp_path)}
+    assert find_config_path(None, env)[0] == xdg / "safegate" / "config.toml"
+    env["SAFEGATE_CONFIG"] = str(tmp_path / "from-env.toml")
+    assert find_config_path(None, env)[0] == tmp_path / "from-env.toml"
+    assert find_config_path(str(tmp_path / "explicit.toml"), env)[0] == tmp_path / "explicit.toml"
+    home_only = {"HOME": str(tmp_path)}
+    (tmp_path / ".config" / "safegate").mkdir(parents=True)
+    (tmp_path / ".config" / "safegate" / "config.toml").write_text("")
+    assert find_config_path(None, home_only)[0] == tmp_path / ".config" / "safegate" / "config.toml"
