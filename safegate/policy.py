@@ -121,12 +121,15 @@ def check_thermal(thermal: ThermalSnapshot, limit: float, *, require: bool, resu
 def _describe_holder(state: LockState, now: float) -> str:
     holder = state.holder
     if holder is None:
-        return "no holder metadata (held by flock(1) or another tool?)" + (f"; {state.note}" if state.note else "")
+        note = f"; {state.note}" if state.note else ""
+        return f"lock {state.name!r} is held, with no holder metadata (by flock(1) or another tool?){note}"
     since = format_duration(max(0.0, now - holder.started_at))
-    who = f"pid {holder.pid} ({holder.user}@{holder.host}: {' '.join(holder.cmdline)[:100]})"
-    if not state.holder_alive:
-        who = f"the job of pid {holder.pid}, which is gone ({' '.join(holder.cmdline)[:100]})"
-    return f"{who}, profile {holder.profile}, for {since}"
+    command = " ".join(holder.cmdline)[:100]
+    if state.holder_alive:
+        who = f"pid {holder.pid} ({holder.user}@{holder.host}: {command})"
+    else:
+        who = f"the job of pid {holder.pid}, which is gone ({command})"
+    return f"lock {state.name!r} is held by {who}, profile {holder.profile}, for {since}"
 
 
 def check_lock(state: LockState, legacy: Sequence[LegacyState], now: float | None = None) -> CheckResult:
@@ -143,8 +146,7 @@ def check_lock(state: LockState, legacy: Sequence[LegacyState], now: float | Non
         values["holder"] = {"pid": h.pid, "user": h.user, "host": h.host, "cmdline": h.cmdline,
                             "started_at": h.started_at, "profile": h.profile, "alive": state.holder_alive}
     if state.held:
-        return CheckResult("lock", Status.FAIL, f"lock {state.name!r} is held by {_describe_holder(state, now)}",
-                           ExitCode.LOCKED, values)
+        return CheckResult("lock", Status.FAIL, _describe_holder(state, now), ExitCode.LOCKED, values)
     live = [s for s in legacy if s.alive]
     if live:
         first = live[0]

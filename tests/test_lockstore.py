@@ -7,6 +7,7 @@ import os
 import signal
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -64,6 +65,26 @@ def test_second_acquire_in_other_process_is_refused(tmp_path: Path, procs: Procs
     assert store.try_acquire("heavy", "p") is None
     state = store.state("heavy")
     assert state.held and state.holder is not None and state.holder_alive
+
+
+HAMMER = """
+import sys
+from pathlib import Path
+from safegate.lockstore import LockStore
+store = LockStore(Path(sys.argv[1]))
+print(sum(store.is_held("heavy") for _ in range(int(sys.argv[2]))))
+"""
+
+
+def test_probers_do_not_see_each_other_as_holders(tmp_path: Path, procs: Procs) -> None:
+    # A probe takes the flock for an instant; four processes probing a free lock in a tight loop collide
+    # often, and none of them may ever report it held.
+    store = store_at(tmp_path / "locks")
+    store.try_acquire("heavy", "p").release()  # type: ignore[union-attr]
+    hammers = [procs.spawn([sys.executable, "-c", HAMMER, str(store.directory), "1500"], stdout=subprocess.PIPE)
+               for _ in range(4)]
+    counts = [int(h.communicate(timeout=120)[0]) for h in hammers]
+    assert counts == [0, 0, 0, 0]
 
 
 def test_flock1_holder_excludes(tmp_path: Path, procs: Procs) -> None:
