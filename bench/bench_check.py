@@ -18,6 +18,7 @@ Standard library only. Every figure is measured on the spot; nothing is hard-cod
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -30,13 +31,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 BASH_GATE = HERE / "bash_gate.sh"
 PROFILE = "whisper-large-v3"
-PATTERN = "whisper.*large"  # what `pgrep -f` gets; checked against the profile's block rule at start
+PATTERN = "whisper.*large"  # what `pgrep -f` gets; compared with the profile's block rule at start
 TEMP_MILLIDEGREES = 45000
 WARMUP = 3
 DEFAULT_RUNS = 30
@@ -46,15 +48,16 @@ QUICK_COUNTS = (100, 1000)
 TARGET_CHECK_MS = 150.0
 TARGET_SCAN_RATIO = 2.0
 TARGET_SCAN_COUNT = 5000
-SLEEP_SECONDS = "600"  # the extra processes end by themselves after this even if the bench is SIGKILLed
-MEM_PER_EXTRA = 1 << 20  # a generous estimate of what one extra `sleep` costs (RSS is mostly shared)
+SLEEP_SECONDS = "600"  # the extra processes end by themselves after this, even if the bench is SIGKILLed
+MEM_PER_EXTRA = 1 << 20  # a generous guess at what one extra `sleep` costs, to refuse counts that won't fit
+MEM_FLOOR = 1 << 30  # never leave less than this available when starting extra processes
 
 # argv[0] of half the extra processes: command lines like a busy machine's, none matching PATTERN (some
-# hold "whisper" or "large" in the wrong order, so the regex has work to do). The executable is sleep.
+# hold "whisper" and "large" in the wrong order, so the regex has work to do). The executable is sleep.
 FAKE_COMMANDS = (
     "/usr/bin/python3 -m uvicorn api.server:app --host 127.0.0.1 --port 8080 --workers 2",
-    "/usr/bin/python3 transcribe.py --input /srv/audio/large-files --model openai/whisper-small --language en",
-    "/usr/lib/jvm/java-17-openjdk-amd64/bin/java -Xmx512m -cp /opt/app/lib/app.jar com.example.Worker --threads 4",
+    "/usr/bin/python3 transcribe.py --input /srv/audio/large-files --model openai/whisper-small --lang en",
+    "/usr/lib/jvm/java-17-openjdk-amd64/bin/java -Xmx512m -cp /opt/app/lib/app.jar com.example.Worker",
     "node /home/user/project/node_modules/.bin/vite --port 5173 --host",
     "/usr/bin/ffmpeg -hide_banner -i /srv/audio/in.wav -ar 16000 -ac 1 -f s16le -",
     "postgres: 15/main: checkpointer",
@@ -121,24 +124,29 @@ def dead_pid() -> int:
     raise BenchError("could not find a dead pid")
 
 
-def tool_version(argv: list[str]) -> str:
+def first_line(argv: list[str]) -> str:
     try:
         out = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return "not found"
     lines = (out.stdout or out.stderr).strip().splitlines()
-    return lines[0] if lines else "?"
+    return lines[0] if lines else ""
 
 
-def run_timed(argv: list[str], env: dict[str, str] | None, expect: Callable[[int], bool]) -> tuple[float, int]:
-    """(wall time, exit code) of one whole command, from spawn to exit (output discarded)."""
+def loadavg() -> str:
+    return " ".join(read_text("/proc/loadavg").split()[:3]) or "?"
+
+
+def run_timed(argv: list[str], env: Mapping[str, str] | None, expect: Callable[[int], bool]) -> tuple[float, int]:
+    """(wall time, exit code) of one whole command, from spawn to exit; its output is discarded."""
     t0 = time.perf_counter()
     proc = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL, check=False)
     elapsed = time.perf_counter() - t0
     if not expect(proc.returncode):
         # Run it again with its output, to say why.
-        again = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False)
+        again = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                               check=False)
         raise BenchError(
             f"{' '.join(argv)} exited {proc.returncode} (again: {again.returncode}); "
             f"stderr: {again.stderr.strip()[:500]!r}"
@@ -146,11 +154,19 @@ def run_timed(argv: list[str], env: dict[str, str] | None, expect: Callable[[int
     return elapsed, proc.returncode
 
 
+def ok_zero(rc: int) -> bool:
+    return rc == 0
+
+
+def ok_pgrep(rc: int) -> bool:
+    return rc in (0, 1)  # 1: nothing matched
+
+
 # --- the test bed: temp lock dir, config, temperature file, stale records ------------------------------
 
 
 class Bed:
-    def __init__(self, safegate_exe: str) -> None:
+    def __init__(self, safegate_exe: str, *, bytecode: str) -> None:
         from safegate.config import load_config  # the bench runs in safegate's environment
 
         self.tmp = Path(tempfile.mkdtemp(prefix="safegate-bench-"))
@@ -173,11 +189,21 @@ class Bed:
         self.pid_file = self.lock_dir / f"{self.lock_name}.pid"
         self.dead = dead_pid()
 
+        # Python children: with --bytecode cached (default), bytecode is cached in a temp tree, as an
+        # installed package has it, whatever PYTHONDONTWRITEBYTECODE says; as-is: the caller's environment.
+        base = dict(os.environ)
+        for var in ("SAFEGATE_CONFIG", "SAFEGATE_PROFILE", "SAFEGATE_DEBUG", "SAFEGATE_LOCK_DIR"):
+            base.pop(var, None)
+        base["SAFEGATE_LOCK_DIR"] = str(self.lock_dir)
+        self.asis_env = dict(base)
+        if bytecode == "cached":
+            base.pop("PYTHONDONTWRITEBYTECODE", None)
+            base["PYTHONPYCACHEPREFIX"] = str(self.tmp / "pycache")
+        self.py_env = base
+        self.worker_env = dict(base, SGBENCH_CONFIG=str(self.config), SGBENCH_HOLDER=str(self.holder_file))
         self.safegate_argv = [safegate_exe, "check", "-p", PROFILE, "--mem", "0", "--margin", "0", "-q",
                               "--config", str(self.config)]
-        self.safegate_env = dict(os.environ, SAFEGATE_LOCK_DIR=str(self.lock_dir))
-        for var in ("SAFEGATE_CONFIG", "SAFEGATE_PROFILE", "SAFEGATE_DEBUG"):
-            self.safegate_env.pop(var, None)
+
         self.bash_argv = ["bash", str(BASH_GATE)]
         # Through the environment, not argv: the lock name matches PATTERN and argv is what pgrep -f sees.
         self.bash_env = dict(
@@ -190,21 +216,19 @@ class Bed:
             SG_MARGIN_BYTES="0",
             SG_PATTERN=PATTERN,
         )
-        self.worker_env = dict(self.safegate_env, SGBENCH_CONFIG=str(self.config),
-                               SGBENCH_HOLDER=str(self.holder_file), SGBENCH_DEAD_PID=str(self.dead))
 
     def holder_json(self) -> str:
+        now = time.time()
         return json.dumps({
-            "pid": self.dead, "start_time": time.time() - 7200, "user": "bench", "host": socket.gethostname(),
-            "cmdline": ["python3", "transcribe.py"], "started_at": time.time() - 3600, "profile": PROFILE,
+            "pid": self.dead, "start_time": now - 7200, "user": "bench", "host": socket.gethostname(),
+            "cmdline": ["python3", "transcribe.py"], "started_at": now - 3600, "profile": PROFILE,
             "lock": self.lock_name,
         })
 
     def plant(self) -> None:
-        """Re-create the stale records each gate removes: safegate's holder metadata, bash's pid file."""
+        """Re-create the stale records the gates remove: safegate's holder metadata, bash's pid file."""
         if pid_alive(self.dead):  # pid reused meanwhile: take another dead one
             self.dead = dead_pid()
-            self.worker_env["SGBENCH_DEAD_PID"] = str(self.dead)
             self.holder_file.unlink(missing_ok=True)
             self.pid_file.unlink(missing_ok=True)
         if not self.holder_file.exists():
@@ -216,19 +240,39 @@ class Bed:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def ok_zero(rc: int) -> bool:
-    return rc == 0
-
-
-def ok_pgrep(rc: int) -> bool:
-    return rc in (0, 1)  # 1: nothing matched
-
-
 # --- the extra processes -------------------------------------------------------------------------------
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class DeferredStop:
+    """Hold Ctrl-C/SIGTERM/SIGHUP while a process is started and recorded, so none escapes the record."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.old: dict[int, Any] = {}
+
+    def __enter__(self) -> DeferredStop:
+        self.old = {s: signal.signal(s, self._note) for s in STOP_SIGNALS}
+        return self
+
+    def _note(self, signum: int, _frame: object) -> None:
+        self.signum = signum
+
+    def check(self) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt(f"signal {self.signum}")
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self.old.items():
+            signal.signal(s, handler)
+        if exc[0] is None:
+            self.check()
+
 
 
 class Crowd:
-    """Extra `sleep 600` processes; kill_all() ends every one of them (the caller runs it in finally)."""
+    """Extra `sleep 600` processes; kill_all() ends every one of them (stop_crowd runs it in finally)."""
 
     def __init__(self) -> None:
         self.sleep = shutil.which("sleep") or "/bin/sleep"
@@ -239,14 +283,18 @@ class Crowd:
                 raise BenchError(f"fake command matches {PATTERN!r}: {command}")
 
     def grow_to(self, count: int) -> None:
-        while len(self.procs) < count:
-            i = len(self.procs)
-            argv = ["sleep", SLEEP_SECONDS] if i % 2 == 0 else [FAKE_COMMANDS[(i // 2) % len(FAKE_COMMANDS)],
-                                                                  SLEEP_SECONDS]
-            proc = subprocess.Popen(argv, executable=self.sleep, stdin=subprocess.DEVNULL,
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            self.procs.append(proc)
-            self.expected[proc.pid] = b"\0".join(a.encode() for a in argv) + b"\0"
+        with DeferredStop() as stop:
+            while len(self.procs) < count:
+                i = len(self.procs)
+                if i % 2 == 0:
+                    argv = ["sleep", SLEEP_SECONDS]
+                else:
+                    argv = [FAKE_COMMANDS[(i // 2) % len(FAKE_COMMANDS)], SLEEP_SECONDS]
+                proc = subprocess.Popen(argv, executable=self.sleep, stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                self.procs.append(proc)
+                self.expected[proc.pid] = b"\0".join(a.encode() for a in argv) + b"\0"
+                stop.check()
         self.wait_visible(deadline=time.monotonic() + 60 + count * 0.01)
 
     def wait_visible(self, deadline: float) -> None:
@@ -267,21 +315,29 @@ class Crowd:
             time.sleep(0.05)
 
     def kill_all(self) -> int:
-        """SIGKILL and reap every extra process; the number still visible afterwards (should be 0)."""
+        """SIGKILL and reap every extra process; the number still running afterwards (should be 0)."""
         for proc in self.procs:
-            try:
+            with contextlib.suppress(OSError):
                 proc.kill()
-            except (ProcessLookupError, OSError):
-                pass
         for proc in self.procs:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
         left = sum(1 for p in self.procs if p.poll() is None)
         self.procs.clear()
         self.expected.clear()
         return left
+
+
+def stop_crowd(crowd: Crowd, log: Callable[[str], None]) -> None:
+    """Kill every extra process; a second Ctrl-C (or SIGTERM) meanwhile must not cut this short."""
+    old = {s: signal.signal(s, signal.SIG_IGN) for s in STOP_SIGNALS}
+    try:
+        left = crowd.kill_all()
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    if left:
+        log(f"WARNING: {left} extra processes could not be reaped")
 
 
 # --- in-process timing, in a worker process ------------------------------------------------------------
@@ -290,10 +346,11 @@ class Crowd:
 
 
 def worker(mode: str, runs: int, warmup: int) -> None:
+    from safegate.config import load_config
+
     config_path = os.environ["SGBENCH_CONFIG"]
-    out: dict[str, object] = {}
+    out: dict[str, Any]
     if mode == "scan":
-        from safegate.config import load_config
         from safegate.policy import match_competing
         from safegate.probes.processes import read_processes
 
@@ -316,8 +373,7 @@ def worker(mode: str, runs: int, warmup: int) -> None:
             match.append(t2 - t1)
         out = {"scan": scan, "read": read, "match": match, "scanned": len(snapshot.processes),
                "blocking": sum(1 for m in found if m.rule.action == "block")}
-    elif mode == "evaluate":
-        from safegate.config import load_config
+    else:  # evaluate: one whole pass of the checks, config loading included, as `safegate check` does it
         from safegate.gate import Overrides, evaluate, resolve
         from safegate.units import parse_size
 
@@ -338,22 +394,26 @@ def worker(mode: str, runs: int, warmup: int) -> None:
     json.dump(out, sys.stdout)
 
 
-def run_worker(bed: Bed, mode: str, runs: int, warmup: int) -> dict:
+def run_worker(bed: Bed, mode: str, runs: int, warmup: int) -> dict[str, Any]:
+    bed.plant()
     argv = [sys.executable, str(Path(__file__).resolve()), "--worker", mode, "--runs", str(runs),
             "--warmup", str(warmup)]
     proc = subprocess.run(argv, env=bed.worker_env, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise BenchError(f"worker {mode} failed ({proc.returncode}): {proc.stderr.strip()[-1000:]}")
-    return json.loads(proc.stdout)
+    result: dict[str, Any] = json.loads(proc.stdout)
+    if mode == "evaluate" and result["exit_codes"] != [0]:
+        raise BenchError(f"in-process evaluate gave exit codes {result['exit_codes']}")
+    return result
 
 
 # --- the benchmarks ------------------------------------------------------------------------------------
 
 
-def bench_gates(bed: Bed, runs: int, warmup: int, log: Callable[[str], None]) -> dict:
+def bench_gates(bed: Bed, runs: int, warmup: int, log: Callable[[str], None]) -> dict[str, list[float]]:
     """safegate check and the bash gate, alternating run by run (and which goes first, pair by pair)."""
     gates = {
-        "safegate": (bed.safegate_argv, bed.safegate_env, bed.holder_file),
+        "safegate": (bed.safegate_argv, bed.py_env, bed.holder_file),
         "bash": (bed.bash_argv, bed.bash_env, bed.pid_file),
     }
     samples: dict[str, list[float]] = {name: [] for name in gates}
@@ -372,36 +432,36 @@ def bench_gates(bed: Bed, runs: int, warmup: int, log: Callable[[str], None]) ->
     return samples
 
 
-def bench_breakdown(bed: Bed, runs: int, warmup: int) -> dict:
+def bench_breakdown(bed: Bed, runs: int, warmup: int, *, bytecode: str) -> dict[str, list[float]]:
     """Where a check's time goes: interpreter start, imports, and the work itself (in-process)."""
     py = sys.executable
-    steps = {
-        "python -c pass": [py, "-c", "pass"],
-        "python -c 'import safegate.cli'": [py, "-c", "import safegate.cli"],
+    steps: dict[str, tuple[list[str], Mapping[str, str]]] = {
+        "`python -c pass` (interpreter start-up, site, .pth files)": ([py, "-c", "pass"], bed.py_env),
+        "`python -c 'import safegate.cli'` (start-up + imports)": ([py, "-c", "import safegate.cli"], bed.py_env),
     }
+    if bytecode == "cached":
+        steps["whole `safegate check`, bytecode as the calling environment has it"] = (
+            bed.safegate_argv, bed.asis_env)
     samples: dict[str, list[float]] = {name: [] for name in steps}
     for i in range(warmup + runs):
-        for name, argv in steps.items():
-            elapsed, _ = run_timed(argv, bed.safegate_env, ok_zero)
+        for name, (argv, env) in steps.items():
+            bed.plant()
+            elapsed, _ = run_timed(argv, env, ok_zero)
             if i >= warmup:
                 samples[name].append(elapsed)
-    bed.plant()
-    result = run_worker(bed, "evaluate", runs, warmup)
-    samples["load_config + resolve + evaluate (in-process)"] = result["evaluate"]
-    if result["exit_codes"] != [0]:
-        raise BenchError(f"in-process evaluate gave exit codes {result['exit_codes']}")
+    samples["load_config + resolve + evaluate, in-process"] = run_worker(bed, "evaluate", runs, warmup)["evaluate"]
     return samples
 
 
-def bench_crowd(bed: Bed, crowd: Crowd, counts: Sequence[int], runs: int, warmup: int,
-                log: Callable[[str], None]) -> list[dict]:
-    rows = []
-    pgrep_argv = ["pgrep", "-f", PATTERN]
+def bench_crowd(bed: Bed, crowd: Crowd, counts: Sequence[int], *, runs: int, warmup: int,
+                log: Callable[[str], None]) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
     pid_max = int(read_text("/proc/sys/kernel/pid_max").strip() or "32768")
+    available_before = meminfo("MemAvailable")
     for count in counts:
         need = (count - len(crowd.procs)) * MEM_PER_EXTRA
         available = meminfo("MemAvailable")
-        if available and available - need < (512 << 20):
+        if available and available - need < MEM_FLOOR:
             rows.append({"count": count, "skipped": f"needs ~{need >> 20} MiB, {available >> 20} MiB available"})
             log(f"  {count}: skipped (memory)")
             continue
@@ -412,16 +472,18 @@ def bench_crowd(bed: Bed, crowd: Crowd, counts: Sequence[int], runs: int, warmup
         t0 = time.monotonic()
         crowd.grow_to(count)
         log(f"  {count} extra processes running (started in {time.monotonic() - t0:.1f} s)")
+        mem_used = available_before - meminfo("MemAvailable")
         in_proc = count_proc()
         scan = run_worker(bed, "scan", runs, warmup)
+        evaluate = run_worker(bed, "evaluate", runs, warmup)["evaluate"]
 
-        commands = {
-            "pgrep": (pgrep_argv, None, ok_pgrep),
-            "safegate": (bed.safegate_argv, bed.safegate_env, ok_zero),
+        commands: dict[str, tuple[list[str], Mapping[str, str] | None, Callable[[int], bool]]] = {
+            "pgrep": (["pgrep", "-f", PATTERN], None, ok_pgrep),
+            "safegate": (bed.safegate_argv, bed.py_env, ok_zero),
             "bash": (bed.bash_argv, bed.bash_env, ok_zero),
         }
         samples: dict[str, list[float]] = {name: [] for name in commands}
-        pgrep_rcs = set()
+        pgrep_codes = set()
         for i in range(warmup + runs):
             names = list(commands) if i % 2 == 0 else list(reversed(commands))
             for name in names:
@@ -429,14 +491,13 @@ def bench_crowd(bed: Bed, crowd: Crowd, counts: Sequence[int], runs: int, warmup
                 bed.plant()
                 elapsed, rc = run_timed(argv, env, expect)
                 if name == "pgrep":
-                    pgrep_rcs.add(rc)
+                    pgrep_codes.add(rc)
                 if i >= warmup:
                     samples[name].append(elapsed)
         rows.append({
             "count": count, "in_proc": in_proc, "scanned": scan["scanned"], "blocking": scan["blocking"],
-            "scan": scan["scan"], "read": scan["read"], "match": scan["match"],
-            "pgrep": samples["pgrep"], "safegate": samples["safegate"], "bash": samples["bash"],
-            "pgrep_matched": 0 in pgrep_rcs,
+            "mem_used": mem_used, "scan": scan["scan"], "read": scan["read"], "match": scan["match"],
+            "evaluate": evaluate, "pgrep_matched": 0 in pgrep_codes, **samples,
         })
     return rows
 
@@ -444,7 +505,19 @@ def bench_crowd(bed: Bed, crowd: Crowd, counts: Sequence[int], runs: int, warmup
 # --- the report ----------------------------------------------------------------------------------------
 
 
-def machine_facts() -> list[tuple[str, str]]:
+def bytecode_fact(bytecode: str) -> str:
+    import safegate
+
+    package = Path(safegate.__file__).parent
+    has_cache = (package / "__pycache__").is_dir()
+    env = "PYTHONDONTWRITEBYTECODE=" + os.environ.get("PYTHONDONTWRITEBYTECODE", "(unset)")
+    asis = f"calling environment: {env}, {package}/__pycache__ {'present' if has_cache else 'absent'}"
+    if bytecode == "cached":
+        return f"cached in a temp PYTHONPYCACHEPREFIX for every Python child (--bytecode cached); {asis}"
+    return f"as the calling environment has it (--bytecode as-is): {asis}"
+
+
+def machine_facts(bytecode: str) -> list[tuple[str, str]]:
     import safegate
 
     cpu = "?"
@@ -453,22 +526,25 @@ def machine_facts() -> list[tuple[str, str]]:
             cpu = line.split(":", 1)[1].strip()
             break
     try:
-        affinity = len(os.sched_getaffinity(0))
+        usable = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        affinity = os.cpu_count() or 0
-    commit = tool_version(["git", "-C", str(HERE.parent), "rev-parse", "--short", "HEAD"])
-    dirty = tool_version(["git", "-C", str(HERE.parent), "status", "--porcelain", "--", "safegate"])
+        usable = os.cpu_count() or 0
+    repo = str(HERE.parent)
+    commit = first_line(["git", "-C", repo, "rev-parse", "--short", "HEAD"]) or "?"
+    dirty = first_line(["git", "-C", repo, "status", "--porcelain", "--", "safegate"])
+    if dirty and dirty != "not found":
+        commit += " + uncommitted changes in safegate/"
     return [
-        ("nproc", f"{affinity} (os.cpu_count {os.cpu_count()})"),
+        ("nproc", f"{usable} (os.cpu_count {os.cpu_count()})"),
         ("CPU", cpu),
         ("kernel", f"{platform.system()} {platform.release()}"),
         ("Python", f"{platform.python_version()} ({sys.executable})"),
-        ("safegate", f"{safegate.__version__} ({Path(safegate.__file__).parent}), commit {commit}"
-                     + (" + uncommitted changes in safegate/" if dirty not in ("?", "not found", "") else "")),
+        ("safegate", f"{safegate.__version__} ({Path(safegate.__file__).parent}), commit {commit}"),
+        ("bytecode", bytecode_fact(bytecode)),
         ("RAM", f"{meminfo('MemTotal') / 2**30:.1f} GiB total, {meminfo('MemAvailable') / 2**30:.1f} GiB available"),
-        ("tools", f"{tool_version(['pgrep', '--version'])}; {tool_version(['flock', '--version'])}; "
-                  f"{tool_version(['bash', '--version'])}"),
-        ("sensors (lm-sensors)", shutil.which("sensors") or "not installed: the bash gate reads the temperature file"),
+        ("tools", f"{first_line(['pgrep', '--version'])}; {first_line(['flock', '--version'])}; "
+                  f"{first_line(['bash', '--version'])}"),
+        ("lm-sensors", shutil.which("sensors") or "not installed: the bash gate reads the temperature file"),
         ("processes in /proc at start", str(count_proc())),
     ]
 
@@ -478,29 +554,38 @@ def stat_cells(samples: Sequence[float]) -> str:
     return f"{ms(s['median'])} | {ms(s['p10'])} | {ms(s['p90'])} | {ms(s['min'])} | {ms(s['max'])}"
 
 
-def report(args: argparse.Namespace, facts: list[tuple[str, str]], load: tuple[str, str], gates: dict,
-           breakdown: dict, crowd_rows: list[dict], notes: list[str]) -> str:
+def brief(samples: Sequence[float]) -> str:
+    s = summarize(samples)
+    return f"{ms(s['median'])} ({ms(s['p10'])}-{ms(s['p90'])})"
+
+
+def median(samples: Sequence[float]) -> float:
+    return statistics.median(samples)
+
+
+def report(args: argparse.Namespace, facts: list[tuple[str, str]], results: dict[str, Any]) -> str:
+    gates, breakdown, crowd_rows = results["gates"], results["breakdown"], results["crowd"]
+    notes: list[str] = list(results["notes"])
     out = ["# safegate check benchmark", ""]
     out.append(f"Run {time.strftime('%Y-%m-%d %H:%M:%S %Z')}: `{' '.join(['python', *sys.argv])}`; "
-               f"{args.runs} timed runs per figure after {args.warmup} warm-up runs"
+               f"{args.runs} timed runs per figure after {args.warmup} warm-up run{'' if args.warmup == 1 else 's'}"
                + (" (**--quick: a smoke test, not a measurement**)" if args.quick else "") + ".")
     if args.runs < 20:
-        out.append("")
-        out.append(f"**Only {args.runs} runs per figure: too few for the targets (>= 20 wanted).**")
+        out += ["", f"**Only {args.runs} runs per figure: too few to judge the targets (>= 20 wanted).**"]
     out += ["", "## Machine", "", "| | |", "|---|---|"]
     out += [f"| {k} | {v} |" for k, v in facts]
-    out.append(f"| load average (1, 5, 15 min) | start {load[0]}; end {load[1]} |")
+    out.append(f"| load average (1, 5, 15 min) | start {results['load'][0]}; end {results['load'][1]} |")
 
     sg, bash = summarize(gates["safegate"]), summarize(gates["bash"])
     out += [
         "",
         "## a. Whole gate: `safegate check` vs bash gate",
         "",
-        f"`{' '.join(['safegate', *args.display_safegate_args])}` with `SAFEGATE_LOCK_DIR` on a temp dir and a "
-        f"temp config (`[thermal] sensors = []`, `files = [<temp file holding {TEMP_MILLIDEGREES}>]`), against "
+        f"`safegate {' '.join(args.safegate_display)}` with `SAFEGATE_LOCK_DIR` on a temp dir and a temp "
+        f"config (`[thermal] sensors = []`, `files = [<temp file holding {TEMP_MILLIDEGREES}>]`), against "
         "`bash bench/bash_gate.sh` on the same lock file and temperature file. A stale lock record is planted "
-        "before every run (holder metadata with a dead pid for safegate, a pid file with the same dead pid for "
-        "the bash gate); each run must remove it and exit 0. The two alternate run by run. "
+        "before every run (holder metadata naming a dead pid for safegate, a pid file with the same dead pid "
+        "for the bash gate); every run must remove it and exit 0. The two alternate run by run. "
         "Wall time from spawn to exit, in ms.",
         "",
         "| gate | runs | median | p10 | p90 | min | max |",
@@ -521,73 +606,67 @@ def report(args: argparse.Namespace, facts: list[tuple[str, str]], load: tuple[s
     ]
     for name, samples in breakdown.items():
         out.append(f"| {name} | {len(samples)} | {stat_cells(samples)} |")
-    out.append(f"| whole `safegate check` (from the table above) | {sg['n']} | {stat_cells(gates['safegate'])} |")
+    out.append(f"| whole `safegate check` (table above) | {sg['n']} | {stat_cells(gates['safegate'])} |")
     out += [
         "",
-        "The in-process row is one pass of the five checks with config loading, in an already-started Python "
-        "with safegate imported; the rest of a check is interpreter start-up, imports, and typer/click.",
-    ]
-
-    out += [
+        "The in-process row is one pass of the five checks, config loading included, in a Python that has "
+        "already imported safegate. What a whole check costs beyond `import safegate.cli` and that pass is "
+        "typer/click parsing, rendering and interpreter shutdown.",
         "",
         "## b. Competing-process scan vs `pgrep`",
         "",
-        "Extra processes: `sleep 600`, half of them with argv[0] set to a realistic non-matching command line. "
-        f"safegate scan: `match_competing(read_processes(), profile.competing, total_ram)` for profile {PROFILE}, "
-        "timed in-process (in a Python process that is not the parent of the extra processes). "
-        f"pgrep: the whole `pgrep -f '{PATTERN}'` process, spawn to exit. Medians in ms, p10-p90 in brackets.",
+        "Extra processes: `sleep 600`, half of them with argv[0] set to a realistic command line that does "
+        f"not match. safegate scan: `match_competing(read_processes(), profile.competing, total_ram)` for "
+        f"profile {PROFILE}, timed in-process (in a Python process that is not the parent of the extra "
+        f"processes). pgrep: the whole `pgrep -f '{PATTERN}'` process, spawn to exit. "
+        "ms, median (p10-p90).",
         "",
-        "| extra processes | in /proc | scanned | safegate scan | of which read_processes | of which match "
-        "| pgrep -f | scan/pgrep | whole safegate check | bash gate | check/pgrep |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| extra processes | in /proc | safegate scan | pgrep -f | scan/pgrep | whole safegate check "
+        "| check/pgrep | bash gate |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    verdict_row = None
+    target_ratio = None
+    done = [r for r in crowd_rows if "skipped" not in r]
     for row in crowd_rows:
         if "skipped" in row:
-            out.append(f"| {row['count']} | skipped: {row['skipped']} | | | | | | | | | |")
+            out.append(f"| {row['count']} | skipped: {row['skipped']} | | | | | | |")
             continue
-        scan, pgrep, check = summarize(row["scan"]), summarize(row["pgrep"]), summarize(row["safegate"])
-        ratio = scan["median"] / pgrep["median"]
-
-        def cell(s: dict[str, float]) -> str:
-            return f"{ms(s['median'])} ({ms(s['p10'])}-{ms(s['p90'])})"
-
+        ratio = median(row["scan"]) / median(row["pgrep"])
         out.append(
-            f"| {row['count']} | {row['in_proc']} | {row['scanned']} | {cell(scan)} "
-            f"| {ms(summarize(row['read'])['median'])} | {ms(summarize(row['match'])['median'])} "
-            f"| {cell(pgrep)} | **{ratio:.2f}x** | {cell(check)} | {cell(summarize(row['bash']))} "
-            f"| {check['median'] / pgrep['median']:.2f}x |"
+            f"| {row['count']} | {row['in_proc']} | {brief(row['scan'])} | {brief(row['pgrep'])} "
+            f"| **{ratio:.2f}x** | {brief(row['safegate'])} "
+            f"| {median(row['safegate']) / median(row['pgrep']):.2f}x | {brief(row['bash'])} |"
         )
         if row["count"] == TARGET_SCAN_COUNT:
-            verdict_row = ratio
+            target_ratio = ratio
         if row["blocking"] or row["pgrep_matched"]:
             notes.append(f"at {row['count']} extra processes a real process matched {PATTERN!r} "
                          f"(safegate: {row['blocking']} blocking match(es); pgrep matched: {row['pgrep_matched']})")
     out.append("")
-    if verdict_row is not None:
-        out.append(f"Target: scan <= {TARGET_SCAN_RATIO:g}x pgrep at {TARGET_SCAN_COUNT} processes: "
-                   f"**{'met' if verdict_row <= TARGET_SCAN_RATIO else 'NOT met'}** ({verdict_row:.2f}x).")
+    if target_ratio is not None:
+        out.append(f"Target: scan <= {TARGET_SCAN_RATIO:g}x pgrep at {TARGET_SCAN_COUNT} extra processes: "
+                   f"**{'met' if target_ratio <= TARGET_SCAN_RATIO else 'NOT met'}** ({target_ratio:.2f}x).")
     else:
-        out.append(f"Target (scan <= {TARGET_SCAN_RATIO:g}x pgrep at {TARGET_SCAN_COUNT} processes): "
+        out.append(f"Target (scan <= {TARGET_SCAN_RATIO:g}x pgrep at {TARGET_SCAN_COUNT} extra processes): "
                    "not measured in this run.")
-    out += ["", "Runs per cell: " + ", ".join(
-        f"{r['count']}: {len(r['scan'])}" for r in crowd_rows if "skipped" not in r) + "."]
+    if done:
+        out += [
+            "",
+            "Details (ms, medians; each scan part timed on its own):",
+            "",
+            "| extra processes | processes scanned | read_processes | match_competing "
+            "| load_config + resolve + evaluate, in-process | MemAvailable used by the extra processes |",
+            "|---|---|---|---|---|---|",
+        ]
+        for row in done:
+            out.append(
+                f"| {row['count']} | {row['scanned']} | {ms(median(row['read']))} | {ms(median(row['match']))} "
+                f"| {ms(median(row['evaluate']))} | {row['mem_used'] / 2**20:.0f} MiB |"
+            )
+        out += ["", "Runs per figure: " + ", ".join(f"{r['count']}: {len(r['scan'])}" for r in done) + "."]
     if notes:
         out += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     return "\n".join(out) + "\n"
-
-
-def stop_crowd(crowd: Crowd, log: Callable[[str], None]) -> None:
-    """Kill every extra process; a second Ctrl-C (or SIGTERM) meanwhile must not cut this short."""
-    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    old = {s: signal.signal(s, signal.SIG_IGN) for s in signals}
-    try:
-        left = crowd.kill_all()
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
-    if left:
-        log(f"WARNING: {left} extra processes could not be reaped")
 
 
 # --- main ----------------------------------------------------------------------------------------------
@@ -605,87 +684,102 @@ def find_safegate(explicit: str | None) -> str:
     raise BenchError("no safegate executable found (use --safegate PATH, or run with the venv's python)")
 
 
-def loadavg() -> str:
-    return " ".join(read_text("/proc/loadavg").split()[:3]) or "?"
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=None,
                         help=f"timed runs per figure (default {DEFAULT_RUNS}; {QUICK_RUNS} with --quick)")
     parser.add_argument("--quick", action="store_true",
-                        help=f"smoke test: {QUICK_RUNS} runs, 1 warm-up, {'/'.join(map(str, QUICK_COUNTS))} processes")
+                        help=f"smoke test: {QUICK_RUNS} runs, 1 warm-up run, "
+                             f"{' and '.join(map(str, QUICK_COUNTS))} extra processes")
     parser.add_argument("--counts", default=None,
                         help=f"extra process counts, comma-separated (default {','.join(map(str, DEFAULT_COUNTS))})")
+    parser.add_argument("--bytecode", choices=("cached", "as-is"), default="cached",
+                        help="cached (default): Python children cache bytecode in a temp dir, as an installed "
+                             "safegate has it; as-is: leave PYTHONDONTWRITEBYTECODE etc. as they are")
     parser.add_argument("--out", metavar="FILE", help="also write the Markdown report here")
     parser.add_argument("--raw", metavar="FILE", help="write every sample (seconds) as JSON here")
     parser.add_argument("--safegate", metavar="PATH", help="the safegate executable (default: beside this python)")
     parser.add_argument("--worker", choices=("scan", "evaluate"), help=argparse.SUPPRESS)
     parser.add_argument("--warmup", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-
     if args.runs is None:
         args.runs = QUICK_RUNS if args.quick else DEFAULT_RUNS
     if args.warmup is None:
         args.warmup = 1 if args.quick else WARMUP
     if args.runs < 2:
         parser.error("--runs must be at least 2")
-    if args.worker:
-        worker(args.worker, args.runs, args.warmup)
-        return 0
-    counts = (tuple(int(c) for c in args.counts.split(",")) if args.counts
-              else QUICK_COUNTS if args.quick else DEFAULT_COUNTS)
+    try:
+        args.counts = (tuple(int(c) for c in args.counts.split(",")) if args.counts
+                       else QUICK_COUNTS if args.quick else DEFAULT_COUNTS)
+    except ValueError:
+        parser.error("--counts: expected numbers like 100,1000,5000")
+    return args
 
+
+def preflight() -> str | None:
     if not sys.platform.startswith("linux"):
-        print("bench_check.py: Linux only (/proc, flock, pgrep)", file=sys.stderr)
-        return 2
+        return "Linux only (/proc, flock, pgrep)"
     try:
         import safegate  # noqa: F401
     except ImportError:
-        print(f"bench_check.py: safegate is not importable by {sys.executable}; "
-              "run it with the venv's python (e.g. . /tmp/sgenv/bin/activate)", file=sys.stderr)
-        return 2
-    for tool in ("bash", "pgrep", "flock", "free", "awk", "sleep"):
+        return (f"safegate is not importable by {sys.executable}; "
+                "run this with the venv's python (e.g. . /tmp/sgenv/bin/activate)")
+    for tool in ("bash", "pgrep", "flock", "free", "awk", "sleep", "cat", "rm"):
         if shutil.which(tool) is None:
-            print(f"bench_check.py: {tool} not found", file=sys.stderr)
-            return 2
+            return f"{tool} not found"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        worker(args.worker, args.runs, args.warmup)
+        return 0
+    problem = preflight()
+    if problem:
+        print(f"bench_check.py: {problem}", file=sys.stderr)
+        return 2
 
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
-    # SIGTERM and SIGHUP end the run like Ctrl-C does, so the finally blocks below kill the extra processes.
+    # SIGTERM and SIGHUP end the run as Ctrl-C does, so the finally blocks kill the extra processes.
     def interrupted(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, interrupted)
     signal.signal(signal.SIGHUP, interrupted)
 
-    notes: list[str] = []
-    bed = Bed(find_safegate(args.safegate))
-    args.display_safegate_args = bed.safegate_argv[1:-2]
-    crowd = Crowd()
+    try:
+        crowd = Crowd()
+        bed = Bed(find_safegate(args.safegate), bytecode=args.bytecode)
+    except BenchError as exc:
+        log(f"bench_check.py: {exc}")
+        return 1
+    args.safegate_display = bed.safegate_argv[1:-2]  # without --config <temp path>
+    results: dict[str, Any] = {"notes": []}
     try:
         if bed.block_patterns != [PATTERN]:
-            notes.append(f"profile {PROFILE} blocks on {bed.block_patterns}, pgrep is given {PATTERN!r}")
-        facts = machine_facts()
+            results["notes"].append(f"profile {PROFILE} blocks on {bed.block_patterns}; pgrep gets {PATTERN!r}")
+        facts = machine_facts(args.bytecode)
         load_start = loadavg()
         log(f"a. safegate check vs bash gate ({args.runs} runs each)")
-        gates = bench_gates(bed, args.runs, args.warmup, log)
-        log("   breakdown of safegate's time")
-        breakdown = bench_breakdown(bed, args.runs, args.warmup)
-        log(f"b. scan vs pgrep at {', '.join(map(str, counts))} extra processes")
+        results["gates"] = bench_gates(bed, args.runs, args.warmup, log)
+        log("   where safegate's time goes")
+        results["breakdown"] = bench_breakdown(bed, args.runs, args.warmup, bytecode=args.bytecode)
+        log(f"b. scan vs pgrep at {', '.join(map(str, args.counts))} extra processes")
         try:
-            crowd_rows = bench_crowd(bed, crowd, counts, args.runs, args.warmup, log)
+            results["crowd"] = bench_crowd(bed, crowd, args.counts, runs=args.runs, warmup=args.warmup, log=log)
         finally:
             stop_crowd(crowd, log)
         log(f"   extra processes killed; {count_proc()} processes in /proc")
-        load_end = loadavg()
-        text = report(args, facts, (load_start, load_end), gates, breakdown, crowd_rows, notes)
+        results["load"] = (load_start, loadavg())
+        text = report(args, facts, results)
     except BenchError as exc:
         log(f"bench_check.py: {exc}")
         return 1
     except KeyboardInterrupt:
-        log("bench_check.py: interrupted; extra processes killed")
+        log("bench_check.py: interrupted")
         return 130
     finally:
         if crowd.procs:  # interrupted before bench_crowd's own clean-up
@@ -696,8 +790,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         Path(args.out).write_text(text, encoding="utf-8")
     if args.raw:
-        raw = {"gates": gates, "breakdown": breakdown, "crowd": crowd_rows}
-        Path(args.raw).write_text(json.dumps(raw, indent=1), encoding="utf-8")
+        Path(args.raw).write_text(json.dumps(results, indent=1), encoding="utf-8")
     return 0
 
 

@@ -16,7 +16,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 from safegate.errors import ConfigError, ValueParseError
-from safegate.units import Size, parse_size, parse_temp, validate_lock_name
+from safegate.units import (
+    Size,
+    parse_duration,
+    parse_nice,
+    parse_on_hot,
+    parse_signal,
+    parse_size,
+    parse_temp,
+    validate_lock_name,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -43,6 +52,10 @@ DEFAULT_MAX_TEMP = 80.0
 DEFAULT_MAX_PRESSURE = 20.0
 DEFAULT_LOCK = "heavy"
 DEFAULT_PROFILE = "default"
+# exec's system floor when nothing sets min_available: the seeds' "emergency brake" at 2 GB free,
+# but never more than a tenth of RAM on a small machine.
+DEFAULT_MIN_AVAILABLE = "2G"
+DEFAULT_MIN_AVAILABLE_FRACTION = 0.10
 
 Action = Literal["block", "warn"]
 
@@ -71,6 +84,15 @@ class Profile:
     resume_temp: float | None = None
     max_memory_pressure: float = DEFAULT_MAX_PRESSURE
     competing: tuple[CompetingRule, ...] = ()
+    # exec: the supervisor's limits and manners
+    max_mem: Size | None = None
+    min_available: Size | None = None  # None: the built-in floor, DEFAULT_MIN_AVAILABLE
+    on_hot: str = "pause"
+    grace: float = 10.0
+    interval: float = 0.02
+    warn_signal: int | None = None
+    nice: int | None = None
+    log: str | None = None
 
     @property
     def effective_resume_temp(self) -> float:
@@ -112,6 +134,14 @@ _PROFILE_KEYS = {
     "resume_temp",
     "max_memory_pressure",
     "competing",
+    "max_mem",
+    "min_available",
+    "on_hot",
+    "grace",
+    "interval",
+    "warn_signal",
+    "nice",
+    "log",
 }
 _TOP_KEYS = {"lock_dir", "legacy_lock_files", "defaults", "thermal", "profiles"}
 _THERMAL_KEYS = {"sensors", "ignore", "files", "require"}
@@ -223,7 +253,33 @@ def _profile_fields(where: _Where, table: str, data: Mapping[str, Any]) -> dict[
             out[key] = float(value)
         elif key == "competing":
             out[key] = _rules(where, full, value)
+        elif key in ("max_mem", "min_available"):
+            out[key] = _size(where, full, value)
+        else:
+            out[key] = _exec_value(where, full, key, value)
     return out
+
+
+def _exec_value(where: _Where, full: str, key: str, value: Any) -> Any:
+    """The exec keys whose parsers the command line shares."""
+    parsers: dict[str, Any] = {
+        "on_hot": parse_on_hot,
+        "grace": parse_duration,
+        "interval": parse_duration,
+        "warn_signal": parse_signal,
+        "nice": parse_nice,
+    }
+    if key == "log":
+        return _expect(where, full, value, str, "a file path")
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise where.fail(full, f"expected a string or number, got {type(value).__name__} {value!r}")
+    try:
+        parsed = parsers[key](str(value))
+    except ValueParseError as exc:
+        raise where.fail(full, str(exc)) from None
+    if key == "interval" and not 0.001 <= parsed <= 1.0:
+        raise where.fail(full, f"{value!r} is outside 1ms..1s")
+    return parsed
 
 
 def _thermal(where: _Where, data: Any) -> ThermalConfig:

@@ -92,6 +92,7 @@ def evaluate(settings: Settings, *, resuming: bool = False, started: Iterable[in
     removals += [remove_legacy(s) for s in legacy if legacy_removable(s)]
     legacy = [s for s in legacy if s.alive or s.note]
 
+    reserved = sum(h.reservation for h in store.reservations())
     mem = read_memory()
     thermal = read_thermal(settings.thermal)
     lock_state = store.state(settings.lock)
@@ -100,7 +101,7 @@ def evaluate(settings: Settings, *, resuming: bool = False, started: Iterable[in
     limit = settings.resume_temp if resuming else settings.max_temp
     checks: list[CheckResult] = [
         check_stale(removals),
-        check_memory(mem, settings.need.resolve(mem.total), settings.margin.resolve(mem.total)),
+        check_memory(mem, settings.need.resolve(mem.total), settings.margin.resolve(mem.total), reserved),
         check_pressure(mem, settings.max_pressure),
         check_thermal(thermal, limit, require=settings.thermal.require, resuming=resuming),
         check_lock(lock_state, legacy),

@@ -20,7 +20,7 @@ import stat
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,19 @@ class Holder:
     started_at: float  # wall-clock time the lock was taken
     profile: str
     lock: str
+    # Set by exec: the job it started, the memory the job declared it needs, and what it used when last
+    # recorded. need - used is memory the job will still take: admission reserves it for the job.
+    job_pid: int | None = None
+    job_start_time: float | None = None
+    need: int = 0
+    used: int = 0
+
+    @property
+    def reservation(self) -> int:
+        return max(0, self.need - self.used)
+
+    def job_alive(self) -> bool:
+        return self.job_pid is not None and process_alive(self.job_pid, self.job_start_time)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -84,15 +97,21 @@ class Holder:
                 started_at=float(data["started_at"]),
                 profile=str(data["profile"]),
                 lock=str(data["lock"]),
+                job_pid=int(data["job_pid"]) if data.get("job_pid") is not None else None,
+                job_start_time=float(data["job_start_time"]) if data.get("job_start_time") is not None else None,
+                need=int(data.get("need", 0)),
+                used=int(data.get("used", 0)),
             )
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, OverflowError) as exc:
             raise ValueError(f"missing or bad field {exc}") from None
         if holder.pid <= 0:
             raise ValueError("pid must be positive")
         return holder
 
     @classmethod
-    def for_current_process(cls, lock: str, profile: str, cmdline: Sequence[str] | None = None) -> Holder:
+    def for_current_process(
+        cls, lock: str, profile: str, cmdline: Sequence[str] | None = None, need: int = 0
+    ) -> Holder:
         me = psutil.Process()
         return cls(
             pid=me.pid,
@@ -103,6 +122,7 @@ class Holder:
             started_at=time.time(),
             profile=profile,
             lock=lock,
+            need=need,
         )
 
 
@@ -183,6 +203,18 @@ class HeldLock:
         self.fd = fd
         self.holder = holder
         self.metadata_error = ""
+
+    def update_holder(self, **changes: Any) -> None:
+        """Rewrite the metadata with *changes* (e.g. job_pid, used); never fails the job over it."""
+        if self.holder is None:
+            return
+        updated = replace(self.holder, **changes)
+        try:
+            self.store.write_holder(updated)
+        except (OSError, LockDirError) as exc:
+            self.metadata_error = f"holder metadata not updated: {exc}"
+            return
+        self.holder = updated
 
     def release(self) -> None:
         if self.fd < 0:
@@ -313,7 +345,9 @@ class LockStore:
         finally:
             os.close(fd)
 
-    def try_acquire(self, name: str, profile: str, cmdline: Sequence[str] | None = None) -> HeldLock | None:
+    def try_acquire(
+        self, name: str, profile: str, cmdline: Sequence[str] | None = None, need: int = 0
+    ) -> HeldLock | None:
         """Take the lock without waiting (beyond the prober grace); None when another process holds it."""
         for _ in range(10):
             fd = self._open_lock_file(name, create=True)
@@ -328,7 +362,7 @@ class LockStore:
                 os.close(fd)
                 continue
             held = HeldLock(self, name, fd, None)
-            holder = Holder.for_current_process(name, profile, cmdline)
+            holder = Holder.for_current_process(name, profile, cmdline, need)
             try:
                 self.write_holder(holder)
                 held.holder = holder
@@ -390,12 +424,23 @@ class LockStore:
             return False
         return True
 
+    def reservations(self) -> list[Holder]:
+        """Holders of running exec jobs that have not yet reached their declared need."""
+        found = []
+        for name in self.names():
+            holder, _ = self.read_holder(name)
+            if holder is None or holder.reservation <= 0:
+                continue
+            if process_alive(holder.pid, holder.start_time) or holder.job_alive():
+                found.append(holder)
+        return found
+
     # --- state and cleanup ---------------------------------------------------------------------
 
     def state(self, name: str) -> LockState:
         held = self.is_held(name)
         holder, note = self.read_holder(name)
-        alive = holder is not None and process_alive(holder.pid, holder.start_time)
+        alive = holder is not None and (process_alive(holder.pid, holder.start_time) or holder.job_alive())
         return LockState(name=name, path=self.lock_path(name), held=held, holder=holder, holder_alive=alive, note=note)
 
     def cleanup(self) -> Iterator[Removal]:
@@ -408,7 +453,7 @@ class LockStore:
             if not os.path.lexists(path):
                 continue
             holder, note = self.read_holder(name)
-            if holder is not None and process_alive(holder.pid, holder.start_time):
+            if holder is not None and (process_alive(holder.pid, holder.start_time) or holder.job_alive()):
                 continue
             removal = self._remove_stale_holder(name, holder, note)
             if removal is not None:
@@ -484,12 +529,3 @@ def remove_legacy(state: LegacyState) -> Removal:
 
 def legacy_removable(state: LegacyState) -> bool:
     return state.pid is not None and not state.alive
-
-
-def to_jsonable(obj: Any) -> Any:
-    """Lock store objects as plain JSON values."""
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, Holder):
-        return asdict(obj)
-    return obj

@@ -62,12 +62,15 @@ class Verdict:
         return next((c for c in self.checks if c.name == name), None)
 
 
-def check_memory(mem: MemorySnapshot, need: int, margin: int) -> CheckResult:
-    left = mem.available - need
-    values = {"available": mem.available, "total": mem.total, "need": need, "left_after_start": left}
+def check_memory(mem: MemorySnapshot, need: int, margin: int, reserved: int = 0) -> CheckResult:
+    """available - reserved - need >= margin; *reserved* is what jobs still loading will take."""
+    left = mem.available - reserved - need
+    values = {"available": mem.available, "total": mem.total, "reserved": reserved, "need": need,
+              "left_after_start": left}
     thresholds = {"margin": margin}
+    held_back = f" - reserved {format_bytes(reserved)}" if reserved else ""
     summary = (
-        f"available {format_bytes(mem.available)} - need {format_bytes(need)} = {format_bytes(left)}"
+        f"available {format_bytes(mem.available)}{held_back} - need {format_bytes(need)} = {format_bytes(left)}"
     )
     if left >= margin:
         return CheckResult("memory", Status.PASS, f"{summary} >= margin {format_bytes(margin)}",
@@ -125,7 +128,9 @@ def _describe_holder(state: LockState, now: float) -> str:
         return f"lock {state.name!r} is held, with no holder metadata (by flock(1) or another tool?){note}"
     since = format_duration(max(0.0, now - holder.started_at))
     command = " ".join(holder.cmdline)[:100]
-    if state.holder_alive:
+    if state.holder_alive and holder.job_pid is not None:
+        who = f"job pid {holder.job_pid} ({holder.user}@{holder.host}: {command})"
+    elif state.holder_alive:
         who = f"pid {holder.pid} ({holder.user}@{holder.host}: {command})"
     else:
         who = f"the job of pid {holder.pid}, which is gone ({command})"

@@ -40,6 +40,7 @@ class ProcessInfo:
     ppid: int
     cmdline: str  # arguments joined by spaces, as pgrep -f matches them
     rss: int  # bytes
+    safegate: bool = False  # a safegate process itself (see probes.processes.is_safegate)
 
 
 @dataclass(frozen=True)

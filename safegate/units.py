@@ -104,6 +104,47 @@ def parse_temp(text: str | float) -> float:
     return value
 
 
+SIGNAL_ACCEPTED = "a signal name or number like SIGUSR1, USR1 or 10"
+ON_HOT_CHOICES = ("pause", "kill", "warn")
+
+
+def parse_signal(text: str | int) -> int:
+    """Parse 'SIGUSR1', 'usr1' or '10' into a signal number."""
+    import signal
+
+    raw = str(text).strip()
+    if raw.isdigit():
+        number = int(raw)
+        if 0 < number < signal.NSIG:
+            return number
+        raise ValueParseError(f"invalid signal {raw!r}: expected {SIGNAL_ACCEPTED}")
+    name = raw.upper()
+    if not name.startswith("SIG"):
+        name = "SIG" + name
+    value = getattr(signal.Signals, name, None) if name.isidentifier() else None
+    if value is None:
+        raise ValueParseError(f"invalid signal {raw!r}: expected {SIGNAL_ACCEPTED}")
+    return int(value)
+
+
+def parse_on_hot(text: str) -> str:
+    value = str(text).strip().lower()
+    if value not in ON_HOT_CHOICES:
+        raise ValueParseError(f"invalid --on-hot value {text!r}: expected one of pause, kill, warn")
+    return value
+
+
+def parse_nice(text: str | int) -> int:
+    raw = str(text).strip()
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueParseError(f"invalid nice value {raw!r}: expected an integer from 0 to 19") from None
+    if not 0 <= value <= 19:
+        raise ValueParseError(f"invalid nice value {raw!r}: expected an integer from 0 to 19")
+    return value
+
+
 def validate_lock_name(name: str) -> str:
     """Return *name* if it is safe as a file name inside the lock dir, else raise."""
     ok = (

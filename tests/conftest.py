@@ -51,13 +51,19 @@ class Procs:
 
     def spawn_orphan(self, cmdline: str, seconds: int = 600) -> int:
         """Like spawn_named, but reparented away from this process, so it is not our descendant."""
+        pid = self.spawn_orphan_argv(["bash", "-c", f'exec -a "$0" sleep {seconds}', cmdline])
+        wait_until(lambda: _cmdline(pid).startswith(cmdline), what=f"{cmdline!r} to appear in /proc")
+        return pid
+
+    def spawn_orphan_argv(self, argv: list[str], env: dict[str, str] | None = None) -> int:
+        """Start *argv* through a subshell that exits at once, so init (or a subreaper) adopts it."""
         out = subprocess.run(
-            ["bash", "-c", f'(exec -a "$0" sleep {seconds}) >/dev/null 2>&1 </dev/null & echo $!', cmdline],
-            capture_output=True, text=True, check=True,
+            ["bash", "-c", '("$@" >/dev/null 2>&1 </dev/null & echo $!)', "orphan", *argv],
+            capture_output=True, text=True, check=True, env=env,
         ).stdout
         pid = int(out.strip())
         self.orphans.append(pid)
-        wait_until(lambda: _cmdline(pid).startswith(cmdline) and _ppid(pid) != os.getpid(), what="orphan")
+        wait_until(lambda: _ppid(pid) not in (-1, os.getpid()), what="orphan to be adopted")
         return pid
 
     def kill_all(self) -> None:

@@ -7,11 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import Procs, set_temp
+from conftest import Procs, _cmdline, hold_with_flock, set_temp, wait_until
 
 from safegate.config import ThermalConfig
 from safegate.probes.memory import read_memory, read_pressure
-from safegate.probes.processes import _parse_stat, ancestors, descendants, read_processes
+from safegate.probes.processes import _parse_stat, ancestors, descendants, is_safegate, read_processes
 from safegate.probes.thermal import read_thermal
 
 
@@ -85,7 +85,6 @@ def test_process_scan_excludes_started_and_their_children(procs: Procs) -> None:
     def child_pid() -> int | None:
         out = subprocess.run(["pgrep", "-P", str(parent.pid)], capture_output=True, text=True).stdout.split()
         return int(out[0]) if out else None
-    from conftest import wait_until
     grandchild = wait_until(child_pid, what="the started job's child")
     snap = read_processes(started=[parent.pid])
     pids = {p.pid for p in snap.processes}
@@ -112,3 +111,29 @@ def test_scan_is_callable_from_a_fresh_interpreter() -> None:
     code = "from safegate.probes.processes import read_processes; print(len(read_processes().processes) > 0)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "True"
+
+
+def test_other_safegate_processes_are_not_competitors_but_their_jobs_are(
+    procs: Procs, tmp_path: Path, env: dict[str, str]
+) -> None:
+    # A safegate waiting on a held lock for the whisper profile carries "whisper-large" in its argv.
+    lock_dir = Path(env["SAFEGATE_LOCK_DIR"])
+    hold_with_flock(procs, lock_dir / "whisper-large.lock")
+    waiting = procs.spawn_orphan_argv(
+        [sys.executable, "-m", "safegate", "check", "--wait", "-p", "whisper-large-v3"], env=env
+    )
+    job = procs.spawn_orphan("whisper --model large-v3 x.mp3")
+    wait_until(lambda: "whisper-large" in _cmdline(waiting), what="the waiting safegate")
+    snap = read_processes()
+    pids = {p.pid for p in snap.processes}
+    assert waiting not in pids and waiting in snap.excluded
+    assert job in pids
+
+
+def test_is_safegate_recognises_its_launch_forms() -> None:
+    assert is_safegate(["/venv/bin/safegate", "exec"])
+    assert is_safegate(["/venv/bin/python3", "/venv/bin/safegate", "exec"])
+    assert is_safegate(["python", "-m", "safegate"])
+    assert not is_safegate(["whisper", "--model", "large"])
+    assert not is_safegate(["python", "safegate_report.py"])
+    assert not is_safegate([])

@@ -44,6 +44,22 @@ def _parse_stat(raw: bytes) -> tuple[str, int, int] | None:
     return fields[0].decode("ascii", "replace"), int(fields[1]), int(fields[21])
 
 
+def is_safegate(argv: list[str]) -> bool:
+    """A safegate process (the console script, or python -m safegate), whatever job it gates.
+
+    Another safegate waiting to start the same kind of job carries that job's command line in its own;
+    matching it as a competitor would make waiting safegates block each other forever. Its job, once
+    started, is a process of its own and is matched as usual.
+    """
+    if not argv:
+        return False
+    if os.path.basename(argv[0]) == "safegate":
+        return True
+    if len(argv) >= 2 and os.path.basename(argv[1]) == "safegate":
+        return True
+    return len(argv) >= 3 and argv[1] == "-m" and argv[2] == "safegate"
+
+
 def _linux_processes(proc_root: str) -> list[ProcessInfo]:
     out = []
     for entry in os.scandir(proc_root):
@@ -58,8 +74,13 @@ def _linux_processes(proc_root: str) -> list[ProcessInfo]:
         parsed = _parse_stat(raw_stat) if raw_stat else None
         if parsed is None or parsed[0] in ("Z", "X"):
             continue
-        cmdline = raw_cmd.rstrip(b"\0").replace(b"\0", b" ").decode("utf-8", "replace")
-        out.append(ProcessInfo(pid=int(name), ppid=parsed[1], cmdline=cmdline, rss=parsed[2] * _PAGE_SIZE))
+        argv = raw_cmd.rstrip(b"\0").decode("utf-8", "replace").split("\0")
+        out.append(
+            ProcessInfo(
+                pid=int(name), ppid=parsed[1], cmdline=" ".join(argv), rss=parsed[2] * _PAGE_SIZE,
+                safegate=is_safegate(argv[:3]),
+            )
+        )
     return out
 
 
@@ -76,6 +97,7 @@ def _psutil_processes() -> list[ProcessInfo]:
                 ppid=int(info.get("ppid") or 0),
                 cmdline=" ".join(info["cmdline"]),
                 rss=int(mem.rss) if mem is not None else 0,
+                safegate=is_safegate(list(info["cmdline"][:3])),
             )
         )
     return out
@@ -107,7 +129,8 @@ def descendants(roots: Iterable[int], parents: dict[int, int]) -> set[int]:
 
 
 def read_processes(started: Iterable[int] = (), proc_root: str = "/proc") -> ProcessSnapshot:
-    """All processes except safegate itself, its ancestors and descendants, and *started* with theirs."""
+    """All processes except safegate itself, its ancestors and descendants, *started* with theirs, and
+    other safegate processes (not their jobs)."""
     if sys.platform.startswith("linux") and os.path.isdir(proc_root):
         procs = _linux_processes(proc_root)
     else:
@@ -118,6 +141,8 @@ def read_processes(started: Iterable[int] = (), proc_root: str = "/proc") -> Pro
         # Our own cmdline is always readable, but keep the chain walk working if it was not.
         parents[me] = os.getppid()
     roots = {me, *started}
-    excluded = frozenset(roots | ancestors(me, parents) | descendants(roots, parents))
+    excluded = frozenset(
+        roots | ancestors(me, parents) | descendants(roots, parents) | {p.pid for p in procs if p.safegate}
+    )
     kept = tuple(p for p in procs if p.pid not in excluded)
     return ProcessSnapshot(processes=kept, excluded=excluded)
