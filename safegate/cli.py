@@ -4,18 +4,34 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, TypeVar
 
 import typer
 
 from safegate import __version__
 from safegate.config import DEFAULT_PROFILE, load_config
 from safegate.errors import SafegateError, UsageError, ValueParseError
+from safegate.eventlog import EventLog
 from safegate.exitcodes import ExitCode, table_plain
 from safegate.gate import Overrides, evaluate, resolve, wait_until_clear
 from safegate.policy import Verdict
+from safegate.probes.memory import read_memory
 from safegate.render import blocking_summary, check_line, verdict_json, verdict_text
-from safegate.units import Size, parse_duration, parse_size, parse_temp, validate_lock_name
+from safegate.runner import ExecOverrides, run_exec, watch_limits
+from safegate.supervisor import Event
+from safegate.units import (
+    Size,
+    parse_duration,
+    parse_nice,
+    parse_on_hot,
+    parse_signal,
+    parse_size,
+    parse_temp,
+    validate_lock_name,
+)
+
+T = TypeVar("T")
 
 # "\b" keeps click from re-wrapping the table into one paragraph.
 EXIT_CODES_EPILOG = "\b\nExit codes:\n" + table_plain()
@@ -61,65 +77,93 @@ def _size_option(option: str, value: str | None) -> Size | None:
     return size
 
 
+def _overrides(mem: str | None, margin: str | None, max_temp: str | None, lock: str | None) -> Overrides:
+    temp = _parsed("--max-temp", parse_temp, max_temp)
+    name = _parsed("--lock", validate_lock_name, lock)
+    return Overrides(
+        mem=_size_option("--mem", mem),
+        margin=_size_option("--margin", margin),
+        max_temp=temp if isinstance(temp, float) else None,
+        lock=name if isinstance(name, str) else None,
+    )
+
+
+def _wait_timeout(wait: bool, timeout: str | None) -> float | None:
+    seconds = _parsed("--timeout", parse_duration, timeout)
+    if timeout is not None and not wait:
+        raise UsageError("--timeout: only meaningful with --wait")
+    return seconds if isinstance(seconds, float) else None
+
+
+def _progress(silent: bool) -> Callable[[Verdict], None]:
+    """While waiting: one line on stderr each time the reason for waiting changes."""
+    last_shown: list[str] = []
+
+    def progress(verdict: Verdict) -> None:
+        line = blocking_summary(verdict)
+        if not silent and line not in last_shown:
+            last_shown[:] = [line]
+            typer.echo(f"safegate: waiting: {line}", err=True)
+
+    return progress
+
+
+ProfileOpt = Annotated[
+    str | None,
+    typer.Option("--profile", "-p", envvar="SAFEGATE_PROFILE", metavar="PROFILE",
+                 help="Profile to use (default: default; exec: the profile whose match fits the command)."),
+]
+MemOpt = Annotated[
+    str | None, typer.Option(metavar="SIZE", help="Memory the job needs (default: the profile's memory).")
+]
+MarginOpt = Annotated[
+    str | None,
+    typer.Option(metavar="SIZE", help="RAM that must stay free after the job's need, e.g. 4G or 10% (default 4G)."),
+]
+MaxTempOpt = Annotated[
+    str | None, typer.Option("--max-temp", metavar="C", help="Block at or above this temperature (default 80).")
+]
+LockOpt = Annotated[
+    str | None, typer.Option(metavar="NAME", help="Lock that must be free (default: the profile's lock).")
+]
+WaitOpt = Annotated[bool, typer.Option("--wait", help="Re-check until every check passes.")]
+TimeoutOpt = Annotated[
+    str | None,
+    typer.Option(metavar="DURATION", help="With --wait: give up after this long, e.g. 90s, 5m (default: never)."),
+]
+ConfigOpt = Annotated[
+    str | None,
+    typer.Option(metavar="PATH", help="Config file (default: $SAFEGATE_CONFIG, ~/.config/safegate/config.toml, "
+                 "/etc/safegate/config.toml)."),
+]
+
+
 @app.command(epilog=EXIT_CODES_EPILOG)
 def check(
-    profile: Annotated[
-        str, typer.Option("--profile", "-p", envvar="SAFEGATE_PROFILE", help="Profile to check for.")
-    ] = DEFAULT_PROFILE,
-    mem: Annotated[
-        str | None, typer.Option(metavar="SIZE", help="Memory the job needs (default: the profile's memory).")
-    ] = None,
-    margin: Annotated[
-        str | None,
-        typer.Option(metavar="SIZE", help="RAM that must stay free after the job's need, e.g. 4G or 10% (default 4G)."),
-    ] = None,
-    max_temp: Annotated[
-        str | None, typer.Option("--max-temp", metavar="C", help="Block at or above this temperature (default 80).")
-    ] = None,
-    lock: Annotated[
-        str | None, typer.Option(metavar="NAME", help="Lock that must be free (default: the profile's lock).")
-    ] = None,
-    wait: Annotated[bool, typer.Option("--wait", help="Re-check until every check passes.")] = False,
-    timeout: Annotated[
-        str | None,
-        typer.Option(metavar="DURATION", help="With --wait: give up after this long, e.g. 90s, 5m (default: never)."),
-    ] = None,
+    profile: ProfileOpt = None,
+    mem: MemOpt = None,
+    margin: MarginOpt = None,
+    max_temp: MaxTempOpt = None,
+    lock: LockOpt = None,
+    wait: WaitOpt = False,
+    timeout: TimeoutOpt = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object with every check.")] = False,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="Print nothing on success; on a block, one line on stderr.")
     ] = False,
-    config: Annotated[
-        str | None,
-        typer.Option(metavar="PATH", help="Config file (default: $SAFEGATE_CONFIG, ~/.config/safegate/config.toml, "
-                     "/etc/safegate/config.toml)."),
-    ] = None,
+    config: ConfigOpt = None,
 ) -> None:
     """Is it safe to start this job now? Answer with the exit code.
 
     Runs five checks: memory margin (and memory pressure), temperature, the profile's lock,
     competing processes, and stale lock cleanup.
     """
-    overrides = Overrides(
-        mem=_size_option("--mem", mem),
-        margin=_size_option("--margin", margin),
-        max_temp=_parsed("--max-temp", parse_temp, max_temp),  # type: ignore[arg-type]
-        lock=_parsed("--lock", validate_lock_name, lock),  # type: ignore[arg-type]
-    )
-    wait_for = _parsed("--timeout", parse_duration, timeout)
-    if timeout is not None and not wait:
-        raise UsageError("--timeout: only meaningful with --wait")
-    settings = resolve(load_config(config), profile, overrides)
+    overrides = _overrides(mem, margin, max_temp, lock)
+    wait_for = _wait_timeout(wait, timeout)
+    settings = resolve(load_config(config), profile or DEFAULT_PROFILE, overrides)
 
     if wait:
-        last_shown: list[str] = []
-
-        def progress(verdict: Verdict) -> None:
-            line = blocking_summary(verdict)
-            if not quiet and not json_output and line not in last_shown:
-                last_shown[:] = [line]
-                typer.echo(f"safegate: waiting: {line}", err=True)
-
-        verdict = wait_until_clear(settings, wait_for, on_blocked=progress)  # type: ignore[arg-type]
+        verdict = wait_until_clear(settings, wait_for, on_blocked=_progress(quiet or json_output))
     else:
         verdict = evaluate(settings)
 
@@ -131,6 +175,111 @@ def check(
     else:
         typer.echo(verdict_text(verdict))
     raise typer.Exit(int(verdict.exit_code))
+
+
+@app.command(
+    "exec",
+    epilog=EXIT_CODES_EPILOG,
+    context_settings={"allow_interspersed_args": False},
+)
+def exec_(
+    command: Annotated[
+        list[str] | None,
+        typer.Argument(metavar="-- CMD [ARGS]...", help="The job to run, after --.", show_default=False),
+    ] = None,
+    profile: ProfileOpt = None,
+    mem: MemOpt = None,
+    margin: MarginOpt = None,
+    max_temp: MaxTempOpt = None,
+    lock: LockOpt = None,
+    wait: WaitOpt = False,
+    timeout: TimeoutOpt = None,
+    max_mem: Annotated[
+        str | None, typer.Option("--max-mem", metavar="SIZE", help="Stop the job when its own memory (PSS of its "
+                                 "process tree) reaches this.")
+    ] = None,
+    min_available: Annotated[
+        str | None, typer.Option("--min-available", metavar="SIZE", help="Stop the job when MemAvailable falls to "
+                                 "this (default: 2G or 10% of RAM, whichever is smaller).")
+    ] = None,
+    on_hot: Annotated[
+        str | None, typer.Option("--on-hot", metavar="pause|kill|warn", help="Above max-temp: pause the job until "
+                                 "below resume_temp (default), stop it (exit 22), or only warn.")
+    ] = None,
+    grace: Annotated[
+        str | None, typer.Option(metavar="DURATION", help="SIGKILL this long after SIGTERM (default 10s).")
+    ] = None,
+    interval: Annotated[
+        str | None, typer.Option(metavar="DURATION", help="Shortest sampling interval, used near a limit "
+                                 "(default 20ms; far from every limit, 1s).")
+    ] = None,
+    warn_signal: Annotated[
+        str | None, typer.Option("--warn-signal", metavar="SIG", help="Send this signal to the job at 90% of a "
+                                 "memory limit, e.g. SIGUSR1.")
+    ] = None,
+    nice: Annotated[
+        str | None, typer.Option(metavar="N", help="Run the job at this niceness (0-19), with idle or best-effort "
+                                 "I/O priority.")
+    ] = None,
+    log: Annotated[
+        str | None, typer.Option(metavar="FILE", help="Append every event as a JSON line to FILE.")
+    ] = None,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="Print only warnings, breaches and errors, no start/exit/summary.")
+    ] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Run a job under the gate: preflight checks, the lock for exactly the job's lifetime, and a watch on
+    memory and temperature that stops the job before it takes the machine down.
+
+    The exit status is the job's own, 128+N if it died of signal N, or safegate's codes below.
+    """
+    if not command:
+        raise UsageError("exec: no command given; usage: safegate exec [OPTIONS] -- CMD [ARGS]...")
+    overrides = _overrides(mem, margin, max_temp, lock)
+    wait_for = _wait_timeout(wait, timeout)
+    exec_overrides = ExecOverrides(
+        max_mem=_size_option("--max-mem", max_mem),
+        min_available=_size_option("--min-available", min_available),
+        on_hot=_typed("--on-hot", parse_on_hot, on_hot, str),
+        grace=_typed("--grace", parse_duration, grace, float),
+        interval=_typed("--interval", parse_duration, interval, float),
+        warn_signal=_typed("--warn-signal", parse_signal, warn_signal, int),
+        nice=_typed("--nice", parse_nice, nice, int),
+    )
+    if exec_overrides.interval is not None and not 0.001 <= exec_overrides.interval <= 1.0:
+        raise UsageError(f"--interval: {interval!r} is outside 1ms..1s")
+    cfg = load_config(config)
+    chosen = profile or cfg.profile_for_command(command).name
+    settings = resolve(cfg, chosen, overrides)
+    limits = watch_limits(settings, exec_overrides, read_memory().total)
+    log_path = log or settings.profile.log
+    event_log = EventLog(log_path, lambda msg: typer.echo(f"safegate: warning: {msg}", err=True)) if log_path else None
+    chatty = {"admitted", "exit", "summary", "cleanup"}
+
+    def on_event(event: Event) -> None:
+        if not (quiet and event.kind in chatty):
+            prefix = f"{event.kind}: " if event.kind in ("summary", "warning", "breach") else ""
+            typer.echo(f"safegate: {prefix}{event.message}", err=True)
+        if event_log is not None:
+            event_log.write(event)
+
+    result = run_exec(
+        settings, limits, command, nice=exec_overrides.nice if exec_overrides.nice is not None
+        else settings.profile.nice, wait=wait, timeout=wait_for, on_event=on_event, on_blocked=_progress(quiet),
+    )
+    if isinstance(result, Verdict):
+        for failure in result.failures:
+            typer.echo(f"safegate: not started: {check_line(failure)}", err=True)
+        if event_log is not None:
+            event_log.write(Event("blocked", blocking_summary(result), {"exit_code": int(result.exit_code)}))
+        raise typer.Exit(int(result.exit_code))
+    raise typer.Exit(result.exit_code)
+
+
+def _typed(option: str, parse: object, value: str | None, kind: type[T]) -> T | None:
+    parsed = _parsed(option, parse, value)
+    return parsed if isinstance(parsed, kind) else None
 
 
 def main(argv: list[str] | None = None) -> int:

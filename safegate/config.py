@@ -123,6 +123,16 @@ class Config:
             raise ConfigError(f"unknown profile {name!r}: known profiles are {known}") from None
 
 
+    def profile_for_command(self, argv: list[str]) -> Profile:
+        """The profile whose `match` regexes find the command line: the config file's first, then built-ins."""
+        command = " ".join(argv)
+        ordered = sorted(self.profiles.values(), key=lambda p: p.source == "built-in")
+        for profile in ordered:
+            if any(re.search(pattern, command) for pattern in profile.match):
+                return profile
+        return self.profile(DEFAULT_PROFILE)
+
+
 # Keys a profile may set; [defaults] may set the same ones and profiles inherit them.
 _PROFILE_KEYS = {
     "description",

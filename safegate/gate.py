@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from safegate.config import CompetingRule, Config, Profile, ThermalConfig
-from safegate.lockstore import LockStore, legacy_removable, read_legacy, remove_legacy, resolve_lock_dir
+from safegate.lockstore import HeldLock, LockStore, legacy_removable, read_legacy, remove_legacy, resolve_lock_dir
 from safegate.policy import (
     CheckResult,
     Verdict,
@@ -118,13 +119,31 @@ def wait_until_clear(
     sleep: Callable[[float], None] = time.sleep,
 ) -> Verdict:
     """Re-check until every check passes or *timeout* seconds (None: forever) run out; the last verdict."""
+
+    def attempt(resuming: bool) -> tuple[Verdict, None]:
+        return evaluate(settings, resuming=resuming), None
+
+    return retry(attempt, timeout, on_blocked, clock, sleep)[0]
+
+
+T = TypeVar("T")
+
+
+def retry(
+    attempt: Callable[[bool], tuple[Verdict, T | None]],
+    timeout: float | None,
+    on_blocked: Callable[[Verdict], None] | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> tuple[Verdict, T | None]:
+    """Call attempt(resuming) with a capped backoff until its verdict is ok or *timeout* runs out."""
     deadline = None if timeout is None else clock() + timeout
     delay = WAIT_FIRST
     resuming = False
     while True:
-        verdict = evaluate(settings, resuming=resuming)
+        verdict, result = attempt(resuming)
         if verdict.ok:
-            return verdict
+            return verdict, result
         thermal = verdict.result("thermal")
         if thermal is not None and thermal.blocks:
             # Once too hot, wait for resume_temp, not just below max_temp, so the gate does not flap.
@@ -134,8 +153,40 @@ def wait_until_clear(
         if deadline is not None:
             remaining = deadline - clock()
             if remaining <= 0:
-                return verdict
+                return verdict, None
             sleep(min(delay, remaining))
         else:
             sleep(delay)
         delay = min(delay * WAIT_FACTOR, WAIT_CAP)
+
+
+def admit(
+    settings: Settings, argv: Sequence[str], *, wait: bool, timeout: float | None,
+    on_blocked: Callable[[Verdict], None] | None = None,
+) -> tuple[Verdict, HeldLock | None]:
+    """Check and claim the lock as one step under the machine-wide admission lock.
+
+    The claim records the job's declared need in the holder metadata, so every later admission counts
+    it as reserved until the job's own memory has grown to it.
+    """
+    store = LockStore(settings.lock_dir)
+    store.ensure_directory()
+
+    def attempt(resuming: bool) -> tuple[Verdict, HeldLock | None]:
+        with store.admission():
+            verdict = evaluate(settings, resuming=resuming)
+            if not verdict.ok:
+                return verdict, None
+            need = settings.need.resolve(_total_ram())
+            held = store.try_acquire(settings.lock, settings.profile.name, list(argv), need=need)
+            if held is None:  # taken by something outside safegate (flock(1)) since the check
+                return evaluate(settings, resuming=resuming), None
+            return verdict, held
+
+    if wait:
+        return retry(attempt, timeout, on_blocked)
+    return attempt(False)
+
+
+def _total_ram() -> int:
+    return read_memory().total

@@ -20,6 +20,7 @@ import stat
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,8 @@ from safegate.errors import LockDirError
 from safegate.units import validate_lock_name
 
 LOCK_SUFFIX = ".lock"
+ADMISSION_FILE = ".admission.lock"
+ADMISSION_TIMEOUT = 30.0
 HOLDER_SUFFIX = ".holder.json"
 _HOLDER_MAX_BYTES = 64 * 1024
 _LEGACY_MAX_BYTES = 4096
@@ -301,7 +304,9 @@ class LockStore:
 
     def _open_lock_file(self, name: str, *, create: bool) -> int | None:
         """An fd on the lock file (None when it does not exist and *create* is false)."""
-        path = self.lock_path(name)
+        return self._open_lock_path(self.lock_path(name), create=create)
+
+    def _open_lock_path(self, path: Path, *, create: bool) -> int | None:
         flags = os.O_RDWR | _O_NONBLOCK
         if create:
             try:
@@ -344,6 +349,27 @@ class LockStore:
             return not got
         finally:
             os.close(fd)
+
+    @contextmanager
+    def admission(self, timeout: float = ADMISSION_TIMEOUT) -> Iterator[None]:
+        """The machine-wide admission lock: one safegate at a time checks and claims its lock.
+
+        Held only for the check-and-claim step (milliseconds), so that two execs started in the same
+        second cannot both pass a memory check only one of them fits.
+        """
+        fd = self._open_lock_path(self.directory / ADMISSION_FILE, create=True)
+        assert fd is not None
+        try:
+            deadline = time.monotonic() + timeout
+            while not lock_descriptor(fd, blocking=False):
+                if time.monotonic() >= deadline:
+                    raise LockDirError(
+                        f"admission lock {self.directory / ADMISSION_FILE} busy for {timeout:g}s; is a safegate stuck?"
+                    )
+                time.sleep(_CONTENTION_STEP)
+            yield
+        finally:
+            os.close(fd)  # closing drops the flock
 
     def try_acquire(
         self, name: str, profile: str, cmdline: Sequence[str] | None = None, need: int = 0

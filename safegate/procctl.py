@@ -1,0 +1,56 @@
+"""Linux process controls safegate needs as a supervisor: subreaper, parent-death signal, I/O priority."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import signal
+import sys
+
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+
+_libc: ctypes.CDLL | None = None
+if sys.platform.startswith("linux"):
+    try:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:  # pragma: no cover - a Linux without a loadable libc is not one we run on
+        _libc = None
+
+
+def _prctl(option: int, value: int) -> bool:
+    if _libc is None:
+        return False
+    return int(_libc.prctl(option, value, 0, 0, 0)) == 0
+
+
+def become_subreaper() -> bool:
+    """Orphaned descendants (double-forked, setsid) are re-parented to us, so we can find and reap them."""
+    return _prctl(PR_SET_CHILD_SUBREAPER, 1)
+
+
+def child_setup(parent: int, nice: int | None) -> None:
+    """Runs in the job between fork and exec (keep it async-signal-safe in spirit: no locks, no imports)."""
+    os.setpgid(0, 0)
+    # If safegate dies, the job must not run on unwatched.
+    _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # safegate died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+    if nice:
+        os.nice(nice)
+        _set_ioprio(idle=nice >= 19)
+
+
+# ioprio_set(IOPRIO_WHO_PROCESS, 0, class << 13 | level): best-effort level 7, or idle.
+_IOPRIO_CLASS_BE = 2
+_IOPRIO_CLASS_IDLE = 3
+_SYS_IOPRIO_SET = {"x86_64": 251, "aarch64": 30, "i686": 289, "armv7l": 314, "ppc64le": 273, "riscv64": 30}
+
+
+def _set_ioprio(*, idle: bool) -> None:
+    number = _SYS_IOPRIO_SET.get(os.uname().machine)
+    if _libc is None or number is None:
+        return
+    value = (_IOPRIO_CLASS_IDLE << 13) if idle else (_IOPRIO_CLASS_BE << 13 | 7)
+    _libc.syscall(number, 1, 0, value)
