@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 
+import pytest
 from conftest import REPO, Run
 
 from safegate.config import _PROFILE_KEYS
@@ -22,23 +23,27 @@ def test_help_epilog_lists_every_exit_code(run: Run) -> None:
     out = run("check", "--help").stdout
     help_lines = [" ".join(line.split()) for line in out.split("Exit codes:", 1)[1].strip().splitlines()]
     assert help_lines == [" ".join(line.split()) for line in table_plain().splitlines()]
-    assert [int(line.split()[0]) for line in help_lines] == [int(c) for c in ExitCode]
+    assert [line.split()[0] for line in help_lines] == [
+        "128+N" if c is ExitCode.SIGNALLED else str(int(c)) for c in ExitCode
+    ]
 
 
-def _help_options(run: Run) -> set[str]:
-    out = run("check", "--help").stdout
+def _help_options(run: Run, command: str) -> set[str]:
+    out = run(command, "--help").stdout
     return set(re.findall(r"(?<![\w-])(--[a-z][a-z-]+)", out.split("Exit codes")[0])) - {"--help"}
 
 
-def test_readme_option_table_matches_help(run: Run) -> None:
-    table = README.split("| option | meaning |", 1)[1].split("\n\n", 1)[0]
-    documented = set(re.findall(r"`(?:-\w, )?(--[a-z-]+)", table))
-    assert documented == _help_options(run)
+@pytest.mark.parametrize("command", ["check", "exec"])
+def test_readme_option_table_matches_help(run: Run, command: str) -> None:
+    table = README.split(f"<!-- options: {command} -->", 1)[1].split("\n\n", 1)[0]
+    documented = set(re.findall(r"(--[a-z][a-z-]+)", table))
+    assert documented == _help_options(run, command)
 
 
-def test_readme_synopsis_matches_help(run: Run) -> None:
-    synopsis = README.split("safegate check [-p PROFILE]", 1)[1].split("```", 1)[0]
-    assert set(re.findall(r"--[a-z-]+", synopsis)) | {"--profile", "--quiet"} == _help_options(run)
+@pytest.mark.parametrize("command", ["check", "exec"])
+def test_readme_synopsis_matches_help(run: Run, command: str) -> None:
+    synopsis = README.split(f"safegate {command} [-p PROFILE]", 1)[1].split("```", 1)[0]
+    assert set(re.findall(r"--[a-z-]+", synopsis)) | {"--profile", "--quiet"} == _help_options(run, command)
 
 
 def test_readme_profile_keys_match_the_config_schema() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -230,7 +231,7 @@ def test_incident_replay_four_at_once_never_overlap(run: Run, config: Path, tmp_
     assert codes == [0, 0, 0, 0], [g.stderr.read() for g in gates if g.stderr]
     intervals = sorted(tuple(map(float, line.split())) for line in spans.read_text().splitlines())
     assert len(intervals) == 4
-    for (_, end), (start, _) in zip(intervals, intervals[1:]):
+    for (_, end), (start, _) in itertools.pairwise(intervals):
         assert start >= end, intervals
 
 
@@ -291,7 +292,7 @@ def test_thermal_pause_and_resume(run: Run, config: Path, sensor: Path, tmp_path
     gate = procs.spawn(exec_cmd(config, "--", PY, str(HELPERS / "ticker.py"), str(ticks), "150"), env=run.env,
                        stderr=subprocess.PIPE)
     pid = wait_until(lambda: job_pid(lock_dir), what="the job to start")
-    wait_until(lambda: ticks.exists(), what="the first tick")
+    wait_until(ticks.exists, what="the first tick")
     set_temp(sensor, 85)
     wait_until(lambda: _state(pid) == "T", what="the job to be paused")
     frozen = ticks.read_text()
