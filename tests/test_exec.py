@@ -259,6 +259,28 @@ def test_admission_reserves_memory_of_a_job_still_loading(run: Run, tmp_path: Pa
     assert waiter.wait(timeout=30) == 0
 
 
+def test_admission_two_started_together_exactly_one_runs(run: Run, tmp_path: Path, sensor: Path,
+                                                         procs: Procs) -> None:
+    # Started in the same instant, both see enough memory for themselves; the admission lock makes the
+    # second one see the first one's reservation.
+    need = int(meminfo_available() * 0.6)
+    cfg = tmp_path / "two.toml"
+    cfg.write_text(neutral_config(sensor) + f'[profiles.a]\nmemory = "{need}"\nlock = "a"\n'
+                   f'[profiles.b]\nmemory = "{need}"\nlock = "b"\n')
+    for _ in range(4):
+        gates = [procs.spawn([PY, "-m", "safegate", "exec", "--config", str(cfg), "-p", name, "-q", "--",
+                              "sleep", "1"], env=run.env, stderr=subprocess.PIPE) for name in ("a", "b")]
+        codes = sorted(g.wait(timeout=30) for g in gates)
+        assert codes == [0, ExitCode.MEMORY], [g.stderr.read() for g in gates if g.stderr]
+
+
+def test_profile_keys_carry_exec_limits(run: Run, tmp_path: Path, sensor: Path) -> None:
+    cfg = tmp_path / "limits.toml"
+    cfg.write_text(neutral_config(sensor) + '[profiles.small]\nmax_mem = "150M"\ngrace = "1s"\n')
+    result = run("exec", "--config", str(cfg), "-p", "small", "--", PY, str(HELPERS / "hog.py"), "400", "16", "0.01")
+    assert result.returncode == ExitCode.KILLED_MEMORY and ">= --max-mem 150.0 MiB" in result.stderr
+
+
 def test_preflight_block_starts_nothing(run: Run, config: Path, tmp_path: Path, sensor: Path) -> None:
     set_temp(sensor, 90)
     marker = tmp_path / "ran"
