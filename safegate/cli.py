@@ -16,13 +16,13 @@ from safegate.eventlog import EventLog
 from safegate.exitcodes import ExitCode, table_plain
 from safegate.gate import Overrides, evaluate, resolve, wait_until_clear
 from safegate.policy import Verdict
-from safegate.probes.memory import read_memory
 from safegate.render import blocking_summary, check_line, verdict_json, verdict_text
-from safegate.runner import ExecOverrides, run_exec, watch_limits
+from safegate.runner import ExecOverrides, run_exec
 from safegate.supervisor import Event
 from safegate.units import (
     Size,
     parse_duration,
+    parse_gpu_option,
     parse_nice,
     parse_on_hot,
     parse_signal,
@@ -77,14 +77,25 @@ def _size_option(option: str, value: str | None) -> Size | None:
     return size
 
 
-def _overrides(mem: str | None, margin: str | None, max_temp: str | None, lock: str | None) -> Overrides:
+def _overrides(
+    mem: str | None, margin: str | None, max_temp: str | None, lock: str | None, gpu: str | None, gpu_mem: str | None
+) -> Overrides:
     temp = _parsed("--max-temp", parse_temp, max_temp)
     name = _parsed("--lock", validate_lock_name, lock)
+    selection: tuple[int, ...] | None = None
+    if gpu is not None:
+        try:
+            selection = parse_gpu_option(gpu)
+        except ValueError as exc:
+            raise UsageError(f"--gpu: {exc}") from None
     return Overrides(
         mem=_size_option("--mem", mem),
         margin=_size_option("--margin", margin),
         max_temp=temp if isinstance(temp, float) else None,
         lock=name if isinstance(name, str) else None,
+        gpu=selection,
+        gpu_mem=_size_option("--gpu-mem", gpu_mem),
+        explicit_gpu=gpu is not None,
     )
 
 
@@ -126,6 +137,15 @@ MaxTempOpt = Annotated[
 LockOpt = Annotated[
     str | None, typer.Option(metavar="NAME", help="Lock that must be free (default: the profile's lock).")
 ]
+GpuOpt = Annotated[
+    str | None,
+    typer.Option(metavar="auto|INDEX[,INDEX]", help="GPUs the job may use: auto (any one that fits; default) or "
+                 "indexes, all of which must fit."),
+]
+GpuMemOpt = Annotated[
+    str | None,
+    typer.Option("--gpu-mem", metavar="SIZE", help="GPU memory the job needs (default: the profile's gpu_memory)."),
+]
 WaitOpt = Annotated[bool, typer.Option("--wait", help="Re-check until every check passes.")]
 TimeoutOpt = Annotated[
     str | None,
@@ -145,6 +165,8 @@ def check(
     margin: MarginOpt = None,
     max_temp: MaxTempOpt = None,
     lock: LockOpt = None,
+    gpu: GpuOpt = None,
+    gpu_mem: GpuMemOpt = None,
     wait: WaitOpt = False,
     timeout: TimeoutOpt = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object with every check.")] = False,
@@ -158,7 +180,7 @@ def check(
     Runs five checks: memory margin (and memory pressure), temperature, the profile's lock,
     competing processes, and stale lock cleanup.
     """
-    overrides = _overrides(mem, margin, max_temp, lock)
+    overrides = _overrides(mem, margin, max_temp, lock, gpu, gpu_mem)
     wait_for = _wait_timeout(wait, timeout)
     settings = resolve(load_config(config), profile or DEFAULT_PROFILE, overrides)
 
@@ -192,6 +214,8 @@ def exec_(
     margin: MarginOpt = None,
     max_temp: MaxTempOpt = None,
     lock: LockOpt = None,
+    gpu: GpuOpt = None,
+    gpu_mem: GpuMemOpt = None,
     wait: WaitOpt = False,
     timeout: TimeoutOpt = None,
     max_mem: Annotated[
@@ -221,6 +245,15 @@ def exec_(
         str | None, typer.Option(metavar="N", help="Run the job at this niceness (0-19), with idle or best-effort "
                                  "I/O priority.")
     ] = None,
+    max_gpu_mem: Annotated[
+        str | None, typer.Option("--max-gpu-mem", metavar="SIZE", help="Stop the job (exit 21) when its own GPU "
+                                 "memory reaches this.")
+    ] = None,
+    min_gpu_free: Annotated[
+        str | None, typer.Option("--min-gpu-free", metavar="SIZE", help="Stop the job (exit 21) when its GPU's free "
+                                 "memory falls to this; a percentage is of the card (default with a gpu_memory "
+                                 "profile: 5%, warning at 20%).")
+    ] = None,
     log: Annotated[
         str | None, typer.Option(metavar="FILE", help="Append every event as a JSON line to FILE.")
     ] = None,
@@ -236,7 +269,7 @@ def exec_(
     """
     if not command:
         raise UsageError("exec: no command given; usage: safegate exec [OPTIONS] -- CMD [ARGS]...")
-    overrides = _overrides(mem, margin, max_temp, lock)
+    overrides = _overrides(mem, margin, max_temp, lock, gpu, gpu_mem)
     wait_for = _wait_timeout(wait, timeout)
     exec_overrides = ExecOverrides(
         max_mem=_size_option("--max-mem", max_mem),
@@ -246,13 +279,14 @@ def exec_(
         interval=_typed("--interval", parse_duration, interval, float),
         warn_signal=_typed("--warn-signal", parse_signal, warn_signal, int),
         nice=_typed("--nice", parse_nice, nice, int),
+        max_gpu_mem=_size_option("--max-gpu-mem", max_gpu_mem),
+        min_gpu_free=_size_option("--min-gpu-free", min_gpu_free),
     )
     if exec_overrides.interval is not None and not 0.001 <= exec_overrides.interval <= 1.0:
         raise UsageError(f"--interval: {interval!r} is outside 1ms..1s")
     cfg = load_config(config)
     chosen = profile or cfg.profile_for_command(command).name
     settings = resolve(cfg, chosen, overrides)
-    limits = watch_limits(settings, exec_overrides, read_memory().total)
     log_path = log or settings.profile.log
     event_log = EventLog(log_path, lambda msg: typer.echo(f"safegate: warning: {msg}", err=True)) if log_path else None
     chatty = {"admitted", "exit", "summary", "cleanup"}
@@ -265,7 +299,7 @@ def exec_(
             event_log.write(event)
 
     result = run_exec(
-        settings, limits, command, nice=exec_overrides.nice if exec_overrides.nice is not None
+        settings, exec_overrides, command, nice=exec_overrides.nice if exec_overrides.nice is not None
         else settings.profile.nice, wait=wait, timeout=wait_for, on_event=on_event, on_blocked=_progress(quiet),
     )
     if isinstance(result, Verdict):

@@ -17,8 +17,10 @@ from typing import Any, Literal
 
 from safegate.errors import ConfigError, ValueParseError
 from safegate.units import (
+    BACKENDS,
     Size,
     parse_duration,
+    parse_gpu_option,
     parse_nice,
     parse_on_hot,
     parse_signal,
@@ -55,6 +57,7 @@ DEFAULT_PROFILE = "default"
 # exec's system floor when nothing sets min_available: the seeds' "emergency brake" at 2 GB free,
 # but never more than a tenth of RAM on a small machine.
 DEFAULT_MIN_AVAILABLE = "2G"
+DEFAULT_GPU_MARGIN = "10%"  # of the card
 DEFAULT_MIN_AVAILABLE_FRACTION = 0.10
 
 Action = Literal["block", "warn"]
@@ -93,6 +96,12 @@ class Profile:
     warn_signal: int | None = None
     nice: int | None = None
     log: str | None = None
+    # GPUs
+    gpu_memory: Size = field(default_factory=lambda: Size(bytes=0))
+    gpu_margin: Size = field(default_factory=lambda: parse_size(DEFAULT_GPU_MARGIN))
+    gpu: tuple[int, ...] | None = None  # None: auto
+    max_gpu_mem: Size | None = None
+    min_gpu_free: Size | None = None  # a percentage is of the card
 
     @property
     def effective_resume_temp(self) -> float:
@@ -114,6 +123,7 @@ class Config:
     legacy_lock_files: tuple[Path, ...]
     thermal: ThermalConfig
     profiles: Mapping[str, Profile]
+    gpu_backend: str = "auto"
 
     def profile(self, name: str) -> Profile:
         try:
@@ -152,8 +162,14 @@ _PROFILE_KEYS = {
     "warn_signal",
     "nice",
     "log",
+    "gpu_memory",
+    "gpu_margin",
+    "gpu",
+    "max_gpu_mem",
+    "min_gpu_free",
 }
-_TOP_KEYS = {"lock_dir", "legacy_lock_files", "defaults", "thermal", "profiles"}
+_TOP_KEYS = {"lock_dir", "legacy_lock_files", "defaults", "thermal", "gpu", "profiles"}
+_GPU_KEYS = {"backend"}
 _THERMAL_KEYS = {"sensors", "ignore", "files", "require"}
 _RULE_KEYS = {"pattern", "action", "min_rss"}
 
@@ -263,8 +279,14 @@ def _profile_fields(where: _Where, table: str, data: Mapping[str, Any]) -> dict[
             out[key] = float(value)
         elif key == "competing":
             out[key] = _rules(where, full, value)
-        elif key in ("max_mem", "min_available"):
+        elif key in ("max_mem", "min_available", "gpu_memory", "gpu_margin", "max_gpu_mem", "min_gpu_free"):
             out[key] = _size(where, full, value)
+        elif key == "gpu":
+            _expect(where, full, value, (str, int), 'auto or GPU indexes like "0,2"')
+            try:
+                out[key] = parse_gpu_option(str(value))
+            except ValueError as exc:
+                raise where.fail(full, str(exc)) from None
         else:
             out[key] = _exec_value(where, full, key, value)
     return out
@@ -346,6 +368,15 @@ def build_config(data: Mapping[str, Any], source: str, path: Path | None) -> Con
         lock_dir = Path(value)
     legacy = tuple(Path(p) for p in _string_list(where, "legacy_lock_files", data.get("legacy_lock_files", [])))
     thermal = _thermal(where, data["thermal"]) if "thermal" in data else ThermalConfig()
+    gpu_backend = "auto"
+    if "gpu" in data:
+        gpu_table = _expect(where, "gpu", data["gpu"], dict, "a table")
+        _unknown_keys(where, "gpu.", gpu_table, _GPU_KEYS)
+        if "backend" in gpu_table:
+            backend = gpu_table["backend"]
+            if backend not in BACKENDS:
+                raise where.fail("gpu.backend", f"invalid GPU backend {backend!r}: expected auto, nvml or none")
+            gpu_backend = backend
 
     builtin_where = _Where("(built-in)")
     builtin = _builtin_data()
@@ -378,7 +409,8 @@ def build_config(data: Mapping[str, Any], source: str, path: Path | None) -> Con
                 f"{profile.effective_resume_temp:g} is above max_temp {profile.max_temp:g}",
             )
         profiles[name] = profile
-    return Config(path=path, lock_dir=lock_dir, legacy_lock_files=legacy, thermal=thermal, profiles=profiles)
+    return Config(path=path, lock_dir=lock_dir, legacy_lock_files=legacy, thermal=thermal, profiles=profiles,
+                  gpu_backend=gpu_backend)
 
 
 def find_config_path(explicit: str | None, env: Mapping[str, str]) -> tuple[Path | None, str]:

@@ -10,18 +10,22 @@ from pathlib import Path
 from typing import TypeVar
 
 from safegate.config import CompetingRule, Config, Profile, ThermalConfig
+from safegate.errors import UsageError
 from safegate.lockstore import HeldLock, LockStore, legacy_removable, read_legacy, remove_legacy, resolve_lock_dir
 from safegate.policy import (
     CheckResult,
     Verdict,
     check_competing,
+    check_gpu,
     check_lock,
     check_memory,
     check_pressure,
     check_stale,
     check_thermal,
     match_competing,
+    select_gpus,
 )
+from safegate.probes.gpu import read_gpus, resolve_backend
 from safegate.probes.memory import read_memory
 from safegate.probes.processes import read_processes
 from safegate.probes.thermal import read_thermal
@@ -42,6 +46,9 @@ class Overrides:
     margin: Size | None = None
     max_temp: float | None = None
     lock: str | None = None
+    gpu: tuple[int, ...] | None = None
+    gpu_mem: Size | None = None
+    explicit_gpu: bool = False  # --gpu was given (auto included): overrides the profile's gpu
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,10 @@ class Settings:
     thermal: ThermalConfig
     legacy_lock_files: tuple[Path, ...]
     lock_dir: Path
+    gpu_backend: str
+    gpu: tuple[int, ...] | None  # None: auto
+    gpu_need: Size
+    gpu_margin: Size
 
 
 def resolve(config: Config, profile_name: str, overrides: Overrides, env: Mapping[str, str] | None = None) -> Settings:
@@ -81,7 +92,18 @@ def resolve(config: Config, profile_name: str, overrides: Overrides, env: Mappin
         thermal=config.thermal,
         legacy_lock_files=config.legacy_lock_files,
         lock_dir=resolve_lock_dir(config.lock_dir, env),
+        gpu_backend=_gpu_backend(config.gpu_backend, env),
+        gpu=overrides.gpu if overrides.explicit_gpu else profile.gpu,
+        gpu_need=overrides.gpu_mem if overrides.gpu_mem is not None else profile.gpu_memory,
+        gpu_margin=profile.gpu_margin,
     )
+
+
+def _gpu_backend(configured: str, env: Mapping[str, str]) -> str:
+    try:
+        return resolve_backend(configured, env)
+    except ValueError as exc:
+        raise UsageError(f"SAFEGATE_GPU: {exc}") from None
 
 
 def evaluate(settings: Settings, *, resuming: bool = False, started: Iterable[int] = ()) -> Verdict:
@@ -93,18 +115,30 @@ def evaluate(settings: Settings, *, resuming: bool = False, started: Iterable[in
     removals += [remove_legacy(s) for s in legacy if legacy_removable(s)]
     legacy = [s for s in legacy if s.alive or s.note]
 
-    reserved = sum(h.reservation for h in store.reservations())
+    holders = store.reservations()
+    reserved = sum(h.reservation for h in holders)
+    gpu_reserved: dict[int, int] = {}
+    for h in holders:
+        if h.gpu_index is not None:
+            gpu_reserved[h.gpu_index] = gpu_reserved.get(h.gpu_index, 0) + h.gpu_reservation
     mem = read_memory()
     thermal = read_thermal(settings.thermal)
+    gpus = read_gpus(settings.gpu_backend)
+    selection = select_gpus(gpus, settings.gpu, os.environ.get("CUDA_VISIBLE_DEVICES"))
     lock_state = store.state(settings.lock)
     procs = read_processes(started)
 
+    need = settings.need.resolve(mem.total)
+    gpu_need = settings.gpu_need.resolve(mem.total)
+    if gpu_need and selection.gpus and all(g.unified_memory for g in selection.gpus):
+        need += gpu_need  # the card shares system RAM (Jetson): its need is a RAM need
     limit = settings.resume_temp if resuming else settings.max_temp
     checks: list[CheckResult] = [
         check_stale(removals),
-        check_memory(mem, settings.need.resolve(mem.total), settings.margin.resolve(mem.total), reserved),
+        check_memory(mem, need, settings.margin.resolve(mem.total), reserved),
         check_pressure(mem, settings.max_pressure),
-        check_thermal(thermal, limit, require=settings.thermal.require, resuming=resuming),
+        check_gpu(gpus, selection, gpu_need, settings.gpu_margin, gpu_reserved),
+        check_thermal(thermal, limit, require=settings.thermal.require, resuming=resuming, gpus=selection.gpus),
         check_lock(lock_state, legacy),
         check_competing(match_competing(procs, settings.rules, mem.total), settings.rules),
     ]
@@ -177,8 +211,13 @@ def admit(
             verdict = evaluate(settings, resuming=resuming)
             if not verdict.ok:
                 return verdict, None
-            need = settings.need.resolve(_total_ram())
-            held = store.try_acquire(settings.lock, settings.profile.name, list(argv), need=need)
+            total = _total_ram()
+            gpu = verdict.result("gpu")
+            chosen = gpu.values.get("chosen") if gpu is not None else None
+            held = store.try_acquire(
+                settings.lock, settings.profile.name, list(argv), need=settings.need.resolve(total),
+                gpu_index=chosen, gpu_need=settings.gpu_need.resolve(total) if chosen is not None else 0,
+            )
             if held is None:  # taken by something outside safegate (flock(1)) since the check
                 return evaluate(settings, resuming=resuming), None
             return verdict, held

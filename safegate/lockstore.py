@@ -74,6 +74,13 @@ class Holder:
     job_start_time: float | None = None
     need: int = 0
     used: int = 0
+    gpu_index: int | None = None
+    gpu_need: int = 0
+    gpu_used: int = 0
+
+    @property
+    def gpu_reservation(self) -> int:
+        return max(0, self.gpu_need - self.gpu_used) if self.gpu_index is not None else 0
 
     @property
     def reservation(self) -> int:
@@ -104,6 +111,9 @@ class Holder:
                 job_start_time=float(data["job_start_time"]) if data.get("job_start_time") is not None else None,
                 need=int(data.get("need", 0)),
                 used=int(data.get("used", 0)),
+                gpu_index=int(data["gpu_index"]) if data.get("gpu_index") is not None else None,
+                gpu_need=int(data.get("gpu_need", 0)),
+                gpu_used=int(data.get("gpu_used", 0)),
             )
         except (KeyError, TypeError, OverflowError) as exc:
             raise ValueError(f"missing or bad field {exc}") from None
@@ -372,7 +382,8 @@ class LockStore:
             os.close(fd)  # closing drops the flock
 
     def try_acquire(
-        self, name: str, profile: str, cmdline: Sequence[str] | None = None, need: int = 0
+        self, name: str, profile: str, cmdline: Sequence[str] | None = None, need: int = 0,
+        gpu_index: int | None = None, gpu_need: int = 0,
     ) -> HeldLock | None:
         """Take the lock without waiting (beyond the prober grace); None when another process holds it."""
         for _ in range(10):
@@ -388,7 +399,8 @@ class LockStore:
                 os.close(fd)
                 continue
             held = HeldLock(self, name, fd, None)
-            holder = Holder.for_current_process(name, profile, cmdline, need)
+            holder = replace(Holder.for_current_process(name, profile, cmdline, need),
+                             gpu_index=gpu_index, gpu_need=gpu_need)
             try:
                 self.write_holder(holder)
                 held.holder = holder
@@ -451,11 +463,11 @@ class LockStore:
         return True
 
     def reservations(self) -> list[Holder]:
-        """Holders of running exec jobs that have not yet reached their declared need."""
+        """Holders of running exec jobs that have not yet reached their declared need (RAM or VRAM)."""
         found = []
         for name in self.names():
             holder, _ = self.read_holder(name)
-            if holder is None or holder.reservation <= 0:
+            if holder is None or (holder.reservation <= 0 and holder.gpu_reservation <= 0):
                 continue
             if process_alive(holder.pid, holder.start_time) or holder.job_alive():
                 found.append(holder)

@@ -11,8 +11,9 @@ from typing import Any
 from safegate.config import CompetingRule
 from safegate.exitcodes import ExitCode
 from safegate.lockstore import LegacyState, LockState, Removal
+from safegate.probes.gpu import GpuInfo, GpuSnapshot, Selection, visible_to_cuda
 from safegate.snapshots import MemorySnapshot, ProcessInfo, ProcessSnapshot, ThermalSnapshot
-from safegate.units import format_bytes, format_duration
+from safegate.units import Size, format_bytes, format_duration
 
 
 class Status(str, Enum):
@@ -20,6 +21,7 @@ class Status(str, Enum):
     FAIL = "fail"
     WARN = "warn"
     UNKNOWN = "unknown"
+    NONE = "none"  # nothing to check (no GPU): passes
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,7 @@ class CheckResult:
 
 
 # Fixed order for the exit code when several checks fail: the lowest code wins, as listed in the table.
-CHECK_ORDER = ("stale_locks", "memory", "memory_pressure", "thermal", "lock", "competing")
+CHECK_ORDER = ("stale_locks", "memory", "memory_pressure", "gpu", "thermal", "lock", "competing")
 
 
 @dataclass(frozen=True)
@@ -94,14 +96,44 @@ def check_pressure(mem: MemorySnapshot, max_pressure: float) -> CheckResult:
                        ExitCode.MEMORY, values, thresholds)
 
 
-def check_thermal(thermal: ThermalSnapshot, limit: float, *, require: bool, resuming: bool = False) -> CheckResult:
-    """The hottest sensor must be below *limit* (max_temp, or resume_temp while waiting after a thermal block)."""
+def gpu_temp_limit(gpu: GpuInfo, limit: float, *, resuming: bool) -> float:
+    """A GPU blocks at *limit* or 5 C below its own slowdown threshold, whichever is lower (10 C while resuming)."""
+    if gpu.slowdown is None:
+        return limit
+    return min(limit, gpu.slowdown - (10 if resuming else 5))
+
+
+def check_thermal(
+    thermal: ThermalSnapshot, limit: float, *, require: bool, resuming: bool = False, gpus: Sequence[GpuInfo] = ()
+) -> CheckResult:
+    """The hottest sensor must be below *limit* (max_temp, or resume_temp while waiting after a thermal block),
+    and every GPU the job may use below its own limit (gpu_temp_limit)."""
     limit_name = "resume_temp" if resuming else "max_temp"
     thresholds = {limit_name: limit, "require": require}
+    gpu_values = {f"gpu{g.index}": {"temp": g.temp, "limit": gpu_temp_limit(g, limit, resuming=resuming)}
+                  for g in gpus if g.temp is not None}
+    hot_gpus = [g for g in gpus if g.temp is not None and g.temp >= gpu_temp_limit(g, limit, resuming=resuming)]
+    if hot_gpus:
+        g = hot_gpus[0]
+        assert g.temp is not None
+        gl = gpu_temp_limit(g, limit, resuming=resuming)
+        why = f"{limit_name} {limit:g} C" if gl == limit else f"its slowdown threshold {g.slowdown:g} C minus margin"
+        hottest_cpu = thermal.hottest
+        values: dict[str, Any] = {"hottest": max(g.temp, hottest_cpu.celsius if hottest_cpu else g.temp),
+                                  "sensor": f"gpu{g.index}", "gpus": gpu_values,
+                                  "sensors": {r.key: r.celsius for r in thermal.readings}, "notes": list(thermal.notes)}
+        return CheckResult("thermal", Status.FAIL, f"GPU {g.index} ({g.name}) at {g.temp:g} C >= {gl:g} C ({why})",
+                           ExitCode.THERMAL, values, thresholds)
     notes = "; ".join(thermal.notes)
     hottest = thermal.hottest
+    if hottest is None and gpu_values:
+        g = max((g for g in gpus if g.temp is not None), key=lambda g: g.temp or 0.0)
+        gpu_only = {"hottest": g.temp, "sensor": f"gpu{g.index}", "sensors": {}, "gpus": gpu_values,
+                    "notes": list(thermal.notes)}
+        return CheckResult("thermal", Status.PASS, f"no CPU sensor; hottest GPU {g.index} at {g.temp:g} C",
+                           ExitCode.THERMAL, gpu_only, thresholds)
     if hottest is None:
-        values: dict[str, Any] = {"hottest": None, "sensors": {}, "notes": list(thermal.notes)}
+        values = {"hottest": None, "sensors": {}, "notes": list(thermal.notes)}
         why = "no readable temperature sensor" + (f" ({notes})" if notes else "")
         if require:
             return CheckResult("thermal", Status.FAIL, f"{why}, and [thermal] require = true",
@@ -111,6 +143,7 @@ def check_thermal(thermal: ThermalSnapshot, limit: float, *, require: bool, resu
         "hottest": hottest.celsius,
         "sensor": hottest.key,
         "sensors": {r.key: r.celsius for r in thermal.readings},
+        "gpus": gpu_values,
         "notes": list(thermal.notes),
     }
     if hottest.celsius >= limit:
@@ -119,6 +152,91 @@ def check_thermal(thermal: ThermalSnapshot, limit: float, *, require: bool, resu
                            ExitCode.THERMAL, values, thresholds)
     return CheckResult("thermal", Status.PASS, f"hottest {hottest.key} at {hottest.celsius:g} C < {limit:g} C",
                        ExitCode.THERMAL, values, thresholds)
+
+
+def gpu_json(g: GpuInfo) -> dict[str, Any]:
+    return {
+        "index": g.index, "name": g.name, "uuid": g.uuid, "total": g.total, "used": g.used, "free": g.free,
+        "temp": g.temp, "slowdown": g.slowdown, "mig_mode": g.mig_mode, "error": g.error,
+        "processes": [{"pid": p.pid, "used": p.used, "kind": p.kind} for p in g.processes],
+    }
+
+
+def gpu_free(g: GpuInfo, reserved: Mapping[int, int]) -> int | None:
+    """Free VRAM less what jobs safegate started on this card will still take."""
+    return None if g.free is None else g.free - reserved.get(g.index, 0)
+
+
+def gpu_fits(g: GpuInfo, need: int, margin: Size, reserved: Mapping[int, int]) -> bool:
+    free = gpu_free(g, reserved)
+    return free is not None and g.total is not None and free - need >= margin.resolve(g.total)
+
+
+def select_gpus(snapshot: GpuSnapshot, requested: tuple[int, ...] | None, cuda_visible: str | None) -> Selection:
+    """The GPUs a job may use: those a preset CUDA_VISIBLE_DEVICES leaves, narrowed by --gpu."""
+    base = visible_to_cuda(snapshot.gpus, cuda_visible)
+    if requested is None:
+        return Selection(base, explicit=False)
+    chosen = tuple(g for g in base if g.index in requested)
+    notes = tuple(f"GPU {i} is not available" for i in requested if i not in {g.index for g in chosen})
+    return Selection(chosen, explicit=True, notes=notes)
+
+
+def choose_gpu(selection: Selection, need: int, margin: Size, reserved: Mapping[int, int]) -> GpuInfo | None:
+    """auto: the GPU with the most free memory that fits the need."""
+    fitting = [g for g in selection.gpus if g.error is None and gpu_fits(g, need, margin, reserved)]
+    return max(fitting, key=lambda g: gpu_free(g, reserved) or 0, default=None)
+
+
+def check_gpu(
+    snapshot: GpuSnapshot, selection: Selection, need: int, margin: Size, reserved: Mapping[int, int] | None = None
+) -> CheckResult:
+    """Free VRAM (less reservations) must cover the job's need plus the GPU margin: on one GPU (auto), or on
+    each (explicit)."""
+    reserved = reserved or {}
+    values: dict[str, Any] = {
+        "backend": snapshot.backend, "driver": snapshot.driver, "need": need,
+        "gpus": [gpu_json(g) for g in snapshot.gpus], "candidates": [g.index for g in selection.gpus],
+        "reserved": {str(k): v for k, v in reserved.items()}, "chosen": None,
+        "notes": list(snapshot.notes) + list(selection.notes),
+    }
+    thresholds = {"margin": str(margin), "selection": "explicit" if selection.explicit else "auto"}
+    code = ExitCode.GPU_MEMORY
+    if snapshot.status == "error":
+        return CheckResult("gpu", Status.FAIL, "; ".join(snapshot.notes) or "NVML unusable", code, values, thresholds)
+    if selection.explicit and selection.notes:
+        return CheckResult("gpu", Status.FAIL, "; ".join(selection.notes), code, values, thresholds)
+    if not selection.gpus:
+        why = "no NVIDIA GPU" if snapshot.status == "none" else "no GPU left by the selection"
+        return CheckResult("gpu", Status.NONE, why, code, values, thresholds)
+    failed = [g for g in selection.gpus if g.error is not None]
+    if failed:
+        g = failed[0]
+        return CheckResult("gpu", Status.FAIL, f"GPU {g.index} ({g.name}) failed: {g.error}", code, values, thresholds)
+    if need <= 0:
+        return CheckResult("gpu", Status.PASS, _gpu_summary(selection.gpus) + "; no GPU memory need declared",
+                           code, values, thresholds)
+    unified = [g for g in selection.gpus if g.unified_memory]
+    if unified and len(unified) == len(selection.gpus):
+        return CheckResult("gpu", Status.PASS, f"GPU {unified[0].index} shares system RAM (unified memory): "
+                           f"the need of {format_bytes(need)} is counted against RAM", code, values, thresholds)
+    fitting = [g for g in selection.gpus if gpu_fits(g, need, margin, reserved)]
+    enough = len(fitting) == len(selection.gpus) if selection.explicit else bool(fitting)
+    if enough:
+        best = choose_gpu(selection, need, margin, reserved)
+        assert best is not None
+        values["chosen"] = best.index
+        return CheckResult("gpu", Status.PASS, f"GPU {best.index} has {format_bytes(gpu_free(best, reserved) or 0)} "
+                           f"free for {format_bytes(need)} + margin {margin}", code, values, thresholds)
+    g = next(g for g in selection.gpus if g not in fitting)
+    held = f" ({format_bytes(reserved[g.index])} reserved)" if reserved.get(g.index) else ""
+    return CheckResult("gpu", Status.FAIL, f"GPU {g.index} ({g.name}) has {format_bytes(gpu_free(g, reserved) or 0)} "
+                       f"free{held}, needs {format_bytes(need)} + margin {margin}", code, values, thresholds)
+
+
+def _gpu_summary(gpus: Sequence[GpuInfo]) -> str:
+    return ", ".join(f"GPU {g.index} {format_bytes(g.free)} free" if g.free is not None else f"GPU {g.index}"
+                     for g in gpus)
 
 
 def _describe_holder(state: LockState, now: float) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 import time
 from collections.abc import Callable, Sequence
@@ -13,9 +14,10 @@ from safegate.config import DEFAULT_MIN_AVAILABLE, DEFAULT_MIN_AVAILABLE_FRACTIO
 from safegate.gate import Settings, admit
 from safegate.lockstore import HeldLock
 from safegate.policy import Verdict
+from safegate.probes.memory import read_memory
 from safegate.supervisor import Event, Outcome, Supervisor
 from safegate.units import Size, format_bytes, format_duration, parse_size
-from safegate.watch import WatchLimits
+from safegate.watch import WARN_FRACTION, GpuLimits, WatchLimits
 
 # The holder metadata's `used` (for reservations) is rewritten at most this often, and only on change.
 USED_UPDATE_EVERY = 0.5
@@ -31,9 +33,37 @@ class ExecOverrides:
     interval: float | None = None
     warn_signal: int | None = None
     nice: int | None = None
+    max_gpu_mem: Size | None = None
+    min_gpu_free: Size | None = None
 
 
-def watch_limits(settings: Settings, overrides: ExecOverrides, total_ram: int) -> WatchLimits:
+# A profile that declares gpu_memory but no GPU limit: the seeds' anchors, warn at 80% and stop at 95% of the card.
+DEFAULT_GPU_BREACH_FREE = Size(percent=5.0)
+DEFAULT_GPU_WARN_FREE = Size(percent=20.0)
+
+
+def gpu_limits(settings: Settings, overrides: ExecOverrides, gpu_indexes: tuple[int, ...],
+               total_ram: int) -> GpuLimits | None:
+    if not gpu_indexes:
+        return None
+    profile = settings.profile
+    max_job = overrides.max_gpu_mem if overrides.max_gpu_mem is not None else profile.max_gpu_mem
+    min_free = overrides.min_gpu_free if overrides.min_gpu_free is not None else profile.min_gpu_free
+    warn_free: Size | None = None
+    if min_free is not None:
+        warn_free = Size(percent=min_free.percent / WARN_FRACTION) if min_free.percent is not None else (
+            Size(bytes=int((min_free.bytes or 0) / WARN_FRACTION)))
+    elif max_job is None and settings.gpu_need.resolve(total_ram) > 0:
+        min_free, warn_free = DEFAULT_GPU_BREACH_FREE, DEFAULT_GPU_WARN_FREE
+    return GpuLimits(
+        backend=settings.gpu_backend, indexes=gpu_indexes,
+        max_job=max_job.resolve(total_ram) if max_job is not None else None,
+        min_free=min_free, warn_free=warn_free,
+    )
+
+
+def watch_limits(settings: Settings, overrides: ExecOverrides, total_ram: int,
+                 gpu_indexes: tuple[int, ...] = ()) -> WatchLimits:
     profile = settings.profile
     max_mem = overrides.max_mem if overrides.max_mem is not None else profile.max_mem
     floor = overrides.min_available if overrides.min_available is not None else profile.min_available
@@ -52,32 +82,60 @@ def watch_limits(settings: Settings, overrides: ExecOverrides, total_ram: int) -
         floor=overrides.interval if overrides.interval is not None else profile.interval,
         warn_signal=overrides.warn_signal if overrides.warn_signal is not None else profile.warn_signal,
         thermal=settings.thermal,
+        gpu=gpu_limits(settings, overrides, gpu_indexes, total_ram),
     )
 
 
 class _UsedReporter:
-    """Keeps the holder metadata's `used` current while the job is still growing toward its need."""
+    """Keeps the holder metadata's `used` (or `gpu_used`) current while the job still grows toward its need."""
 
-    def __init__(self, held: HeldLock) -> None:
+    def __init__(self, held: HeldLock, gpu: bool = False) -> None:
         self.held = held
+        self.used_key, self.need_key = ("gpu_used", "gpu_need") if gpu else ("used", "need")
         self.last_time = 0.0
         self.last_value = 0
 
     def __call__(self, job_mem: int) -> None:
         holder = self.held.holder
-        if holder is None or holder.used >= holder.need:
+        if holder is None:
+            return
+        used, need = getattr(holder, self.used_key), getattr(holder, self.need_key)
+        if used >= need:
             return  # no reservation left to keep current
         now = time.monotonic()
-        reached = job_mem >= holder.need
+        reached = job_mem >= need
         due = now - self.last_time >= USED_UPDATE_EVERY and abs(job_mem - self.last_value) >= USED_UPDATE_STEP
         if reached or due:
-            self.held.update_holder(used=min(job_mem, holder.need))
+            self.held.update_holder(**{self.used_key: min(job_mem, need)})
             self.last_time, self.last_value = now, job_mem
+
+
+def job_gpus(settings: Settings, verdict: Verdict, held: HeldLock) -> tuple[tuple[int, ...], dict[str, str]]:
+    """The GPUs the job was given, and the environment that gives it exactly those.
+
+    A CUDA_VISIBLE_DEVICES the caller set (a user, Slurm's GRES) is left alone. Otherwise an explicit --gpu
+    list, or the GPU auto-selection chose for a job that declared a GPU memory need, is passed on by index,
+    with CUDA_DEVICE_ORDER=PCI_BUS_ID so CUDA numbers the GPUs as NVML does.
+    """
+    result = verdict.result("gpu")
+    candidates = tuple(result.values.get("candidates", ())) if result is not None else ()
+    chosen = held.holder.gpu_index if held.holder is not None else None
+    if settings.gpu is not None:
+        given = candidates
+    elif chosen is not None:
+        given = (chosen,)
+    else:
+        return candidates, {}
+    env: dict[str, str] = {}
+    if "CUDA_VISIBLE_DEVICES" not in os.environ and given:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in given)
+        env.setdefault("CUDA_DEVICE_ORDER", os.environ.get("CUDA_DEVICE_ORDER", "PCI_BUS_ID"))
+    return given, env
 
 
 def run_exec(
     settings: Settings,
-    limits: WatchLimits,
+    overrides: ExecOverrides,
     argv: Sequence[str],
     *,
     nice: int | None,
@@ -91,17 +149,23 @@ def run_exec(
     if held is None:
         return verdict
     with held:
-        supervisor = Supervisor(argv, limits, on_event, pass_fds=[held.fd], nice=nice, on_sample=_UsedReporter(held))
+        gpus, gpu_env = job_gpus(settings, verdict, held)
+        limits = watch_limits(settings, overrides, read_memory().total, gpus)
+        supervisor = Supervisor(
+            argv, limits, on_event, pass_fds=[held.fd], nice=nice, on_sample=_UsedReporter(held),
+            on_gpu_sample=_UsedReporter(held, gpu=True), env={**os.environ, **gpu_env},
+        )
         pid = supervisor.start()
         try:
             start_time = psutil.Process(pid).create_time()
         except psutil.Error:
             start_time = None
         held.update_holder(job_pid=pid, job_start_time=start_time)
+        gpu_note = f" on GPU {gpu_env['CUDA_VISIBLE_DEVICES']}" if "CUDA_VISIBLE_DEVICES" in gpu_env else ""
         on_event(Event("admitted", f"started pid {pid} (profile {settings.profile.name}, lock {settings.lock}): "
-                                   f"{printable_command(argv)}",
+                                   f"{printable_command(argv)}{gpu_note}",
                        {"pid": pid, "profile": settings.profile.name, "lock": settings.lock, "argv": list(argv),
-                        "max_mem": limits.max_mem, "min_available": limits.min_available}))
+                        "max_mem": limits.max_mem, "min_available": limits.min_available, **gpu_env}))
         if held.metadata_error:
             on_event(Event("warning", held.metadata_error))
         outcome = supervisor.watch()
@@ -122,7 +186,7 @@ def printable_command(argv: Sequence[str], limit: int = 200) -> str:
 def _exit_message(outcome: Outcome) -> str:
     import signal
 
-    if outcome.reason in ("memory", "thermal"):
+    if outcome.reason in ("memory", "thermal", "gpu"):
         how = f"killed by {signal.Signals(outcome.signal).name}" if outcome.signal else f"exited {outcome.status}"
         return f"job stopped for {outcome.reason} ({how}); exit {outcome.exit_code}"
     if outcome.signal is not None:
@@ -140,5 +204,9 @@ def summary_line(outcome: Outcome) -> str:
         parts.append(f"lowest MemAvailable {format_bytes(s['lowest_available'])}")
     parts.append(f"highest temperature {s['highest_temp']:g} C" if s["highest_temp"] is not None
                  else "highest temperature unknown")
+    if s.get("peak_job_gpu_memory") is not None:
+        parts.append(f"peak job GPU memory {format_bytes(s['peak_job_gpu_memory'])}")
+    if s.get("highest_gpu_temp") is not None:
+        parts.append(f"highest GPU temperature {s['highest_gpu_temp']:g} C")
     parts.append(f"exit reason {outcome.reason}")
     return ", ".join(parts)

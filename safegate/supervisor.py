@@ -20,11 +20,14 @@ from typing import Any
 
 from safegate.errors import SafegateError
 from safegate.exitcodes import ExitCode
+from safegate.policy import gpu_temp_limit
+from safegate.probes.gpu import GpuInfo, host_pid_map, read_gpus
 from safegate.probes.jobtree import JobTree, read_available
 from safegate.probes.thermal import read_thermal
 from safegate.procctl import become_subreaper, child_setup
 from safegate.units import format_bytes, format_duration
 from safegate.watch import (
+    GpuLimits,
     Level,
     WatchLimits,
     floor_level,
@@ -36,6 +39,7 @@ from safegate.watch import (
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 THERMAL_EVERY = 1.0  # temperatures change slowly; reading sensors costs more than reading meminfo
+GPU_EVERY = 0.1  # NVML calls cost more than /proc reads; a tenth of a second still catches a spike
 FILL_RATE_DECAY = 0.5
 
 
@@ -61,6 +65,8 @@ class Stats:
     peak_job_mem: int = 0
     lowest_available: int | None = None
     highest_temp: float | None = None
+    peak_job_gpu_mem: int | None = None
+    highest_gpu_temp: float | None = None
 
     def as_dict(self, now: float) -> dict[str, Any]:
         return {
@@ -68,6 +74,8 @@ class Stats:
             "peak_job_memory": self.peak_job_mem,
             "lowest_available": self.lowest_available,
             "highest_temp": self.highest_temp,
+            "peak_job_gpu_memory": self.peak_job_gpu_mem,
+            "highest_gpu_temp": self.highest_gpu_temp,
         }
 
 
@@ -90,6 +98,7 @@ class Supervisor:
         pass_fds: Sequence[int] = (),
         nice: int | None = None,
         on_sample: Callable[[int], None] | None = None,
+        on_gpu_sample: Callable[[int], None] | None = None,
         env: Mapping[str, str] | None = None,
     ) -> None:
         self.argv = list(argv)
@@ -98,6 +107,7 @@ class Supervisor:
         self.pass_fds = tuple(pass_fds)
         self.nice = nice
         self.on_sample = on_sample  # told the job's memory after each sample (for the reservation)
+        self.on_gpu_sample = on_gpu_sample
         self.env = dict(env) if env is not None else None
         self.tree = JobTree()
         self.stats = Stats()
@@ -117,6 +127,10 @@ class Supervisor:
         self._next_thermal = 0.0
         self._last_mem: tuple[float, int, int] | None = None  # (time, job_mem, available)
         self._fill_rate = 0.0
+        self._next_gpu = 0.0
+        self._gpu_baseline: dict[int, int] | None = None  # card used memory when the job started
+        self._warned_gpu = False
+        self._hot_gpus: list[GpuInfo] = []
 
     # --- setup and teardown ------------------------------------------------------------------------
 
@@ -242,6 +256,9 @@ class Supervisor:
         self._record(now, job_mem, available)
         if self.on_sample is not None:
             self.on_sample(job_mem)
+        if limits.gpu is not None and now >= self._next_gpu:
+            self._next_gpu = now + GPU_EVERY
+            self._check_gpus(limits.gpu)
         if now >= self._next_thermal:
             self._next_thermal = now + THERMAL_EVERY
             self._check_thermal()
@@ -313,34 +330,104 @@ class Supervisor:
         else:
             self.emit(Event("warning", message, data))
 
-    def _check_thermal(self) -> None:
-        snapshot = read_thermal(self.limits.thermal)
-        hottest = snapshot.hottest
-        if hottest is None:
-            return
-        temp = hottest.celsius
+    def _check_gpus(self, gpu: GpuLimits) -> None:
+        snapshot = read_gpus(gpu.backend)
+        cards = [g for g in snapshot.gpus if g.index in gpu.indexes]
+        self._hot_gpus = cards
+        temps = [g.temp for g in cards if g.temp is not None]
+        if temps:
+            top = max(temps)
+            self.stats.highest_gpu_temp = top if self.stats.highest_gpu_temp is None else max(
+                self.stats.highest_gpu_temp, top)
+        measured = [g for g in cards if g.used is not None and g.total is not None and g.free is not None]
+        if self._gpu_baseline is None:
+            self._gpu_baseline = {g.index: g.used or 0 for g in measured}
+        job_vram = self._job_vram(measured)
         stats = self.stats
-        stats.highest_temp = temp if stats.highest_temp is None else max(stats.highest_temp, temp)
-        limits = self.limits
-        data = {"sensor": hottest.key, "temp": temp, "max_temp": limits.max_temp, "resume_temp": limits.resume_temp}
+        stats.peak_job_gpu_mem = job_vram if stats.peak_job_gpu_mem is None else max(stats.peak_job_gpu_mem, job_vram)
+        if self.on_gpu_sample is not None:
+            self.on_gpu_sample(job_vram)
         if self._kill_deadline is not None:
             return
-        if temp >= limits.max_temp:
+        failed = [g for g in cards if g.error is not None]
+        if failed:
+            g = failed[0]
+            self._breach(ExitCode.KILLED_GPU_MEMORY, "gpu", f"GPU {g.index} failed: {g.error}", {"gpu": g.index})
+            return
+        if gpu.job_level(job_vram) is Level.BREACH:
+            assert gpu.max_job is not None
+            self._breach(ExitCode.KILLED_GPU_MEMORY, "gpu", f"job GPU memory {format_bytes(job_vram)} >= "
+                         f"--max-gpu-mem {format_bytes(gpu.max_job)}", {"job_gpu_memory": job_vram,
+                                                                       "max_gpu_mem": gpu.max_job})
+            return
+        levels = [(g, gpu.card_level(g.free or 0, g.total or 0)) for g in measured]
+        breached = [g for g, level in levels if level is Level.BREACH]
+        if breached:
+            g = breached[0]
+            assert gpu.min_free is not None and g.total is not None
+            self._breach(ExitCode.KILLED_GPU_MEMORY, "gpu", f"GPU {g.index} free memory {format_bytes(g.free or 0)} "
+                         f"<= {format_bytes(gpu.min_free.resolve(g.total))}",
+                         {"gpu": g.index, "free": g.free, "min_gpu_free": gpu.min_free.resolve(g.total)})
+            return
+        job_warn = gpu.job_level(job_vram) is Level.WARN
+        card_warn = [g for g, level in levels if level is Level.WARN]
+        if (job_warn or card_warn) and not self._warned_gpu:
+            self._warned_gpu = True
+            if job_warn:
+                assert gpu.max_job is not None
+                message = (f"job GPU memory {format_bytes(job_vram)} is {job_vram / gpu.max_job:.0%} of "
+                           f"--max-gpu-mem {format_bytes(gpu.max_job)}")
+            else:
+                g = card_warn[0]
+                message = f"GPU {g.index}: {format_bytes(g.free or 0)} free of {format_bytes(g.total or 0)}"
+            self._warn(message, {"job_gpu_memory": job_vram})
+        elif not (job_warn or card_warn):
+            self._warned_gpu = False
+
+    def _job_vram(self, cards: list[GpuInfo]) -> int:
+        """The job's VRAM: per-process usage where NVML gives it, else the cards' growth since the job began."""
+        pids = self.tree.pids | {self.leader}
+        mapping = host_pid_map()
+        procs = [p for g in cards for p in g.processes if mapping.get(p.pid, p.pid) in pids]
+        if procs and all(p.used is not None for p in procs):
+            return sum(p.used or 0 for p in procs)
+        baseline = self._gpu_baseline or {}
+        return sum(max(0, (g.used or 0) - baseline.get(g.index, 0)) for g in cards)
+
+    def _check_thermal(self) -> None:
+        snapshot = read_thermal(self.limits.thermal)
+        limits = self.limits
+        readings = [(r.key, r.celsius, limits.max_temp, limits.resume_temp) for r in snapshot.readings]
+        readings += [(f"GPU {g.index}", g.temp, gpu_temp_limit(g, limits.max_temp, resuming=False),
+                      gpu_temp_limit(g, limits.resume_temp, resuming=True))
+                     for g in self._hot_gpus if g.temp is not None]
+        if not readings:
+            return
+        stats = self.stats
+        top = max(r[1] for r in readings if r[1] is not None)
+        stats.highest_temp = top if stats.highest_temp is None else max(stats.highest_temp, top)
+        over = [r for r in readings if r[1] is not None and r[1] >= r[2]]
+        key, temp, hot_at, cool_at = over[0] if over else max(readings, key=lambda r: (r[1] or 0) - r[3])
+        assert temp is not None
+        cool = all(r[1] is not None and r[1] < r[3] for r in readings)
+        data = {"sensor": key, "temp": temp, "max_temp": hot_at, "resume_temp": cool_at}
+        if self._kill_deadline is not None:
+            return
+        if over:
             if limits.on_hot == "kill":
-                self._breach(ExitCode.KILLED_HOT, "thermal",
-                             f"{hottest.key} at {temp:g} C >= max_temp {limits.max_temp:g} C", data)
+                self._breach(ExitCode.KILLED_HOT, "thermal", f"{key} at {temp:g} C >= max_temp {hot_at:g} C", data)
             elif limits.on_hot == "pause" and not self._paused:
                 self._paused = True
-                self.emit(Event("paused", f"{hottest.key} at {temp:g} C >= max_temp {limits.max_temp:g} C; "
-                                          f"pausing the job until below {limits.resume_temp:g} C", data))
+                self.emit(Event("paused", f"{key} at {temp:g} C >= max_temp {hot_at:g} C; "
+                                          f"pausing the job until below {cool_at:g} C", data))
                 self._signal_all(signal.SIGSTOP)
             elif limits.on_hot == "warn" and not self._hot_warned:
                 self._hot_warned = True
-                self.emit(Event("warning", f"{hottest.key} at {temp:g} C >= max_temp {limits.max_temp:g} C", data))
-        elif temp < limits.resume_temp:
+                self.emit(Event("warning", f"{key} at {temp:g} C >= max_temp {hot_at:g} C", data))
+        elif cool:
             if self._paused:
                 self._paused = False
-                self.emit(Event("resumed", f"{hottest.key} at {temp:g} C < resume_temp {limits.resume_temp:g} C; "
+                self.emit(Event("resumed", f"{key} at {temp:g} C < resume_temp {cool_at:g} C; "
                                            f"resuming the job", data))
                 self._signal_all(signal.SIGCONT)
             self._hot_warned = False

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from safegate.config import ThermalConfig
+from safegate.units import Size
 
 CEILING = 1.0  # far from every limit: one sample a second
 # The fastest a job is assumed to fill memory when it has not been seen growing yet. A 2-core VM here
@@ -26,6 +27,8 @@ class WatchLimits:
     floor: float  # the shortest sampling interval
     warn_signal: int | None
     thermal: ThermalConfig
+    gpu: GpuLimits | None = None  # None: the job's GPUs are not watched
+
 
     @property
     def hard_floor(self) -> int | None:
@@ -37,6 +40,29 @@ class Level(str, Enum):
     OK = "ok"
     WARN = "warn"
     BREACH = "breach"
+
+
+@dataclass(frozen=True)
+class GpuLimits:
+    backend: str
+    indexes: tuple[int, ...]  # the GPUs the job was given
+    max_job: int | None  # the job's own VRAM (bytes) that is a breach
+    min_free: Size | None  # a card's free VRAM at or below which is a breach (percent: of the card)
+    warn_free: Size | None  # ... at or below which is a warning
+
+    def card_level(self, free: int, total: int) -> Level:
+        if self.min_free is not None and free <= self.min_free.resolve(total):
+            return Level.BREACH
+        if self.warn_free is not None and free <= self.warn_free.resolve(total):
+            return Level.WARN
+        return Level.OK
+
+    def job_level(self, used: int) -> Level:
+        if self.max_job is None:
+            return Level.OK
+        if used >= self.max_job:
+            return Level.BREACH
+        return Level.WARN if used >= WARN_FRACTION * self.max_job else Level.OK
 
 
 def job_level(job_mem: int, limits: WatchLimits) -> Level:

@@ -31,7 +31,7 @@ def test_exit_0_when_everything_passes(run: Run, config: Path) -> None:
     result = check(run, config, *PASSING)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.startswith("safe to start (profile default)")
-    for name in ("stale_locks", "memory", "memory_pressure", "thermal", "lock", "competing"):
+    for name in ("stale_locks", "memory", "memory_pressure", "gpu", "thermal", "lock", "competing"):
         assert name in result.stdout
 
 
@@ -130,13 +130,13 @@ def test_json_shape(run: Run, config: Path) -> None:
     assert set(data) == {"verdict", "exit_code", "profile", "checks"}
     assert data["profile"] == "whisper-large-v3" and data["verdict"] in ("pass", "blocked")
     names = [c["name"] for c in data["checks"]]
-    assert names == ["stale_locks", "memory", "memory_pressure", "thermal", "lock", "competing"]
+    assert names == ["stale_locks", "memory", "memory_pressure", "gpu", "thermal", "lock", "competing"]
     for c in data["checks"]:
         assert set(c) == {"name", "status", "reason", "values", "thresholds", "exit_code_if_failing"}
-        assert c["status"] in ("pass", "fail", "warn", "unknown")
+        assert c["status"] in ("pass", "fail", "warn", "unknown", "none")
     memory = data["checks"][1]
     assert memory["values"]["need"] == 2 * 1024**3 and memory["thresholds"]["margin"] == 0
-    thermal = data["checks"][3]
+    thermal = data["checks"][4]
     assert thermal["values"]["hottest"] == 40.0 and thermal["thresholds"]["max_temp"] == 80
 
 

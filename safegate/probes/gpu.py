@@ -1,0 +1,279 @@
+"""NVIDIA GPUs through NVML (nvidia-ml-py's pynvml), behind one thin layer with an explicit error policy.
+
+- NVML is imported and initialised once per process, lazily, and only when the backend asks for it.
+- backend "none" never touches it; "auto" uses it when libnvidia-ml.so.1 can be loaded (LD_LIBRARY_PATH
+  included) and otherwise reports no GPUs, silently; "nvml" always uses it and says why it cannot.
+- A device that errors (GPU is lost, unknown error) is reported as failed: the policy blocks on it.
+- A function the driver lacks is noted once per process and its older sibling used instead
+  (nvmlDeviceGetMemoryInfo_v2 -> v1, nvmlDeviceGetTemperatureV -> nvmlDeviceGetTemperature).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from safegate.units import BACKENDS
+
+LIBRARY = "libnvidia-ml.so.1"
+
+
+@dataclass(frozen=True)
+class GpuProcess:
+    pid: int
+    used: int | None  # bytes; None where NVML cannot tell (no per-process accounting)
+    kind: str  # compute, graphics, or both
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    index: int
+    name: str
+    uuid: str
+    total: int | None = None  # None: the card has no memory of its own to report (unified memory)
+    used: int | None = None
+    free: int | None = None
+    temp: float | None = None
+    slowdown: float | None = None  # NVML's slowdown threshold, where reported
+    processes: tuple[GpuProcess, ...] = ()
+    mig_mode: int | None = None
+    error: str | None = None  # the device failed (e.g. "GPU is lost"): it blocks
+
+    @property
+    def unified_memory(self) -> bool:
+        return self.error is None and self.total is None
+
+
+@dataclass(frozen=True)
+class GpuSnapshot:
+    backend: str  # the backend asked for: auto, nvml, none
+    status: str  # none (nothing to check), ok, error (nvml asked for and unusable)
+    gpus: tuple[GpuInfo, ...] = ()
+    driver: str | None = None
+    notes: tuple[str, ...] = ()
+
+
+def resolve_backend(configured: str, env: Mapping[str, str]) -> str:
+    """SAFEGATE_GPU beats [gpu] backend; ValueError for anything else than auto, nvml, none."""
+    value = (env.get("SAFEGATE_GPU") or configured).strip().lower()
+    if value not in BACKENDS:
+        raise ValueError(f"invalid GPU backend {value!r}: expected auto, nvml or none")
+    return value
+
+
+class _Nvml:
+    """The process's one NVML session."""
+
+    def __init__(self) -> None:
+        self.module: Any = None
+        self.failure: str | None = None  # why NVML is unusable, once tried
+        self.library_missing = False
+        self.missing: set[str] = set()  # functions the driver lacks, noted once
+        self.notes: list[str] = []
+        self.driver: str | None = None
+
+    def start(self) -> bool:
+        if self.module is not None:
+            return True
+        if self.failure is not None:
+            return False
+        import ctypes
+
+        try:
+            # Cheap probe first: when the library cannot be loaded, do not even import pynvml.
+            ctypes.CDLL(LIBRARY)
+        except OSError as exc:
+            self.library_missing = True
+            self.failure = f"{LIBRARY} cannot be loaded ({exc})"
+            return False
+        import pynvml
+
+        try:
+            pynvml.nvmlInit()
+        except pynvml.NVMLError as exc:
+            self.failure = f"NVML initialisation failed: {_message(exc)}"
+            return False
+        except pynvml.NVMLLibraryMismatchError as exc:  # not an NVMLError
+            self.failure = f"NVML library mismatch: {exc}"
+            return False
+        self.module = pynvml
+        try:
+            driver = pynvml.nvmlSystemGetDriverVersion()
+            self.driver = driver.decode() if isinstance(driver, bytes) else str(driver)
+        except pynvml.NVMLError:
+            self.driver = None
+        return True
+
+    def note_missing(self, function: str) -> None:
+        if function not in self.missing:
+            self.missing.add(function)
+            self.notes.append(f"NVML has no {function}; using its older form")
+
+
+_session = _Nvml()
+
+
+def _message(exc: BaseException) -> str:
+    text = str(exc)
+    return text.decode() if isinstance(text, bytes) else text
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def read_gpus(backend: str) -> GpuSnapshot:
+    """Every GPU NVML reports, or why there are none."""
+    if backend == "none":
+        return GpuSnapshot(backend, "none", notes=("GPU backend is none",))
+    session = _session
+    if not session.start():
+        assert session.failure is not None
+        if backend == "nvml":
+            return GpuSnapshot(backend, "error", notes=(session.failure,))
+        quiet = () if session.library_missing else (session.failure,)
+        return GpuSnapshot(backend, "none", notes=quiet)
+    nvml = session.module
+    try:
+        count = int(nvml.nvmlDeviceGetCount())
+    except nvml.NVMLError as exc:
+        return GpuSnapshot(backend, "error", driver=session.driver, notes=(f"cannot count GPUs: {_message(exc)}",))
+    gpus = tuple(_read_device(nvml, session, i) for i in range(count))
+    status = "ok" if gpus else "none"
+    return GpuSnapshot(backend, status, gpus, session.driver, tuple(session.notes))
+
+
+def _read_device(nvml: Any, session: _Nvml, index: int) -> GpuInfo:
+    try:
+        handle = nvml.nvmlDeviceGetHandleByIndex(index)
+        name = _text(nvml.nvmlDeviceGetName(handle))
+        uuid = _text(nvml.nvmlDeviceGetUUID(handle))
+    except nvml.NVMLError as exc:
+        return GpuInfo(index, "?", "?", error=_message(exc))
+    info: dict[str, Any] = {}
+    try:
+        info.update(_memory(nvml, session, handle))
+        info["temp"] = _temperature(nvml, session, handle)
+        info["slowdown"] = _optional(nvml, lambda: float(nvml.nvmlDeviceGetTemperatureThreshold(
+            handle, nvml.NVML_TEMPERATURE_THRESHOLD_SLOWDOWN)))
+        info["processes"] = _processes(nvml, session, handle)
+        mig = _optional(nvml, lambda: nvml.nvmlDeviceGetMigMode(handle))
+        info["mig_mode"] = int(mig[0]) if mig is not None else None
+    except nvml.NVMLError as exc:
+        return GpuInfo(index, name, uuid, error=_message(exc))
+    return GpuInfo(index, name, uuid, **info)
+
+
+def _optional(nvml: Any, call: Callable[[], Any]) -> Any:
+    """A value the device may not support: None for NotSupported or a missing function."""
+    try:
+        return call()
+    except (nvml.NVMLError_NotSupported, nvml.NVMLError_FunctionNotFound):
+        return None
+
+
+def _memory(nvml: Any, session: _Nvml, handle: Any) -> dict[str, int | None]:
+    none: dict[str, int | None] = {"total": None, "used": None, "free": None}
+    if "nvmlDeviceGetMemoryInfo_v2" not in session.missing:
+        try:
+            # v2 reports driver-reserved memory apart; v1's `used` includes it on R510+ drivers.
+            mem = nvml.nvmlDeviceGetMemoryInfo(handle, version=nvml.nvmlMemory_v2)
+            return {"total": int(mem.total), "used": int(mem.used), "free": int(mem.free)}
+        except nvml.NVMLError_FunctionNotFound:
+            session.note_missing("nvmlDeviceGetMemoryInfo_v2")
+        except nvml.NVMLError_NotSupported:
+            return none  # unified memory (e.g. Jetson)
+    try:
+        mem = nvml.nvmlDeviceGetMemoryInfo(handle)
+    except nvml.NVMLError_NotSupported:
+        return none
+    return {"total": int(mem.total), "used": int(mem.used), "free": int(mem.free)}
+
+
+def _temperature(nvml: Any, session: _Nvml, handle: Any) -> float | None:
+    if "nvmlDeviceGetTemperatureV" not in session.missing:
+        try:
+            return float(nvml.nvmlDeviceGetTemperatureV(handle, nvml.NVML_TEMPERATURE_GPU))
+        except nvml.NVMLError_FunctionNotFound:
+            session.note_missing("nvmlDeviceGetTemperatureV")
+        except nvml.NVMLError_NotSupported:
+            return None
+    try:
+        return float(nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU))
+    except nvml.NVMLError_NotSupported:
+        return None
+
+
+def _processes(nvml: Any, session: _Nvml, handle: Any) -> tuple[GpuProcess, ...]:
+    merged: dict[int, GpuProcess] = {}
+    for kind, getter in (("compute", nvml.nvmlDeviceGetComputeRunningProcesses),
+                         ("graphics", nvml.nvmlDeviceGetGraphicsRunningProcesses)):
+        try:
+            entries = getter(handle)
+        except nvml.NVMLError_FunctionNotFound:
+            session.note_missing(f"the {kind} process list")
+            continue
+        except nvml.NVMLError_NotSupported:
+            continue
+        for entry in entries:
+            pid = int(entry.pid)
+            used = entry.usedGpuMemory
+            used = int(used) if used is not None else None
+            if pid in merged:
+                # A process in both lists reports the same memory twice: count it once.
+                old = merged[pid]
+                both = max((u for u in (old.used, used) if u is not None), default=None)
+                merged[pid] = GpuProcess(pid, both, "both")
+            else:
+                merged[pid] = GpuProcess(pid, used, kind)
+    return tuple(merged[p] for p in sorted(merged))
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The GPUs a job may use, and the CUDA_VISIBLE_DEVICES value that gives it exactly those."""
+
+    gpus: tuple[GpuInfo, ...]
+    explicit: bool  # the user named them: the job uses all of them
+    cuda_visible: str | None = None  # None: the user's own CUDA_VISIBLE_DEVICES stands
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+def visible_to_cuda(gpus: tuple[GpuInfo, ...], cuda_visible: str | None) -> tuple[GpuInfo, ...]:
+    """The GPUs a preset CUDA_VISIBLE_DEVICES (indexes or UUIDs, as Slurm and users set it) leaves."""
+    if cuda_visible is None:
+        return gpus
+    chosen = []
+    for item in (p.strip() for p in cuda_visible.split(",")):
+        if not item:
+            continue
+        if item.isdigit():
+            chosen += [g for g in gpus if g.index == int(item)]
+        else:
+            chosen += [g for g in gpus if g.uuid and (g.uuid == item or g.uuid.startswith(item))]
+    return tuple(dict.fromkeys(chosen))
+
+
+def host_pid_map(proc_root: str = "/proc") -> dict[int, int]:
+    """NVML reports host pids; inside a PID namespace map them to ours through NSpid, where visible."""
+    mapping: dict[int, int] = {}
+    try:
+        with open(f"{proc_root}/self/status", encoding="ascii", errors="replace") as fh:
+            own = next((line.split()[1:] for line in fh if line.startswith("NSpid:")), [])
+    except OSError:
+        return mapping
+    if len(own) < 2:
+        return mapping  # not in a nested PID namespace (or the kernel does not say): pids agree
+    for name in os.listdir(proc_root):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"{proc_root}/{name}/status", encoding="ascii", errors="replace") as fh:
+                ns = next((line.split()[1:] for line in fh if line.startswith("NSpid:")), [])
+        except OSError:
+            continue
+        if len(ns) >= 2:
+            mapping[int(ns[0])] = int(ns[-1])
+    return mapping
