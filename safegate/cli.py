@@ -12,13 +12,10 @@ import typer
 from safegate import __version__
 from safegate.config import DEFAULT_PROFILE, load_config
 from safegate.errors import SafegateError, UsageError, ValueParseError
-from safegate.eventlog import EventLog
 from safegate.exitcodes import ExitCode, table_plain
 from safegate.gate import Overrides, evaluate, resolve, wait_until_clear
 from safegate.policy import Verdict
 from safegate.render import blocking_summary, check_line, verdict_json, verdict_text
-from safegate.runner import ExecOverrides, run_exec
-from safegate.supervisor import Event
 from safegate.units import (
     Size,
     parse_duration,
@@ -267,6 +264,11 @@ def exec_(
 
     The exit status is the job's own, 128+N if it died of signal N, or safegate's codes below.
     """
+    # exec's machinery (ctypes, the supervisor) is imported here so `check` does not pay for it.
+    from safegate.eventlog import EventLog
+    from safegate.runner import ExecOverrides, run_exec
+    from safegate.supervisor import Event
+
     if not command:
         raise UsageError("exec: no command given; usage: safegate exec [OPTIONS] -- CMD [ARGS]...")
     overrides = _overrides(mem, margin, max_temp, lock, gpu, gpu_mem)
