@@ -81,7 +81,7 @@ class Profile:
     description: str = ""
     match: tuple[str, ...] = ()
     memory: Size = field(default_factory=lambda: Size(bytes=0))
-    lock: str = DEFAULT_LOCK
+    lock: str | None = DEFAULT_LOCK  # None: no mutex
     memory_margin: Size = field(default_factory=lambda: parse_size(DEFAULT_MARGIN))
     max_temp: float = DEFAULT_MAX_TEMP
     resume_temp: float | None = None
@@ -264,8 +264,10 @@ def _profile_fields(where: _Where, table: str, data: Mapping[str, Any]) -> dict[
             out[key] = tuple(_regex(where, full, v) for v in _string_list(where, full, value))
         elif key in ("memory", "memory_margin"):
             out[key] = _size(where, full, value)
+        elif key == "lock" and value is False:
+            out[key] = None  # no mutex: jobs of this profile run side by side, as memory allows
         elif key == "lock":
-            _expect(where, full, value, str, "a lock name")
+            _expect(where, full, value, str, "a lock name, or false for none")
             try:
                 out[key] = validate_lock_name(value)
             except ValueParseError as exc:

@@ -61,7 +61,7 @@ class Settings:
     max_temp: float
     resume_temp: float
     max_pressure: float
-    lock: str
+    lock: str | None  # None: the profile has no mutex
     rules: tuple[CompetingRule, ...]
     thermal: ThermalConfig
     legacy_lock_files: tuple[Path, ...]
@@ -125,7 +125,7 @@ def evaluate(settings: Settings, *, resuming: bool = False, started: Iterable[in
     thermal = read_thermal(settings.thermal)
     gpus = read_gpus(settings.gpu_backend)
     selection = select_gpus(gpus, settings.gpu, os.environ.get("CUDA_VISIBLE_DEVICES"))
-    lock_state = store.state(settings.lock)
+    lock_state = store.state(settings.lock) if settings.lock is not None else None
     procs = read_processes(started)
 
     need = settings.need.resolve(mem.total)
@@ -214,8 +214,11 @@ def admit(
             total = _total_ram()
             gpu = verdict.result("gpu")
             chosen = gpu.values.get("chosen") if gpu is not None else None
+            # A profile without a mutex still gets a lock of its own job: its holder metadata carries the
+            # reservation that later admissions count.
+            name = settings.lock if settings.lock is not None else f"job-{os.getpid()}"
             held = store.try_acquire(
-                settings.lock, settings.profile.name, list(argv), need=settings.need.resolve(total),
+                name, settings.profile.name, list(argv), need=settings.need.resolve(total),
                 gpu_index=chosen, gpu_need=settings.gpu_need.resolve(total) if chosen is not None else 0,
             )
             if held is None:  # taken by something outside safegate (flock(1)) since the check

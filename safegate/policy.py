@@ -255,8 +255,14 @@ def _describe_holder(state: LockState, now: float) -> str:
     return f"lock {state.name!r} is held by {who}, profile {holder.profile}, for {since}"
 
 
-def check_lock(state: LockState, legacy: Sequence[LegacyState], now: float | None = None) -> CheckResult:
+def check_lock(state: LockState | None, legacy: Sequence[LegacyState], now: float | None = None) -> CheckResult:
     now = time.time() if now is None else now
+    if state is None:
+        live = [s for s in legacy if s.alive]
+        if live:
+            return CheckResult("lock", Status.FAIL, f"legacy lock file {live[0].path} names live pid {live[0].pid}",
+                               ExitCode.LOCKED, {"lock": None})
+        return CheckResult("lock", Status.PASS, "the profile has no lock", ExitCode.LOCKED, {"lock": None})
     values: dict[str, Any] = {
         "lock": state.name,
         "path": str(state.path),

@@ -1,0 +1,213 @@
+"""The Python API: the same gate for programs that run heavy work in-process.
+
+    import safegate
+
+    verdict = safegate.check("whisper-large-v3", mem="6G")
+    if verdict.ok: ...
+
+    with safegate.hold("whisper-large", profile="whisper-large-v3", wait=True, timeout=600):
+        model = load_model()          # the lock (and admission) is held for the block
+
+    n = safegate.slots("whisper-large-v3")      # how many such jobs fit now
+
+    gate = safegate.Gate(mem="1.5G")            # asyncio: admit coroutines one by one as memory allows
+    async with gate:
+        await transcribe(chunk)
+
+Failures are typed: Blocked (with the verdict) when a check blocks, UsageError for a bad value,
+ConfigError for a bad config; all are SafegateError.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from safegate.config import DEFAULT_PROFILE, load_config
+from safegate.errors import SafegateError, UsageError, ValueParseError
+from safegate.exitcodes import ExitCode
+from safegate.gate import Overrides, Settings, admit, evaluate, resolve, wait_until_clear
+from safegate.lockstore import HeldLock, LockStore
+from safegate.policy import Status, Verdict
+from safegate.probes.memory import read_memory
+from safegate.units import Size, parse_gpu_option, parse_size, parse_temp, validate_lock_name
+
+SizeLike = str | int
+
+
+class Blocked(SafegateError):
+    """A check blocks; .verdict holds every check's result and .exit_code the code the CLI would return."""
+
+    def __init__(self, verdict: Verdict) -> None:
+        reasons = "; ".join(f"{c.name}: {c.reason}" for c in verdict.failures)
+        super().__init__(f"blocked: {reasons}")
+        self.verdict = verdict
+        self.exit_code = verdict.exit_code
+
+
+def _size(name: str, value: SizeLike | None) -> Size | None:
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise UsageError(f"{name}: must not be negative, got {value}")
+        return Size(bytes=value)
+    try:
+        return parse_size(str(value))
+    except ValueParseError as exc:
+        raise UsageError(f"{name}: {exc}") from None
+
+
+def _settings(
+    profile: str, config: str | None, mem: SizeLike | None, margin: SizeLike | None, max_temp: float | str | None,
+    lock: str | None, gpu: str | None, gpu_mem: SizeLike | None,
+) -> Settings:
+    try:
+        overrides = Overrides(
+            mem=_size("mem", mem),
+            margin=_size("margin", margin),
+            max_temp=parse_temp(max_temp) if max_temp is not None else None,
+            lock=validate_lock_name(lock) if lock is not None else None,
+            gpu=parse_gpu_option(gpu) if gpu is not None else None,
+            gpu_mem=_size("gpu_mem", gpu_mem),
+            explicit_gpu=gpu is not None,
+        )
+    except (ValueParseError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    return resolve(load_config(config), profile, overrides)
+
+
+def check(
+    profile: str = DEFAULT_PROFILE, *, mem: SizeLike | None = None, margin: SizeLike | None = None,
+    max_temp: float | str | None = None, lock: str | None = None, gpu: str | None = None,
+    gpu_mem: SizeLike | None = None, config: str | None = None, wait: bool = False, timeout: float | None = None,
+) -> Verdict:
+    """Run the checks once (or, with wait, until they pass or timeout seconds run out); never raises Blocked."""
+    settings = _settings(profile, config, mem, margin, max_temp, lock, gpu, gpu_mem)
+    return wait_until_clear(settings, timeout) if wait else evaluate(settings)
+
+
+@contextmanager
+def hold(
+    lock: str | None = None, *, profile: str = DEFAULT_PROFILE, wait: bool = True, timeout: float | None = None,
+    mem: SizeLike | None = None, margin: SizeLike | None = None, max_temp: float | str | None = None,
+    gpu: str | None = None, gpu_mem: SizeLike | None = None, config: str | None = None,
+) -> Iterator[HeldLock]:
+    """Pass admission and hold the lock (default: the profile's) for the with-block; Blocked if it cannot."""
+    settings = _settings(profile, config, mem, margin, max_temp, lock, gpu, gpu_mem)
+    verdict, held = admit(settings, sys.argv, wait=wait, timeout=timeout)
+    if held is None:
+        raise Blocked(verdict)
+    with held:
+        yield held
+
+
+def slots(
+    profile: str = DEFAULT_PROFILE, *, max: int | None = None, mem: SizeLike | None = None,
+    margin: SizeLike | None = None, max_temp: float | str | None = None, lock: str | None = None,
+    gpu: str | None = None, gpu_mem: SizeLike | None = None, config: str | None = None,
+) -> int:
+    """How many jobs of the profile's size can start now (see count_slots)."""
+    settings = _settings(profile, config, mem, margin, max_temp, lock, gpu, gpu_mem)
+    return count_slots(settings, evaluate(settings), max)
+
+
+def count_slots(settings: Settings, verdict: Verdict, cap: int | None) -> int:
+    """floor((available - reserved - margin) / need), and per GPU likewise, capped by *cap* and by the lock.
+
+    Any other blocking check (heat, a competing process, a held lock) means 0. A job of unknown size
+    (need 0) counts as one slot unless *cap* says more. A profile with a lock is a mutex: 0 or 1.
+    """
+    blocking = [c for c in verdict.failures if c.name not in ("memory",)]
+    if blocking:
+        return 0
+    memory = verdict.result("memory")
+    assert memory is not None
+    available = int(memory.values["available"]) - int(memory.values["reserved"])
+    margin = int(memory.thresholds["margin"])
+    need = int(memory.values["need"])
+    count = math.inf if need <= 0 else max(0, (available - margin) // need)
+    gpu = verdict.result("gpu")
+    if gpu is not None and gpu.status is Status.PASS and int(gpu.values["need"]) > 0:
+        gpu_need = int(gpu.values["need"])
+        reserved = {int(k): v for k, v in gpu.values["reserved"].items()}
+        per_card = [
+            max(0, (g["free"] - reserved.get(g["index"], 0) - settings.gpu_margin.resolve(g["total"])) // gpu_need)
+            for g in gpu.values["gpus"] if g["index"] in gpu.values["candidates"] and g["free"] is not None
+        ]
+        if per_card:
+            count = min(count, sum(per_card))
+    if settings.lock is not None:
+        count = min(count, 1)
+    if cap is not None:
+        count = min(count, cap)
+    return 1 if count == math.inf else int(count)
+
+
+@dataclass
+class Gate:
+    """Admit coroutines one by one, each only when memory allows, instead of a fixed concurrency limit.
+
+    A coroutine admitted in the last *settle* seconds has not shown its memory yet (it is still loading),
+    so each one counts as *mem* reserved until it has run that long or has left. Waiting re-checks with a
+    backoff; it never sleeps a fixed time once and hopes.
+    """
+
+    mem: SizeLike
+    profile: str = DEFAULT_PROFILE
+    margin: SizeLike | None = None
+    max_concurrent: int | None = None
+    settle: float = 5.0
+    poll: float = 0.2
+    timeout: float | None = None
+    config: str | None = None
+    _entered: dict[asyncio.Task[object] | None, float] = field(default_factory=dict, init=False, repr=False)
+    _lock: asyncio.Lock | None = field(default=None, init=False, repr=False)
+
+    def _need(self) -> int:
+        size = _size("mem", self.mem)
+        assert size is not None
+        return size.resolve(read_memory().total)
+
+    def _admissible(self) -> Verdict:
+        now = time.monotonic()
+        loading = sum(1 for t in self._entered.values() if now - t < self.settle)
+        need = self._need()
+        return check(self.profile, mem=need * (1 + loading), margin=self.margin, config=self.config,
+                     lock=None)
+
+    async def __aenter__(self) -> Gate:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        delay = self.poll
+        async with self._lock:  # one admission at a time, so each sees the one before it
+            while True:
+                full = self.max_concurrent is not None and len(self._entered) >= self.max_concurrent
+                if not full:
+                    verdict = await asyncio.get_running_loop().run_in_executor(None, self._admissible)
+                    if _passes_ignoring_lock(verdict):
+                        self._entered[asyncio.current_task()] = time.monotonic()
+                        return self
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise Blocked(verdict)
+                elif deadline is not None and time.monotonic() >= deadline:
+                    raise SafegateError(f"Gate: {self.max_concurrent} coroutines still running after timeout")
+                await asyncio.sleep(delay)
+                delay = min(delay * 1.5, 2.0)
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._entered.pop(asyncio.current_task(), None)
+
+
+def _passes_ignoring_lock(verdict: Verdict) -> bool:
+    # In-process coroutines share one process; the profile's mutex is for separate jobs, not for them.
+    return all(c.name == "lock" for c in verdict.failures)
+
+
+__all__ = ["Blocked", "ExitCode", "Gate", "LockStore", "check", "hold", "slots"]
