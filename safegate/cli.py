@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from typing import Annotated, TypeVar
 
@@ -15,7 +17,15 @@ from safegate.errors import SafegateError, UsageError, ValueParseError
 from safegate.exitcodes import ExitCode, table_plain
 from safegate.gate import Overrides, evaluate, resolve, wait_until_clear
 from safegate.policy import Verdict
-from safegate.render import blocking_summary, check_line, verdict_json, verdict_text
+from safegate.render import (
+    blocking_summary,
+    check_line,
+    render_lock,
+    status_json,
+    status_text,
+    verdict_json,
+    verdict_text,
+)
 from safegate.units import (
     Size,
     parse_duration,
@@ -316,6 +326,114 @@ def exec_(
 def _typed(option: str, parse: object, value: str | None, kind: type[T]) -> T | None:
     parsed = _parsed(option, parse, value)
     return parsed if isinstance(parsed, kind) else None
+
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+
+
+@app.command(epilog="Example: ls *.mp3 | xargs -P \"$(safegate slots -p whisper-large-v3)\" -n 1 whisper")
+def slots(
+    profile: ProfileOpt = None,
+    mem: MemOpt = None,
+    margin: MarginOpt = None,
+    max_temp: MaxTempOpt = None,
+    lock: LockOpt = None,
+    gpu: GpuOpt = None,
+    gpu_mem: GpuMemOpt = None,
+    max_slots: Annotated[int | None, typer.Option("--max", min=0, metavar="N", help="Never print more than N.")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Print how many jobs of this size can start now: floor((available - reserved - margin) / need).
+
+    0 when any other check blocks; at most 1 for a profile with a lock (a mutex).
+    """
+    from safegate.api import count_slots
+
+    settings = resolve(load_config(config), profile or DEFAULT_PROFILE,
+                       _overrides(mem, margin, max_temp, lock, gpu, gpu_mem))
+    typer.echo(count_slots(settings, evaluate(settings), max_slots))
+
+
+@app.command(epilog="Example: safegate locks --json")
+def locks(json_output: JsonOpt = False, config: ConfigOpt = None) -> None:
+    """List the locks in the lock dir, with their holders."""
+    from safegate.inventory import list_locks
+    from safegate.lockstore import LockStore, resolve_lock_dir
+
+    cfg = load_config(config)
+    store = LockStore(resolve_lock_dir(cfg.lock_dir, os.environ))
+    found = list_locks(store) if store.directory.is_dir() else []
+    if json_output:
+        typer.echo(json.dumps([lock.as_json() for lock in found], indent=2))
+        return
+    if not found:
+        typer.echo(f"no locks in {store.directory}")
+    for lock in found:
+        typer.echo(render_lock(lock))
+
+
+@app.command(epilog="Example: safegate unlock whisper-large")
+def unlock(
+    name: Annotated[str, typer.Argument(metavar="NAME", help="The lock to clean up.")],
+    config: ConfigOpt = None,
+) -> None:
+    """Remove a free lock's stale leftovers; refuses, naming the holder, while a live process holds it."""
+    from safegate.inventory import unlock as unlock_lock
+    from safegate.lockstore import LockStore, resolve_lock_dir
+
+    checked = _parsed("NAME", validate_lock_name, name)
+    assert isinstance(checked, str)
+    cfg = load_config(config)
+    removed = unlock_lock(LockStore(resolve_lock_dir(cfg.lock_dir, os.environ)), checked)
+    for what in removed:
+        typer.echo(f"removed {what}")
+    if not removed:
+        typer.echo(f"lock {checked!r} is free; nothing to remove")
+
+
+@app.command(epilog="Example: safegate profiles --json")
+def profiles(json_output: JsonOpt = False, config: ConfigOpt = None) -> None:
+    """List built-in and configured profiles with where each comes from."""
+    from safegate.inventory import profile_json
+
+    cfg = load_config(config)
+    data = [profile_json(p) for p in cfg.profiles.values()]
+    if json_output:
+        typer.echo(json.dumps(data, indent=2))
+        return
+    for p in data:
+        lock = p["lock"] or "(none)"
+        typer.echo(f"{p['name']:<20} memory {p['memory']:<10} lock {lock:<16} {p['source']}")
+
+
+@app.command(epilog="Example: safegate status --watch")
+def status(
+    json_output: JsonOpt = False,
+    watch: Annotated[bool, typer.Option("--watch", help="Refresh every 2 s until Ctrl-C.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """One screen: RAM, pressure, swap, temperatures, GPUs, locks and their holders, the largest processes."""
+    from safegate.inventory import collect_status
+    from safegate.lockstore import resolve_lock_dir
+    from safegate.probes.gpu import resolve_backend
+
+    cfg = load_config(config)
+    try:
+        backend = resolve_backend(cfg.gpu_backend, os.environ)
+    except ValueError as exc:
+        raise UsageError(f"SAFEGATE_GPU: {exc}") from None
+    lock_dir = resolve_lock_dir(cfg.lock_dir, os.environ)
+    interactive = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    while True:
+        report = collect_status(cfg, lock_dir, backend)
+        text = status_json(report) if json_output else status_text(report)
+        if watch and interactive:
+            typer.echo("\x1b[H\x1b[2J" + text)  # home + clear: redraw in place
+        else:
+            typer.echo(text)
+        if not watch:
+            return
+        time.sleep(2.0)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from safegate.policy import CheckResult, Status, Verdict
+from safegate.policy import CheckResult, Status, Verdict, gpu_json
+from safegate.units import format_bytes, format_duration
+
+if TYPE_CHECKING:
+    from safegate.inventory import LockInfo, StatusReport
 
 
 def verdict_json(verdict: Verdict) -> str:
@@ -44,3 +48,58 @@ def verdict_text(verdict: Verdict) -> str:
 def blocking_summary(verdict: Verdict) -> str:
     """One line naming what blocks, for -q and for progress while waiting."""
     return "; ".join(f"{c.name}: {c.reason}" for c in verdict.checks if c.status is Status.FAIL)
+
+
+def render_lock(lock: LockInfo, now: float | None = None) -> str:
+    import time
+
+    now = time.time() if now is None else now
+    h = lock.holder
+    state = "HELD" if lock.held else "free"
+    if h is None:
+        who = "(held by a process without metadata, e.g. flock(1))" if lock.held else ""
+    else:
+        pid = h.job_pid or h.pid
+        alive = "" if lock.alive else " (gone)"
+        who = (f"pid {pid}{alive} {h.user}@{h.host} profile {h.profile} for "
+               f"{format_duration(max(0.0, now - h.started_at))}: {' '.join(h.cmdline)[:80]}")
+    return f"{lock.name:<20} {state:<5} {who}".rstrip() + (f"  [{lock.note}]" if lock.note else "")
+
+
+def status_text(r: StatusReport) -> str:
+    m = r.memory
+    pressure = f"{m.pressure_some_avg10:g}%" if m.pressure_some_avg10 is not None else "unknown"
+    lines = [
+        f"RAM      {format_bytes(m.available)} available of {format_bytes(m.total)}; pressure some avg10 {pressure}",
+        f"swap     {format_bytes(r.swap_used)} used of {format_bytes(r.swap_total)}",
+    ]
+    temps = ", ".join(f"{x.key} {x.celsius:g} C" for x in r.thermal.readings) or "no readable sensor"
+    lines.append(f"temps    {temps}")
+    if r.gpus.gpus:
+        for g in r.gpus.gpus:
+            mem = f"{format_bytes(g.used or 0)} used of {format_bytes(g.total)}" if g.total else "unified memory"
+            temp = f", {g.temp:g} C" if g.temp is not None else ""
+            lines.append(f"GPU {g.index}    {g.name}: {g.error or mem}{temp}, {len(g.processes)} process(es)")
+    else:
+        lines.append(f"GPUs     none ({r.gpus.backend})")
+    lines.append(f"locks    in {r.lock_dir}:" if r.locks else f"locks    none in {r.lock_dir}")
+    lines += ["  " + render_lock(lock, r.time) for lock in r.locks]
+    lines.append("largest processes:")
+    lines += [f"  {p.pid:>7} {format_bytes(p.rss):>10}  {p.cmdline[:90]}" for p in r.top]
+    return "\n".join(lines)
+
+
+def status_json(r: StatusReport) -> str:
+    m = r.memory
+    data = {
+        "time": r.time,
+        "memory": {"total": m.total, "available": m.available, "pressure_some_avg10": m.pressure_some_avg10},
+        "swap": {"total": r.swap_total, "used": r.swap_used},
+        "temperatures": {x.key: x.celsius for x in r.thermal.readings},
+        "temperature_notes": list(r.thermal.notes),
+        "gpus": {"backend": r.gpus.backend, "status": r.gpus.status, "devices": [gpu_json(g) for g in r.gpus.gpus]},
+        "lock_dir": str(r.lock_dir),
+        "locks": [lock.as_json() for lock in r.locks],
+        "top_processes": [{"pid": p.pid, "rss": p.rss, "cmdline": p.cmdline} for p in r.top],
+    }
+    return json.dumps(data, indent=2)

@@ -162,9 +162,10 @@ def run_exec(
             start_time = None
         held.update_holder(job_pid=pid, job_start_time=start_time)
         gpu_note = f" on GPU {gpu_env['CUDA_VISIBLE_DEVICES']}" if "CUDA_VISIBLE_DEVICES" in gpu_env else ""
-        on_event(Event("admitted", f"started pid {pid} (profile {settings.profile.name}, lock {settings.lock}): "
+        lock = settings.lock or held.name
+        on_event(Event("admitted", f"started pid {pid} (profile {settings.profile.name}, lock {lock}): "
                                    f"{printable_command(argv)}{gpu_note}",
-                       {"pid": pid, "profile": settings.profile.name, "lock": settings.lock, "argv": list(argv),
+                       {"pid": pid, "profile": settings.profile.name, "lock": lock, "argv": list(argv),
                         "max_mem": limits.max_mem, "min_available": limits.min_available, **gpu_env}))
         if held.metadata_error:
             on_event(Event("warning", held.metadata_error))

@@ -202,6 +202,7 @@ def test_safegate_killed_lock_lives_with_the_job(run: Run, config: Path, lock_di
     wait_until(lambda: got.exists() and "ready" in got.read_text(), what="the job's handlers")
     job = job_pid(lock_dir)
     assert job is not None
+    procs.orphans.append(job)  # in its own process group: cleanup must name it
     os.kill(gate.pid, signal.SIGKILL)
     gate.wait(timeout=10)
     # The job got SIGTERM from the kernel (parent-death signal) and lingers 1.5 s: the lock stays held.

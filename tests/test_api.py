@@ -1,0 +1,111 @@
+"""The Python API, used in-process as programs use it."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import Procs, hold_with_flock
+
+import safegate
+from safegate.api import Blocked
+from safegate.errors import ConfigError, UsageError
+from safegate.exitcodes import ExitCode
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch: pytest.MonkeyPatch, lock_dir: Path, config: Path) -> None:
+    monkeypatch.setenv("SAFEGATE_LOCK_DIR", str(lock_dir))
+    monkeypatch.setenv("SAFEGATE_CONFIG", str(config))
+
+
+def test_check_returns_a_verdict(lock_dir: Path, procs: Procs) -> None:
+    verdict = safegate.check(mem=0)
+    assert verdict.ok and verdict.exit_code is ExitCode.OK
+    hold_with_flock(procs, lock_dir / "heavy.lock")
+    blocked = safegate.check(mem=0)
+    assert not blocked.ok and blocked.exit_code is ExitCode.LOCKED
+    assert safegate.check(mem="1000T").exit_code is ExitCode.MEMORY
+
+
+def test_bad_values_raise_typed_errors() -> None:
+    with pytest.raises(UsageError, match="invalid size '10GG'"):
+        safegate.check(mem="10GG")
+    with pytest.raises(UsageError, match="must not be negative"):
+        safegate.check(mem=-1)
+    with pytest.raises(ConfigError, match="unknown profile"):
+        safegate.check("nope")
+
+
+def test_hold_holds_the_lock_for_the_block(lock_dir: Path) -> None:
+    lock = lock_dir / "whisper-large.lock"
+    with safegate.hold("whisper-large", mem=0) as held:
+        assert held.name == "whisper-large"
+        assert subprocess.run(["flock", "-n", str(lock), "true"]).returncode != 0
+        assert (lock_dir / "whisper-large.holder.json").exists()
+    assert subprocess.run(["flock", "-n", str(lock), "true"]).returncode == 0
+    assert not (lock_dir / "whisper-large.holder.json").exists()
+
+
+def test_hold_raises_blocked_with_the_verdict(lock_dir: Path, procs: Procs) -> None:
+    hold_with_flock(procs, lock_dir / "heavy.lock")
+    with pytest.raises(Blocked) as info, safegate.hold(wait=False, mem=0):
+        pytest.fail("must not enter")
+    assert info.value.exit_code is ExitCode.LOCKED and info.value.verdict.result("lock") is not None
+    started = time.monotonic()
+    with pytest.raises(Blocked), safegate.hold(wait=True, timeout=0.5, mem=0):
+        pass
+    assert time.monotonic() - started >= 0.5
+
+
+def test_slots(tmp_path: Path, sensor: Path) -> None:
+    assert safegate.slots(mem="1M") == 1  # the default profile has a lock: a mutex
+    assert safegate.slots(mem="1M", margin="100%") == 0
+
+
+def test_gate_admits_coroutines_only_as_memory_allows(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                      sensor: Path) -> None:
+    available = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
+                     if line.startswith("MemAvailable:"))
+    gate = safegate.Gate(mem=int(available / 2.5), settle=30, poll=0.05)
+    running = 0
+    peak = 0
+
+    async def job() -> None:
+        nonlocal running, peak
+        async with gate:
+            running += 1
+            peak = max(peak, running)
+            await asyncio.sleep(0.3)
+            running -= 1
+
+    async def main() -> None:
+        await asyncio.gather(*(job() for _ in range(4)))
+
+    started = time.monotonic()
+    asyncio.run(main())
+    # Each admitted coroutine counts as loading for 30 s: two fit at once (2 x 0.4 of RAM), never three.
+    assert peak == 2
+    assert time.monotonic() - started >= 0.6
+
+
+def test_gate_timeout_raises_blocked() -> None:
+    gate = safegate.Gate(mem="1000T", timeout=0.3, poll=0.05)
+
+    async def main() -> None:
+        async with gate:
+            pytest.fail("must not enter")
+
+    with pytest.raises(Blocked):
+        asyncio.run(main())
+
+
+def test_api_is_typed_and_lazy() -> None:
+    assert (Path(safegate.__file__).parent / "py.typed").exists()
+    code = "import sys, safegate; print('safegate.api' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
