@@ -41,6 +41,7 @@ from safegate.units import (
 T = TypeVar("T")
 
 # "\b" keeps click from re-wrapping the table into one paragraph.
+COMPLETE_VAR = "_SAFEGATE_COMPLETE"
 EXIT_CODES_EPILOG = "\b\nExit codes:\n" + table_plain()
 
 app = typer.Typer(
@@ -126,9 +127,28 @@ def _progress(silent: bool) -> Callable[[Verdict], None]:
     return progress
 
 
+def _complete_profiles(incomplete: str) -> list[str]:
+    """Profile names for shell completion (from the config in effect; nothing when it is broken)."""
+    try:
+        names = load_config().profiles
+    except SafegateError:
+        return []
+    return [n for n in names if n.startswith(incomplete)]
+
+
+def _complete_locks(incomplete: str) -> list[str]:
+    from safegate.lockstore import LockStore, resolve_lock_dir
+
+    try:
+        store = LockStore(resolve_lock_dir(load_config().lock_dir, os.environ))
+    except SafegateError:
+        return []
+    return [n for n in store.names() if n.startswith(incomplete)]
+
+
 ProfileOpt = Annotated[
     str | None,
-    typer.Option("--profile", "-p", envvar="SAFEGATE_PROFILE", metavar="PROFILE",
+    typer.Option("--profile", "-p", envvar="SAFEGATE_PROFILE", metavar="PROFILE", autocompletion=_complete_profiles,
                  help="Profile to use (default: default; exec: the profile whose match fits the command)."),
 ]
 MemOpt = Annotated[
@@ -142,7 +162,8 @@ MaxTempOpt = Annotated[
     str | None, typer.Option("--max-temp", metavar="C", help="Block at or above this temperature (default 80).")
 ]
 LockOpt = Annotated[
-    str | None, typer.Option(metavar="NAME", help="Lock that must be free (default: the profile's lock).")
+    str | None, typer.Option(metavar="NAME", autocompletion=_complete_locks,
+                             help="Lock that must be free (default: the profile's lock).")
 ]
 GpuOpt = Annotated[
     str | None,
@@ -374,7 +395,7 @@ def locks(json_output: JsonOpt = False, config: ConfigOpt = None) -> None:
 
 @app.command(epilog="Example: safegate unlock whisper-large")
 def unlock(
-    name: Annotated[str, typer.Argument(metavar="NAME", help="The lock to clean up.")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="The lock to clean up.", autocompletion=_complete_locks)],
     config: ConfigOpt = None,
 ) -> None:
     """Remove a free lock's stale leftovers; refuses, naming the holder, while a live process holds it."""
@@ -439,6 +460,12 @@ def status(
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; the one place where failures become exit codes and one-line messages."""
     args = sys.argv[1:] if argv is None else argv
+    if os.environ.get(COMPLETE_VAR):
+        # A shell asking for completions (completions/*): register typer's shell classes only then.
+        import typer.completion
+
+        # completion_init is how typer registers its bash/zsh/fish classes; it is not re-exported.
+        getattr(typer.completion, "completion_init")()  # noqa: B009
     try:
         result = app(args=args, prog_name="safegate", standalone_mode=False)
     except SafegateError as exc:

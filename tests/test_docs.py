@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from conftest import REPO, Run
@@ -59,3 +63,64 @@ def test_ci_runs_exactly_the_readme_test_command() -> None:
                                check=True).stdout.strip()
     fenced = README.split("<!-- test-command -->", 1)[1].split("```sh\n", 1)[1].split("\n", 1)[0]
     assert extracted == fenced and "pytest" in extracted and "venv" in extracted
+
+
+def _all_options(run: Run) -> dict[str, set[str]]:
+    commands = ["check", "exec", "slots", "locks", "unlock", "profiles", "status"]
+    return {c: _help_options(run, c) for c in commands}
+
+
+def test_every_command_and_option_is_in_the_readme_and_the_man_page(run: Run) -> None:
+    man = (REPO / "man" / "safegate.1").read_text().replace("\\-", "-")
+    for command, options in _all_options(run).items():
+        assert f"safegate {command}" in README and f"safegate {command}" in man
+        for option in options:
+            assert option in README, f"{command} {option} missing from README"
+            assert option in man, f"{command} {option} missing from the man page"
+
+
+def test_generated_files_are_up_to_date() -> None:
+    result = subprocess.run([sys.executable, "-m", "safegate.docgen", "--check"], capture_output=True, text=True,
+                            cwd=REPO)
+    assert result.returncode == 0, f"run python -m safegate.docgen: {result.stdout}"
+
+
+def test_man_page_renders_without_warnings() -> None:
+    if shutil.which("groff") is None:
+        pytest.skip("groff is not installed")
+    result = subprocess.run(["groff", "-ww", "-z", "-man", str(REPO / "man" / "safegate.1")], capture_output=True,
+                            text=True)
+    assert result.returncode == 0 and result.stderr == ""
+    if shutil.which("man"):
+        page = subprocess.run(["man", "-l", str(REPO / "man" / "safegate.1")], capture_output=True, text=True,
+                              env={**os.environ, "MANPAGER": "cat", "MANWIDTH": "100"})
+        assert "EXIT STATUS" in page.stdout and "safegate exec" in page.stdout
+
+
+def test_bash_completion_completes_in_real_bash(env: dict[str, str]) -> None:
+    if shutil.which("bash") is None:
+        pytest.skip("bash is not installed")
+    script = (
+        f'source {REPO / "completions" / "safegate.bash"}\n'
+        "complete -p safegate\n"
+        'COMP_WORDS=(safegate check -p whisper); COMP_CWORD=3; _safegate_completion safegate\n'
+        'printf "%s\\n" "${COMPREPLY[@]}"\n'
+        'COMP_WORDS=(safegate sta); COMP_CWORD=1; _safegate_completion safegate\n'
+        'printf "%s\\n" "${COMPREPLY[@]}"\n'
+    )
+    path = f"{Path(sys.executable).parent}:{env['PATH']}"
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env={**env, "PATH": path})
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("complete") and "_safegate_completion" in lines[0]
+    assert "whisper-large-v3" in lines and "status" in lines, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("shell", ["zsh", "fish"])
+def test_other_shells_load_the_completion(shell: str) -> None:
+    if shutil.which(shell) is None:
+        pytest.skip(f"{shell} is not installed here")
+    name = {"zsh": "_safegate", "fish": "safegate.fish"}[shell]
+    code = (f"autoload -U compinit; compinit -u; source {REPO / 'completions' / name}" if shell == "zsh"
+            else f"source {REPO / 'completions' / name}; complete -C 'safegate ch'")
+    result = subprocess.run([shell, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -1,0 +1,12 @@
+
+_safegate_completion() {
+    local IFS=$'
+'
+    COMPREPLY=( $( env COMP_WORDS="${COMP_WORDS[*]}" \
+                   COMP_CWORD=$COMP_CWORD \
+                   _SAFEGATE_COMPLETE=complete_bash $1 ) )
+    return 0
+}
+
+complete -o default -F _safegate_completion safegate
+

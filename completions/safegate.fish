@@ -1,0 +1,1 @@
+complete --command safegate --no-files --arguments "(env _SAFEGATE_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) safegate)" --condition "env _SAFEGATE_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) safegate"
