@@ -414,17 +414,23 @@ def unlock(
 
 @app.command(epilog="Example: safegate profiles --json")
 def profiles(json_output: JsonOpt = False, config: ConfigOpt = None) -> None:
-    """List built-in and configured profiles with where each comes from."""
+    """List built-in and configured profiles: where each comes from, and declared vs recorded memory."""
+    from safegate import history
     from safegate.inventory import profile_json
+    from safegate.units import format_bytes
 
     cfg = load_config(config)
-    data = [profile_json(p) for p in cfg.profiles.values()]
+    recorded = history.load(history.history_path())
+    data = [profile_json(p, recorded.get(p.name, [])) for p in cfg.profiles.values()]
     if json_output:
         typer.echo(json.dumps(data, indent=2))
         return
     for p in data:
         lock = p["lock"] or "(none)"
-        typer.echo(f"{p['name']:<20} memory {p['memory']:<10} lock {lock:<16} {p['source']}")
+        rec = p["recorded"]
+        seen = (f"{rec['runs']} runs, p95 peak {format_bytes(rec['peak_memory_p95'])}" if rec["runs"]
+                else "no runs recorded")
+        typer.echo(f"{p['name']:<20} memory {p['memory']:<10} lock {lock:<16} {seen:<32} {p['source']}")
 
 
 @app.command(epilog="Example: safegate status --watch")
@@ -462,10 +468,10 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if os.environ.get(COMPLETE_VAR):
         # A shell asking for completions (completions/*): register typer's shell classes only then.
-        import typer.completion
+        from typer import completion as typer_completion
 
         # completion_init is how typer registers its bash/zsh/fish classes; it is not re-exported.
-        getattr(typer.completion, "completion_init")()  # noqa: B009
+        getattr(typer_completion, "completion_init")()  # noqa: B009
     try:
         result = app(args=args, prog_name="safegate", standalone_mode=False)
     except SafegateError as exc:

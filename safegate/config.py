@@ -81,6 +81,7 @@ class Profile:
     description: str = ""
     match: tuple[str, ...] = ()
     memory: Size = field(default_factory=lambda: Size(bytes=0))
+    memory_auto: bool = False
     lock: str | None = DEFAULT_LOCK  # None: no mutex
     memory_margin: Size = field(default_factory=lambda: parse_size(DEFAULT_MARGIN))
     max_temp: float = DEFAULT_MAX_TEMP
@@ -262,6 +263,8 @@ def _profile_fields(where: _Where, table: str, data: Mapping[str, Any]) -> dict[
             out[key] = _expect(where, full, value, str, "a string")
         elif key == "match":
             out[key] = tuple(_regex(where, full, v) for v in _string_list(where, full, value))
+        elif key == "memory" and value == "auto":
+            out["memory_auto"] = True  # learned from past runs (safegate.history)
         elif key in ("memory", "memory_margin"):
             out[key] = _size(where, full, value)
         elif key == "lock" and value is False:

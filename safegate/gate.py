@@ -82,7 +82,7 @@ def resolve(config: Config, profile_name: str, overrides: Overrides, env: Mappin
     lock = validate_lock_name(overrides.lock) if overrides.lock is not None else profile.lock
     return Settings(
         profile=profile,
-        need=overrides.mem if overrides.mem is not None else profile.memory,
+        need=overrides.mem if overrides.mem is not None else _profile_need(profile, env),
         margin=overrides.margin if overrides.margin is not None else profile.memory_margin,
         max_temp=max_temp,
         resume_temp=resume,
@@ -97,6 +97,16 @@ def resolve(config: Config, profile_name: str, overrides: Overrides, env: Mappin
         gpu_need=overrides.gpu_mem if overrides.gpu_mem is not None else profile.gpu_memory,
         gpu_margin=profile.gpu_margin,
     )
+
+
+def _profile_need(profile: Profile, env: Mapping[str, str]) -> Size:
+    """The profile's declared memory, or for memory = "auto" what past runs needed (history)."""
+    if not profile.memory_auto:
+        return profile.memory
+    from safegate import history
+
+    learned = history.learned_need(history.load(history.history_path(env)).get(profile.name, []))
+    return Size(bytes=learned if learned is not None else history.AUTO_FALLBACK)
 
 
 def _gpu_backend(configured: str, env: Mapping[str, str]) -> str:

@@ -12,6 +12,7 @@ import psutil
 from safegate.config import Config, Profile
 from safegate.errors import SafegateError
 from safegate.exitcodes import ExitCode
+from safegate.history import Run, learned_need, percentile
 from safegate.lockstore import Holder, LockStore, process_alive
 from safegate.probes.gpu import GpuSnapshot, read_gpus
 from safegate.probes.memory import read_memory
@@ -99,10 +100,19 @@ def collect_status(config: Config, lock_dir: Path, gpu_backend: str, top: int = 
     )
 
 
-def profile_json(p: Profile) -> dict[str, Any]:
+def profile_json(p: Profile, runs: list[Run] | None = None) -> dict[str, Any]:
+    runs = runs or []
+    peaks = [r.peak_memory for r in runs]
     return {
         "name": p.name, "source": p.source, "description": p.description, "match": list(p.match),
-        "memory": str(p.memory), "lock": p.lock, "memory_margin": str(p.memory_margin), "max_temp": p.max_temp,
+        "memory": "auto" if p.memory_auto else str(p.memory), "lock": p.lock,
+        "recorded": {
+            "runs": len(runs),
+            "peak_memory_p95": percentile(peaks, 95) if peaks else None,
+            "peak_memory_max": max(peaks) if peaks else None,
+            "learned_need": learned_need(runs),
+            "peak_gpu_memory_max": max((r.peak_gpu_memory for r in runs if r.peak_gpu_memory), default=None),
+        }, "memory_margin": str(p.memory_margin), "max_temp": p.max_temp,
         "gpu_memory": str(p.gpu_memory), "max_mem": str(p.max_mem) if p.max_mem else None,
         "competing": [{"pattern": r.pattern, "action": r.action, "min_rss": str(r.min_rss) if r.min_rss else None}
                       for r in p.competing],

@@ -174,7 +174,22 @@ def run_exec(
                                                   "status": outcome.status, "signal": outcome.signal}))
     on_event(Event("summary", summary_line(outcome), {**outcome.stats, "reason": outcome.reason,
                                                        "exit_code": outcome.exit_code}))
+    _record_history(settings.profile.name, outcome, on_event)
     return outcome
+
+
+def _record_history(profile: str, outcome: Outcome, on_event: Callable[[Event], None]) -> None:
+    from safegate import history
+
+    s = outcome.stats
+    run = history.Run(time=time.time(), peak_memory=int(s["peak_job_memory"]),
+                      peak_gpu_memory=s.get("peak_job_gpu_memory"), duration=float(s["duration"]),
+                      reason=outcome.reason, exit_code=outcome.exit_code)
+    path = history.history_path()
+    try:
+        history.record(path, profile, run)
+    except OSError as exc:  # a full disk must never be what fails a job
+        on_event(Event("warning", f"cannot record the run in {path}: {exc.strerror or exc}"))
 
 
 def printable_command(argv: Sequence[str], limit: int = 200) -> str:

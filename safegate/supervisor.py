@@ -211,12 +211,15 @@ class Supervisor:
     def _reap(self) -> None:
         while True:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                pid, status, usage = os.wait4(-1, os.WNOHANG)
             except ChildProcessError:
                 return
             if pid == 0:
                 return
             self.tree.pids.discard(pid)
+            # The kernel's own peak RSS of the process: a job shorter than one sampling interval still
+            # reports what it used (ru_maxrss is in KiB on Linux).
+            self.stats.peak_job_mem = max(self.stats.peak_job_mem, int(usage.ru_maxrss) * 1024)
             if pid == self.leader:
                 self.leader_status = status
                 self._on_leader_exit()
@@ -226,11 +229,12 @@ class Supervisor:
             return False
         try:
             # Any child left (adopted orphans included)? As subreaper, no child means no descendant.
-            pid, _ = os.waitpid(-1, os.WNOHANG)
+            pid, _, usage = os.wait4(-1, os.WNOHANG)
         except ChildProcessError:
             return True
         if pid != 0:
             self.tree.pids.discard(pid)
+            self.stats.peak_job_mem = max(self.stats.peak_job_mem, int(usage.ru_maxrss) * 1024)
         return False
 
     def _on_leader_exit(self) -> None:

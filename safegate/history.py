@@ -1,0 +1,99 @@
+"""What past exec runs used, per profile, so a profile can say `memory = "auto"`.
+
+One small JSON file under the user's state dir ($XDG_STATE_HOME/safegate/history.json), at most
+KEEP runs per profile. Writers take an flock on a side file, read, append, write a temp file and
+rename it over: concurrent execs never lose each other's runs, and readers never see half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from filelock import lock_descriptor, unlock_descriptor
+
+KEEP = 50
+MIN_RUNS = 3
+AUTO_FALLBACK = 4 * 1024**3  # a profile with memory = "auto" and fewer than MIN_RUNS recorded runs
+AUTO_HEADROOM = 1.10
+
+
+@dataclass(frozen=True)
+class Run:
+    time: float
+    peak_memory: int
+    peak_gpu_memory: int | None
+    duration: float
+    reason: str
+    exit_code: int
+
+
+def history_path(env: Mapping[str, str] | None = None) -> Path:
+    env = os.environ if env is None else env
+    base = env.get("XDG_STATE_HOME") or str(Path(env.get("HOME", "~")).expanduser() / ".local" / "state")
+    return Path(base) / "safegate" / "history.json"
+
+
+def load(path: Path) -> dict[str, list[Run]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}  # absent, unreadable or corrupt: no history, never a failure
+    out: dict[str, list[Run]] = {}
+    if not isinstance(data, dict):
+        return out
+    for profile, runs in data.items():
+        if not isinstance(runs, list):
+            continue
+        parsed = []
+        for item in runs:
+            try:
+                parsed.append(Run(**item))
+            except TypeError:
+                continue
+        out[str(profile)] = parsed
+    return out
+
+
+def record(path: Path, profile: str, run: Run) -> None:
+    """Append *run*; raises OSError (the caller warns and goes on)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        lock_descriptor(fd, blocking=True, poll_interval=0.01)
+        data = load(path)
+        runs = [*data.get(profile, []), run][-KEEP:]
+        data[profile] = runs
+        payload: dict[str, Any] = {name: [asdict(r) for r in rs] for name, rs in data.items()}
+        tmp_fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".history.", suffix=".tmp")
+        try:
+            with os.fdopen(tmp_fd, "w", encoding="utf-8") as fh:
+                json.dump(payload, fh)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        unlock_descriptor(fd)
+    finally:
+        os.close(fd)
+
+
+def percentile(values: list[int], q: float) -> int:
+    """Nearest-rank percentile."""
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def learned_need(runs: list[Run]) -> int | None:
+    """The 95th percentile of recorded peaks plus 10%; None until MIN_RUNS runs exist."""
+    peaks = [r.peak_memory for r in runs if r.peak_memory > 0]
+    if len(peaks) < MIN_RUNS:
+        return None
+    return int(percentile(peaks, 95) * AUTO_HEADROOM)
