@@ -133,7 +133,7 @@ def check_thermal(
         return CheckResult("thermal", Status.PASS, f"no CPU sensor; hottest GPU {g.index} at {g.temp:g} C",
                            ExitCode.THERMAL, gpu_only, thresholds)
     if hottest is None:
-        values = {"hottest": None, "sensors": {}, "notes": list(thermal.notes)}
+        values = {"hottest": None, "sensor": None, "sensors": {}, "gpus": gpu_values, "notes": list(thermal.notes)}
         why = "no readable temperature sensor" + (f" ({notes})" if notes else "")
         if require:
             return CheckResult("thermal", Status.FAIL, f"{why}, and [thermal] require = true",
@@ -257,24 +257,18 @@ def _describe_holder(state: LockState, now: float) -> str:
 
 def check_lock(state: LockState | None, legacy: Sequence[LegacyState], now: float | None = None) -> CheckResult:
     now = time.time() if now is None else now
-    if state is None:
-        live = [s for s in legacy if s.alive]
-        if live:
-            return CheckResult("lock", Status.FAIL, f"legacy lock file {live[0].path} names live pid {live[0].pid}",
-                               ExitCode.LOCKED, {"lock": None})
-        return CheckResult("lock", Status.PASS, "the profile has no lock", ExitCode.LOCKED, {"lock": None})
     values: dict[str, Any] = {
-        "lock": state.name,
-        "path": str(state.path),
-        "held": state.held,
+        "lock": state.name if state else None,
+        "path": str(state.path) if state else None,
+        "held": state.held if state else False,
         "holder": None,
         "legacy": [{"path": str(s.path), "pid": s.pid, "alive": s.alive, "note": s.note} for s in legacy],
     }
-    if state.holder is not None:
+    if state is not None and state.holder is not None:
         h = state.holder
         values["holder"] = {"pid": h.pid, "user": h.user, "host": h.host, "cmdline": h.cmdline,
                             "started_at": h.started_at, "profile": h.profile, "alive": state.holder_alive}
-    if state.held:
+    if state is not None and state.held:
         return CheckResult("lock", Status.FAIL, _describe_holder(state, now), ExitCode.LOCKED, values)
     live = [s for s in legacy if s.alive]
     if live:
@@ -283,9 +277,12 @@ def check_lock(state: LockState | None, legacy: Sequence[LegacyState], now: floa
                            f"legacy lock file {first.path} names live pid {first.pid}", ExitCode.LOCKED, values)
     notes = [f"legacy lock file {s.path}: {s.note}" for s in legacy if s.note]
     if notes:
-        return CheckResult("lock", Status.WARN, f"lock {state.name!r} is free; " + "; ".join(notes),
-                           ExitCode.LOCKED, values)
-    return CheckResult("lock", Status.PASS, f"lock {state.name!r} is free", ExitCode.LOCKED, values)
+        return CheckResult("lock", Status.WARN, f"{_lock_words(state)}; " + "; ".join(notes), ExitCode.LOCKED, values)
+    return CheckResult("lock", Status.PASS, _lock_words(state), ExitCode.LOCKED, values)
+
+
+def _lock_words(state: LockState | None) -> str:
+    return "the profile has no lock" if state is None else f"lock {state.name!r} is free"
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,124 @@
+"""docs/json.md and the JSON the commands print must describe the same fields."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from conftest import REPO, Procs, Run, hold_with_safegate
+
+DOC = (REPO / "docs" / "json.md").read_text()
+
+
+def section(title: str) -> str:
+    return DOC.split(f"## `{title}`", 1)[1].split("\n## ", 1)[0]
+
+
+def documented_paths(text: str) -> dict[str, str]:
+    rows = re.findall(r"^\| `([^`]+)` \| ([^|]+) \|", text, re.MULTILINE)
+    return {path: kind.strip() for path, kind in rows}
+
+
+def flatten(obj: Any, prefix: str, stops: set[str]) -> set[str]:
+    paths: set[str] = set()
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            path = f"{prefix}.{key}" if prefix else key
+            paths.add(path)
+            if path not in stops:
+                paths |= flatten(value, path, stops)
+    elif isinstance(obj, list):
+        for item in obj:
+            if isinstance(item, dict):
+                paths |= flatten(item, f"{prefix}[]", stops)
+    return paths
+
+
+def _get(data: Any, path: str) -> Any:
+    """The value at a dotted path whose list steps are written `[]` (the first element is taken)."""
+    node = data
+    for part in path.split("."):
+        for piece in re.split(r"(\[\])", part):
+            if piece == "[]":
+                node = node[0] if isinstance(node, list) and node else None
+            elif piece:
+                node = node.get(piece) if isinstance(node, dict) else None
+    return node
+
+
+def assert_same(doc: dict[str, str], data: Any, root: str = "") -> None:
+    children = {p.rsplit(".", 1)[0].removesuffix("[]") for p in doc if "." in p}
+    stops = {p for p, kind in doc.items()
+             if "(map)" in kind or "(per check)" in kind or (kind == "list" and p not in children)}
+    stops |= {p for p, kind in doc.items() if kind.startswith("object or null")}
+    actual = flatten(data, root, stops)
+    undocumented = actual - set(doc)
+    missing = set()
+    for path in set(doc) - actual:
+        # Under an empty list (no GPU here) or a null object the field cannot be printed.
+        parent = path.rsplit("[]", 1)[0] if "[]" in path else path.rsplit(".", 1)[0]
+        if _get(data, parent) in ([], None):
+            continue
+        missing.add(path)
+    assert not undocumented and not missing, f"undocumented: {sorted(undocumented)}; not printed: {sorted(missing)}"
+
+
+def test_check_json_matches(run: Run, config: Path, lock_dir: Path, procs: Procs) -> None:
+    hold_with_safegate(procs, lock_dir, "heavy")
+    data = json.loads(run("check", "--config", str(config), "--mem", "0", "--json").stdout)
+    assert_same(documented_paths(section("safegate check --json").split("### ")[0]), data)
+    by_check = {name: (values, thresholds) for name, values, thresholds in
+                re.findall(r"^\| `(\w+)` \|\s*(.*?)\s*\|\s*(.*?)\s*\|$", section("safegate check --json"), re.MULTILINE)}
+    for check in data["checks"]:
+        values_doc, thresholds_doc = by_check[check["name"]]
+        top_level = {w for w in re.findall(r"`(\w+)`", re.sub(r"\([^)]*\)", "", values_doc))}
+        assert set(check["values"]) == top_level, check["name"]
+        limits = set(re.findall(r"`(\w+)`", thresholds_doc))
+        if check["name"] == "thermal":
+            limits -= {"resume_temp"}  # resume_temp replaces max_temp only while waiting after a block
+        assert set(check["thresholds"]) == limits, check["name"]
+
+
+def test_status_json_matches(run: Run, config: Path, lock_dir: Path, procs: Procs) -> None:
+    hold_with_safegate(procs, lock_dir, "heavy")
+    data = json.loads(run("status", "--json", "--config", str(config)).stdout)
+    assert_same(documented_paths(section("safegate status --json")), data)
+
+
+def test_locks_json_matches(run: Run, config: Path, lock_dir: Path, procs: Procs) -> None:
+    hold_with_safegate(procs, lock_dir, "heavy")
+    data = json.loads(run("locks", "--json", "--config", str(config)).stdout)
+    doc = {p.removeprefix("[]."): k for p, k in documented_paths(section("safegate locks --json")).items()}
+    stops = set()
+    assert all(set(flatten(item, "", stops)) == set(doc) for item in data), data
+
+
+def test_profiles_json_matches(run: Run, config: Path) -> None:
+    data = json.loads(run("profiles", "--json", "--config", str(config)).stdout)
+    doc = {p.removeprefix("[]."): k for p, k in documented_paths(section("safegate profiles --json")).items()}
+    stops = {p for p, k in doc.items() if k == "list"}
+    for item in data:
+        assert flatten(item, "", stops) == set(doc), item["name"]
+
+
+def test_exec_log_events_are_documented(run: Run, config: Path, tmp_path: Path) -> None:
+    log = tmp_path / "events.jsonl"
+    run("exec", "--config", str(config), "--mem", "0", "--log", str(log), "--max-mem", "50M", "--grace", "1s",
+        "--", "python3", "-c", "import time; b = b'x' * (100 << 20); time.sleep(5)")
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    text = section("safegate exec --log FILE")
+    common = set(re.findall(r"^\| `(\w+)` \| (?:string)", text, re.MULTILINE))
+    assert common == {"time", "event", "message"}
+    rows = {}
+    for names, extra in re.findall(r"^\| (`[\w`, ]+`) \| (.*?) \|$", text, re.MULTILINE):
+        for name in re.findall(r"`(\w+)`", names):
+            rows[name] = set(re.findall(r"`(\w+)`", extra))
+    seen = {e["event"] for e in events}
+    assert {"admitted", "breach", "exit", "summary"} <= seen
+    for event in events:
+        assert common <= set(event)
+        extra = set(event) - common
+        assert event["event"] in rows, event
+        assert extra <= rows[event["event"]] | {"CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER"}, (event["event"], extra)
