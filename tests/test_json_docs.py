@@ -69,8 +69,8 @@ def test_check_json_matches(run: Run, config: Path, lock_dir: Path, procs: Procs
     hold_with_safegate(procs, lock_dir, "heavy")
     data = json.loads(run("check", "--config", str(config), "--mem", "0", "--json").stdout)
     assert_same(documented_paths(section("safegate check --json").split("### ")[0]), data)
-    by_check = {name: (values, thresholds) for name, values, thresholds in
-                re.findall(r"^\| `(\w+)` \|\s*(.*?)\s*\|\s*(.*?)\s*\|$", section("safegate check --json"), re.MULTILINE)}
+    row = re.compile(r"^\| `(\w+)` \|\s*(.*?)\s*\|\s*(.*?)\s*\|$", re.MULTILINE)
+    by_check = {name: (values, limits) for name, values, limits in row.findall(section("safegate check --json"))}
     for check in data["checks"]:
         values_doc, thresholds_doc = by_check[check["name"]]
         top_level = {w for w in re.findall(r"`(\w+)`", re.sub(r"\([^)]*\)", "", values_doc))}

@@ -260,7 +260,7 @@ static int split_token(char *tok, char **key, char **value)
 
 static int parse_global(char *tok)
 {
-    char *key, *value;
+    char *key = NULL, *value = NULL;
     if (split_token(tok, &key, &value) != 0)
         return -1;
     if (strcmp(key, "init_error") == 0)
@@ -273,7 +273,7 @@ static int parse_global(char *tok)
 static int parse_device(char **save)
 {
     fake_device *d;
-    char *tok, *key, *value;
+    char *tok, *key = NULL, *value = NULL;
     int have_name = 0, have_uuid = 0, have_total = 0, have_used = 0, have_v2 = 0;
     int rc = 0;
 
@@ -340,7 +340,7 @@ static int parse_device(char **save)
 static int parse_proc(char **save)
 {
     fake_proc *p;
-    char *tok, *key, *value;
+    char *tok, *key = NULL, *value = NULL;
     long long n;
     int have_gpu = 0, have_pid = 0, have_used = 0;
 
@@ -584,6 +584,7 @@ static nvmlReturn_t procs_common(nvmlDevice_t device, int graphics, unsigned int
 
 #ifndef OMIT_fakeNvmlBuildInfo
 /* Not NVML: which types the build used ("header=nvml.h api=12" or "header=own-types"). */
+const char *fakeNvmlBuildInfo(void);
 const char *fakeNvmlBuildInfo(void)
 {
     return FAKE_NVML_BUILD_INFO;
