@@ -23,8 +23,8 @@ ADAPTER = REPO / "docs" / "examples" / "safegate-parallel-limit"
 def safegate_commands() -> list[list[str]]:
     found = []
     for block in re.findall(r"```(?:sh|ini)\n(.*?)```", RECIPES, re.DOTALL):
-        for line in block.splitlines():
-            line = line.split("  # ")[0]
+        for raw in block.splitlines():
+            line = raw.split("  # ")[0]
             for match in re.finditer(r"(?:^|[\s=(\"])(?:/usr/local/bin/)?safegate (\w+)([^\"`)&|]*)", line):
                 found.append([match.group(1), *shlex.split(match.group(2))])
     return found
