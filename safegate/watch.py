@@ -58,19 +58,20 @@ class GpuLimits:
         return Level.OK
 
     def job_level(self, used: int) -> Level:
-        if self.max_job is None:
-            return Level.OK
-        if used >= self.max_job:
-            return Level.BREACH
-        return Level.WARN if used >= WARN_FRACTION * self.max_job else Level.OK
+        return ceiling_level(used, self.max_job)
+
+
+def ceiling_level(value: int, limit: int | None) -> Level:
+    """A breach at *limit*, a warning from WARN_FRACTION of it."""
+    if limit is None:
+        return Level.OK
+    if value >= limit:
+        return Level.BREACH
+    return Level.WARN if value >= WARN_FRACTION * limit else Level.OK
 
 
 def job_level(job_mem: int, limits: WatchLimits) -> Level:
-    if limits.max_mem is None:
-        return Level.OK
-    if job_mem >= limits.max_mem:
-        return Level.BREACH
-    return Level.WARN if job_mem >= WARN_FRACTION * limits.max_mem else Level.OK
+    return ceiling_level(job_mem, limits.max_mem)
 
 
 def floor_level(available: int, limits: WatchLimits) -> Level:

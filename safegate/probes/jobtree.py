@@ -14,28 +14,15 @@ import time
 
 import psutil
 
-from safegate.probes.processes import descendants
+from safegate.probes.processes import descendants, read_small
 
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 RESCAN = 1.0
 
 
-def _read(path: str, limit: int = 4096) -> bytes | None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        return os.read(fd, limit)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-
-
 def _stat_fields(pid: int, proc_root: str) -> list[bytes] | None:
     """Fields after comm in /proc/PID/stat (state first), or None when gone."""
-    raw = _read(f"{proc_root}/{pid}/stat")
+    raw = read_small(f"{proc_root}/{pid}/stat")
     if not raw:
         return None
     end = raw.rfind(b")")
@@ -44,7 +31,7 @@ def _stat_fields(pid: int, proc_root: str) -> list[bytes] | None:
 
 def read_available(path: str = "/proc/meminfo") -> int:
     """MemAvailable in bytes; one small read (psutil elsewhere)."""
-    raw = _read(path, 8192)
+    raw = read_small(path, 8192)
     if raw:
         for line in raw.splitlines():
             if line.startswith(b"MemAvailable:"):
@@ -53,7 +40,7 @@ def read_available(path: str = "/proc/meminfo") -> int:
 
 
 def rss_bytes(pid: int, proc_root: str = "/proc") -> int:
-    raw = _read(f"{proc_root}/{pid}/statm", 256)
+    raw = read_small(f"{proc_root}/{pid}/statm", 256)
     if not raw:
         return 0
     fields = raw.split()
@@ -66,7 +53,7 @@ def pss_bytes(pid: int, proc_root: str = "/proc") -> int | None:
     The kernel walks the page tables to compute it (about 10 ms per GB here), so the watcher asks for it
     only when it matters: a job of several processes near a limit.
     """
-    raw = _read(f"{proc_root}/{pid}/smaps_rollup", 8192)
+    raw = read_small(f"{proc_root}/{pid}/smaps_rollup", 8192)
     if not raw:
         return None
     for line in raw.splitlines():

@@ -18,7 +18,8 @@ _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _CMDLINE_MAX = 1 << 20
 
 
-def _read(path: str, limit: int) -> bytes | None:
+def read_small(path: str, limit: int = 4096) -> bytes | None:
+    """Up to *limit* bytes of a /proc file in one read; None when it is gone or hidden from us."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -67,10 +68,10 @@ def _linux_processes(proc_root: str) -> list[ProcessInfo]:
         if not name.isdigit():
             continue
         base = f"{proc_root}/{name}/"
-        raw_cmd = _read(base + "cmdline", _CMDLINE_MAX)
+        raw_cmd = read_small(base + "cmdline", _CMDLINE_MAX)
         if not raw_cmd:
             continue  # kernel thread, zombie, or exited
-        raw_stat = _read(base + "stat", 4096)
+        raw_stat = read_small(base + "stat", 4096)
         parsed = _parse_stat(raw_stat) if raw_stat else None
         if parsed is None or parsed[0] in ("Z", "X"):
             continue
