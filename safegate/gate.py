@@ -167,7 +167,19 @@ def wait_until_clear(
     def attempt(resuming: bool) -> tuple[Verdict, None]:
         return evaluate(settings, resuming=resuming), None
 
-    return retry(attempt, timeout, on_blocked, clock, sleep)[0]
+    return retry(attempt, timeout, on_blocked, clock, sleep, pause=_lock_pause(settings))[0]
+
+
+def _lock_pause(settings: Settings) -> Callable[[Verdict, float], None]:
+    """Between re-checks: when only the lock blocks, watch the lock itself instead of sleeping blind."""
+
+    def pause(verdict: Verdict, seconds: float) -> None:
+        if settings.lock is not None and [c.name for c in verdict.failures] == ["lock"]:
+            LockStore(settings.lock_dir).wait_free(settings.lock, seconds)
+        else:
+            time.sleep(seconds)
+
+    return pause
 
 
 T = TypeVar("T")
@@ -179,8 +191,12 @@ def retry(
     on_blocked: Callable[[Verdict], None] | None = None,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
+    pause: Callable[[Verdict, float], None] | None = None,
 ) -> tuple[Verdict, T | None]:
-    """Call attempt(resuming) with a capped backoff until its verdict is ok or *timeout* runs out."""
+    """Call attempt(resuming) with a capped backoff until its verdict is ok or *timeout* runs out.
+
+    *pause(verdict, seconds)*, when given, replaces the plain sleep between attempts.
+    """
     deadline = None if timeout is None else clock() + timeout
     delay = WAIT_FIRST
     resuming = False
@@ -198,9 +214,13 @@ def retry(
             remaining = deadline - clock()
             if remaining <= 0:
                 return verdict, None
-            sleep(min(delay, remaining))
+            seconds = min(delay, remaining)
         else:
-            sleep(delay)
+            seconds = delay
+        if pause is not None:
+            pause(verdict, seconds)
+        else:
+            sleep(seconds)
         delay = min(delay * WAIT_FACTOR, WAIT_CAP)
 
 
@@ -236,7 +256,7 @@ def admit(
             return verdict, held
 
     if wait:
-        return retry(attempt, timeout, on_blocked)
+        return retry(attempt, timeout, on_blocked, pause=_lock_pause(settings))
     return attempt(False)
 
 

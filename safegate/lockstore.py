@@ -360,6 +360,27 @@ class LockStore:
         finally:
             os.close(fd)
 
+    def wait_free(self, name: str, seconds: float, step: float = 0.01) -> bool:
+        """Poll the flock every *step* for up to *seconds*; True as soon as it is free.
+
+        A waiter blocked only by the lock then starts within ~10 ms of its release instead of at its next
+        backoff, which keeps a queue of waiting execs moving; each poll is one non-blocking flock call.
+        """
+        deadline = time.monotonic() + seconds
+        fd = self._open_lock_file(name, create=False)
+        if fd is None:
+            return True
+        try:
+            while True:
+                if lock_descriptor(fd, blocking=False):
+                    unlock_descriptor(fd)
+                    return True
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(step)
+        finally:
+            os.close(fd)
+
     @contextmanager
     def admission(self, timeout: float = ADMISSION_TIMEOUT) -> Iterator[None]:
         """The machine-wide admission lock: one safegate at a time checks and claims its lock.

@@ -159,6 +159,8 @@ def state_text(gpus: Iterable[FakeGpu], procs: Iterable[FakeProc] = (), init_err
              f"init_error={_ret(init_error, 'init_error')}",
              f"driver={_text(driver, 'driver')}"]
     for gpu in gpus:
+        if min(gpu.total, gpu.used, gpu.reserved) < 0 or gpu.used + gpu.reserved > gpu.total:
+            raise ValueError(f"GPU {gpu.uuid}: need 0 <= used + reserved <= total, have {gpu}")
         mem_v2_ret = gpu.mem_ret if gpu.mem_v2_ret is None else gpu.mem_v2_ret
         lines.append(
             f"device name={_text(gpu.name, 'name')} uuid={_text(gpu.uuid, 'uuid')} total={gpu.total} "

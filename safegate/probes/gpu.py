@@ -161,7 +161,7 @@ def _read_device(nvml: Any, session: _Nvml, index: int) -> GpuInfo:
         info["processes"] = _processes(nvml, session, handle)
         mig = _optional(nvml, lambda: nvml.nvmlDeviceGetMigMode(handle))
         info["mig_mode"] = int(mig[0]) if mig is not None else None
-    except nvml.NVMLError as exc:
+    except (nvml.NVMLError, nvml.NVMLLibraryMismatchError) as exc:
         return GpuInfo(index, name, uuid, error=_message(exc))
     return GpuInfo(index, name, uuid, **info)
 
@@ -206,15 +206,28 @@ def _temperature(nvml: Any, session: _Nvml, handle: Any) -> float | None:
         return None
 
 
+def _process_list(nvml: Any, session: _Nvml, kind: str, handle: Any) -> list[Any]:
+    """One process list, from the newest form the driver has (v3, else v2)."""
+    name = "Compute" if kind == "compute" else "Graphics"
+    if f"{kind}_v3" not in session.missing:
+        try:
+            return list(getattr(nvml, f"nvmlDeviceGet{name}RunningProcesses_v3")(handle))
+        except (nvml.NVMLError_FunctionNotFound, nvml.NVMLLibraryMismatchError):
+            # pynvml raises NVMLLibraryMismatchError (not an NVMLError) when the driver lacks the v3 symbol.
+            session.note_missing(f"nvmlDeviceGet{name}RunningProcesses_v3")
+            session.missing.add(f"{kind}_v3")
+    try:
+        return list(getattr(nvml, f"nvmlDeviceGet{name}RunningProcesses_v2")(handle))
+    except (nvml.NVMLError_FunctionNotFound, nvml.NVMLLibraryMismatchError):
+        session.note_missing(f"nvmlDeviceGet{name}RunningProcesses_v2")
+        return []
+
+
 def _processes(nvml: Any, session: _Nvml, handle: Any) -> tuple[GpuProcess, ...]:
     merged: dict[int, GpuProcess] = {}
-    for kind, getter in (("compute", nvml.nvmlDeviceGetComputeRunningProcesses),
-                         ("graphics", nvml.nvmlDeviceGetGraphicsRunningProcesses)):
+    for kind in ("compute", "graphics"):
         try:
-            entries = getter(handle)
-        except nvml.NVMLError_FunctionNotFound:
-            session.note_missing(f"the {kind} process list")
-            continue
+            entries = _process_list(nvml, session, kind, handle)
         except nvml.NVMLError_NotSupported:
             continue
         for entry in entries:

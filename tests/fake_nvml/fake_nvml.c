@@ -472,7 +472,7 @@ static nvmlReturn_t load_state(void)
         }
     }
     if (!bad && ferror(f)) {
-        parse_error("read error");
+        parse_error("read error: %s", strerror(errno));
         bad = 1;
     }
     fclose(f);
