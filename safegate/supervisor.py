@@ -172,7 +172,7 @@ class Supervisor:
 
     def watch(self) -> Outcome:
         try:
-            interval = 0.0  # the first sample at once: a short job still gets a summary with figures
+            interval = self._sample()  # at once: a job shorter than one interval still gets figures
             while True:
                 self._sleep(interval)
                 self._handle_signals()
