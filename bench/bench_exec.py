@@ -39,7 +39,10 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from safegate.probes.jobtree import JobTree
 
 HERE = Path(__file__).resolve().parent
 MIB = 1 << 20
@@ -592,11 +595,10 @@ class Reader:
 
 
 def earlyoom_run(eo_exe: str, procs: Procs, bed: Bed, floor_kib: int) -> dict[str, Any]:
-    """earlyoom watching, the hog started alone as the bench's child; earlyoom stopped before returning."""
+    """earlyoom watching, the hog started alone as the bench's child; both stopped before returning."""
     argv = [eo_exe, "-M", str(floor_kib), "-s", "100", "-r", "0", "--prefer", "^hog$", "--avoid", AVOID_ALL_BUT_HOG]
     eo = procs.start("earlyoom", argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                      stderr=subprocess.STDOUT, text=True, bufsize=1)
-    hog: subprocess.Popen[Any] | None = None
     try:
         reader = Reader(eo.stdout)
         if not reader.wait_for(r"SIGKILL when", 10.0):
@@ -605,17 +607,16 @@ def earlyoom_run(eo_exe: str, procs: Procs, bed: Bed, floor_kib: int) -> dict[st
         avail_start = available()
         t_start = time.time()
         hog = procs.start("hog", [str(bed.hog), str(FLOOR_HOG_MIB)], stdin=subprocess.DEVNULL)
-        t_exit = wait_exit(hog, RUN_TIMEOUT)
-        procs.stop(hog)
-        time.sleep(0.2)  # its last lines ("process exited after ...")
-        hog_status, hog_pid = hog.returncode, hog.pid
-    finally:
-        if hog is not None:
+        try:
+            t_exit = wait_exit(hog, RUN_TIMEOUT)
+        finally:
             procs.stop(hog)
+        time.sleep(0.2)  # its last lines ("process exited after ...")
+    finally:
         procs.stop(eo)
     reader.thread.join(timeout=2)
     return {"lines": reader.lines, "avail_start": avail_start, "t_start": t_start, "t_exit": t_exit,
-            "status": hog_status, "pid": hog_pid, "argv": argv}
+            "status": hog.returncode, "pid": hog.pid, "argv": argv}
 
 
 def parse_earlyoom(run: dict[str, Any], floor: int) -> dict[str, Any]:
@@ -707,42 +708,45 @@ def bench_floor(bed: Bed, procs: Procs, eo_exe: str | None, runs: int, pause: fl
 # --- 4. overhead ---------------------------------------------------------------------------------------------
 
 
-def overhead_run(bed: Bed, procs: Procs, job: list[str], poll: bool) -> dict[str, Any]:
+def overhead_run(bed: Bed, procs: Procs, job: list[str], poll: bool, limit: float) -> dict[str, Any]:
     """CPU ticks of the safegate process itself: every second while it runs (when *poll*), and at its exit
     (read from the zombie before it is reaped, so nothing is missed)."""
-    t0 = time.monotonic()
-    proc = procs.start("safegate", bed.exec_argv([], job), env=bed.env, stdin=subprocess.DEVNULL,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    readings: list[tuple[float, int]] = []
-    try:
-        deadline = t0 + RUN_TIMEOUT + 120
-        final = None
-        while time.monotonic() < deadline:
-            if wait_exit(proc, 1.0 if poll else deadline - time.monotonic()) is not None:
-                final = cpu_ticks(proc.pid)
-                break
-            ticks = cpu_ticks(proc.pid)
-            if ticks is not None:
-                readings.append((time.monotonic() - t0, ticks))
-        wall = time.monotonic() - t0
-        if final is None:
-            raise BenchError(f"safegate exec -- {' '.join(job)} did not end in time")
-    finally:
-        procs.stop(proc)
+    err_file = bed.log_path("overhead").with_suffix(".stderr")
+    with open(err_file, "wb") as err:
+        t0 = time.monotonic()
+        proc = procs.start("safegate", bed.exec_argv([], job), env=bed.env, stdin=subprocess.DEVNULL,
+                           stdout=subprocess.DEVNULL, stderr=err)
+        readings: list[tuple[float, int]] = []
+        final: int | None = None
+        wall = 0.0
+        try:
+            deadline = t0 + limit
+            while final is None and time.monotonic() < deadline:
+                if wait_exit(proc, 1.0 if poll else deadline - time.monotonic()) is not None:
+                    wall = time.monotonic() - t0
+                    final = cpu_ticks(proc.pid)
+                    break
+                ticks = cpu_ticks(proc.pid)
+                if ticks is not None:
+                    readings.append((time.monotonic() - t0, ticks))
+        finally:
+            procs.stop(proc)
+    if final is None:
+        raise BenchError(f"safegate exec -- {' '.join(job)} did not end within {limit:g} s")
     if proc.returncode != 0:
-        err = proc.stderr.read() if proc.stderr else ""
-        raise BenchError(f"safegate exec -- {' '.join(job)} exited {proc.returncode}: {err!s:.300}")
+        raise BenchError(f"safegate exec -- {' '.join(job)} exited {proc.returncode}: "
+                         f"{read_text(str(err_file)).strip()[:300]!r}")
     return {"cpu": final / CLK_TCK, "wall": wall, "readings": readings}
 
 
 def bench_overhead(bed: Bed, procs: Procs, startup_runs: int, runs: int, seconds: int) -> dict[str, Any]:
-    overhead_run(bed, procs, ["true"], poll=False)  # warm-up: compiles the bytecode into the temp cache
-    startup = [overhead_run(bed, procs, ["true"], poll=False) for _ in range(startup_runs)]
+    overhead_run(bed, procs, ["true"], poll=False, limit=RUN_TIMEOUT)  # warm-up: fills the temp bytecode cache
+    startup = [overhead_run(bed, procs, ["true"], poll=False, limit=RUN_TIMEOUT) for _ in range(startup_runs)]
     cpu0, wall0 = median([r["cpu"] for r in startup]), median([r["wall"] for r in startup])
     log(f"   start-up alone: {cpu0 * 1000:.0f} ms CPU, {wall0 * 1000:.0f} ms wall (median of {startup_runs})")
     idle = []
     for i in range(runs):
-        r = overhead_run(bed, procs, ["sleep", str(seconds)], poll=True)
+        r = overhead_run(bed, procs, ["sleep", str(seconds)], poll=True, limit=seconds + RUN_TIMEOUT)
         r["pct"] = (r["cpu"] - cpu0) / (r["wall"] - wall0) * 100
         steady = [(t, ticks) for t, ticks in r["readings"] if t >= STEADY_SKIP]
         if len(steady) >= 2 and steady[-1][0] > steady[0][0]:
@@ -777,8 +781,33 @@ def wait_line(proc: subprocess.Popen[Any], timeout: float) -> str:
     return proc.stdout.readline().strip() if ready else ""
 
 
+def time_tree(tree: JobTree, calls: int) -> dict[str, list[float]]:
+    """Seconds per call of each JobTree step, and of a whole sample, on *tree*."""
+    from safegate.probes.jobtree import read_available
+
+    def sample() -> None:
+        tree.refresh()
+        tree.memory(precise=False)
+        read_available()
+
+    def act() -> None:
+        tree.refresh(force_scan=True)
+        tree.memory(precise=True)
+        read_available()
+
+    return {
+        "rescan": timed(tree.rescan, calls),
+        "refresh": timed(tree.refresh, calls, before=tree.rescan),
+        "rss": timed(lambda: tree.memory(precise=False), calls),
+        "pss": timed(lambda: tree.memory(precise=True), calls),
+        "available": timed(read_available, calls),
+        "sample": timed(sample, calls, before=tree.rescan),
+        "act": timed(act, calls),
+    }
+
+
 def bench_jobtree(bed: Bed, procs: Procs, counts: Sequence[int], calls: int, notes: list[str]) -> list[dict[str, Any]]:
-    from safegate.probes.jobtree import JobTree, read_available
+    from safegate.probes.jobtree import JobTree
 
     rows: list[dict[str, Any]] = []
     for count in counts:
@@ -803,15 +832,7 @@ def bench_jobtree(bed: Bed, procs: Procs, counts: Sequence[int], calls: int, not
                 time.sleep(0.05)
             in_proc = sum(1 for name in os.listdir("/proc") if name.isdigit())
             row: dict[str, Any] = {"count": count, "in_proc": in_proc}
-            row["rescan"] = timed(tree.rescan, calls)
-            row["refresh"] = timed(tree.refresh, calls, before=tree.rescan)
-            row["rss"] = timed(lambda: tree.memory(precise=False), calls)
-            row["pss"] = timed(lambda: tree.memory(precise=True), calls)
-            row["available"] = timed(read_available, calls)
-            row["sample"] = timed(lambda: (tree.refresh(), tree.memory(precise=False), read_available()), calls,
-                                  before=tree.rescan)
-            row["act"] = timed(lambda: (tree.refresh(force_scan=True), tree.memory(precise=True),
-                                        read_available()), calls)
+            row.update(time_tree(tree, calls))
             if len(tree.pids) != count:
                 notes.append(f"part 5: {len(tree.pids)} of {count} sleeps left at the end of the timing")
             rows.append(row)
@@ -828,11 +849,11 @@ def bench_jobtree(bed: Bed, procs: Procs, counts: Sequence[int], calls: int, not
                 if time.monotonic() > deadline or hog.poll() is not None:
                     raise BenchError("the hog did not reach 1 GiB for part 5")
                 time.sleep(0.01)
-            tree = JobTree(root=hog.pid)
-            tree.add(hog.pid)
+            hog_tree = JobTree(root=hog.pid)
+            hog_tree.add(hog.pid)
             rows.append({"count": 1, "label": f"1 (the hog, holding {RATE_CAP_MIB} MiB)", "in_proc": None,
-                         "rss": timed(lambda: tree.memory(precise=False), calls),
-                         "pss": timed(lambda: tree.memory(precise=True), calls)})
+                         "rss": timed(lambda: hog_tree.memory(precise=False), calls),
+                         "pss": timed(lambda: hog_tree.memory(precise=True), calls)})
         finally:
             procs.stop(hog)
     return rows
@@ -933,7 +954,7 @@ def report(args: argparse.Namespace, facts: list[tuple[str, str]], results: dict
         ok = [row for row in mm["rows"] if "overshoot" in row]
         n = len(mm["rows"])
         twenty = sum(1 for row in mm["rows"] if row["rc"] == 20)
-        r = rate["rate"]
+        r = results["rate"]["rate"]
         over = [row["overshoot"] for row in ok]
         over_ms = [row["overshoot"] / r * 1000 for row in ok]
         own_ms = [row["overshoot"] / row["own_rate"] * 1000 for row in ok]
@@ -975,7 +996,7 @@ def report(args: argparse.Namespace, facts: list[tuple[str, str]], results: dict
     if fl:
         sg = [row for row in fl["safegate"] if "overshoot" in row]
         eo = [row for row in fl["earlyoom"] if "overshoot" in row]
-        r = rate["rate"]
+        r = results["rate"]["rate"]
         out += [
             "", "## 3. `--min-available` vs earlyoom, same floor", "",
             f"Before each pair of runs: F = MemAvailable - 1 GiB (rounded down to a KiB). safegate: "
@@ -990,22 +1011,22 @@ def report(args: argparse.Namespace, facts: list[tuple[str, str]], results: dict
             "| measure | tool | n | median | p10 | p90 | min | max |", "|---|---|---|---|---|---|---|---|",
         ]
 
-        def both(label: str, get: Callable[[dict[str, Any]], float], scale: float) -> None:
+        def both(label: str, get: Callable[[dict[str, Any]], float], scale: float, own: bool = False) -> None:
             for name, rows in (("safegate", sg), ("earlyoom", eo)):
-                values = [get(row) for row in rows if "own_rate" in row or "own_rate" not in label]
+                values = [get(row) for row in rows if "own_rate" in row or not own]
                 line = stat_row(label, values, scale)
                 out.append(line.replace(f"| {label} |", f"| {label} | {name} |", 1))
 
         both("overshoot below F, MB", lambda row: float(row["overshoot"]), 1 / MB)
         both("overshoot, ms of filling at part 1's rate", lambda row: row["overshoot"] / r * 1000, 1)
         both("overshoot, ms of filling at the run's own rate",
-             lambda row: row["overshoot"] / row["own_rate"] * 1000, 1)
-        both("fill rate during the run (own_rate), GB/s", lambda row: float(row["own_rate"]), 1 / GB)
+             lambda row: row["overshoot"] / row["own_rate"] * 1000, 1, own=True)
+        both("fill rate during the run, GB/s", lambda row: float(row["own_rate"]), 1 / GB, own=True)
         both("headroom at the start (MemAvailable - F), MB", lambda row: float(row["headroom"]), 1 / MB)
         out.append("")
         if sg and eo:
             m_sg, m_eo = median([x["overshoot"] for x in sg]), median([x["overshoot"] for x in eo])
-            pairs = list(zip(fl["safegate"], fl["earlyoom"]))
+            pairs = list(zip(fl["safegate"], fl["earlyoom"], strict=False))
             wins = sum(1 for a, b in pairs if "overshoot" in a and "overshoot" in b and a["overshoot"] < b["overshoot"])
             ratio = f"{m_eo / m_sg:.1f}x" if m_sg > 0 else "n/a (safegate's median is 0)"
             out += [
@@ -1065,7 +1086,7 @@ def report(args: argparse.Namespace, facts: list[tuple[str, str]], results: dict
             "path, timed right after an untimed `rescan()`. Sample = `refresh()` + `memory(precise=False)` + "
             "`read_available()` (a sample far from a limit); act = `refresh(force_scan=True)` + "
             "`memory(precise=True)` + `read_available()` (the re-check before acting). "
-            f"`rescan()` reads every /proc/PID/stat on the machine, so it also grows with the other processes.", "",
+            "`rescan()` reads every /proc/PID/stat on the machine, so it also grows with the other processes.", "",
             "| processes in the job | in /proc | n | rescan() | refresh() | memory(precise=False) "
             "| memory(precise=True) | read_available() | sample | act |",
             "|---|---|---|---|---|---|---|---|---|---|",
@@ -1138,12 +1159,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--safegate", metavar="PATH", help="the safegate executable (default: beside this python)")
     args = parser.parse_args(argv)
     q = args.quick
-    args.runs = args.runs or (QUICK_RUNS if q else DEFAULT_RUNS)
-    args.rate_runs = args.rate_runs or (QUICK_RATE_RUNS if q else DEFAULT_RATE_RUNS)
-    args.overhead_runs = args.overhead_runs or (QUICK_OVERHEAD_RUNS if q else DEFAULT_OVERHEAD_RUNS)
-    args.overhead_seconds = args.overhead_seconds or (QUICK_OVERHEAD_SECONDS if q else DEFAULT_OVERHEAD_SECONDS)
-    args.startup_runs = args.startup_runs or (QUICK_STARTUP_RUNS if q else DEFAULT_STARTUP_RUNS)
-    args.calls = args.calls or (QUICK_CALLS if q else DEFAULT_CALLS)
+    if args.runs is None:
+        args.runs = QUICK_RUNS if q else DEFAULT_RUNS
+    if args.rate_runs is None:
+        args.rate_runs = QUICK_RATE_RUNS if q else DEFAULT_RATE_RUNS
+    if args.overhead_runs is None:
+        args.overhead_runs = QUICK_OVERHEAD_RUNS if q else DEFAULT_OVERHEAD_RUNS
+    if args.overhead_seconds is None:
+        args.overhead_seconds = QUICK_OVERHEAD_SECONDS if q else DEFAULT_OVERHEAD_SECONDS
+    if args.startup_runs is None:
+        args.startup_runs = QUICK_STARTUP_RUNS if q else DEFAULT_STARTUP_RUNS
+    if args.calls is None:
+        args.calls = QUICK_CALLS if q else DEFAULT_CALLS
     try:
         args.counts = (tuple(int(c) for c in args.counts.split(",")) if args.counts
                        else QUICK_COUNTS if q else DEFAULT_COUNTS)
@@ -1244,10 +1271,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         Path(args.out).write_text(text, encoding="utf-8")
     if args.raw:
-        raw = {k: v for k, v in results.items()}
-        if "floor" in raw:  # earlyoom's raw output lines are kept; they are short
-            raw["floor"] = raw["floor"]
-        Path(args.raw).write_text(json.dumps(raw, indent=1, default=str), encoding="utf-8")
+        Path(args.raw).write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
     return 0
 
 

@@ -108,8 +108,8 @@ def test_preset_cuda_visible_devices_is_respected(run: Run, config: Path, gpu_en
     code, gpu = gpu_check(run, config, env, "--gpu-mem", "8G")
     assert code == ExitCode.GPU_MEMORY and gpu["values"]["candidates"] == [0, 1]
     out = tmp_path / "cvd"
-    result = run("exec", "--config", str(config), "--mem", "0", "--", "sh", "-c", f'echo "$CUDA_VISIBLE_DEVICES" > {out}',
-                 env={**env, "CUDA_VISIBLE_DEVICES": "GPU-0002"})
+    result = run("exec", "--config", str(config), "--mem", "0", "--", "sh", "-c",
+                 f'echo "$CUDA_VISIBLE_DEVICES" > {out}', env={**env, "CUDA_VISIBLE_DEVICES": "GPU-0002"})
     assert result.returncode == 0 and out.read_text().strip() == "GPU-0002"
 
 
