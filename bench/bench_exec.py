@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import glob
 import json
+import math
 import os
 import platform
 import re
@@ -60,7 +61,7 @@ DEFAULT_RUNS = 20
 QUICK_RUNS = 3
 DEFAULT_RATE_RUNS = 10
 QUICK_RATE_RUNS = 3
-DEFAULT_GAP = 3.0
+DEFAULT_GAP = 1.0
 DEFAULT_OVERHEAD_RUNS = 5
 QUICK_OVERHEAD_RUNS = 1
 DEFAULT_OVERHEAD_SECONDS = 60
@@ -80,13 +81,16 @@ AVOID_ALL_BUT_HOG = "^([^h].*|h|h[^o].*|ho|ho[^g].*|hog.+)$"
 
 HOG_C = r"""
 /* bench_exec.py's memory hog: malloc 64 MiB chunks and memset them, up to argv[1] MiB, then sleep. */
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <unistd.h>
 #define CHUNK ((size_t)64 << 20)
 static char *volatile keep[1 << 16]; /* keeps the compiler from dropping the stores */
 int main(int argc, char **argv) {
     size_t cap = (size_t)strtoull(argc > 1 ? argv[1] : "1024", 0, 10) << 20, done = 0, i = 0;
+    prctl(PR_SET_PDEATHSIG, SIGKILL); /* dies with its parent, even a SIGKILLed bench */
     while (done < cap) {
         size_t n = cap - done < CHUNK ? cap - done : CHUNK;
         char *p = malloc(n);
@@ -98,6 +102,16 @@ int main(int argc, char **argv) {
     for (;;) pause();
 }
 """
+
+# earlyoom is started through this, so it dies with the bench even when the bench is SIGKILLed: a stray
+# earlyoom with the bench's high floor would go on killing the biggest process on the machine.
+PDEATH_EXEC = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    sys.exit(1)\n"
+    "os.execv(sys.argv[2], sys.argv[2:])\n"
+)
 
 # Part 5: a child that starts N `sleep 600` and waits; on EOF on stdin (the bench closed it, or died) or
 # SIGTERM it kills and reaps them. The sleeps end by themselves after 600 s in any case.
@@ -289,6 +303,18 @@ def settle(baseline: int, timeout: float = 10.0) -> int:
         if now >= baseline - 64 * MIB or time.monotonic() > deadline:
             return now
         time.sleep(0.05)
+
+
+def steady_available(timeout: float = 5.0) -> int:
+    """MemAvailable once two readings 100 ms apart differ by less than 8 MiB (or after *timeout*)."""
+    deadline = time.monotonic() + timeout
+    last = available()
+    while True:
+        time.sleep(0.1)
+        now = available()
+        if abs(now - last) < 8 * MIB or time.monotonic() > deadline:
+            return now
+        last = now
 
 
 def iso_time(text: str) -> float:
@@ -527,12 +553,14 @@ def bench_max_mem(bed: Bed, procs: Procs, runs: int, pause: float, rate: float) 
                             f"stderr: {run['stderr'][:300]!r}")
         else:
             t_adm, t_breach, t_exit = iso_time(admitted["time"]), iso_time(breach["time"]), run["exit"]
+            job_exit = event(run["events"], "exit")
             job_mem, limit = int(breach["job_memory"]), int(breach["max_mem"])
             own_rate = job_mem / (t_breach - t_adm) if t_breach > t_adm else float("nan")
             row.update({
                 "admitted": t_adm, "breach": t_breach, "exit": t_exit, "job_memory": job_mem, "max_mem": limit,
                 "overshoot": job_mem - limit, "own_rate": own_rate,
                 "crossing_rate": t_adm + limit / rate, "crossing_own": t_adm + limit / own_rate,
+                "job_gone": iso_time(job_exit["time"]) if job_exit is not None else None,
             })
             log(f"   run {i + 1}/{runs}: exit {run['rc']}, overshoot {(job_mem - limit) / MB:.1f} MB, "
                 f"{own_rate / GB:.2f} GB/s")
@@ -544,9 +572,18 @@ def bench_max_mem(bed: Bed, procs: Procs, runs: int, pause: float, rate: float) 
 
 
 def find_earlyoom(install: bool, notes: list[str]) -> str | None:
-    found = shutil.which("earlyoom")
-    if found:
-        return found
+    found = shutil.which("earlyoom") or _install_earlyoom(install, notes)
+    if found is None:
+        return None
+    usage = subprocess.run([found, "-h"], capture_output=True, text=True, check=False)
+    missing = [flag for flag in ("-M", "-s", "-r", "--prefer", "--avoid") if flag not in usage.stdout + usage.stderr]
+    if missing:
+        notes.append(f"{found} -h does not list {', '.join(missing)}: part 3's comparison was skipped")
+        return None
+    return found
+
+
+def _install_earlyoom(install: bool, notes: list[str]) -> str | None:
     if not install:
         notes.append("earlyoom is not installed and --no-install was given: part 3's comparison was skipped")
         return None
@@ -597,8 +634,8 @@ class Reader:
 def earlyoom_run(eo_exe: str, procs: Procs, bed: Bed, floor_kib: int) -> dict[str, Any]:
     """earlyoom watching, the hog started alone as the bench's child; both stopped before returning."""
     argv = [eo_exe, "-M", str(floor_kib), "-s", "100", "-r", "0", "--prefer", "^hog$", "--avoid", AVOID_ALL_BUT_HOG]
-    eo = procs.start("earlyoom", argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                     stderr=subprocess.STDOUT, text=True, bufsize=1)
+    eo = procs.start("earlyoom", [sys.executable, "-c", PDEATH_EXEC, str(os.getpid()), *argv],
+                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     try:
         reader = Reader(eo.stdout)
         if not reader.wait_for(r"SIGKILL when", 10.0):
@@ -658,7 +695,7 @@ def bench_floor(bed: Bed, procs: Procs, eo_exe: str | None, runs: int, pause: fl
     eo: list[dict[str, Any]] = []
     failures: list[str] = []
     for i in range(runs):
-        baseline = settle(available())
+        baseline = steady_available()
         floor_kib = (baseline - FLOOR_DROP) // 1024
         floor = floor_kib * 1024
         order = ["safegate", "earlyoom"] if i % 2 == 0 else ["earlyoom", "safegate"]
@@ -868,8 +905,8 @@ def page_reporting() -> str:
         if read_text(f"{dev}/device").strip() == "0x0005":
             features = read_text(f"{dev}/features").strip()
             if len(features) > 5 and features[5] == "1":
-                return ("virtio balloon with free page reporting: memory freed for more than a few seconds goes "
-                        "back to the host, and touching it again is slower (see the notes)")
+                return ("virtio balloon with free page reporting: freed memory can go back to the host, and "
+                        "touching it again is then slower (see the notes)")
             return "virtio balloon without free page reporting"
     return "no virtio balloon"
 
@@ -921,6 +958,31 @@ def first_lines(argv: list[str]) -> list[str]:
 
 def verdict(ok: bool) -> str:
     return "**met**" if ok else "**NOT met**"
+
+
+def fill_regime_note(results: dict[str, Any]) -> str:
+    """Whether parts 2 and 3 filled memory at the rate part 1 measured (a VM may not, from run to run)."""
+    base = results["rate"]["rate"]
+    seen = [f"part 1 {base / GB:.2f}"]
+    off = []
+    groups = [("part 2", [r.get("own_rate") for r in results.get("max_mem", {}).get("rows", [])])]
+    floor = results.get("floor", {})
+    groups += [(f"part 3 {tool}", [r.get("own_rate") for r in floor.get(tool, [])])
+               for tool in ("safegate", "earlyoom")]
+    for name, values in groups:
+        rates = [v for v in values if isinstance(v, float) and math.isfinite(v)]
+        if rates:
+            m = median(rates)
+            seen.append(f"{name} {m / GB:.2f}")
+            if abs(m - base) > 0.25 * base:
+                off.append(name)
+    text = "median fill rates, GB/s: " + ", ".join(seen) + ". "
+    if off:
+        text += (f"{', '.join(off)} filled more than 25% faster or slower than part 1: for those, the figures at "
+                 "the run's own rate are the ones to read. ")
+    return text + ("The fill rate of a VM can change between runs: with free page reporting, memory the host has "
+                   "taken back is slower to touch again (0.45-0.65 against 1.6-1.9 GB/s were both seen on the 2-core "
+                   "dev VM, minutes apart).")
 
 
 def report(args: argparse.Namespace, facts: list[tuple[str, str]], results: dict[str, Any]) -> str:
@@ -977,6 +1039,8 @@ def report(args: argparse.Namespace, facts: list[tuple[str, str]], results: dict
             stat_row("crossing -> safegate exit, ms (the run's own rate)",
                      [row["exit"] - row["crossing_own"] for row in ok], 1000),
             stat_row("breach event -> safegate exit, ms", [row["exit"] - row["breach"] for row in ok], 1000),
+            stat_row("of which breach event -> `exit` event (the job reaped), ms",
+                     [row["job_gone"] - row["breach"] for row in ok if row["job_gone"] is not None], 1000),
             stat_row("admitted -> breach event, ms", [row["breach"] - row["admitted"] for row in ok], 1000),
             stat_row("fill rate during the run, GB/s", [row["own_rate"] for row in ok], 1 / GB),
             "",
@@ -1109,6 +1173,8 @@ def report(args: argparse.Namespace, facts: list[tuple[str, str]], results: dict
                 f"| {us(row['pss'])} | {us(row.get('available'))} | {us(row.get('sample'))} | {us(row.get('act'))} |"
             )
 
+    if rate:
+        notes.append(fill_regime_note(results))
     notes.append("left behind at the end: " + (", ".join(results["left"]) if results["left"] else "nothing "
                  "(every process the bench started was stopped and reaped)"))
     out += ["", "## Notes", ""] + [f"- {n}" for n in notes]

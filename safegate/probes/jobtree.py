@@ -1,10 +1,10 @@
 """The processes of a running job and the memory they use.
 
 safegate is the job's subreaper, so every descendant (also one that double-forked or called setsid)
-stays below it: the job is exactly the set of this process's descendants. Where the kernel has no
-/proc/PID/task/TID/children, finding new descendants needs a scan of every /proc/PID/stat; that runs
-at most once per RESCAN seconds (and on demand before acting), while the known pids are re-read on
-every sample, which costs a few microseconds each.
+stays below it: the job is exactly the set of this process's descendants. Finding new descendants
+takes a scan of every /proc/PID/stat (the kernel's children lists are not always built in), so it runs
+at most once per RESCAN seconds and on demand before acting; between scans a sample reads only one
+statm per known pid, and a pid whose statm is gone has left the job.
 """
 
 from __future__ import annotations
@@ -39,10 +39,11 @@ def read_available(path: str = "/proc/meminfo") -> int:
     return int(psutil.virtual_memory().available)
 
 
-def rss_bytes(pid: int, proc_root: str = "/proc") -> int:
+def rss_bytes(pid: int, proc_root: str = "/proc") -> int | None:
+    """Resident memory of *pid*, None when it has exited (a zombie reads 0)."""
     raw = read_small(f"{proc_root}/{pid}/statm", 256)
     if not raw:
-        return 0
+        return None
     fields = raw.split()
     return int(fields[1]) * _PAGE_SIZE if len(fields) > 1 else 0
 
@@ -63,7 +64,7 @@ def pss_bytes(pid: int, proc_root: str = "/proc") -> int | None:
 
 
 class JobTree:
-    def __init__(self, root: int | None = None, proc_root: str = "/proc", clock: object = time.monotonic) -> None:
+    def __init__(self, root: int | None = None, proc_root: str = "/proc") -> None:
         self.root = os.getpid() if root is None else root
         self.proc_root = proc_root
         self.pids: set[int] = set()
@@ -89,22 +90,22 @@ class JobTree:
         self._last_scan = time.monotonic()
 
     def refresh(self, force_scan: bool = False) -> set[int]:
-        """Drop exited pids; rescan for new ones when due."""
+        """Rescan for new descendants when due (exited ones drop out in memory())."""
         if force_scan or time.monotonic() - self._last_scan >= RESCAN:
             self.rescan()
-            return self.pids
-        alive = set()
-        for pid in self.pids:
-            fields = _stat_fields(pid, self.proc_root)
-            if fields and fields[0] not in (b"Z", b"X"):
-                alive.add(pid)
-        self.pids = alive
         return self.pids
 
     def memory(self, precise: bool) -> int:
         """The job's memory: RSS summed, or PSS summed (shared pages counted once) when *precise*."""
         total = 0
+        gone = []
         for pid in self.pids:
             value = pss_bytes(pid, self.proc_root) if precise else None
-            total += value if value is not None else rss_bytes(pid, self.proc_root)
+            if value is None:
+                value = rss_bytes(pid, self.proc_root)
+                if value is None:
+                    gone.append(pid)
+                    continue
+            total += value
+        self.pids.difference_update(gone)
         return total
