@@ -67,6 +67,15 @@ class Procs:
         return pid
 
     def kill_all(self) -> None:
+        # A job runs in its own process group and outlives a SIGKILLed safegate by design: take every
+        # descendant (and its group) of what the test started, before killing the roots.
+        leftovers = _descendants([p.pid for p in self.started if p.poll() is None] + self.orphans)
+        for pid in leftovers:
+            for kill in (os.killpg, os.kill):
+                try:
+                    kill(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
         for pid in self.orphans:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -93,6 +102,22 @@ def _cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     except OSError:
         return ""
+
+
+def _descendants(roots: list[int]) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            parent = _ppid(int(entry.name))
+            children.setdefault(parent, []).append(int(entry.name))
+    found: list[int] = []
+    stack = list(roots)
+    while stack:
+        for child in children.get(stack.pop(), []):
+            if child not in found:
+                found.append(child)
+                stack.append(child)
+    return found
 
 
 def _ppid(pid: int) -> int:
