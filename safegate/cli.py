@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Annotated, TypeVar
 
 import typer
@@ -320,6 +322,15 @@ def exec_(
     cfg = load_config(config)
     chosen = profile or cfg.profile_for_command(command).name
     settings = resolve(cfg, chosen, overrides)
+    if os.environ.get("SLURM_JOB_ID"):
+        from safegate import slurm
+
+        if settings.profile.slurm_license:
+            slurm.require_license(settings.profile.slurm_license, os.environ)
+        if exec_overrides.max_mem is None and settings.profile.max_mem is None:
+            job_limit = slurm.default_max_mem(os.environ)
+            if job_limit is not None:
+                exec_overrides = replace(exec_overrides, max_mem=Size(bytes=job_limit))
     log_path = log or settings.profile.log
     event_log = EventLog(log_path, lambda msg: typer.echo(f"safegate: warning: {msg}", err=True)) if log_path else None
     chatty = {"admitted", "exit", "summary", "cleanup"}
@@ -461,6 +472,42 @@ def status(
         if not watch:
             return
         time.sleep(2.0)
+
+
+slurm_app = typer.Typer(help="Safegate inside Slurm.", no_args_is_help=True)
+app.add_typer(slurm_app, name="slurm")
+
+
+@slurm_app.command("health", epilog=EXIT_CODES_EPILOG)
+def slurm_health(
+    node: Annotated[str | None, typer.Option(metavar="NAME", help="Node to drain or resume (default: "
+                                             "$SLURMD_NODENAME, else the short hostname).")] = None,
+    reason_prefix: Annotated[str, typer.Option("--reason-prefix", metavar="TEXT", help="Drain reasons start with "
+                                               "this; only such drains are ever resumed.")] = "safegate:",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the scontrol command instead of running it.")]
+    = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Node health check for HealthCheckProgram= or NHC: drain the node when it is unsafe (too hot, memory
+    pressure or margin, a failed GPU, a blocking competing process), resume it when safe again if the drain
+    is safegate's own. Never touches running jobs. Exit 0 healthy, else the blocking code.
+
+    Example: HealthCheckProgram=/usr/local/bin/safegate-health (a wrapper running: safegate slurm health)
+    """
+    from safegate import slurm
+
+    cfg = load_config(config)
+    settings = resolve(cfg, DEFAULT_PROFILE, Overrides(mem=Size(bytes=0)))
+    verdict = evaluate(settings)
+    problems = slurm.node_problems(verdict)
+    name = slurm.node_name(node, os.environ)
+    state = slurm.read_node(name) if not dry_run or shutil.which("scontrol") else slurm.NodeState(name, "", "")
+    action = slurm.decide(state, problems, reason_prefix)
+    typer.echo(f"safegate: {action.message}", err=True)
+    line = slurm.apply(action, dry_run)
+    if line is not None:
+        typer.echo(line)
+    raise typer.Exit(int(slurm.node_code(verdict)))
 
 
 def main(argv: list[str] | None = None) -> int:

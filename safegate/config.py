@@ -103,6 +103,7 @@ class Profile:
     gpu: tuple[int, ...] | None = None  # None: auto
     max_gpu_mem: Size | None = None
     min_gpu_free: Size | None = None  # a percentage is of the card
+    slurm_license: str | None = None  # inside a Slurm job, exec requires the job to hold this license
 
     @property
     def effective_resume_temp(self) -> float:
@@ -168,6 +169,7 @@ _PROFILE_KEYS = {
     "gpu",
     "max_gpu_mem",
     "min_gpu_free",
+    "slurm_license",
 }
 _TOP_KEYS = {"lock_dir", "legacy_lock_files", "defaults", "thermal", "gpu", "profiles"}
 _GPU_KEYS = {"backend"}
@@ -182,7 +184,9 @@ class _Where:
         self.source = source
 
     def fail(self, key: str, message: str) -> ConfigError:
-        return ConfigError(f"config {self.source}: {key}: {message}")
+        # Keys come from the file: a key holding a newline must not break the one-line message.
+        text = f"config {self.source}: {key}: {message}"
+        return ConfigError("".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text))
 
 
 def _expect(where: _Where, key: str, value: Any, kind: type | tuple[type, ...], what: str) -> Any:

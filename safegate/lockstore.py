@@ -1,8 +1,10 @@
 """Named locks in a shared directory: flock(2) on <dir>/<name>.lock, holder metadata beside it.
 
 The lock file is locked with flock(2) through filelock's descriptor API, so `flock(1)` on the same
-file excludes too. safegate opens every file itself, with O_NOFOLLOW, so a planted symlink is refused
-instead of followed, and never unlinks a lock file: unlinking splits waiters across inodes.
+file excludes too. Only testing a lock (check, cleanup, waiting) calls flock(2) directly: the same lock,
+without the ~12 ms it costs `check` to import filelock. safegate opens every file itself, with O_NOFOLLOW,
+so a planted symlink is refused instead of followed, and never unlinks a lock file: unlinking splits
+waiters across inodes.
 
 Holder metadata (<name>.holder.json) is informational: it names who holds the lock. It is written
 atomically (temp file + rename) after the flock is taken and removed before it is released; a copy
@@ -12,6 +14,7 @@ whose process is gone while the flock is free is stale and is removed by cleanup
 from __future__ import annotations
 
 import errno
+import fcntl
 import getpass
 import json
 import os
@@ -26,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from filelock import lock_descriptor, unlock_descriptor
 
 from safegate.errors import LockDirError
 from safegate.units import validate_lock_name
@@ -196,15 +198,40 @@ def _open_nofollow(path: Path, flags: int, mode: int = 0o644) -> int:
         raise
 
 
+def _flock_nb(fd: int) -> bool:
+    """One non-blocking exclusive flock(2) attempt: True when taken."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _funlock(fd: int) -> None:
+    fcntl.flock(fd, fcntl.LOCK_UN)
+
+
 def _try_flock(fd: int, grace: float) -> bool:
     """Take the exclusive flock without blocking, retrying briefly so a prober is not taken for a holder."""
     deadline = time.monotonic() + grace
     while True:
-        if lock_descriptor(fd, blocking=False):
+        if _flock_nb(fd):
             return True
         if time.monotonic() >= deadline:
             return False
         time.sleep(_CONTENTION_STEP)
+
+
+def _take(fd: int, grace: float) -> bool:
+    """Taking a lock goes through filelock's descriptor API (the same flock(2) as flock(1) and _flock_nb)."""
+    from filelock import lock_descriptor
+
+    deadline = time.monotonic() + grace
+    while not lock_descriptor(fd, blocking=False):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(_CONTENTION_STEP)
+    return True
 
 
 class HeldLock:
@@ -234,6 +261,8 @@ class HeldLock:
             return
         # Metadata first: once the flock is free a new holder may write its own.
         self.store._remove_holder_if(self.name, self.holder)
+        from filelock import unlock_descriptor
+
         unlock_descriptor(self.fd)
         os.close(self.fd)
         self.fd = -1
@@ -355,7 +384,7 @@ class LockStore:
         try:
             got = _try_flock(fd, CONTENTION_GRACE)
             if got:
-                unlock_descriptor(fd)
+                _funlock(fd)
             return not got
         finally:
             os.close(fd)
@@ -372,8 +401,8 @@ class LockStore:
             return True
         try:
             while True:
-                if lock_descriptor(fd, blocking=False):
-                    unlock_descriptor(fd)
+                if _flock_nb(fd):
+                    _funlock(fd)
                     return True
                 if time.monotonic() >= deadline:
                     return False
@@ -388,6 +417,8 @@ class LockStore:
         Held only for the check-and-claim step (milliseconds), so that two execs started in the same
         second cannot both pass a memory check only one of them fits.
         """
+        from filelock import lock_descriptor
+
         fd = self._open_lock_path(self.directory / ADMISSION_FILE, create=True)
         assert fd is not None
         try:
@@ -411,12 +442,12 @@ class LockStore:
             fd = self._open_lock_file(name, create=True)
             if fd is None:
                 continue  # removed between create and open; try again
-            if not _try_flock(fd, CONTENTION_GRACE):
+            if not _take(fd, CONTENTION_GRACE):
                 os.close(fd)
                 return None
             if os.fstat(fd).st_nlink == 0:
                 # Someone unlinked the file: our flock guards no name; start over on the new inode.
-                unlock_descriptor(fd)
+                _funlock(fd)
                 os.close(fd)
                 continue
             held = HeldLock(self, name, fd, None)

@@ -25,6 +25,7 @@ def test_thousand_checks_leak_nothing(monkeypatch: pytest.MonkeyPatch, lock_dir:
     fds, threads = _fds(), threading.active_count()
     for _ in range(1000):
         assert safegate.check(mem=0, config=str(config)).ok
+    print(f"after 1,000 checks: {_fds()} fds (before {fds}), {threading.active_count()} threads (before {threads})")
     assert (_fds(), threading.active_count()) == (fds, threads)
 
 
@@ -47,6 +48,7 @@ def test_exec_rss_watching_a_thousand_process_job(run: Run, config: Path, lock_d
     spent = _cpu(gate.pid)
     wait_until(lambda: _cpu(gate.pid) >= spent + 0.03, timeout=30, what="safegate to rescan the tree")
     rss = _rss(gate.pid)
+    print(f"safegate exec RSS watching {job_size()} processes: {rss / 1024**2:.1f} MiB")
     assert rss < 60 * 1024**2, f"safegate uses {rss / 1024**2:.1f} MiB"
     gate.terminate()
     assert gate.wait(timeout=60) == 128 + 15

@@ -92,6 +92,7 @@ def test_sigkill_at_random_moments(run: Run, config: Path, lock_dir: Path, procs
             with safegate.hold(lock, wait=False, mem=0, config=str(config)):
                 pass
             assert time.monotonic() - t0 < 1.0
+    print(f"kill trials by phase: {phases}")
     assert sum(phases.values()) == TRIALS
     # The random delays must have hit every phase at least a few times, or the trial proves little.
     assert all(count >= 3 for count in phases.values()), phases
