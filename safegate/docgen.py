@@ -67,30 +67,43 @@ def _command_section(name: str, cmd: Any) -> list[str]:
     return lines
 
 
+def _leaf_commands(group: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """Every runnable command, sub-groups (safegate slurm health) flattened into "slurm health"."""
+    out = []
+    ctx = typer.Context(group)
+    for name in group.list_commands(ctx):
+        cmd = group.get_command(ctx, name)
+        assert cmd is not None
+        full = f"{prefix}{name}"
+        if hasattr(cmd, "list_commands"):
+            out += _leaf_commands(cmd, full + " ")
+        else:
+            out.append((full, cmd))
+    return out
+
+
 def man_page() -> str:
     root = typer.main.get_command(app)
     assert isinstance(root, typer.core.TyperGroup)
+    commands = _leaf_commands(root)
     lines = [
         f'.TH SAFEGATE 1 "{date(2026, 11, 23).isoformat()}" "safegate {__version__}" "User Commands"',
         ".SH NAME",
         "safegate \\- gate heavy ML jobs on memory, temperature, locks and competing processes",
         ".SH SYNOPSIS",
     ]
-    for name in root.list_commands(typer.Context(root)):
-        cmd = root.get_command(typer.Context(root), name)
-        assert cmd is not None
+    for name, cmd in commands:
         pieces = " ".join(cmd.collect_usage_pieces(typer.Context(cmd, info_name=name)))
         lines += [".PP", f"\\fBsafegate {name}\\fR " + _roff(pieces)]
     lines += [
         ".SH DESCRIPTION",
         _roff("safegate answers \"is it safe to start this job now?\" with an exit code (check), runs a job under "
               "the gate and stops it before it takes the machine down (exec), and reports the machine, its locks "
-              "and how many jobs fit (status, locks, slots). See README.md for the full description."),
+              "and how many jobs fit (status, locks, slots), and drains a Slurm node that is unsafe "
+              "(slurm health). See README.md for the full description."),
         ".SH COMMANDS",
     ]
-    for name in root.list_commands(typer.Context(root)):
-        cmd = root.get_command(typer.Context(root), name)
-        assert cmd is not None
+    for name, cmd in commands:
         lines += _command_section(name, cmd)
     lines.append(".SH EXIT STATUS")
     for code in ExitCode:

@@ -32,8 +32,8 @@ def test_help_epilog_lists_every_exit_code(run: Run) -> None:
     ]
 
 
-def _help_options(run: Run, command: str) -> set[str]:
-    out = run(command, "--help").stdout
+def _help_options(run: Run, *command: str) -> set[str]:
+    out = run(*command, "--help").stdout
     return set(re.findall(r"(?<![\w-])(--[a-z][a-z-]+)", out.split("Exit codes")[0])) - {"--help"}
 
 
@@ -66,8 +66,8 @@ def test_ci_runs_exactly_the_readme_test_command() -> None:
 
 
 def _all_options(run: Run) -> dict[str, set[str]]:
-    commands = ["check", "exec", "slots", "locks", "unlock", "profiles", "status"]
-    return {c: _help_options(run, c) for c in commands}
+    commands = ["check", "exec", "slots", "locks", "unlock", "profiles", "status", "slurm health"]
+    return {c: _help_options(run, *c.split()) for c in commands}
 
 
 def test_every_command_and_option_is_in_the_readme_and_the_man_page(run: Run) -> None:
