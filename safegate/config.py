@@ -312,6 +312,11 @@ def _exec_value(where: _Where, full: str, key: str, value: Any) -> Any:
     }
     if key == "log":
         return _expect(where, full, value, str, "a file path")
+    if key == "slurm_license":
+        _expect(where, full, value, str, "a Slurm license name")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", value):
+            raise where.fail(full, f"invalid license name {value!r}: letters, digits, '.', '_', '-'")
+        return value
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise where.fail(full, f"expected a string or number, got {type(value).__name__} {value!r}")
     try:

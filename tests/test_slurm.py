@@ -114,7 +114,11 @@ def _shutdown() -> None:
         except (ProcessLookupError, ValueError):
             pass
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and subprocess.run(["pgrep", "-x", "slurmctld|slurmd"]).returncode == 0:
+    def running() -> bool:
+        return any(subprocess.run(["pgrep", "-x", n], capture_output=True).returncode == 0
+                   for n in ("slurmctld", "slurmd"))
+
+    while time.monotonic() < deadline and running():
         time.sleep(0.2)
 
 

@@ -46,6 +46,18 @@ TOML_VALUES = st.recursive(
     max_leaves=12,
 )
 KEYS = st.sampled_from(["lock_dir", "legacy_lock_files", "defaults", "thermal", "gpu", "profiles", "x", ""])
+PROFILE_KEYS = st.sampled_from(sorted(__import__("safegate.config", fromlist=["_PROFILE_KEYS"])._PROFILE_KEYS))
+
+
+@FAST
+@given(table=st.dictionaries(PROFILE_KEYS, TOML_VALUES, max_size=4), where=st.sampled_from(["defaults", "profile"]))
+def test_any_profile_key_with_any_value(table: dict[str, object], where: str) -> None:
+    # Every known key, with values of every type: a profile or a one-line ConfigError, nothing else.
+    data = {"defaults": table} if where == "defaults" else {"profiles": {"p": table}}
+    try:
+        build_config(data, "fuzz.toml", None)
+    except ConfigError as exc:
+        assert "\n" not in str(exc)
 
 
 @FAST
