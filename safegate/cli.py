@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -501,7 +500,14 @@ def slurm_health(
     verdict = evaluate(settings)
     problems = slurm.node_problems(verdict)
     name = slurm.node_name(node, os.environ)
-    state = slurm.read_node(name) if not dry_run or shutil.which("scontrol") else slurm.NodeState(name, "", "")
+    try:
+        state = slurm.read_node(name)
+    except slurm.SlurmError as exc:
+        if not dry_run:
+            raise
+        # A dry run still says what it would do, from a node state it could not read.
+        typer.echo(f"safegate: {exc}; assuming node {name} is not drained", err=True)
+        state = slurm.NodeState(name, "", "")
     action = slurm.decide(state, problems, reason_prefix)
     typer.echo(f"safegate: {action.message}", err=True)
     line = slurm.apply(action, dry_run)

@@ -61,7 +61,8 @@ def _scontrol(args: Sequence[str], timeout: float = 20) -> str:
     except subprocess.TimeoutExpired:
         raise SlurmError(f"scontrol {' '.join(args)} timed out after {timeout:g}s") from None
     if result.returncode != 0:
-        raise SlurmError(f"scontrol {' '.join(args)} failed: {result.stderr.strip() or result.returncode}")
+        detail = (result.stderr.strip() or result.stdout.strip() or f"exit {result.returncode}").splitlines()[0]
+        raise SlurmError(f"scontrol {' '.join(args)} failed: {detail}")
     return result.stdout
 
 
