@@ -207,7 +207,12 @@ def check(
     """Is it safe to start this job now? Answer with the exit code.
 
     Runs five checks: memory margin (and memory pressure), temperature, the profile's lock,
-    competing processes, and stale lock cleanup.
+    competing processes, and stale lock cleanup (and GPU memory where there are GPUs).
+
+    \b
+    Examples:
+      safegate check -p whisper-large-v3 -q && whisper --model large-v3 talk.mp3
+      safegate check --mem 6G --margin 10% --wait --timeout 30m --json
     """
     overrides = _overrides(mem, margin, max_temp, lock, gpu, gpu_mem)
     wait_for = _wait_timeout(wait, timeout)
@@ -295,6 +300,11 @@ def exec_(
     memory and temperature that stops the job before it takes the machine down.
 
     The exit status is the job's own, 128+N if it died of signal N, or safegate's codes below.
+
+    \b
+    Examples:
+      safegate exec --wait -- whisper --model large-v3 talk.mp3
+      safegate exec --max-mem 12G --log run.jsonl -- python train.py
     """
     # exec's machinery (ctypes, the supervisor) is imported here so `check` does not pay for it.
     from safegate.eventlog import EventLog

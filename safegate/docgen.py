@@ -54,8 +54,13 @@ def _roff(text: str) -> str:
 def _command_section(name: str, cmd: Any) -> list[str]:
     ctx = typer.Context(cmd, info_name=name)
     lines = [".SS " + _roff(f"safegate {name}")]
-    help_text = (cmd.help or "").strip()
-    lines += [".PP", _roff(" ".join(help_text.split()))]
+    for paragraph in (cmd.help or "").strip().split("\n\n"):
+        if paragraph.lstrip().startswith("\b"):
+            # click's "\b" marks a block not to be re-wrapped (examples): keep its lines.
+            block = [line.strip() for line in paragraph.strip().splitlines()[1:]]
+            lines += [".PP", _roff(block[0]), ".RS", ".nf", *(_roff(b) for b in block[1:]), ".fi", ".RE"]
+        else:
+            lines += [".PP", _roff(" ".join(paragraph.split()))]
     for param in cmd.get_params(ctx):
         record = param.get_help_record(ctx)
         if record is None:

@@ -124,3 +124,9 @@ def test_other_shells_load_the_completion(shell: str) -> None:
             else f"source {REPO / 'completions' / name}; complete -C 'safegate ch'")
     result = subprocess.run([shell, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_every_command_help_has_an_example(run: Run) -> None:
+    for command in _all_options(run):
+        out = run(*command.split(), "--help").stdout
+        assert "Example" in out and "safegate" in out.split("Example", 1)[1], command
