@@ -34,7 +34,8 @@ def test_help_epilog_lists_every_exit_code(run: Run) -> None:
 
 def _help_options(run: Run, *command: str) -> set[str]:
     out = run(*command, "--help").stdout
-    return set(re.findall(r"(?<![\w-])(--[a-z][a-z-]+)", out.split("Exit codes")[0])) - {"--help"}
+    options = out.split("Options:", 1)[1].split("Exit codes")[0]
+    return set(re.findall(r"(?<![\w-])(--[a-z][a-z-]+)", options)) - {"--help"}
 
 
 @pytest.mark.parametrize("command", ["check", "exec"])
