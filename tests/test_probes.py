@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -107,10 +108,12 @@ def test_ancestor_and_descendant_helpers() -> None:
     assert ancestors(5, {5: 5}) == {5}  # a self-parented entry ends the walk instead of looping
 
 
-def test_scan_is_callable_from_a_fresh_interpreter() -> None:
-    code = "from safegate.probes.processes import read_processes; print(len(read_processes().processes) > 0)"
+def test_scan_is_callable_from_a_fresh_interpreter(procs: Procs) -> None:
+    other = procs.spawn_orphan("fresh-interpreter-target large")
+    code = ("import json; from safegate.probes.processes import read_processes; "
+            "print(json.dumps([p.pid for p in read_processes().processes]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "True"
+    assert other in json.loads(out)
 
 
 def test_other_safegate_processes_are_not_competitors_but_their_jobs_are(
