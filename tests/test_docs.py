@@ -117,14 +117,23 @@ def test_bash_completion_completes_in_real_bash(env: dict[str, str]) -> None:
 
 
 @pytest.mark.parametrize("shell", ["zsh", "fish"])
-def test_other_shells_load_the_completion(shell: str) -> None:
+def test_other_shells_load_and_complete(shell: str, env: dict[str, str]) -> None:
     if shutil.which(shell) is None:
         pytest.skip(f"{shell} is not installed here")
     name = {"zsh": "_safegate", "fish": "safegate.fish"}[shell]
-    code = (f"autoload -U compinit; compinit -u; source {REPO / 'completions' / name}" if shell == "zsh"
-            else f"source {REPO / 'completions' / name}; complete -C 'safegate ch'")
-    result = subprocess.run([shell, "-c", code], capture_output=True, text=True)
+    script = REPO / "completions" / name
+    if shell == "zsh":
+        # Load it as zsh does, then run the completion the function would run for "safegate ch<TAB>".
+        code = (f"autoload -U compinit; compinit -u; source {script}; whence -w _safegate_completion; "
+                "_TYPER_COMPLETE_ARGS='safegate ch' _SAFEGATE_COMPLETE=complete_zsh safegate")
+    else:
+        code = f"source {script}; complete -C 'safegate ch'"
+    path = f"{Path(sys.executable).parent}:{env['PATH']}"
+    result = subprocess.run([shell, "-c", code], capture_output=True, text=True, env={**env, "PATH": path})
     assert result.returncode == 0, result.stderr
+    assert "check" in result.stdout, result.stdout
+    if shell == "zsh":
+        assert "_safegate_completion: function" in result.stdout
 
 
 def test_every_command_help_has_an_example(run: Run) -> None:
