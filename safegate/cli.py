@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -347,7 +348,9 @@ def exec_(
     def on_event(event: Event) -> None:
         if not (quiet and event.kind in chatty):
             prefix = f"{event.kind}: " if event.kind in ("summary", "warning", "breach") else ""
-            typer.echo(f"safegate: {prefix}{event.message}", err=True)
+            # A closed terminal or pipe must not be what stops the watch: the job goes on, still watched.
+            with contextlib.suppress(OSError):
+                typer.echo(f"safegate: {prefix}{event.message}", err=True)
         if event_log is not None:
             event_log.write(event)
 
@@ -538,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = app(args=args, prog_name="safegate", standalone_mode=False)
     except SafegateError as exc:
-        typer.echo(f"safegate: {exc}", err=True)
+        _say(f"safegate: {exc}")
         return int(exc.exit_code)
     except typer.Exit as exc:
         return int(exc.exit_code)
@@ -558,9 +561,15 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if os.environ.get("SAFEGATE_DEBUG"):
             raise
-        typer.echo(f"safegate: internal error: {type(exc).__name__}: {exc}", err=True)
+        _say(f"safegate: internal error: {type(exc).__name__}: {exc}")
         return int(ExitCode.INTERNAL)
     return int(result) if isinstance(result, int) else 0
+
+
+def _say(line: str) -> None:
+    """The last word on stderr; if even that cannot be written, the exit code still tells."""
+    with contextlib.suppress(OSError):
+        typer.echo(line, err=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

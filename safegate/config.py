@@ -377,10 +377,15 @@ def build_config(data: Mapping[str, Any], source: str, path: Path | None) -> Con
     lock_dir = None
     if "lock_dir" in data:
         value = _expect(where, "lock_dir", data["lock_dir"], str, "a directory path")
-        if not value:
-            raise where.fail("lock_dir", "must not be empty")
+        if not value or "\0" in value or not value.startswith("/"):
+            # A relative path would resolve per working directory and split the locks between callers.
+            raise where.fail("lock_dir", f"expected an absolute directory path, got {value!r}")
         lock_dir = Path(value)
-    legacy = tuple(Path(p) for p in _string_list(where, "legacy_lock_files", data.get("legacy_lock_files", [])))
+    legacy_paths = _string_list(where, "legacy_lock_files", data.get("legacy_lock_files", []))
+    for item in legacy_paths:
+        if not item or "\0" in item:
+            raise where.fail("legacy_lock_files", f"invalid path {item!r}")
+    legacy = tuple(Path(p) for p in legacy_paths)
     thermal = _thermal(where, data["thermal"]) if "thermal" in data else ThermalConfig()
     gpu_backend = "auto"
     if "gpu" in data:

@@ -11,9 +11,11 @@ from typing import TypeVar
 
 from safegate.config import CompetingRule, Config, Profile, ThermalConfig
 from safegate.errors import UsageError
+from safegate.exitcodes import ExitCode
 from safegate.lockstore import HeldLock, LockStore, legacy_removable, read_legacy, remove_legacy, resolve_lock_dir
 from safegate.policy import (
     CheckResult,
+    Status,
     Verdict,
     check_competing,
     check_gpu,
@@ -245,19 +247,30 @@ def admit(
             gpu = verdict.result("gpu")
             chosen = gpu.values.get("chosen") if gpu is not None else None
             # A profile without a mutex still gets a lock of its own job: its holder metadata carries the
-            # reservation that later admissions count.
-            name = settings.lock if settings.lock is not None else f"job-{os.getpid()}"
+            # reservation that later admissions count. The name is unique to this claim.
+            name = settings.lock if settings.lock is not None else f"job-{os.getpid()}-{time.monotonic_ns()}"
             held = store.try_acquire(
                 name, settings.profile.name, list(argv), need=settings.need.resolve(total),
                 gpu_index=chosen, gpu_need=settings.gpu_need.resolve(total) if chosen is not None else 0,
             )
-            if held is None:  # taken by something outside safegate (flock(1)) since the check
-                return evaluate(settings, resuming=resuming), None
+            if held is None:
+                # Taken by something outside safegate (flock(1)) since the check. Never answer "ok" without
+                # a lock: the caller would start nothing and report success.
+                return _lock_lost(evaluate(settings, resuming=resuming), name), None
+            held.unlink_after = settings.lock is None
             return verdict, held
 
     if wait:
         return retry(attempt, timeout, on_blocked, pause=_lock_pause(settings))
     return attempt(False)
+
+
+def _lock_lost(verdict: Verdict, name: str) -> Verdict:
+    if not verdict.ok:
+        return verdict
+    lost = CheckResult("lock", Status.FAIL, f"lock {name!r} was taken by another process during admission",
+                       ExitCode.LOCKED, {"lock": name})
+    return Verdict(verdict.profile, tuple(lost if c.name == "lock" else c for c in verdict.checks))
 
 
 def _total_ram() -> int:

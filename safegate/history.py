@@ -54,9 +54,14 @@ def load(path: Path) -> dict[str, list[Run]]:
         parsed = []
         for item in runs:
             try:
-                parsed.append(Run(**item))
-            except TypeError:
+                run = Run(**item)
+                # Check the types too: a hand-edited or corrupt file must cost a record, never a command.
+                run = Run(float(run.time), int(run.peak_memory),
+                          int(run.peak_gpu_memory) if run.peak_gpu_memory is not None else None,
+                          float(run.duration), str(run.reason), int(run.exit_code))
+            except (TypeError, ValueError, OverflowError):
                 continue
+            parsed.append(run)
         out[str(profile)] = parsed
     return out
 

@@ -62,16 +62,15 @@ def unlock(store: LockStore, name: str) -> list[str]:
 
     The lock file itself stays: unlinking it would split waiters across two inodes.
     """
+    store.ensure_directory()
     state = store.state(name)
     if state.held:
         h = state.holder
         who = f"pid {h.job_pid or h.pid} ({h.user}: {' '.join(h.cmdline)[:80]})" if h else "a process without metadata"
         raise LockBusy(f"lock {name!r} is held by {who}; stop that job instead (there is no force)")
     removed = [r.what for r in store.cleanup() if r.removed and r.path == store.holder_path(name)]
-    holder_path = store.holder_path(name)
-    if holder_path.exists() and not state.held:
-        # Metadata of a live process that no longer holds the flock: the flock is the truth.
-        holder_path.unlink()
+    leftover = store.remove_metadata_if_free(name)
+    if leftover:
         removed.append(f"holder metadata of lock {name!r} (its process no longer holds the lock)")
     return removed
 

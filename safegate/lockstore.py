@@ -13,6 +13,7 @@ whose process is gone while the flock is free is stale and is removed by cleanup
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import getpass
@@ -45,6 +46,14 @@ _O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 # tells the two apart, so two safegates probing at once do not see each other as holders.
 CONTENTION_GRACE = 0.05
 _CONTENTION_STEP = 0.005
+
+
+def _valid_name(name: str) -> bool:
+    try:
+        validate_lock_name(name)
+    except ValueError:
+        return False
+    return True
 
 
 def default_lock_dir() -> Path:
@@ -154,7 +163,9 @@ def process_alive(pid: int, start_time: float | None) -> bool:
         proc = psutil.Process(pid)
         if start_time is None:
             return proc.status() != psutil.STATUS_ZOMBIE
-        return abs(proc.create_time() - start_time) < 0.01 and proc.status() != psutil.STATUS_ZOMBIE
+        # 1 s: psutil derives create_time from the boot time, which shifts a little when NTP steps the clock;
+        # a pid reused within the same second is not a realistic case.
+        return abs(proc.create_time() - start_time) < 1.0 and proc.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
     except psutil.AccessDenied:
@@ -243,6 +254,8 @@ class HeldLock:
         self.fd = fd
         self.holder = holder
         self.metadata_error = ""
+        # A per-job lock (a profile without a mutex) has no waiters: its file goes when the job does.
+        self.unlink_after = False
 
     def update_holder(self, **changes: Any) -> None:
         """Rewrite the metadata with *changes* (e.g. job_pid, used); never fails the job over it."""
@@ -259,13 +272,21 @@ class HeldLock:
     def release(self) -> None:
         if self.fd < 0:
             return
-        # Metadata first: once the flock is free a new holder may write its own.
-        self.store._remove_holder_if(self.name, self.holder)
-        from filelock import unlock_descriptor
-
-        unlock_descriptor(self.fd)
-        os.close(self.fd)
-        self.fd = -1
+        try:
+            # Metadata first: once the flock is free a new holder may write its own. Only our own record
+            # goes; one we could not replace (another user's stale file) is not ours to delete.
+            if self.holder is not None:
+                self.store._remove_holder_if(self.name, self.holder)
+        except OSError as exc:
+            self.metadata_error = f"holder metadata not removed: {exc.strerror or exc}"
+        finally:
+            # Closing, not LOCK_UN: a job that inherited this open file description keeps the lock held for
+            # as long as any of its processes lives, and LOCK_UN would free it for them too.
+            os.close(self.fd)
+            self.fd = -1
+            if self.unlink_after:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.store.directory / f"{self.name}{LOCK_SUFFIX}")
 
     def __enter__(self) -> HeldLock:
         return self
@@ -337,7 +358,8 @@ class LockStore:
             for suffix in (LOCK_SUFFIX, HOLDER_SUFFIX):
                 if entry.name.endswith(suffix) and not entry.name.startswith("."):
                     found.add(entry.name[: -len(suffix)])
-        return sorted(found)
+        # Anyone can create files in the shared dir: a name safegate would refuse is not one of its locks.
+        return sorted(n for n in found if _valid_name(n))
 
     # --- the flock -----------------------------------------------------------------------------
 
@@ -365,6 +387,8 @@ class LockStore:
             return None
         except PermissionError:
             pass
+        except OSError as exc:
+            raise LockDirError(f"lock file {path}: {exc.strerror or exc}; remove it") from None
         try:
             # Read access is enough for flock(2); a lock file another user left 0644 can still be probed.
             return _open_nofollow(path, os.O_RDONLY | _O_NONBLOCK)
@@ -514,6 +538,26 @@ class LockStore:
             return False
         return True
 
+    def remove_metadata_if_free(self, name: str) -> bool:
+        """Remove whatever metadata the lock has, holding the flock so no new holder's record is lost."""
+        path = self.holder_path(name)
+        if not os.path.lexists(path):
+            return False
+        fd = self._open_lock_file(name, create=False)
+        try:
+            if fd is not None and not _try_flock(fd, CONTENTION_GRACE):
+                return False  # a holder arrived meanwhile: its record stays
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                return False
+            except OSError as exc:
+                raise LockDirError(f"cannot remove {path}: {exc.strerror or exc}") from None
+            return True
+        finally:
+            if fd is not None:
+                os.close(fd)
+
     def reservations(self) -> list[Holder]:
         """Holders of running exec jobs that have not yet reached their declared need (RAM or VRAM)."""
         found = []
@@ -588,7 +632,11 @@ def read_legacy(path: Path) -> LegacyState:
         return LegacyState(path=path, pid=None, alive=False, note=f"unreadable: {exc.strerror}")
     try:
         st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return LegacyState(path=path, pid=None, alive=False, note="not a regular file; ignored")
         raw = os.read(fd, _LEGACY_MAX_BYTES)
+    except OSError as exc:
+        return LegacyState(path=path, pid=None, alive=False, note=f"unreadable: {exc.strerror or exc}")
     finally:
         os.close(fd)
     text = raw.decode("ascii", "replace").split()

@@ -32,6 +32,11 @@ def become_subreaper() -> bool:
 
 def child_setup(parent: int, nice: int | None) -> None:
     """Runs in the job between fork and exec (keep it async-signal-safe in spirit: no locks, no imports)."""
+    # safegate's own Python handlers were inherited by the fork: until exec they would swallow the
+    # parent-death SIGTERM (or the one below) instead of ending this child.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
+                   signal.SIGCHLD):
+        signal.signal(signum, signal.SIG_DFL)
     os.setpgid(0, 0)
     # If safegate dies, the job must not run on unwatched.
     _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)

@@ -50,6 +50,10 @@ def blocking_summary(verdict: Verdict) -> str:
     return "; ".join(f"{c.name}: {c.reason}" for c in verdict.checks if c.status is Status.FAIL)
 
 
+def _clean(text: str) -> str:
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+
+
 def render_lock(lock: LockInfo, now: float | None = None) -> str:
     import time
 
@@ -61,8 +65,9 @@ def render_lock(lock: LockInfo, now: float | None = None) -> str:
     else:
         pid = h.job_pid or h.pid
         alive = "" if lock.alive else " (gone)"
-        who = (f"pid {pid}{alive} {h.user}@{h.host} profile {h.profile} for "
-               f"{format_duration(max(0.0, now - h.started_at))}: {' '.join(h.cmdline)[:80]}")
+        # Anyone can write a holder record or name a command: never send its control characters to a terminal.
+        who = (f"pid {pid}{alive} {_clean(h.user)}@{_clean(h.host)} profile {_clean(h.profile)} for "
+               f"{format_duration(max(0.0, now - h.started_at))}: {_clean(' '.join(h.cmdline))[:80]}")
     return f"{lock.name:<20} {state:<5} {who}".rstrip() + (f"  [{lock.note}]" if lock.note else "")
 
 
@@ -85,7 +90,7 @@ def status_text(r: StatusReport) -> str:
     lines.append(f"locks    in {r.lock_dir}:" if r.locks else f"locks    none in {r.lock_dir}")
     lines += ["  " + render_lock(lock, r.time) for lock in r.locks]
     lines.append("largest processes:")
-    lines += [f"  {p.pid:>7} {format_bytes(p.rss):>10}  {p.cmdline[:90]}" for p in r.top]
+    lines += [f"  {p.pid:>7} {format_bytes(p.rss):>10}  {_clean(p.cmdline)[:90]}" for p in r.top]
     return "\n".join(lines)
 
 

@@ -9,6 +9,7 @@ MemAvailable keeps falling to the hard floor.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import select
@@ -181,8 +182,30 @@ class Supervisor:
                     break
                 interval = self._sample()
             return self._outcome()
+        except BaseException:
+            # Whatever broke the watch (an event that could not be written, a bug), the job must not run on
+            # unwatched with its lock freed: stop all of it before giving up.
+            self._abandon()
+            raise
         finally:
             self._restore_signals()
+
+    def _abandon(self) -> None:
+        with contextlib.suppress(BaseException):
+            self._signal_all(signal.SIGTERM)
+            self._signal_all(signal.SIGCONT)
+            deadline = time.monotonic() + min(self.limits.grace, 5.0)
+            while time.monotonic() < deadline:
+                self._reap()
+                if self.leader_status is not None and self._all_gone():
+                    return
+                time.sleep(0.05)
+            self._signal_all(signal.SIGKILL)
+            while True:
+                try:
+                    os.wait4(-1, 0)
+                except ChildProcessError:
+                    return
 
     def _sleep(self, seconds: float) -> None:
         if self.pending:
@@ -203,10 +226,13 @@ class Supervisor:
             signum = self.pending.pop(0)
             if signum == signal.SIGCHLD:
                 continue  # _reap runs after every wake-up
-            if self.leader_status is None:
-                self.emit(Event("signal", f"forwarding {signal.Signals(signum).name} to the job",
-                                {"signal": signal.Signals(signum).name}))
+            # Forward first: telling about it may fail (a hung-up terminal) and must not stop the signal.
             self._signal_group(signum)
+            if self._paused and signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+                self._signal_all(signal.SIGCONT)  # a paused job cannot act on it until it runs again
+            if self.leader_status is None:
+                self.emit(Event("signal", f"forwarded {signal.Signals(signum).name} to the job",
+                                {"signal": signal.Signals(signum).name}))
 
     def _reap(self) -> None:
         while True:
