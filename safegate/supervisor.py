@@ -494,12 +494,22 @@ class Supervisor:
     # --- signals to the job ------------------------------------------------------------------------
 
     def _signal_group(self, signum: int) -> None:
+        if self.leader_status is not None and not self._group_alive():
+            return  # the group is gone: its number could name someone else's group by now
         try:
             os.killpg(self.leader, signum)
         except ProcessLookupError:
             pass
         except PermissionError:  # pragma: no cover - a setuid job; nothing more we may do
             pass
+
+    def _group_alive(self) -> bool:
+        """Some process we track still belongs to the job's group (so its id cannot have been reused)."""
+        for pid in self.tree.pids:
+            with contextlib.suppress(OSError):
+                if os.getpgid(pid) == self.leader:
+                    return True
+        return False
 
     def _signal_all(self, signum: int) -> None:
         """The job's group and every descendant outside it (double-forked, setsid)."""
