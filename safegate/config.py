@@ -26,6 +26,7 @@ from safegate.units import (
     parse_signal,
     parse_size,
     parse_temp,
+    printable,
     validate_lock_name,
 )
 
@@ -186,7 +187,7 @@ class _Where:
     def fail(self, key: str, message: str) -> ConfigError:
         # Keys come from the file: a key holding a newline must not break the one-line message.
         text = f"config {self.source}: {key}: {message}"
-        return ConfigError("".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text))
+        return ConfigError(printable(text))
 
 
 def _expect(where: _Where, key: str, value: Any, kind: type | tuple[type, ...], what: str) -> Any:

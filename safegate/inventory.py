@@ -13,7 +13,7 @@ from safegate.config import Config, Profile
 from safegate.errors import SafegateError
 from safegate.exitcodes import ExitCode
 from safegate.history import Run, learned_need, percentile
-from safegate.lockstore import Holder, LockStore, process_alive
+from safegate.lockstore import Holder, LockStore
 from safegate.probes.gpu import GpuSnapshot, read_gpus
 from safegate.probes.memory import read_memory
 from safegate.probes.processes import read_processes
@@ -116,7 +116,3 @@ def profile_json(p: Profile, runs: list[Run] | None = None) -> dict[str, Any]:
         "competing": [{"pattern": r.pattern, "action": r.action, "min_rss": str(r.min_rss) if r.min_rss else None}
                       for r in p.competing],
     }
-
-
-def holder_alive(h: Holder) -> bool:
-    return process_alive(h.pid, h.start_time) or h.job_alive()

@@ -100,6 +100,10 @@ class Holder:
     def job_alive(self) -> bool:
         return self.job_pid is not None and process_alive(self.job_pid, self.job_start_time)
 
+    def alive(self) -> bool:
+        """The process that took the lock, or the job it started, still runs."""
+        return process_alive(self.pid, self.start_time) or self.job_alive()
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
@@ -565,7 +569,7 @@ class LockStore:
             holder, _ = self.read_holder(name)
             if holder is None or (holder.reservation <= 0 and holder.gpu_reservation <= 0):
                 continue
-            if process_alive(holder.pid, holder.start_time) or holder.job_alive():
+            if holder.alive():
                 found.append(holder)
         return found
 
@@ -574,7 +578,7 @@ class LockStore:
     def state(self, name: str) -> LockState:
         held = self.is_held(name)
         holder, note = self.read_holder(name)
-        alive = holder is not None and (process_alive(holder.pid, holder.start_time) or holder.job_alive())
+        alive = holder is not None and holder.alive()
         return LockState(name=name, path=self.lock_path(name), held=held, holder=holder, holder_alive=alive, note=note)
 
     def cleanup(self) -> Iterator[Removal]:
@@ -587,7 +591,7 @@ class LockStore:
             if not os.path.lexists(path):
                 continue
             holder, note = self.read_holder(name)
-            if holder is not None and (process_alive(holder.pid, holder.start_time) or holder.job_alive()):
+            if holder is not None and holder.alive():
                 continue
             removal = self._remove_stale_holder(name, holder, note)
             if removal is not None:

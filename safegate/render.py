@@ -6,7 +6,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from safegate.policy import CheckResult, Status, Verdict, gpu_json
-from safegate.units import format_bytes, format_duration
+from safegate.units import format_bytes, format_duration, printable
 
 if TYPE_CHECKING:
     from safegate.inventory import LockInfo, StatusReport
@@ -50,10 +50,6 @@ def blocking_summary(verdict: Verdict) -> str:
     return "; ".join(f"{c.name}: {c.reason}" for c in verdict.checks if c.status is Status.FAIL)
 
 
-def _clean(text: str) -> str:
-    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
-
-
 def render_lock(lock: LockInfo, now: float | None = None) -> str:
     import time
 
@@ -66,8 +62,8 @@ def render_lock(lock: LockInfo, now: float | None = None) -> str:
         pid = h.job_pid or h.pid
         alive = "" if lock.alive else " (gone)"
         # Anyone can write a holder record or name a command: never send its control characters to a terminal.
-        who = (f"pid {pid}{alive} {_clean(h.user)}@{_clean(h.host)} profile {_clean(h.profile)} for "
-               f"{format_duration(max(0.0, now - h.started_at))}: {_clean(' '.join(h.cmdline))[:80]}")
+        who = (f"pid {pid}{alive} {printable(h.user)}@{printable(h.host)} profile {printable(h.profile)} for "
+               f"{format_duration(max(0.0, now - h.started_at))}: {printable(' '.join(h.cmdline))[:80]}")
     return f"{lock.name:<20} {state:<5} {who}".rstrip() + (f"  [{lock.note}]" if lock.note else "")
 
 
@@ -90,7 +86,7 @@ def status_text(r: StatusReport) -> str:
     lines.append(f"locks    in {r.lock_dir}:" if r.locks else f"locks    none in {r.lock_dir}")
     lines += ["  " + render_lock(lock, r.time) for lock in r.locks]
     lines.append("largest processes:")
-    lines += [f"  {p.pid:>7} {format_bytes(p.rss):>10}  {_clean(p.cmdline)[:90]}" for p in r.top]
+    lines += [f"  {p.pid:>7} {format_bytes(p.rss):>10}  {printable(p.cmdline)[:90]}" for p in r.top]
     return "\n".join(lines)
 
 

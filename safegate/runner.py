@@ -16,7 +16,7 @@ from safegate.lockstore import HeldLock
 from safegate.policy import Verdict
 from safegate.probes.memory import read_memory
 from safegate.supervisor import Event, Outcome, Supervisor
-from safegate.units import Size, format_bytes, format_duration, parse_size
+from safegate.units import Size, format_bytes, format_duration, parse_size, printable
 from safegate.watch import WARN_FRACTION, GpuLimits, WatchLimits
 
 # The holder metadata's `used` (for reservations) is rewritten at most this often, and only on change.
@@ -195,7 +195,7 @@ def _record_history(profile: str, outcome: Outcome, on_event: Callable[[Event], 
 def printable_command(argv: Sequence[str], limit: int = 200) -> str:
     """The command as a shell would quote it, on one line whatever its arguments hold."""
     text = shlex.join(argv)
-    text = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+    text = printable(text)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

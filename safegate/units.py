@@ -175,6 +175,11 @@ def validate_lock_name(name: str) -> str:
     return name
 
 
+def printable(text: str) -> str:
+    """*text* on one line and safe for a terminal: control characters shown as escapes (\\n, \\x1b)."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+
+
 def format_bytes(n: int | float) -> str:
     """Human size in binary units, e.g. '9.8 GiB'."""
     value = float(n)
