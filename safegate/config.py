@@ -433,6 +433,9 @@ def build_config(data: Mapping[str, Any], source: str, path: Path | None) -> Con
                   gpu_backend=gpu_backend)
 
 
+SYSTEM_CONFIG = Path("/etc/safegate/config.toml")
+
+
 def find_config_path(explicit: str | None, env: Mapping[str, str]) -> tuple[Path | None, str]:
     """The config file to use and how it was found; (None, ...) when there is none."""
     if explicit is not None:
@@ -441,7 +444,7 @@ def find_config_path(explicit: str | None, env: Mapping[str, str]) -> tuple[Path
         value = env["SAFEGATE_CONFIG"]
         return Path(value), f"{value} (from SAFEGATE_CONFIG)"
     xdg = env.get("XDG_CONFIG_HOME") or str(Path(env.get("HOME", "~")).expanduser() / ".config")
-    for candidate in (Path(xdg) / "safegate" / "config.toml", Path("/etc/safegate/config.toml")):
+    for candidate in (Path(xdg) / "safegate" / "config.toml", SYSTEM_CONFIG):
         if candidate.is_file():
             return candidate, str(candidate)
     return None, "(none)"

@@ -196,6 +196,7 @@ def write_state(path: Path, gpus: Iterable[FakeGpu], procs: Iterable[FakeProc] =
 def nvml_env(lib_dir: Path, state: Path, base: Mapping[str, str] | None = None) -> dict[str, str]:
     """A copy of *base* (default os.environ) with *lib_dir* first on LD_LIBRARY_PATH and FAKE_NVML_STATE set."""
     env = dict(os.environ if base is None else base)
+    env.pop("SAFEGATE_GPU", None)  # the suite's hermetic "none" keeps real GPUs out; here the fake is the point
     old = env.get("LD_LIBRARY_PATH")
     # No empty entry: the dynamic linker reads one as the current directory.
     env["LD_LIBRARY_PATH"] = f"{lib_dir}{os.pathsep}{old}" if old else str(lib_dir)

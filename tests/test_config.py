@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from safegate import config as config_module
 from safegate.config import DEFAULT_CPU_SENSORS, find_config_path, load_config
 from safegate.errors import ConfigError
 
@@ -49,9 +50,11 @@ def write(tmp_path: Path, text: str) -> str:
     return str(path)
 
 
-def test_builtin_profiles_without_any_config(tmp_path: Path) -> None:
+def test_builtin_profiles_without_any_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Not the machine's /etc/safegate/config.toml, which may exist: a system config path with nothing there.
+    monkeypatch.setattr(config_module, "SYSTEM_CONFIG", tmp_path / "etc" / "config.toml")
     cfg = load_config(env={"HOME": str(tmp_path), "XDG_CONFIG_HOME": str(tmp_path / "none")})
-    assert cfg.path is None or cfg.path == Path("/etc/safegate/config.toml")
+    assert cfg.path is None
     whisper = cfg.profile("whisper-large-v3")
     assert whisper.memory.bytes == 10 * GiB and whisper.lock == "whisper-large" and whisper.source == "built-in"
     assert [r.action for r in whisper.competing][:2] == ["block", "warn"]

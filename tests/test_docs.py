@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, Run
+from support import REPO, Run
 
 from safegate.config import _PROFILE_KEYS
 from safegate.exitcodes import ExitCode, table_markdown, table_plain

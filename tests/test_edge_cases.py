@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import Procs, Run, neutral_config
+from support import TIMEOUT, Procs, Run, neutral_config
 
 from safegate.exitcodes import ExitCode
 
@@ -45,7 +45,7 @@ def test_broken_stderr_does_not_stop_the_watch(run: Run, config: Path, lock_dir:
     try:
         result = subprocess.run([sys.executable, "-m", "safegate", "exec", "--config", str(config), "--mem", "0",
                                  "--", "sh", "-c", "sleep 0.3; exit 3"], env=run.env, stderr=write_end,
-                                stdout=subprocess.DEVNULL, timeout=60)
+                                stdout=subprocess.DEVNULL, timeout=TIMEOUT)
     finally:
         __import__("os").close(write_end)
     assert result.returncode == 3
@@ -60,7 +60,7 @@ def test_lockless_profile_runs_side_by_side_and_cleans_up(run: Run, tmp_path: Pa
     record = [sys.executable, str(Path(__file__).parent / "helpers" / "record.py"), str(spans), "0.8"]
     gates = [procs.spawn([sys.executable, "-m", "safegate", "exec", "--config", str(cfg), "-p", "free", "-q",
                           "--", *record], env=run.env) for _ in range(2)]
-    assert [g.wait(timeout=60) for g in gates] == [0, 0]
+    assert [g.wait(timeout=TIMEOUT) for g in gates] == [0, 0]
     (_, a_end), (b_start, _) = sorted(tuple(map(float, line.split())) for line in
                                                 spans.read_text().splitlines())
     assert b_start < a_end  # no mutex: they overlapped

@@ -11,7 +11,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import Procs, Run, wait_until
 from fake_nvml import (
     DRIVER_NOT_LOADED,
     GPU_IS_LOST,
@@ -23,6 +22,7 @@ from fake_nvml import (
     nvml_env,
     write_state,
 )
+from support import TIMEOUT, OpenWatch, Procs, Run, alive, job_pid, wait_until
 
 from safegate.exitcodes import ExitCode
 
@@ -134,27 +134,38 @@ def test_gpu_hot_blocks_with_12(run: Run, config: Path, gpu_env: Callable[..., d
     assert gpu_check(run, config, gpu_env([card(0, 20, temp=78, slowdown=84)]))[0] == 0
 
 
-def _job_pid(lock_dir: Path, lock: str = "heavy") -> int | None:
-    try:
-        return json.loads((lock_dir / f"{lock}.holder.json").read_text()).get("job_pid")
-    except (OSError, ValueError):
-        return None
+def _opens_per_read(env: dict[str, str], state: Path) -> int:
+    """How many times one read_gpus opens the fake's state file (the library re-reads it on every NVML call),
+    in a fresh process, which also initialises NVML: at least what one of safegate's samples does."""
+    with OpenWatch(state) as reads:
+        subprocess.run([sys.executable, "-c", "from safegate.probes.gpu import read_gpus; read_gpus('nvml')"],
+                       env=env, check=True, timeout=TIMEOUT)
+        return reads.opens()
+
+
+def _full_sample(state: Path, per_read: int, what: str) -> None:
+    """Return once safegate has read *state* completely at least once since now, and begun the next sample
+    (so it has acted on the complete one): more opens than one sample makes."""
+    with OpenWatch(state) as reads:
+        reads.wait_for(per_read + 1, what)
 
 
 def test_job_vram_past_max_gpu_mem_is_stopped_with_21(run: Run, config: Path, lock_dir: Path, procs: Procs,
                                                        gpu_env: Callable[..., dict[str, str]]) -> None:
     gpus = [card(0, 20)]
     env = gpu_env(gpus)
-    gate = procs.spawn([sys.executable, "-m", "safegate", "exec", "--config", str(config), "--mem", "0",
-                        "--gpu", "0", "--max-gpu-mem", "4G", "--grace", "2s", "--", "sleep", "60"],
-                       env=env, stderr=subprocess.PIPE)
-    pid = wait_until(lambda: _job_pid(lock_dir), what="the job")
     state = gpu_env.state  # type: ignore[attr-defined]
-    for used in (1, 3):  # growing, still below the limit
+    per_read = _opens_per_read(env, state)
+    gate = procs.spawn([sys.executable, "-m", "safegate", "exec", "--config", str(config), "--mem", "0",
+                        "--gpu", "0", "--max-gpu-mem", "4G", "--grace", "2s", "--", "sleep", "600"],
+                       env=env, stderr=subprocess.PIPE)
+    pid = wait_until(lambda: job_pid(lock_dir), what="the job")
+    for used in (1, 3):  # growing, still below the limit: seen by safegate, and the job runs on
         write_state(state, gpus, [FakeProc(0, pid, used * GiB)])
-        wait_until(lambda: gate.poll() is None, timeout=0.3, what="still running")
+        _full_sample(state, per_read, f"a sample at {used} GiB")
+        assert alive(pid) and gate.poll() is None
     write_state(state, gpus, [FakeProc(0, pid, 5 * GiB)])
-    assert gate.wait(timeout=20) == ExitCode.KILLED_GPU_MEMORY
+    assert gate.wait(timeout=TIMEOUT) == ExitCode.KILLED_GPU_MEMORY
     assert gate.stderr is not None
     err = gate.stderr.read().decode()
     assert "job GPU memory 5.0 GiB >= --max-gpu-mem 4.0 GiB" in err and "peak job GPU memory 5.0 GiB" in err
@@ -163,20 +174,27 @@ def test_job_vram_past_max_gpu_mem_is_stopped_with_21(run: Run, config: Path, lo
 def test_unavailable_per_process_usage_falls_back_to_card_growth(
         run: Run, config: Path, lock_dir: Path, procs: Procs, gpu_env: Callable[..., dict[str, str]]) -> None:
     env = gpu_env([card(0, 20)])
-    gate = procs.spawn([sys.executable, "-m", "safegate", "exec", "--config", str(config), "--mem", "0",
-                        "--gpu", "0", "--max-gpu-mem", "4G", "--grace", "2s", "--", "sleep", "60"],
-                       env=env, stderr=subprocess.PIPE)
-    pid = wait_until(lambda: _job_pid(lock_dir), what="the job")
     state = gpu_env.state  # type: ignore[attr-defined]
-    wait_until(lambda: gate.poll() is None, timeout=0.5, what="a baseline sample")
-    # NVML lists the job but cannot say how much it uses; the card's used memory grows by 6 GiB.
+    per_read = _opens_per_read(env, state)
+    gate = procs.spawn([sys.executable, "-m", "safegate", "exec", "--config", str(config), "--mem", "0",
+                        "--gpu", "0", "--max-gpu-mem", "4G", "--grace", "2s", "--", "sleep", "600"],
+                       env=env, stderr=subprocess.PIPE)
+    pid = wait_until(lambda: job_pid(lock_dir), what="the job")
+    _full_sample(state, per_read, "the baseline sample")  # the card's use when the job began
+    # NVML lists the job but cannot say how much it uses; the card's used memory grows: 2 GiB is under
+    # the limit, 6 GiB is over it.
+    write_state(state, [card(0, 18)], [FakeProc(0, pid, None)])
+    _full_sample(state, per_read, "a sample 2 GiB up")
+    assert alive(pid) and gate.poll() is None
     write_state(state, [card(0, 14)], [FakeProc(0, pid, None)])
-    assert gate.wait(timeout=20) == ExitCode.KILLED_GPU_MEMORY
+    assert gate.wait(timeout=TIMEOUT) == ExitCode.KILLED_GPU_MEMORY
+    assert gate.stderr is not None
+    assert "job GPU memory 6.0 GiB >= --max-gpu-mem 4.0 GiB" in gate.stderr.read().decode()
 
 
 def test_card_floor_default_for_a_gpu_profile(run: Run, tmp_path: Path, sensor: Path, lock_dir: Path,
                                               procs: Procs, gpu_env: Callable[..., dict[str, str]]) -> None:
-    from conftest import neutral_config
+    from support import neutral_config
 
     cfg = tmp_path / "g.toml"
     cfg.write_text(neutral_config(sensor) + '[profiles.llm]\ngpu_memory = "8G"\nlock = "llm"\n')
@@ -184,11 +202,11 @@ def test_card_floor_default_for_a_gpu_profile(run: Run, tmp_path: Path, sensor: 
     env = gpu_env(gpus)
     gate = procs.spawn([sys.executable, "-m", "safegate", "exec", "--config", str(cfg), "-p", "llm", "--grace",
                         "2s", "--", "sleep", "60"], env=env, stderr=subprocess.PIPE)
-    pid = wait_until(lambda: _job_pid(lock_dir, "llm"), what="the job")
+    pid = wait_until(lambda: job_pid(lock_dir, "llm"), what="the job")
     state = gpu_env.state  # type: ignore[attr-defined]
     write_state(state, [card(0, 4)], [FakeProc(0, pid, 8 * GiB)])  # 83% used: a warning
     write_state(state, [card(0, 1)], [FakeProc(0, pid, 9 * GiB)])  # 96% used: past the 95% default
-    assert gate.wait(timeout=20) == ExitCode.KILLED_GPU_MEMORY
+    assert gate.wait(timeout=TIMEOUT) == ExitCode.KILLED_GPU_MEMORY
     assert gate.stderr is not None
     assert "free memory" in gate.stderr.read().decode()
 
@@ -204,7 +222,7 @@ def test_driver_not_loaded(run: Run, config: Path, gpu_env: Callable[..., dict[s
 def test_library_absent(run: Run, config: Path, env: dict[str, str], tmp_path: Path) -> None:
     empty = tmp_path / "no-nvml"
     empty.mkdir()
-    quiet = {**env, "LD_LIBRARY_PATH": str(empty)}
+    quiet = {**{k: v for k, v in env.items() if k != "SAFEGATE_GPU"}, "LD_LIBRARY_PATH": str(empty)}
     result = run("check", "--config", str(config), "--mem", "0", "--json", env=quiet)
     gpu = next(c for c in json.loads(result.stdout)["checks"] if c["name"] == "gpu")
     if gpu["values"]["gpus"]:
@@ -272,7 +290,7 @@ def test_mig_mode_is_reported(run: Run, config: Path, gpu_env: Callable[..., dic
 def test_two_execs_on_one_card_see_each_others_reservation(
         run: Run, tmp_path: Path, sensor: Path, lock_dir: Path, procs: Procs,
         gpu_env: Callable[..., dict[str, str]]) -> None:
-    from conftest import neutral_config
+    from support import neutral_config
 
     cfg = tmp_path / "g.toml"
     cfg.write_text(neutral_config(sensor) + '[profiles.a]\ngpu_memory = "12G"\nlock = "a"\n'
@@ -280,8 +298,8 @@ def test_two_execs_on_one_card_see_each_others_reservation(
     env = gpu_env([card(0, 20)])
     first = procs.spawn([sys.executable, "-m", "safegate", "exec", "--config", str(cfg), "-p", "a", "--",
                          "sleep", "60"], env=env, stderr=subprocess.PIPE)
-    wait_until(lambda: _job_pid(lock_dir, "a"), what="the first job")
+    wait_until(lambda: job_pid(lock_dir, "a"), what="the first job")
     second = run("exec", "--config", str(cfg), "-p", "b", "--", "true", env=env)
     assert second.returncode == ExitCode.GPU_MEMORY and "reserved" in second.stderr
     os.kill(first.pid, signal.SIGTERM)
-    first.wait(timeout=20)
+    first.wait(timeout=TIMEOUT)

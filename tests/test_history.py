@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import Procs, Run, neutral_config
+from support import TIMEOUT, Procs, Run, neutral_config
 
 from safegate import history
 
@@ -63,7 +63,7 @@ for i in range(int(sys.argv[3])):
 def test_concurrent_writers_lose_nothing(tmp_path: Path, procs: Procs) -> None:
     path = tmp_path / "state" / "history.json"
     writers = [procs.spawn([sys.executable, "-c", WRITER, str(path), f"p{n}", "15"]) for n in range(6)]
-    assert [w.wait(timeout=60) for w in writers] == [0] * 6
+    assert [w.wait(timeout=TIMEOUT) for w in writers] == [0] * 6
     data = history.load(path)
     assert sorted(data) == [f"p{n}" for n in range(6)]
     assert all([r.peak_memory for r in data[f"p{n}"]] == list(range(1, 16)) for n in range(6))
@@ -89,8 +89,17 @@ def test_learned_need_percentile() -> None:
     assert history.percentile(list(range(1, 101)), 95) == 95
 
 
-def test_git_tracks_no_state(tmp_path: Path) -> None:
-    # The history lives under the user's state dir, never in the working directory.
+def test_git_tracks_no_state(tmp_path: Path, run: Run, config: Path, env: dict[str, str]) -> None:
+    # The history lives under the user's state dir, never in the working directory: a job run from inside
+    # a git checkout leaves the checkout clean.
     assert history.history_path({"XDG_STATE_HOME": str(tmp_path)}) == tmp_path / "safegate" / "history.json"
     assert history.history_path({"HOME": "/home/u"}) == Path("/home/u/.local/state/safegate/history.json")
-    assert subprocess.run(["true"]).returncode == 0
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    subprocess.run(["git", "init", "-q", str(checkout)], check=True)
+    result = run("exec", "--config", str(config), "--mem", "0", "-q", "--", "true", cwd=checkout)
+    assert result.returncode == 0, result.stderr
+    assert state_file(env).exists()  # the run was recorded...
+    status = subprocess.run(["git", "status", "--porcelain", "--ignored"], cwd=checkout, capture_output=True,
+                            text=True, check=True)
+    assert status.stdout == ""  # ...and nothing appeared in the checkout

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from conftest import REPO, Procs, Run, hold_with_safegate
+from support import REPO, Procs, Run, hold_with_safegate
 
 DOC = (REPO / "docs" / "json.md").read_text()
 
@@ -92,7 +92,7 @@ def test_locks_json_matches(run: Run, config: Path, lock_dir: Path, procs: Procs
     data = json.loads(run("locks", "--json", "--config", str(config)).stdout)
     doc = {p.removeprefix("[]."): k for p, k in documented_paths(section("safegate locks --json")).items()}
     stops = set()
-    assert all(set(flatten(item, "", stops)) == set(doc) for item in data), data
+    assert data and all(set(flatten(item, "", stops)) == set(doc) for item in data), data
 
 
 def test_profiles_json_matches(run: Run, config: Path) -> None:

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import Nobody, Procs, hold_with_flock, hold_with_safegate, wait_until
+from support import TIMEOUT, Nobody, Procs, hold_with_flock, hold_with_safegate, wait_until
 
 from safegate.errors import LockDirError
 from safegate.lockstore import Holder, LockStore, legacy_removable, read_legacy, remove_legacy
@@ -83,7 +83,7 @@ def test_probers_do_not_see_each_other_as_holders(tmp_path: Path, procs: Procs) 
     store.try_acquire("heavy", "p").release()  # type: ignore[union-attr]
     hammers = [procs.spawn([sys.executable, "-c", HAMMER, str(store.directory), "1500"], stdout=subprocess.PIPE)
                for _ in range(4)]
-    counts = [int(h.communicate(timeout=120)[0]) for h in hammers]
+    counts = [int(h.communicate(timeout=TIMEOUT)[0]) for h in hammers]
     assert counts == [0, 0, 0, 0]
 
 

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import Procs, _cmdline, hold_with_flock, set_temp, wait_until
+from support import Procs, cmdline, hold_with_flock, set_temp, wait_until
 
 from safegate.config import ThermalConfig
 from safegate.probes.memory import read_memory, read_pressure
@@ -126,7 +126,7 @@ def test_other_safegate_processes_are_not_competitors_but_their_jobs_are(
         [sys.executable, "-m", "safegate", "check", "--wait", "-p", "whisper-large-v3"], env=env
     )
     job = procs.spawn_orphan("whisper --model large-v3 x.mp3")
-    wait_until(lambda: "whisper-large" in _cmdline(waiting), what="the waiting safegate")
+    wait_until(lambda: "whisper-large" in cmdline(waiting), what="the waiting safegate")
     snap = read_processes()
     pids = {p.pid for p in snap.processes}
     assert waiting not in pids and waiting in snap.excluded

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import typer
-from conftest import REPO, Procs, Run, hold_with_flock
+from support import REPO, TIMEOUT, Procs, Run, hold_with_flock
 
 from safegate.cli import app
 
@@ -60,5 +60,5 @@ def test_parallel_adapter_with_gnu_parallel(config: Path, env: dict[str, str], t
         pytest.skip("GNU parallel is not installed here")
     path_env = {**env, "PATH": f"{Path(sys.executable).parent}:{env['PATH']}", "SAFEGATE_CONFIG": str(config)}
     out = subprocess.run(["parallel", "--limit", f"{ADAPTER} --mem 0", "echo", ":::", "a", "b"],
-                         env=path_env, capture_output=True, text=True, timeout=60)
+                         env=path_env, capture_output=True, text=True, timeout=TIMEOUT)
     assert sorted(out.stdout.split()) == ["a", "b"]

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import Procs, Run
+from support import TIMEOUT, Procs, Run
 
 HELPERS = Path(__file__).resolve().parent.parent / "helpers"
 
@@ -21,7 +21,7 @@ def test_fifty_concurrent_execs_and_flock_holders_never_overlap(run: Run, config
                           "--lock", "L", "--wait", "-q", "--", *record], env=run.env, stderr=subprocess.PIPE)
              for _ in range(50)]
     flocks = [procs.spawn(["flock", str(lock_dir / "L.lock"), *record]) for _ in range(5)]
-    codes = [p.wait(timeout=240) for p in execs + flocks]
+    codes = [p.wait(timeout=TIMEOUT) for p in execs + flocks]
     assert codes == [0] * 55, [p.stderr.read() for p in execs if p.stderr and p.returncode]
     intervals = sorted(tuple(map(float, line.split())) for line in spans.read_text().splitlines())
     assert len(intervals) == 55

@@ -110,7 +110,7 @@ def test_any_lock_name_is_safe_or_refused(name: str, tmp_path_factory: pytest.Te
 def test_unicode_newlines_and_100kb_of_arguments_reach_the_job(tmp_path: Path) -> None:
     import subprocess
 
-    from conftest import neutral_config
+    from support import TIMEOUT, neutral_config
 
     sensor = tmp_path / "t"
     sensor.write_text("40000")
@@ -123,6 +123,6 @@ def test_unicode_newlines_and_100kb_of_arguments_reach_the_job(tmp_path: Path) -
            "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
     result = subprocess.run([sys.executable, "-m", "safegate", "exec", "--config", str(cfg), "--mem", "0", "-q",
                              "--", sys.executable, "-c", code, str(out), *args], env=env, capture_output=True,
-                            text=True, timeout=60)
+                            text=True, timeout=TIMEOUT)
     assert result.returncode == 0, result.stderr
     assert json.loads(out.read_text()) == args

@@ -9,7 +9,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import Procs, Run, wait_until
+from support import TIMEOUT, Procs, Run, wait_until
 
 import safegate
 
@@ -43,15 +43,15 @@ def test_exec_rss_watching_a_thousand_process_job(run: Run, config: Path, lock_d
         out = subprocess.run(["pgrep", "-c", "-g", str(_job_pgid(lock_dir))], capture_output=True, text=True)
         return int(out.stdout.strip() or 0)
 
-    wait_until(lambda: job_size() >= 1001, timeout=30, what="1,001 job processes")
+    wait_until(lambda: job_size() >= 1001, what="1,001 job processes")
     # Let it sample and rescan the whole tree (RESCAN is 1 s) until it has spent real CPU on it.
     spent = _cpu(gate.pid)
-    wait_until(lambda: _cpu(gate.pid) >= spent + 0.03, timeout=30, what="safegate to rescan the tree")
+    wait_until(lambda: _cpu(gate.pid) >= spent + 0.03, what="safegate to rescan the tree")
     rss = _rss(gate.pid)
     print(f"safegate exec RSS watching {job_size()} processes: {rss / 1024**2:.1f} MiB")
     assert rss < 60 * 1024**2, f"safegate uses {rss / 1024**2:.1f} MiB"
     gate.terminate()
-    assert gate.wait(timeout=60) == 128 + 15
+    assert gate.wait(timeout=TIMEOUT) == 128 + 15
 
 
 def _job_pgid(lock_dir: Path) -> int:

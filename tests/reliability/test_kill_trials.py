@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Procs, Run, wait_until
+from support import TIMEOUT, Procs, Run, wait_until
 
 import safegate
 
@@ -65,7 +65,7 @@ def test_sigkill_at_random_moments(run: Run, config: Path, lock_dir: Path, procs
             time.sleep(max(0.0, started + delay - time.monotonic()))
             held_before = (lock_dir / f"{lock}.holder.json").exists()
             os.kill(gate.pid, signal.SIGKILL)
-            gate.wait(timeout=10)
+            gate.wait(timeout=TIMEOUT)
             phases["escalation" if escalate and held_before else "running" if held_before else "preflight"] += 1
         for _gate, lock, marker, _delay, escalate in trials:
             lock_file = lock_dir / f"{lock}.lock"
@@ -79,19 +79,18 @@ def test_sigkill_at_random_moments(run: Run, config: Path, lock_dir: Path, procs
             for pid in pids:
                 if escalate and _alive(pid):
                     os.kill(pid, signal.SIGKILL)
-            wait_until(lambda m=marker: not [p for p in _job_pids(m) if _alive(p)], timeout=15,
+            wait_until(lambda m=marker: not [p for p in _job_pids(m) if _alive(p)],
                        what=f"job of {lock} to end")
             if lock_file.exists():
-                wait_until(lambda f=lock_file: _lock_free(f), timeout=5, what=f"{lock} to be free")
+                wait_until(lambda f=lock_file: _lock_free(f), what=f"{lock} to be free")
             # In-process (the API runs the same checks and admission as the CLI) to keep 100 trials fast.
             verdict = safegate.check(mem=0, lock=lock, config=str(config))
             assert verdict.ok, [c.reason for c in verdict.failures]
             holder = lock_dir / f"{lock}.holder.json"
             assert not holder.exists(), json.loads(holder.read_text())
-            t0 = time.monotonic()
+            # Not waiting: a lock left held or metadata left lying would raise Blocked here.
             with safegate.hold(lock, wait=False, mem=0, config=str(config)):
                 pass
-            assert time.monotonic() - t0 < 1.0
     print(f"kill trials by phase: {phases}")
     assert sum(phases.values()) == TRIALS
     # The random delays must have hit every phase at least a few times, or the trial proves little.

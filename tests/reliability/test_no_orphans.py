@@ -10,7 +10,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import Procs, Run, wait_until
+from support import TIMEOUT, Procs, Run, wait_until
 
 HELPERS = Path(__file__).resolve().parent.parent / "helpers"
 
@@ -52,10 +52,10 @@ def test_nothing_of_the_job_remains(run: Run, config: Path, procs: Procs, job: s
                         "bash", "-c", JOBS[job]], env={**run.env, "M": marker}, stderr=subprocess.PIPE)
     try:
         if how == "forwarded-sigterm":
-            wait_until(lambda: len(_marked(marker)) >= (200 if job == "fork200" else 1), timeout=30,
+            wait_until(lambda: len(_marked(marker)) >= (200 if job == "fork200" else 1),
                        what="the job's processes")
             os.kill(gate.pid, signal.SIGTERM)
-        gate.wait(timeout=60)
+        gate.wait(timeout=TIMEOUT)
         left = _marked(marker)
         assert not left, (left, _states(left))
     finally:

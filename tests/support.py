@@ -1,0 +1,344 @@
+"""The one helper module of the suite: deadline waits, real processes with cleanup, /proc readers, lock probes.
+
+Every deadline in the suite comes from TIMEOUT. A deadline only turns a hang into a failure with a message;
+no test asserts that something was fast (speed belongs to bench/), so TIMEOUT is generous, and a slow or busy
+machine can raise it with SAFEGATE_TEST_TIMEOUT.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from safegate.probes.processes import descendants as _descendants_of
+
+REPO = Path(__file__).resolve().parent.parent
+HELPERS = Path(__file__).resolve().parent / "helpers"
+PY = sys.executable
+TIMEOUT = float(os.environ.get("SAFEGATE_TEST_TIMEOUT", "120"))
+
+
+def wait_until(condition: Callable[[], Any], timeout: float = TIMEOUT, interval: float = 0.02, what: str = "") -> Any:
+    """Poll *condition* until it returns something truthy, or fail the test at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what or condition}")
+        time.sleep(interval)
+
+
+# --- /proc readers ---------------------------------------------------------------------------------------
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _stat_fields(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
+def ppid(pid: int) -> int:
+    fields = _stat_fields(pid)
+    return int(fields[1]) if len(fields) > 1 else -1
+
+
+def proc_state(pid: int) -> str:
+    """The one-letter state in /proc/PID/stat (R, S, T, Z, ...), or '?' when the process is gone."""
+    fields = _stat_fields(pid)
+    return fields[0] if fields else "?"
+
+
+def alive(pid: int) -> bool:
+    """Running, sleeping or stopped; a zombie is not alive."""
+    return proc_state(pid) not in ("?", "Z", "X")
+
+
+def parent_map() -> dict[int, int]:
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            parents[int(entry.name)] = ppid(int(entry.name))
+    return parents
+
+
+def descendants(roots: Iterable[int]) -> set[int]:
+    """Every live descendant of *roots*, by safegate's own walk over a fresh pid -> ppid map."""
+    return _descendants_of(roots, parent_map())
+
+
+def pids_with(marker: str, roots: Iterable[int] | None = None) -> list[int]:
+    """Live processes whose command line contains *marker* (a token unique to the test), optionally only
+    those descending from *roots*."""
+    scope = None if roots is None else descendants(roots)
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (scope is None or int(entry.name) in scope):
+            pid = int(entry.name)
+            if pid != os.getpid() and marker in cmdline(pid):
+                found.append(pid)
+    return found
+
+
+def meminfo_available() -> int:
+    """MemAvailable now, in bytes. Read it at the moment a test sizes something, and leave wide margins."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no MemAvailable in /proc/meminfo")
+
+
+# --- locks -----------------------------------------------------------------------------------------------
+
+
+def lock_free(path: Path) -> bool:
+    """Whether flock(1) could take *path* right now (it is released again at once)."""
+    return subprocess.run(["flock", "-n", str(path), "true"]).returncode == 0
+
+
+def job_pid(lock_dir: Path, lock: str = "heavy") -> int | None:
+    """The job pid a safegate exec recorded for *lock*, once the job has started."""
+    try:
+        data = json.loads((lock_dir / f"{lock}.holder.json").read_text())
+    except (OSError, ValueError):
+        return None
+    pid = data.get("job_pid") if isinstance(data, dict) else None
+    return int(pid) if pid else None
+
+
+# --- processes a test starts -----------------------------------------------------------------------------
+
+
+class Procs:
+    """Starts real processes for a test and kills every one of them (and their groups) afterwards."""
+
+    def __init__(self) -> None:
+        self.started: list[subprocess.Popen[bytes]] = []
+        self.orphans: list[int] = []
+
+    def spawn(self, argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+        kwargs.setdefault("stdin", subprocess.DEVNULL)
+        kwargs.setdefault("start_new_session", True)
+        proc = subprocess.Popen(argv, **kwargs)
+        self.started.append(proc)
+        return proc
+
+    def spawn_named(self, name: str, seconds: int = 600, user: str | None = None) -> subprocess.Popen[bytes]:
+        """A sleeping process whose /proc cmdline reads '<name> <seconds>' (argv[0] set by exec -a),
+        run as *user* when given (through runuser: the process itself is that user's)."""
+        prefix = ["runuser", "-u", user, "--"] if user else []
+        proc = self.spawn([*prefix, "bash", "-c", f'exec -a "$0" sleep {seconds}', name])
+        if user:
+            pid = wait_until(lambda: next((p for p in descendants([proc.pid]) if cmdline(p).startswith(name)), 0),
+                             what=f"{name!r} to appear in /proc")
+            self.orphans.append(pid)
+            proc.named_pid = pid  # type: ignore[attr-defined]
+        else:
+            wait_until(lambda: cmdline(proc.pid).startswith(name), what=f"{name!r} to appear in /proc")
+        return proc
+
+    def spawn_orphan(self, name: str, seconds: int = 600) -> int:
+        """Like spawn_named, but reparented away from this process, so it is not our descendant."""
+        pid = self.spawn_orphan_argv(["bash", "-c", f'exec -a "$0" sleep {seconds}', name])
+        wait_until(lambda: cmdline(pid).startswith(name), what=f"{name!r} to appear in /proc")
+        return pid
+
+    def spawn_orphan_argv(self, argv: list[str], env: dict[str, str] | None = None) -> int:
+        """Start *argv* through a subshell that exits at once, so init (or a subreaper) adopts it."""
+        out = subprocess.run(
+            ["bash", "-c", '("$@" >/dev/null 2>&1 </dev/null & echo $!)', "orphan", *argv],
+            capture_output=True, text=True, check=True, env=env,
+        ).stdout
+        pid = int(out.strip())
+        self.orphans.append(pid)
+        wait_until(lambda: ppid(pid) not in (-1, os.getpid()), what="orphan to be adopted")
+        return pid
+
+    def kill_all(self) -> None:
+        # A job runs in its own process group and outlives a SIGKILLed safegate by design: take every
+        # descendant (and its group) of what the test started, before killing the roots. Only pids this
+        # test started or that descend from them are ever signalled.
+        roots = [p.pid for p in self.started if p.poll() is None] + self.orphans
+        leftovers = sorted(descendants(roots)) + [p for p in self.orphans if alive(p)]
+        for pid in leftovers:
+            for kill in (os.killpg, os.kill):
+                try:
+                    kill(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+        for proc in self.started:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+                try:
+                    proc.kill()
+                except ProcessLookupError:
+                    pass
+            try:
+                proc.wait(timeout=TIMEOUT)
+            except subprocess.TimeoutExpired:
+                pass
+
+
+def hold_with_flock(procs: Procs, path: Path) -> subprocess.Popen[bytes]:
+    """A real flock(1) holder of *path*; returns once the lock is observably held."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    proc = procs.spawn(["flock", str(path), "sleep", "600"])
+    wait_until(lambda: not lock_free(path), what="flock holder")
+    return proc
+
+
+HOLDER_SCRIPT = """
+import sys, time
+from pathlib import Path
+from safegate.lockstore import LockStore
+need = int(sys.argv[4]) if len(sys.argv) > 4 else 0
+held = LockStore(Path(sys.argv[1])).try_acquire(sys.argv[2], sys.argv[3], need=need)
+print("held" if held else "busy", flush=True)
+time.sleep(600)
+"""
+
+
+def hold_with_safegate(procs: Procs, lock_dir: Path, name: str, profile: str = "test",
+                       need: int = 0) -> subprocess.Popen[bytes]:
+    """A real process holding *name* through safegate's lock store (flock + holder metadata), reserving
+    *need* bytes the way a job still loading its model does."""
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(lock_dir, 0o1777)
+    proc = procs.spawn([PY, "-c", HOLDER_SCRIPT, str(lock_dir), name, profile, str(need)],
+                       stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == b"held"
+    return proc
+
+
+# --- configuration and the CLI ---------------------------------------------------------------------------
+
+
+def set_temp(path: Path, celsius: float) -> None:
+    tmp = path.with_suffix(".new")
+    tmp.write_text(f"{int(celsius * 1000)}\n")
+    tmp.replace(path)
+
+
+def neutral_config(sensor: Path, extra: str = "") -> str:
+    """A config that takes the machine out of the verdict: no margin, no pressure limit, only our sensor, and
+    no competing rule (a test that wants one writes a rule matching only processes it started)."""
+    return (
+        "[defaults]\n"
+        'memory_margin = "0"\n'
+        "max_memory_pressure = 100\n"
+        "competing = []\n"
+        "[thermal]\n"
+        "sensors = []\n"
+        f"files = [{json.dumps(str(sensor))}]\n" + extra
+    )
+
+
+class Run:
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+
+    def __call__(self, *args: str, timeout: float = TIMEOUT, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [PY, "-m", "safegate", *args],
+            env=kwargs.pop("env", self.env),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=kwargs.pop("stdin", subprocess.DEVNULL),
+            **kwargs,
+        )
+
+
+class Nobody:
+    """Runs Python as the unprivileged user 'nobody' (root ignores file modes, so permission tests need it)."""
+
+    def __init__(self, python: str, pythonpath: str, workdir: Path) -> None:
+        self.python = python
+        self.pythonpath = pythonpath
+        self.workdir = workdir  # a directory nobody can reach, unlike pytest's 0700 tmp_path
+
+    def run(self, args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        full_env = dict(env or {})
+        full_env.update(
+            PYTHONPATH=self.pythonpath, PATH=os.environ.get("PATH", "/usr/bin:/bin"), HOME=str(self.workdir)
+        )
+        return subprocess.run(
+            ["runuser", "-u", "nobody", "--", "env", *[f"{k}={v}" for k, v in full_env.items()], self.python, *args],
+            capture_output=True, text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL,
+        )
+
+
+# --- observing reads -------------------------------------------------------------------------------------
+
+
+class OpenWatch:
+    """Counts the times a file is opened from now on (inotify IN_OPEN), so a negative check can wait for a
+    positive event: "safegate has read the sensor twice since it changed" instead of a bare sleep.
+
+    Watch the path after the content it must see is in place: set_temp and write_state replace the file, and
+    the watch follows the inode it was added on."""
+
+    _IN_OPEN = 0x20
+    _IN_NONBLOCK = 0o4000
+
+    def __init__(self, path: Path) -> None:
+        import ctypes
+        import ctypes.util
+
+        self._libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        self._fd = self._libc.inotify_init1(self._IN_NONBLOCK)
+        if self._fd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_init1")
+        if self._libc.inotify_add_watch(self._fd, os.fsencode(path), self._IN_OPEN) < 0:
+            err = ctypes.get_errno()
+            os.close(self._fd)
+            raise OSError(err, f"inotify_add_watch {path}")
+        self.count = 0
+
+    def opens(self) -> int:
+        """How many opens have been seen so far."""
+        while True:
+            try:
+                data = os.read(self._fd, 4096)
+            except BlockingIOError:
+                return self.count
+            # struct inotify_event: wd, mask, cookie, len (4 x 4 bytes), then len bytes of name (0 here).
+            offset = 0
+            while offset + 16 <= len(data):
+                name_len = int.from_bytes(data[offset + 12: offset + 16], sys.byteorder)
+                self.count += 1
+                offset += 16 + name_len
+
+    def wait_for(self, opens: int, what: str) -> None:
+        wait_until(lambda: self.opens() >= opens, what=f"{what} ({opens} opens)")
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+    def __enter__(self) -> OpenWatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
