@@ -1,17 +1,47 @@
 """safegate: stop heavy ML jobs from freezing the machine.
 
-The Python API (check, hold, slots, Gate, Blocked) lives in safegate.api and is re-exported here lazily,
-so the command line does not pay for importing it.
+The Python API (check, hold, slots, Gate) lives in safegate.api and is re-exported here lazily, so the command
+line does not pay for importing it. Every exception type (all in safegate.errors, a module of its own that
+imports nothing heavy) is exported here directly.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from safegate.errors import (
+    Blocked,
+    ConfigError,
+    LicenseMissing,
+    LockBusy,
+    LockDirError,
+    SafegateError,
+    SlurmError,
+    SpawnError,
+    UsageError,
+    ValueParseError,
+)
+
 __version__ = "0.1.0"
 
-_API = ("Blocked", "Gate", "check", "hold", "slots")
-__all__ = ["Blocked", "Gate", "__version__", "check", "hold", "slots"]
+_API = ("Gate", "check", "hold", "slots")
+__all__ = [
+    "Blocked",
+    "ConfigError",
+    "Gate",
+    "LicenseMissing",
+    "LockBusy",
+    "LockDirError",
+    "SafegateError",
+    "SlurmError",
+    "SpawnError",
+    "UsageError",
+    "ValueParseError",
+    "__version__",
+    "check",
+    "hold",
+    "slots",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from safegate.config import DEFAULT_PROFILE, load_config
-from safegate.errors import SafegateError, UsageError, ValueParseError
+from safegate.errors import Blocked, SafegateError, UsageError, ValueParseError
 from safegate.exitcodes import ExitCode
 from safegate.gate import Overrides, Settings, admit, evaluate, resolve, wait_until_clear
 from safegate.lockstore import HeldLock, LockStore
@@ -38,16 +38,6 @@ from safegate.probes.memory import read_memory
 from safegate.units import Size, parse_gpu_option, parse_size, parse_temp, validate_lock_name
 
 SizeLike = str | int
-
-
-class Blocked(SafegateError):
-    """A check blocks; .verdict holds every check's result and .exit_code the code the CLI would return."""
-
-    def __init__(self, verdict: Verdict) -> None:
-        reasons = "; ".join(f"{c.name}: {c.reason}" for c in verdict.failures)
-        super().__init__(f"blocked: {reasons}")
-        self.verdict = verdict
-        self.exit_code = verdict.exit_code
 
 
 def _size(name: str, value: SizeLike | None) -> Size | None:
@@ -77,7 +67,7 @@ def _settings(
             gpu_mem=_size("gpu_mem", gpu_mem),
             explicit_gpu=gpu is not None,
         )
-    except (ValueParseError, ValueError) as exc:
+    except ValueParseError as exc:
         raise UsageError(str(exc)) from None
     return resolve(load_config(config), profile, overrides)
 

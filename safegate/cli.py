@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -15,9 +16,9 @@ import typer
 
 from safegate import __version__
 from safegate.config import DEFAULT_PROFILE, load_config
-from safegate.errors import SafegateError, UsageError, ValueParseError
+from safegate.errors import SafegateError, SlurmError, UsageError, ValueParseError
 from safegate.exitcodes import ExitCode, table_plain
-from safegate.gate import Overrides, evaluate, resolve, wait_until_clear
+from safegate.gate import Overrides, evaluate, gpu_backend, resolve, wait_until_clear
 from safegate.policy import Verdict
 from safegate.render import (
     blocking_summary,
@@ -96,7 +97,7 @@ def _overrides(
     if gpu is not None:
         try:
             selection = parse_gpu_option(gpu)
-        except ValueError as exc:
+        except ValueParseError as exc:
             raise UsageError(f"--gpu: {exc}") from None
     return Overrides(
         mem=_size_option("--mem", mem),
@@ -465,13 +466,9 @@ def status(
     """One screen: RAM, pressure, swap, temperatures, GPUs, locks and their holders, the largest processes."""
     from safegate.inventory import collect_status
     from safegate.lockstore import resolve_lock_dir
-    from safegate.probes.gpu import resolve_backend
 
     cfg = load_config(config)
-    try:
-        backend = resolve_backend(cfg.gpu_backend, os.environ)
-    except ValueError as exc:
-        raise UsageError(f"SAFEGATE_GPU: {exc}") from None
+    backend = gpu_backend(cfg.gpu_backend, os.environ)
     lock_dir = resolve_lock_dir(cfg.lock_dir, os.environ)
     interactive = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
     while True:
@@ -515,7 +512,7 @@ def slurm_health(
     name = slurm.node_name(node, os.environ)
     try:
         state = slurm.read_node(name)
-    except slurm.SlurmError as exc:
+    except SlurmError as exc:
         if not dry_run:
             raise
         # A dry run still says what it would do, from a node state it could not read.
@@ -547,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.exit_code)
     except (typer.Abort, KeyboardInterrupt):
         typer.echo("safegate: interrupted", err=True)
-        return 130
+        return ExitCode.for_signal(signal.SIGINT)
     except typer.TyperException as exc:
         # click's usage errors (unknown option, missing value, no command): one line, exit 2.
         message = exc.format_message() if hasattr(exc, "format_message") else str(exc)

@@ -295,7 +295,7 @@ def _profile_fields(where: _Where, table: str, data: Mapping[str, Any]) -> dict[
             _expect(where, full, value, (str, int), 'auto or GPU indexes like "0,2"')
             try:
                 out[key] = parse_gpu_option(str(value))
-            except ValueError as exc:
+            except ValueParseError as exc:
                 raise where.fail(full, str(exc)) from None
         else:
             out[key] = _exec_value(where, full, key, value)

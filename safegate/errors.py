@@ -1,8 +1,17 @@
-"""One exception type per kind of failure; cli.py turns each into its exit code."""
+"""Every exception type safegate raises, one per kind of failure; cli.main() turns each into its exit code.
+
+This module imports nothing of safegate's but the exit codes (and, for type checking only, the verdict), so
+any layer may raise these.
+"""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from safegate.exitcodes import ExitCode
+
+if TYPE_CHECKING:
+    from safegate.policy import Verdict
 
 
 class SafegateError(Exception):
@@ -35,3 +44,39 @@ class ValueParseError(ValueError):
     Raised by the pure parsers, which do not know whether the value came from the command line (exit 2)
     or from a config file (exit 3); the caller wraps it in UsageError or ConfigError.
     """
+
+
+class SpawnError(SafegateError):
+    """The command could not be started: 127 not found, 126 not executable."""
+
+    def __init__(self, message: str, code: ExitCode) -> None:
+        super().__init__(message)
+        self.exit_code = code
+
+
+class LockBusy(SafegateError):
+    """unlock refused: a live process holds the lock."""
+
+    exit_code = ExitCode.LOCKED
+
+
+class SlurmError(SafegateError):
+    """scontrol is missing or failed."""
+
+    exit_code = ExitCode.INTERNAL
+
+
+class LicenseMissing(SafegateError):
+    """The profile needs a Slurm license the job does not hold: licenses are advisory, so refuse."""
+
+    exit_code = ExitCode.LOCKED
+
+
+class Blocked(SafegateError):
+    """A check blocks; .verdict holds every check's result and .exit_code the code the CLI would return."""
+
+    def __init__(self, verdict: Verdict) -> None:
+        reasons = "; ".join(f"{c.name}: {c.reason}" for c in verdict.failures)
+        super().__init__(f"blocked: {reasons}")
+        self.verdict = verdict
+        self.exit_code = verdict.exit_code

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from safegate.config import CompetingRule, Config, Profile, ThermalConfig
-from safegate.errors import UsageError
+from safegate.errors import UsageError, ValueParseError
 from safegate.exitcodes import ExitCode
 from safegate.lockstore import HeldLock, LockStore, legacy_removable, read_legacy, remove_legacy, resolve_lock_dir
 from safegate.policy import (
@@ -94,7 +94,7 @@ def resolve(config: Config, profile_name: str, overrides: Overrides, env: Mappin
         thermal=config.thermal,
         legacy_lock_files=config.legacy_lock_files,
         lock_dir=resolve_lock_dir(config.lock_dir, env),
-        gpu_backend=_gpu_backend(config.gpu_backend, env),
+        gpu_backend=gpu_backend(config.gpu_backend, env),
         gpu=overrides.gpu if overrides.explicit_gpu else profile.gpu,
         gpu_need=overrides.gpu_mem if overrides.gpu_mem is not None else profile.gpu_memory,
         gpu_margin=profile.gpu_margin,
@@ -111,10 +111,11 @@ def _profile_need(profile: Profile, env: Mapping[str, str]) -> Size:
     return Size(bytes=learned if learned is not None else history.AUTO_FALLBACK)
 
 
-def _gpu_backend(configured: str, env: Mapping[str, str]) -> str:
+def gpu_backend(configured: str, env: Mapping[str, str]) -> str:
+    """The GPU backend in effect; SAFEGATE_GPU's bad values are usage errors."""
     try:
         return resolve_backend(configured, env)
-    except ValueError as exc:
+    except ValueParseError as exc:
         raise UsageError(f"SAFEGATE_GPU: {exc}") from None
 
 

@@ -10,8 +10,7 @@ from typing import Any
 import psutil
 
 from safegate.config import Config, Profile
-from safegate.errors import SafegateError
-from safegate.exitcodes import ExitCode
+from safegate.errors import LockBusy
 from safegate.history import Run, learned_need, percentile
 from safegate.lockstore import Holder, LockStore
 from safegate.probes.gpu import GpuSnapshot, read_gpus
@@ -19,12 +18,6 @@ from safegate.probes.memory import read_memory
 from safegate.probes.processes import read_processes
 from safegate.probes.thermal import read_thermal
 from safegate.snapshots import MemorySnapshot, ProcessInfo, ThermalSnapshot
-
-
-class LockBusy(SafegateError):
-    """unlock refused: a live process holds the lock."""
-
-    exit_code = ExitCode.LOCKED
 
 
 @dataclass(frozen=True)

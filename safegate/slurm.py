@@ -14,7 +14,7 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from safegate.errors import SafegateError
+from safegate.errors import LicenseMissing, SlurmError
 from safegate.exitcodes import ExitCode
 from safegate.policy import Verdict
 
@@ -22,18 +22,6 @@ DEFAULT_PREFIX = "safegate:"
 # Checks that describe the node, not one job: the per-job lock and memory need do not belong in a health check.
 NODE_CHECKS = ("memory", "memory_pressure", "gpu", "thermal", "competing")
 MEM_HEADROOM = 0.95  # exec's default --max-mem inside a job: a little below the allocation
-
-
-class SlurmError(SafegateError):
-    """scontrol is missing or failed."""
-
-    exit_code = ExitCode.INTERNAL
-
-
-class LicenseMissing(SafegateError):
-    """The profile needs a Slurm license the job does not hold: licenses are advisory, so refuse."""
-
-    exit_code = ExitCode.LOCKED
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from safegate.errors import SafegateError
+from safegate.errors import SpawnError
 from safegate.exitcodes import ExitCode
 from safegate.policy import gpu_temp_limit
 from safegate.probes.gpu import GpuInfo, host_pid_map, read_gpus
@@ -42,14 +42,6 @@ FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signa
 THERMAL_EVERY = 1.0  # temperatures change slowly; reading sensors costs more than reading meminfo
 GPU_EVERY = 0.1  # NVML calls cost more than /proc reads; a tenth of a second still catches a spike
 FILL_RATE_DECAY = 0.5
-
-
-class SpawnError(SafegateError):
-    """The command could not be started: 127 not found, 126 not executable."""
-
-    def __init__(self, message: str, code: ExitCode) -> None:
-        super().__init__(message)
-        self.exit_code = code
 
 
 @dataclass(frozen=True)

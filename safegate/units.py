@@ -146,13 +146,13 @@ def parse_nice(text: str | int) -> int:
 
 
 def parse_gpu_option(text: str) -> tuple[int, ...] | None:
-    """'auto' -> None; '0' or '0,2' -> indexes. ValueError otherwise."""
+    """'auto' -> None; '0' or '0,2' -> indexes. ValueParseError otherwise."""
     value = text.strip().lower()
     if value == "auto":
         return None
     parts = [p.strip() for p in value.split(",")]
     if not parts or not all(p.isdigit() for p in parts):
-        raise ValueError(f"invalid GPU selection {text!r}: expected auto or indexes like 0 or 0,2")
+        raise ValueParseError(f"invalid GPU selection {text!r}: expected auto or indexes like 0 or 0,2")
     return tuple(int(p) for p in parts)
 
 

@@ -112,3 +112,23 @@ def test_api_is_typed_and_lazy() -> None:
     code = "import sys, safegate; print('safegate.api' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_every_exception_type_lives_in_errors_and_is_exported() -> None:
+    import inspect
+
+    from safegate import errors
+
+    defined = {name for name, obj in inspect.getmembers(errors, inspect.isclass)
+               if issubclass(obj, Exception) and obj.__module__ == errors.__name__}
+    assert {"SafegateError", "UsageError", "ConfigError", "Blocked"} <= defined
+    for name in defined:
+        assert getattr(safegate, name) is getattr(errors, name), name
+        assert name in safegate.__all__
+    # No exception class is defined anywhere else in the package.
+    root = Path(safegate.__file__).parent
+    for path in root.rglob("*.py"):
+        if path.name != "errors.py":
+            text = path.read_text()
+            assert not [line for line in text.splitlines() if line.startswith("class ") and
+                        ("Error)" in line or "Exception)" in line or "Blocked" in line)], path

@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from safegate.errors import ValueParseError
 from safegate.units import BACKENDS
 
 LIBRARY = "libnvidia-ml.so.1"
@@ -56,10 +57,10 @@ class GpuSnapshot:
 
 
 def resolve_backend(configured: str, env: Mapping[str, str]) -> str:
-    """SAFEGATE_GPU beats [gpu] backend; ValueError for anything else than auto, nvml, none."""
+    """SAFEGATE_GPU beats [gpu] backend; ValueParseError for anything else than auto, nvml, none."""
     value = (env.get("SAFEGATE_GPU") or configured).strip().lower()
     if value not in BACKENDS:
-        raise ValueError(f"invalid GPU backend {value!r}: expected auto, nvml or none")
+        raise ValueParseError(f"invalid GPU backend {value!r}: expected auto, nvml or none")
     return value
 
 
