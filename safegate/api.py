@@ -33,8 +33,8 @@ from safegate.errors import Blocked, SafegateError, UsageError, ValueParseError
 from safegate.exitcodes import ExitCode
 from safegate.gate import Overrides, Settings, admit, evaluate, resolve, wait_until_clear
 from safegate.lockstore import HeldLock, LockStore
-from safegate.policy import Status, Verdict
 from safegate.probes.memory import read_memory
+from safegate.results import GpuValues, MemoryValues, Status, Verdict
 from safegate.units import Size, parse_gpu_option, parse_size, parse_temp, validate_lock_name
 
 SizeLike = str | int
@@ -116,19 +116,16 @@ def count_slots(settings: Settings, verdict: Verdict, cap: int | None) -> int:
     blocking = [c for c in verdict.failures if c.name not in ("memory",)]
     if blocking:
         return 0
-    memory = verdict.result("memory")
+    memory = verdict.values(MemoryValues)
     assert memory is not None
-    available = int(memory.values["available"]) - int(memory.values["reserved"])
-    margin = int(memory.thresholds["margin"])
-    need = int(memory.values["need"])
-    count = math.inf if need <= 0 else max(0, (available - margin) // need)
-    gpu = verdict.result("gpu")
-    if gpu is not None and gpu.status is Status.PASS and int(gpu.values["need"]) > 0:
-        gpu_need = int(gpu.values["need"])
-        reserved = {int(k): v for k, v in gpu.values["reserved"].items()}
+    margin = settings.margin.resolve(memory.total)
+    count = math.inf if memory.need <= 0 else max(0, (memory.available - memory.reserved - margin) // memory.need)
+    gpu = verdict.values(GpuValues)
+    gpu_result = verdict.result("gpu")
+    if gpu is not None and gpu_result is not None and gpu_result.status is Status.PASS and gpu.need > 0:
         per_card = [
-            max(0, (g["free"] - reserved.get(g["index"], 0) - settings.gpu_margin.resolve(g["total"])) // gpu_need)
-            for g in gpu.values["gpus"] if g["index"] in gpu.values["candidates"] and g["free"] is not None
+            max(0, (g.free - gpu.reserved.get(g.index, 0) - settings.gpu_margin.resolve(g.total or 0)) // gpu.need)
+            for g in gpu.gpus if g.index in gpu.candidates and g.free is not None
         ]
         if per_card:
             count = min(count, sum(per_card))

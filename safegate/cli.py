@@ -19,7 +19,6 @@ from safegate.config import DEFAULT_PROFILE, load_config
 from safegate.errors import SafegateError, SlurmError, UsageError, ValueParseError
 from safegate.exitcodes import ExitCode, table_plain
 from safegate.gate import Overrides, evaluate, gpu_backend, resolve, wait_until_clear
-from safegate.policy import Verdict
 from safegate.render import (
     blocking_summary,
     check_line,
@@ -29,6 +28,7 @@ from safegate.render import (
     verdict_json,
     verdict_text,
 )
+from safegate.results import Verdict
 from safegate.units import (
     Size,
     parse_duration,

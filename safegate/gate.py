@@ -14,9 +14,6 @@ from safegate.errors import UsageError, ValueParseError
 from safegate.exitcodes import ExitCode
 from safegate.lockstore import HeldLock, LockStore, legacy_removable, read_legacy, remove_legacy, resolve_lock_dir
 from safegate.policy import (
-    CheckResult,
-    Status,
-    Verdict,
     check_competing,
     check_gpu,
     check_lock,
@@ -31,6 +28,7 @@ from safegate.probes.gpu import read_gpus, resolve_backend
 from safegate.probes.memory import read_memory
 from safegate.probes.processes import read_processes
 from safegate.probes.thermal import read_thermal
+from safegate.results import CheckResult, GpuValues, LockValues, Status, Verdict
 from safegate.units import Size, validate_lock_name
 
 # Waiting re-checks with a capped backoff: quick at first (a lock is often released soon), then
@@ -245,8 +243,8 @@ def admit(
             if not verdict.ok:
                 return verdict, None
             total = _total_ram()
-            gpu = verdict.result("gpu")
-            chosen = gpu.values.get("chosen") if gpu is not None else None
+            gpu = verdict.values(GpuValues)
+            chosen = gpu.chosen if gpu is not None else None
             # A profile without a mutex still gets a lock of its own job: its holder metadata carries the
             # reservation that later admissions count. The name is unique to this claim.
             name = settings.lock if settings.lock is not None else f"job-{os.getpid()}-{time.monotonic_ns()}"
@@ -270,7 +268,8 @@ def _lock_lost(verdict: Verdict, name: str) -> Verdict:
     if not verdict.ok:
         return verdict
     lost = CheckResult("lock", Status.FAIL, f"lock {name!r} was taken by another process during admission",
-                       ExitCode.LOCKED, {"lock": name})
+                       ExitCode.LOCKED, LockValues(lock=name, path=None, held=True, holder=None, holder_alive=False,
+                                                   legacy=()))
     return Verdict(verdict.profile, tuple(lost if c.name == "lock" else c for c in verdict.checks))
 
 

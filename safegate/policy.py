@@ -2,73 +2,39 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from enum import Enum
-from typing import Any
 
 from safegate.config import CompetingRule
 from safegate.exitcodes import ExitCode
 from safegate.lockstore import LegacyState, LockState, Removal
 from safegate.probes.gpu import GpuInfo, GpuSnapshot, Selection, visible_to_cuda
-from safegate.snapshots import MemorySnapshot, ProcessInfo, ProcessSnapshot, ThermalSnapshot
+from safegate.results import (
+    CheckResult,
+    CompetingMatch,
+    CompetingValues,
+    GpuTemp,
+    GpuValues,
+    LockValues,
+    MemoryValues,
+    PressureValues,
+    StaleValues,
+    Status,
+    ThermalValues,
+    Verdict,
+)
+from safegate.snapshots import MemorySnapshot, ProcessSnapshot, ThermalSnapshot
 from safegate.units import Size, format_bytes, format_duration
 
-
-class Status(str, Enum):
-    PASS = "pass"
-    FAIL = "fail"
-    WARN = "warn"
-    UNKNOWN = "unknown"
-    NONE = "none"  # nothing to check (no GPU): passes
-
-
-@dataclass(frozen=True)
-class CheckResult:
-    name: str
-    status: Status
-    reason: str
-    code: ExitCode  # returned when this check fails
-    values: Mapping[str, Any] = field(default_factory=dict)
-    thresholds: Mapping[str, Any] = field(default_factory=dict)
-
-    @property
-    def blocks(self) -> bool:
-        return self.status is Status.FAIL
-
-
-# Fixed order for the exit code when several checks fail: the lowest code wins, as listed in the table.
-CHECK_ORDER = ("stale_locks", "memory", "memory_pressure", "gpu", "thermal", "lock", "competing")
-
-
-@dataclass(frozen=True)
-class Verdict:
-    profile: str
-    checks: tuple[CheckResult, ...]
-
-    @property
-    def failures(self) -> tuple[CheckResult, ...]:
-        return tuple(c for c in self.checks if c.blocks)
-
-    @property
-    def ok(self) -> bool:
-        return not self.failures
-
-    @property
-    def exit_code(self) -> ExitCode:
-        failures = self.failures
-        return min((c.code for c in failures), default=ExitCode.OK)
-
-    def result(self, name: str) -> CheckResult | None:
-        return next((c for c in self.checks if c.name == name), None)
+__all__ = ["CheckResult", "CompetingMatch", "Status", "Verdict"]  # the result types, re-exported for callers
 
 
 def check_memory(mem: MemorySnapshot, need: int, margin: int, reserved: int = 0) -> CheckResult:
     """available - reserved - need >= margin; *reserved* is what jobs still loading will take."""
     left = mem.available - reserved - need
-    values = {"available": mem.available, "total": mem.total, "reserved": reserved, "need": need,
-              "left_after_start": left}
+    values = MemoryValues(available=mem.available, total=mem.total, reserved=reserved, need=need,
+                          left_after_start=left)
     thresholds = {"margin": margin}
     held_back = f" - reserved {format_bytes(reserved)}" if reserved else ""
     summary = (
@@ -86,8 +52,8 @@ def check_pressure(mem: MemorySnapshot, max_pressure: float) -> CheckResult:
     value = mem.pressure_some_avg10
     if value is None:
         return CheckResult("memory_pressure", Status.UNKNOWN, "no /proc/pressure/memory on this system",
-                           ExitCode.MEMORY, {"some_avg10": None}, thresholds)
-    values = {"some_avg10": value}
+                           ExitCode.MEMORY, PressureValues(None), thresholds)
+    values = PressureValues(value)
     if value > max_pressure:
         return CheckResult("memory_pressure", Status.FAIL,
                            f"memory pressure some avg10 {value:g}% > {max_pressure:g}%: the machine is thrashing",
@@ -110,8 +76,10 @@ def check_thermal(
     and every GPU the job may use below its own limit (gpu_temp_limit)."""
     limit_name = "resume_temp" if resuming else "max_temp"
     thresholds = {limit_name: limit, "require": require}
-    gpu_values = {f"gpu{g.index}": {"temp": g.temp, "limit": gpu_temp_limit(g, limit, resuming=resuming)}
+    gpu_values = {g.index: GpuTemp(g.temp, gpu_temp_limit(g, limit, resuming=resuming))
                   for g in gpus if g.temp is not None}
+    sensors = {r.key: r.celsius for r in thermal.readings}
+    notes = tuple(thermal.notes)
     hot_gpus = [g for g in gpus if g.temp is not None and g.temp >= gpu_temp_limit(g, limit, resuming=resuming)]
     if hot_gpus:
         g = hot_gpus[0]
@@ -119,47 +87,30 @@ def check_thermal(
         gl = gpu_temp_limit(g, limit, resuming=resuming)
         why = f"{limit_name} {limit:g} C" if gl == limit else f"its slowdown threshold {g.slowdown:g} C minus margin"
         hottest_cpu = thermal.hottest
-        values: dict[str, Any] = {"hottest": max(g.temp, hottest_cpu.celsius if hottest_cpu else g.temp),
-                                  "sensor": f"gpu{g.index}", "gpus": gpu_values,
-                                  "sensors": {r.key: r.celsius for r in thermal.readings}, "notes": list(thermal.notes)}
+        values = ThermalValues(hottest=max(g.temp, hottest_cpu.celsius if hottest_cpu else g.temp),
+                               sensor=f"gpu{g.index}", sensors=sensors, gpus=gpu_values, notes=notes)
         return CheckResult("thermal", Status.FAIL, f"GPU {g.index} ({g.name}) at {g.temp:g} C >= {gl:g} C ({why})",
                            ExitCode.THERMAL, values, thresholds)
-    notes = "; ".join(thermal.notes)
     hottest = thermal.hottest
     if hottest is None and gpu_values:
         g = max((g for g in gpus if g.temp is not None), key=lambda g: g.temp or 0.0)
-        gpu_only = {"hottest": g.temp, "sensor": f"gpu{g.index}", "sensors": {}, "gpus": gpu_values,
-                    "notes": list(thermal.notes)}
+        gpu_only = ThermalValues(hottest=g.temp, sensor=f"gpu{g.index}", sensors={}, gpus=gpu_values, notes=notes)
         return CheckResult("thermal", Status.PASS, f"no CPU sensor; hottest GPU {g.index} at {g.temp:g} C",
                            ExitCode.THERMAL, gpu_only, thresholds)
     if hottest is None:
-        values = {"hottest": None, "sensor": None, "sensors": {}, "gpus": gpu_values, "notes": list(thermal.notes)}
-        why = "no readable temperature sensor" + (f" ({notes})" if notes else "")
+        values = ThermalValues(hottest=None, sensor=None, sensors={}, gpus=gpu_values, notes=notes)
+        why = "no readable temperature sensor" + (f" ({'; '.join(notes)})" if notes else "")
         if require:
             return CheckResult("thermal", Status.FAIL, f"{why}, and [thermal] require = true",
                                ExitCode.THERMAL, values, thresholds)
         return CheckResult("thermal", Status.UNKNOWN, f"{why}; not blocking", ExitCode.THERMAL, values, thresholds)
-    values = {
-        "hottest": hottest.celsius,
-        "sensor": hottest.key,
-        "sensors": {r.key: r.celsius for r in thermal.readings},
-        "gpus": gpu_values,
-        "notes": list(thermal.notes),
-    }
+    values = ThermalValues(hottest=hottest.celsius, sensor=hottest.key, sensors=sensors, gpus=gpu_values, notes=notes)
     if hottest.celsius >= limit:
         return CheckResult("thermal", Status.FAIL,
                            f"{hottest.key} at {hottest.celsius:g} C >= {limit_name} {limit:g} C",
                            ExitCode.THERMAL, values, thresholds)
     return CheckResult("thermal", Status.PASS, f"hottest {hottest.key} at {hottest.celsius:g} C < {limit:g} C",
                        ExitCode.THERMAL, values, thresholds)
-
-
-def gpu_json(g: GpuInfo) -> dict[str, Any]:
-    return {
-        "index": g.index, "name": g.name, "uuid": g.uuid, "total": g.total, "used": g.used, "free": g.free,
-        "temp": g.temp, "slowdown": g.slowdown, "mig_mode": g.mig_mode, "error": g.error,
-        "processes": [{"pid": p.pid, "used": p.used, "kind": p.kind} for p in g.processes],
-    }
 
 
 def gpu_free(g: GpuInfo, reserved: Mapping[int, int]) -> int | None:
@@ -194,12 +145,9 @@ def check_gpu(
     """Free VRAM (less reservations) must cover the job's need plus the GPU margin: on one GPU (auto), or on
     each (explicit)."""
     reserved = reserved or {}
-    values: dict[str, Any] = {
-        "backend": snapshot.backend, "driver": snapshot.driver, "need": need,
-        "gpus": [gpu_json(g) for g in snapshot.gpus], "candidates": [g.index for g in selection.gpus],
-        "reserved": {str(k): v for k, v in reserved.items()}, "chosen": None,
-        "notes": list(snapshot.notes) + list(selection.notes),
-    }
+    values = GpuValues(backend=snapshot.backend, driver=snapshot.driver, need=need, gpus=tuple(snapshot.gpus),
+                       candidates=tuple(g.index for g in selection.gpus), reserved=dict(reserved), chosen=None,
+                       notes=tuple(snapshot.notes) + tuple(selection.notes))
     thresholds = {"margin": str(margin), "selection": "explicit" if selection.explicit else "auto"}
     code = ExitCode.GPU_MEMORY
     if snapshot.status == "error":
@@ -225,9 +173,9 @@ def check_gpu(
     if enough:
         best = choose_gpu(selection, need, margin, reserved)
         assert best is not None
-        values["chosen"] = best.index
         return CheckResult("gpu", Status.PASS, f"GPU {best.index} has {format_bytes(gpu_free(best, reserved) or 0)} "
-                           f"free for {format_bytes(need)} + margin {margin}", code, values, thresholds)
+                           f"free for {format_bytes(need)} + margin {margin}", code,
+                           dataclasses.replace(values, chosen=best.index), thresholds)
     g = next(g for g in selection.gpus if g not in fitting)
     held = f" ({format_bytes(reserved[g.index])} reserved)" if reserved.get(g.index) else ""
     return CheckResult("gpu", Status.FAIL, f"GPU {g.index} ({g.name}) has {format_bytes(gpu_free(g, reserved) or 0)} "
@@ -257,17 +205,9 @@ def _describe_holder(state: LockState, now: float) -> str:
 
 def check_lock(state: LockState | None, legacy: Sequence[LegacyState], now: float | None = None) -> CheckResult:
     now = time.time() if now is None else now
-    values: dict[str, Any] = {
-        "lock": state.name if state else None,
-        "path": str(state.path) if state else None,
-        "held": state.held if state else False,
-        "holder": None,
-        "legacy": [{"path": str(s.path), "pid": s.pid, "alive": s.alive, "note": s.note} for s in legacy],
-    }
-    if state is not None and state.holder is not None:
-        h = state.holder
-        values["holder"] = {"pid": h.pid, "user": h.user, "host": h.host, "cmdline": h.cmdline,
-                            "started_at": h.started_at, "profile": h.profile, "alive": state.holder_alive}
+    values = LockValues(lock=state.name if state else None, path=str(state.path) if state else None,
+                        held=state.held if state else False, holder=state.holder if state else None,
+                        holder_alive=state.holder_alive if state else False, legacy=tuple(legacy))
     if state is not None and state.held:
         return CheckResult("lock", Status.FAIL, _describe_holder(state, now), ExitCode.LOCKED, values)
     live = [s for s in legacy if s.alive]
@@ -283,12 +223,6 @@ def check_lock(state: LockState | None, legacy: Sequence[LegacyState], now: floa
 
 def _lock_words(state: LockState | None) -> str:
     return "the profile has no lock" if state is None else f"lock {state.name!r} is free"
-
-
-@dataclass(frozen=True)
-class CompetingMatch:
-    process: ProcessInfo
-    rule: CompetingRule
 
 
 def match_competing(procs: ProcessSnapshot, rules: Sequence[CompetingRule], total_ram: int) -> list[CompetingMatch]:
@@ -312,13 +246,7 @@ def _describe(match: CompetingMatch) -> str:
 def check_competing(matches: Sequence[CompetingMatch], rules: Sequence[CompetingRule]) -> CheckResult:
     blocking = [m for m in matches if m.rule.action == "block"]
     warning = [m for m in matches if m.rule.action == "warn"]
-    values = {
-        "matches": [
-            {"pid": m.process.pid, "cmdline": m.process.cmdline, "rss": m.process.rss,
-             "pattern": m.rule.pattern, "action": m.rule.action}
-            for m in sorted(matches, key=lambda m: (m.rule.action != "block", -m.process.rss))
-        ]
-    }
+    values = CompetingValues(tuple(sorted(matches, key=lambda m: (m.rule.action != "block", -m.process.rss))))
     thresholds = {
         "rules": [{"pattern": r.pattern, "action": r.action, "min_rss": str(r.min_rss) if r.min_rss else None}
                   for r in rules]
@@ -338,8 +266,7 @@ def check_competing(matches: Sequence[CompetingMatch], rules: Sequence[Competing
 
 
 def check_stale(removals: Sequence[Removal]) -> CheckResult:
-    values = {"removed": [{"path": str(r.path), "what": r.what, "removed": r.removed, "error": r.error}
-                          for r in removals]}
+    values = StaleValues(tuple(removals))
     failed = [r for r in removals if not r.removed]
     if failed:
         return CheckResult("stale_locks", Status.WARN,

@@ -5,11 +5,67 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from safegate.policy import CheckResult, Status, Verdict, gpu_json
+from safegate.probes.gpu import GpuInfo
+from safegate.results import (
+    CheckResult,
+    CheckValues,
+    CompetingValues,
+    GpuValues,
+    LockValues,
+    MemoryValues,
+    PressureValues,
+    StaleValues,
+    Status,
+    ThermalValues,
+    Verdict,
+)
 from safegate.units import format_bytes, format_duration, printable
 
 if TYPE_CHECKING:
     from safegate.inventory import LockInfo, StatusReport
+
+
+def gpu_json(g: GpuInfo) -> dict[str, Any]:
+    return {
+        "index": g.index, "name": g.name, "uuid": g.uuid, "total": g.total, "used": g.used, "free": g.free,
+        "temp": g.temp, "slowdown": g.slowdown, "mig_mode": g.mig_mode, "error": g.error,
+        "processes": [{"pid": p.pid, "used": p.used, "kind": p.kind} for p in g.processes],
+    }
+
+
+def values_json(values: CheckValues | None) -> dict[str, Any]:
+    """A check's figures as documented in docs/json.md (the "values" object)."""
+    if values is None:
+        return {}
+    if isinstance(values, MemoryValues):
+        return {"available": values.available, "total": values.total, "reserved": values.reserved,
+                "need": values.need, "left_after_start": values.left_after_start}
+    if isinstance(values, PressureValues):
+        return {"some_avg10": values.some_avg10}
+    if isinstance(values, ThermalValues):
+        return {"hottest": values.hottest, "sensor": values.sensor, "sensors": dict(values.sensors),
+                "gpus": {f"gpu{i}": {"temp": t.temp, "limit": t.limit} for i, t in values.gpus.items()},
+                "notes": list(values.notes)}
+    if isinstance(values, GpuValues):
+        return {"backend": values.backend, "driver": values.driver, "need": values.need,
+                "gpus": [gpu_json(g) for g in values.gpus], "candidates": list(values.candidates),
+                "reserved": {str(k): v for k, v in values.reserved.items()}, "chosen": values.chosen,
+                "notes": list(values.notes)}
+    if isinstance(values, LockValues):
+        h = values.holder
+        holder = None if h is None else {"pid": h.pid, "user": h.user, "host": h.host, "cmdline": h.cmdline,
+                                         "started_at": h.started_at, "profile": h.profile,
+                                         "alive": values.holder_alive}
+        return {"lock": values.lock, "path": values.path, "held": values.held, "holder": holder,
+                "legacy": [{"path": str(s.path), "pid": s.pid, "alive": s.alive, "note": s.note}
+                           for s in values.legacy]}
+    if isinstance(values, CompetingValues):
+        return {"matches": [{"pid": m.process.pid, "cmdline": m.process.cmdline, "rss": m.process.rss,
+                             "pattern": m.rule.pattern, "action": m.rule.action} for m in values.matches]}
+    if isinstance(values, StaleValues):
+        return {"removed": [{"path": str(r.path), "what": r.what, "removed": r.removed, "error": r.error}
+                            for r in values.removed]}
+    raise TypeError(f"no JSON form for {type(values).__name__}")
 
 
 def verdict_json(verdict: Verdict) -> str:
@@ -22,7 +78,7 @@ def verdict_json(verdict: Verdict) -> str:
                 "name": c.name,
                 "status": c.status.value,
                 "reason": c.reason,
-                "values": dict(c.values),
+                "values": values_json(c.values),
                 "thresholds": dict(c.thresholds),
                 "exit_code_if_failing": int(c.code),
             }
@@ -33,7 +89,8 @@ def verdict_json(verdict: Verdict) -> str:
 
 
 def check_line(check: CheckResult) -> str:
-    return f"{check.status.value.upper():<8} {check.name:<16} {check.reason}"
+    # Reasons quote text from outside (holder records, command lines, sensor labels): escaped for the terminal.
+    return f"{check.status.value.upper():<8} {check.name:<16} {printable(check.reason)}"
 
 
 def verdict_text(verdict: Verdict) -> str:
@@ -47,7 +104,7 @@ def verdict_text(verdict: Verdict) -> str:
 
 def blocking_summary(verdict: Verdict) -> str:
     """One line naming what blocks, for -q and for progress while waiting."""
-    return "; ".join(f"{c.name}: {c.reason}" for c in verdict.checks if c.status is Status.FAIL)
+    return "; ".join(f"{c.name}: {printable(c.reason)}" for c in verdict.checks if c.status is Status.FAIL)
 
 
 def render_lock(lock: LockInfo, now: float | None = None) -> str:

@@ -13,8 +13,8 @@ import psutil
 from safegate.config import DEFAULT_MIN_AVAILABLE, DEFAULT_MIN_AVAILABLE_FRACTION
 from safegate.gate import Settings, admit
 from safegate.lockstore import HeldLock
-from safegate.policy import Verdict
 from safegate.probes.memory import read_memory
+from safegate.results import GpuValues, Verdict
 from safegate.supervisor import Event, Outcome, Supervisor
 from safegate.units import Size, format_bytes, format_duration, parse_size, printable
 from safegate.watch import WARN_FRACTION, GpuLimits, WatchLimits
@@ -117,8 +117,8 @@ def job_gpus(settings: Settings, verdict: Verdict, held: HeldLock) -> tuple[tupl
     list, or the GPU auto-selection chose for a job that declared a GPU memory need, is passed on by index,
     with CUDA_DEVICE_ORDER=PCI_BUS_ID so CUDA numbers the GPUs as NVML does.
     """
-    result = verdict.result("gpu")
-    candidates = tuple(result.values.get("candidates", ())) if result is not None else ()
+    gpu = verdict.values(GpuValues)
+    candidates = gpu.candidates if gpu is not None else ()
     chosen = held.holder.gpu_index if held.holder is not None else None
     if settings.gpu is not None:
         given = candidates

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from safegate.errors import LicenseMissing, SlurmError
 from safegate.exitcodes import ExitCode
-from safegate.policy import Verdict
+from safegate.results import Verdict
 
 DEFAULT_PREFIX = "safegate:"
 # Checks that describe the node, not one job: the per-job lock and memory need do not belong in a health check.

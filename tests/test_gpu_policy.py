@@ -27,7 +27,7 @@ def test_auto_passes_when_one_gpu_fits_and_chooses_the_freest() -> None:
     s = snap(gpu(0, 5), gpu(1, 20), gpu(2, 12))
     sel = select_gpus(s, None, None)
     result = check_gpu(s, sel, 8 * GiB, MARGIN)
-    assert result.status is Status.PASS and result.values["chosen"] == 1
+    assert result.status is Status.PASS and result.values.chosen == 1
     assert choose_gpu(sel, 8 * GiB, MARGIN, {}) == s.gpus[1]
 
 
@@ -99,7 +99,7 @@ def test_gpu_temperature_limits() -> None:
     assert result.status is Status.FAIL and "slowdown" in result.reason
     cool = GpuInfo(0, "g", "u", temp=60, slowdown=83)
     ok = check_thermal(no_cpu, 80, require=False, gpus=[cool])
-    assert ok.status is Status.PASS and ok.values["hottest"] == 60
+    assert ok.status is Status.PASS and ok.values.hottest == 60
 
 
 def test_percent_gpu_margin_is_of_the_card() -> None:

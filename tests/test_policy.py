@@ -32,7 +32,7 @@ def mem(available: int, total: int = 16 * GiB, pressure: float | None = None) ->
 def test_memory_exactly_at_margin_passes() -> None:
     result = check_memory(mem(14 * GiB), need=10 * GiB, margin=4 * GiB)
     assert result.status is Status.PASS
-    assert result.values["left_after_start"] == 4 * GiB
+    assert result.values.left_after_start == 4 * GiB
 
 
 def test_memory_one_byte_short_blocks_with_10() -> None:
@@ -71,7 +71,7 @@ def therm(*values: float, notes: tuple[str, ...] = ()) -> ThermalSnapshot:
 def test_thermal_exactly_at_limit_blocks() -> None:
     result = check_thermal(therm(50, 80.0), 80, require=False)
     assert result.status is Status.FAIL and result.code is ExitCode.THERMAL
-    assert result.values["hottest"] == 80.0 and result.values["sensor"] == "coretemp:Core 1"
+    assert result.values.hottest == 80.0 and result.values.sensor == "coretemp:Core 1"
 
 
 def test_thermal_just_below_passes() -> None:

@@ -1,0 +1,138 @@
+"""What the checks return: one typed record of figures per check, the check result, and the verdict.
+
+Code that decides (admission, slots, GPU choice) reads these fields; only the rendering layer turns them into
+JSON (render.values_json) or text, so a renamed field is a type error, not a silently missing key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, TypeVar
+
+from safegate.config import CompetingRule
+from safegate.exitcodes import ExitCode
+from safegate.lockstore import Holder, LegacyState, Removal
+from safegate.probes.gpu import GpuInfo
+from safegate.snapshots import ProcessInfo
+
+
+class Status(str, Enum):
+    PASS = "pass"
+    FAIL = "fail"
+    WARN = "warn"
+    UNKNOWN = "unknown"
+    NONE = "none"  # nothing to check (no GPU): passes
+
+
+@dataclass(frozen=True)
+class MemoryValues:
+    available: int
+    total: int
+    reserved: int  # what admitted jobs still loading will take
+    need: int
+    left_after_start: int
+
+
+@dataclass(frozen=True)
+class PressureValues:
+    some_avg10: float | None
+
+
+@dataclass(frozen=True)
+class GpuTemp:
+    temp: float
+    limit: float
+
+
+@dataclass(frozen=True)
+class ThermalValues:
+    hottest: float | None
+    sensor: str | None
+    sensors: Mapping[str, float]
+    gpus: Mapping[int, GpuTemp]  # by GPU index
+    notes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class GpuValues:
+    backend: str
+    driver: str | None
+    need: int
+    gpus: tuple[GpuInfo, ...]
+    candidates: tuple[int, ...]  # indexes the job may use
+    reserved: Mapping[int, int]  # VRAM admitted jobs will still take, by GPU index
+    chosen: int | None
+    notes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class LockValues:
+    lock: str | None
+    path: str | None
+    held: bool
+    holder: Holder | None
+    holder_alive: bool
+    legacy: tuple[LegacyState, ...]
+
+
+@dataclass(frozen=True)
+class CompetingMatch:
+    process: ProcessInfo
+    rule: CompetingRule
+
+
+@dataclass(frozen=True)
+class CompetingValues:
+    matches: tuple[CompetingMatch, ...]  # blocking first, then by RSS
+
+
+@dataclass(frozen=True)
+class StaleValues:
+    removed: tuple[Removal, ...]
+
+
+CheckValues = (MemoryValues | PressureValues | ThermalValues | GpuValues | LockValues | CompetingValues
+               | StaleValues)
+V = TypeVar("V", MemoryValues, PressureValues, ThermalValues, GpuValues, LockValues, CompetingValues, StaleValues)
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    name: str
+    status: Status
+    reason: str
+    code: ExitCode  # returned when this check fails
+    values: CheckValues | None = None
+    thresholds: Mapping[str, Any] = field(default_factory=dict)  # the limits applied, for people and --json
+
+    @property
+    def blocks(self) -> bool:
+        return self.status is Status.FAIL
+
+
+@dataclass(frozen=True)
+class Verdict:
+    profile: str
+    checks: tuple[CheckResult, ...]
+
+    @property
+    def failures(self) -> tuple[CheckResult, ...]:
+        return tuple(c for c in self.checks if c.blocks)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    @property
+    def exit_code(self) -> ExitCode:
+        # When several checks fail, the lowest code wins.
+        return min((c.code for c in self.failures), default=ExitCode.OK)
+
+    def result(self, name: str) -> CheckResult | None:
+        return next((c for c in self.checks if c.name == name), None)
+
+    def values(self, kind: type[V]) -> V | None:
+        """The figures of the check that produced *kind* (MemoryValues, GpuValues, ...), if it ran."""
+        return next((c.values for c in self.checks if isinstance(c.values, kind)), None)
