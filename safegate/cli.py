@@ -7,21 +7,20 @@ import json
 import os
 import signal
 import sys
-import time
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Annotated, TypeVar
 
 import typer
 
 from safegate import __version__
-from safegate.config import DEFAULT_PROFILE, load_config
-from safegate.errors import SafegateError, SlurmError, UsageError, ValueParseError
+from safegate.config import load_config
+from safegate.errors import SafegateError, UsageError, ValueParseError
 from safegate.exitcodes import ExitCode, table_plain
-from safegate.gate import Overrides, evaluate, gpu_backend, resolve, wait_until_clear
+from safegate.gate import Overrides
 from safegate.render import (
     blocking_summary,
     check_line,
+    profile_line,
     render_lock,
     status_json,
     status_text,
@@ -29,6 +28,7 @@ from safegate.render import (
     verdict_text,
 )
 from safegate.results import Verdict
+from safegate.slurm import DEFAULT_PREFIX
 from safegate.units import (
     Size,
     parse_duration,
@@ -216,15 +216,10 @@ def check(
       safegate check -p whisper-large-v3 -q && whisper --model large-v3 talk.mp3
       safegate check --mem 6G --margin 10% --wait --timeout 30m --json
     """
-    overrides = _overrides(mem, margin, max_temp, lock, gpu, gpu_mem)
-    wait_for = _wait_timeout(wait, timeout)
-    settings = resolve(load_config(config), profile or DEFAULT_PROFILE, overrides)
+    from safegate.commands.check import check as run_check
 
-    if wait:
-        verdict = wait_until_clear(settings, wait_for, on_blocked=_progress(quiet or json_output))
-    else:
-        verdict = evaluate(settings)
-
+    verdict = run_check(config, profile, _overrides(mem, margin, max_temp, lock, gpu, gpu_mem), wait=wait,
+                        timeout=_wait_timeout(wait, timeout), on_blocked=_progress(quiet or json_output))
     if json_output:
         typer.echo(verdict_json(verdict))
     elif quiet:
@@ -309,8 +304,8 @@ def exec_(
       safegate exec --max-mem 12G --log run.jsonl -- python train.py
     """
     # exec's machinery (ctypes, the supervisor) is imported here so `check` does not pay for it.
-    from safegate.eventlog import EventLog
-    from safegate.runner import ExecOverrides, run_exec
+    from safegate.commands.execute import execute
+    from safegate.runner import ExecOverrides
     from safegate.supervisor import Event
 
     if not command:
@@ -330,20 +325,6 @@ def exec_(
     )
     if exec_overrides.interval is not None and not 0.001 <= exec_overrides.interval <= 1.0:
         raise UsageError(f"--interval: {interval!r} is outside 1ms..1s")
-    cfg = load_config(config)
-    chosen = profile or cfg.profile_for_command(command).name
-    settings = resolve(cfg, chosen, overrides)
-    if os.environ.get("SLURM_JOB_ID"):
-        from safegate import slurm
-
-        if settings.profile.slurm_license:
-            slurm.require_license(settings.profile.slurm_license, os.environ)
-        if exec_overrides.max_mem is None and settings.profile.max_mem is None:
-            job_limit = slurm.default_max_mem(os.environ)
-            if job_limit is not None:
-                exec_overrides = replace(exec_overrides, max_mem=Size(bytes=job_limit))
-    log_path = log or settings.profile.log
-    event_log = EventLog(log_path, lambda msg: typer.echo(f"safegate: warning: {msg}", err=True)) if log_path else None
     chatty = {"admitted", "exit", "summary", "cleanup"}
 
     def on_event(event: Event) -> None:
@@ -352,18 +333,13 @@ def exec_(
             # A closed terminal or pipe must not be what stops the watch: the job goes on, still watched.
             with contextlib.suppress(OSError):
                 typer.echo(f"safegate: {prefix}{event.message}", err=True)
-        if event_log is not None:
-            event_log.write(event)
 
-    result = run_exec(
-        settings, exec_overrides, command, nice=exec_overrides.nice if exec_overrides.nice is not None
-        else settings.profile.nice, wait=wait, timeout=wait_for, on_event=on_event, on_blocked=_progress(quiet),
-    )
+    result = execute(command, config=config, profile=profile, overrides=overrides, exec_overrides=exec_overrides,
+                     wait=wait, timeout=wait_for, log=log, on_event=on_event, on_blocked=_progress(quiet),
+                     on_log_error=lambda msg: typer.echo(f"safegate: warning: {msg}", err=True))
     if isinstance(result, Verdict):
         for failure in result.failures:
             typer.echo(f"safegate: not started: {check_line(failure)}", err=True)
-        if event_log is not None:
-            event_log.write(Event("blocked", blocking_summary(result), {"exit_code": int(result.exit_code)}))
         raise typer.Exit(int(result.exit_code))
     raise typer.Exit(result.exit_code)
 
@@ -392,27 +368,22 @@ def slots(
 
     0 when any other check blocks; at most 1 for a profile with a lock (a mutex).
     """
-    from safegate.api import count_slots
+    from safegate.commands.check import slots as count_slots
 
-    settings = resolve(load_config(config), profile or DEFAULT_PROFILE,
-                       _overrides(mem, margin, max_temp, lock, gpu, gpu_mem))
-    typer.echo(count_slots(settings, evaluate(settings), max_slots))
+    typer.echo(count_slots(config, profile, _overrides(mem, margin, max_temp, lock, gpu, gpu_mem), max_slots))
 
 
 @app.command(epilog="Example: safegate locks --json")
 def locks(json_output: JsonOpt = False, config: ConfigOpt = None) -> None:
     """List the locks in the lock dir, with their holders."""
-    from safegate.inventory import list_locks
-    from safegate.lockstore import LockStore, resolve_lock_dir
+    from safegate.commands.inspect import locks as list_locks
 
-    cfg = load_config(config)
-    store = LockStore(resolve_lock_dir(cfg.lock_dir, os.environ))
-    found = list_locks(store) if store.directory.is_dir() else []
+    directory, found = list_locks(config)
     if json_output:
         typer.echo(json.dumps([lock.as_json() for lock in found], indent=2))
         return
     if not found:
-        typer.echo(f"no locks in {store.directory}")
+        typer.echo(f"no locks in {directory}")
     for lock in found:
         typer.echo(render_lock(lock))
 
@@ -423,13 +394,11 @@ def unlock(
     config: ConfigOpt = None,
 ) -> None:
     """Remove a free lock's stale leftovers; refuses, naming the holder, while a live process holds it."""
-    from safegate.inventory import unlock as unlock_lock
-    from safegate.lockstore import LockStore, resolve_lock_dir
+    from safegate.commands.inspect import unlock as unlock_lock
 
     checked = _parsed("NAME", validate_lock_name, name)
     assert isinstance(checked, str)
-    cfg = load_config(config)
-    removed = unlock_lock(LockStore(resolve_lock_dir(cfg.lock_dir, os.environ)), checked)
+    removed = unlock_lock(config, checked)
     for what in removed:
         typer.echo(f"removed {what}")
     if not removed:
@@ -439,22 +408,14 @@ def unlock(
 @app.command(epilog="Example: safegate profiles --json")
 def profiles(json_output: JsonOpt = False, config: ConfigOpt = None) -> None:
     """List built-in and configured profiles: where each comes from, and declared vs recorded memory."""
-    from safegate import history
-    from safegate.inventory import profile_json
-    from safegate.units import format_bytes
+    from safegate.commands.inspect import profiles as list_profiles
 
-    cfg = load_config(config)
-    recorded = history.load(history.history_path())
-    data = [profile_json(p, recorded.get(p.name, [])) for p in cfg.profiles.values()]
+    data = list_profiles(config)
     if json_output:
         typer.echo(json.dumps(data, indent=2))
         return
     for p in data:
-        lock = p["lock"] or "(none)"
-        rec = p["recorded"]
-        seen = (f"{rec['runs']} runs, p95 peak {format_bytes(rec['peak_memory_p95'])}" if rec["runs"]
-                else "no runs recorded")
-        typer.echo(f"{p['name']:<20} memory {p['memory']:<10} lock {lock:<16} {seen:<32} {p['source']}")
+        typer.echo(profile_line(p))
 
 
 @app.command(epilog="Example: safegate status --watch")
@@ -464,23 +425,15 @@ def status(
     config: ConfigOpt = None,
 ) -> None:
     """One screen: RAM, pressure, swap, temperatures, GPUs, locks and their holders, the largest processes."""
-    from safegate.inventory import collect_status
-    from safegate.lockstore import resolve_lock_dir
+    from safegate.commands.inspect import status as reports
 
-    cfg = load_config(config)
-    backend = gpu_backend(cfg.gpu_backend, os.environ)
-    lock_dir = resolve_lock_dir(cfg.lock_dir, os.environ)
     interactive = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
-    while True:
-        report = collect_status(cfg, lock_dir, backend)
+    for report in reports(config, watch):
         text = status_json(report) if json_output else status_text(report)
         if watch and interactive:
             typer.echo("\x1b[H\x1b[2J" + text)  # home + clear: redraw in place
         else:
             typer.echo(text)
-        if not watch:
-            return
-        time.sleep(2.0)
 
 
 slurm_app = typer.Typer(help="Safegate inside Slurm.", no_args_is_help=True)
@@ -492,7 +445,7 @@ def slurm_health(
     node: Annotated[str | None, typer.Option(metavar="NAME", help="Node to drain or resume (default: "
                                              "$SLURMD_NODENAME, else the short hostname).")] = None,
     reason_prefix: Annotated[str, typer.Option("--reason-prefix", metavar="TEXT", help="Drain reasons start with "
-                                               "this; only such drains are ever resumed.")] = "safegate:",
+                                               "this; only such drains are ever resumed.")] = DEFAULT_PREFIX,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the scontrol command instead of running it.")]
     = False,
     config: ConfigOpt = None,
@@ -503,27 +456,14 @@ def slurm_health(
 
     Example: HealthCheckProgram=/usr/local/bin/safegate-health (a wrapper running: safegate slurm health)
     """
-    from safegate import slurm
+    from safegate.commands.slurm_health import health
 
-    cfg = load_config(config)
-    settings = resolve(cfg, DEFAULT_PROFILE, Overrides(mem=Size(bytes=0)))
-    verdict = evaluate(settings)
-    problems = slurm.node_problems(verdict)
-    name = slurm.node_name(node, os.environ)
-    try:
-        state = slurm.read_node(name)
-    except SlurmError as exc:
-        if not dry_run:
-            raise
-        # A dry run still says what it would do, from a node state it could not read.
-        typer.echo(f"safegate: {exc}; assuming node {name} is not drained", err=True)
-        state = slurm.NodeState(name, "", "")
-    action = slurm.decide(state, problems, reason_prefix)
-    typer.echo(f"safegate: {action.message}", err=True)
-    line = slurm.apply(action, dry_run)
-    if line is not None:
-        typer.echo(line)
-    raise typer.Exit(int(slurm.node_code(verdict)))
+    result = health(config, node, reason_prefix, dry_run)
+    for note in result.notes:
+        typer.echo(f"safegate: {note}", err=True)
+    if result.command is not None:
+        typer.echo(result.command)
+    raise typer.Exit(int(result.exit_code))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -161,3 +161,11 @@ def status_json(r: StatusReport) -> str:
         "top_processes": [{"pid": p.pid, "rss": p.rss, "cmdline": p.cmdline} for p in r.top],
     }
     return json.dumps(data, indent=2)
+
+
+def profile_line(p: dict[str, Any]) -> str:
+    """One row of `safegate profiles`, from the profile's JSON form."""
+    lock = p["lock"] or "(none)"
+    rec = p["recorded"]
+    seen = f"{rec['runs']} runs, p95 peak {format_bytes(rec['peak_memory_p95'])}" if rec["runs"] else "no runs recorded"
+    return f"{printable(p['name']):<20} memory {p['memory']:<10} lock {lock:<16} {seen:<32} {printable(p['source'])}"

@@ -1,0 +1,24 @@
+"""check and slots: evaluate the gate once, or until it passes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from safegate.config import DEFAULT_PROFILE, load_config
+from safegate.gate import Overrides, evaluate, resolve, wait_until_clear
+from safegate.results import Verdict
+
+
+def check(config: str | None, profile: str | None, overrides: Overrides, *, wait: bool, timeout: float | None,
+          on_blocked: Callable[[Verdict], None] | None = None) -> Verdict:
+    settings = resolve(load_config(config), profile or DEFAULT_PROFILE, overrides)
+    if wait:
+        return wait_until_clear(settings, timeout, on_blocked=on_blocked)
+    return evaluate(settings)
+
+
+def slots(config: str | None, profile: str | None, overrides: Overrides, cap: int | None) -> int:
+    from safegate.api import count_slots
+
+    settings = resolve(load_config(config), profile or DEFAULT_PROFILE, overrides)
+    return count_slots(settings, evaluate(settings), cap)

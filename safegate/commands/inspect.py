@@ -1,0 +1,58 @@
+"""The read-only reports: locks, unlock, profiles and status."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from safegate.config import load_config
+from safegate.gate import gpu_backend
+from safegate.inventory import LockInfo, StatusReport
+
+
+def locks(config: str | None) -> tuple[Path, list[LockInfo]]:
+    """The lock dir and its locks (none when the dir does not exist yet)."""
+    from safegate.inventory import list_locks
+    from safegate.lockstore import LockStore, resolve_lock_dir
+
+    store = LockStore(resolve_lock_dir(load_config(config).lock_dir, os.environ))
+    return store.directory, list_locks(store) if store.directory.is_dir() else []
+
+
+def unlock(config: str | None, name: str) -> list[str]:
+    """What was removed of a free lock's leftovers; raises LockBusy while a live process holds it."""
+    from safegate.inventory import unlock as unlock_lock
+    from safegate.lockstore import LockStore, resolve_lock_dir
+
+    return unlock_lock(LockStore(resolve_lock_dir(load_config(config).lock_dir, os.environ)), name)
+
+
+def profiles(config: str | None) -> list[dict[str, Any]]:
+    """Every profile as documented in docs/json.md, with what history recorded of its runs."""
+    from safegate import history
+    from safegate.inventory import profile_json
+
+    cfg = load_config(config)
+    recorded = history.load(history.history_path())
+    return [profile_json(p, recorded.get(p.name, [])) for p in cfg.profiles.values()]
+
+
+STATUS_REFRESH = 2.0  # seconds between screens of status --watch
+
+
+def status(config: str | None, watch: bool) -> Iterator[StatusReport]:
+    """One report, or with *watch* a new one every STATUS_REFRESH seconds until interrupted."""
+    from safegate.inventory import collect_status
+    from safegate.lockstore import resolve_lock_dir
+
+    cfg = load_config(config)
+    backend = gpu_backend(cfg.gpu_backend, os.environ)
+    lock_dir = resolve_lock_dir(cfg.lock_dir, os.environ)
+    while True:
+        yield collect_status(cfg, lock_dir, backend)
+        if not watch:
+            return
+        time.sleep(STATUS_REFRESH)

@@ -1,0 +1,40 @@
+"""slurm health: drain the node when it is unsafe, resume it when safe again if the drain is safegate's own."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from safegate.config import DEFAULT_PROFILE, load_config
+from safegate.errors import SlurmError
+from safegate.exitcodes import ExitCode
+from safegate.gate import Overrides, evaluate, resolve
+from safegate.units import Size
+
+
+@dataclass(frozen=True)
+class HealthResult:
+    notes: tuple[str, ...]  # for stderr: what was decided, and why the node state was assumed
+    command: str | None  # with --dry-run, the scontrol command that would have run
+    exit_code: ExitCode
+
+
+def health(config: str | None, node: str | None, reason_prefix: str, dry_run: bool) -> HealthResult:
+    from safegate import slurm
+
+    settings = resolve(load_config(config), DEFAULT_PROFILE, Overrides(mem=Size(bytes=0)))
+    verdict = evaluate(settings)
+    problems = slurm.node_problems(verdict)
+    name = slurm.node_name(node, os.environ)
+    notes: list[str] = []
+    try:
+        state = slurm.read_node(name)
+    except SlurmError as exc:
+        if not dry_run:
+            raise
+        # A dry run still says what it would do, from a node state it could not read.
+        notes.append(f"{exc}; assuming node {name} is not drained")
+        state = slurm.NodeState(name, "", "")
+    action = slurm.decide(state, problems, reason_prefix)
+    notes.append(action.message)
+    return HealthResult(tuple(notes), slurm.apply(action, dry_run), slurm.node_code(verdict))
