@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from support import REPO, Run
 
-from safegate.config import _PROFILE_KEYS
 from safegate.exitcodes import ExitCode, table_markdown, table_plain
+from safegate.settings import PROFILE_KEYS as _PROFILE_KEYS
 
 README = (REPO / "README.md").read_text()
 

@@ -12,7 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from safegate.cli import main
-from safegate.config import build_config, load_config
+from safegate.config import load_config
+from safegate.configfile import build_config
 from safegate.errors import ConfigError, ValueParseError
 from safegate.lockstore import LockStore
 from safegate.units import validate_lock_name
@@ -46,7 +47,7 @@ TOML_VALUES = st.recursive(
     max_leaves=12,
 )
 KEYS = st.sampled_from(["lock_dir", "legacy_lock_files", "defaults", "thermal", "gpu", "profiles", "x", ""])
-PROFILE_KEYS = st.sampled_from(sorted(__import__("safegate.config", fromlist=["_PROFILE_KEYS"])._PROFILE_KEYS))
+PROFILE_KEYS = st.sampled_from(sorted(__import__("safegate.settings", fromlist=["PROFILE_KEYS"]).PROFILE_KEYS))
 
 
 @FAST
