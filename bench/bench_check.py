@@ -379,7 +379,7 @@ def worker(mode: str, runs: int, warmup: int) -> None:
 
         holder = Path(os.environ["SGBENCH_HOLDER"])
         holder_text = holder.read_text(encoding="utf-8") if holder.exists() else None
-        overrides = Overrides(mem=parse_size("0"), margin=parse_size("0"))
+        overrides = Overrides(memory=parse_size("0"), memory_margin=parse_size("0"))
         times, codes = [], set()
         for i in range(warmup + runs):
             if holder_text is not None and not holder.exists():

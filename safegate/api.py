@@ -59,12 +59,12 @@ def _settings(
 ) -> Settings:
     try:
         overrides = Overrides(
-            mem=_size("mem", mem),
-            margin=_size("margin", margin),
+            memory=_size("mem", mem),
+            memory_margin=_size("margin", margin),
             max_temp=parse_temp(max_temp) if max_temp is not None else None,
             lock=validate_lock_name(lock) if lock is not None else None,
             gpu=parse_gpu_option(gpu) if gpu is not None else None,
-            gpu_mem=_size("gpu_mem", gpu_mem),
+            gpu_memory=_size("gpu_mem", gpu_mem),
             explicit_gpu=gpu is not None,
         )
     except ValueParseError as exc:

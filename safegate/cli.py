@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable
-from typing import Annotated, TypeVar
+from typing import Annotated, Any
 
 import typer
 
@@ -28,20 +28,12 @@ from safegate.render import (
     verdict_text,
 )
 from safegate.results import Verdict
+from safegate.settings import BY_KEY, parse_option
 from safegate.slurm import DEFAULT_PREFIX
 from safegate.units import (
-    Size,
     parse_duration,
-    parse_gpu_option,
-    parse_nice,
-    parse_on_hot,
-    parse_signal,
-    parse_size,
-    parse_temp,
     validate_lock_name,
 )
-
-T = TypeVar("T")
 
 # "\b" keeps click from re-wrapping the table into one paragraph.
 COMPLETE_VAR = "_SAFEGATE_COMPLETE"
@@ -82,32 +74,27 @@ def _parsed(option: str, parse: object, value: str | None) -> object:
         raise UsageError(f"{option}: {exc}") from None
 
 
-def _size_option(option: str, value: str | None) -> Size | None:
-    size = _parsed(option, parse_size, value)
-    assert size is None or isinstance(size, Size)
-    return size
+def _overrides(**values: str | None) -> Overrides:
+    """Parse each given option by its setting's kind; a bad value is a usage error naming the option."""
+    parsed: dict[str, Any] = {}
+    for key, text in values.items():
+        if text is not None:
+            try:
+                parsed[key] = parse_option(key, text)
+            except ValueParseError as exc:
+                raise UsageError(f"{BY_KEY[key].option}: {exc}") from None
+    return Overrides(**parsed, explicit_gpu=values.get("gpu") is not None)
 
 
-def _overrides(
-    mem: str | None, margin: str | None, max_temp: str | None, lock: str | None, gpu: str | None, gpu_mem: str | None
-) -> Overrides:
-    temp = _parsed("--max-temp", parse_temp, max_temp)
-    name = _parsed("--lock", validate_lock_name, lock)
-    selection: tuple[int, ...] | None = None
-    if gpu is not None:
-        try:
-            selection = parse_gpu_option(gpu)
-        except ValueParseError as exc:
-            raise UsageError(f"--gpu: {exc}") from None
-    return Overrides(
-        mem=_size_option("--mem", mem),
-        margin=_size_option("--margin", margin),
-        max_temp=temp if isinstance(temp, float) else None,
-        lock=name if isinstance(name, str) else None,
-        gpu=selection,
-        gpu_mem=_size_option("--gpu-mem", gpu_mem),
-        explicit_gpu=gpu is not None,
-    )
+def _gate_overrides(mem: str | None, margin: str | None, max_temp: str | None, lock: str | None, gpu: str | None,
+                    gpu_mem: str | None) -> Overrides:
+    return _overrides(memory=mem, memory_margin=margin, max_temp=max_temp, lock=lock, gpu=gpu, gpu_memory=gpu_mem)
+
+
+def _setting(key: str, **extra: Any) -> Any:
+    """The option of setting *key*, its name, metavar and help from the settings table."""
+    setting = BY_KEY[key]
+    return typer.Option(setting.option, metavar=setting.metavar, help=setting.help, **extra)
 
 
 def _wait_timeout(wait: bool, timeout: str | None) -> float | None:
@@ -154,29 +141,12 @@ ProfileOpt = Annotated[
     typer.Option("--profile", "-p", envvar="SAFEGATE_PROFILE", metavar="PROFILE", autocompletion=_complete_profiles,
                  help="Profile to use (default: default; exec: the profile whose match fits the command)."),
 ]
-MemOpt = Annotated[
-    str | None, typer.Option(metavar="SIZE", help="Memory the job needs (default: the profile's memory).")
-]
-MarginOpt = Annotated[
-    str | None,
-    typer.Option(metavar="SIZE", help="RAM that must stay free after the job's need, e.g. 4G or 10% (default 4G)."),
-]
-MaxTempOpt = Annotated[
-    str | None, typer.Option("--max-temp", metavar="C", help="Block at or above this temperature (default 80).")
-]
-LockOpt = Annotated[
-    str | None, typer.Option(metavar="NAME", autocompletion=_complete_locks,
-                             help="Lock that must be free (default: the profile's lock).")
-]
-GpuOpt = Annotated[
-    str | None,
-    typer.Option(metavar="auto|INDEX[,INDEX]", help="GPUs the job may use: auto (any one that fits; default) or "
-                 "indexes, all of which must fit."),
-]
-GpuMemOpt = Annotated[
-    str | None,
-    typer.Option("--gpu-mem", metavar="SIZE", help="GPU memory the job needs (default: the profile's gpu_memory)."),
-]
+MemOpt = Annotated[str | None, _setting("memory")]
+MarginOpt = Annotated[str | None, _setting("memory_margin")]
+MaxTempOpt = Annotated[str | None, _setting("max_temp")]
+LockOpt = Annotated[str | None, _setting("lock", autocompletion=_complete_locks)]
+GpuOpt = Annotated[str | None, _setting("gpu")]
+GpuMemOpt = Annotated[str | None, _setting("gpu_memory")]
 WaitOpt = Annotated[bool, typer.Option("--wait", help="Re-check until every check passes.")]
 TimeoutOpt = Annotated[
     str | None,
@@ -218,7 +188,7 @@ def check(
     """
     from safegate.commands.check import check as run_check
 
-    verdict = run_check(config, profile, _overrides(mem, margin, max_temp, lock, gpu, gpu_mem), wait=wait,
+    verdict = run_check(config, profile, _gate_overrides(mem, margin, max_temp, lock, gpu, gpu_mem), wait=wait,
                         timeout=_wait_timeout(wait, timeout), on_blocked=_progress(quiet or json_output))
     if json_output:
         typer.echo(verdict_json(verdict))
@@ -249,45 +219,16 @@ def exec_(
     gpu_mem: GpuMemOpt = None,
     wait: WaitOpt = False,
     timeout: TimeoutOpt = None,
-    max_mem: Annotated[
-        str | None, typer.Option("--max-mem", metavar="SIZE", help="Stop the job when its own memory (PSS of its "
-                                 "process tree) reaches this.")
-    ] = None,
-    min_available: Annotated[
-        str | None, typer.Option("--min-available", metavar="SIZE", help="Stop the job when MemAvailable falls to "
-                                 "this (default: 2G or 10% of RAM, whichever is smaller).")
-    ] = None,
-    on_hot: Annotated[
-        str | None, typer.Option("--on-hot", metavar="pause|kill|warn", help="Above max-temp: pause the job until "
-                                 "below resume_temp (default), stop it (exit 22), or only warn.")
-    ] = None,
-    grace: Annotated[
-        str | None, typer.Option(metavar="DURATION", help="SIGKILL this long after SIGTERM (default 10s).")
-    ] = None,
-    interval: Annotated[
-        str | None, typer.Option(metavar="DURATION", help="Shortest sampling interval, used near a limit "
-                                 "(default 20ms; far from every limit, 1s).")
-    ] = None,
-    warn_signal: Annotated[
-        str | None, typer.Option("--warn-signal", metavar="SIG", help="Send this signal to the job at 90% of a "
-                                 "memory limit, e.g. SIGUSR1.")
-    ] = None,
-    nice: Annotated[
-        str | None, typer.Option(metavar="N", help="Run the job at this niceness (0-19), with idle or best-effort "
-                                 "I/O priority.")
-    ] = None,
-    max_gpu_mem: Annotated[
-        str | None, typer.Option("--max-gpu-mem", metavar="SIZE", help="Stop the job (exit 21) when its own GPU "
-                                 "memory reaches this.")
-    ] = None,
-    min_gpu_free: Annotated[
-        str | None, typer.Option("--min-gpu-free", metavar="SIZE", help="Stop the job (exit 21) when its GPU's free "
-                                 "memory falls to this; a percentage is of the card (default with a gpu_memory "
-                                 "profile: 5%, warning at 20%).")
-    ] = None,
-    log: Annotated[
-        str | None, typer.Option(metavar="FILE", help="Append every event as a JSON line to FILE.")
-    ] = None,
+    max_mem: Annotated[str | None, _setting("max_mem")] = None,
+    min_available: Annotated[str | None, _setting("min_available")] = None,
+    on_hot: Annotated[str | None, _setting("on_hot")] = None,
+    grace: Annotated[str | None, _setting("grace")] = None,
+    interval: Annotated[str | None, _setting("interval")] = None,
+    warn_signal: Annotated[str | None, _setting("warn_signal")] = None,
+    nice: Annotated[str | None, _setting("nice")] = None,
+    max_gpu_mem: Annotated[str | None, _setting("max_gpu_mem")] = None,
+    min_gpu_free: Annotated[str | None, _setting("min_gpu_free")] = None,
+    log: Annotated[str | None, _setting("log")] = None,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="Print only warnings, breaches and errors, no start/exit/summary.")
     ] = False,
@@ -305,26 +246,16 @@ def exec_(
     """
     # exec's machinery (ctypes, the supervisor) is imported here so `check` does not pay for it.
     from safegate.commands.execute import execute
-    from safegate.runner import ExecOverrides
     from safegate.supervisor import Event
 
     if not command:
         raise UsageError("exec: no command given; usage: safegate exec [OPTIONS] -- CMD [ARGS]...")
-    overrides = _overrides(mem, margin, max_temp, lock, gpu, gpu_mem)
-    wait_for = _wait_timeout(wait, timeout)
-    exec_overrides = ExecOverrides(
-        max_mem=_size_option("--max-mem", max_mem),
-        min_available=_size_option("--min-available", min_available),
-        on_hot=_typed("--on-hot", parse_on_hot, on_hot, str),
-        grace=_typed("--grace", parse_duration, grace, float),
-        interval=_typed("--interval", parse_duration, interval, float),
-        warn_signal=_typed("--warn-signal", parse_signal, warn_signal, int),
-        nice=_typed("--nice", parse_nice, nice, int),
-        max_gpu_mem=_size_option("--max-gpu-mem", max_gpu_mem),
-        min_gpu_free=_size_option("--min-gpu-free", min_gpu_free),
+    overrides = _overrides(
+        memory=mem, memory_margin=margin, max_temp=max_temp, lock=lock, gpu=gpu, gpu_memory=gpu_mem,
+        max_mem=max_mem, min_available=min_available, on_hot=on_hot, grace=grace, interval=interval,
+        warn_signal=warn_signal, nice=nice, max_gpu_mem=max_gpu_mem, min_gpu_free=min_gpu_free, log=log,
     )
-    if exec_overrides.interval is not None and not 0.001 <= exec_overrides.interval <= 1.0:
-        raise UsageError(f"--interval: {interval!r} is outside 1ms..1s")
+    wait_for = _wait_timeout(wait, timeout)
     chatty = {"admitted", "exit", "summary", "cleanup"}
 
     def on_event(event: Event) -> None:
@@ -334,19 +265,14 @@ def exec_(
             with contextlib.suppress(OSError):
                 typer.echo(f"safegate: {prefix}{event.message}", err=True)
 
-    result = execute(command, config=config, profile=profile, overrides=overrides, exec_overrides=exec_overrides,
-                     wait=wait, timeout=wait_for, log=log, on_event=on_event, on_blocked=_progress(quiet),
+    result = execute(command, config=config, profile=profile, overrides=overrides, wait=wait, timeout=wait_for,
+                     on_event=on_event, on_blocked=_progress(quiet),
                      on_log_error=lambda msg: typer.echo(f"safegate: warning: {msg}", err=True))
     if isinstance(result, Verdict):
         for failure in result.failures:
             typer.echo(f"safegate: not started: {check_line(failure)}", err=True)
         raise typer.Exit(int(result.exit_code))
     raise typer.Exit(result.exit_code)
-
-
-def _typed(option: str, parse: object, value: str | None, kind: type[T]) -> T | None:
-    parsed = _parsed(option, parse, value)
-    return parsed if isinstance(parsed, kind) else None
 
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
@@ -370,7 +296,7 @@ def slots(
     """
     from safegate.commands.check import slots as count_slots
 
-    typer.echo(count_slots(config, profile, _overrides(mem, margin, max_temp, lock, gpu, gpu_mem), max_slots))
+    typer.echo(count_slots(config, profile, _gate_overrides(mem, margin, max_temp, lock, gpu, gpu_mem), max_slots))
 
 
 @app.command(epilog="Example: safegate locks --json")

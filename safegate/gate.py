@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from safegate.config import CompetingRule, Config, Profile, ThermalConfig
 from safegate.errors import UsageError, ValueParseError
@@ -29,6 +29,7 @@ from safegate.probes.memory import read_memory
 from safegate.probes.processes import read_processes
 from safegate.probes.thermal import read_thermal
 from safegate.results import CheckResult, GpuValues, LockValues, Status, Verdict
+from safegate.settings import effective_resume_temp
 from safegate.units import Size, validate_lock_name
 
 # Waiting re-checks with a capped backoff: quick at first (a lock is often released soon), then
@@ -40,14 +41,25 @@ WAIT_CAP = 2.0
 
 @dataclass(frozen=True)
 class Overrides:
-    """What the caller asked for explicitly (command line or API); None means 'from the profile'."""
+    """What the caller asked for explicitly (command line or API), one field per option of the settings table
+    (safegate.settings), named by its key; None means 'from the profile'."""
 
-    mem: Size | None = None
-    margin: Size | None = None
-    max_temp: float | None = None
+    memory: Size | None = None
     lock: str | None = None
+    memory_margin: Size | None = None
+    max_temp: float | None = None
+    max_mem: Size | None = None
+    min_available: Size | None = None
+    on_hot: str | None = None
+    grace: float | None = None
+    interval: float | None = None
+    warn_signal: int | None = None
+    nice: int | None = None
+    log: str | None = None
+    gpu_memory: Size | None = None
     gpu: tuple[int, ...] | None = None
-    gpu_mem: Size | None = None
+    max_gpu_mem: Size | None = None
+    min_gpu_free: Size | None = None
     explicit_gpu: bool = False  # --gpu was given (auto included): overrides the profile's gpu
 
 
@@ -70,22 +82,35 @@ class Settings:
     gpu: tuple[int, ...] | None  # None: auto
     gpu_need: Size
     gpu_margin: Size
+    # exec's limits and manners (safegate.runner turns them into the supervisor's limits)
+    max_mem: Size | None
+    min_available: Size | None  # None: the built-in floor
+    on_hot: str
+    grace: float
+    interval: float
+    warn_signal: int | None
+    nice: int | None
+    log: str | None
+    max_gpu_mem: Size | None
+    min_gpu_free: Size | None
 
 
 def resolve(config: Config, profile_name: str, overrides: Overrides, env: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if env is None else env
     profile = config.profile(profile_name)
-    max_temp = overrides.max_temp if overrides.max_temp is not None else profile.max_temp
-    resume = profile.resume_temp
-    if resume is None or resume > max_temp:
-        resume = max_temp - 5
+    def pick(key: str) -> Any:
+        """The caller's value for *key*, else the profile's (command line > environment > config > built-in)."""
+        value = getattr(overrides, key)
+        return value if value is not None else getattr(profile, key)
+
+    max_temp = pick("max_temp")
     lock = validate_lock_name(overrides.lock) if overrides.lock is not None else profile.lock
     return Settings(
         profile=profile,
-        need=overrides.mem if overrides.mem is not None else _profile_need(profile, env),
-        margin=overrides.margin if overrides.margin is not None else profile.memory_margin,
+        need=overrides.memory if overrides.memory is not None else _profile_need(profile, env),
+        margin=pick("memory_margin"),
         max_temp=max_temp,
-        resume_temp=resume,
+        resume_temp=effective_resume_temp(max_temp, profile.resume_temp),
         max_pressure=profile.max_memory_pressure,
         lock=lock,
         rules=profile.competing,
@@ -94,8 +119,18 @@ def resolve(config: Config, profile_name: str, overrides: Overrides, env: Mappin
         lock_dir=resolve_lock_dir(config.lock_dir, env),
         gpu_backend=gpu_backend(config.gpu_backend, env),
         gpu=overrides.gpu if overrides.explicit_gpu else profile.gpu,
-        gpu_need=overrides.gpu_mem if overrides.gpu_mem is not None else profile.gpu_memory,
+        gpu_need=pick("gpu_memory"),
         gpu_margin=profile.gpu_margin,
+        max_mem=pick("max_mem"),
+        min_available=pick("min_available"),
+        on_hot=pick("on_hot"),
+        grace=pick("grace"),
+        interval=pick("interval"),
+        warn_signal=pick("warn_signal"),
+        nice=pick("nice"),
+        log=pick("log"),
+        max_gpu_mem=pick("max_gpu_mem"),
+        min_gpu_free=pick("min_gpu_free"),
     )
 
 

@@ -6,7 +6,6 @@ import os
 import shlex
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import psutil
 
@@ -24,31 +23,15 @@ USED_UPDATE_EVERY = 0.5
 USED_UPDATE_STEP = 64 * 1024**2
 
 
-@dataclass(frozen=True)
-class ExecOverrides:
-    max_mem: Size | None = None
-    min_available: Size | None = None
-    on_hot: str | None = None
-    grace: float | None = None
-    interval: float | None = None
-    warn_signal: int | None = None
-    nice: int | None = None
-    max_gpu_mem: Size | None = None
-    min_gpu_free: Size | None = None
-
-
 # A profile that declares gpu_memory but no GPU limit: the seeds' anchors, warn at 80% and stop at 95% of the card.
 DEFAULT_GPU_BREACH_FREE = Size(percent=5.0)
 DEFAULT_GPU_WARN_FREE = Size(percent=20.0)
 
 
-def gpu_limits(settings: Settings, overrides: ExecOverrides, gpu_indexes: tuple[int, ...],
-               total_ram: int) -> GpuLimits | None:
+def gpu_limits(settings: Settings, gpu_indexes: tuple[int, ...], total_ram: int) -> GpuLimits | None:
     if not gpu_indexes:
         return None
-    profile = settings.profile
-    max_job = overrides.max_gpu_mem if overrides.max_gpu_mem is not None else profile.max_gpu_mem
-    min_free = overrides.min_gpu_free if overrides.min_gpu_free is not None else profile.min_gpu_free
+    max_job, min_free = settings.max_gpu_mem, settings.min_gpu_free
     warn_free: Size | None = None
     if min_free is not None:
         warn_free = Size(percent=min_free.percent / WARN_FRACTION) if min_free.percent is not None else (
@@ -62,11 +45,8 @@ def gpu_limits(settings: Settings, overrides: ExecOverrides, gpu_indexes: tuple[
     )
 
 
-def watch_limits(settings: Settings, overrides: ExecOverrides, total_ram: int,
-                 gpu_indexes: tuple[int, ...] = ()) -> WatchLimits:
-    profile = settings.profile
-    max_mem = overrides.max_mem if overrides.max_mem is not None else profile.max_mem
-    floor = overrides.min_available if overrides.min_available is not None else profile.min_available
+def watch_limits(settings: Settings, total_ram: int, gpu_indexes: tuple[int, ...] = ()) -> WatchLimits:
+    max_mem, floor = settings.max_mem, settings.min_available
     if floor is None:
         min_available = min(parse_size(DEFAULT_MIN_AVAILABLE).resolve(total_ram),
                             int(total_ram * DEFAULT_MIN_AVAILABLE_FRACTION))
@@ -77,12 +57,12 @@ def watch_limits(settings: Settings, overrides: ExecOverrides, total_ram: int,
         min_available=min_available if min_available > 0 else None,
         max_temp=settings.max_temp,
         resume_temp=settings.resume_temp,
-        on_hot=overrides.on_hot or profile.on_hot,
-        grace=overrides.grace if overrides.grace is not None else profile.grace,
-        floor=overrides.interval if overrides.interval is not None else profile.interval,
-        warn_signal=overrides.warn_signal if overrides.warn_signal is not None else profile.warn_signal,
+        on_hot=settings.on_hot,
+        grace=settings.grace,
+        floor=settings.interval,
+        warn_signal=settings.warn_signal,
         thermal=settings.thermal,
-        gpu=gpu_limits(settings, overrides, gpu_indexes, total_ram),
+        gpu=gpu_limits(settings, gpu_indexes, total_ram),
     )
 
 
@@ -135,10 +115,8 @@ def job_gpus(settings: Settings, verdict: Verdict, held: HeldLock) -> tuple[tupl
 
 def run_exec(
     settings: Settings,
-    overrides: ExecOverrides,
     argv: Sequence[str],
     *,
-    nice: int | None,
     wait: bool,
     timeout: float | None,
     on_event: Callable[[Event], None],
@@ -150,9 +128,9 @@ def run_exec(
         return verdict
     with held:
         gpus, gpu_env = job_gpus(settings, verdict, held)
-        limits = watch_limits(settings, overrides, read_memory().total, gpus)
+        limits = watch_limits(settings, read_memory().total, gpus)
         supervisor = Supervisor(
-            argv, limits, on_event, pass_fds=[held.fd], nice=nice, on_sample=_UsedReporter(held),
+            argv, limits, on_event, pass_fds=[held.fd], nice=settings.nice, on_sample=_UsedReporter(held),
             on_gpu_sample=_UsedReporter(held, gpu=True), env={**os.environ, **gpu_env},
         )
         pid = supervisor.start()

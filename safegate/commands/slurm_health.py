@@ -22,7 +22,7 @@ class HealthResult:
 def health(config: str | None, node: str | None, reason_prefix: str, dry_run: bool) -> HealthResult:
     from safegate import slurm
 
-    settings = resolve(load_config(config), DEFAULT_PROFILE, Overrides(mem=Size(bytes=0)))
+    settings = resolve(load_config(config), DEFAULT_PROFILE, Overrides(memory=Size(bytes=0)))
     verdict = evaluate(settings)
     problems = slurm.node_problems(verdict)
     name = slurm.node_name(node, os.environ)
