@@ -131,10 +131,6 @@ def apply(action: HealthAction, dry_run: bool) -> str | None:
 # --- exec inside a job --------------------------------------------------------------------------------
 
 
-def in_job(env: Mapping[str, str]) -> bool:
-    return bool(env.get("SLURM_JOB_ID"))
-
-
 def job_licenses(env: Mapping[str, str]) -> dict[str, int]:
     """The licenses the job holds: SLURM_JOB_LICENSES where Slurm sets it, else scontrol show job."""
     text = env.get("SLURM_JOB_LICENSES")
