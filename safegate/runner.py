@@ -12,12 +12,12 @@ import psutil
 
 from safegate.config import DEFAULT_MIN_AVAILABLE, DEFAULT_MIN_AVAILABLE_FRACTION
 from safegate.gate import Settings, admit
+from safegate.limits import WARN_FRACTION, GpuLimits, WatchLimits
 from safegate.lockstore import HeldLock
 from safegate.policy import Verdict
 from safegate.probes.memory import read_memory
 from safegate.supervisor import Event, Outcome, Supervisor
 from safegate.units import Size, format_bytes, format_duration, parse_size, printable
-from safegate.watch import WARN_FRACTION, GpuLimits, WatchLimits
 
 # The holder metadata's `used` (for reservations) is rewritten at most this often, and only on change.
 USED_UPDATE_EVERY = 0.5

@@ -21,13 +21,7 @@ from typing import Any
 
 from safegate.errors import SpawnError
 from safegate.exitcodes import ExitCode
-from safegate.policy import gpu_temp_limit
-from safegate.probes.gpu import GpuInfo, host_pid_map, read_gpus
-from safegate.probes.jobtree import JobTree, read_available
-from safegate.probes.thermal import read_thermal
-from safegate.procctl import become_subreaper, child_setup
-from safegate.units import format_bytes, format_duration
-from safegate.watch import (
+from safegate.limits import (
     GpuLimits,
     Level,
     WatchLimits,
@@ -37,6 +31,12 @@ from safegate.watch import (
     rearmed_floor,
     rearmed_job,
 )
+from safegate.policy import gpu_temp_limit
+from safegate.probes.gpu import GpuInfo, host_pid_map, read_gpus
+from safegate.probes.jobtree import JobTree, read_available
+from safegate.probes.thermal import read_thermal
+from safegate.procctl import become_subreaper, child_setup
+from safegate.units import format_bytes, format_duration
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 THERMAL_EVERY = 1.0  # temperatures change slowly; reading sensors costs more than reading meminfo
