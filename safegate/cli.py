@@ -310,8 +310,8 @@ def exec_(
     """
     # exec's machinery (ctypes, the supervisor) is imported here so `check` does not pay for it.
     from safegate.eventlog import EventLog
+    from safegate.report import Event
     from safegate.runner import ExecOverrides, run_exec
-    from safegate.supervisor import Event
 
     if not command:
         raise UsageError("exec: no command given; usage: safegate exec [OPTIONS] -- CMD [ARGS]...")
