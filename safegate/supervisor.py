@@ -6,9 +6,13 @@ reaped. Signals from the caller are forwarded to the job's group; limits are enf
 warn (and --warn-signal) at 90%, SIGTERM at a breach, SIGKILL after the grace period or at once when
 MemAvailable keeps falling to the hard floor.
 
-This module is the lifecycle only: spawn; then a loop of wait, forward signals, reap, sample and act; escalate;
-report. What a sample means is for the watchers (safegate.watchers); the job's processes are behind
-safegate.job.Job.
+This module is the lifecycle only, one explicit State: spawn; then a loop of wait, forward signals, reap,
+sample and act; escalate; report. Reading a sample is the Sampler's (safegate.sampler), what it means the
+watchers' (safegate.watchers); the job's processes are behind safegate.job.Job.
+
+    STARTING -> RUNNING <-> PAUSED                 (spawned; too hot / cool again)
+    RUNNING | PAUSED -> TERMINATING -> KILLING     (breach or leftovers: SIGTERM; grace over or hard floor: SIGKILL)
+    any -> DONE                                    (every process reaped)
 """
 
 from __future__ import annotations
