@@ -246,7 +246,7 @@ def exec_(
     """
     # exec's machinery (ctypes, the supervisor) is imported here so `check` does not pay for it.
     from safegate.commands.execute import execute
-    from safegate.supervisor import Event
+    from safegate.report import Event
 
     if not command:
         raise UsageError("exec: no command given; usage: safegate exec [OPTIONS] -- CMD [ARGS]...")

@@ -11,12 +11,13 @@ import psutil
 
 from safegate.config import DEFAULT_MIN_AVAILABLE, DEFAULT_MIN_AVAILABLE_FRACTION
 from safegate.gate import Settings, admit
+from safegate.limits import WARN_FRACTION, GpuLimits, WatchLimits
 from safegate.lockstore import HeldLock
 from safegate.probes.memory import read_memory
+from safegate.report import Event, Outcome
 from safegate.results import GpuValues, Verdict
-from safegate.supervisor import Event, Outcome, Supervisor
+from safegate.supervisor import Supervisor
 from safegate.units import Size, format_bytes, format_duration, parse_size, printable
-from safegate.watch import WARN_FRACTION, GpuLimits, WatchLimits
 
 # The holder metadata's `used` (for reservations) is rewritten at most this often, and only on change.
 USED_UPDATE_EVERY = 0.5
@@ -150,7 +151,7 @@ def run_exec(
         outcome = supervisor.watch()
     on_event(Event("exit", _exit_message(outcome), {"exit_code": outcome.exit_code, "reason": outcome.reason,
                                                   "status": outcome.status, "signal": outcome.signal}))
-    on_event(Event("summary", summary_line(outcome), {**outcome.stats, "reason": outcome.reason,
+    on_event(Event("summary", summary_line(outcome), {**outcome.stats.as_json(), "reason": outcome.reason,
                                                        "exit_code": outcome.exit_code}))
     _record_history(settings.profile.name, outcome, on_event)
     return outcome
@@ -160,9 +161,8 @@ def _record_history(profile: str, outcome: Outcome, on_event: Callable[[Event], 
     from safegate import history
 
     s = outcome.stats
-    run = history.Run(time=time.time(), peak_memory=int(s["peak_job_memory"]),
-                      peak_gpu_memory=s.get("peak_job_gpu_memory"), duration=float(s["duration"]),
-                      reason=outcome.reason, exit_code=outcome.exit_code)
+    run = history.Run(time=time.time(), peak_memory=s.peak_job_mem, peak_gpu_memory=s.peak_job_gpu_mem,
+                      duration=s.duration, reason=outcome.reason, exit_code=outcome.exit_code)
     path = history.history_path()
     try:
         history.record(path, profile, run)
@@ -191,16 +191,16 @@ def _exit_message(outcome: Outcome) -> str:
 def summary_line(outcome: Outcome) -> str:
     s = outcome.stats
     parts = [
-        f"duration {format_duration(s['duration'])}",
-        f"peak job memory {format_bytes(s['peak_job_memory'])}",
+        f"duration {format_duration(s.duration)}",
+        f"peak job memory {format_bytes(s.peak_job_mem)}",
     ]
-    if s["lowest_available"] is not None:
-        parts.append(f"lowest MemAvailable {format_bytes(s['lowest_available'])}")
-    parts.append(f"highest temperature {s['highest_temp']:g} C" if s["highest_temp"] is not None
+    if s.lowest_available is not None:
+        parts.append(f"lowest MemAvailable {format_bytes(s.lowest_available)}")
+    parts.append(f"highest temperature {s.highest_temp:g} C" if s.highest_temp is not None
                  else "highest temperature unknown")
-    if s.get("peak_job_gpu_memory") is not None:
-        parts.append(f"peak job GPU memory {format_bytes(s['peak_job_gpu_memory'])}")
-    if s.get("highest_gpu_temp") is not None:
-        parts.append(f"highest GPU temperature {s['highest_gpu_temp']:g} C")
+    if s.peak_job_gpu_mem is not None:
+        parts.append(f"peak job GPU memory {format_bytes(s.peak_job_gpu_mem)}")
+    if s.highest_gpu_temp is not None:
+        parts.append(f"highest GPU temperature {s.highest_gpu_temp:g} C")
     parts.append(f"exit reason {outcome.reason}")
     return ", ".join(parts)

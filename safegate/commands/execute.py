@@ -12,7 +12,7 @@ from safegate.gate import Overrides, Settings, resolve
 from safegate.render import blocking_summary
 from safegate.results import Verdict
 from safegate.runner import run_exec
-from safegate.supervisor import Event, Outcome
+from safegate.report import Event, Outcome
 from safegate.units import Size
 
 

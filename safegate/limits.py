@@ -1,4 +1,8 @@
-"""Pure decisions of the watcher: how long to sleep, and what a sample means against the limits."""
+"""The limits a job runs under, the levels a sample is at against them, and how often to sample.
+
+Pure: no reads, no clock (a time is passed in), no printing. What each limit does about its level is in
+safegate.watchers; the supervisor only measures and acts.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,8 @@ CEILING = 1.0  # far from every limit: one sample a second
 # The fastest a job is assumed to fill memory when it has not been seen growing yet. A 2-core VM here
 # first-touches about 0.45 GB/s; a workstation does several GB/s.
 ASSUMED_FILL_RATE = 2 * 1024**3
+# A burst of growth still counts at half its rate one sample later, a quarter two samples later, ...
+FILL_RATE_DECAY = 0.5
 WARN_FRACTION = 0.9
 REARM_FRACTION = 0.85
 
@@ -28,7 +34,6 @@ class WatchLimits:
     warn_signal: int | None
     thermal: ThermalConfig
     gpu: GpuLimits | None = None  # None: the job's GPUs are not watched
-
 
     @property
     def hard_floor(self) -> int | None:
@@ -103,3 +108,38 @@ def next_interval(job_mem: int, available: int, limits: WatchLimits, fill_rate: 
     rate = max(fill_rate, ASSUMED_FILL_RATE)
     seconds = max(0, min(headrooms)) / rate / 2
     return min(CEILING, max(limits.floor, seconds))
+
+
+class FillRate:
+    """How fast memory is filling (the job growing or MemAvailable falling), in bytes per second.
+
+    The fastest recent rate, decayed by FILL_RATE_DECAY per sample: one burst keeps the next samples close together
+    for a while instead of being forgotten at the first quiet sample.
+    """
+
+    def __init__(self) -> None:
+        self.rate = 0.0
+        self._last: tuple[float, int, int] | None = None  # (time, job memory, available)
+
+    def update(self, now: float, job_mem: int, available: int) -> float:
+        if self._last is not None:
+            then, last_job, last_available = self._last
+            if now > then:
+                rate = max(job_mem - last_job, last_available - available, 0) / (now - then)
+                self.rate = max(rate, self.rate * FILL_RATE_DECAY)
+        self._last = (now, job_mem, available)
+        return self.rate
+
+
+class Pace:
+    """A reading taken at most once per *period* seconds (sensors and NVML cost more than /proc): due at once."""
+
+    def __init__(self, period: float) -> None:
+        self.period = period
+        self._next = float("-inf")
+
+    def due(self, now: float) -> bool:
+        if now < self._next:
+            return False
+        self._next = now + self.period
+        return True

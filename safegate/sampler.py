@@ -1,0 +1,122 @@
+"""One sample of the job and the machine, and what the watchers make of it.
+
+The supervisor calls these in its loop and carries out the Actions they return. This reads (through the Job
+and the Probes), paces the dearer reads, keeps the run's figures up to date, and decides nothing itself: the
+decisions are the watchers' (safegate.watchers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from safegate.config import ThermalConfig
+from safegate.job import Job
+from safegate.limits import FillRate, Level, Pace, WatchLimits, next_interval
+from safegate.probes.gpu import GpuInfo, GpuSnapshot, host_pid_map, read_gpus
+from safegate.probes.jobtree import read_available
+from safegate.probes.thermal import read_thermal
+from safegate.report import StatsRecorder
+from safegate.snapshots import ThermalSnapshot
+from safegate.watchers import NOTHING, Action, FloorWatch, GpuWatch, JobMemoryWatch, ThermalWatch, to_take
+
+THERMAL_EVERY = 1.0  # temperatures change slowly; reading sensors costs more than reading meminfo
+GPU_EVERY = 0.1  # NVML calls cost more than /proc reads; a tenth of a second still catches a spike
+
+
+@dataclass(frozen=True)
+class Probes:
+    """What a sample reads of the machine (the job's own figures come from its Job). Replaceable in tests."""
+
+    available: Callable[[], int] = read_available
+    gpus: Callable[[str], GpuSnapshot] = read_gpus
+    thermal: Callable[[ThermalConfig], ThermalSnapshot] = read_thermal
+    pid_map: Callable[[], Mapping[int, int]] = host_pid_map
+
+
+@dataclass(frozen=True)
+class MemorySample:
+    job_mem: int  # bytes
+    available: int  # the machine's MemAvailable
+
+
+class Sampler:
+    def __init__(
+        self,
+        limits: WatchLimits,
+        job: Job,
+        stats: StatsRecorder,
+        *,
+        clock: Callable[[], float],
+        probes: Probes,
+        on_sample: Callable[[int], None] | None = None,
+        on_gpu_sample: Callable[[int], None] | None = None,
+    ) -> None:
+        self.limits = limits
+        self.job = job
+        self.stats = stats
+        self.clock = clock
+        self.probes = probes
+        self.on_sample = on_sample  # told the job's memory after each sample (for the reservation)
+        self.on_gpu_sample = on_gpu_sample
+        self._fill = FillRate()
+        self._job_mem = JobMemoryWatch(limits)
+        self._floor = FloorWatch(limits)
+        self._gpu = GpuWatch(limits.gpu) if limits.gpu is not None else None
+        self._thermal = ThermalWatch(limits)
+        self._gpu_pace, self._thermal_pace = Pace(GPU_EVERY), Pace(THERMAL_EVERY)
+        self._cards: tuple[GpuInfo, ...] = ()  # the job's GPUs at the last GPU sample: their heat counts too
+
+    def memory(self, now: float) -> MemorySample:
+        job = self.job
+        job.refresh()
+        job_mem = job.memory(precise=False)
+        # RSS counts pages shared between the job's processes once per process; PSS counts them once.
+        # PSS costs a page-table walk, so it is taken only where the difference could matter.
+        if len(job.members()) > 1 and self._job_mem.level(job_mem) is not Level.OK:
+            job_mem = job.memory(precise=True)
+        sample = self._record(now, job_mem, self.probes.available())
+        if self.on_sample is not None:
+            self.on_sample(job_mem)
+        return sample
+
+    def gpus(self, now: float, *, judge: bool) -> Action:
+        """When due, read the job's GPUs; what GpuWatch says if *judge* (while the job is stopped, only figures)."""
+        watch = self._gpu
+        if watch is None or not self._gpu_pace.due(now):
+            return NOTHING
+        gpu = watch.limits
+        cards = tuple(g for g in self.probes.gpus(gpu.backend).gpus if g.index in gpu.indexes)
+        self._cards = cards
+        job = self.job
+        job_vram = watch.job_vram(cards, {*job.members(), job.leader}, self.probes.pid_map())
+        self.stats.gpus(cards, job_vram)
+        if self.on_gpu_sample is not None:
+            self.on_gpu_sample(job_vram)
+        return watch.check(cards, job_vram) if judge else NOTHING
+
+    def thermal(self, now: float, *, judge: bool, paused: bool) -> Action:
+        """When due, read the sensors (and the last GPU temperatures); what ThermalWatch says if *judge*."""
+        if not self._thermal_pace.due(now):
+            return NOTHING
+        readings = self._thermal.readings(self.probes.thermal(self.limits.thermal).readings, self._cards)
+        if readings:
+            self.stats.temperature(max(r.temp for r in readings))
+        return self._thermal.check(readings, paused=paused) if judge else NOTHING
+
+    def memory_actions(self, sample: MemorySample) -> list[Action]:
+        """What the job's and the machine's memory watchers say; a breach is measured again before it counts."""
+        if Level.BREACH in (self._job_mem.level(sample.job_mem), self._floor.level(sample.available)):
+            # Re-check before acting: memory may have been freed since the sample (earlyoom does the same).
+            self.job.refresh(now=True)
+            job_mem = self.job.memory(precise=len(self.job.members()) > 1)
+            sample = self._record(self.clock(), job_mem, self.probes.available())
+        return to_take([self._job_mem.check(sample.job_mem), self._floor.check(sample.available, sample.job_mem)])
+
+    def interval(self, sample: MemorySample) -> float:
+        return next_interval(sample.job_mem, sample.available, self.limits, self._fill.rate)
+
+    def _record(self, now: float, job_mem: int, available: int) -> MemorySample:
+        self.stats.memory(job_mem, available)
+        self._fill.update(now, job_mem, available)
+        return MemorySample(job_mem, available)

@@ -1,0 +1,290 @@
+"""The supervisor's lifecycle against a fake job, fake probes and an injected clock: the state machine, the
+escalation timing (SIGTERM at a breach, SIGKILL exactly after the grace period or at the hard floor), pause and
+resume, and what a warning sends. Real processes are the end-to-end tests' (test_exec.py, reliability/)."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator, Set
+from dataclasses import dataclass, field, replace
+
+import pytest
+
+from safegate.config import ThermalConfig
+from safegate.job import ProcessTreeJob
+from safegate.limits import GpuLimits, WatchLimits
+from safegate.probes.gpu import GpuInfo, GpuSnapshot
+from safegate.probes.jobtree import JobTree
+from safegate.report import Event
+from safegate.sampler import Probes
+from safegate.snapshots import SensorReading, ThermalSnapshot
+from safegate.supervisor import State, Supervisor
+from safegate.units import Size
+
+MiB = 1024**2
+GiB = 1024**3
+TERM, CONT, KILL, STOP = signal.SIGTERM, signal.SIGCONT, signal.SIGKILL, signal.SIGSTOP
+
+
+@dataclass
+class FakeJob:
+    """A job of two processes whose memory the test sets; records every signal."""
+
+    mem: list[int] = field(default_factory=lambda: [0])  # successive memory() answers; the last one repeats
+    pids: set[int] = field(default_factory=lambda: {100, 101})
+    sent: list[tuple[str, int]] = field(default_factory=list)
+    refreshes: list[bool] = field(default_factory=list)
+
+    @property
+    def leader(self) -> int:
+        return 100
+
+    def members(self) -> Set[int]:
+        return self.pids
+
+    def refresh(self, *, now: bool = False) -> None:
+        self.refreshes.append(now)
+
+    def memory(self, *, precise: bool) -> int:
+        return self.mem.pop(0) if len(self.mem) > 1 else self.mem[0]
+
+    def peak(self) -> int:
+        return 0
+
+    def ended(self, pid: int, maxrss: int) -> None:
+        self.pids.discard(pid)
+
+    def forward(self, signum: int) -> None:
+        self.sent.append(("group", signum))
+
+    def signal_all(self, signum: int) -> None:
+        self.sent.append(("all", signum))
+
+    def terminate_all(self) -> None:
+        self.signal_all(TERM)
+        self.signal_all(CONT)
+
+
+class Clock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class Machine:
+    available: int = 64 * GiB
+    temps: tuple[float, ...] = ()
+    gpus: tuple[GpuInfo, ...] = ()
+    thermal_reads: int = 0
+
+    def thermal(self, _cfg: ThermalConfig) -> ThermalSnapshot:
+        self.thermal_reads += 1
+        return ThermalSnapshot(tuple(SensorReading("chip", "t", t, "psutil") for t in self.temps))
+
+    def probes(self) -> Probes:
+        return Probes(available=lambda: self.available, gpus=lambda backend: GpuSnapshot(backend, "ok", self.gpus),
+                      thermal=self.thermal, pid_map=dict)
+
+
+@dataclass
+class Rig:
+    sup: Supervisor
+    job: FakeJob
+    clock: Clock
+    machine: Machine
+    events: list[Event]
+
+    def step(self, at: float) -> float:
+        self.clock.now = at
+        return self.sup.step()
+
+    def kinds(self) -> list[str]:
+        return [e.kind for e in self.events]
+
+
+def limits(**changes: object) -> WatchLimits:
+    base = WatchLimits(max_mem=1000 * MiB, min_available=None, max_temp=80.0, resume_temp=70.0, on_hot="pause",
+                       grace=2.0, floor=0.01, warn_signal=None, thermal=ThermalConfig())
+    return replace(base, **changes)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def rig() -> Iterator[Rig]:
+    yield make_rig(limits())
+
+
+def make_rig(lim: WatchLimits, job: FakeJob | None = None) -> Rig:
+    clock, machine, events = Clock(), Machine(), []
+    sup = Supervisor(["job"], lim, events.append, clock=clock, probes=machine.probes())
+    job = job or FakeJob()
+    assert sup.state is State.STARTING
+    sup.attach(job)
+    assert sup.state is State.RUNNING
+    return Rig(sup, job, clock, machine, events)
+
+
+def test_sigterm_at_the_breach_sigkill_exactly_after_the_grace_period(rig: Rig) -> None:
+    rig.step(1000.0)
+    assert rig.job.sent == [] and rig.events == []
+    rig.job.mem = [1000 * MiB]
+    assert rig.step(1000.5) == 0.01  # the floor interval while stopping
+    assert rig.kinds() == ["breach"]
+    assert rig.events[0].message == "job memory 1000.0 MiB >= --max-mem 1000.0 MiB; sending SIGTERM to the job " \
+                                    "(SIGKILL in 2s)"
+    assert rig.events[0].data["reason"] == "memory"
+    assert rig.job.sent == [("all", TERM), ("all", CONT)]
+    assert rig.sup.state is State.TERMINATING
+    rig.step(1002.499)  # a millisecond before the deadline
+    assert rig.job.sent == [("all", TERM), ("all", CONT)] and rig.kinds() == ["breach"]
+    rig.step(1002.5)  # exactly the deadline
+    assert rig.job.sent[-1] == ("all", KILL) and rig.sup.state is State.KILLING
+    assert rig.events[-1] == Event("signal", "still running after 2s; sending SIGKILL", {"pids": [100, 101]},
+                                   rig.events[-1].time)
+    rig.step(1002.6)  # whatever appeared since is killed too, without another event
+    assert rig.job.sent[-2:] == [("all", KILL), ("all", KILL)] and rig.kinds() == ["breach", "signal"]
+
+
+def test_the_hard_floor_kills_at_once_but_not_in_the_breach_sample() -> None:
+    rig = make_rig(limits(max_mem=None, min_available=1000 * MiB))  # hard floor: 500 MiB
+    rig.machine.available = 400 * MiB
+    rig.step(1000.0)
+    assert rig.kinds() == ["breach"] and rig.job.sent == [("all", TERM), ("all", CONT)]  # SIGTERM gets a chance
+    rig.step(1000.01)
+    assert rig.events[-1].message == "MemAvailable 400.0 MiB fell to the hard floor 500.0 MiB; sending SIGKILL"
+    assert rig.job.sent[-1] == ("all", KILL) and rig.sup.state is State.KILLING
+    rig.step(1001.0)  # killed already; again only once the grace period is over
+    assert rig.job.sent.count(("all", KILL)) == 1
+    rig.step(1002.0)
+    assert rig.job.sent.count(("all", KILL)) == 2 and rig.kinds() == ["breach", "signal"]
+
+
+def test_the_hard_floor_boundary() -> None:
+    rig = make_rig(limits(max_mem=None, min_available=1000 * MiB, grace=60.0))
+    rig.machine.available = 900 * MiB
+    rig.step(1000.0)
+    assert rig.sup.state is State.TERMINATING
+    rig.machine.available = 500 * MiB + 1
+    rig.step(1001.0)
+    assert rig.sup.state is State.TERMINATING
+    rig.machine.available = 500 * MiB  # exactly half of --min-available
+    rig.step(1002.0)
+    assert rig.sup.state is State.KILLING
+
+
+def test_a_breach_is_measured_again_before_it_counts(rig: Rig) -> None:
+    rig.job.mem = [1000 * MiB, 1000 * MiB, 10 * MiB]  # rough, precise (two processes near the limit), re-check
+    rig.step(1000.0)
+    assert rig.events == [] and rig.job.sent == [] and rig.sup.state is State.RUNNING
+    assert rig.job.refreshes == [False, True]  # the re-check looked for new processes at once
+
+
+def test_warnings_send_the_warn_signal_to_the_group_memory_only() -> None:
+    rig = make_rig(limits(warn_signal=signal.SIGUSR1, on_hot="warn"))
+    rig.job.mem = [950 * MiB]
+    rig.machine.temps = (85.0,)
+    rig.step(1000.0)
+    thermal, memory = rig.events
+    assert thermal.message == "chip:t at 85 C >= max_temp 80 C" and "signal" not in thermal.data
+    assert memory.message == "job memory 950.0 MiB is 95% of --max-mem 1000.0 MiB; sending SIGUSR1 to the job"
+    assert memory.data["signal"] == "SIGUSR1"
+    assert rig.job.sent == [("group", signal.SIGUSR1)]
+
+
+def test_no_warn_signal_once_the_main_process_ended() -> None:
+    rig = make_rig(limits(warn_signal=signal.SIGUSR1))
+    rig.sup.leader_status = 0
+    rig.job.mem = [950 * MiB]
+    rig.step(1000.0)
+    assert rig.events[0].message == "job memory 950.0 MiB is 95% of --max-mem 1000.0 MiB" and rig.job.sent == []
+
+
+def test_pause_and_resume_through_the_states(rig: Rig) -> None:
+    rig.machine.temps = (80.0,)
+    rig.step(1000.0)
+    assert rig.sup.state is State.PAUSED and rig.job.sent == [("all", STOP)] and rig.kinds() == ["paused"]
+    rig.machine.temps = (60.0,)
+    rig.step(1000.5)  # sensors are read once a second
+    assert rig.sup.state is State.PAUSED and rig.machine.thermal_reads == 1
+    rig.step(1001.0)
+    assert rig.sup.state is State.RUNNING and rig.job.sent[-1] == ("all", CONT) and rig.kinds() == ["paused", "resumed"]
+
+
+def test_a_breach_while_paused_continues_the_job_and_nothing_pauses_it_again(rig: Rig) -> None:
+    rig.machine.temps = (90.0,)
+    rig.step(1000.0)
+    rig.job.mem = [2000 * MiB]
+    rig.step(1001.0)
+    assert rig.sup.state is State.TERMINATING and rig.job.sent == [("all", STOP), ("all", TERM), ("all", CONT)]
+    rig.step(1002.0)  # still hot: figures only, no decision
+    assert rig.kinds() == ["paused", "breach"] and rig.sup.stats.highest_temp == 90.0
+
+
+def test_a_gpu_breach_stops_the_job_and_gpu_figures_go_on() -> None:
+    rig = make_rig(limits(gpu=GpuLimits("nvml", (0,), None, Size(percent=5.0), Size(percent=20.0))))
+    total = 10000 * MiB
+    rig.machine.gpus = (GpuInfo(0, "card", "u", total=total, used=total - 100 * MiB, free=100 * MiB, temp=50),)
+    rig.step(1000.0)
+    assert rig.kinds() == ["breach"] and rig.events[0].data["reason"] == "gpu"
+    rig.machine.gpus = (GpuInfo(0, "card", "u", total=total, used=total, free=0, temp=60),)
+    rig.step(1000.2)
+    assert rig.kinds() == ["breach"] and rig.sup.stats.highest_gpu_temp == 60
+
+
+def test_process_tree_job_no_killpg_once_its_group_is_empty(monkeypatch: pytest.MonkeyPatch) -> None:
+    groups: list[tuple[int, int]] = []
+    monkeypatch.setattr("os.killpg", lambda pgid, sig: groups.append((pgid, sig)))
+    monkeypatch.setattr("os.getpgid", lambda pid: 4242 if pid == 4243 else 1)
+    job = ProcessTreeJob(4242, JobTree(root=-1, proc_root="/nonexistent"))
+    job.tree.add(4243)
+    job.forward(TERM)
+    assert groups == [(4242, TERM)]
+    job.ended(4242, 300 * MiB)
+    job.forward(TERM)  # the main process is gone but 4243 is still in its group: the id is still ours
+    assert groups == [(4242, TERM)] * 2
+    job.ended(4243, 100 * MiB)
+    job.forward(TERM)  # nobody of ours left in the group: its number could be someone else's by now
+    assert groups == [(4242, TERM)] * 2
+    assert job.peak() == 300 * MiB and not job.members()
+
+
+def test_main_process_ending_with_leftovers_renews_the_deadline_and_killing_stays_killing(rig: Rig) -> None:
+    # The reaping itself needs real children (test_exec.py); what it triggers is driven here directly.
+    rig.sup._leader_ended()
+    assert rig.kinds() == ["cleanup"] and rig.sup.state is State.TERMINATING
+    assert rig.events[0].message == "the job's main process ended; stopping 2 leftover process(es)"
+    rig.step(1002.0)
+    assert rig.sup.state is State.KILLING
+    rig.clock.now = 1003.0
+    rig.sup._leader_ended()  # again while being killed: a new deadline, and no second "still running" event
+    assert rig.sup.state is State.KILLING
+    rig.step(1004.9)
+    assert rig.job.sent.count(("all", KILL)) == 1
+    rig.step(1005.0)
+    assert rig.job.sent.count(("all", KILL)) == 2 and rig.kinds() == ["cleanup", "signal", "cleanup"]
+
+
+def test_an_ending_signal_to_a_paused_job_continues_it(rig: Rig) -> None:
+    rig.machine.temps = (90.0,)
+    rig.step(1000.0)
+    rig.sup._inbox.pending.extend([signal.SIGUSR1, signal.SIGCHLD, signal.SIGINT])
+    rig.sup._forward_signals()
+    assert rig.job.sent == [("all", STOP), ("group", signal.SIGUSR1), ("group", signal.SIGINT), ("all", CONT)]
+    assert [e.message for e in rig.events[1:]] == ["forwarded SIGUSR1 to the job", "forwarded SIGINT to the job"]
+
+
+def test_job_stats_take_the_kernel_peak_and_keep_the_summary_keys() -> None:
+    from safegate.report import StatsRecorder
+
+    stats = StatsRecorder(started=10.0)
+    stats.memory(200 * MiB, 8 * GiB)
+    stats.memory(100 * MiB, 6 * GiB)
+    stats.memory(100 * MiB, 7 * GiB)
+    stats.temperature(55.0)
+    stats.temperature(50.0)
+    result = stats.result(now=12.34567, kernel_peak=300 * MiB)  # a process peaked between samples
+    assert result.as_json() == {"duration": 2.346, "peak_job_memory": 300 * MiB, "lowest_available": 6 * GiB,
+                                "highest_temp": 55.0, "peak_job_gpu_memory": None, "highest_gpu_temp": None}
+    assert stats.result(now=12.0, kernel_peak=0).peak_job_mem == 200 * MiB
