@@ -10,9 +10,9 @@ from safegate.config import load_config
 from safegate.eventlog import EventLog
 from safegate.gate import Overrides, Settings, resolve
 from safegate.render import blocking_summary
+from safegate.report import Event, Outcome
 from safegate.results import Verdict
 from safegate.runner import run_exec
-from safegate.report import Event, Outcome
 from safegate.units import Size
 
 
