@@ -18,7 +18,7 @@ from safegate import __version__
 from safegate.config import DEFAULT_PROFILE, load_config
 from safegate.errors import SafegateError, SlurmError, UsageError, ValueParseError
 from safegate.exitcodes import ExitCode, table_plain
-from safegate.gate import Overrides, evaluate, gpu_backend, resolve, wait_until_clear
+from safegate.gate import Overrides, clean_and_evaluate, evaluate, gpu_backend, resolve, wait_until_clear
 from safegate.policy import Verdict
 from safegate.render import (
     blocking_summary,
@@ -140,7 +140,8 @@ def _complete_profiles(incomplete: str) -> list[str]:
 
 
 def _complete_locks(incomplete: str) -> list[str]:
-    from safegate.lockstore import LockStore, resolve_lock_dir
+    from safegate.locks.directory import resolve_lock_dir
+    from safegate.locks.store import LockStore
 
     try:
         store = LockStore(resolve_lock_dir(load_config().lock_dir, os.environ))
@@ -223,7 +224,7 @@ def check(
     if wait:
         verdict = wait_until_clear(settings, wait_for, on_blocked=_progress(quiet or json_output))
     else:
-        verdict = evaluate(settings)
+        verdict = clean_and_evaluate(settings)
 
     if json_output:
         typer.echo(verdict_json(verdict))
@@ -403,7 +404,8 @@ def slots(
 def locks(json_output: JsonOpt = False, config: ConfigOpt = None) -> None:
     """List the locks in the lock dir, with their holders."""
     from safegate.inventory import list_locks
-    from safegate.lockstore import LockStore, resolve_lock_dir
+    from safegate.locks.directory import resolve_lock_dir
+    from safegate.locks.store import LockStore
 
     cfg = load_config(config)
     store = LockStore(resolve_lock_dir(cfg.lock_dir, os.environ))
@@ -424,7 +426,8 @@ def unlock(
 ) -> None:
     """Remove a free lock's stale leftovers; refuses, naming the holder, while a live process holds it."""
     from safegate.inventory import unlock as unlock_lock
-    from safegate.lockstore import LockStore, resolve_lock_dir
+    from safegate.locks.directory import resolve_lock_dir
+    from safegate.locks.store import LockStore
 
     checked = _parsed("NAME", validate_lock_name, name)
     assert isinstance(checked, str)
@@ -465,7 +468,7 @@ def status(
 ) -> None:
     """One screen: RAM, pressure, swap, temperatures, GPUs, locks and their holders, the largest processes."""
     from safegate.inventory import collect_status
-    from safegate.lockstore import resolve_lock_dir
+    from safegate.locks.directory import resolve_lock_dir
 
     cfg = load_config(config)
     backend = gpu_backend(cfg.gpu_backend, os.environ)

@@ -10,9 +10,18 @@ from typing import Any
 
 from safegate.config import CompetingRule
 from safegate.exitcodes import ExitCode
-from safegate.lockstore import LegacyState, LockState, Removal
-from safegate.probes.gpu import GpuInfo, GpuSnapshot, Selection, visible_to_cuda
-from safegate.snapshots import MemorySnapshot, ProcessInfo, ProcessSnapshot, ThermalSnapshot
+from safegate.snapshots import (
+    GpuInfo,
+    GpuSnapshot,
+    LegacyState,
+    LockState,
+    MemorySnapshot,
+    ProcessInfo,
+    ProcessSnapshot,
+    Removal,
+    Selection,
+    ThermalSnapshot,
+)
 from safegate.units import Size, format_bytes, format_duration
 
 
@@ -170,6 +179,21 @@ def gpu_free(g: GpuInfo, reserved: Mapping[int, int]) -> int | None:
 def gpu_fits(g: GpuInfo, need: int, margin: Size, reserved: Mapping[int, int]) -> bool:
     free = gpu_free(g, reserved)
     return free is not None and g.total is not None and free - need >= margin.resolve(g.total)
+
+
+def visible_to_cuda(gpus: tuple[GpuInfo, ...], cuda_visible: str | None) -> tuple[GpuInfo, ...]:
+    """The GPUs a preset CUDA_VISIBLE_DEVICES (indexes or UUIDs, as Slurm and users set it) leaves."""
+    if cuda_visible is None:
+        return gpus
+    chosen = []
+    for item in (p.strip() for p in cuda_visible.split(",")):
+        if not item:
+            continue
+        if item.isdigit():
+            chosen += [g for g in gpus if g.index == int(item)]
+        else:
+            chosen += [g for g in gpus if g.uuid and (g.uuid == item or g.uuid.startswith(item))]
+    return tuple(dict.fromkeys(chosen))
 
 
 def select_gpus(snapshot: GpuSnapshot, requested: tuple[int, ...] | None, cuda_visible: str | None) -> Selection:
@@ -337,7 +361,11 @@ def check_competing(matches: Sequence[CompetingMatch], rules: Sequence[Competing
     return CheckResult("competing", Status.PASS, "no competing process", ExitCode.COMPETING, values, thresholds)
 
 
-def check_stale(removals: Sequence[Removal]) -> CheckResult:
+def check_stale(removals: Sequence[Removal] | None) -> CheckResult:
+    """What cleanup removed; None: no cleanup ran (a read-only evaluation), so nothing can be claimed either way."""
+    if removals is None:
+        return CheckResult("stale_locks", Status.PASS, "not cleaned up here (read-only; check cleans stale locks)",
+                           ExitCode.LOCKED, {"removed": []})
     values = {"removed": [{"path": str(r.path), "what": r.what, "removed": r.removed, "error": r.error}
                           for r in removals]}
     failed = [r for r in removals if not r.removed]

@@ -12,7 +12,7 @@ import psutil
 
 from safegate.config import DEFAULT_MIN_AVAILABLE, DEFAULT_MIN_AVAILABLE_FRACTION
 from safegate.gate import Settings, admit
-from safegate.lockstore import HeldLock
+from safegate.locks.store import HeldLock
 from safegate.policy import Verdict
 from safegate.probes.memory import read_memory
 from safegate.supervisor import Event, Outcome, Supervisor

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from safegate.config import CompetingRule
 from safegate.exitcodes import ExitCode
-from safegate.lockstore import Holder, LegacyState, LockState, Removal
+from safegate.locks.holders import Holder
 from safegate.policy import (
     CheckResult,
     Status,
@@ -19,7 +19,16 @@ from safegate.policy import (
     check_thermal,
     match_competing,
 )
-from safegate.snapshots import MemorySnapshot, ProcessInfo, ProcessSnapshot, SensorReading, ThermalSnapshot
+from safegate.snapshots import (
+    LegacyState,
+    LockState,
+    MemorySnapshot,
+    ProcessInfo,
+    ProcessSnapshot,
+    Removal,
+    SensorReading,
+    ThermalSnapshot,
+)
 from safegate.units import parse_size
 
 GiB = 1024**3

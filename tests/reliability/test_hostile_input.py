@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from safegate.cli import main
 from safegate.config import build_config, load_config
 from safegate.errors import ConfigError, ValueParseError
-from safegate.lockstore import LockStore
+from safegate.locks.store import LockStore
 from safegate.units import validate_lock_name
 
 # derandomize: CI runs the same 150 examples every time (a failure is reproducible, never a flake).
