@@ -22,11 +22,10 @@ from typing import Any
 from safegate.errors import SpawnError
 from safegate.exitcodes import ExitCode
 from safegate.policy import gpu_temp_limit
-from safegate.probes.gpu import host_pid_map, read_gpus
+from safegate.probes.gpu import GpuInfo, host_pid_map, read_gpus
 from safegate.probes.jobtree import JobTree, read_available
 from safegate.probes.thermal import read_thermal
 from safegate.procctl import become_subreaper, child_setup
-from safegate.snapshots import GpuInfo
 from safegate.units import format_bytes, format_duration
 from safegate.watch import (
     GpuLimits,

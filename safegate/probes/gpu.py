@@ -19,6 +19,9 @@ from safegate.snapshots import GpuInfo, GpuProcess, GpuSnapshot
 from safegate.units import BACKENDS
 
 LIBRARY = "libnvidia-ml.so.1"
+# The snapshot types live in safegate.snapshots (policy.py reads them without importing a probe); they are
+# re-exported because read_gpus returns them and its callers name them.
+__all__ = ["LIBRARY", "GpuInfo", "GpuProcess", "GpuSnapshot", "host_pid_map", "read_gpus", "resolve_backend"]
 
 
 def resolve_backend(configured: str, env: Mapping[str, str]) -> str:
