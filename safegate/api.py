@@ -28,11 +28,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from safegate.backoff import RECHECK, Backoff, pauses
 from safegate.config import DEFAULT_PROFILE, load_config
 from safegate.errors import Blocked, SafegateError, UsageError, ValueParseError
 from safegate.exitcodes import ExitCode
-from safegate.gate import Overrides, Settings, admit, evaluate, resolve, wait_until_clear
-from safegate.lockstore import HeldLock, LockStore
+from safegate.gate import Overrides, Settings, admit, clean_and_evaluate, evaluate, resolve, wait_until_clear
+from safegate.locks.store import HeldLock, LockStore
 from safegate.probes.memory import read_memory
 from safegate.results import GpuValues, MemoryValues, Status, Verdict
 from safegate.units import Size, parse_gpu_option, parse_size, parse_temp, validate_lock_name
@@ -77,9 +78,12 @@ def check(
     max_temp: float | str | None = None, lock: str | None = None, gpu: str | None = None,
     gpu_mem: SizeLike | None = None, config: str | None = None, wait: bool = False, timeout: float | None = None,
 ) -> Verdict:
-    """Run the checks once (or, with wait, until they pass or timeout seconds run out); never raises Blocked."""
+    """Run the checks once (or, with wait, until they pass or timeout seconds run out); never raises Blocked.
+
+    Like `safegate check`, each pass first removes stale lock files and reports them as stale_locks.
+    """
     settings = _settings(profile, config, mem, margin, max_temp, lock, gpu, gpu_mem)
-    return wait_until_clear(settings, timeout) if wait else evaluate(settings)
+    return wait_until_clear(settings, timeout) if wait else clean_and_evaluate(settings)
 
 
 @contextmanager
@@ -102,7 +106,7 @@ def slots(
     margin: SizeLike | None = None, max_temp: float | str | None = None, lock: str | None = None,
     gpu: str | None = None, gpu_mem: SizeLike | None = None, config: str | None = None,
 ) -> int:
-    """How many jobs of the profile's size can start now (see count_slots)."""
+    """How many jobs of the profile's size can start now (see count_slots); reads only."""
     settings = _settings(profile, config, mem, margin, max_temp, lock, gpu, gpu_mem)
     return count_slots(settings, evaluate(settings), max)
 
@@ -142,7 +146,8 @@ class Gate:
 
     A coroutine admitted in the last *settle* seconds has not shown its memory yet (it is still loading),
     so each one counts as *mem* reserved until it has run that long or has left. Waiting re-checks with a
-    backoff; it never sleeps a fixed time once and hopes.
+    backoff (from *poll* seconds, growing as RECHECK does); it never sleeps a fixed time once and hopes. Its
+    checks only read: polling never writes to the lock dir.
     """
 
     mem: SizeLike
@@ -165,14 +170,13 @@ class Gate:
         now = time.monotonic()
         loading = sum(1 for t in self._entered.values() if now - t < self.settle)
         need = self._need()
-        return check(self.profile, mem=need * (1 + loading), margin=self.margin, config=self.config,
-                     lock=None)
+        settings = _settings(self.profile, self.config, need * (1 + loading), self.margin, None, None, None, None)
+        return evaluate(settings)
 
     async def __aenter__(self) -> Gate:
         if self._lock is None:
             self._lock = asyncio.Lock()
-        deadline = None if self.timeout is None else time.monotonic() + self.timeout
-        delay = self.poll
+        schedule = pauses(self.timeout, Backoff(self.poll, RECHECK.factor, RECHECK.cap))
         async with self._lock:  # one admission at a time, so each sees the one before it
             while True:
                 full = self.max_concurrent is not None and len(self._entered) >= self.max_concurrent
@@ -181,12 +185,12 @@ class Gate:
                     if _passes_ignoring_lock(verdict):
                         self._entered[asyncio.current_task()] = time.monotonic()
                         return self
-                    if deadline is not None and time.monotonic() >= deadline:
-                        raise Blocked(verdict)
-                elif deadline is not None and time.monotonic() >= deadline:
-                    raise SafegateError(f"Gate: {self.max_concurrent} coroutines still running after timeout")
-                await asyncio.sleep(delay)
-                delay = min(delay * 1.5, 2.0)
+                pause = next(schedule, None)
+                if pause is None:
+                    if full:
+                        raise SafegateError(f"Gate: {self.max_concurrent} coroutines still running after timeout")
+                    raise Blocked(verdict)
+                await asyncio.sleep(pause)
 
     async def __aexit__(self, *exc: object) -> None:
         self._entered.pop(asyncio.current_task(), None)

@@ -127,7 +127,8 @@ def _complete_profiles(incomplete: str) -> list[str]:
 
 
 def _complete_locks(incomplete: str) -> list[str]:
-    from safegate.lockstore import LockStore, resolve_lock_dir
+    from safegate.locks.directory import resolve_lock_dir
+    from safegate.locks.store import LockStore
 
     try:
         store = LockStore(resolve_lock_dir(load_config().lock_dir, os.environ))

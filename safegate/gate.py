@@ -1,4 +1,9 @@
-"""The gate: resolve settings, read the machine, run the five checks, and wait for them to pass."""
+"""The gate: resolve settings, read the machine, run the five checks, and wait for them to pass.
+
+evaluate() only reads: slots, slurm health and the asyncio Gate call it as it is, and leave the lock dir
+as they found it. cleanup_stale() is the one step that writes (it creates the lock dir and removes stale
+files); `check` (command line and API), hold and exec admission run it before each evaluation.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from safegate.backoff import RECHECK, poll
 from safegate.config import CompetingRule, Config, Profile, ThermalConfig
 from safegate.errors import UsageError, ValueParseError
 from safegate.exitcodes import ExitCode
-from safegate.lockstore import HeldLock, LockStore, legacy_removable, read_legacy, remove_legacy, resolve_lock_dir
+from safegate.locks.directory import resolve_lock_dir
+from safegate.locks.legacy import legacy_removable, read_legacy, remove_legacy
+from safegate.locks.store import HeldLock, LockStore
 from safegate.policy import (
     check_competing,
     check_gpu,
@@ -30,13 +38,8 @@ from safegate.probes.processes import read_processes
 from safegate.probes.thermal import read_thermal
 from safegate.results import CheckResult, GpuValues, LockValues, Status, Verdict
 from safegate.settings import effective_resume_temp
+from safegate.snapshots import Removal
 from safegate.units import Size, validate_lock_name
-
-# Waiting re-checks with a capped backoff: quick at first (a lock is often released soon), then
-# rarely enough that a long wait costs next to no CPU.
-WAIT_FIRST = 0.2
-WAIT_FACTOR = 1.5
-WAIT_CAP = 2.0
 
 
 @dataclass(frozen=True)
@@ -152,14 +155,31 @@ def gpu_backend(configured: str, env: Mapping[str, str]) -> str:
         raise UsageError(f"SAFEGATE_GPU: {exc}") from None
 
 
-def evaluate(settings: Settings, *, resuming: bool = False, started: Iterable[int] = ()) -> Verdict:
-    """One pass of every check. *resuming*: a thermal block was seen, so pass only below resume_temp."""
+def cleanup_stale(settings: Settings) -> list[Removal]:
+    """Create the lock dir if missing, then remove stale holder metadata and dead legacy PID files."""
     store = LockStore(settings.lock_dir)
     store.ensure_directory()
     removals = list(store.cleanup())
     legacy = [read_legacy(p) for p in settings.legacy_lock_files]
-    removals += [remove_legacy(s) for s in legacy if legacy_removable(s)]
-    legacy = [s for s in legacy if s.alive or s.note]
+    return removals + [remove_legacy(s) for s in legacy if legacy_removable(s)]
+
+
+def clean_and_evaluate(settings: Settings, *, resuming: bool = False) -> Verdict:
+    """What `check` does each time: clean up, then evaluate, reporting the cleanup as stale_locks."""
+    return evaluate(settings, resuming=resuming, removals=cleanup_stale(settings))
+
+
+def evaluate(
+    settings: Settings, *, resuming: bool = False, started: Iterable[int] = (),
+    removals: Sequence[Removal] | None = None,
+) -> Verdict:
+    """One pass of every check, reading only. *resuming*: a thermal block was seen, so pass only below
+    resume_temp. *removals*: what cleanup_stale() removed just before (None: it did not run)."""
+    store = LockStore(settings.lock_dir)
+    # An absent lock dir holds no locks; an unsafe one is refused as check refuses it.
+    store.check_directory()
+    # Removed files are gone, so only live or unreadable legacy files are left to judge.
+    legacy = [s for s in (read_legacy(p) for p in settings.legacy_lock_files) if s.alive or s.note]
 
     holders = store.reservations()
     reserved = sum(h.reservation for h in holders)
@@ -198,22 +218,23 @@ def wait_until_clear(
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
 ) -> Verdict:
-    """Re-check until every check passes or *timeout* seconds (None: forever) run out; the last verdict."""
+    """`check --wait`: clean up and re-check until every check passes or *timeout* seconds (None: forever) run
+    out; the last verdict."""
 
     def attempt(resuming: bool) -> tuple[Verdict, None]:
-        return evaluate(settings, resuming=resuming), None
+        return clean_and_evaluate(settings, resuming=resuming), None
 
-    return retry(attempt, timeout, on_blocked, clock, sleep, pause=_lock_pause(settings))[0]
+    return retry(attempt, timeout, on_blocked, clock, sleep, pause=_lock_pause(settings, sleep))[0]
 
 
-def _lock_pause(settings: Settings) -> Callable[[Verdict, float], None]:
+def _lock_pause(settings: Settings, sleep: Callable[[float], None] = time.sleep) -> Callable[[Verdict, float], None]:
     """Between re-checks: when only the lock blocks, watch the lock itself instead of sleeping blind."""
 
     def pause(verdict: Verdict, seconds: float) -> None:
         if settings.lock is not None and [c.name for c in verdict.failures] == ["lock"]:
             LockStore(settings.lock_dir).wait_free(settings.lock, seconds)
         else:
-            time.sleep(seconds)
+            sleep(seconds)
 
     return pause
 
@@ -229,35 +250,37 @@ def retry(
     sleep: Callable[[float], None] = time.sleep,
     pause: Callable[[Verdict, float], None] | None = None,
 ) -> tuple[Verdict, T | None]:
-    """Call attempt(resuming) with a capped backoff until its verdict is ok or *timeout* runs out.
+    """Call attempt(resuming) on the RECHECK backoff until its verdict is ok or *timeout* runs out.
 
     *pause(verdict, seconds)*, when given, replaces the plain sleep between attempts.
     """
-    deadline = None if timeout is None else clock() + timeout
-    delay = WAIT_FIRST
+    last: tuple[Verdict, T | None] | None = None
     resuming = False
-    while True:
-        verdict, result = attempt(resuming)
+
+    def once() -> bool:
+        nonlocal last, resuming
+        last = attempt(resuming)
+        verdict = last[0]
         if verdict.ok:
-            return verdict, result
+            return True
         thermal = verdict.result("thermal")
         if thermal is not None and thermal.blocks:
             # Once too hot, wait for resume_temp, not just below max_temp, so the gate does not flap.
             resuming = True
         if on_blocked is not None:
             on_blocked(verdict)
-        if deadline is not None:
-            remaining = deadline - clock()
-            if remaining <= 0:
-                return verdict, None
-            seconds = min(delay, remaining)
-        else:
-            seconds = delay
-        if pause is not None:
-            pause(verdict, seconds)
-        else:
+        return False
+
+    def wait(seconds: float) -> None:
+        if pause is None:
             sleep(seconds)
-        delay = min(delay * WAIT_FACTOR, WAIT_CAP)
+        else:
+            assert last is not None
+            pause(last[0], seconds)
+
+    passed = poll(once, timeout, RECHECK, clock, wait)
+    assert last is not None
+    return last if passed else (last[0], None)
 
 
 def admit(
@@ -274,7 +297,8 @@ def admit(
 
     def attempt(resuming: bool) -> tuple[Verdict, HeldLock | None]:
         with store.admission():
-            verdict = evaluate(settings, resuming=resuming)
+            removals = cleanup_stale(settings)
+            verdict = evaluate(settings, resuming=resuming, removals=removals)
             if not verdict.ok:
                 return verdict, None
             total = _total_ram()
@@ -290,7 +314,7 @@ def admit(
             if held is None:
                 # Taken by something outside safegate (flock(1)) since the check. Never answer "ok" without
                 # a lock: the caller would start nothing and report success.
-                return _lock_lost(evaluate(settings, resuming=resuming), name), None
+                return _lock_lost(evaluate(settings, resuming=resuming, removals=removals), name), None
             held.unlink_after = settings.lock is None
             return verdict, held
 

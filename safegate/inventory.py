@@ -12,19 +12,19 @@ import psutil
 from safegate.config import Config, Profile
 from safegate.errors import LockBusy
 from safegate.history import Run, learned_need, percentile
-from safegate.lockstore import Holder, LockStore
-from safegate.probes.gpu import GpuSnapshot, read_gpus
+from safegate.locks.store import LockStore
+from safegate.probes.gpu import read_gpus
 from safegate.probes.memory import read_memory
 from safegate.probes.processes import read_processes
 from safegate.probes.thermal import read_thermal
-from safegate.snapshots import MemorySnapshot, ProcessInfo, ThermalSnapshot
+from safegate.snapshots import GpuSnapshot, HolderRecord, MemorySnapshot, ProcessInfo, ThermalSnapshot
 
 
 @dataclass(frozen=True)
 class LockInfo:
     name: str
     held: bool
-    holder: Holder | None
+    holder: HolderRecord | None
     alive: bool
     note: str
 

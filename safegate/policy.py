@@ -8,8 +8,6 @@ from collections.abc import Mapping, Sequence
 
 from safegate.config import CompetingRule
 from safegate.exitcodes import ExitCode
-from safegate.lockstore import LegacyState, LockState, Removal
-from safegate.probes.gpu import GpuInfo, GpuSnapshot, Selection, visible_to_cuda
 from safegate.results import (
     CheckResult,
     CompetingMatch,
@@ -24,7 +22,17 @@ from safegate.results import (
     ThermalValues,
     Verdict,
 )
-from safegate.snapshots import MemorySnapshot, ProcessSnapshot, ThermalSnapshot
+from safegate.snapshots import (
+    GpuInfo,
+    GpuSnapshot,
+    LegacyState,
+    LockState,
+    MemorySnapshot,
+    ProcessSnapshot,
+    Removal,
+    Selection,
+    ThermalSnapshot,
+)
 from safegate.units import Size, format_bytes, format_duration
 
 __all__ = ["CheckResult", "CompetingMatch", "Status", "Verdict"]  # the result types, re-exported for callers
@@ -121,6 +129,21 @@ def gpu_free(g: GpuInfo, reserved: Mapping[int, int]) -> int | None:
 def gpu_fits(g: GpuInfo, need: int, margin: Size, reserved: Mapping[int, int]) -> bool:
     free = gpu_free(g, reserved)
     return free is not None and g.total is not None and free - need >= margin.resolve(g.total)
+
+
+def visible_to_cuda(gpus: tuple[GpuInfo, ...], cuda_visible: str | None) -> tuple[GpuInfo, ...]:
+    """The GPUs a preset CUDA_VISIBLE_DEVICES (indexes or UUIDs, as Slurm and users set it) leaves."""
+    if cuda_visible is None:
+        return gpus
+    chosen = []
+    for item in (p.strip() for p in cuda_visible.split(",")):
+        if not item:
+            continue
+        if item.isdigit():
+            chosen += [g for g in gpus if g.index == int(item)]
+        else:
+            chosen += [g for g in gpus if g.uuid and (g.uuid == item or g.uuid.startswith(item))]
+    return tuple(dict.fromkeys(chosen))
 
 
 def select_gpus(snapshot: GpuSnapshot, requested: tuple[int, ...] | None, cuda_visible: str | None) -> Selection:
@@ -265,7 +288,11 @@ def check_competing(matches: Sequence[CompetingMatch], rules: Sequence[Competing
     return CheckResult("competing", Status.PASS, "no competing process", ExitCode.COMPETING, values, thresholds)
 
 
-def check_stale(removals: Sequence[Removal]) -> CheckResult:
+def check_stale(removals: Sequence[Removal] | None) -> CheckResult:
+    """What cleanup removed; None: no cleanup ran (a read-only evaluation), so nothing can be claimed either way."""
+    if removals is None:
+        return CheckResult("stale_locks", Status.PASS, "not cleaned up here (read-only; check cleans stale locks)",
+                           ExitCode.LOCKED, StaleValues(()))
     values = StaleValues(tuple(removals))
     failed = [r for r in removals if not r.removed]
     if failed:

@@ -13,9 +13,7 @@ from typing import Any, TypeVar
 
 from safegate.config import CompetingRule
 from safegate.exitcodes import ExitCode
-from safegate.lockstore import Holder, LegacyState, Removal
-from safegate.probes.gpu import GpuInfo
-from safegate.snapshots import ProcessInfo
+from safegate.snapshots import GpuInfo, HolderRecord, LegacyState, ProcessInfo, Removal
 
 
 class Status(str, Enum):
@@ -72,7 +70,7 @@ class LockValues:
     lock: str | None
     path: str | None
     held: bool
-    holder: Holder | None
+    holder: HolderRecord | None
     holder_alive: bool
     legacy: tuple[LegacyState, ...]
 

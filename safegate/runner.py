@@ -12,7 +12,7 @@ import psutil
 from safegate.config import DEFAULT_MIN_AVAILABLE, DEFAULT_MIN_AVAILABLE_FRACTION
 from safegate.gate import Settings, admit
 from safegate.limits import WARN_FRACTION, GpuLimits, WatchLimits
-from safegate.lockstore import HeldLock
+from safegate.locks.store import HeldLock
 from safegate.probes.memory import read_memory
 from safegate.report import Event, Outcome
 from safegate.results import GpuValues, Verdict

@@ -1,8 +1,10 @@
-"""Frozen snapshots of the machine, as the probes read it and the policy functions judge it."""
+"""Frozen snapshots of the machine and of the lock dir, as the probes and the lock store read them and the
+policy functions judge them. Plain data only: no I/O, so policy.py can import it and stay pure."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -47,3 +49,107 @@ class ProcessInfo:
 class ProcessSnapshot:
     processes: tuple[ProcessInfo, ...]
     excluded: frozenset[int]  # safegate itself, its ancestors, and what it started
+
+
+@dataclass(frozen=True)
+class GpuProcess:
+    pid: int
+    used: int | None  # bytes; None where NVML cannot tell (no per-process accounting)
+    kind: str  # compute, graphics, or both
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    index: int
+    name: str
+    uuid: str
+    total: int | None = None  # None: the card has no memory of its own to report (unified memory)
+    used: int | None = None
+    free: int | None = None
+    temp: float | None = None
+    slowdown: float | None = None  # NVML's slowdown threshold, where reported
+    processes: tuple[GpuProcess, ...] = ()
+    mig_mode: int | None = None
+    error: str | None = None  # the device failed (e.g. "GPU is lost"): it blocks
+
+    @property
+    def unified_memory(self) -> bool:
+        return self.error is None and self.total is None
+
+
+@dataclass(frozen=True)
+class GpuSnapshot:
+    backend: str  # the backend asked for: auto, nvml, none
+    status: str  # none (nothing to check), ok, error (nvml asked for and unusable)
+    gpus: tuple[GpuInfo, ...] = ()
+    driver: str | None = None
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The GPUs a job may use, and the CUDA_VISIBLE_DEVICES value that gives it exactly those."""
+
+    gpus: tuple[GpuInfo, ...]
+    explicit: bool  # the user named them: the job uses all of them
+    cuda_visible: str | None = None  # None: the user's own CUDA_VISIBLE_DEVICES stands
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class HolderRecord:
+    """Who holds a lock, as the holder recorded it (the lock store's Holder adds reading and liveness)."""
+
+    pid: int
+    start_time: float  # psutil create_time of pid: together they name one process, even after pid reuse
+    user: str
+    host: str
+    cmdline: list[str]
+    started_at: float  # wall-clock time the lock was taken
+    profile: str
+    lock: str
+    # Set by exec: the job it started, the memory the job declared it needs, and what it used when last
+    # recorded. need - used is memory the job will still take: admission reserves it for the job.
+    job_pid: int | None = None
+    job_start_time: float | None = None
+    need: int = 0
+    used: int = 0
+    gpu_index: int | None = None
+    gpu_need: int = 0
+    gpu_used: int = 0
+
+    @property
+    def gpu_reservation(self) -> int:
+        return max(0, self.gpu_need - self.gpu_used) if self.gpu_index is not None else 0
+
+    @property
+    def reservation(self) -> int:
+        return max(0, self.need - self.used)
+
+
+@dataclass(frozen=True)
+class LockState:
+    name: str
+    path: Path
+    held: bool
+    holder: HolderRecord | None  # metadata, when present and readable
+    holder_alive: bool
+    note: str = ""  # e.g. unreadable metadata
+
+
+@dataclass(frozen=True)
+class LegacyState:
+    path: Path
+    pid: int | None
+    alive: bool
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Removal:
+    """One stale record that cleanup removed, or tried to."""
+
+    path: Path
+    what: str
+    removed: bool
+    error: str = ""

@@ -211,7 +211,7 @@ def hold_with_flock(procs: Procs, path: Path) -> subprocess.Popen[bytes]:
 HOLDER_SCRIPT = """
 import sys, time
 from pathlib import Path
-from safegate.lockstore import LockStore
+from safegate.locks.store import LockStore
 need = int(sys.argv[4]) if len(sys.argv) > 4 else 0
 held = LockStore(Path(sys.argv[1])).try_acquire(sys.argv[2], sys.argv[3], need=need)
 print("held" if held else "busy", flush=True)

@@ -14,7 +14,9 @@ import pytest
 from support import TIMEOUT, Nobody, Procs, hold_with_flock, hold_with_safegate, wait_until
 
 from safegate.errors import LockDirError
-from safegate.lockstore import Holder, LockStore, legacy_removable, read_legacy, remove_legacy
+from safegate.locks.holders import Holder
+from safegate.locks.legacy import legacy_removable, read_legacy, remove_legacy
+from safegate.locks.store import LockStore
 
 
 def store_at(path: Path) -> LockStore:
@@ -70,7 +72,7 @@ def test_second_acquire_in_other_process_is_refused(tmp_path: Path, procs: Procs
 HAMMER = """
 import sys
 from pathlib import Path
-from safegate.lockstore import LockStore
+from safegate.locks.store import LockStore
 store = LockStore(Path(sys.argv[1]))
 print(sum(store.is_held("heavy") for _ in range(int(sys.argv[2]))))
 """
@@ -240,7 +242,7 @@ def test_unwritable_lock_dir_as_nobody(nobody: Nobody) -> None:
     d.mkdir()
     os.chmod(d, 0o755)
     code = (
-        "import sys; from pathlib import Path; from safegate.lockstore import LockStore\n"
+        "import sys; from pathlib import Path; from safegate.locks.store import LockStore\n"
         "from safegate.errors import LockDirError\n"
         "try:\n    LockStore(Path(sys.argv[1])).ensure_directory()\n"
         "except LockDirError as e:\n    print(e)\n"
@@ -257,7 +259,7 @@ def test_foreign_0600_lock_file_is_refused_clearly(nobody: Nobody) -> None:
     lock.write_text("")
     os.chmod(lock, 0o600)  # left by another user (root) with a tight umask
     code = (
-        "import sys; from pathlib import Path; from safegate.lockstore import LockStore\n"
+        "import sys; from pathlib import Path; from safegate.locks.store import LockStore\n"
         "from safegate.errors import LockDirError\n"
         "try:\n    LockStore(Path(sys.argv[1])).try_acquire('heavy', 'p')\n"
         "except LockDirError as e:\n    print(e)\n"
@@ -272,7 +274,7 @@ def test_lock_taken_by_one_user_can_be_taken_by_another(nobody: Nobody) -> None:
     store = store_at(d)
     store.try_acquire("heavy", "p").release()  # type: ignore[union-attr]
     code = (
-        "import sys; from pathlib import Path; from safegate.lockstore import LockStore\n"
+        "import sys; from pathlib import Path; from safegate.locks.store import LockStore\n"
         "h = LockStore(Path(sys.argv[1])).try_acquire('heavy', 'p'); print('held' if h else 'busy'); h.release()\n"
     )
     out = nobody.run(["-c", code, str(d)])

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from safegate.config import CompetingRule
 from safegate.exitcodes import ExitCode
-from safegate.lockstore import Holder, LegacyState, LockState, Removal
+from safegate.locks.holders import Holder
 from safegate.policy import (
     CheckResult,
     Status,
@@ -19,7 +19,16 @@ from safegate.policy import (
     check_thermal,
     match_competing,
 )
-from safegate.snapshots import MemorySnapshot, ProcessInfo, ProcessSnapshot, SensorReading, ThermalSnapshot
+from safegate.snapshots import (
+    LegacyState,
+    LockState,
+    MemorySnapshot,
+    ProcessInfo,
+    ProcessSnapshot,
+    Removal,
+    SensorReading,
+    ThermalSnapshot,
+)
 from safegate.units import parse_size
 
 GiB = 1024**3
@@ -169,3 +178,10 @@ def test_stale_report() -> None:
     assert done.status is Status.PASS and "stale holder" in done.reason
     failed = check_stale([Removal(Path("/l/x"), "stale", removed=False, error="Operation not permitted")])
     assert failed.status is Status.WARN and not failed.blocks
+
+
+def test_stale_report_of_a_read_only_evaluation_claims_nothing() -> None:
+    # No cleanup ran (slots, slurm health, Gate): neither "no stale locks" nor a removal may be reported.
+    unchecked = check_stale(None)
+    assert unchecked.status is Status.PASS and unchecked.values == {"removed": []}
+    assert "read-only" in unchecked.reason and unchecked.reason != check_stale([]).reason

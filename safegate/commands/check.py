@@ -5,16 +5,17 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from safegate.config import DEFAULT_PROFILE, load_config
-from safegate.gate import Overrides, evaluate, resolve, wait_until_clear
+from safegate.gate import Overrides, clean_and_evaluate, evaluate, resolve, wait_until_clear
 from safegate.results import Verdict
 
 
 def check(config: str | None, profile: str | None, overrides: Overrides, *, wait: bool, timeout: float | None,
           on_blocked: Callable[[Verdict], None] | None = None) -> Verdict:
     settings = resolve(load_config(config), profile or DEFAULT_PROFILE, overrides)
+    # check is the step that cleans up stale lock files (and says so); slots only reads.
     if wait:
         return wait_until_clear(settings, timeout, on_blocked=on_blocked)
-    return evaluate(settings)
+    return clean_and_evaluate(settings)
 
 
 def slots(config: str | None, profile: str | None, overrides: Overrides, cap: int | None) -> int:

@@ -16,7 +16,8 @@ from safegate.inventory import LockInfo, StatusReport
 def locks(config: str | None) -> tuple[Path, list[LockInfo]]:
     """The lock dir and its locks (none when the dir does not exist yet)."""
     from safegate.inventory import list_locks
-    from safegate.lockstore import LockStore, resolve_lock_dir
+    from safegate.locks.directory import resolve_lock_dir
+    from safegate.locks.store import LockStore
 
     store = LockStore(resolve_lock_dir(load_config(config).lock_dir, os.environ))
     return store.directory, list_locks(store) if store.directory.is_dir() else []
@@ -25,7 +26,8 @@ def locks(config: str | None) -> tuple[Path, list[LockInfo]]:
 def unlock(config: str | None, name: str) -> list[str]:
     """What was removed of a free lock's leftovers; raises LockBusy while a live process holds it."""
     from safegate.inventory import unlock as unlock_lock
-    from safegate.lockstore import LockStore, resolve_lock_dir
+    from safegate.locks.directory import resolve_lock_dir
+    from safegate.locks.store import LockStore
 
     return unlock_lock(LockStore(resolve_lock_dir(load_config(config).lock_dir, os.environ)), name)
 
@@ -46,7 +48,7 @@ STATUS_REFRESH = 2.0  # seconds between screens of status --watch
 def status(config: str | None, watch: bool) -> Iterator[StatusReport]:
     """One report, or with *watch* a new one every STATUS_REFRESH seconds until interrupted."""
     from safegate.inventory import collect_status
-    from safegate.lockstore import resolve_lock_dir
+    from safegate.locks.directory import resolve_lock_dir
 
     cfg = load_config(config)
     backend = gpu_backend(cfg.gpu_backend, os.environ)

@@ -12,48 +12,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from safegate.errors import ValueParseError
+from safegate.snapshots import GpuInfo, GpuProcess, GpuSnapshot
 from safegate.units import BACKENDS
 
 LIBRARY = "libnvidia-ml.so.1"
-
-
-@dataclass(frozen=True)
-class GpuProcess:
-    pid: int
-    used: int | None  # bytes; None where NVML cannot tell (no per-process accounting)
-    kind: str  # compute, graphics, or both
-
-
-@dataclass(frozen=True)
-class GpuInfo:
-    index: int
-    name: str
-    uuid: str
-    total: int | None = None  # None: the card has no memory of its own to report (unified memory)
-    used: int | None = None
-    free: int | None = None
-    temp: float | None = None
-    slowdown: float | None = None  # NVML's slowdown threshold, where reported
-    processes: tuple[GpuProcess, ...] = ()
-    mig_mode: int | None = None
-    error: str | None = None  # the device failed (e.g. "GPU is lost"): it blocks
-
-    @property
-    def unified_memory(self) -> bool:
-        return self.error is None and self.total is None
-
-
-@dataclass(frozen=True)
-class GpuSnapshot:
-    backend: str  # the backend asked for: auto, nvml, none
-    status: str  # none (nothing to check), ok, error (nvml asked for and unusable)
-    gpus: tuple[GpuInfo, ...] = ()
-    driver: str | None = None
-    notes: tuple[str, ...] = ()
+# The snapshot types live in safegate.snapshots (policy.py reads them without importing a probe); they are
+# re-exported because read_gpus returns them and its callers name them.
+__all__ = ["LIBRARY", "GpuInfo", "GpuProcess", "GpuSnapshot", "host_pid_map", "read_gpus", "resolve_backend"]
 
 
 def resolve_backend(configured: str, env: Mapping[str, str]) -> str:
@@ -243,31 +211,6 @@ def _processes(nvml: Any, session: _Nvml, handle: Any) -> tuple[GpuProcess, ...]
             else:
                 merged[pid] = GpuProcess(pid, used, kind)
     return tuple(merged[p] for p in sorted(merged))
-
-
-@dataclass(frozen=True)
-class Selection:
-    """The GPUs a job may use, and the CUDA_VISIBLE_DEVICES value that gives it exactly those."""
-
-    gpus: tuple[GpuInfo, ...]
-    explicit: bool  # the user named them: the job uses all of them
-    cuda_visible: str | None = None  # None: the user's own CUDA_VISIBLE_DEVICES stands
-    notes: tuple[str, ...] = field(default_factory=tuple)
-
-
-def visible_to_cuda(gpus: tuple[GpuInfo, ...], cuda_visible: str | None) -> tuple[GpuInfo, ...]:
-    """The GPUs a preset CUDA_VISIBLE_DEVICES (indexes or UUIDs, as Slurm and users set it) leaves."""
-    if cuda_visible is None:
-        return gpus
-    chosen = []
-    for item in (p.strip() for p in cuda_visible.split(",")):
-        if not item:
-            continue
-        if item.isdigit():
-            chosen += [g for g in gpus if g.index == int(item)]
-        else:
-            chosen += [g for g in gpus if g.uuid and (g.uuid == item or g.uuid.startswith(item))]
-    return tuple(dict.fromkeys(chosen))
 
 
 def host_pid_map(proc_root: str = "/proc") -> dict[int, int]:

@@ -147,3 +147,18 @@ def read_processes(started: Iterable[int] = (), proc_root: str = "/proc") -> Pro
     )
     kept = tuple(p for p in procs if p.pid not in excluded)
     return ProcessSnapshot(processes=kept, excluded=excluded)
+
+
+def process_alive(pid: int, start_time: float | None) -> bool:
+    """True when *pid* runs and, if *start_time* is given, is the same process that recorded it."""
+    try:
+        proc = psutil.Process(pid)
+        if start_time is None:
+            return proc.status() != psutil.STATUS_ZOMBIE
+        # 1 s: psutil derives create_time from the boot time, which shifts a little when NTP steps the clock;
+        # a pid reused within the same second is not a realistic case.
+        return abs(proc.create_time() - start_time) < 1.0 and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:
+        return True  # it exists; we are just not allowed to look closer

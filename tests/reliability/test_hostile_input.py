@@ -15,7 +15,7 @@ from safegate.cli import main
 from safegate.config import load_config
 from safegate.configfile import build_config
 from safegate.errors import ConfigError, ValueParseError
-from safegate.lockstore import LockStore
+from safegate.locks.store import LockStore
 from safegate.units import validate_lock_name
 
 # derandomize: CI runs the same 150 examples every time (a failure is reproducible, never a flake).

@@ -1,0 +1,21 @@
+"""Named locks in a shared directory: flock(2) on <dir>/<name>.lock, holder metadata beside it.
+
+The lock file is locked with flock(2) through filelock's descriptor API, so `flock(1)` on the same
+file excludes too. Only testing a lock (check, cleanup, waiting) calls flock(2) directly: the same lock,
+without the ~12 ms it costs `check` to import filelock. safegate opens every file itself, with O_NOFOLLOW,
+so a planted symlink is refused instead of followed, and never unlinks a lock file: unlinking splits
+waiters across inodes.
+
+Holder metadata (<name>.holder.json) is informational: it names who holds the lock. It is written
+atomically (temp file + rename) after the flock is taken and removed before it is released; a copy
+whose process is gone while the flock is free is stale and is removed by cleanup.
+
+The modules, one job each:
+  directory  where the lock dir is, whether it is safe, its paths and names; the O_NOFOLLOW open
+  flock      flock(2) primitives, opening lock files, probing, waiting for a release, the admission lock
+  holders    holder metadata: the Holder record, its JSON, reading, writing, removing it
+  cleanup    stale metadata removal and the reservations of running jobs
+  legacy     old-style PID lock files, as shell gates write them
+  store      LockStore and HeldLock: the facade the rest of safegate calls
+Reading never writes: only ensure_directory, taking a lock, and the cleanup functions change the lock dir.
+"""

@@ -1,0 +1,128 @@
+"""The lock dir: where it is, whether it is safe to use, the files in it, and the one way to open them."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Mapping
+from pathlib import Path
+
+from safegate.errors import LockDirError
+from safegate.units import validate_lock_name
+
+LOCK_SUFFIX = ".lock"
+HOLDER_SUFFIX = ".holder.json"
+ADMISSION_FILE = ".admission.lock"
+O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+
+
+def default_lock_dir() -> Path:
+    return Path("/run/lock/safegate") if Path("/run/lock").is_dir() else Path("/tmp/safegate")
+
+
+def resolve_lock_dir(configured: Path | None, env: Mapping[str, str]) -> Path:
+    """Environment beats config beats the built-in default."""
+    if env.get("SAFEGATE_LOCK_DIR"):
+        return Path(env["SAFEGATE_LOCK_DIR"])
+    return configured if configured is not None else default_lock_dir()
+
+
+def ensure_directory(path: Path) -> None:
+    """Create the lock dir 1777 if missing; refuse one that is a symlink or unsafe."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = _create_directory(path)
+    except OSError as exc:
+        raise LockDirError(f"lock dir {path}: {exc.strerror}") from None
+    _refuse_unsafe(path, st)
+
+
+def check_directory(path: Path) -> bool:
+    """Refuse an unsafe lock dir as ensure_directory does, but never create one: False when it is absent.
+
+    Read-only commands judge an absent lock dir as an empty one; refusing an unsafe one keeps their answer
+    (and exit code) the same as check's.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise LockDirError(f"lock dir {path}: {exc.strerror}") from None
+    _refuse_unsafe(path, st)
+    return True
+
+
+def _refuse_unsafe(path: Path, st: os.stat_result) -> None:
+    if stat.S_ISLNK(st.st_mode):
+        raise LockDirError(f"lock dir {path} is a symlink; refusing it (set lock_dir to a real directory)")
+    if not stat.S_ISDIR(st.st_mode):
+        raise LockDirError(f"lock dir {path} exists and is not a directory")
+    if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
+        raise LockDirError(
+            f"lock dir {path} is writable by others without the sticky bit (mode {stat.S_IMODE(st.st_mode):04o});"
+            f" run: chmod +t {path}"
+        )
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise LockDirError(
+            f"lock dir {path} is not writable by you (mode {stat.S_IMODE(st.st_mode):04o}, "
+            f"owner uid {st.st_uid}); set SAFEGATE_LOCK_DIR or lock_dir to a shared writable directory"
+        )
+
+
+def _create_directory(path: Path) -> os.stat_result:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.mkdir(path, 0o700)
+            # Shared by every user of the machine (RAM is shared); sticky so no one removes others' files.
+            os.chmod(path, 0o1777)
+        except FileExistsError:
+            pass  # another safegate made it first
+        return os.lstat(path)
+    except OSError as exc:
+        raise LockDirError(f"cannot create lock dir {path}: {exc.strerror}") from None
+
+
+def open_nofollow(path: Path, flags: int, mode: int = 0o644) -> int:
+    """os.open that refuses a symlink at *path* (a planted one could point anywhere) with a LockDirError."""
+    try:
+        return os.open(path, flags | O_NOFOLLOW | os.O_CLOEXEC, mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise LockDirError(f"refusing {path}: it is a symlink (possible attack); remove it") from None
+        raise
+
+
+def lock_path(directory: Path, name: str) -> Path:
+    return directory / f"{validate_lock_name(name)}{LOCK_SUFFIX}"
+
+
+def holder_path(directory: Path, name: str) -> Path:
+    return directory / f"{validate_lock_name(name)}{HOLDER_SUFFIX}"
+
+
+def lock_names(directory: Path) -> list[str]:
+    """Every lock name that has a lock file or holder metadata in the directory (none when it is absent)."""
+    found = set()
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return []
+    for entry in entries:
+        for suffix in (LOCK_SUFFIX, HOLDER_SUFFIX):
+            if entry.name.endswith(suffix) and not entry.name.startswith("."):
+                found.add(entry.name[: -len(suffix)])
+    # Anyone can create files in the shared dir: a name safegate would refuse is not one of its locks.
+    return sorted(n for n in found if _valid_name(n))
+
+
+def _valid_name(name: str) -> bool:
+    try:
+        validate_lock_name(name)
+    except ValueError:
+        return False
+    return True

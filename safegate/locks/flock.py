@@ -1,0 +1,135 @@
+"""flock(2) on lock files: open, probe, take, wait for a release, and the machine-wide admission lock."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from safegate.backoff import Backoff, poll
+from safegate.errors import LockDirError
+from safegate.locks.directory import ADMISSION_FILE, O_NONBLOCK, open_nofollow
+
+ADMISSION_TIMEOUT = 30.0
+# A prober holds the flock for microseconds; a real holder for the job's lifetime. Retrying this long
+# tells the two apart, so two safegates probing at once do not see each other as holders.
+CONTENTION_GRACE = 0.05
+CONTENTION = Backoff(first=0.005)
+# A waiter blocked only by the lock then starts within ~10 ms of its release instead of at its next
+# backoff, which keeps a queue of waiting execs moving; each poll is one non-blocking flock call.
+RELEASE_WATCH = Backoff(first=0.01)
+
+
+def flock_nb(fd: int) -> bool:
+    """One non-blocking exclusive flock(2) attempt: True when taken."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def funlock(fd: int) -> None:
+    fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+def try_flock(fd: int, grace: float = CONTENTION_GRACE) -> bool:
+    """Take the exclusive flock without blocking, retrying briefly so a prober is not taken for a holder."""
+    return poll(lambda: flock_nb(fd), grace, CONTENTION)
+
+
+def take(fd: int, grace: float = CONTENTION_GRACE) -> bool:
+    """Taking a lock goes through filelock's descriptor API (the same flock(2) as flock(1) and flock_nb)."""
+    from filelock import lock_descriptor
+
+    return poll(lambda: lock_descriptor(fd, blocking=False), grace, CONTENTION)
+
+
+def open_lock_file(path: Path, *, create: bool) -> int | None:
+    """An fd on the lock file (None when it does not exist and *create* is false)."""
+    flags = os.O_RDWR | O_NONBLOCK
+    if create:
+        try:
+            fd = open_nofollow(path, flags | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            pass
+        else:
+            # 0666 whatever the umask: every user must be able to take the lock later.
+            try:
+                os.fchmod(fd, 0o666)
+            except OSError:
+                pass
+            return fd
+    try:
+        return open_nofollow(path, flags)
+    except FileNotFoundError:
+        return None
+    except PermissionError:
+        pass
+    except OSError as exc:
+        raise LockDirError(f"lock file {path}: {exc.strerror or exc}; remove it") from None
+    try:
+        # Read access is enough for flock(2); a lock file another user left 0644 can still be probed.
+        return open_nofollow(path, os.O_RDONLY | O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except PermissionError:
+        st = os.lstat(path)
+        raise LockDirError(
+            f"lock file {path} is not accessible to you (mode {stat.S_IMODE(st.st_mode):04o}, owner uid "
+            f"{st.st_uid}); its owner must remove it or chmod 0666 it"
+        ) from None
+
+
+def is_held(path: Path) -> bool:
+    fd = open_lock_file(path, create=False)
+    if fd is None:
+        return False
+    try:
+        got = try_flock(fd)
+        if got:
+            funlock(fd)
+        return not got
+    finally:
+        os.close(fd)
+
+
+def _free_now(fd: int) -> bool:
+    if not flock_nb(fd):
+        return False
+    funlock(fd)
+    return True
+
+
+def wait_free(path: Path, seconds: float, watch: Backoff = RELEASE_WATCH) -> bool:
+    """Watch the flock for up to *seconds*; True as soon as it is free."""
+    fd = open_lock_file(path, create=False)
+    if fd is None:
+        return True
+    try:
+        return poll(lambda: _free_now(fd), seconds, watch)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def admission(directory: Path, timeout: float = ADMISSION_TIMEOUT) -> Iterator[None]:
+    """The machine-wide admission lock: one safegate at a time checks and claims its lock.
+
+    Held only for the check-and-claim step (milliseconds), so that two execs started in the same
+    second cannot both pass a memory check only one of them fits.
+    """
+    from filelock import lock_descriptor
+
+    path = directory / ADMISSION_FILE
+    fd = open_lock_file(path, create=True)
+    assert fd is not None
+    try:
+        if not poll(lambda: lock_descriptor(fd, blocking=False), timeout, CONTENTION):
+            raise LockDirError(f"admission lock {path} busy for {timeout:g}s; is a safegate stuck?")
+        yield
+    finally:
+        os.close(fd)  # closing drops the flock

@@ -1,0 +1,151 @@
+"""LockStore, the lock dir as the rest of safegate sees it, and HeldLock, a lock this process holds.
+
+Both only compose the modules beside them (directory, flock, holders, cleanup); the rules live there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from safegate.errors import LockDirError
+from safegate.locks import cleanup as stale
+from safegate.locks import directory as lockdir
+from safegate.locks import flock, holders
+from safegate.locks.holders import Holder
+from safegate.snapshots import LockState, Removal
+
+
+class HeldLock:
+    """A lock this process holds; release() (or leaving the with-block) gives it up."""
+
+    def __init__(self, store: LockStore, name: str, fd: int, holder: Holder | None) -> None:
+        self.store = store
+        self.name = name
+        self.fd = fd
+        self.holder = holder
+        self.metadata_error = ""
+        # A per-job lock (a profile without a mutex) has no waiters: its file goes when the job does.
+        self.unlink_after = False
+
+    def update_holder(self, **changes: Any) -> None:
+        """Rewrite the metadata with *changes* (e.g. job_pid, used); never fails the job over it."""
+        if self.holder is None:
+            return
+        updated = replace(self.holder, **changes)
+        try:
+            self.store.write_holder(updated)
+        except (OSError, LockDirError) as exc:
+            self.metadata_error = f"holder metadata not updated: {exc}"
+            return
+        self.holder = updated
+
+    def release(self) -> None:
+        if self.fd < 0:
+            return
+        try:
+            # Metadata first: once the flock is free a new holder may write its own. Only our own record
+            # goes; one we could not replace (another user's stale file) is not ours to delete.
+            if self.holder is not None:
+                holders.remove_holder_if(self.store.directory, self.name, self.holder)
+        except OSError as exc:
+            self.metadata_error = f"holder metadata not removed: {exc.strerror or exc}"
+        finally:
+            # Closing, not LOCK_UN: a job that inherited this open file description keeps the lock held for
+            # as long as any of its processes lives, and LOCK_UN would free it for them too.
+            os.close(self.fd)
+            self.fd = -1
+            if self.unlink_after:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.store.lock_path(self.name))
+
+    def __enter__(self) -> HeldLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class LockStore:
+    """The locks in one lock dir. Reading (names, state, reservations, is_held, wait_free) never writes."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def ensure_directory(self) -> None:
+        lockdir.ensure_directory(self.directory)
+
+    def check_directory(self) -> bool:
+        return lockdir.check_directory(self.directory)
+
+    def lock_path(self, name: str) -> Path:
+        return lockdir.lock_path(self.directory, name)
+
+    def holder_path(self, name: str) -> Path:
+        return lockdir.holder_path(self.directory, name)
+
+    def names(self) -> list[str]:
+        return lockdir.lock_names(self.directory)
+
+    def is_held(self, name: str) -> bool:
+        return flock.is_held(self.lock_path(name))
+
+    def wait_free(self, name: str, seconds: float) -> bool:
+        return flock.wait_free(self.lock_path(name), seconds)
+
+    def admission(self, timeout: float = flock.ADMISSION_TIMEOUT) -> contextlib.AbstractContextManager[None]:
+        return flock.admission(self.directory, timeout)
+
+    def try_acquire(
+        self, name: str, profile: str, cmdline: Sequence[str] | None = None, need: int = 0,
+        gpu_index: int | None = None, gpu_need: int = 0,
+    ) -> HeldLock | None:
+        """Take the lock without waiting (beyond the prober grace); None when another process holds it."""
+        path = self.lock_path(name)
+        for _ in range(10):
+            fd = flock.open_lock_file(path, create=True)
+            if fd is None:
+                continue  # removed between create and open; try again
+            if not flock.take(fd):
+                os.close(fd)
+                return None
+            if os.fstat(fd).st_nlink == 0:
+                # Someone unlinked the file: our flock guards no name; start over on the new inode.
+                flock.funlock(fd)
+                os.close(fd)
+                continue
+            held = HeldLock(self, name, fd, None)
+            holder = replace(Holder.for_current_process(name, profile, cmdline, need),
+                             gpu_index=gpu_index, gpu_need=gpu_need)
+            try:
+                self.write_holder(holder)
+                held.holder = holder
+            except (OSError, LockDirError) as exc:
+                held.metadata_error = f"holder metadata not written: {exc}"
+            return held
+        raise LockDirError(f"lock file {path} keeps disappearing; is something deleting it?")
+
+    def write_holder(self, holder: Holder) -> None:
+        holders.write_holder(self.directory, holder)
+
+    def read_holder(self, name: str) -> tuple[Holder | None, str]:
+        return holders.read_holder(self.directory, name)
+
+    def state(self, name: str) -> LockState:
+        held = self.is_held(name)
+        holder, note = self.read_holder(name)
+        alive = holder is not None and holder.alive()
+        return LockState(name=name, path=self.lock_path(name), held=held, holder=holder, holder_alive=alive, note=note)
+
+    def reservations(self) -> list[Holder]:
+        return stale.reservations(self.directory)
+
+    def cleanup(self) -> Iterator[Removal]:
+        return stale.cleanup(self.directory)
+
+    def remove_metadata_if_free(self, name: str) -> bool:
+        return stale.remove_metadata_if_free(self.directory, name)
