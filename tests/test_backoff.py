@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import time
+import threading
 from collections.abc import Callable
 from itertools import islice
 from pathlib import Path
 
 import pytest
+from support import TIMEOUT
 
 from safegate import gate
 from safegate.backoff import RECHECK, Backoff, pauses, poll
@@ -118,8 +119,8 @@ def test_retry_re_checks_on_the_recheck_schedule_and_resumes_after_heat() -> Non
 
 
 def test_wait_until_clear_sleeps_through_the_injected_sleep(config: Path) -> None:
-    # Real time plus what the fake sleep added: a wait that ignored the injected sleep would still end (after
-    # really sleeping), and fail here by not having used it.
+    # Time passes only through the fake sleep: a wait that ignored the injected sleep would never reach its
+    # deadline on this clock (the suite deadline ends it), and one that used it ends after exactly 3 fake seconds.
     offset = [0.0]
     slept: list[float] = []
 
@@ -127,8 +128,14 @@ def test_wait_until_clear_sleeps_through_the_injected_sleep(config: Path) -> Non
         slept.append(seconds)
         offset[0] += seconds
 
-    overrides = gate.Overrides(mem=Size(bytes=2**62))  # never fits: memory blocks every re-check
+    overrides = gate.Overrides(memory=Size(bytes=2**62))  # never fits: memory blocks every re-check
     settings = gate.resolve(load_config(str(config)), "default", overrides)
-    verdict = gate.wait_until_clear(settings, 3.0, clock=lambda: time.monotonic() + offset[0], sleep=sleep)
-    assert verdict.exit_code is ExitCode.MEMORY
-    assert slept[:3] == pytest.approx([0.2, 0.3, 0.45]) and sum(slept) == pytest.approx(3.0, abs=0.5)
+    result: list[object] = []
+    waiter = threading.Thread(target=lambda: result.append(
+        gate.wait_until_clear(settings, 3.0, clock=lambda: offset[0], sleep=sleep)), daemon=True)
+    waiter.start()
+    waiter.join(TIMEOUT)
+    assert result, "the wait never reached its deadline: the injected sleep was not used"
+    verdict = result[0]
+    assert isinstance(verdict, gate.Verdict) and verdict.exit_code is ExitCode.MEMORY
+    assert slept[:3] == pytest.approx([0.2, 0.3, 0.45]) and sum(slept) == pytest.approx(3.0)
