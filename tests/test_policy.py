@@ -19,6 +19,7 @@ from safegate.policy import (
     check_thermal,
     match_competing,
 )
+from safegate.results import StaleValues
 from safegate.snapshots import (
     LegacyState,
     LockState,
@@ -183,5 +184,5 @@ def test_stale_report() -> None:
 def test_stale_report_of_a_read_only_evaluation_claims_nothing() -> None:
     # No cleanup ran (slots, slurm health, Gate): neither "no stale locks" nor a removal may be reported.
     unchecked = check_stale(None)
-    assert unchecked.status is Status.PASS and unchecked.values == {"removed": []}
+    assert unchecked.status is Status.PASS and unchecked.values == StaleValues(())
     assert "read-only" in unchecked.reason and unchecked.reason != check_stale([]).reason

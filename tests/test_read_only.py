@@ -97,7 +97,7 @@ def _gate_polls_until_timeout() -> None:
     with pytest.raises(Blocked) as info:
         asyncio.run(main())
     stale_locks = info.value.verdict.result("stale_locks")
-    assert stale_locks is not None and stale_locks.values["removed"] == []
+    assert stale_locks is not None and stale_locks.values.removed == ()
     assert "read-only" in stale_locks.reason
 
 
@@ -172,7 +172,7 @@ def test_api_check_cleans_and_reports(monkeypatch: pytest.MonkeyPatch, cfg: Path
     verdict = safegate.check(mem=0)
     stale_locks = verdict.result("stale_locks")
     assert verdict.ok and stale_locks is not None
-    assert sorted(r["removed"] for r in stale_locks.values["removed"]) == [True, True, True]
+    assert sorted(r.removed for r in stale_locks.values.removed) == [True, True, True]
     assert not stale.holder_path("heavy").exists() and not legacy.exists()
 
 
