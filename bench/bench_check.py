@@ -374,7 +374,7 @@ def worker(mode: str, runs: int, warmup: int) -> None:
         out = {"scan": scan, "read": read, "match": match, "scanned": len(snapshot.processes),
                "blocking": sum(1 for m in found if m.rule.action == "block")}
     else:  # evaluate: one whole pass of the checks, config loading included, as `safegate check` does it
-        from safegate.gate import Overrides, evaluate, resolve
+        from safegate.preflight import Overrides, evaluate, resolve
         from safegate.units import parse_size
 
         holder = Path(os.environ["SGBENCH_HOLDER"])

@@ -32,8 +32,8 @@ from safegate.backoff import RECHECK, Backoff, pauses
 from safegate.config import DEFAULT_PROFILE, load_config
 from safegate.errors import Blocked, SafegateError, UsageError, ValueParseError
 from safegate.exitcodes import ExitCode
-from safegate.gate import Overrides, Settings, admit, clean_and_evaluate, evaluate, resolve, wait_until_clear
 from safegate.locks.store import HeldLock, LockStore
+from safegate.preflight import Overrides, Settings, admit, clean_and_evaluate, evaluate, resolve, wait_until_clear
 from safegate.probes.memory import read_memory
 from safegate.results import GpuValues, MemoryValues, Status, Verdict
 from safegate.units import Size, parse_gpu_option, parse_size, parse_temp, validate_lock_name

@@ -7,18 +7,34 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from safegate import __version__
-from safegate.config import load_config
-from safegate.errors import SafegateError, UsageError, ValueParseError
+from safegate.cli_options import (
+    ConfigOpt,
+    GpuMemOpt,
+    GpuOpt,
+    JsonOpt,
+    LockOpt,
+    MarginOpt,
+    MaxTempOpt,
+    MemOpt,
+    ProfileOpt,
+    TimeoutOpt,
+    WaitOpt,
+    complete_locks,
+    gate_overrides,
+    parse_overrides,
+    parsed,
+    progress,
+    setting_option,
+    wait_timeout,
+)
+from safegate.errors import SafegateError, UsageError
 from safegate.exitcodes import ExitCode, table_plain
-from safegate.gate import Overrides
 from safegate.render import (
-    blocking_summary,
     check_line,
     profile_line,
     render_lock,
@@ -28,10 +44,8 @@ from safegate.render import (
     verdict_text,
 )
 from safegate.results import Verdict
-from safegate.settings import BY_KEY, parse_option
 from safegate.slurm import DEFAULT_PREFIX
 from safegate.units import (
-    parse_duration,
     validate_lock_name,
 )
 
@@ -65,101 +79,6 @@ def _root(
     """Gate heavy ML jobs on memory, temperature, locks and competing processes."""
 
 
-def _parsed(option: str, parse: object, value: str | None) -> object:
-    if value is None:
-        return None
-    try:
-        return parse(value)  # type: ignore[operator]
-    except ValueParseError as exc:
-        raise UsageError(f"{option}: {exc}") from None
-
-
-def _overrides(**values: str | None) -> Overrides:
-    """Parse each given option by its setting's kind; a bad value is a usage error naming the option."""
-    parsed: dict[str, Any] = {}
-    for key, text in values.items():
-        if text is not None:
-            try:
-                parsed[key] = parse_option(key, text)
-            except ValueParseError as exc:
-                raise UsageError(f"{BY_KEY[key].option}: {exc}") from None
-    return Overrides(**parsed, explicit_gpu=values.get("gpu") is not None)
-
-
-def _gate_overrides(mem: str | None, margin: str | None, max_temp: str | None, lock: str | None, gpu: str | None,
-                    gpu_mem: str | None) -> Overrides:
-    return _overrides(memory=mem, memory_margin=margin, max_temp=max_temp, lock=lock, gpu=gpu, gpu_memory=gpu_mem)
-
-
-def _setting(key: str, **extra: Any) -> Any:
-    """The option of setting *key*, its name, metavar and help from the settings table."""
-    setting = BY_KEY[key]
-    return typer.Option(setting.option, metavar=setting.metavar, help=setting.help, **extra)
-
-
-def _wait_timeout(wait: bool, timeout: str | None) -> float | None:
-    seconds = _parsed("--timeout", parse_duration, timeout)
-    if timeout is not None and not wait:
-        raise UsageError("--timeout: only meaningful with --wait")
-    return seconds if isinstance(seconds, float) else None
-
-
-def _progress(silent: bool) -> Callable[[Verdict], None]:
-    """While waiting: one line on stderr each time the reason for waiting changes."""
-    last_shown: list[str] = []
-
-    def progress(verdict: Verdict) -> None:
-        line = blocking_summary(verdict)
-        if not silent and line not in last_shown:
-            last_shown[:] = [line]
-            typer.echo(f"safegate: waiting: {line}", err=True)
-
-    return progress
-
-
-def _complete_profiles(incomplete: str) -> list[str]:
-    """Profile names for shell completion (from the config in effect; nothing when it is broken)."""
-    try:
-        names = load_config().profiles
-    except SafegateError:
-        return []
-    return [n for n in names if n.startswith(incomplete)]
-
-
-def _complete_locks(incomplete: str) -> list[str]:
-    from safegate.locks.directory import resolve_lock_dir
-    from safegate.locks.store import LockStore
-
-    try:
-        store = LockStore(resolve_lock_dir(load_config().lock_dir, os.environ))
-    except SafegateError:
-        return []
-    return [n for n in store.names() if n.startswith(incomplete)]
-
-
-ProfileOpt = Annotated[
-    str | None,
-    typer.Option("--profile", "-p", envvar="SAFEGATE_PROFILE", metavar="PROFILE", autocompletion=_complete_profiles,
-                 help="Profile to use (default: default; exec: the profile whose match fits the command)."),
-]
-MemOpt = Annotated[str | None, _setting("memory")]
-MarginOpt = Annotated[str | None, _setting("memory_margin")]
-MaxTempOpt = Annotated[str | None, _setting("max_temp")]
-LockOpt = Annotated[str | None, _setting("lock", autocompletion=_complete_locks)]
-GpuOpt = Annotated[str | None, _setting("gpu")]
-GpuMemOpt = Annotated[str | None, _setting("gpu_memory")]
-WaitOpt = Annotated[bool, typer.Option("--wait", help="Re-check until every check passes.")]
-TimeoutOpt = Annotated[
-    str | None,
-    typer.Option(metavar="DURATION", help="With --wait: give up after this long, e.g. 90s, 5m (default: never)."),
-]
-ConfigOpt = Annotated[
-    str | None,
-    typer.Option(metavar="PATH", help="Config file (default: $SAFEGATE_CONFIG, ~/.config/safegate/config.toml, "
-                 "/etc/safegate/config.toml)."),
-]
-
-
 @app.command(epilog=EXIT_CODES_EPILOG)
 def check(
     profile: ProfileOpt = None,
@@ -189,8 +108,8 @@ def check(
     """
     from safegate.commands.check import check as run_check
 
-    verdict = run_check(config, profile, _gate_overrides(mem, margin, max_temp, lock, gpu, gpu_mem), wait=wait,
-                        timeout=_wait_timeout(wait, timeout), on_blocked=_progress(quiet or json_output))
+    verdict = run_check(config, profile, gate_overrides(mem, margin, max_temp, lock, gpu, gpu_mem), wait=wait,
+                        timeout=wait_timeout(wait, timeout), on_blocked=progress(quiet or json_output))
     if json_output:
         typer.echo(verdict_json(verdict))
     elif quiet:
@@ -220,16 +139,16 @@ def exec_(
     gpu_mem: GpuMemOpt = None,
     wait: WaitOpt = False,
     timeout: TimeoutOpt = None,
-    max_mem: Annotated[str | None, _setting("max_mem")] = None,
-    min_available: Annotated[str | None, _setting("min_available")] = None,
-    on_hot: Annotated[str | None, _setting("on_hot")] = None,
-    grace: Annotated[str | None, _setting("grace")] = None,
-    interval: Annotated[str | None, _setting("interval")] = None,
-    warn_signal: Annotated[str | None, _setting("warn_signal")] = None,
-    nice: Annotated[str | None, _setting("nice")] = None,
-    max_gpu_mem: Annotated[str | None, _setting("max_gpu_mem")] = None,
-    min_gpu_free: Annotated[str | None, _setting("min_gpu_free")] = None,
-    log: Annotated[str | None, _setting("log")] = None,
+    max_mem: Annotated[str | None, setting_option("max_mem")] = None,
+    min_available: Annotated[str | None, setting_option("min_available")] = None,
+    on_hot: Annotated[str | None, setting_option("on_hot")] = None,
+    grace: Annotated[str | None, setting_option("grace")] = None,
+    interval: Annotated[str | None, setting_option("interval")] = None,
+    warn_signal: Annotated[str | None, setting_option("warn_signal")] = None,
+    nice: Annotated[str | None, setting_option("nice")] = None,
+    max_gpu_mem: Annotated[str | None, setting_option("max_gpu_mem")] = None,
+    min_gpu_free: Annotated[str | None, setting_option("min_gpu_free")] = None,
+    log: Annotated[str | None, setting_option("log")] = None,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="Print only warnings, breaches and errors, no start/exit/summary.")
     ] = False,
@@ -247,16 +166,16 @@ def exec_(
     """
     # exec's machinery (ctypes, the supervisor) is imported here so `check` does not pay for it.
     from safegate.commands.execute import execute
-    from safegate.report import Event
+    from safegate.outcome import Event
 
     if not command:
         raise UsageError("exec: no command given; usage: safegate exec [OPTIONS] -- CMD [ARGS]...")
-    overrides = _overrides(
+    overrides = parse_overrides(
         memory=mem, memory_margin=margin, max_temp=max_temp, lock=lock, gpu=gpu, gpu_memory=gpu_mem,
         max_mem=max_mem, min_available=min_available, on_hot=on_hot, grace=grace, interval=interval,
         warn_signal=warn_signal, nice=nice, max_gpu_mem=max_gpu_mem, min_gpu_free=min_gpu_free, log=log,
     )
-    wait_for = _wait_timeout(wait, timeout)
+    wait_for = wait_timeout(wait, timeout)
     chatty = {"admitted", "exit", "summary", "cleanup"}
 
     def on_event(event: Event) -> None:
@@ -267,7 +186,7 @@ def exec_(
                 typer.echo(f"safegate: {prefix}{event.message}", err=True)
 
     result = execute(command, config=config, profile=profile, overrides=overrides, wait=wait, timeout=wait_for,
-                     on_event=on_event, on_blocked=_progress(quiet),
+                     on_event=on_event, on_blocked=progress(quiet),
                      on_log_error=lambda msg: typer.echo(f"safegate: warning: {msg}", err=True))
     if isinstance(result, Verdict):
         for failure in result.failures:
@@ -276,7 +195,6 @@ def exec_(
     raise typer.Exit(result.exit_code)
 
 
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
 
 
 @app.command(epilog="Example: ls *.mp3 | xargs -P \"$(safegate slots -p whisper-large-v3)\" -n 1 whisper")
@@ -297,7 +215,7 @@ def slots(
     """
     from safegate.commands.check import slots as count_slots
 
-    typer.echo(count_slots(config, profile, _gate_overrides(mem, margin, max_temp, lock, gpu, gpu_mem), max_slots))
+    typer.echo(count_slots(config, profile, gate_overrides(mem, margin, max_temp, lock, gpu, gpu_mem), max_slots))
 
 
 @app.command(epilog="Example: safegate locks --json")
@@ -317,13 +235,13 @@ def locks(json_output: JsonOpt = False, config: ConfigOpt = None) -> None:
 
 @app.command(epilog="Example: safegate unlock whisper-large")
 def unlock(
-    name: Annotated[str, typer.Argument(metavar="NAME", help="The lock to clean up.", autocompletion=_complete_locks)],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="The lock to clean up.", autocompletion=complete_locks)],
     config: ConfigOpt = None,
 ) -> None:
     """Remove a free lock's stale leftovers; refuses, naming the holder, while a live process holds it."""
     from safegate.commands.inspect import unlock as unlock_lock
 
-    checked = _parsed("NAME", validate_lock_name, name)
+    checked = parsed("NAME", validate_lock_name, name)
     assert isinstance(checked, str)
     removed = unlock_lock(config, checked)
     for what in removed:

@@ -11,7 +11,7 @@ import os
 from collections.abc import Callable
 from datetime import datetime, timezone
 
-from safegate.report import Event
+from safegate.outcome import Event
 
 
 class EventLog:

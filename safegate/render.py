@@ -22,7 +22,7 @@ from safegate.results import (
 from safegate.units import format_bytes, format_duration, printable
 
 if TYPE_CHECKING:
-    from safegate.inventory import LockInfo, StatusReport
+    from safegate.reports import LockInfo, StatusReport
 
 
 def gpu_json(g: GpuInfo) -> dict[str, Any]:

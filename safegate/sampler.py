@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from safegate.config import ThermalConfig
 from safegate.job import Job
 from safegate.limits import FillRate, Level, Pace, WatchLimits, next_interval
+from safegate.outcome import StatsRecorder
 from safegate.probes.gpu import GpuInfo, GpuSnapshot, host_pid_map, read_gpus
 from safegate.probes.jobtree import read_available
 from safegate.probes.thermal import read_thermal
-from safegate.report import StatsRecorder
 from safegate.snapshots import ThermalSnapshot
 from safegate.watchers import NOTHING, Action, FloorWatch, GpuWatch, JobMemoryWatch, ThermalWatch, to_take
 

@@ -31,8 +31,8 @@ from safegate.errors import SpawnError
 from safegate.exitcodes import ExitCode
 from safegate.job import Job, ProcessTreeJob
 from safegate.limits import WatchLimits
+from safegate.outcome import Event, JobStats, Outcome, StatsRecorder
 from safegate.procctl import become_subreaper, child_setup
-from safegate.report import Event, JobStats, Outcome, StatsRecorder
 from safegate.sampler import Probes, Sampler
 from safegate.units import format_bytes, format_duration
 from safegate.watchers import Action, Kind

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from support import TIMEOUT
 
-from safegate import gate
+from safegate import preflight as gate
 from safegate.backoff import RECHECK, Backoff, pauses, poll
 from safegate.config import load_config
 from safegate.exitcodes import ExitCode

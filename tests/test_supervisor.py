@@ -13,9 +13,9 @@ import pytest
 from safegate.config import ThermalConfig
 from safegate.job import ProcessTreeJob
 from safegate.limits import GpuLimits, WatchLimits
+from safegate.outcome import Event
 from safegate.probes.gpu import GpuInfo, GpuSnapshot
 from safegate.probes.jobtree import JobTree
-from safegate.report import Event
 from safegate.sampler import Probes
 from safegate.snapshots import SensorReading, ThermalSnapshot
 from safegate.supervisor import State, Supervisor
@@ -276,7 +276,7 @@ def test_an_ending_signal_to_a_paused_job_continues_it(rig: Rig) -> None:
 
 
 def test_job_stats_take_the_kernel_peak_and_keep_the_summary_keys() -> None:
-    from safegate.report import StatsRecorder
+    from safegate.outcome import StatsRecorder
 
     stats = StatsRecorder(started=10.0)
     stats.memory(200 * MiB, 8 * GiB)

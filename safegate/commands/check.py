@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from safegate.config import DEFAULT_PROFILE, load_config
-from safegate.gate import Overrides, clean_and_evaluate, evaluate, resolve, wait_until_clear
+from safegate.preflight import Overrides, clean_and_evaluate, evaluate, resolve, wait_until_clear
 from safegate.results import Verdict
 
 

@@ -8,11 +8,11 @@ from dataclasses import replace
 
 from safegate.config import load_config
 from safegate.eventlog import EventLog
-from safegate.gate import Overrides, Settings, resolve
+from safegate.jobrun import run_exec
+from safegate.outcome import Event, Outcome
+from safegate.preflight import Overrides, Settings, resolve
 from safegate.render import blocking_summary
-from safegate.report import Event, Outcome
 from safegate.results import Verdict
-from safegate.runner import run_exec
 from safegate.units import Size
 
 

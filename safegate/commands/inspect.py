@@ -9,15 +9,15 @@ from pathlib import Path
 from typing import Any
 
 from safegate.config import load_config
-from safegate.gate import gpu_backend
-from safegate.inventory import LockInfo, StatusReport
+from safegate.preflight import gpu_backend
+from safegate.reports import LockInfo, StatusReport
 
 
 def locks(config: str | None) -> tuple[Path, list[LockInfo]]:
     """The lock dir and its locks (none when the dir does not exist yet)."""
-    from safegate.inventory import list_locks
     from safegate.locks.directory import resolve_lock_dir
     from safegate.locks.store import LockStore
+    from safegate.reports import list_locks
 
     store = LockStore(resolve_lock_dir(load_config(config).lock_dir, os.environ))
     return store.directory, list_locks(store) if store.directory.is_dir() else []
@@ -25,9 +25,9 @@ def locks(config: str | None) -> tuple[Path, list[LockInfo]]:
 
 def unlock(config: str | None, name: str) -> list[str]:
     """What was removed of a free lock's leftovers; raises LockBusy while a live process holds it."""
-    from safegate.inventory import unlock as unlock_lock
     from safegate.locks.directory import resolve_lock_dir
     from safegate.locks.store import LockStore
+    from safegate.reports import unlock as unlock_lock
 
     return unlock_lock(LockStore(resolve_lock_dir(load_config(config).lock_dir, os.environ)), name)
 
@@ -35,7 +35,7 @@ def unlock(config: str | None, name: str) -> list[str]:
 def profiles(config: str | None) -> list[dict[str, Any]]:
     """Every profile as documented in docs/json.md, with what history recorded of its runs."""
     from safegate import history
-    from safegate.inventory import profile_json
+    from safegate.reports import profile_json
 
     cfg = load_config(config)
     recorded = history.load(history.history_path())
@@ -47,8 +47,8 @@ STATUS_REFRESH = 2.0  # seconds between screens of status --watch
 
 def status(config: str | None, watch: bool) -> Iterator[StatusReport]:
     """One report, or with *watch* a new one every STATUS_REFRESH seconds until interrupted."""
-    from safegate.inventory import collect_status
     from safegate.locks.directory import resolve_lock_dir
+    from safegate.reports import collect_status
 
     cfg = load_config(config)
     backend = gpu_backend(cfg.gpu_backend, os.environ)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from safegate.config import DEFAULT_PROFILE, load_config
 from safegate.errors import SlurmError
 from safegate.exitcodes import ExitCode
-from safegate.gate import Overrides, evaluate, resolve
+from safegate.preflight import Overrides, evaluate, resolve
 from safegate.units import Size
 
 

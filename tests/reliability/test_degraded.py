@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from support import TIMEOUT, Nobody, Procs, Run, hold_with_flock
 
-from safegate import gate as gate_module
+from safegate import preflight as gate_module
 from safegate.config import ThermalConfig, load_config
 from safegate.probes.memory import read_pressure
 from safegate.probes.thermal import read_thermal
@@ -108,8 +108,8 @@ def test_deadlines_use_the_monotonic_clock() -> None:
     import ast
 
     root = Path(gate_module.__file__).parent
-    for name in ("gate.py", "supervisor.py", "backoff.py", "locks/flock.py", "locks/holders.py", "locks/store.py",
-                 "limits.py", "watchers.py", "sampler.py", "job.py", "report.py", "api.py", "runner.py"):
+    for name in ("preflight.py", "supervisor.py", "backoff.py", "locks/flock.py", "locks/holders.py", "locks/store.py",
+                 "limits.py", "watchers.py", "sampler.py", "job.py", "outcome.py", "api.py", "jobrun.py"):
         tree = ast.parse((root / name).read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "time" and \

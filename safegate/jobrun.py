@@ -10,11 +10,11 @@ from collections.abc import Callable, Sequence
 import psutil
 
 from safegate.config import DEFAULT_MIN_AVAILABLE, DEFAULT_MIN_AVAILABLE_FRACTION
-from safegate.gate import Settings, admit
 from safegate.limits import WARN_FRACTION, GpuLimits, WatchLimits
 from safegate.locks.store import HeldLock
+from safegate.outcome import Event, Outcome
+from safegate.preflight import Settings, admit
 from safegate.probes.memory import read_memory
-from safegate.report import Event, Outcome
 from safegate.results import GpuValues, Verdict
 from safegate.supervisor import Supervisor
 from safegate.units import Size, format_bytes, format_duration, parse_size, printable

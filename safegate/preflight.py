@@ -85,7 +85,7 @@ class Settings:
     gpu: tuple[int, ...] | None  # None: auto
     gpu_need: Size
     gpu_margin: Size
-    # exec's limits and manners (safegate.runner turns them into the supervisor's limits)
+    # exec's limits and manners (safegate.jobrun turns them into the supervisor's limits)
     max_mem: Size | None
     min_available: Size | None  # None: the built-in floor
     on_hot: str
