@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -170,8 +170,7 @@ def clean_and_evaluate(settings: Settings, *, resuming: bool = False) -> Verdict
 
 
 def evaluate(
-    settings: Settings, *, resuming: bool = False, started: Iterable[int] = (),
-    removals: Sequence[Removal] | None = None,
+    settings: Settings, *, resuming: bool = False, removals: Sequence[Removal] | None = None,
 ) -> Verdict:
     """One pass of every check, reading only. *resuming*: a thermal block was seen, so pass only below
     resume_temp. *removals*: what cleanup_stale() removed just before (None: it did not run)."""
@@ -192,7 +191,7 @@ def evaluate(
     gpus = read_gpus(settings.gpu_backend)
     selection = select_gpus(gpus, settings.gpu, os.environ.get("CUDA_VISIBLE_DEVICES"))
     lock_state = store.state(settings.lock) if settings.lock is not None else None
-    procs = read_processes(started)
+    procs = read_processes()
 
     need = settings.need.resolve(mem.total)
     gpu_need = settings.gpu_need.resolve(mem.total)
