@@ -1,4 +1,4 @@
-"""Config files and profiles: finding, parsing and validating them in full at load time.
+"""Config and profiles: the dataclasses the rest of safegate reads, finding the config file, and loading it.
 
 Precedence for every setting: command-line option > environment > config file > built-in default.
 The whole file is validated when it is loaded, every profile included, so a typo in a profile that is
