@@ -122,7 +122,7 @@ def count_slots(settings: Settings, verdict: Verdict, cap: int | None) -> int:
         return 0
     memory = verdict.values(MemoryValues)
     assert memory is not None
-    margin = settings.margin.resolve(memory.total)
+    margin = settings.memory_margin.resolve(memory.total)
     count = math.inf if memory.need <= 0 else max(0, (memory.available - memory.reserved - margin) // memory.need)
     gpu = verdict.values(GpuValues)
     gpu_result = verdict.result("gpu")

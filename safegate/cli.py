@@ -36,6 +36,8 @@ from safegate.errors import SafegateError, UsageError
 from safegate.exitcodes import ExitCode, table_plain
 from safegate.render import (
     check_line,
+    lock_json,
+    profile_json,
     profile_line,
     render_lock,
     status_json,
@@ -225,7 +227,7 @@ def locks(json_output: JsonOpt = False, config: ConfigOpt = None) -> None:
 
     directory, found = list_locks(config)
     if json_output:
-        typer.echo(json.dumps([lock.as_json() for lock in found], indent=2))
+        typer.echo(json.dumps([lock_json(lock) for lock in found], indent=2))
         return
     if not found:
         typer.echo(f"no locks in {directory}")
@@ -255,7 +257,7 @@ def profiles(json_output: JsonOpt = False, config: ConfigOpt = None) -> None:
     """List built-in and configured profiles: where each comes from, and declared vs recorded memory."""
     from safegate.commands.inspect import profiles as list_profiles
 
-    data = list_profiles(config)
+    data = [profile_json(p, runs) for p, runs in list_profiles(config)]
     if json_output:
         typer.echo(json.dumps(data, indent=2))
         return

@@ -37,7 +37,7 @@ def gpu_limits(settings: Settings, gpu_indexes: tuple[int, ...], total_ram: int)
     if min_free is not None:
         warn_free = Size(percent=min_free.percent / WARN_FRACTION) if min_free.percent is not None else (
             Size(bytes=int((min_free.bytes or 0) / WARN_FRACTION)))
-    elif max_job is None and settings.gpu_need.resolve(total_ram) > 0:
+    elif max_job is None and settings.gpu_memory.resolve(total_ram) > 0:
         min_free, warn_free = DEFAULT_GPU_BREACH_FREE, DEFAULT_GPU_WARN_FREE
     return GpuLimits(
         backend=settings.gpu_backend, indexes=gpu_indexes,
@@ -60,7 +60,7 @@ def watch_limits(settings: Settings, total_ram: int, gpu_indexes: tuple[int, ...
         resume_temp=settings.resume_temp,
         on_hot=settings.on_hot,
         grace=settings.grace,
-        floor=settings.interval,
+        interval=settings.interval,
         warn_signal=settings.warn_signal,
         thermal=settings.thermal,
         gpu=gpu_limits(settings, gpu_indexes, total_ram),

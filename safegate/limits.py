@@ -30,7 +30,7 @@ class WatchLimits:
     resume_temp: float
     on_hot: str  # pause | kill | warn
     grace: float
-    floor: float  # the shortest sampling interval
+    interval: float  # the shortest sampling interval (near a limit)
     warn_signal: int | None
     thermal: ThermalConfig
     gpu: GpuLimits | None = None  # None: the job's GPUs are not watched
@@ -107,7 +107,7 @@ def next_interval(job_mem: int, available: int, limits: WatchLimits, fill_rate: 
         return CEILING
     rate = max(fill_rate, ASSUMED_FILL_RATE)
     seconds = max(0, min(headrooms)) / rate / 2
-    return min(CEILING, max(limits.floor, seconds))
+    return min(CEILING, max(limits.interval, seconds))
 
 
 class FillRate:

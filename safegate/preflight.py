@@ -71,8 +71,8 @@ class Settings:
     """Everything one evaluation needs, resolved from overrides > environment > config > built-ins."""
 
     profile: Profile
-    need: Size
-    margin: Size
+    memory: Size  # the job's memory need
+    memory_margin: Size
     max_temp: float
     resume_temp: float
     max_pressure: float
@@ -83,7 +83,7 @@ class Settings:
     lock_dir: Path
     gpu_backend: str
     gpu: tuple[int, ...] | None  # None: auto
-    gpu_need: Size
+    gpu_memory: Size  # the job's GPU memory need
     gpu_margin: Size
     # exec's limits and manners (safegate.jobrun turns them into the supervisor's limits)
     max_mem: Size | None
@@ -110,8 +110,8 @@ def resolve(config: Config, profile_name: str, overrides: Overrides, env: Mappin
     lock = validate_lock_name(overrides.lock) if overrides.lock is not None else profile.lock
     return Settings(
         profile=profile,
-        need=overrides.memory if overrides.memory is not None else _profile_need(profile, env),
-        margin=pick("memory_margin"),
+        memory=overrides.memory if overrides.memory is not None else _profile_need(profile, env),
+        memory_margin=pick("memory_margin"),
         max_temp=max_temp,
         resume_temp=effective_resume_temp(max_temp, profile.resume_temp),
         max_pressure=profile.max_memory_pressure,
@@ -122,7 +122,7 @@ def resolve(config: Config, profile_name: str, overrides: Overrides, env: Mappin
         lock_dir=resolve_lock_dir(config.lock_dir, env),
         gpu_backend=gpu_backend(config.gpu_backend, env),
         gpu=overrides.gpu if overrides.explicit_gpu else profile.gpu,
-        gpu_need=pick("gpu_memory"),
+        gpu_memory=pick("gpu_memory"),
         gpu_margin=profile.gpu_margin,
         max_mem=pick("max_mem"),
         min_available=pick("min_available"),
@@ -193,14 +193,14 @@ def evaluate(
     lock_state = store.state(settings.lock) if settings.lock is not None else None
     procs = read_processes()
 
-    need = settings.need.resolve(mem.total)
-    gpu_need = settings.gpu_need.resolve(mem.total)
+    need = settings.memory.resolve(mem.total)
+    gpu_need = settings.gpu_memory.resolve(mem.total)
     if gpu_need and selection.gpus and all(g.unified_memory for g in selection.gpus):
         need += gpu_need  # the card shares system RAM (Jetson): its need is a RAM need
     limit = settings.resume_temp if resuming else settings.max_temp
     checks: list[CheckResult] = [
         check_stale(removals),
-        check_memory(mem, need, settings.margin.resolve(mem.total), reserved),
+        check_memory(mem, need, settings.memory_margin.resolve(mem.total), reserved),
         check_pressure(mem, settings.max_pressure),
         check_gpu(gpus, selection, gpu_need, settings.gpu_margin, gpu_reserved),
         check_thermal(thermal, limit, require=settings.thermal.require, resuming=resuming, gpus=selection.gpus),
@@ -307,8 +307,8 @@ def admit(
             # reservation that later admissions count. The name is unique to this claim.
             name = settings.lock if settings.lock is not None else f"job-{os.getpid()}-{time.monotonic_ns()}"
             held = store.try_acquire(
-                name, settings.profile.name, list(argv), need=settings.need.resolve(total),
-                gpu_index=chosen, gpu_need=settings.gpu_need.resolve(total) if chosen is not None else 0,
+                name, settings.profile.name, list(argv), need=settings.memory.resolve(total),
+                gpu_index=chosen, gpu_need=settings.gpu_memory.resolve(total) if chosen is not None else 0,
             )
             if held is None:
                 # Taken by something outside safegate (flock(1)) since the check. Never answer "ok" without

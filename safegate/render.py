@@ -22,6 +22,8 @@ from safegate.results import (
 from safegate.units import format_bytes, format_duration, printable
 
 if TYPE_CHECKING:
+    from safegate.config import Profile
+    from safegate.history import Run
     from safegate.reports import LockInfo, StatusReport
 
 
@@ -157,7 +159,7 @@ def status_json(r: StatusReport) -> str:
         "temperature_notes": list(r.thermal.notes),
         "gpus": {"backend": r.gpus.backend, "status": r.gpus.status, "devices": [gpu_json(g) for g in r.gpus.gpus]},
         "lock_dir": str(r.lock_dir),
-        "locks": [lock.as_json() for lock in r.locks],
+        "locks": [lock_json(lock) for lock in r.locks],
         "top_processes": [{"pid": p.pid, "rss": p.rss, "cmdline": p.cmdline} for p in r.top],
     }
     return json.dumps(data, indent=2)
@@ -169,3 +171,35 @@ def profile_line(p: dict[str, Any]) -> str:
     rec = p["recorded"]
     seen = f"{rec['runs']} runs, p95 peak {format_bytes(rec['peak_memory_p95'])}" if rec["runs"] else "no runs recorded"
     return f"{printable(p['name']):<20} memory {p['memory']:<10} lock {lock:<16} {seen:<32} {printable(p['source'])}"
+
+
+def lock_json(lock: LockInfo) -> dict[str, Any]:
+    h = lock.holder
+    return {
+        "name": lock.name, "held": lock.held, "alive": lock.alive, "note": lock.note,
+        "holder": None if h is None else {
+            "pid": h.pid, "job_pid": h.job_pid, "user": h.user, "host": h.host, "cmdline": h.cmdline,
+            "started_at": h.started_at, "profile": h.profile, "need": h.need, "used": h.used,
+        },
+    }
+
+
+def profile_json(p: Profile, runs: list[Run] | None = None) -> dict[str, Any]:
+    from safegate.history import learned_need, percentile
+
+    runs = runs or []
+    peaks = [r.peak_memory for r in runs]
+    return {
+        "name": p.name, "source": p.source, "description": p.description, "match": list(p.match),
+        "memory": "auto" if p.memory_auto else str(p.memory), "lock": p.lock,
+        "recorded": {
+            "runs": len(runs),
+            "peak_memory_p95": percentile(peaks, 95) if peaks else None,
+            "peak_memory_max": max(peaks) if peaks else None,
+            "learned_need": learned_need(runs),
+            "peak_gpu_memory_max": max((r.peak_gpu_memory for r in runs if r.peak_gpu_memory), default=None),
+        }, "memory_margin": str(p.memory_margin), "max_temp": p.max_temp,
+        "gpu_memory": str(p.gpu_memory), "max_mem": str(p.max_mem) if p.max_mem else None,
+        "competing": [{"pattern": r.pattern, "action": r.action, "min_rss": str(r.min_rss) if r.min_rss else None}
+                      for r in p.competing],
+    }

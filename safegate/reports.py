@@ -5,13 +5,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import psutil
 
-from safegate.config import Config, Profile
+from safegate.config import Config
 from safegate.errors import LockBusy
-from safegate.history import Run, learned_need, percentile
 from safegate.locks.store import LockStore
 from safegate.probes.gpu import read_gpus
 from safegate.probes.memory import read_memory
@@ -27,16 +25,6 @@ class LockInfo:
     holder: HolderRecord | None
     alive: bool
     note: str
-
-    def as_json(self) -> dict[str, Any]:
-        h = self.holder
-        return {
-            "name": self.name, "held": self.held, "alive": self.alive, "note": self.note,
-            "holder": None if h is None else {
-                "pid": h.pid, "job_pid": h.job_pid, "user": h.user, "host": h.host, "cmdline": h.cmdline,
-                "started_at": h.started_at, "profile": h.profile, "need": h.need, "used": h.used,
-            },
-        }
 
 
 def list_locks(store: LockStore) -> list[LockInfo]:
@@ -90,22 +78,3 @@ def collect_status(config: Config, lock_dir: Path, gpu_backend: str, top: int = 
         thermal=read_thermal(config.thermal), gpus=read_gpus(gpu_backend),
         locks=list_locks(store) if lock_dir.is_dir() else [], top=procs, lock_dir=lock_dir,
     )
-
-
-def profile_json(p: Profile, runs: list[Run] | None = None) -> dict[str, Any]:
-    runs = runs or []
-    peaks = [r.peak_memory for r in runs]
-    return {
-        "name": p.name, "source": p.source, "description": p.description, "match": list(p.match),
-        "memory": "auto" if p.memory_auto else str(p.memory), "lock": p.lock,
-        "recorded": {
-            "runs": len(runs),
-            "peak_memory_p95": percentile(peaks, 95) if peaks else None,
-            "peak_memory_max": max(peaks) if peaks else None,
-            "learned_need": learned_need(runs),
-            "peak_gpu_memory_max": max((r.peak_gpu_memory for r in runs if r.peak_gpu_memory), default=None),
-        }, "memory_margin": str(p.memory_margin), "max_temp": p.max_temp,
-        "gpu_memory": str(p.gpu_memory), "max_mem": str(p.max_mem) if p.max_mem else None,
-        "competing": [{"pattern": r.pattern, "action": r.action, "min_rss": str(r.min_rss) if r.min_rss else None}
-                      for r in p.competing],
-    }

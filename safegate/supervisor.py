@@ -245,11 +245,11 @@ class Supervisor:
         self._act(sampler.thermal(now, judge=not self._stopping, paused=self.state is State.PAUSED))
         if self._stopping:
             self._escalate(now, sample.available)
-            return self.limits.floor
+            return self.limits.interval
         for action in sampler.memory_actions(sample):
             self._act(action)
         # A memory breach escalates from the next sample on: the SIGTERM gets at least one interval.
-        return self.limits.floor if self._stopping else sampler.interval(sample)
+        return self.limits.interval if self._stopping else sampler.interval(sample)
 
     # --- act -----------------------------------------------------------------------------------------
 

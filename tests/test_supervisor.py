@@ -107,7 +107,7 @@ class Rig:
 
 def limits(**changes: object) -> WatchLimits:
     base = WatchLimits(max_mem=1000 * MiB, min_available=None, max_temp=80.0, resume_temp=70.0, on_hot="pause",
-                       grace=2.0, floor=0.01, warn_signal=None, thermal=ThermalConfig())
+                       grace=2.0, interval=0.01, warn_signal=None, thermal=ThermalConfig())
     return replace(base, **changes)  # type: ignore[arg-type]
 
 

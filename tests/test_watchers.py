@@ -40,7 +40,7 @@ GiB = 1024**3
 
 def limits(**changes: object) -> WatchLimits:
     base = WatchLimits(max_mem=None, min_available=None, max_temp=80.0, resume_temp=70.0, on_hot="pause",
-                       grace=2.0, floor=0.01, warn_signal=None, thermal=ThermalConfig())
+                       grace=2.0, interval=0.01, warn_signal=None, thermal=ThermalConfig())
     return replace(base, **changes)  # type: ignore[arg-type]
 
 

@@ -6,9 +6,9 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-from safegate.config import load_config
+from safegate.config import Profile, load_config
+from safegate.history import Run
 from safegate.preflight import gpu_backend
 from safegate.reports import LockInfo, StatusReport
 
@@ -32,14 +32,13 @@ def unlock(config: str | None, name: str) -> list[str]:
     return unlock_lock(LockStore(resolve_lock_dir(load_config(config).lock_dir, os.environ)), name)
 
 
-def profiles(config: str | None) -> list[dict[str, Any]]:
-    """Every profile as documented in docs/json.md, with what history recorded of its runs."""
+def profiles(config: str | None) -> list[tuple[Profile, list[Run]]]:
+    """Every profile, with what history recorded of its runs."""
     from safegate import history
-    from safegate.reports import profile_json
 
     cfg = load_config(config)
     recorded = history.load(history.history_path())
-    return [profile_json(p, recorded.get(p.name, [])) for p in cfg.profiles.values()]
+    return [(p, recorded.get(p.name, [])) for p in cfg.profiles.values()]
 
 
 STATUS_REFRESH = 2.0  # seconds between screens of status --watch
