@@ -374,7 +374,7 @@ def worker(mode: str, runs: int, warmup: int) -> None:
         out = {"scan": scan, "read": read, "match": match, "scanned": len(snapshot.processes),
                "blocking": sum(1 for m in found if m.rule.action == "block")}
     else:  # evaluate: one whole pass of the checks, config loading included, as `safegate check` does it
-        from safegate.preflight import Overrides, evaluate, resolve
+        from safegate.preflight import Overrides, clean_and_evaluate, resolve
         from safegate.units import parse_size
 
         holder = Path(os.environ["SGBENCH_HOLDER"])
@@ -385,7 +385,7 @@ def worker(mode: str, runs: int, warmup: int) -> None:
             if holder_text is not None and not holder.exists():
                 holder.write_text(holder_text, encoding="utf-8")  # the stale record, as before each check
             t0 = time.perf_counter()
-            verdict = evaluate(resolve(load_config(config_path), PROFILE, overrides))
+            verdict = clean_and_evaluate(resolve(load_config(config_path), PROFILE, overrides))
             elapsed = time.perf_counter() - t0
             codes.add(int(verdict.exit_code))
             if i >= warmup:

@@ -303,13 +303,14 @@ def slurm_health(
 
     Example: HealthCheckProgram=/usr/local/bin/safegate-health (a wrapper running: safegate slurm health)
     """
-    from safegate.commands.slurm_health import health
+    from safegate.commands.slurm_health import apply, health
 
     result = health(config, node, reason_prefix, dry_run)
     for note in result.notes:
         typer.echo(f"safegate: {note}", err=True)
-    if result.command is not None:
-        typer.echo(result.command)
+    command = apply(result)
+    if command is not None:
+        typer.echo(command)
     raise typer.Exit(int(result.exit_code))
 
 

@@ -131,7 +131,7 @@ def resolve(config: Config, profile_name: str, overrides: Overrides, env: Mappin
         interval=pick("interval"),
         warn_signal=pick("warn_signal"),
         nice=pick("nice"),
-        log=pick("log"),
+        log=overrides.log or profile.log,  # an empty --log falls back to the profile's, as it always has
         max_gpu_mem=pick("max_gpu_mem"),
         min_gpu_free=pick("min_gpu_free"),
     )

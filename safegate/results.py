@@ -24,8 +24,19 @@ class Status(str, Enum):
     NONE = "none"  # nothing to check (no GPU): passes
 
 
+class _Keyed:
+    """Reading a field by its documented key (values["available"]) as the API allowed before the figures were
+    typed; new code reads the attribute."""
+
+    def __getitem__(self, key: str) -> Any:
+        try:
+            return getattr(self, key)
+        except AttributeError:
+            raise KeyError(key) from None
+
+
 @dataclass(frozen=True)
-class MemoryValues:
+class MemoryValues(_Keyed):
     available: int
     total: int
     reserved: int  # what admitted jobs still loading will take
@@ -34,7 +45,7 @@ class MemoryValues:
 
 
 @dataclass(frozen=True)
-class PressureValues:
+class PressureValues(_Keyed):
     some_avg10: float | None
 
 
@@ -45,7 +56,7 @@ class GpuTemp:
 
 
 @dataclass(frozen=True)
-class ThermalValues:
+class ThermalValues(_Keyed):
     hottest: float | None
     sensor: str | None
     sensors: Mapping[str, float]
@@ -54,7 +65,7 @@ class ThermalValues:
 
 
 @dataclass(frozen=True)
-class GpuValues:
+class GpuValues(_Keyed):
     backend: str
     driver: str | None
     need: int
@@ -66,7 +77,7 @@ class GpuValues:
 
 
 @dataclass(frozen=True)
-class LockValues:
+class LockValues(_Keyed):
     lock: str | None
     path: str | None
     held: bool
@@ -82,12 +93,12 @@ class CompetingMatch:
 
 
 @dataclass(frozen=True)
-class CompetingValues:
+class CompetingValues(_Keyed):
     matches: tuple[CompetingMatch, ...]  # blocking first, then by RSS
 
 
 @dataclass(frozen=True)
-class StaleValues:
+class StaleValues(_Keyed):
     removed: tuple[Removal, ...]
 
 

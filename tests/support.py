@@ -169,7 +169,8 @@ class Procs:
         ).stdout
         pid = int(out.strip())
         self.orphans.append(pid)
-        wait_until(lambda: ppid(pid) not in (-1, os.getpid()), what="orphan to be adopted")
+        # The subshell has exited: the process is someone else's child now, not ours.
+        assert alive(pid) and pid not in descendants([os.getpid()]), f"orphan {pid} not adopted"
         return pid
 
     def kill_all(self) -> None:
@@ -284,7 +285,8 @@ class Nobody:
     def run(self, args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         full_env = dict(env or {})
         full_env.update(
-            PYTHONPATH=self.pythonpath, PATH=os.environ.get("PATH", "/usr/bin:/bin"), HOME=str(self.workdir)
+            PYTHONPATH=self.pythonpath, PATH=os.environ.get("PATH", "/usr/bin:/bin"), HOME=str(self.workdir),
+            SAFEGATE_GPU="none",  # as for every test: a real GPU must not enter the verdict
         )
         return subprocess.run(
             ["runuser", "-u", "nobody", "--", "env", *[f"{k}={v}" for k, v in full_env.items()], self.python, *args],

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support import Procs, hold_with_flock, meminfo_available
+from support import TIMEOUT, Procs, hold_with_flock, meminfo_available
 
 import safegate
 from safegate.api import Blocked
@@ -78,22 +78,28 @@ def test_gate_admits_coroutines_only_as_memory_allows(monkeypatch: pytest.Monkey
     peak = 0
     overcommitted: list[tuple[int, int]] = []
 
-    async def job() -> None:
+    async def job(second_in: asyncio.Event) -> None:
         nonlocal running, peak
         async with gate:
             running += 1
             peak = max(peak, running)
             if running * need > meminfo_available():
                 overcommitted.append((running, meminfo_available()))
-            await asyncio.sleep(0.3)
+            if running >= 2:
+                second_in.set()
+            elif meminfo_available() >= 2.5 * need:
+                # Room for a second one now, with a wide margin: hold the slot until the gate lets it in.
+                await asyncio.wait_for(second_in.wait(), TIMEOUT)
+            await asyncio.sleep(0.1)
             running -= 1
 
     async def main() -> None:
-        await asyncio.gather(*(job() for _ in range(4)))
+        second_in = asyncio.Event()
+        await asyncio.gather(*(job(second_in) for _ in range(4)))
 
     asyncio.run(main())
     assert not overcommitted, overcommitted
-    assert 1 <= peak < 4
+    assert 2 <= peak < 4
 
 
 def test_gate_timeout_raises_blocked() -> None:
@@ -132,3 +138,11 @@ def test_every_exception_type_lives_in_errors_and_is_exported() -> None:
             text = path.read_text()
             assert not [line for line in text.splitlines() if line.startswith("class ") and
                         ("Error)" in line or "Exception)" in line or "Blocked" in line)], path
+
+
+def test_check_values_read_as_attributes_and_by_documented_key() -> None:
+    memory = safegate.check(mem=0).result("memory")
+    assert memory is not None and memory.values is not None
+    assert memory.values["available"] == memory.values.available > 0  # type: ignore[index,union-attr]
+    with pytest.raises(KeyError):
+        memory.values["no_such_field"]  # type: ignore[index]

@@ -266,10 +266,17 @@ def test_admission_two_started_together_exactly_one_runs(run: Run, tmp_path: Pat
     cfg.write_text(neutral_config(sensor) + f'[profiles.a]\nmemory = "{need}"\nlock = "a"\n'
                    f'[profiles.b]\nmemory = "{need}"\nlock = "b"\n')
     for _ in range(4):
+        # The jobs run until the test stops them, so the outcome cannot depend on how fast the second
+        # safegate gets to admission: the loser is refused while the winner's job still runs.
         gates = [procs.spawn([PY, "-m", "safegate", "exec", "--config", str(cfg), "-p", name, "-q", "--",
-                              "sleep", "1"], env=run.env, stderr=subprocess.PIPE) for name in ("a", "b")]
-        codes = sorted(g.wait(timeout=TIMEOUT) for g in gates)
-        assert codes == [0, ExitCode.MEMORY], [g.stderr.read() for g in gates if g.stderr]
+                              "sleep", "600"], env=run.env, stderr=subprocess.PIPE) for name in ("a", "b")]
+        loser = wait_until(lambda gates=gates: next((g for g in gates if g.poll() is not None), None),
+                           what="one refusal")
+        winner = next(g for g in gates if g is not loser)
+        assert loser.returncode == ExitCode.MEMORY, [g.stderr.read() for g in gates if g.stderr]
+        assert winner.poll() is None
+        os.kill(winner.pid, signal.SIGTERM)
+        assert winner.wait(timeout=TIMEOUT) == 128 + signal.SIGTERM
 
 
 def test_profile_keys_carry_exec_limits(run: Run, tmp_path: Path, sensor: Path) -> None:
@@ -301,9 +308,9 @@ def test_profile_chosen_by_match(run: Run, tmp_path: Path, sensor: Path) -> None
 
 def test_thermal_pause_and_resume(run: Run, config: Path, sensor: Path, tmp_path: Path, lock_dir: Path,
                                   procs: Procs) -> None:
-    ticks = tmp_path / "ticks"
-    gate = procs.spawn(exec_cmd(config, "--", PY, str(HELPERS / "ticker.py"), str(ticks), "150"), env=run.env,
-                       stderr=subprocess.PIPE)
+    ticks, stop = tmp_path / "ticks", tmp_path / "stop"
+    gate = procs.spawn(exec_cmd(config, "--", PY, str(HELPERS / "ticker.py"), str(ticks), "1000000", str(stop)),
+                       env=run.env, stderr=subprocess.PIPE)
     pid = wait_until(lambda: job_pid(lock_dir), what="the job to start")
     wait_until(ticks.exists, what="the first tick")
     set_temp(sensor, 85)
@@ -315,6 +322,8 @@ def test_thermal_pause_and_resume(run: Run, config: Path, sensor: Path, tmp_path
         reads.wait_for(2, "safegate to read 77 C twice")
     assert proc_state(pid) == "T" and ticks.read_text() == frozen
     set_temp(sensor, 70)
+    wait_until(lambda: ticks.read_text() != frozen, what="the job to tick again")
+    stop.touch()  # the job ends on its own: exit 0
     assert gate.wait(timeout=TIMEOUT) == 0
     assert gate.stderr is not None
     err = gate.stderr.read().decode()

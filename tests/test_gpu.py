@@ -201,7 +201,7 @@ def test_card_floor_default_for_a_gpu_profile(run: Run, tmp_path: Path, sensor: 
     gpus = [card(0, 20)]
     env = gpu_env(gpus)
     gate = procs.spawn([sys.executable, "-m", "safegate", "exec", "--config", str(cfg), "-p", "llm", "--grace",
-                        "2s", "--", "sleep", "60"], env=env, stderr=subprocess.PIPE)
+                        "2s", "--", "sleep", "600"], env=env, stderr=subprocess.PIPE)
     pid = wait_until(lambda: job_pid(lock_dir, "llm"), what="the job")
     state = gpu_env.state  # type: ignore[attr-defined]
     write_state(state, [card(0, 4)], [FakeProc(0, pid, 8 * GiB)])  # 83% used: a warning
@@ -297,7 +297,7 @@ def test_two_execs_on_one_card_see_each_others_reservation(
                    '[profiles.b]\ngpu_memory = "12G"\nlock = "b"\n')
     env = gpu_env([card(0, 20)])
     first = procs.spawn([sys.executable, "-m", "safegate", "exec", "--config", str(cfg), "-p", "a", "--",
-                         "sleep", "60"], env=env, stderr=subprocess.PIPE)
+                         "sleep", "600"], env=env, stderr=subprocess.PIPE)
     wait_until(lambda: job_pid(lock_dir, "a"), what="the first job")
     second = run("exec", "--config", str(cfg), "-p", "b", "--", "true", env=env)
     assert second.returncode == ExitCode.GPU_MEMORY and "reserved" in second.stderr

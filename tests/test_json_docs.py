@@ -106,7 +106,7 @@ def test_profiles_json_matches(run: Run, config: Path) -> None:
 def test_exec_log_events_are_documented(run: Run, config: Path, tmp_path: Path) -> None:
     log = tmp_path / "events.jsonl"
     run("exec", "--config", str(config), "--mem", "0", "--log", str(log), "--max-mem", "50M", "--grace", "1s",
-        "--", "python3", "-c", "import time; b = b'x' * (100 << 20); time.sleep(5)")
+        "--", "python3", "-c", "import time; b = b'x' * (100 << 20); time.sleep(600)")
     events = [json.loads(line) for line in log.read_text().splitlines()]
     text = section("safegate exec --log FILE")
     common = set(re.findall(r"^\| `(\w+)` \| (?:string)", text, re.MULTILINE))

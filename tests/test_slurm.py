@@ -136,8 +136,6 @@ def test_two_licensed_jobs_never_overlap(resumed: str, cluster: PrivateSlurm, tm
     script = _script(tmp_path, "job.sh", body)
     jobs = [_sbatch(cluster, env, script, "-L", "whisper:1", "--mem=100M", "-o", str(tmp_path / f"out{i}"))
             for i in range(2)]
-    wait_until(lambda: "Licenses" in cluster.sh("squeue", "-h", "-o", "%r", "-j", str(jobs[1]), check=False).stdout
-               or _job_state(cluster, jobs[1]) != "PENDING", interval=0.3, what="the second job's state")
     for job in jobs:
         _wait_done(cluster, job)
     assert (tmp_path / "rcs").read_text().split() == ["rc=0", "rc=0"]

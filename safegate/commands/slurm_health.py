@@ -9,13 +9,15 @@ from safegate.config import DEFAULT_PROFILE, load_config
 from safegate.errors import SlurmError
 from safegate.exitcodes import ExitCode
 from safegate.preflight import Overrides, evaluate, resolve
+from safegate.slurm import HealthAction
 from safegate.units import Size
 
 
 @dataclass(frozen=True)
 class HealthResult:
     notes: tuple[str, ...]  # for stderr: what was decided, and why the node state was assumed
-    command: str | None  # with --dry-run, the scontrol command that would have run
+    action: HealthAction
+    dry_run: bool
     exit_code: ExitCode
 
 
@@ -37,4 +39,11 @@ def health(config: str | None, node: str | None, reason_prefix: str, dry_run: bo
         state = slurm.NodeState(name, "", "")
     action = slurm.decide(state, problems, reason_prefix)
     notes.append(action.message)
-    return HealthResult(tuple(notes), slurm.apply(action, dry_run), slurm.node_code(verdict))
+    return HealthResult(tuple(notes), action, dry_run, slurm.node_code(verdict))
+
+
+def apply(result: HealthResult) -> str | None:
+    """Carry out the decision (after it has been told); with --dry-run, the scontrol command instead."""
+    from safegate import slurm
+
+    return slurm.apply(result.action, result.dry_run)
