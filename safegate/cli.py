@@ -317,6 +317,7 @@ def slurm_health(
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; the one place where failures become exit codes and one-line messages."""
     args = sys.argv[1:] if argv is None else argv
+    _fill_closed_stdio()
     if os.environ.get(COMPLETE_VAR):
         # A shell asking for completions (completions/*): register typer's shell classes only then.
         from typer import completion as typer_completion
@@ -349,6 +350,20 @@ def main(argv: list[str] | None = None) -> int:
         _say(f"safegate: internal error: {type(exc).__name__}: {exc}")
         return int(ExitCode.INTERNAL)
     return int(result) if isinstance(result, int) else 0
+
+
+def _fill_closed_stdio() -> None:
+    """A closed fd 0, 1 or 2 (cron, daemons: `>&- 2>&-`) becomes /dev/null before safegate opens anything, so
+    no lock file or pipe of safegate's can land on it and be handed to the job as its stdin, stdout or stderr."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            opened = os.open(os.devnull, os.O_RDWR)
+            if opened != fd:  # not the lowest free descriptor after all: move it there
+                os.dup2(opened, fd)
+                os.close(opened)
+            os.set_inheritable(fd, True)  # os.open is close-on-exec: the job must keep its 0/1/2
 
 
 def _say(line: str) -> None:

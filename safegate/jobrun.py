@@ -6,6 +6,7 @@ import os
 import shlex
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import psutil
 
@@ -17,7 +18,7 @@ from safegate.preflight import Settings, admit
 from safegate.probes.memory import read_memory
 from safegate.results import GpuValues, Verdict
 from safegate.supervisor import Supervisor
-from safegate.units import Size, format_bytes, format_duration, parse_size, printable
+from safegate.units import Size, format_bytes, format_duration, parse_size, printable, signal_name
 
 # The holder metadata's `used` (for reservations) is rewritten at most this often, and only on change.
 USED_UPDATE_EVERY = 0.5
@@ -114,6 +115,21 @@ def job_gpus(settings: Settings, verdict: Verdict, held: HeldLock) -> tuple[tupl
     return given, env
 
 
+def caller_environment() -> dict[str, str]:
+    """The environment safegate was started with: Python's locale coercion (PEP 538) adds LC_CTYPE=C.UTF-8 to
+    os.environ under the C locale, and the job must get exactly the caller's environment."""
+    env = dict(os.environ)
+    coerced = env.get("LC_CTYPE")
+    if coerced in ("C.UTF-8", "C.utf8", "UTF-8"):
+        try:
+            initial = Path("/proc/self/environ").read_bytes().split(b"\0")
+        except OSError:
+            return env
+        if not any(item.startswith(b"LC_CTYPE=") for item in initial):
+            del env["LC_CTYPE"]
+    return env
+
+
 def run_exec(
     settings: Settings,
     argv: Sequence[str],
@@ -132,7 +148,7 @@ def run_exec(
         limits = watch_limits(settings, read_memory().total, gpus)
         supervisor = Supervisor(
             argv, limits, on_event, pass_fds=[held.fd], nice=settings.nice, on_sample=_UsedReporter(held),
-            on_gpu_sample=_UsedReporter(held, gpu=True), env={**os.environ, **gpu_env},
+            on_gpu_sample=_UsedReporter(held, gpu=True), env={**caller_environment(), **gpu_env},
         )
         pid = supervisor.start()
         try:
@@ -178,13 +194,12 @@ def printable_command(argv: Sequence[str], limit: int = 200) -> str:
 
 
 def _exit_message(outcome: Outcome) -> str:
-    import signal
 
     if outcome.reason in ("memory", "thermal", "gpu"):
-        how = f"killed by {signal.Signals(outcome.signal).name}" if outcome.signal else f"exited {outcome.status}"
+        how = f"killed by {signal_name(outcome.signal)}" if outcome.signal else f"exited {outcome.status}"
         return f"job stopped for {outcome.reason} ({how}); exit {outcome.exit_code}"
     if outcome.signal is not None:
-        return f"job died of {signal.Signals(outcome.signal).name}; exit {outcome.exit_code}"
+        return f"job died of {signal_name(outcome.signal)}; exit {outcome.exit_code}"
     return f"job exited {outcome.status}"
 
 

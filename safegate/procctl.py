@@ -30,18 +30,21 @@ def become_subreaper() -> bool:
     return _prctl(PR_SET_CHILD_SUBREAPER, 1)
 
 
-def child_setup(parent: int, nice: int | None) -> None:
-    """Runs in the job between fork and exec (keep it async-signal-safe in spirit: no locks, no imports)."""
+def child_setup(parent: int, nice: int | None, ignored: tuple[int, ...] = ()) -> None:
+    """Runs in the job between fork and exec (keep it async-signal-safe in spirit: no locks, no imports).
+
+    *ignored*: signals the caller ignored; they stay ignored across exec, as in the caller's own children."""
     # safegate's own Python handlers were inherited by the fork: until exec they would swallow the
     # parent-death SIGTERM (or the one below) instead of ending this child.
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
                    signal.SIGCHLD):
-        signal.signal(signum, signal.SIG_DFL)
+        signal.signal(signum, signal.SIG_IGN if signum in ignored else signal.SIG_DFL)
     os.setpgid(0, 0)
-    # If safegate dies, the job must not run on unwatched.
-    _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    # If safegate dies, the job must not run on unwatched: SIGTERM, or SIGKILL for a job told to ignore SIGTERM.
+    death = signal.SIGKILL if signal.SIGTERM in ignored else signal.SIGTERM
+    _prctl(PR_SET_PDEATHSIG, death)
     if os.getppid() != parent:  # safegate died before prctl took effect
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), death)
     if nice:
         os.nice(nice)
         _set_ioprio(idle=nice >= 19)

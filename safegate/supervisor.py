@@ -34,7 +34,7 @@ from safegate.limits import WatchLimits
 from safegate.outcome import Event, JobStats, Outcome, StatsRecorder
 from safegate.procctl import become_subreaper, child_setup
 from safegate.sampler import Probes, Sampler
-from safegate.units import format_bytes, format_duration
+from safegate.units import format_bytes, format_duration, signal_name
 from safegate.watchers import Action, Kind
 
 __all__ = ["Event", "JobStats", "Outcome", "Probes", "State", "Supervisor"]
@@ -146,13 +146,16 @@ class Supervisor:
     def start(self) -> int:
         """Spawn the job; raises SpawnError (126/127) when it cannot be executed."""
         become_subreaper()
-        self._inbox.open((*FORWARDED, signal.SIGCHLD))
+        # A signal the caller ignores (nohup's HUP; INT and QUIT for a script's background job) stays ignored
+        # in the job, as it would without safegate, and is not forwarded: safegate ignores it too.
+        ignored = tuple(s for s in FORWARDED if signal.getsignal(s) == signal.SIG_IGN)
+        self._inbox.open((*(s for s in FORWARDED if s not in ignored), signal.SIGCHLD))
         parent = os.getpid()
         nice = self.nice
         try:
             # fork+exec through os.posix_spawn is not enough: the child must set its group, its
             # parent-death signal and its priority itself before exec.
-            pid = _fork_exec(self.argv, self.pass_fds, self.env, lambda: child_setup(parent, nice))
+            pid = _fork_exec(self.argv, self.pass_fds, self.env, lambda: child_setup(parent, nice, ignored))
         except BaseException:
             self._inbox.close()
             raise
@@ -196,8 +199,8 @@ class Supervisor:
             if self.state is State.PAUSED and signum in ENDING:
                 self.job.signal_all(signal.SIGCONT)
             if self.leader_status is None:
-                self.emit(Event("signal", f"forwarded {signal.Signals(signum).name} to the job",
-                                {"signal": signal.Signals(signum).name}))
+                self.emit(Event("signal", f"forwarded {signal_name(signum)} to the job",
+                                {"signal": signal_name(signum)}))
 
     def _reap(self) -> None:
         while True:
@@ -210,7 +213,9 @@ class Supervisor:
             # The kernel's own peak RSS of the process (KiB on Linux): a job shorter than one sampling
             # interval still reports what it used.
             self.job.ended(pid, int(usage.ru_maxrss) * 1024)
-            if pid == self.job.leader:
+            # Only the first reaping of the leader's pid is the leader: a later orphan that got the same pid
+            # (pid reuse) must not overwrite the job's status.
+            if pid == self.job.leader and self.leader_status is None:
                 self.leader_status = status
                 self._leader_ended()
 
@@ -276,7 +281,7 @@ class Supervisor:
     def _warn(self, action: Action) -> None:
         signum = self.limits.warn_signal
         if action.warn_signal and signum is not None and self.leader_status is None:
-            name = signal.Signals(signum).name
+            name = signal_name(signum)
             self.emit(Event("warning", f"{action.message}; sending {name} to the job", {**action.data, "signal": name}))
             self.job.forward(signum)
         else:

@@ -127,6 +127,18 @@ def parse_signal(text: str | int) -> int:
     return int(value)
 
 
+def signal_name(signum: int) -> str:
+    """SIGTERM, SIGRTMIN+6, or "signal N": every number a process can die of or be sent has a name to show."""
+    import signal
+
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        if signal.SIGRTMIN <= signum <= signal.SIGRTMAX:
+            return f"SIGRTMIN+{signum - signal.SIGRTMIN}"
+        return f"signal {signum}"
+
+
 def parse_on_hot(text: str) -> str:
     value = str(text).strip().lower()
     if value not in ON_HOT_CHOICES:

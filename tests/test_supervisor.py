@@ -4,6 +4,7 @@ resume, and what a warning sends. Real processes are the end-to-end tests' (test
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Iterator, Set
 from dataclasses import dataclass, field, replace
@@ -288,3 +289,14 @@ def test_job_stats_take_the_kernel_peak_and_keep_the_summary_keys() -> None:
     assert result.as_json() == {"duration": 2.346, "peak_job_memory": 300 * MiB, "lowest_available": 6 * GiB,
                                 "highest_temp": 55.0, "peak_job_gpu_memory": None, "highest_gpu_temp": None}
     assert stats.result(now=12.0, kernel_peak=0).peak_job_mem == 200 * MiB
+
+
+def test_the_leaders_status_is_taken_once_even_if_its_pid_is_reused(monkeypatch: pytest.MonkeyPatch,
+                                                                     rig: Rig) -> None:
+    # An orphan that gets the leader's pid later (pid reuse) and is reaped too must not replace the job's status.
+    exit3, exit0 = 3 << 8, 0
+    usage = type("Usage", (), {"ru_maxrss": 0})()
+    reaped = iter([(rig.job.leader, exit3, usage), (rig.job.leader, exit0, usage), (0, 0, usage)])
+    monkeypatch.setattr(os, "wait4", lambda _pid, _flags: next(reaped))
+    rig.sup._reap()
+    assert rig.sup.leader_status == exit3

@@ -1,0 +1,67 @@
+"""safegate exec as a process wrapper, as nohup, scripts, cron and shells use it (issue 12, first items)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+from support import HELPERS, PY, TIMEOUT, Procs, Run, job_pid, wait_until
+
+SIGIGN_OF_JOB = "print([l for l in open('/proc/self/status') if l.startswith('SigIgn')][0].split()[1])"
+
+
+def _exec(config: Path, *args: str) -> list[str]:
+    return [PY, "-m", "safegate", "exec", "--config", str(config), "--mem", "0", *args]
+
+
+def test_signals_the_caller_ignores_stay_ignored_in_the_job(config: Path, env: dict[str, str]) -> None:
+    # As under nohup (HUP) or as a script's background job (INT, QUIT): the job inherits what is ignored.
+    result = subprocess.run(["sh", "-c", 'trap "" HUP INT; exec "$@"', "sh",
+                             *_exec(config, "-q", "--lock", "b1", "--", PY, "-c", SIGIGN_OF_JOB)],
+                            env=env, capture_output=True, text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr
+    mask = int(result.stdout.strip(), 16)
+    assert mask & (1 << (signal.SIGHUP - 1)) and mask & (1 << (signal.SIGINT - 1)), hex(mask)
+
+
+def test_nohup_style_hup_neither_kills_nor_reaches_the_job(config: Path, env: dict[str, str], lock_dir: Path,
+                                                           procs: Procs) -> None:
+    gate = procs.spawn(["sh", "-c", 'trap "" HUP; exec "$@"', "sh", *_exec(config, "-q", "--", "sleep", "600")],
+                       env=env, stderr=subprocess.PIPE)
+    wait_until(lambda: job_pid(lock_dir), what="the job")
+    wait_until(lambda: "safegate" in Path(f"/proc/{gate.pid}/cmdline").read_text(), what="safegate in place of sh")
+    os.kill(gate.pid, signal.SIGHUP)  # ignored at delivery: gone once kill() returns
+    os.kill(gate.pid, signal.SIGUSR1)  # forwarded: the job dies of it, so the HUP did not
+    assert gate.wait(timeout=TIMEOUT) == 128 + signal.SIGUSR1
+
+
+def test_real_time_signals_have_names_and_codes(run: Run, config: Path) -> None:
+    rt = signal.SIGRTMIN + 6
+    died = run("exec", "--config", str(config), "--mem", "0", "--", "sh", "-c", f"kill -{rt} $$")
+    assert died.returncode == 128 + rt and "Traceback" not in died.stderr, died.stderr
+    assert "died of SIGRTMIN+6" in died.stderr
+    warned = run("exec", "--config", str(config), "--mem", "0", "--max-mem", "400M", "--warn-signal", str(rt),
+                 "--", PY, str(HELPERS / "hog.py"), "376", "8", "0.01")
+    assert warned.returncode == 128 + rt, warned.stderr  # the hog has no handler: the signal ends it
+    assert "sending SIGRTMIN+6 to the job" in warned.stderr
+
+
+def test_the_job_gets_exactly_the_callers_environment_in_the_c_locale(config: Path, env: dict[str, str]) -> None:
+    # The job is env(1), not Python: a Python job would coerce its own locale.
+    caller = {k: v for k, v in env.items() if not k.startswith(("LC_", "LANG"))} | {"LANG": "C"}
+    result = subprocess.run(_exec(config, "-q", "--", "env", "-0"), env=caller, capture_output=True, timeout=TIMEOUT,
+                            stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr
+    seen = dict(item.split("=", 1) for item in result.stdout.decode().split("\0") if item)
+    assert seen == caller  # no LC_CTYPE=C.UTF-8 from Python's locale coercion in safegate
+
+
+def test_closed_stdout_and_stderr_never_become_safegates_files(config: Path, env: dict[str, str],
+                                                               lock_dir: Path) -> None:
+    result = subprocess.run(["sh", "-c", 'exec "$@" >&- 2>&-', "sh",
+                             *_exec(config, "--lock", "x", "--", "sh", "-c", "echo into-stdout; echo into-stderr >&2")],
+                            env=env, capture_output=True, text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0
+    assert (lock_dir / "x.lock").read_bytes() == b""  # the job's fd 1/2 were /dev/null, not the lock file
