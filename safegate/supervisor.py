@@ -52,6 +52,13 @@ class State(str, Enum):
     DONE = "done"  # every process of the job reaped
 
 
+def ignored_by_caller() -> tuple[int, ...]:
+    """The forwarded signals the caller ignores (nohup's HUP; INT and QUIT for a script's background job): they
+    stay ignored in the job, as they would without safegate, and are not forwarded, since safegate ignores them
+    too."""
+    return tuple(s for s in FORWARDED if signal.getsignal(s) == signal.SIG_IGN)
+
+
 class SignalInbox:
     """The caller's signals, queued by their handlers; the loop's wait wakes on them through a self-pipe."""
 
@@ -146,12 +153,9 @@ class Supervisor:
     def start(self) -> int:
         """Spawn the job; raises SpawnError (126/127) when it cannot be executed."""
         become_subreaper()
-        # A signal the caller ignores (nohup's HUP; INT and QUIT for a script's background job) stays ignored
-        # in the job, as it would without safegate, and is not forwarded: safegate ignores it too.
-        ignored = tuple(s for s in FORWARDED if signal.getsignal(s) == signal.SIG_IGN)
+        ignored = ignored_by_caller()
         self._inbox.open((*(s for s in FORWARDED if s not in ignored), signal.SIGCHLD))
-        parent = os.getpid()
-        nice = self.nice
+        parent, nice = os.getpid(), self.nice
         try:
             # fork+exec through os.posix_spawn is not enough: the child must set its group, its
             # parent-death signal and its priority itself before exec.
@@ -213,9 +217,7 @@ class Supervisor:
             # The kernel's own peak RSS of the process (KiB on Linux): a job shorter than one sampling
             # interval still reports what it used.
             self.job.ended(pid, int(usage.ru_maxrss) * 1024)
-            # Only the first reaping of the leader's pid is the leader: a later orphan that got the same pid
-            # (pid reuse) must not overwrite the job's status.
-            if pid == self.job.leader and self.leader_status is None:
+            if pid == self.job.leader and self.leader_status is None:  # not a later orphan reusing the pid
                 self.leader_status = status
                 self._leader_ended()
 
