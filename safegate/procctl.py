@@ -11,6 +11,16 @@ import sys
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 
+# The signals safegate forwards to the job: every catchable one but SIGCHLD, the job-control ones (TSTP, TTIN,
+# TTOU, CONT), SIGPIPE and SIGXFSZ (Python ignores those two), SIGURG, and the synchronous faults (SEGV, BUS,
+# ILL, FPE, ABRT, TRAP, SYS), which mean safegate itself failed and must end it, as tini leaves them.
+FORWARDED: tuple[int, ...] = (
+    *(getattr(signal, name) for name in ("SIGHUP", "SIGINT", "SIGQUIT", "SIGTERM", "SIGUSR1", "SIGUSR2", "SIGALRM",
+                                          "SIGVTALRM", "SIGPROF", "SIGIO", "SIGPWR", "SIGSTKFLT", "SIGXCPU",
+                                          "SIGWINCH") if hasattr(signal, name)),
+    *range(signal.SIGRTMIN, signal.SIGRTMAX + 1),
+)
+
 _libc: ctypes.CDLL | None = None
 if sys.platform.startswith("linux"):
     try:
@@ -36,8 +46,7 @@ def child_setup(parent: int, nice: int | None, ignored: tuple[int, ...] = ()) ->
     *ignored*: signals the caller ignored; they stay ignored across exec, as in the caller's own children."""
     # safegate's own Python handlers were inherited by the fork: until exec they would swallow the
     # parent-death SIGTERM (or the one below) instead of ending this child.
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
-                   signal.SIGCHLD):
+    for signum in (*FORWARDED, signal.SIGCHLD):
         signal.signal(signum, signal.SIG_IGN if signum in ignored else signal.SIG_DFL)
     os.setpgid(0, 0)
     # If safegate dies, the job must not run on unwatched: SIGTERM, or SIGKILL for a job told to ignore SIGTERM.

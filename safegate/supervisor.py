@@ -32,14 +32,13 @@ from safegate.exitcodes import ExitCode
 from safegate.job import Job, ProcessTreeJob
 from safegate.limits import WatchLimits
 from safegate.outcome import Event, JobStats, Outcome, StatsRecorder
-from safegate.procctl import become_subreaper, child_setup
+from safegate.procctl import FORWARDED, become_subreaper, child_setup
 from safegate.sampler import Probes, Sampler
 from safegate.units import format_bytes, format_duration, signal_name
 from safegate.watchers import Action, Kind
 
 __all__ = ["Event", "JobStats", "Outcome", "Probes", "State", "Supervisor"]
 
-FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 ENDING = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)  # a paused job must run to act on these
 
 
@@ -202,7 +201,7 @@ class Supervisor:
             self.job.forward(signum)
             if self.state is State.PAUSED and signum in ENDING:
                 self.job.signal_all(signal.SIGCONT)
-            if self.leader_status is None:
+            if self.leader_status is None and signum != signal.SIGWINCH:  # a resized terminal is not news
                 self.emit(Event("signal", f"forwarded {signal_name(signum)} to the job",
                                 {"signal": signal_name(signum)}))
 

@@ -65,3 +65,32 @@ def test_closed_stdout_and_stderr_never_become_safegates_files(config: Path, env
                             env=env, capture_output=True, text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL)
     assert result.returncode == 0
     assert (lock_dir / "x.lock").read_bytes() == b""  # the job's fd 1/2 were /dev/null, not the lock file
+
+
+# Catchable signals beyond the classic six: each must reach the job (which dies of it: 128+N from safegate's own,
+# normal exit) instead of killing safegate (which would show as a negative return code, the job left behind).
+EXTRA = [signal.SIGALRM, signal.SIGVTALRM, signal.SIGPROF, signal.SIGIO, signal.SIGPWR, signal.SIGXCPU,
+         signal.SIGRTMIN, signal.SIGRTMIN + 6, signal.SIGRTMAX]
+
+
+def _forwarded(config: Path, env: dict[str, str], lock_dir: Path, signum: int) -> tuple[int, int | None]:
+    lock = f"sig{int(signum)}"
+    gate = subprocess.Popen(_exec(config, "-q", "--lock", lock, "--", "sleep", "600"), env=env,
+                            stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        job = wait_until(lambda: job_pid(lock_dir, lock), what=f"the job of {lock}")
+        os.kill(gate.pid, signum)
+        return gate.wait(timeout=TIMEOUT), job
+    finally:
+        if gate.poll() is None:
+            os.killpg(gate.pid, signal.SIGKILL)
+            gate.wait()
+
+
+def test_every_catchable_signal_is_forwarded(config: Path, env: dict[str, str], lock_dir: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(lambda s: _forwarded(config, env, lock_dir, s), EXTRA))
+    assert [code for code, _ in results] == [128 + int(s) for s in EXTRA]
+    assert not [job for _, job in results if job is not None and Path(f"/proc/{job}").exists()]
