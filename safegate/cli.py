@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -25,6 +24,7 @@ from safegate.cli_options import (
     TimeoutOpt,
     WaitOpt,
     complete_locks,
+    echo,
     gate_overrides,
     parse_overrides,
     parsed,
@@ -68,7 +68,7 @@ app = typer.Typer(
 
 def _version(value: bool) -> None:
     if value:
-        typer.echo(f"safegate {__version__}")
+        echo(f"safegate {__version__}")
         raise typer.Exit(0)
 
 
@@ -113,12 +113,12 @@ def check(
     verdict = run_check(config, profile, gate_overrides(mem, margin, max_temp, lock, gpu, gpu_mem), wait=wait,
                         timeout=wait_timeout(wait, timeout), on_blocked=progress(quiet or json_output))
     if json_output:
-        typer.echo(verdict_json(verdict))
+        echo(verdict_json(verdict))
     elif quiet:
         for failure in verdict.failures:
-            typer.echo(f"safegate: {check_line(failure)}", err=True)
+            echo(f"safegate: {check_line(failure)}", err=True)
     else:
-        typer.echo(verdict_text(verdict))
+        echo(verdict_text(verdict))
     raise typer.Exit(int(verdict.exit_code))
 
 
@@ -184,15 +184,14 @@ def exec_(
         if not (quiet and event.kind in chatty):
             prefix = f"{event.kind}: " if event.kind in ("summary", "warning", "breach") else ""
             # A closed terminal or pipe must not be what stops the watch: the job goes on, still watched.
-            with contextlib.suppress(OSError):
-                typer.echo(f"safegate: {prefix}{event.message}", err=True)
+            echo(f"safegate: {prefix}{event.message}", err=True)
 
     result = execute(command, config=config, profile=profile, overrides=overrides, wait=wait, timeout=wait_for,
                      on_event=on_event, on_blocked=progress(quiet),
-                     on_log_error=lambda msg: typer.echo(f"safegate: warning: {msg}", err=True))
+                     on_log_error=lambda msg: echo(f"safegate: warning: {msg}", err=True))
     if isinstance(result, Verdict):
         for failure in result.failures:
-            typer.echo(f"safegate: not started: {check_line(failure)}", err=True)
+            echo(f"safegate: not started: {check_line(failure)}", err=True)
         raise typer.Exit(int(result.exit_code))
     raise typer.Exit(result.exit_code)
 
@@ -217,7 +216,7 @@ def slots(
     """
     from safegate.commands.check import slots as count_slots
 
-    typer.echo(count_slots(config, profile, gate_overrides(mem, margin, max_temp, lock, gpu, gpu_mem), max_slots))
+    echo(str(count_slots(config, profile, gate_overrides(mem, margin, max_temp, lock, gpu, gpu_mem), max_slots)))
 
 
 @app.command(epilog="Example: safegate locks --json")
@@ -227,12 +226,12 @@ def locks(json_output: JsonOpt = False, config: ConfigOpt = None) -> None:
 
     directory, found = list_locks(config)
     if json_output:
-        typer.echo(json.dumps([lock_json(lock) for lock in found], indent=2))
+        echo(json.dumps([lock_json(lock) for lock in found], indent=2))
         return
     if not found:
-        typer.echo(f"no locks in {directory}")
+        echo(f"no locks in {directory}")
     for lock in found:
-        typer.echo(render_lock(lock))
+        echo(render_lock(lock))
 
 
 @app.command(epilog="Example: safegate unlock whisper-large")
@@ -247,9 +246,9 @@ def unlock(
     assert isinstance(checked, str)
     removed = unlock_lock(config, checked)
     for what in removed:
-        typer.echo(f"removed {what}")
+        echo(f"removed {what}")
     if not removed:
-        typer.echo(f"lock {checked!r} is free; nothing to remove")
+        echo(f"lock {checked!r} is free; nothing to remove")
 
 
 @app.command(epilog="Example: safegate profiles --json")
@@ -259,10 +258,10 @@ def profiles(json_output: JsonOpt = False, config: ConfigOpt = None) -> None:
 
     data = [profile_json(p, runs) for p, runs in list_profiles(config)]
     if json_output:
-        typer.echo(json.dumps(data, indent=2))
+        echo(json.dumps(data, indent=2))
         return
     for p in data:
-        typer.echo(profile_line(p))
+        echo(profile_line(p))
 
 
 @app.command(epilog="Example: safegate status --watch")
@@ -278,9 +277,9 @@ def status(
     for report in reports(config, watch):
         text = status_json(report) if json_output else status_text(report)
         if watch and interactive:
-            typer.echo("\x1b[H\x1b[2J" + text)  # home + clear: redraw in place
+            echo("\x1b[H\x1b[2J" + text)  # home + clear: redraw in place
         else:
-            typer.echo(text)
+            echo(text)
 
 
 slurm_app = typer.Typer(help="Safegate inside Slurm.", no_args_is_help=True)
@@ -307,10 +306,10 @@ def slurm_health(
 
     result = health(config, node, reason_prefix, dry_run)
     for note in result.notes:
-        typer.echo(f"safegate: {note}", err=True)
+        echo(f"safegate: {note}", err=True)
     command = apply(result)
     if command is not None:
-        typer.echo(command)
+        echo(command)
     raise typer.Exit(int(result.exit_code))
 
 
@@ -332,17 +331,17 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Exit as exc:
         return int(exc.exit_code)
     except (typer.Abort, KeyboardInterrupt):
-        typer.echo("safegate: interrupted", err=True)
+        echo("safegate: interrupted", err=True)
         return ExitCode.for_signal(signal.SIGINT)
     except typer.TyperException as exc:
         # click's usage errors (unknown option, missing value, no command): one line, exit 2.
         message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
         ctx = getattr(exc, "ctx", None)
         if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:
-            typer.echo(ctx.get_help(), err=True)
+            echo(ctx.get_help(), err=True)
             return int(ExitCode.USAGE)
         hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-        typer.echo(f"safegate: {' '.join(message.split())}{hint}", err=True)
+        echo(f"safegate: {' '.join(message.split())}{hint}", err=True)
         return int(ExitCode.USAGE)
     except Exception as exc:
         if os.environ.get("SAFEGATE_DEBUG"):
@@ -368,8 +367,7 @@ def _fill_closed_stdio() -> None:
 
 def _say(line: str) -> None:
     """The last word on stderr; if even that cannot be written, the exit code still tells."""
-    with contextlib.suppress(OSError):
-        typer.echo(line, err=True)
+    echo(line, err=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

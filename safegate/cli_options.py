@@ -4,6 +4,7 @@ declares the commands). Each setting's option name, metavar and help come from t
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from typing import Annotated, Any
 
@@ -16,6 +17,22 @@ from safegate.render import blocking_summary
 from safegate.results import Verdict
 from safegate.settings import BY_KEY, parse_option
 from safegate.units import parse_duration
+
+
+def echo(message: str, err: bool = False) -> None:
+    """Print a line for people. A full disk, a closed pipe or a hung-up terminal must never change an outcome or an
+    exit code: on a write error the stream is pointed at /dev/null (so neither later lines nor Python's flush at
+    exit fail) and the command goes on."""
+    try:
+        typer.echo(message, err=err)
+    except OSError:
+        stream = sys.stderr if err else sys.stdout
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, AttributeError):
+            pass
 
 
 def parsed(option: str, parse: object, value: str | None) -> object:
@@ -65,7 +82,7 @@ def progress(silent: bool) -> Callable[[Verdict], None]:
         line = blocking_summary(verdict)
         if not silent and line not in last_shown:
             last_shown[:] = [line]
-            typer.echo(f"safegate: waiting: {line}", err=True)
+            echo(f"safegate: waiting: {line}", err=True)
 
     return progress
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from support import HELPERS, PY, TIMEOUT, Procs, Run, job_pid, wait_until
 
+from safegate.exitcodes import ExitCode
+
 SIGIGN_OF_JOB = "print([l for l in open('/proc/self/status') if l.startswith('SigIgn')][0].split()[1])"
 
 
@@ -94,3 +96,23 @@ def test_every_catchable_signal_is_forwarded(config: Path, env: dict[str, str], 
         results = list(pool.map(lambda s: _forwarded(config, env, lock_dir, s), EXTRA))
     assert [code for code, _ in results] == [128 + int(s) for s in EXTRA]
     assert not [job for _, job in results if job is not None and Path(f"/proc/{job}").exists()]
+
+
+def _blocked_check(config: Path, env: dict[str, str], *args: str, **streams: object) -> int:
+    cmd = [PY, "-m", "safegate", args[0], "--config", str(config), "--mem", "1000T", *args[1:]]
+    return subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL, timeout=TIMEOUT, **streams).returncode  # type: ignore[call-overload]
+
+
+def test_outcomes_do_not_depend_on_whether_the_report_could_be_printed(config: Path, env: dict[str, str]) -> None:
+    with open("/dev/full", "w") as full:
+        assert _blocked_check(config, env, "check", "-q", stderr=full) == ExitCode.MEMORY
+        assert _blocked_check(config, env, "check", stdout=full) == ExitCode.MEMORY
+        assert _blocked_check(config, env, "check", "--json", stdout=full) == ExitCode.MEMORY
+        # --wait goes on waiting (and says so on a full stderr) until its timeout, then gives the blocking code.
+        assert _blocked_check(config, env, "exec", "--wait", "--timeout", "1s", "--", "true",
+                              stderr=full) == ExitCode.MEMORY
+    # A reader that is gone (closed pipe): safegate's own status is still the blocking code.
+    piped = subprocess.run(["bash", "-c", '"$@" | true; exit "${PIPESTATUS[0]}"', "bash", PY, "-m", "safegate",
+                            "check", "--config", str(config), "--mem", "1000T"], env=env, stdin=subprocess.DEVNULL,
+                           timeout=TIMEOUT)
+    assert piped.returncode == ExitCode.MEMORY
