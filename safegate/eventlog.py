@@ -8,10 +8,41 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from collections.abc import Callable
 from datetime import datetime, timezone
 
+from safegate.errors import UsageError
 from safegate.outcome import Event
+
+
+def check_log_path(path: str) -> None:
+    """Refuse, before the job starts, a --log that would block or that another user could point elsewhere.
+
+    A FIFO (or socket) would block open() while the job runs unwatched. A symlink in a sticky, world-writable
+    directory (/tmp) owned by neither us nor the directory's owner is refused, as the kernel's protected_symlinks
+    refuses to follow it. Anything else (a directory, /dev/full, a read-only file) is only warned about when a
+    write fails: the job runs on.
+    """
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return  # absent (created on the first event) or unreachable (warned about then)
+    if stat.S_ISLNK(st.st_mode):
+        try:
+            parent = os.stat(os.path.dirname(os.path.abspath(path)))
+        except OSError:
+            return
+        sticky_shared = parent.st_mode & stat.S_ISVTX and parent.st_mode & stat.S_IWOTH
+        if sticky_shared and st.st_uid not in (os.geteuid(), parent.st_uid):
+            raise UsageError(f"--log: {path!r} is a symlink of user {st.st_uid} in a shared sticky directory; "
+                             "expected a regular file")
+        try:
+            st = os.stat(path)
+        except OSError:
+            return
+    if stat.S_ISFIFO(st.st_mode) or stat.S_ISSOCK(st.st_mode):
+        raise UsageError(f"--log: {path!r} is a FIFO or socket; expected a regular file")
 
 
 class EventLog:
@@ -29,7 +60,9 @@ class EventLog:
         }
         line = (json.dumps(record, default=str) + "\n").encode("utf-8")
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            # Non-blocking: a FIFO put there after the start-up check fails at once (ENXIO) instead of blocking.
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
+            fd = os.open(self.path, flags, 0o644)
             try:
                 os.write(fd, line)  # one write per line: concurrent writers do not interleave within it
             finally:

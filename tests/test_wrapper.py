@@ -116,3 +116,29 @@ def test_outcomes_do_not_depend_on_whether_the_report_could_be_printed(config: P
                             "check", "--config", str(config), "--mem", "1000T"], env=env, stdin=subprocess.DEVNULL,
                            timeout=TIMEOUT)
     assert piped.returncode == ExitCode.MEMORY
+
+
+def test_a_log_that_would_block_or_was_planted_is_refused_before_the_job_starts(run: Run, config: Path,
+                                                                              tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    fifo = tmp_path / "events.fifo"
+    os.mkfifo(fifo)
+    result = run("exec", "--config", str(config), "--mem", "0", "--log", str(fifo), "--", "touch", str(marker))
+    assert result.returncode == ExitCode.USAGE and not marker.exists(), result.stderr
+    assert "is a FIFO or socket" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    target = tmp_path / "victim"
+    planted = shared / "night.jsonl"
+    planted.symlink_to(target)
+    if os.geteuid() == 0:
+        os.lchown(planted, 65534, 65534)  # another user's link (nobody's), as /tmp allows anyone to make
+        result = run("exec", "--config", str(config), "--mem", "0", "--log", str(planted), "--", "touch", str(marker))
+        assert result.returncode == ExitCode.USAGE and not marker.exists() and not target.exists(), result.stderr
+        assert "symlink of user 65534" in result.stderr
+        os.lchown(planted, os.geteuid(), os.getegid())
+    # One's own link is followed, as the kernel follows it.
+    result = run("exec", "--config", str(config), "--mem", "0", "-q", "--log", str(planted), "--", "true")
+    assert result.returncode == 0, result.stderr
+    assert '"event": "summary"' in target.read_text()

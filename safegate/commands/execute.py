@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 
 from safegate.config import load_config
-from safegate.eventlog import EventLog
+from safegate.eventlog import EventLog, check_log_path
 from safegate.jobrun import run_exec
 from safegate.outcome import Event, Outcome
 from safegate.preflight import Overrides, Settings, resolve
@@ -42,6 +42,8 @@ def execute(
     cfg = load_config(config)
     settings = resolve(cfg, profile or cfg.profile_for_command(list(command)).name, overrides)
     settings = slurm_job_limits(settings, os.environ)
+    if settings.log:
+        check_log_path(settings.log)
     event_log = EventLog(settings.log, on_log_error) if settings.log else None
 
     def emit(event: Event) -> None:
