@@ -6,6 +6,8 @@ and the job goes on.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import stat
@@ -64,10 +66,20 @@ class EventLog:
             flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
             fd = os.open(self.path, flags, 0o644)
             try:
-                os.write(fd, line)  # one write per line: concurrent writers do not interleave within it
+                _append_whole(fd, line)
             finally:
                 os.close(fd)
         except OSError as exc:
             if not self.failed:
                 self.failed = True
-                self.on_error(f"cannot write --log {self.path}: {exc.strerror or exc}; going on without it")
+                self.on_error(f"cannot write --log {self.path}: {exc.strerror or exc}; the job goes on, and events that cannot be written are left out")
+
+
+def _append_whole(fd: int, line: bytes) -> None:
+    """One write per line, so concurrent writers do not interleave within one. A line the disk had room for only
+    in part is cut off again: the log stays whole JSON lines for whoever reads it in the morning."""
+    before = os.fstat(fd).st_size
+    if os.write(fd, line) < len(line):  # a failed write raises, having written nothing
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, before)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
