@@ -72,7 +72,8 @@ class EventLog:
         except OSError as exc:
             if not self.failed:
                 self.failed = True
-                self.on_error(f"cannot write --log {self.path}: {exc.strerror or exc}; the job goes on, and events that cannot be written are left out")
+                self.on_error(f"cannot write --log {self.path}: {exc.strerror or exc}; the job goes on, and events "
+                              "that cannot be written are left out")
 
 
 def _append_whole(fd: int, line: bytes) -> None:

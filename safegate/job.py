@@ -15,6 +15,8 @@ from typing import Protocol
 
 from safegate.probes.jobtree import JobTree
 
+SIGNAL_ROUNDS = 200  # scans per signalling; each costs one pass over /proc
+
 
 class Job(Protocol):
     @property
@@ -42,8 +44,8 @@ class Job(Protocol):
         """*pid* was reaped, having used at most *maxrss* bytes."""
         ...
 
-    def forward(self, signum: int) -> None:
-        """*signum* to the job as a terminal would send it (the process group)."""
+    def forward(self, signum: int) -> bool:
+        """*signum* to the job as a terminal would send it (the process group); whether the group got it."""
         ...
 
     def signal_all(self, signum: int) -> None:
@@ -51,7 +53,8 @@ class Job(Protocol):
         ...
 
     def terminate_all(self) -> None:
-        """Ask every process to end: SIGTERM, then SIGCONT, since a stopped process cannot act on SIGTERM."""
+        """Ask every process not yet asked to end: SIGTERM, then SIGCONT, since a stopped process cannot act on
+        SIGTERM. Called again during the grace period for whatever appeared since."""
         ...
 
 
@@ -62,6 +65,7 @@ class ProcessTreeJob:
         self.tree.add(leader)
         self._leader_ended = False
         self._peak = 0
+        self._asked: set[int] = set()  # sent SIGTERM by terminate_all
 
     @property
     def leader(self) -> int:
@@ -81,19 +85,19 @@ class ProcessTreeJob:
 
     def ended(self, pid: int, maxrss: int) -> None:
         self.tree.pids.discard(pid)
+        self._asked.discard(pid)  # its number may come back as a new process of the job
         self._peak = max(self._peak, maxrss)
         if pid == self._leader:
             self._leader_ended = True
 
-    def forward(self, signum: int) -> None:
+    def forward(self, signum: int) -> bool:
         if self._leader_ended and not self._group_alive():
-            return  # the group is gone: its number could name someone else's group by now
+            return False  # the group is gone: its number could name someone else's group by now
         try:
             os.killpg(self._leader, signum)
-        except ProcessLookupError:
-            pass
-        except PermissionError:  # pragma: no cover - a setuid job; nothing more we may do
-            pass
+        except (ProcessLookupError, PermissionError):  # gone, or a setuid job: nothing more we may do
+            return False
+        return True
 
     def _group_alive(self) -> bool:
         """Some process we track still belongs to the job's group (so its id cannot have been reused)."""
@@ -104,14 +108,47 @@ class ProcessTreeJob:
         return False
 
     def signal_all(self, signum: int) -> None:
-        self.forward(signum)
-        self.tree.refresh(force_scan=True)
-        for pid in self.tree.pids:
-            try:
-                os.kill(pid, signum)
-            except (ProcessLookupError, PermissionError):
-                pass
+        self._signal_each(signum, skip=frozenset(), group=True)
 
     def terminate_all(self) -> None:
-        self.signal_all(signal.SIGTERM)
-        self.signal_all(signal.SIGCONT)
+        # Each process is asked once: a program may take a second SIGTERM as "force quit" and lose its graceful
+        # shutdown. Later calls (the main process ended, processes appeared) ask only those not yet asked.
+        asked = self._signal_each(signal.SIGTERM, skip=self._asked, group=not self._asked)
+        self._asked |= asked
+        if asked:
+            self.signal_all(signal.SIGCONT)
+
+    def _signal_each(self, signum: int, *, skip: Set[int], group: bool) -> set[int]:
+        """*signum* once to every process of the job but *skip*; the pids it reached.
+
+        The group gets it at once (also a process forked a moment ago); then /proc is scanned again and again,
+        each process signalled as soon as the scan reads it, until a scan finds none new: a fork-and-exit chain
+        (each generation forks, exits, and its child calls setsid) is re-parented to us, the subreaper, and the
+        scan follows its trail to the live generation (JobTree.rescan). The rounds are bounded so that a chain
+        outrunning them does not hold the loop; the next call goes on.
+        """
+        sent: set[int] = set()
+        in_group = group and self.forward(signum)
+
+        def hit(pid: int) -> None:
+            if pid in sent or pid in skip:
+                return
+            sent.add(pid)
+            if in_group and _pgid(pid) == self._leader:
+                return  # reached through the group already
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signum)
+
+        for _ in range(SIGNAL_ROUNDS):
+            before = len(sent)
+            self.tree.rescan(on_sight=hit)
+            if len(sent) == before:
+                break
+        return sent
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None

@@ -7,6 +7,7 @@ import ctypes.util
 import os
 import signal
 import sys
+from collections.abc import Callable, Iterable
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
@@ -20,6 +21,10 @@ FORWARDED: tuple[int, ...] = (
                                           "SIGWINCH") if hasattr(signal, name)),
     *range(signal.SIGRTMIN, signal.SIGRTMAX + 1),
 )
+
+# Job control: stopping (Ctrl-Z, a background read or write) and continuing. safegate passes them through: the
+# job stops, then safegate stops, so the shell sees its job stopped; SIGCONT continues both.
+JOB_CONTROL: tuple[int, ...] = (signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGCONT)
 
 _libc: ctypes.CDLL | None = None
 if sys.platform.startswith("linux"):
@@ -40,15 +45,25 @@ def become_subreaper() -> bool:
     return _prctl(PR_SET_CHILD_SUBREAPER, 1)
 
 
-def child_setup(parent: int, nice: int | None, ignored: tuple[int, ...] = ()) -> None:
+def stop_self() -> None:
+    """Stop as a job-control stop would (SIGSTOP cannot be caught): the shell sees us stopped until SIGCONT."""
+    os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def child_setup(parent: int, nice: int | None, ignored: tuple[int, ...] = (), mask: Iterable[int] | None = None,
+                claim_terminal: Callable[[], None] | None = None) -> None:
     """Runs in the job between fork and exec (keep it async-signal-safe in spirit: no locks, no imports).
 
-    *ignored*: signals the caller ignored; they stay ignored across exec, as in the caller's own children."""
+    *ignored*: signals the caller ignored; they stay ignored across exec, as in the caller's own children.
+    *mask*: the caller's signal mask, which the job inherits as it would without safegate (safegate itself
+    unblocks what it forwards). *claim_terminal*: takes the terminal's foreground for the job's new group."""
     # safegate's own Python handlers were inherited by the fork: until exec they would swallow the
     # parent-death SIGTERM (or the one below) instead of ending this child.
-    for signum in (*FORWARDED, signal.SIGCHLD):
+    for signum in (*FORWARDED, *JOB_CONTROL, signal.SIGCHLD):
         signal.signal(signum, signal.SIG_IGN if signum in ignored else signal.SIG_DFL)
     os.setpgid(0, 0)
+    if claim_terminal is not None:
+        claim_terminal()
     # If safegate dies, the job must not run on unwatched: SIGTERM, or SIGKILL for a job told to ignore SIGTERM.
     death = signal.SIGKILL if signal.SIGTERM in ignored else signal.SIGTERM
     _prctl(PR_SET_PDEATHSIG, death)
@@ -57,6 +72,8 @@ def child_setup(parent: int, nice: int | None, ignored: tuple[int, ...] = ()) ->
     if nice:
         os.nice(nice)
         _set_ioprio(idle=nice >= 19)
+    if mask is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 # ioprio_set(IOPRIO_WHO_PROCESS, 0, class << 13 | level): best-effort level 7, or idle.

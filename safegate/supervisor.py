@@ -20,26 +20,27 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import select
 import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
 from enum import Enum
-from typing import Any
 
 from safegate.errors import SpawnError
 from safegate.exitcodes import ExitCode
+from safegate.inbox import SignalInbox, ignored_by_caller
 from safegate.job import Job, ProcessTreeJob
 from safegate.limits import WatchLimits
 from safegate.outcome import Event, JobStats, Outcome, StatsRecorder
-from safegate.procctl import FORWARDED, become_subreaper, child_setup
+from safegate.procctl import FORWARDED, JOB_CONTROL, become_subreaper, child_setup, stop_self
 from safegate.sampler import Probes, Sampler
+from safegate.terminal import Foreground
 from safegate.units import format_bytes, format_duration, signal_name
 from safegate.watchers import Action, Kind
 
 __all__ = ["Event", "JobStats", "Outcome", "Probes", "State", "Supervisor"]
 
 ENDING = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)  # a paused job must run to act on these
+STOPS = (signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)  # job-control stops: the job stops, then safegate
 
 
 class State(str, Enum):
@@ -49,60 +50,6 @@ class State(str, Enum):
     TERMINATING = "terminating"  # SIGTERM sent (a breach, or leftovers of the ended main process); SIGKILL due
     KILLING = "killing"  # SIGKILL sent; sent again, after the deadline, to whatever appears
     DONE = "done"  # every process of the job reaped
-
-
-def ignored_by_caller() -> tuple[int, ...]:
-    """The forwarded signals the caller ignores (nohup's HUP; INT and QUIT for a script's background job): they
-    stay ignored in the job, as they would without safegate, and are not forwarded, since safegate ignores them
-    too."""
-    return tuple(s for s in FORWARDED if signal.getsignal(s) == signal.SIG_IGN)
-
-
-class SignalInbox:
-    """The caller's signals, queued by their handlers; the loop's wait wakes on them through a self-pipe."""
-
-    def __init__(self) -> None:
-        self.pending: list[int] = []
-        self._wake_r = self._wake_w = -1
-        self._old_handlers: dict[int, Any] = {}
-
-    def open(self, signums: Sequence[int]) -> None:
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
-        for signum in signums:
-            self._old_handlers[signum] = signal.signal(signum, self._on_signal)
-
-    def _on_signal(self, signum: int, _frame: object) -> None:
-        self.pending.append(signum)
-
-    def pop(self) -> int | None:
-        return self.pending.pop(0) if self.pending else None
-
-    def wait(self, seconds: float) -> None:
-        """Until a signal arrives or *seconds* pass."""
-        if self.pending or self._wake_r < 0:
-            return
-        try:
-            ready, _, _ = select.select([self._wake_r], [], [], seconds)
-        except InterruptedError:  # pragma: no cover - PEP 475 retries, kept for clarity
-            return
-        if ready:
-            try:
-                while os.read(self._wake_r, 512):
-                    pass
-            except BlockingIOError:
-                pass
-
-    def close(self) -> None:
-        for signum, handler in self._old_handlers.items():
-            signal.signal(signum, handler)
-        self._old_handlers.clear()
-        if self._wake_w >= 0:
-            signal.set_wakeup_fd(-1)
-        for fd in (self._wake_r, self._wake_w):
-            if fd >= 0:
-                os.close(fd)
-        self._wake_r = self._wake_w = -1
 
 
 class Supervisor:
@@ -135,6 +82,7 @@ class Supervisor:
         self.stats = StatsRecorder(clock())
         self._sampler: Sampler | None = None  # and with it the job, once started
         self._inbox = SignalInbox()
+        self._tty = Foreground.detect()
         self._breach: Action | None = None
         self._kill_at: float | None = None  # TERMINATING and KILLING: when SIGKILL is (was) due
 
@@ -151,17 +99,7 @@ class Supervisor:
 
     def start(self) -> int:
         """Spawn the job; raises SpawnError (126/127) when it cannot be executed."""
-        become_subreaper()
-        ignored = ignored_by_caller()
-        self._inbox.open((*(s for s in FORWARDED if s not in ignored), signal.SIGCHLD))
-        parent, nice = os.getpid(), self.nice
-        try:
-            # fork+exec through os.posix_spawn is not enough: the child must set its group, its
-            # parent-death signal and its priority itself before exec.
-            pid = _fork_exec(self.argv, self.pass_fds, self.env, lambda: child_setup(parent, nice, ignored))
-        except BaseException:
-            self._inbox.close()
-            raise
+        pid = spawn(self.argv, self.pass_fds, self.env, self.nice, self._inbox, self._tty)
         self.attach(ProcessTreeJob(pid))
         return pid
 
@@ -182,6 +120,8 @@ class Supervisor:
                 self._reap()
                 if self._all_gone():
                     break
+                if self.leader_status is not None and not self._stopping:
+                    self._stop_leftovers()  # also those a fork-and-exit chain left for us, its subreaper
                 interval = self.step()
             self.state = State.DONE
             return self._outcome()
@@ -191,12 +131,16 @@ class Supervisor:
             self._abandon()
             raise
         finally:
+            self._tty.take_back()
             self._inbox.close()
 
     def _forward_signals(self) -> None:
         while (signum := self._inbox.pop()) is not None:
             if signum == signal.SIGCHLD:
                 continue  # _reap runs after every wake-up
+            if signum in STOPS or signum == signal.SIGCONT:
+                self._job_control(signum)
+                continue
             # Forward first: telling about it may fail (a hung-up terminal) and must not stop the signal.
             self.job.forward(signum)
             if self.state is State.PAUSED and signum in ENDING:
@@ -208,11 +152,17 @@ class Supervisor:
     def _reap(self) -> None:
         while True:
             try:
-                pid, status, usage = os.wait4(-1, os.WNOHANG)
+                pid, status, usage = os.wait4(-1, os.WNOHANG | os.WUNTRACED)
             except ChildProcessError:
                 return
             if pid == 0:
                 return
+            if os.WIFSTOPPED(status):
+                # Ctrl-Z in the job's foreground group, or a read or write from the background: stop with it,
+                # so the shell sees its job stopped. A SIGSTOP (the pause for heat, or someone's) is not that.
+                if pid == self.job.leader and os.WSTOPSIG(status) in STOPS:
+                    self._job_control(os.WSTOPSIG(status), job_stopped=True)
+                continue
             # The kernel's own peak RSS of the process (KiB on Linux): a job shorter than one sampling
             # interval still reports what it used.
             self.job.ended(pid, int(usage.ru_maxrss) * 1024)
@@ -233,13 +183,30 @@ class Supervisor:
         return False
 
     def _leader_ended(self) -> None:
-        job = self.job
-        job.refresh(now=True)
-        if job.members():
-            # The job is its main command: what it leaves behind is stopped too, then the lock is freed.
-            self.emit(Event("cleanup", f"the job's main process ended; stopping {len(job.members())} leftover"
-                                       f" process(es)", {"pids": sorted(job.members())}))
-            self._terminate()
+        self._tty.take_back()  # what the job left behind must not read the shell's input
+        self.job.refresh(now=True)
+        if self.job.members() and not self._stopping:
+            self._stop_leftovers()
+
+    def _stop_leftovers(self) -> None:
+        # The job is its main command: what it leaves behind is stopped too, then the lock is freed.
+        self.job.refresh(now=True)
+        self.emit(Event("cleanup", f"the job's main process ended; stopping {len(self.job.members())} leftover"
+                                   f" process(es)", {"pids": sorted(self.job.members())}))
+        self._terminate()
+
+    def _job_control(self, signum: int, *, job_stopped: bool = False) -> None:
+        """Pass Ctrl-Z and `fg`/`bg` through, as dumb-init does: stop the job, then ourselves; on SIGCONT
+        continue both (a job paused for heat stays paused until it cools), giving it the terminal after `fg`."""
+        if signum == signal.SIGCONT:
+            self._tty.hand_to(self.job.leader)
+            if self.state is not State.PAUSED:
+                self.job.signal_all(signal.SIGCONT)
+            return
+        if not job_stopped:
+            self.job.forward(signum)
+        self._tty.take_back()
+        stop_self()
 
     def step(self) -> float:
         """Sample the job and the machine and act on what the watchers say; the seconds until the next sample."""
@@ -250,6 +217,8 @@ class Supervisor:
         self._act(sampler.gpus(now, judge=not self._stopping))
         self._act(sampler.thermal(now, judge=not self._stopping, paused=self.state is State.PAUSED))
         if self._stopping:
+            if self.state is State.TERMINATING:
+                self.job.terminate_all()  # what appeared since is asked too (a chain that forked on)
             self._escalate(now, sample.available)
             return self.limits.interval
         for action in sampler.memory_actions(sample):
@@ -323,38 +292,60 @@ class Supervisor:
         self.job.signal_all(signal.SIGKILL)
 
     def _abandon(self) -> None:
-        # Real time, not self.clock: this runs because something broke, and it must end.
         with contextlib.suppress(BaseException):
-            job = self.job
-            job.terminate_all()
-            deadline = time.monotonic() + min(self.limits.grace, 5.0)
-            while time.monotonic() < deadline:
-                self._reap()
-                if self.leader_status is not None and self._all_gone():
-                    return
-                time.sleep(0.05)
-            job.signal_all(signal.SIGKILL)
-            while True:
-                try:
-                    os.wait4(-1, 0)
-                except ChildProcessError:
-                    return
+            abandon(self.job, self.limits.grace, self._gone)
+
+    def _gone(self) -> bool:
+        self._reap()
+        return self.leader_status is not None and self._all_gone()
 
     # --- report --------------------------------------------------------------------------------------
 
     def _outcome(self) -> Outcome:
-        status = self.leader_status
-        assert status is not None
-        stats = self.stats.result(self.clock(), self.job.peak())
-        sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
-        exit_status = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
-        if self._breach is not None:
-            assert self._breach.code is not None
-            return Outcome(int(self._breach.code), self._breach.reason, exit_status, sig, stats)
-        if sig is not None:
-            return Outcome(ExitCode.for_signal(sig), "signalled", None, sig, stats)
-        assert exit_status is not None
-        return Outcome(exit_status, "exited", exit_status, None, stats)
+        assert self.leader_status is not None
+        return outcome_of(self.leader_status, self._breach, self.stats.result(self.clock(), self.job.peak()))
+
+
+def outcome_of(status: int, breach: Action | None, stats: JobStats) -> Outcome:
+    """What the job's run comes to: a breach's code, or the main process's own status (128+N when signalled)."""
+    sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+    exit_status = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+    if breach is not None:
+        assert breach.code is not None
+        return Outcome(int(breach.code), breach.reason, exit_status, sig, stats)
+    if sig is not None:
+        return Outcome(ExitCode.for_signal(sig), "signalled", None, sig, stats)
+    assert exit_status is not None
+    return Outcome(exit_status, "exited", exit_status, None, stats)
+
+
+def abandon(job: Job, grace: float, gone: Callable[[], bool]) -> None:
+    """Stop all of the job when the watch broke: SIGTERM, at most *grace* (5 s at most) to end, then SIGKILL until
+    *gone*. Real time, not the supervisor's clock: this runs because something broke, and it must end."""
+    job.terminate_all()
+    deadline = time.monotonic() + min(grace, 5.0)
+    while not gone():
+        if time.monotonic() >= deadline:
+            job.signal_all(signal.SIGKILL)
+        time.sleep(0.05)
+
+
+def spawn(argv: Sequence[str], pass_fds: Sequence[int], env: Mapping[str, str] | None, nice: int | None,
+          inbox: SignalInbox, tty: Foreground) -> int:
+    """Start the job in a process group of its own, as our child, with *inbox* receiving the caller's signals."""
+    become_subreaper()
+    ignored = ignored_by_caller()
+    inbox.open((*(s for s in (*FORWARDED, *JOB_CONTROL) if s not in ignored), signal.SIGCHLD))
+    parent, mask = os.getpid(), inbox.caller_mask
+    try:
+        # fork+exec through os.posix_spawn is not enough: the child must set its group, its parent-death
+        # signal, its terminal and its priority itself before exec.
+        pid = _fork_exec(argv, pass_fds, env, lambda: child_setup(parent, nice, ignored, mask, tty.claim_in_child))
+    except BaseException:
+        inbox.close()
+        raise
+    tty.handed(pid)
+    return pid
 
 
 def _fork_exec(

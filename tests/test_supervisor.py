@@ -35,6 +35,7 @@ class FakeJob:
     pids: set[int] = field(default_factory=lambda: {100, 101})
     sent: list[tuple[str, int]] = field(default_factory=list)
     refreshes: list[bool] = field(default_factory=list)
+    terminations: int = 0
 
     @property
     def leader(self) -> int:
@@ -55,15 +56,19 @@ class FakeJob:
     def ended(self, pid: int, maxrss: int) -> None:
         self.pids.discard(pid)
 
-    def forward(self, signum: int) -> None:
+    def forward(self, signum: int) -> bool:
         self.sent.append(("group", signum))
+        return True
 
     def signal_all(self, signum: int) -> None:
         self.sent.append(("all", signum))
 
     def terminate_all(self) -> None:
-        self.signal_all(TERM)
-        self.signal_all(CONT)
+        # As ProcessTreeJob: each process is asked once; later calls ask only those that appeared since (none here).
+        self.terminations += 1
+        if self.terminations == 1:
+            self.signal_all(TERM)
+            self.signal_all(CONT)
 
 
 class Clock:
@@ -140,6 +145,7 @@ def test_sigterm_at_the_breach_sigkill_exactly_after_the_grace_period(rig: Rig) 
     assert rig.sup.state is State.TERMINATING
     rig.step(1002.499)  # a millisecond before the deadline
     assert rig.job.sent == [("all", TERM), ("all", CONT)] and rig.kinds() == ["breach"]
+    assert rig.job.terminations == 2  # during the grace period, what appeared since is asked too
     rig.step(1002.5)  # exactly the deadline
     assert rig.job.sent[-1] == ("all", KILL) and rig.sup.state is State.KILLING
     assert rig.events[-1] == Event("signal", "still running after 2s; sending SIGKILL", {"pids": [100, 101]},
@@ -251,20 +257,20 @@ def test_process_tree_job_no_killpg_once_its_group_is_empty(monkeypatch: pytest.
     assert job.peak() == 300 * MiB and not job.members()
 
 
-def test_main_process_ending_with_leftovers_renews_the_deadline_and_killing_stays_killing(rig: Rig) -> None:
+def test_main_process_ending_while_the_job_is_stopped_changes_neither_signal_nor_deadline(rig: Rig) -> None:
     # The reaping itself needs real children (test_exec.py); what it triggers is driven here directly.
     rig.sup._leader_ended()
     assert rig.kinds() == ["cleanup"] and rig.sup.state is State.TERMINATING
     assert rig.events[0].message == "the job's main process ended; stopping 2 leftover process(es)"
+    rig.sup._leader_ended()  # again while terminating: the leftovers were asked already, and the deadline stays
+    assert rig.job.sent.count(("all", TERM)) == 1 and rig.kinds() == ["cleanup"]
     rig.step(1002.0)
     assert rig.sup.state is State.KILLING
     rig.clock.now = 1003.0
-    rig.sup._leader_ended()  # again while being killed: a new deadline, and no second "still running" event
+    rig.sup._leader_ended()  # again while being killed: no new deadline, no second "still running" event
     assert rig.sup.state is State.KILLING
-    rig.step(1004.9)
-    assert rig.job.sent.count(("all", KILL)) == 1
-    rig.step(1005.0)
-    assert rig.job.sent.count(("all", KILL)) == 2 and rig.kinds() == ["cleanup", "signal", "cleanup"]
+    rig.step(1003.1)  # killing: whatever appeared since is killed at each sample
+    assert rig.job.sent.count(("all", KILL)) == 2 and rig.kinds() == ["cleanup", "signal"]
 
 
 def test_an_ending_signal_to_a_paused_job_continues_it(rig: Rig) -> None:

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
 import pytest
-from support import PY, TIMEOUT
+from support import HELPERS, PY, TIMEOUT, Procs, pids_with, wait_until
+
+from safegate.exitcodes import ExitCode
 
 
 def _private_mount() -> list[str]:
@@ -72,3 +75,151 @@ def test_the_log_on_a_full_disk_holds_only_whole_lines(config: Path, env: dict[s
     assert text.endswith("\n")
     events = [json.loads(line)["event"] for line in text.splitlines()]  # every line whole JSON
     assert events[0] == "admitted" and "summary" not in events
+
+
+# --- item 4: safegate's own SIGTERM reaches each process once ---------------------------------------------------
+
+COUNTER = str(HELPERS / "term_counter.py")
+
+
+def test_leftovers_get_one_sigterm_each(config: Path, env: dict[str, str], tmp_path: Path) -> None:
+    # The main process ends and leaves two processes in the job's group: cleanup stops them with one SIGTERM each.
+    outs = [tmp_path / f"left{i}" for i in range(2)]
+    ready = " && ".join(f'[ -s "{out}" ]' for out in outs)
+    script = (f'{PY} {COUNTER} "$1" & {PY} {COUNTER} "$2" & '
+              f'until {ready}; do sleep 0.01; done; exit 0')
+    for _ in range(4):  # the double delivery was a race: seen in 6 of 8 runs
+        for out in outs:
+            out.unlink(missing_ok=True)
+        result = subprocess.run([PY, "-m", "safegate", "exec", "--config", str(config), "--mem", "0", "--",
+                                 "sh", "-c", script, "sh", *map(str, outs)],
+                                env=env, capture_output=True, text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL)
+        assert result.returncode == 0, result.stderr
+        assert [out.read_text() for out in outs] == ["1", "1"], result.stderr
+
+
+def test_a_breach_sends_one_sigterm(config: Path, env: dict[str, str], tmp_path: Path) -> None:
+    # A small process of the job, then a big one that breaches --max-mem: each gets one SIGTERM, also when the
+    # shell that started them ends in the grace period (the cleanup of leftovers must not ask again).
+    small, big = tmp_path / "small", tmp_path / "big"
+    script = (f'{PY} {COUNTER} "$1" & until [ -s "$1" ]; do sleep 0.01; done; '
+              f'{PY} {COUNTER} "$2" 150 & wait')
+    for _ in range(4):
+        for out in (small, big):
+            out.unlink(missing_ok=True)
+        result = subprocess.run([PY, "-m", "safegate", "exec", "--config", str(config), "--mem", "0",
+                                 "--max-mem", "100M", "--", "sh", "-c", script, "sh", str(small), str(big)],
+                                env=env, capture_output=True, text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL)
+        assert result.returncode == ExitCode.KILLED_MEMORY, result.stderr
+        assert (small.read_text(), big.read_text()) == ("1", "1"), result.stderr
+
+
+# --- item 5: a signal blocked in the inherited mask ----------------------------------------------------------
+
+BLOCKED_JOB = """
+import sys, time
+def status(key):
+    return int([l for l in open('/proc/self/status') if l.startswith(key)][0].split()[1], 16)
+term = 1 << 14
+print('blocked' if status('SigBlk:') & term else 'unblocked', flush=True)
+while not (status('SigPnd:') | status('ShdPnd:')) & term:  # blocked here too, so it waits pending
+    time.sleep(0.01)
+"""
+
+
+def test_a_signal_blocked_in_the_callers_mask_is_still_forwarded(config: Path, env: dict[str, str],
+                                                                 lock_dir: Path, procs: Procs) -> None:
+    # As tini's tests do: the caller blocks SIGTERM and execs the wrapper.
+    launcher = ("import os, signal, sys; signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM}); "
+                "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])")
+    gate = procs.spawn([PY, "-c", launcher, "-m", "safegate", "exec", "--config", str(config), "--mem", "0", "-q",
+                        "--", PY, "-c", BLOCKED_JOB], env=env, stdout=subprocess.PIPE)
+    assert gate.stdout is not None
+    assert gate.stdout.readline() == b"blocked\n"  # the job inherits the caller's mask, as it would directly
+    os.kill(gate.pid, signal.SIGTERM)
+    assert gate.wait(timeout=TIMEOUT) == 0  # safegate got it and forwarded it: pending in the job, which saw it
+
+
+# --- item 11: fork-and-exit chains --------------------------------------------------------------------------
+
+def _kill_marked(marker: Path) -> None:
+    """Cleanup: SIGKILL every process carrying *marker* until none is left (a chain forks on while it runs)."""
+    wait_until(lambda: not [os.kill(pid, signal.SIGKILL) for pid in pids_with(str(marker))], what="no chain left")
+
+
+def _chain_pids(marker: Path) -> list[int]:
+    return [int(line) for line in marker.read_text().split()] if marker.exists() else []
+
+
+CHAIN_C = r"""
+#include <stdio.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    FILE *out = fopen(argv[1], "a"); fprintf(out, "%d\n", getpid()); fclose(out);
+    for (;;) { if (fork()) _exit(0); setsid(); }
+}
+"""
+
+
+def _chain_command(kind: str, marker: Path, tmp_path: Path) -> str:
+    if kind != "c":
+        return f'{PY} {HELPERS / "fork_chain.py"} "$1" {kind}'
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler for the tight C chain")
+    source, binary = tmp_path / "chain.c", tmp_path / "chain-bin"
+    source.write_text(CHAIN_C)
+    subprocess.run([cc, "-O2", "-o", str(binary), str(source)], check=True, timeout=TIMEOUT)
+    return f'{binary} "$1"'  # the marker in its command line, for the cleanup's search
+
+
+@pytest.mark.parametrize("kind", ["0.05", "0", "c"], ids=["paced", "tight", "tight-c"])
+def test_a_fork_and_exit_chain_left_behind_is_stopped(config: Path, env: dict[str, str], tmp_path: Path,
+                                                      kind: str) -> None:
+    marker = tmp_path / "chain"
+    chain = f'{_chain_command(kind, marker, tmp_path)} & until [ -s "$1" ]; do sleep 0.01; done; exit 3'
+    gate = subprocess.Popen([PY, "-m", "safegate", "exec", "--config", str(config), "--mem", "0", "--grace", "1s",
+                             "--", "sh", "-c", chain, "sh", str(marker)], env=env, stdin=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        _, err = gate.communicate(timeout=TIMEOUT)
+    finally:
+        if gate.poll() is None:
+            gate.kill()
+            gate.wait()
+        _kill_marked(marker)
+    assert gate.returncode == 3, err
+    assert "stopping" in err and "leftover" in err
+    assert _chain_pids(marker)
+    assert pids_with(str(marker)) == []  # every generation carries the marker in its command line
+
+
+# --- item 12: a process whose main thread exited ------------------------------------------------------------
+
+THREADED = str(HELPERS / "main_thread_exits.py")
+
+
+def test_memory_of_a_process_whose_main_thread_exited_counts(config: Path, env: dict[str, str],
+                                                             tmp_path: Path) -> None:
+    result = subprocess.run([PY, "-m", "safegate", "exec", "--config", str(config), "--mem", "0",
+                             "--max-mem", "200M", "--", PY, THREADED, "600", "600", str(tmp_path / "ready")],
+                            env=env, capture_output=True, text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL)
+    assert result.returncode == ExitCode.KILLED_MEMORY, result.stderr
+    assert not (tmp_path / "ready").exists()  # stopped on the way, not after reaching 600 MB
+
+
+def test_a_leftover_whose_main_thread_exited_is_stopped(config: Path, env: dict[str, str], tmp_path: Path) -> None:
+    ready = tmp_path / "ready"
+    script = f'{PY} {THREADED} 20 600 "$1" & until [ -s "$1" ]; do sleep 0.01; done; exit 3'
+    gate = subprocess.Popen([PY, "-m", "safegate", "exec", "--config", str(config), "--mem", "0", "--grace", "1s",
+                             "--", "sh", "-c", script, "sh", str(ready)], env=env, stdin=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        _, err = gate.communicate(timeout=TIMEOUT)
+    finally:
+        if gate.poll() is None:
+            gate.kill()
+            gate.wait()
+        _kill_marked(ready)
+    assert gate.returncode == 3, err
+    assert "stopping 1 leftover process(es)" in err

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 
 import psutil
 
@@ -18,6 +19,8 @@ from safegate.probes.processes import descendants, read_small
 
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 RESCAN = 1.0
+CHASE_GAP = 32  # free pid numbers in a row that end the chase past the listing
+CHASE_LIMIT = 4096  # numbers the chase reads at most (a machine forking as fast as it reads)
 
 
 def _stat_fields(pid: int, proc_root: str) -> list[bytes] | None:
@@ -39,12 +42,37 @@ def read_available(path: str = "/proc/meminfo") -> int:
     return int(psutil.virtual_memory().available)
 
 
+def live_thread(pid: int, proc_root: str = "/proc") -> int | None:
+    """A thread of *pid* still running when its main thread has exited, else None.
+
+    Such a process reads as a zombie (state Z, statm all 0) while its other threads run and allocate: it is
+    alive, and its memory is read through one of them."""
+    try:
+        tids = os.listdir(f"{proc_root}/{pid}/task")
+    except OSError:
+        return None
+    for name in tids:
+        if name != str(pid) and name.isdigit():
+            fields = _stat_fields(int(name), f"{proc_root}/{pid}/task")
+            if fields and fields[0] not in (b"Z", b"X"):
+                return int(name)
+    return None
+
+
+def _task_dir(pid: int, proc_root: str) -> str:
+    thread = live_thread(pid, proc_root)
+    return f"{proc_root}/{pid}/task/{thread}" if thread is not None else f"{proc_root}/{pid}"
+
+
 def rss_bytes(pid: int, proc_root: str = "/proc") -> int | None:
     """Resident memory of *pid*, None when it has exited (a zombie reads 0)."""
     raw = read_small(f"{proc_root}/{pid}/statm", 256)
     if not raw:
         return None
     fields = raw.split()
+    if len(fields) > 1 and fields[0] == b"0":  # no memory map of its own: a zombie, or its main thread exited
+        raw = read_small(f"{_task_dir(pid, proc_root)}/statm", 256) or raw
+        fields = raw.split()
     return int(fields[1]) * _PAGE_SIZE if len(fields) > 1 else 0
 
 
@@ -56,7 +84,10 @@ def pss_bytes(pid: int, proc_root: str = "/proc") -> int | None:
     """
     raw = read_small(f"{proc_root}/{pid}/smaps_rollup", 8192)
     if not raw:
-        return None
+        # Gone, or its main thread exited (reading the rollup through it fails): read it through a live thread.
+        raw = read_small(f"{_task_dir(pid, proc_root)}/smaps_rollup", 8192)
+        if not raw:
+            return None
     for line in raw.splitlines():
         if line.startswith(b"Pss:"):
             return int(line.split()[1]) * 1024
@@ -73,20 +104,53 @@ class JobTree:
     def add(self, pid: int) -> None:
         self.pids.add(pid)
 
-    def rescan(self) -> None:
-        """Find every descendant of root by a full /proc scan."""
-        parents: dict[int, int] = {}
+    def rescan(self, on_sight: Callable[[int], None] | None = None) -> None:
+        """Find every descendant of root by a full /proc scan; *on_sight* is called with each live one as soon as
+        it is read, so that a signal reaches it before it can fork and exit.
+
+        Pids are read in ascending order (a parent before its children), then the scan chases the pids created
+        while it ran, past the last one listed, until CHASE_GAP numbers in a row are free: a fork-and-exit chain
+        leaves a trail of zombies (re-parented to us, the subreaper, and not yet reaped) up to its one live
+        generation, which is read microseconds after its parent instead of a whole /proc pass later.
+        """
         try:
-            entries = os.listdir(self.proc_root)
+            listed = sorted(int(name) for name in os.listdir(self.proc_root) if name.isdigit())
         except OSError:
-            entries = []
-        for name in entries:
-            if not name.isdigit():
-                continue
-            fields = _stat_fields(int(name), self.proc_root)
-            if fields and len(fields) > 1 and fields[0] not in (b"Z", b"X"):
-                parents[int(name)] = int(fields[1])
-        self.pids = descendants([self.root], parents)
+            listed = []
+        parents: dict[int, int] = {}
+        alive: set[int] = set()
+        ours = {self.root}
+        seen: set[int] = set()
+
+        def found(pid: int) -> None:
+            if pid in alive and pid not in seen:
+                seen.add(pid)
+                if on_sight is not None:
+                    on_sight(pid)
+
+        def visit(pid: int) -> bool:
+            fields = _stat_fields(pid, self.proc_root)
+            if not fields or len(fields) < 2:
+                return False
+            parents[pid] = int(fields[1])
+            if fields[0] != b"X" and (fields[0] != b"Z" or live_thread(pid, self.proc_root) is not None):
+                alive.add(pid)
+            if parents[pid] in ours:
+                ours.add(pid)
+                found(pid)
+            return True
+
+        for pid in listed:
+            visit(pid)
+        last = listed[-1] if listed else 0
+        pid, free = last + 1, 0
+        while free < CHASE_GAP and pid <= last + CHASE_LIMIT:
+            free = 0 if visit(pid) else free + 1
+            pid += 1
+        # After pid numbers wrap around, a child can have a lower number than its parent: found by a full walk.
+        for pid in descendants([self.root], parents) - ours:
+            found(pid)
+        self.pids = seen
         self._last_scan = time.monotonic()
 
     def refresh(self, force_scan: bool = False) -> set[int]:
