@@ -346,3 +346,59 @@ class OpenWatch:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class Pty:
+    """A real terminal: *argv* runs as the session leader with a new pty as its controlling terminal, as a login
+    shell does; the test types into the master side and reads what the terminal shows."""
+
+    def __init__(self, procs: Procs, argv: list[str], env: dict[str, str]) -> None:
+        import fcntl
+        import termios
+
+        self.master, slave = os.openpty()
+        self.seen = b""
+
+        def take_terminal() -> None:  # in the child, after setsid: the pty becomes its controlling terminal
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+        self.proc = procs.spawn(argv, env=env, stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+                                preexec_fn=take_terminal)
+        os.close(slave)
+
+    def send(self, text: str) -> None:
+        os.write(self.master, text.encode())
+
+    def _read(self) -> bool:
+        import select
+
+        ready, _, _ = select.select([self.master], [], [], 0.05)
+        if ready:
+            try:
+                chunk = os.read(self.master, 65536)
+            except OSError:  # EIO: every process of the terminal is gone
+                return False
+            self.seen += chunk
+            return bool(chunk)
+        return True
+
+    def expect(self, text: str, what: str = "") -> str:
+        """Read until *text* has appeared since the last expect(); what the terminal showed up to it."""
+        needle = text.encode()
+
+        def shown() -> bool:
+            if needle not in self.seen:
+                self._read()
+            return needle in self.seen
+
+        wait_until(shown, what=what or f"{text!r} on the terminal (so far: {self.seen[-400:]!r})")
+        before, _, self.seen = self.seen.partition(needle)
+        return (before + needle).decode(errors="replace")
+
+    def wait(self) -> int:
+        """The session leader's exit status, reading the terminal meanwhile so nothing blocks on a full pty."""
+        wait_until(lambda: self._read() is not None and self.proc.poll() is not None, what="the terminal's process")
+        return self.proc.wait()
+
+    def close(self) -> None:
+        os.close(self.master)

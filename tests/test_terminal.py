@@ -1,0 +1,124 @@
+"""safegate exec in a real terminal (issue 12, items 7 and 8): the job gets the foreground, Ctrl-C and Ctrl-Z
+reach it, and the terminal comes back to the shell, as when the job runs without safegate."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from support import PY, TIMEOUT, Procs, Pty, job_pid, proc_state, wait_until
+
+SAFEGATE = [PY, "-m", "safegate", "exec", "-q", "--mem", "0"]
+
+
+@pytest.fixture
+def terminals(procs: Procs) -> Iterator[list[Pty]]:
+    opened: list[Pty] = []
+    yield opened
+    for pty in opened:
+        pty.close()
+
+
+def _pty(procs: Procs, terminals: list[Pty], argv: list[str], env: dict[str, str]) -> Pty:
+    pty = Pty(procs, argv, env)
+    terminals.append(pty)
+    return pty
+
+
+def test_a_job_reading_the_terminal_gets_its_input(config: Path, env: dict[str, str], procs: Procs,
+                                                   terminals: list[Pty]) -> None:
+    pty = _pty(procs, terminals, [*SAFEGATE, "--config", str(config), "--", PY, "-c",
+                                  "print('ready', flush=True); print('got', input())"], env)
+    pty.expect("ready")
+    pty.send("hello\n")  # without the foreground, the job's read would stop it with SIGTTIN, for ever
+    pty.expect("got hello")
+    assert pty.wait() == 0
+
+
+INT_JOB = ("import signal, sys, time\n"
+           "signal.signal(signal.SIGINT, lambda *a: (print('job got SIGINT', flush=True), sys.exit(7)))\n"
+           "print('ready', flush=True)\n"
+           "while True: time.sleep(1)\n")
+
+
+def test_ctrl_c_reaches_the_job(config: Path, env: dict[str, str], procs: Procs, terminals: list[Pty]) -> None:
+    pty = _pty(procs, terminals, [*SAFEGATE, "--config", str(config), "--", PY, "-c", INT_JOB], env)
+    pty.expect("ready")
+    pty.send("\x03")
+    pty.expect("job got SIGINT")
+    assert pty.wait() == 7
+
+
+@pytest.mark.parametrize("shell", ["bash", "dash"])
+def test_an_interactive_shell_as_the_job(config: Path, env: dict[str, str], procs: Procs, terminals: list[Pty],
+                                         shell: str) -> None:
+    argv = ["bash", "--norc", "--noprofile", "-i"] if shell == "bash" else ["dash", "-i"]
+    if subprocess.run(["sh", "-c", f"command -v {shell}"], capture_output=True).returncode:
+        pytest.skip(f"{shell} is not installed")
+    pty = _pty(procs, terminals, [*SAFEGATE, "--config", str(config), "--", *argv], env | {"PS1": "PROMPT> "})
+    pty.expect("PROMPT> ")
+    pty.send("echo answer=$((6*7))\n")
+    pty.expect("answer=42")
+    pty.send("exit 5\n")
+    assert pty.wait() == 5
+
+
+def test_the_terminal_comes_back_to_the_callers_group(config: Path, env: dict[str, str], procs: Procs,
+                                                      terminals: list[Pty]) -> None:
+    # A script in the terminal runs safegate, then reads the terminal itself: it must be in the foreground again.
+    check = "import os; print('foreground' if os.tcgetpgrp(0) == os.getpgrp() else 'background', flush=True)"
+    script = '"$@"; echo "job=$?"; "$0" -c "$1"; read line; echo "read $line"'
+    pty = _pty(procs, terminals, ["sh", "-c", f'{script}'.replace('"$0" -c "$1"', f'{PY} -c "{check}"'), "sh",
+                                  *SAFEGATE, "--config", str(config), "--", "sh", "-c", "exit 3"], env)
+    pty.expect("job=3")
+    pty.expect("foreground")
+    pty.send("typed\n")
+    pty.expect("read typed")
+    assert pty.wait() == 0
+
+
+# --- item 8: job control ----------------------------------------------------------------------------------------
+
+def _stopped(pid: int) -> bool:
+    return proc_state(pid) in ("T", "t")
+
+
+def test_ctrl_z_stops_the_job_and_fg_continues_it(config: Path, env: dict[str, str], lock_dir: Path, procs: Procs,
+                                                  terminals: list[Pty], tmp_path: Path) -> None:
+    bash = ["bash", "--norc", "--noprofile", "-i"]
+    pty = _pty(procs, terminals, bash, env | {"PS1": "PROMPT> "})
+    pty.expect("PROMPT> ")
+    ticker = tmp_path / "ticker.py"
+    ticker.write_text("import time\nfor i in range(100000):\n    print('tick', i, flush=True); time.sleep(0.05)\n")
+    pty.send(f"{' '.join(SAFEGATE)} --config {config} -- {PY} {ticker}\n")
+    pty.expect("tick 1")
+    job = wait_until(lambda: job_pid(lock_dir), what="the job")
+    gate = wait_until(lambda: int(Path(f"/proc/{job}/stat").read_text().rsplit(")", 1)[1].split()[1]), what="gate")
+    pty.send("\x1a")  # Ctrl-Z
+    pty.expect("PROMPT> ", "the shell's prompt after Ctrl-Z")  # the shell saw its job stop
+    wait_until(lambda: _stopped(job) and _stopped(gate), what="the job and safegate stopped")
+    pty.send("fg\n")
+    wait_until(lambda: not _stopped(job) and not _stopped(gate), what="both running again")
+    pty.expect("tick")  # the job runs again, in the foreground: Ctrl-C reaches it
+    pty.send("\x03")
+    pty.expect("PROMPT> ")
+    pty.send("echo status=$?\n")
+    pty.expect("status=130")
+    pty.send("exit\n")
+    pty.wait()
+
+
+def test_tstp_from_outside_stops_both_and_cont_continues_both(config: Path, env: dict[str, str], lock_dir: Path,
+                                                             procs: Procs) -> None:
+    gate = procs.spawn([*SAFEGATE, "--config", str(config), "--", "sleep", "600"], env=env)
+    job = wait_until(lambda: job_pid(lock_dir), what="the job")
+    os.kill(gate.pid, signal.SIGTSTP)
+    wait_until(lambda: _stopped(job) and _stopped(gate.pid), what="the job, then safegate, stopped")
+    os.kill(gate.pid, signal.SIGCONT)
+    wait_until(lambda: not _stopped(job) and not _stopped(gate.pid), what="both continued")
+    os.kill(gate.pid, signal.SIGTERM)
+    assert gate.wait(timeout=TIMEOUT) == 128 + signal.SIGTERM
