@@ -140,3 +140,12 @@ def test_every_command_help_has_an_example(run: Run) -> None:
     for command in _all_options(run):
         out = run(*command.split(), "--help").stdout
         assert "Example" in out and "safegate" in out.split("Example", 1)[1], command
+
+
+def test_readme_signal_section_is_the_generated_text() -> None:
+    from safegate.docgen import signal_paragraphs
+
+    block = README.split("<!-- signals:", 1)[1].split("-->\n", 1)[1].split("\n<!-- /signals -->", 1)[0]
+    assert block == "\n\n".join(signal_paragraphs())
+    man = (REPO / "man" / "safegate.1").read_text()
+    assert ".SH SIGNALS AND THE TERMINAL" in man and "SIGRTMIN to SIGRTMAX" in man

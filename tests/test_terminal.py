@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import PY, TIMEOUT, Procs, Pty, job_pid, proc_state, wait_until
+from support import HELPERS, PY, TIMEOUT, OpenWatch, Procs, Pty, job_pid, proc_state, set_temp, wait_until
 
 SAFEGATE = [PY, "-m", "safegate", "exec", "-q", "--mem", "0"]
 
@@ -122,3 +122,26 @@ def test_tstp_from_outside_stops_both_and_cont_continues_both(config: Path, env:
     wait_until(lambda: not _stopped(job) and not _stopped(gate.pid), what="both continued")
     os.kill(gate.pid, signal.SIGTERM)
     assert gate.wait(timeout=TIMEOUT) == 128 + signal.SIGTERM
+
+
+def test_a_job_paused_for_heat_stays_paused_through_sigcont(config: Path, env: dict[str, str], sensor: Path,
+                                                            lock_dir: Path, procs: Procs, tmp_path: Path) -> None:
+    ticks, stop = tmp_path / "ticks", tmp_path / "stop"
+    gate = procs.spawn([*SAFEGATE, "--config", str(config), "--", PY, str(HELPERS / "ticker.py"), str(ticks),
+                        "1000000", str(stop)], env=env)
+    job = wait_until(lambda: job_pid(lock_dir), what="the job")
+    wait_until(ticks.exists, what="the first tick")
+    set_temp(sensor, 85)
+    wait_until(lambda: _stopped(job), what="the job paused for heat")
+    os.kill(gate.pid, signal.SIGTSTP)
+    wait_until(lambda: _stopped(gate.pid), what="safegate stopped")
+    os.kill(gate.pid, signal.SIGCONT)  # `fg`: safegate runs again, the hot job does not
+    wait_until(lambda: not _stopped(gate.pid), what="safegate continued")
+    frozen = ticks.read_text()
+    with OpenWatch(sensor) as reads:
+        reads.wait_for(2, "safegate to read the sensor twice after SIGCONT")  # it acted on SIGCONT by then
+    assert _stopped(job) and ticks.read_text() == frozen
+    set_temp(sensor, 70)
+    wait_until(lambda: ticks.read_text() != frozen, what="the job to tick again once cool")
+    stop.touch()
+    assert gate.wait(timeout=TIMEOUT) == 0
