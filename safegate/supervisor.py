@@ -168,7 +168,7 @@ class Supervisor:
             self.job.ended(pid, int(usage.ru_maxrss) * 1024)
             if pid == self.job.leader and self.leader_status is None:  # not a later orphan reusing the pid
                 self.leader_status = status
-                self._leader_ended()
+                self._tty.take_back()  # what the job left behind must not read the shell's input
 
     def _all_gone(self) -> bool:
         if self.leader_status is None:
@@ -182,18 +182,14 @@ class Supervisor:
             self.job.ended(pid, int(usage.ru_maxrss) * 1024)
         return False
 
-    def _leader_ended(self) -> None:
-        self._tty.take_back()  # what the job left behind must not read the shell's input
-        self.job.refresh(now=True)
-        if self.job.members() and not self._stopping:
-            self._stop_leftovers()
-
     def _stop_leftovers(self) -> None:
-        # The job is its main command: what it leaves behind is stopped too, then the lock is freed.
+        # The job is its main command: what it leaves behind is stopped too, then the lock is freed. Until a scan
+        # finds them, the loop calls this again (a fork-and-exit chain may be between two generations).
         self.job.refresh(now=True)
-        self.emit(Event("cleanup", f"the job's main process ended; stopping {len(self.job.members())} leftover"
-                                   f" process(es)", {"pids": sorted(self.job.members())}))
-        self._terminate()
+        if self.job.members():
+            self.emit(Event("cleanup", f"the job's main process ended; stopping {len(self.job.members())} "
+                                       "leftover process(es)", {"pids": sorted(self.job.members())}))
+            self._terminate()
 
     def _job_control(self, signum: int, *, job_stopped: bool = False) -> None:
         """Pass Ctrl-Z and `fg`/`bg` through, as dumb-init does: stop the job, then ourselves; on SIGCONT

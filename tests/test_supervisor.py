@@ -257,17 +257,14 @@ def test_process_tree_job_no_killpg_once_its_group_is_empty(monkeypatch: pytest.
     assert job.peak() == 300 * MiB and not job.members()
 
 
-def test_main_process_ending_while_the_job_is_stopped_changes_neither_signal_nor_deadline(rig: Rig) -> None:
+def test_leftovers_of_the_main_process_are_asked_once_then_killed(rig: Rig) -> None:
     # The reaping itself needs real children (test_exec.py); what it triggers is driven here directly.
-    rig.sup._leader_ended()
+    rig.sup._stop_leftovers()
     assert rig.kinds() == ["cleanup"] and rig.sup.state is State.TERMINATING
     assert rig.events[0].message == "the job's main process ended; stopping 2 leftover process(es)"
-    rig.sup._leader_ended()  # again while terminating: the leftovers were asked already, and the deadline stays
-    assert rig.job.sent.count(("all", TERM)) == 1 and rig.kinds() == ["cleanup"]
+    rig.step(1001.0)  # during the grace period: what appeared since is asked, without another event
+    assert rig.job.terminations == 2 and rig.kinds() == ["cleanup"]
     rig.step(1002.0)
-    assert rig.sup.state is State.KILLING
-    rig.clock.now = 1003.0
-    rig.sup._leader_ended()  # again while being killed: no new deadline, no second "still running" event
     assert rig.sup.state is State.KILLING
     rig.step(1003.1)  # killing: whatever appeared since is killed at each sample
     assert rig.job.sent.count(("all", KILL)) == 2 and rig.kinds() == ["cleanup", "signal"]
