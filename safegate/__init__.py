@@ -11,6 +11,7 @@ from typing import Any
 
 from safegate.errors import (
     Blocked,
+    CgroupError,
     ConfigError,
     LicenseMissing,
     LockBusy,
@@ -27,6 +28,7 @@ __version__ = "0.1.0"
 _API = ("Gate", "check", "hold", "slots")
 __all__ = [
     "Blocked",
+    "CgroupError",
     "ConfigError",
     "Gate",
     "LicenseMissing",

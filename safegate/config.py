@@ -84,6 +84,7 @@ class Profile:
     warn_signal: int | None = None
     nice: int | None = None
     log: str | None = None
+    cgroup: str = "auto"
     # GPUs
     gpu_memory: Size = field(default_factory=lambda: Size(bytes=0))
     gpu_margin: Size = field(default_factory=lambda: parse_size(DEFAULT_GPU_MARGIN))

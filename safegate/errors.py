@@ -38,6 +38,12 @@ class LockDirError(SafegateError):
     exit_code = ExitCode.CONFIG
 
 
+class CgroupError(SafegateError):
+    """`--cgroup on` where the job cannot get a cgroup of its own, or its cgroup cannot be set up."""
+
+    exit_code = ExitCode.CONFIG
+
+
 class ValueParseError(ValueError):
     """A size, duration, temperature or name that does not parse.
 

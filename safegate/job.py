@@ -13,6 +13,7 @@ import signal
 from collections.abc import Set
 from typing import Protocol
 
+from safegate.cgroups import JobCgroup
 from safegate.probes.jobtree import JobTree
 
 SIGNAL_ROUNDS = 200  # scans per signalling; each costs one pass over /proc
@@ -50,6 +51,17 @@ class Job(Protocol):
 
     def signal_all(self, signum: int) -> None:
         """*signum* to every process of the job, also those that left its group."""
+        ...
+
+    def pause(self) -> None:
+        """Stop every process (too hot) until resume()."""
+        ...
+
+    def resume(self) -> None:
+        ...
+
+    def oom_kills(self) -> int:
+        """Processes of the job the kernel's OOM killer ended at its memory cap (0 without a cap)."""
         ...
 
     def terminate_all(self) -> None:
@@ -118,6 +130,15 @@ class ProcessTreeJob:
         if asked:
             self.signal_all(signal.SIGCONT)
 
+    def pause(self) -> None:
+        self.signal_all(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.signal_all(signal.SIGCONT)
+
+    def oom_kills(self) -> int:
+        return 0
+
     def _signal_each(self, signum: int, *, skip: Set[int], group: bool) -> set[int]:
         """*signum* once to every process of the job but *skip*; the pids it reached.
 
@@ -152,3 +173,65 @@ def _pgid(pid: int) -> int | None:
         return os.getpgid(pid)
     except OSError:
         return None
+
+
+class CgroupJob(ProcessTreeJob):
+    """The job as the members of its own cgroup: the kernel counts its memory (also of processes that already
+    ended), caps it, and no process can leave it, so stopping the cgroup's members stops all of the job."""
+
+    def __init__(self, leader: int, cgroup: JobCgroup) -> None:
+        super().__init__(leader)
+        self.cgroup = cgroup
+
+    def members(self) -> Set[int]:
+        return self.cgroup.procs()
+
+    def refresh(self, *, now: bool = False) -> None:
+        pass  # the kernel keeps the list
+
+    def memory(self, *, precise: bool) -> int:
+        return self.cgroup.working_set()
+
+    def peak(self) -> int:
+        return max(super().peak(), self.cgroup.peak())
+
+    def oom_kills(self) -> int:
+        return self.cgroup.oom_kills()
+
+    def _group_alive(self) -> bool:
+        return any(_pgid(pid) == self.leader for pid in self.cgroup.procs())
+
+    def pause(self) -> None:
+        self.cgroup.freeze(True)  # a frozen job keeps its state and gets no stray SIGCONT
+
+    def resume(self) -> None:
+        self.cgroup.freeze(False)
+
+    def signal_all(self, signum: int) -> None:
+        if signum == signal.SIGKILL:
+            # Frozen, no member can fork while it is killed: repeated until the cgroup is empty of live ones.
+            for _ in range(SIGNAL_ROUNDS):
+                self.cgroup.freeze(True)
+                self.cgroup.wait_frozen()
+                members = self.cgroup.procs()
+                for pid in members:
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.kill(pid, signal.SIGKILL)
+                self.cgroup.freeze(False)
+                if not members:
+                    return
+            return
+        self.forward(signum)
+        for pid in self.cgroup.procs():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signum)
+
+    def terminate_all(self) -> None:
+        asked = self.cgroup.procs() - self._asked
+        for pid in asked:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGTERM)
+        self._asked |= asked
+        if asked:
+            self.cgroup.freeze(False)
+            self.signal_all(signal.SIGCONT)

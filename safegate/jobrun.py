@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import psutil
 
+from safegate import cgroups
 from safegate.config import DEFAULT_MIN_AVAILABLE, DEFAULT_MIN_AVAILABLE_FRACTION
+from safegate.errors import CgroupError
 from safegate.limits import WARN_FRACTION, GpuLimits, WatchLimits
 from safegate.locks.store import HeldLock
 from safegate.outcome import Event, Outcome
@@ -140,15 +143,19 @@ def run_exec(
     on_blocked: Callable[[Verdict], None] | None = None,
 ) -> Verdict | Outcome:
     """The blocking verdict when preflight fails, else the job's outcome."""
+    if settings.cgroup == "on" and (reason := cgroups.available()) is not None:
+        raise CgroupError(f"--cgroup on: no cgroup for the job: {reason}")  # before waiting in line for nothing
     verdict, held = admit(settings, argv, wait=wait, timeout=timeout, on_blocked=on_blocked)
     if held is None:
         return verdict
-    with held:
+    with held, _job_cgroup(settings, on_event) as cgroup:
         gpus, gpu_env = job_gpus(settings, verdict, held)
         limits = watch_limits(settings, read_memory().total, gpus)
+        if cgroup is not None and limits.max_mem is not None:
+            cgroup.limit_memory(limits.max_mem)
         supervisor = Supervisor(
             argv, limits, on_event, pass_fds=[held.fd], nice=settings.nice, on_sample=_UsedReporter(held),
-            on_gpu_sample=_UsedReporter(held, gpu=True), env={**caller_environment(), **gpu_env},
+            on_gpu_sample=_UsedReporter(held, gpu=True), env={**caller_environment(), **gpu_env}, cgroup=cgroup,
         )
         pid = supervisor.start()
         try:
@@ -161,7 +168,8 @@ def run_exec(
         on_event(Event("admitted", f"started pid {pid} (profile {settings.profile.name}, lock {lock}): "
                                    f"{printable_command(argv)}{gpu_note}",
                        {"pid": pid, "profile": settings.profile.name, "lock": lock, "argv": list(argv),
-                        "max_mem": limits.max_mem, "min_available": limits.min_available, **gpu_env}))
+                        "max_mem": limits.max_mem, "min_available": limits.min_available,
+                        "cgroup": cgroup.paths["memory"] if cgroup is not None else None, **gpu_env}))
         if held.metadata_error:
             on_event(Event("warning", held.metadata_error))
         outcome = supervisor.watch()
@@ -171,6 +179,31 @@ def run_exec(
                                                        "exit_code": outcome.exit_code}))
     _record_history(settings.profile.name, outcome, on_event)
     return outcome
+
+
+@contextlib.contextmanager
+def _job_cgroup(settings: Settings, on_event: Callable[[Event], None]) -> Iterator[cgroups.JobCgroup | None]:
+    """The job's own cgroup (`--cgroup auto` when one can be made, `on`), removed once the job has ended."""
+    cgroup = None
+    if settings.cgroup != "off":
+        reason = cgroups.available()
+        if reason is None:
+            try:
+                cgroup = cgroups.JobCgroup.create()
+            except CgroupError as exc:
+                if settings.cgroup == "on":
+                    raise
+                reason = str(exc)
+        elif settings.cgroup == "on":
+            raise CgroupError(f"--cgroup on: no cgroup for the job: {reason}")
+        if cgroup is None:
+            on_event(Event("notice", f"no cgroup for the job ({reason}); watching its process tree instead",
+                           {"cgroup": None, "reason": reason}))
+    try:
+        yield cgroup
+    finally:
+        if cgroup is not None:
+            cgroup.remove()
 
 
 def _record_history(profile: str, outcome: Outcome, on_event: Callable[[Event], None]) -> None:

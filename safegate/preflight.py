@@ -59,6 +59,7 @@ class Overrides:
     warn_signal: int | None = None
     nice: int | None = None
     log: str | None = None
+    cgroup: str | None = None
     gpu_memory: Size | None = None
     gpu: tuple[int, ...] | None = None
     max_gpu_mem: Size | None = None
@@ -94,6 +95,7 @@ class Settings:
     warn_signal: int | None
     nice: int | None
     log: str | None
+    cgroup: str
     max_gpu_mem: Size | None
     min_gpu_free: Size | None
 
@@ -132,6 +134,7 @@ def resolve(config: Config, profile_name: str, overrides: Overrides, env: Mappin
         warn_signal=pick("warn_signal"),
         nice=pick("nice"),
         log=overrides.log or profile.log,  # an empty --log falls back to the profile's, as it always has
+        cgroup=pick("cgroup"),
         max_gpu_mem=pick("max_gpu_mem"),
         min_gpu_free=pick("min_gpu_free"),
     )

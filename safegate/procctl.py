@@ -51,12 +51,16 @@ def stop_self() -> None:
 
 
 def child_setup(parent: int, nice: int | None, ignored: tuple[int, ...] = (), mask: Iterable[int] | None = None,
-                claim_terminal: Callable[[], None] | None = None) -> None:
+                claim_terminal: Callable[[], None] | None = None, enter_cgroup: Callable[[], None] | None = None
+                ) -> None:
     """Runs in the job between fork and exec (keep it async-signal-safe in spirit: no locks, no imports).
 
     *ignored*: signals the caller ignored; they stay ignored across exec, as in the caller's own children.
     *mask*: the caller's signal mask, which the job inherits as it would without safegate (safegate itself
-    unblocks what it forwards). *claim_terminal*: takes the terminal's foreground for the job's new group."""
+    unblocks what it forwards). *claim_terminal*: takes the terminal's foreground for the job's new group.
+    *enter_cgroup*: moves the child into the job's cgroup, before it can start anything."""
+    if enter_cgroup is not None:
+        enter_cgroup()
     # safegate's own Python handlers were inherited by the fork: until exec they would swallow the
     # parent-death SIGTERM (or the one below) instead of ending this child.
     for signum in (*FORWARDED, *JOB_CONTROL, signal.SIGCHLD):

@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from safegate.config import ThermalConfig
+from safegate.exitcodes import ExitCode
 from safegate.job import Job
 from safegate.limits import FillRate, Level, Pace, WatchLimits, next_interval
 from safegate.outcome import StatsRecorder
@@ -18,7 +19,8 @@ from safegate.probes.gpu import GpuInfo, GpuSnapshot, host_pid_map, read_gpus
 from safegate.probes.jobtree import read_available
 from safegate.probes.thermal import read_thermal
 from safegate.snapshots import ThermalSnapshot
-from safegate.watchers import NOTHING, Action, FloorWatch, GpuWatch, JobMemoryWatch, ThermalWatch, to_take
+from safegate.units import format_bytes
+from safegate.watchers import NOTHING, Action, FloorWatch, GpuWatch, JobMemoryWatch, ThermalWatch, breach, to_take
 
 THERMAL_EVERY = 1.0  # temperatures change slowly; reading sensors costs more than reading meminfo
 GPU_EVERY = 0.1  # NVML calls cost more than /proc reads; a tenth of a second still catches a spike
@@ -111,7 +113,18 @@ class Sampler:
             self.job.refresh(now=True)
             job_mem = self.job.memory(precise=len(self.job.members()) > 1)
             sample = self._record(self.clock(), job_mem, self.probes.available())
-        return to_take([self._job_mem.check(sample.job_mem), self._floor.check(sample.available, sample.job_mem)])
+        return to_take([self._job_mem.check(sample.job_mem), self._floor.check(sample.available, sample.job_mem),
+                        self.kernel_breach()])
+
+    def kernel_breach(self) -> Action:
+        """The kernel's cap (the job's cgroup at --max-mem) OOM-killed a process of the job: a memory breach."""
+        kills = self.job.oom_kills()
+        cap = self.limits.max_mem
+        if not kills or cap is None:
+            return NOTHING
+        return breach(ExitCode.KILLED_MEMORY, "memory", f"the kernel enforced --max-mem {format_bytes(cap)}: the "
+                      f"job's cgroup hit it and {kills} process(es) of the job were OOM-killed",
+                      {"oom_kills": kills, "max_mem": cap, "enforced_by": "kernel"})
 
     def interval(self, sample: MemorySample) -> float:
         return next_interval(sample.job_mem, sample.available, self.limits, self._fill.rate)

@@ -19,6 +19,7 @@ from typing import Any
 
 from safegate.errors import ValueParseError
 from safegate.units import (
+    parse_cgroup,
     parse_duration,
     parse_gpu_option,
     parse_nice,
@@ -77,6 +78,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("nice", "nice", "Run the job at this niceness (0-19), with idle or best-effort I/O priority.",
             "--nice", "N", EXEC),
     Setting("log", "path", "Append every event as a JSON line to FILE.", "--log", "FILE", EXEC),
+    Setting("cgroup", "cgroup", "Run the job in a cgroup of its own, where the kernel caps its memory at --max-mem "
+            "and stops every process: auto (when available; default), on (else exit 3) or off.", "--cgroup",
+            "auto|on|off", EXEC),
     Setting("gpu_memory", "size", "GPU memory the job needs (default: the profile's gpu_memory).", "--gpu-mem",
             "SIZE", GATE),
     Setting("gpu_margin", "size", "VRAM that must stay free on the card after the job's need (default 10%)."),
@@ -111,6 +115,7 @@ CLI_PARSERS: dict[str, Callable[[str], Any]] = {
     "signal": parse_signal,
     "nice": parse_nice,
     "on_hot": parse_on_hot,
+    "cgroup": parse_cgroup,
     "gpu": parse_gpu_option,
     "lock": validate_lock_name,
     "path": str,

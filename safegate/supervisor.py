@@ -25,10 +25,11 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from enum import Enum
 
+from safegate.cgroups import JobCgroup
 from safegate.errors import SpawnError
 from safegate.exitcodes import ExitCode
 from safegate.inbox import SignalInbox, ignored_by_caller
-from safegate.job import Job, ProcessTreeJob
+from safegate.job import CgroupJob, Job, ProcessTreeJob
 from safegate.limits import WatchLimits
 from safegate.outcome import Event, JobStats, Outcome, StatsRecorder
 from safegate.procctl import FORWARDED, JOB_CONTROL, become_subreaper, child_setup, stop_self
@@ -66,6 +67,7 @@ class Supervisor:
         env: Mapping[str, str] | None = None,
         clock: Callable[[], float] = time.monotonic,
         probes: Probes | None = None,
+        cgroup: JobCgroup | None = None,
     ) -> None:
         self.argv = list(argv)
         self.limits = limits
@@ -77,6 +79,7 @@ class Supervisor:
         self.env = dict(env) if env is not None else None
         self.clock = clock  # monotonic: deadlines must survive wall-clock jumps
         self.probes = probes or Probes()
+        self.cgroup = cgroup  # the job's own, made by the caller; None: the job is its process tree
         self.state = State.STARTING
         self.leader_status: int | None = None  # raw wait status
         self.stats = StatsRecorder(clock())
@@ -95,12 +98,10 @@ class Supervisor:
     def job(self) -> Job:
         return self.sampler.job
 
-    # --- spawn ---------------------------------------------------------------------------------------
-
     def start(self) -> int:
         """Spawn the job; raises SpawnError (126/127) when it cannot be executed."""
-        pid = spawn(self.argv, self.pass_fds, self.env, self.nice, self._inbox, self._tty)
-        self.attach(ProcessTreeJob(pid))
+        pid = spawn(self.argv, self.pass_fds, self.env, self.nice, self._inbox, self._tty, self.cgroup)
+        self.attach(CgroupJob(pid, self.cgroup) if self.cgroup is not None else ProcessTreeJob(pid))
         return pid
 
     def attach(self, job: Job) -> None:
@@ -123,6 +124,8 @@ class Supervisor:
                 if self.leader_status is not None and not self._stopping:
                     self._stop_leftovers()  # also those a fork-and-exit chain left for us, its subreaper
                 interval = self.step()
+            if self._breach is None:  # the kernel's cap ended the job between two samples
+                self._act(self.sampler.kernel_breach())
             self.state = State.DONE
             return self._outcome()
         except BaseException:
@@ -144,7 +147,7 @@ class Supervisor:
             # Forward first: telling about it may fail (a hung-up terminal) and must not stop the signal.
             self.job.forward(signum)
             if self.state is State.PAUSED and signum in ENDING:
-                self.job.signal_all(signal.SIGCONT)
+                self.job.resume()
             if self.leader_status is None and signum != signal.SIGWINCH:  # a resized terminal is not news
                 self.emit(Event("signal", f"forwarded {signal_name(signum)} to the job",
                                 {"signal": signal_name(signum)}))
@@ -232,11 +235,11 @@ class Supervisor:
         elif action.kind is Kind.PAUSE:
             self.state = State.PAUSED
             self.emit(Event("paused", action.message, action.data))
-            self.job.signal_all(signal.SIGSTOP)
+            self.job.pause()
         elif action.kind is Kind.RESUME:
             self.state = State.RUNNING
             self.emit(Event("resumed", action.message, action.data))
-            self.job.signal_all(signal.SIGCONT)
+            self.job.resume()
         elif action.kind is Kind.BREACH:
             self._breach = action
             self.emit(Event("breach", f"{action.message}; sending SIGTERM to the job (SIGKILL in "
@@ -295,8 +298,6 @@ class Supervisor:
         self._reap()
         return self.leader_status is not None and self._all_gone()
 
-    # --- report --------------------------------------------------------------------------------------
-
     def _outcome(self) -> Outcome:
         assert self.leader_status is not None
         return outcome_of(self.leader_status, self._breach, self.stats.result(self.clock(), self.job.peak()))
@@ -327,7 +328,7 @@ def abandon(job: Job, grace: float, gone: Callable[[], bool]) -> None:
 
 
 def spawn(argv: Sequence[str], pass_fds: Sequence[int], env: Mapping[str, str] | None, nice: int | None,
-          inbox: SignalInbox, tty: Foreground) -> int:
+          inbox: SignalInbox, tty: Foreground, cgroup: JobCgroup | None = None) -> int:
     """Start the job in a process group of its own, as our child, with *inbox* receiving the caller's signals."""
     become_subreaper()
     ignored = ignored_by_caller()
@@ -336,7 +337,9 @@ def spawn(argv: Sequence[str], pass_fds: Sequence[int], env: Mapping[str, str] |
     try:
         # fork+exec through os.posix_spawn is not enough: the child must set its group, its parent-death
         # signal, its terminal and its priority itself before exec.
-        pid = _fork_exec(argv, pass_fds, env, lambda: child_setup(parent, nice, ignored, mask, tty.claim_in_child))
+        enter = cgroup.enter if cgroup is not None else None
+        pid = _fork_exec(argv, pass_fds, env,
+                         lambda: child_setup(parent, nice, ignored, mask, tty.claim_in_child, enter))
     except BaseException:
         inbox.close()
         raise

@@ -146,6 +146,16 @@ def parse_on_hot(text: str) -> str:
     return value
 
 
+CGROUP_CHOICES = ("auto", "on", "off")
+
+
+def parse_cgroup(text: str) -> str:
+    value = str(text).strip().lower()
+    if value not in CGROUP_CHOICES:
+        raise ValueParseError(f"invalid --cgroup value {text!r}: expected one of auto, on, off")
+    return value
+
+
 def parse_nice(text: str | int) -> int:
     raw = str(text).strip()
     try:

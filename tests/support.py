@@ -245,10 +245,12 @@ def set_temp(path: Path, celsius: float) -> None:
 def neutral_config(sensor: Path, extra: str = "") -> str:
     """A config that takes the machine out of the verdict: no margin, no pressure limit, no system floor for
     exec (tests of the floor set --min-available relative to MemAvailable), only our sensor, and no competing
-    rule (a test that wants one writes a rule matching only processes it started)."""
+    rule (a test that wants one writes a rule matching only processes it started). Jobs run as their process
+    tree (cgroup off), whose behaviour these tests pin; tests/test_cgroup.py runs them in cgroups."""
     return (
         "[defaults]\n"
         'memory_margin = "0"\n'
+        'cgroup = "off"\n'
         'min_available = "0"\n'
         "max_memory_pressure = 100\n"
         "competing = []\n"

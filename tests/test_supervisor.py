@@ -36,6 +36,7 @@ class FakeJob:
     sent: list[tuple[str, int]] = field(default_factory=list)
     refreshes: list[bool] = field(default_factory=list)
     terminations: int = 0
+    ooms: int = 0
 
     @property
     def leader(self) -> int:
@@ -62,6 +63,15 @@ class FakeJob:
 
     def signal_all(self, signum: int) -> None:
         self.sent.append(("all", signum))
+
+    def pause(self) -> None:
+        self.signal_all(STOP)
+
+    def resume(self) -> None:
+        self.signal_all(CONT)
+
+    def oom_kills(self) -> int:
+        return self.ooms
 
     def terminate_all(self) -> None:
         # As ProcessTreeJob: each process is asked once; later calls ask only those that appeared since (none here).

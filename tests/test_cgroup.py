@@ -1,0 +1,226 @@
+"""The job in a cgroup of its own (issue 15), on this machine's real cgroup v1 hierarchies (memory, freezer, pids)
+as root. The kernel caps the job's memory at --max-mem, counts what ended processes used, freezes it when hot and
+holds every process of it; safegate removes what it made, also after a SIGKILL (the next run sweeps it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from support import HELPERS, PY, TIMEOUT, Nobody, Procs, job_pid, neutral_config, pids_with, set_temp, wait_until
+
+from safegate import cgroups
+from safegate.exitcodes import ExitCode
+
+UNAVAILABLE = cgroups.available()
+needs_cgroups = pytest.mark.skipif(UNAVAILABLE is not None, reason=f"no cgroup v1 job cgroups here: {UNAVAILABLE}")
+MiB = 1 << 20
+
+
+def _ours() -> set[str]:
+    """Every safegate-made cgroup beside ours, on every hierarchy."""
+    found = set()
+    for controller in cgroups.CONTROLLERS:
+        own = cgroups._own_path(controller)
+        base = Path(f"{cgroups.ROOT}/{controller}{(own or '/').rstrip('/')}")
+        if base.is_dir():
+            found |= {str(p) for p in base.iterdir() if p.name.startswith(cgroups.PREFIX)}
+    return found
+
+
+@pytest.fixture(autouse=True)
+def _no_cgroup_left() -> Iterator[None]:
+    before = _ours()
+    yield
+    left = _ours() - before
+    for path in left:  # cleanup first, then fail: no test leaves a cgroup behind
+        wait_until(lambda p=path: _rmdir(p), what=f"{path} to empty")
+    assert not left, f"cgroups left behind: {sorted(left)}"
+
+
+def _rmdir(path: str) -> bool:
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def _exec(config: Path, *args: str) -> list[str]:
+    return [PY, "-m", "safegate", "exec", "--config", str(config), "--mem", "0", "--cgroup", "on", *args]
+
+
+def _run(config: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(_exec(config, *args), env=env, capture_output=True, text=True, timeout=TIMEOUT,
+                          stdin=subprocess.DEVNULL)
+
+
+def _memory_cgroup(pid: int) -> str:
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, names, path = line.split(":", 2)
+        if "memory" in names.split(","):
+            return path
+    raise AssertionError("no memory hierarchy")
+
+
+@needs_cgroups
+def test_the_job_runs_in_a_memory_cgroup_of_its_own_below_safegates(config: Path, env: dict[str, str],
+                                                                    tmp_path: Path) -> None:
+    log = tmp_path / "log.jsonl"
+    result = _run(config, env, "--log", str(log), "--", "cat", "/proc/self/cgroup")
+    assert result.returncode == 0, result.stderr
+    job = {line.split(":", 2)[1]: line.split(":", 2)[2] for line in result.stdout.splitlines()}
+    own = _memory_cgroup(os.getpid())  # safegate runs in ours: it is our child and moves only its job
+    name = Path(job["memory"]).name
+    assert job["memory"] == f"{own.rstrip('/')}/{name}" and name.startswith(cgroups.PREFIX)
+    assert job["freezer"].endswith(f"/{name}") and job["pids"].endswith(f"/{name}")
+    admitted = json.loads(log.read_text().splitlines()[0])
+    assert admitted["cgroup"].endswith(f"/{name}") and not Path(admitted["cgroup"]).exists()  # removed after
+
+
+FILL = ("import sys\nblocks = []\nwhile True:\n    block = bytearray(1 << 20)\n    block[::4096] = b'x' * 256\n"
+        "    blocks.append(block)\n")
+
+
+def _rss_anon(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+@needs_cgroups
+def test_the_kernel_holds_max_mem_against_a_job_filling_memory_as_fast_as_it_can(config: Path, env: dict[str, str],
+                                                                                  lock_dir: Path,
+                                                                                  tmp_path: Path) -> None:
+    log = tmp_path / "log.jsonl"
+    gate = subprocess.Popen(_exec(config, "--max-mem", "300M", "--log", str(log), "--", PY, "-c", FILL), env=env,
+                            stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen: list[int] = []
+
+    def sample() -> None:  # an independent sampler: the anonymous memory the job holds, every millisecond
+        job = wait_until(lambda: job_pid(lock_dir), what="the job")
+        while gate.poll() is None:
+            seen.append(_rss_anon(job))
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        _, err = gate.communicate(timeout=TIMEOUT)
+    finally:
+        if gate.poll() is None:
+            gate.kill()
+            gate.wait()
+        sampler.join()
+    assert gate.returncode == ExitCode.KILLED_MEMORY, err
+    assert seen and max(seen) <= 300 * MiB + 4 * MiB, f"the job held {max(seen) / MiB:.1f} MiB"
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [e["reason"] for e in events if e["event"] == "exit"] == ["memory"]
+
+
+@needs_cgroups
+def test_an_oom_kill_by_the_cap_is_a_breach_the_kernel_enforced(config: Path, env: dict[str, str],
+                                                                tmp_path: Path) -> None:
+    # The job's shell survives; its child is what the kernel kills at the cap, between two samples.
+    log = tmp_path / "log.jsonl"
+    result = _run(config, env, "--max-mem", "100M", "--interval", "1s", "--log", str(log), "--",
+                  "sh", "-c", f"{PY} -c \"{FILL}\"; sleep 0.5; exit 0")
+    assert result.returncode == ExitCode.KILLED_MEMORY, result.stderr
+    breaches = [json.loads(line) for line in log.read_text().splitlines() if '"breach"' in line]
+    assert any(b.get("enforced_by") == "kernel" and b["oom_kills"] >= 1 for b in breaches), breaches
+    assert "the kernel enforced --max-mem 100.0 MiB" in result.stderr
+
+
+@needs_cgroups
+def test_the_peak_counts_a_child_that_was_killed(config: Path, env: dict[str, str], tmp_path: Path) -> None:
+    log, ready = tmp_path / "log.jsonl", tmp_path / "ready"
+    big = f"b = bytearray(200 << 20); b[::4096] = b'x' * (len(b) // 4096); open('{ready}', 'w').close(); input()"
+    script = f'{PY} -c "{big}" & until [ -e {ready} ]; do sleep 0.01; done; kill -9 $!; wait; sleep 0.2'
+    result = _run(config, env, "--interval", "1s", "--log", str(log), "--", "sh", "-c", script)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(log.read_text().splitlines()[-1])
+    assert summary["event"] == "summary" and summary["peak_job_memory"] >= 200 * MiB, summary
+
+
+@needs_cgroups
+def test_a_fork_and_exit_chain_is_stopped_within_the_grace(config: Path, env: dict[str, str],
+                                                          tmp_path: Path) -> None:
+    marker = tmp_path / "chain"
+    chain = f'{PY} {HELPERS / "fork_chain.py"} "$1" 0 & until [ -s "$1" ]; do sleep 0.01; done; exit 3'
+    try:
+        result = _run(config, env, "--grace", "1s", "--", "sh", "-c", chain, "sh", str(marker))
+    finally:
+        wait_until(lambda: not [os.kill(p, signal.SIGKILL) for p in pids_with(str(marker))], what="no chain left")
+    assert result.returncode == 3, result.stderr
+    assert "leftover" in result.stderr
+
+
+@needs_cgroups
+def test_a_hot_job_is_frozen_and_thawed(config: Path, env: dict[str, str], sensor: Path, lock_dir: Path,
+                                        procs: Procs, tmp_path: Path) -> None:
+    ticks, stop = tmp_path / "ticks", tmp_path / "stop"
+    gate = procs.spawn(_exec(config, "--", PY, str(HELPERS / "ticker.py"), str(ticks), "1000000", str(stop)),
+                       env=env)
+    job = wait_until(lambda: job_pid(lock_dir), what="the job")
+    wait_until(ticks.exists, what="the first tick")
+    name = Path(_memory_cgroup(job)).name
+    state = Path(f"{cgroups.ROOT}/freezer/{name}/freezer.state")
+    if not state.exists():  # the freezer cgroup lies below ours there, wherever that is
+        state = next(Path(cgroups.ROOT, "freezer").rglob(f"{name}/freezer.state"))
+    set_temp(sensor, 85)
+    wait_until(lambda: state.read_text().strip() == "FROZEN", what="the job frozen")
+    frozen = ticks.read_text()
+    set_temp(sensor, 70)
+    wait_until(lambda: ticks.read_text() != frozen, what="the job thawed and ticking")
+    assert state.read_text().strip() == "THAWED"
+    stop.touch()
+    assert gate.wait(timeout=TIMEOUT) == 0
+
+
+@needs_cgroups
+def test_a_cgroup_left_by_a_killed_safegate_is_swept_by_the_next_run(config: Path, env: dict[str, str],
+                                                                     lock_dir: Path, procs: Procs) -> None:
+    gate = procs.spawn(_exec(config, "--", "sleep", "600"), env=env)
+    job = wait_until(lambda: job_pid(lock_dir), what="the job")
+    name = Path(_memory_cgroup(job)).name
+    os.kill(gate.pid, signal.SIGKILL)  # the job gets SIGTERM from the kernel and ends; its cgroup stays
+    gate.wait()
+    wait_until(lambda: not Path(f"/proc/{job}").exists() or Path(f"/proc/{job}/stat").read_text().split()[2] == "Z",
+               what="the job to end")
+    assert any(Path(p).name == name for p in _ours())
+    assert _run(config, env, "--", "true").returncode == 0
+    assert not any(Path(p).name == name for p in _ours())
+
+
+def test_cgroup_on_without_cgroups_is_exit_3_with_the_reason(nobody: Nobody) -> None:
+    # As nobody, the v1 hierarchies are root's: no cgroup can be made, and `on` says why before starting.
+    sensor, config = nobody.workdir / "temp", nobody.workdir / "config.toml"
+    set_temp(sensor, 40)
+    config.write_text(neutral_config(sensor))
+    for path in (sensor, config):
+        path.chmod(0o644)
+    locks = nobody.workdir / "locks"
+    locks.mkdir()
+    locks.chmod(0o1777)  # a shared lock dir, as /run/lock/safegate is
+    result = nobody.run(["-m", "safegate", "exec", "--config", str(config), "--mem", "0", "--cgroup", "on", "--",
+                         "true"], env={"SAFEGATE_LOCK_DIR": str(nobody.workdir / "locks")})
+    assert result.returncode == ExitCode.CONFIG, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--cgroup on: no cgroup for the job" in lines[0] and "Traceback" not in lines[0]
+    fallback = nobody.run(["-m", "safegate", "exec", "--config", str(config), "--mem", "0", "--cgroup", "auto",
+                           "--", "true"], env={"SAFEGATE_LOCK_DIR": str(nobody.workdir / "locks")})
+    assert fallback.returncode == 0, fallback.stderr
+    assert "no cgroup for the job (" in fallback.stderr and "watching its process tree instead" in fallback.stderr
