@@ -102,20 +102,24 @@ class JobCgroup:
         for controller in self.paths:
             self._write(controller, "cgroup.procs", "0")
 
-    def limit_memory(self, limit: int) -> None:
-        """The kernel's cap: past it, the job reclaims its own pages, then its biggest process is OOM-killed."""
+    def limit_memory(self, limit: int, *, strict: bool = True) -> None:
+        """The kernel's cap: past it, the job reclaims its own pages, then its biggest process is OOM-killed.
+        Not *strict*: a cap the kernel refuses (EBUSY: below what it could reclaim at once) is left as it was."""
         try:
             self._write("memory", "memory.limit_in_bytes", str(limit))
         except OSError as exc:
-            raise CgroupError(f"cannot set the job's memory limit: {exc.strerror}") from None
+            if strict:
+                raise CgroupError(f"cannot set the job's memory limit: {exc.strerror}") from None
+
+    def usage(self) -> int:
+        return _int(self._read("memory", "memory.usage_in_bytes"))
 
     def procs(self) -> set[int]:
         return {int(p) for p in self._read("memory", "cgroup.procs").split()}
 
     def working_set(self) -> int:
         """Usage minus inactive file pages, as kubelet counts it: what the job cannot give back at once."""
-        usage = _int(self._read("memory", "memory.usage_in_bytes"))
-        return max(0, usage - self._stat("total_inactive_file"))
+        return max(0, self.usage() - self._stat("total_inactive_file"))
 
     def peak(self) -> int:
         return _int(self._read("memory", "memory.max_usage_in_bytes"))

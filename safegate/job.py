@@ -14,6 +14,7 @@ from collections.abc import Set
 from typing import Protocol
 
 from safegate.cgroups import JobCgroup
+from safegate.limits import WatchLimits
 from safegate.probes.jobtree import JobTree
 
 SIGNAL_ROUNDS = 200  # scans per signalling; each costs one pass over /proc
@@ -62,6 +63,10 @@ class Job(Protocol):
 
     def oom_kills(self) -> int:
         """Processes of the job the kernel's OOM killer ended at its memory cap (0 without a cap)."""
+        ...
+
+    def cap(self, limits: WatchLimits, available: int) -> None:
+        """Have the kernel hold the job's memory limits until the next sample, where it can (a cgroup)."""
         ...
 
     def terminate_all(self) -> None:
@@ -139,6 +144,9 @@ class ProcessTreeJob:
     def oom_kills(self) -> int:
         return 0
 
+    def cap(self, limits: WatchLimits, available: int) -> None:
+        pass  # a process tree has no cap but the watch
+
     def _signal_each(self, signum: int, *, skip: Set[int], group: bool) -> set[int]:
         """*signum* once to every process of the job but *skip*; the pids it reached.
 
@@ -182,6 +190,7 @@ class CgroupJob(ProcessTreeJob):
     def __init__(self, leader: int, cgroup: JobCgroup) -> None:
         super().__init__(leader)
         self.cgroup = cgroup
+        self._cap: int | None = None  # the cap last written
 
     def members(self) -> Set[int]:
         return self.cgroup.procs()
@@ -197,6 +206,12 @@ class CgroupJob(ProcessTreeJob):
 
     def oom_kills(self) -> int:
         return self.cgroup.oom_kills()
+
+    def cap(self, limits: WatchLimits, available: int) -> None:
+        cap = limits.kernel_cap(self.cgroup.usage(), available)
+        if cap is not None and cap != self._cap:
+            self._cap = cap
+            self.cgroup.limit_memory(cap, strict=False)
 
     def _group_alive(self) -> bool:
         return any(_pgid(pid) == self.leader for pid in self.cgroup.procs())

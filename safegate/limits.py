@@ -35,6 +35,15 @@ class WatchLimits:
     thermal: ThermalConfig
     gpu: GpuLimits | None = None  # None: the job's GPUs are not watched
 
+    def kernel_cap(self, usage: int, available: int) -> int | None:
+        """The job's cgroup cap after a sample: --max-mem, and no more than the job can take before MemAvailable
+        reaches --min-available (what it uses plus the headroom above the floor), so the kernel holds the floor
+        between two samples too. None: nothing to cap."""
+        caps = [self.max_mem] if self.max_mem is not None else []
+        if self.min_available:
+            caps.append(usage + max(0, available - self.min_available))
+        return min(caps) if caps else None
+
     @property
     def hard_floor(self) -> int | None:
         """During the grace period, MemAvailable at or below this means SIGKILL at once."""

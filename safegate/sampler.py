@@ -78,6 +78,7 @@ class Sampler:
         if len(job.members()) > 1 and self._job_mem.level(job_mem) is not Level.OK:
             job_mem = job.memory(precise=True)
         sample = self._record(now, job_mem, self.probes.available())
+        job.cap(self.limits, sample.available)
         if self.on_sample is not None:
             self.on_sample(job_mem)
         return sample
@@ -117,14 +118,19 @@ class Sampler:
                         self.kernel_breach()])
 
     def kernel_breach(self) -> Action:
-        """The kernel's cap (the job's cgroup at --max-mem) OOM-killed a process of the job: a memory breach."""
+        """The kernel's cap on the job's cgroup (--max-mem, and the headroom above --min-available) OOM-killed a
+        process of the job: a memory breach the kernel enforced."""
         kills = self.job.oom_kills()
-        cap = self.limits.max_mem
-        if not kills or cap is None:
+        limits = self.limits
+        held = [f"--max-mem {format_bytes(limits.max_mem)}"] if limits.max_mem is not None else []
+        if limits.min_available:
+            held.append(f"--min-available {format_bytes(limits.min_available)}")
+        if not kills or not held:
             return NOTHING
-        return breach(ExitCode.KILLED_MEMORY, "memory", f"the kernel enforced --max-mem {format_bytes(cap)}: the "
-                      f"job's cgroup hit it and {kills} process(es) of the job were OOM-killed",
-                      {"oom_kills": kills, "max_mem": cap, "enforced_by": "kernel"})
+        return breach(ExitCode.KILLED_MEMORY, "memory", f"the kernel enforced {' and '.join(held)}: the job's "
+                      f"cgroup hit its cap and {kills} process(es) of the job were OOM-killed",
+                      {"oom_kills": kills, "max_mem": limits.max_mem, "min_available": limits.min_available,
+                       "enforced_by": "kernel"})
 
     def interval(self, sample: MemorySample) -> float:
         return next_interval(sample.job_mem, sample.available, self.limits, self._fill.rate)

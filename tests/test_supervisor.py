@@ -64,6 +64,9 @@ class FakeJob:
     def signal_all(self, signum: int) -> None:
         self.sent.append(("all", signum))
 
+    def cap(self, limits: object, available: int) -> None:
+        pass
+
     def pause(self) -> None:
         self.signal_all(STOP)
 

@@ -317,3 +317,13 @@ def test_next_interval_is_half_the_time_to_the_nearest_limit() -> None:
     assert next_interval(2 * GiB, 2 * GiB, lim, 0.0) == 0.25
     assert next_interval(2 * GiB, 2 * GiB, lim, 4 * GiB) == 0.125  # a faster rate seen counts
     assert next_interval(0, 0, limits(), 0.0) == CEILING  # no memory limit at all
+
+
+def test_the_kernel_cap_is_max_mem_and_the_headroom_above_the_floor() -> None:
+    G = 1 << 30
+    assert limits().kernel_cap(1 * G, 10 * G) is None  # nothing to hold
+    assert limits(max_mem=4 * G).kernel_cap(1 * G, 10 * G) == 4 * G
+    # With a floor: what the job uses plus what it may still take before MemAvailable reaches the floor.
+    assert limits(min_available=8 * G).kernel_cap(1 * G, 10 * G) == 3 * G
+    assert limits(max_mem=2 * G, min_available=8 * G).kernel_cap(1 * G, 10 * G) == 2 * G
+    assert limits(min_available=8 * G).kernel_cap(1 * G, 7 * G) == 1 * G  # below the floor: not a byte more

@@ -1,0 +1,232 @@
+#!/usr/bin/env python3
+"""The true overshoot below a memory floor, seen by an independent sampler: safegate with the job in a cgroup,
+safegate watching the process tree, and earlyoom, on the same floor, run after run in rotating order.
+
+Run it as root (the job cgroup and earlyoom need it) with the Python that has safegate installed:
+
+    python bench/bench_floor.py [--runs N] [--out FILE]
+
+Each run: floor F = MemAvailable - 1 GiB; a C hog first-touches 1 MiB chunks as fast as it can towards 4 GiB;
+a thread of this bench reads MemAvailable from /proc/meminfo every millisecond. The overshoot is F minus the
+lowest MemAvailable that thread saw while the hog lived (what the machine went through, not what a tool says it
+saw when it decided). Also `--max-mem 300M` with the cgroup: the hog's largest RssAnon minus the cap.
+
+Standard library only; every figure is measured on the spot. Every process started is killed in finally blocks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+MIB = 1 << 20
+HEADROOM = 1 << 30
+HOG_MIB = 4096
+CAP_MIB = 300
+AVOID_ALL_BUT_HOG = "^([^h].*|h|h[^o].*|ho|ho[^g].*|hog.+)$"  # earlyoom's --avoid: all but exactly "hog"
+HOG_C = r"""
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <unistd.h>
+#define CHUNK ((size_t)1 << 20)
+static char *volatile keep[1 << 16];
+int main(int argc, char **argv) {
+    size_t cap = (size_t)strtoull(argv[1], 0, 10) << 20, done = 0, i = 0;
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    while (done < cap) {
+        char *p = malloc(CHUNK);
+        if (!p) break;
+        memset(p, 0xa5, CHUNK);
+        keep[i++ & 0xffff] = p;
+        done += CHUNK;
+    }
+    for (;;) pause();
+}
+"""
+
+
+def available() -> int:
+    with open("/proc/meminfo", "rb") as fh:
+        for line in fh:
+            if line.startswith(b"MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no MemAvailable")
+
+
+def rss_anon(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class Sampler:
+    """Every millisecond, in a thread: the lowest MemAvailable, and the largest RssAnon of *pid* once set."""
+
+    def __init__(self) -> None:
+        self.lowest = available()
+        self.pid: int | None = None
+        self.largest = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            self.lowest = min(self.lowest, available())
+            if self.pid is not None:
+                self.largest = max(self.largest, rss_anon(self.pid))
+            time.sleep(0.001)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def hog_pid(root: int) -> int | None:
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as fh:
+                    fields = fh.read().rsplit(")", 1)
+                comm = fields[0].split("(", 1)[1]
+            except (OSError, IndexError):
+                continue
+            if comm == "hog" and int(fields[1].split()[1]) in (root, *children(root)):
+                return int(name)
+    return None
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as fh:
+                    if int(fh.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(name))
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
+
+
+def run(argv: list[str], env: dict[str, str], watch_rss: bool = False) -> tuple[int, int, int]:
+    """(exit status, lowest MemAvailable, largest RssAnon of the hog) of one run of *argv*."""
+    sampler = Sampler()
+    proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        if watch_rss:
+            deadline = time.monotonic() + 10
+            while sampler.pid is None and time.monotonic() < deadline and proc.poll() is None:
+                sampler.pid = hog_pid(proc.pid)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        sampler.close()
+    return proc.returncode, sampler.lowest, sampler.largest
+
+
+def settle(baseline: int) -> None:
+    deadline = time.monotonic() + 20
+    while available() < baseline - 64 * MIB and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=15)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("bench_floor: run as root (the job cgroup and earlyoom need it)", file=sys.stderr)
+        return 2
+    cc, earlyoom = shutil.which("cc") or shutil.which("gcc"), shutil.which("earlyoom")
+    if cc is None or earlyoom is None:
+        print("bench_floor: needs a C compiler and earlyoom (apt-get install gcc earlyoom)", file=sys.stderr)
+        return 2
+    work = Path(tempfile.mkdtemp(prefix="bench-floor-"))
+    hog = work / "hog"
+    (work / "hog.c").write_text(HOG_C)
+    subprocess.run([cc, "-O2", "-o", str(hog), str(work / "hog.c")], check=True)
+    (work / "config.toml").write_text('[defaults]\nmemory_margin = "0"\nmax_memory_pressure = 100\ncompeting = []\n')
+    env = {**os.environ, "SAFEGATE_LOCK_DIR": str(work / "locks"), "XDG_STATE_HOME": str(work / "state"),
+           "SAFEGATE_GPU": "none", "SAFEGATE_CONFIG": str(work / "config.toml")}
+    safegate = [sys.executable, "-m", "safegate", "exec", "-q", "--mem", "0"]
+    tools = ["safegate --cgroup on", "safegate --cgroup off", "earlyoom 1.7"]
+    overshoot: dict[str, list[int]] = {t: [] for t in tools}
+    version = subprocess.run([earlyoom, "-h"], capture_output=True, text=True).stdout.splitlines()[0:1]
+    try:
+        for i in range(args.runs):
+            for tool in tools[i % 3:] + tools[: i % 3]:
+                baseline = available()
+                floor = baseline - HEADROOM
+                if tool.startswith("safegate"):
+                    argv = [*safegate, "--cgroup", tool.split()[-1], "--min-available", f"{floor // 1024}K", "--",
+                            str(hog), str(HOG_MIB)]
+                    _, lowest, _ = run(argv, env)
+                else:
+                    eo = subprocess.Popen([earlyoom, "-M", str(floor // 1024), "-s", "100", "-r", "0", "--prefer",
+                                           "^hog$", "--avoid", AVOID_ALL_BUT_HOG], stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL)
+                    try:
+                        time.sleep(0.5)  # its start-up
+                        _, lowest, _ = run([str(hog), str(HOG_MIB)], env)
+                    finally:
+                        eo.kill()
+                        eo.wait()
+                overshoot[tool].append(floor - lowest)
+                settle(baseline)
+        caps = []
+        for _ in range(args.runs):
+            _, _, largest = run([*safegate, "--cgroup", "on", "--max-mem", f"{CAP_MIB}M", "--", str(hog), "1024"],
+                                env, watch_rss=True)
+            caps.append(largest - CAP_MIB * MIB)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    med = {t: statistics.median(v) for t, v in overshoot.items()}
+    lines = [
+        "## The true overshoot below a floor (bench/bench_floor.py)",
+        "",
+        f"Floor = MemAvailable - 1 GiB; a C hog first-touching 1 MiB chunks towards {HOG_MIB} MiB; MemAvailable "
+        f"sampled every 1 ms by the bench; {args.runs} runs per tool, rotating order. {' '.join(version)}. "
+        f"Kernel {os.uname().release}, cgroup v1.",
+        "",
+        "| tool | median overshoot | min | max |",
+        "|---|---|---|---|",
+        *(f"| {t} | {med[t] / MIB:.1f} MB | {min(v) / MIB:.1f} MB | {max(v) / MIB:.1f} MB |"
+          for t, v in overshoot.items()),
+        "",
+        f"safegate with the cgroup against earlyoom in the same runs: {med[tools[0]] / MIB:.1f} MB vs "
+        f"{med[tools[2]] / MIB:.1f} MB. Negative: MemAvailable stayed above the floor.",
+        "",
+        f"`--max-mem {CAP_MIB}M` with the cgroup, the hog's largest RssAnon seen minus the cap, {args.runs} runs: "
+        f"median {statistics.median(caps) / MIB:.1f} MB, max {max(caps) / MIB:.1f} MB.",
+    ]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
