@@ -202,6 +202,8 @@ class Supervisor:
             if self.state is not State.PAUSED:
                 self.job.signal_all(signal.SIGCONT)
             return
+        if job_stopped and self._tty.fd is None:
+            return  # no terminal, no shell to continue us: someone stopped the job itself; we go on watching
         if not job_stopped:
             self.job.forward(signum)
         self._tty.take_back()

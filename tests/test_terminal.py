@@ -145,3 +145,21 @@ def test_a_job_paused_for_heat_stays_paused_through_sigcont(config: Path, env: d
     wait_until(lambda: ticks.read_text() != frozen, what="the job to tick again once cool")
     stop.touch()
     assert gate.wait(timeout=TIMEOUT) == 0
+
+
+def test_without_a_terminal_a_job_stopped_from_outside_leaves_safegate_watching(config: Path, env: dict[str, str],
+                                                                                sensor: Path, lock_dir: Path,
+                                                                                procs: Procs) -> None:
+    # No shell would continue a stopped safegate here (cron, setsid): the job alone stops, and SIGCONT to it alone
+    # finds its watcher still running.
+    gate = procs.spawn([*SAFEGATE, "--config", str(config), "--", "sleep", "600"], env=env)
+    job = wait_until(lambda: job_pid(lock_dir), what="the job")
+    os.kill(job, signal.SIGTSTP)
+    wait_until(lambda: _stopped(job), what="the job stopped")
+    with OpenWatch(sensor) as reads:
+        reads.wait_for(2, "safegate to read the sensor twice while the job is stopped")  # it was not stopped
+    assert not _stopped(gate.pid)
+    os.kill(job, signal.SIGCONT)
+    wait_until(lambda: not _stopped(job), what="the job continued")
+    os.kill(gate.pid, signal.SIGTERM)
+    assert gate.wait(timeout=TIMEOUT) == 128 + signal.SIGTERM
