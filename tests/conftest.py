@@ -107,3 +107,11 @@ def nobody() -> Iterator[Nobody]:
         pytest.skip(f"user nobody cannot run safegate from this checkout ({last[:200]})")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Job cgroups a SIGKILLed safegate left behind (its job ended after it) are swept, as the next exec would."""
+    from safegate import cgroups
+
+    if cgroups.available() is None:
+        cgroups.sweep()
