@@ -284,6 +284,25 @@ def status(
             echo(text)
 
 
+@app.command(epilog="Example (cron, every minute): safegate metrics --textfile /var/lib/prometheus/node-exporter")
+def metrics(
+    textfile: Annotated[str | None, typer.Option("--textfile", metavar="DIR", help="Write DIR/safegate.prom "
+                                                 "atomically (for node_exporter's textfile collector) instead of "
+                                                 "printing.")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Memory, pressure, temperatures, GPUs, each lock and its holder, and each profile's last run, in the
+    Prometheus text format."""
+    from safegate.commands.metrics import metrics as collect
+    from safegate.commands.metrics import write_textfile
+
+    text = collect(config)
+    if textfile is None:
+        echo(text.rstrip("\n"))
+    else:
+        write_textfile(textfile, text)
+
+
 slurm_app = typer.Typer(help="Safegate inside Slurm.", no_args_is_help=True)
 app.add_typer(slurm_app, name="slurm")
 
