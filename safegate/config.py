@@ -85,6 +85,7 @@ class Profile:
     nice: int | None = None
     log: str | None = None
     cgroup: str = "auto"
+    notify: str | None = None
     # GPUs
     gpu_memory: Size = field(default_factory=lambda: Size(bytes=0))
     gpu_margin: Size = field(default_factory=lambda: parse_size(DEFAULT_GPU_MARGIN))

@@ -200,7 +200,7 @@ _KINDS: dict[str, Any] = {
     "rules": _rules,
     "gpu": _gpu,
     "license": _license,
-    **{kind: _cli_kind(kind) for kind in ("duration", "interval", "signal", "nice", "on_hot", "cgroup")},
+    **{kind: _cli_kind(kind) for kind in ("duration", "interval", "signal", "nice", "on_hot", "cgroup", "command")},
 }
 
 

@@ -60,6 +60,7 @@ class Overrides:
     nice: int | None = None
     log: str | None = None
     cgroup: str | None = None
+    notify: str | None = None
     gpu_memory: Size | None = None
     gpu: tuple[int, ...] | None = None
     max_gpu_mem: Size | None = None
@@ -96,6 +97,7 @@ class Settings:
     nice: int | None
     log: str | None
     cgroup: str
+    notify: str | None
     max_gpu_mem: Size | None
     min_gpu_free: Size | None
 
@@ -135,6 +137,7 @@ def resolve(config: Config, profile_name: str, overrides: Overrides, env: Mappin
         nice=pick("nice"),
         log=overrides.log or profile.log,  # an empty --log falls back to the profile's, as it always has
         cgroup=pick("cgroup"),
+        notify=pick("notify"),
         max_gpu_mem=pick("max_gpu_mem"),
         min_gpu_free=pick("min_gpu_free"),
     )

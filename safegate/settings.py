@@ -20,6 +20,7 @@ from typing import Any
 from safegate.errors import ValueParseError
 from safegate.units import (
     parse_cgroup,
+    parse_command,
     parse_duration,
     parse_gpu_option,
     parse_nice,
@@ -81,6 +82,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("cgroup", "cgroup", "Run the job in a cgroup of its own, where the kernel caps its memory at --max-mem "
             "and stops every process: auto (when available; default), on (else exit 3) or off.", "--cgroup",
             "auto|on|off", EXEC),
+    Setting("notify", "command", "Run this shell command on a breach, a pause (at most once a minute each) and the "
+            "end of the job, with SAFEGATE_EVENT, SAFEGATE_EXIT_CODE, SAFEGATE_REASON, ... in its environment.",
+            "--notify", "CMD", EXEC),
     Setting("gpu_memory", "size", "GPU memory the job needs (default: the profile's gpu_memory).", "--gpu-mem",
             "SIZE", GATE),
     Setting("gpu_margin", "size", "VRAM that must stay free on the card after the job's need (default 10%)."),
@@ -116,6 +120,7 @@ CLI_PARSERS: dict[str, Callable[[str], Any]] = {
     "nice": parse_nice,
     "on_hot": parse_on_hot,
     "cgroup": parse_cgroup,
+    "command": parse_command,
     "gpu": parse_gpu_option,
     "lock": validate_lock_name,
     "path": str,

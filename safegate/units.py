@@ -146,6 +146,14 @@ def parse_on_hot(text: str) -> str:
     return value
 
 
+def parse_command(text: str) -> str:
+    """A shell command line (run through sh -c): anything but empty."""
+    value = str(text)
+    if not value.strip() or "\0" in value:
+        raise ValueParseError(f"invalid command {text!r}: expected a shell command line, e.g. 'notify-send safegate'")
+    return value
+
+
 CGROUP_CHOICES = ("auto", "on", "off")
 
 

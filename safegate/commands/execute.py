@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 
 from safegate.config import load_config
 from safegate.eventlog import EventLog, check_log_path
 from safegate.jobrun import run_exec
+from safegate.notify import Notifier
 from safegate.outcome import Event, Outcome
 from safegate.preflight import Overrides, Settings, resolve
 from safegate.render import blocking_summary
@@ -45,13 +47,23 @@ def execute(
     if settings.log:
         check_log_path(settings.log)
     event_log = EventLog(settings.log, on_log_error) if settings.log else None
+    notifier: Notifier | None = None
 
     def emit(event: Event) -> None:
         on_event(event)
         if event_log is not None:
             event_log.write(event)
+        if notifier is not None:
+            notifier.notify(event)
 
-    result = run_exec(settings, command, wait=wait, timeout=timeout, on_event=emit, on_blocked=on_blocked)
+    if settings.notify:
+        # Started before the lock is taken and the job spawned: its runner holds neither.
+        notifier = Notifier(settings.notify, lambda text: emit(Event("warning", text)), clock=time.monotonic)
+    try:
+        result = run_exec(settings, command, wait=wait, timeout=timeout, on_event=emit, on_blocked=on_blocked)
+    finally:
+        if notifier is not None:
+            notifier.close()
     if isinstance(result, Verdict) and event_log is not None:
         event_log.write(Event("blocked", blocking_summary(result), {"exit_code": int(result.exit_code)}))
     return result
