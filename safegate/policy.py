@@ -6,12 +6,11 @@ import dataclasses
 import time
 from collections.abc import Mapping, Sequence
 
-from safegate.config import CompetingRule
+from safegate.competing import check_competing, match_competing, scan_competing
 from safegate.exitcodes import ExitCode
 from safegate.results import (
     CheckResult,
     CompetingMatch,
-    CompetingValues,
     GpuTemp,
     GpuValues,
     LockValues,
@@ -28,14 +27,15 @@ from safegate.snapshots import (
     LegacyState,
     LockState,
     MemorySnapshot,
-    ProcessSnapshot,
     Removal,
     Selection,
     ThermalSnapshot,
 )
 from safegate.units import Size, format_bytes, format_duration
 
-__all__ = ["CheckResult", "CompetingMatch", "Status", "Verdict"]  # the result types, re-exported for callers
+# The result types and the competing check (a module of its own), re-exported for callers.
+__all__ = ["CheckResult", "CompetingMatch", "Status", "Verdict", "check_competing", "match_competing",
+           "scan_competing"]
 
 
 def check_memory(mem: MemorySnapshot, need: int, margin: int, reserved: int = 0) -> CheckResult:
@@ -246,46 +246,6 @@ def check_lock(state: LockState | None, legacy: Sequence[LegacyState], now: floa
 
 def _lock_words(state: LockState | None) -> str:
     return "the profile has no lock" if state is None else f"lock {state.name!r} is free"
-
-
-def match_competing(procs: ProcessSnapshot, rules: Sequence[CompetingRule], total_ram: int) -> list[CompetingMatch]:
-    """Each process with the first rule it matches; block rules are tried before warn rules."""
-    ordered = sorted(rules, key=lambda r: r.action != "block")
-    compiled = [(r, r.regex, r.min_rss.resolve(total_ram) if r.min_rss is not None else None) for r in ordered]
-    found = []
-    for proc in procs.processes:
-        for rule, regex, min_rss in compiled:
-            if (min_rss is None or proc.rss >= min_rss) and regex.search(proc.cmdline):
-                found.append(CompetingMatch(proc, rule))
-                break
-    return found
-
-
-def _describe(match: CompetingMatch) -> str:
-    p = match.process
-    return f"pid {p.pid} ({p.cmdline[:80]}, {format_bytes(p.rss)})"
-
-
-def check_competing(matches: Sequence[CompetingMatch], rules: Sequence[CompetingRule]) -> CheckResult:
-    blocking = [m for m in matches if m.rule.action == "block"]
-    warning = [m for m in matches if m.rule.action == "warn"]
-    values = CompetingValues(tuple(sorted(matches, key=lambda m: (m.rule.action != "block", -m.process.rss))))
-    thresholds = {
-        "rules": [{"pattern": r.pattern, "action": r.action, "min_rss": str(r.min_rss) if r.min_rss else None}
-                  for r in rules]
-    }
-    if blocking:
-        shown = ", ".join(_describe(m) for m in blocking[:3])
-        more = f" and {len(blocking) - 3} more" if len(blocking) > 3 else ""
-        return CheckResult("competing", Status.FAIL, f"competing process running: {shown}{more}",
-                           ExitCode.COMPETING, values, thresholds)
-    if warning:
-        top = sorted(warning, key=lambda m: -m.process.rss)
-        shown = ", ".join(_describe(m) for m in top[:3])
-        more = f" and {len(warning) - 3} more" if len(warning) > 3 else ""
-        return CheckResult("competing", Status.WARN, f"heavy process running (not blocking): {shown}{more}",
-                           ExitCode.COMPETING, values, thresholds)
-    return CheckResult("competing", Status.PASS, "no competing process", ExitCode.COMPETING, values, thresholds)
 
 
 def check_stale(removals: Sequence[Removal] | None) -> CheckResult:

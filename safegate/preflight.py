@@ -7,6 +7,7 @@ files); `check` (command line and API), hold and exec admission run it before ea
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -29,16 +30,16 @@ from safegate.policy import (
     check_pressure,
     check_stale,
     check_thermal,
-    match_competing,
+    scan_competing,
     select_gpus,
 )
 from safegate.probes.gpu import read_gpus, resolve_backend
 from safegate.probes.memory import read_memory
-from safegate.probes.processes import read_processes
+from safegate.probes.processes import read_processes, user_name
 from safegate.probes.thermal import read_thermal
 from safegate.results import CheckResult, GpuValues, LockValues, Status, Verdict
 from safegate.settings import effective_resume_temp
-from safegate.snapshots import Removal
+from safegate.snapshots import ProcessSnapshot, Removal
 from safegate.units import Size, validate_lock_name
 
 
@@ -205,9 +206,20 @@ def evaluate(
         check_gpu(gpus, selection, gpu_need, settings.gpu_margin, gpu_reserved),
         check_thermal(thermal, limit, require=settings.thermal.require, resuming=resuming, gpus=selection.gpus),
         check_lock(lock_state, legacy),
-        check_competing(match_competing(procs, settings.rules, mem.total), settings.rules),
+        _competing(procs, settings.rules, mem.total),
     ]
     return Verdict(profile=settings.profile.name, checks=tuple(checks))
+
+
+def _competing(procs: ProcessSnapshot, rules: tuple[CompetingRule, ...], total: int) -> CheckResult:
+    """The competing check, with the owners of what it names looked up (only those: a lookup is not free)."""
+    matches, unmatched = scan_competing(procs, rules, total)
+    matches = [dataclasses.replace(m, user=user_name(m.process.uid)) for m in matches]
+    unmatched = [dataclasses.replace(u, user=user_name(u.process.uid)) for u in unmatched[:_NAMED]] + unmatched[_NAMED:]
+    return check_competing(matches, rules, unmatched)
+
+
+_NAMED = 20
 
 
 def wait_until_clear(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
+from safegate.competing import rule_json
 from safegate.probes.gpu import GpuInfo
 from safegate.results import (
     CheckResult,
@@ -25,6 +26,9 @@ if TYPE_CHECKING:
     from safegate.config import Profile
     from safegate.history import Run
     from safegate.reports import LockInfo, StatusReport
+
+
+_UNMATCHED_LISTED = 50  # a machine of 10,000 processes past the budget lists the heaviest, and the count
 
 
 def gpu_json(g: GpuInfo) -> dict[str, Any]:
@@ -62,8 +66,15 @@ def values_json(values: CheckValues | None) -> dict[str, Any]:
                 "legacy": [{"path": str(s.path), "pid": s.pid, "alive": s.alive, "note": s.note}
                            for s in values.legacy]}
     if isinstance(values, CompetingValues):
-        return {"matches": [{"pid": m.process.pid, "cmdline": m.process.cmdline, "rss": m.process.rss,
-                             "pattern": m.rule.pattern, "action": m.rule.action} for m in values.matches]}
+        # Command lines are other people's text: escaped, and in full (the text form quotes only their start).
+        return {"matches": [{"pid": m.process.pid, "user": printable(m.user), "program": printable(m.process.program),
+                             "rss": m.process.rss, "rule": rule_json(m.rule), "pattern": m.rule.pattern,
+                             "action": m.rule.action, "matched": printable(m.matched),
+                             "cmdline": printable(m.process.cmdline)} for m in values.matches],
+                "unmatched": [{"pid": u.process.pid, "user": printable(u.user), "program": printable(u.process.program),
+                               "rss": u.process.rss, "rule": rule_json(u.rule) if u.rule else None, "why": u.why}
+                              for u in values.unmatched[:_UNMATCHED_LISTED]],
+                "unmatched_count": len(values.unmatched)}
     if isinstance(values, StaleValues):
         return {"removed": [{"path": str(r.path), "what": r.what, "removed": r.removed, "error": r.error}
                             for r in values.removed]}
@@ -200,6 +211,5 @@ def profile_json(p: Profile, runs: list[Run] | None = None) -> dict[str, Any]:
             "peak_gpu_memory_max": max((r.peak_gpu_memory for r in runs if r.peak_gpu_memory), default=None),
         }, "memory_margin": str(p.memory_margin), "max_temp": p.max_temp,
         "gpu_memory": str(p.gpu_memory), "max_mem": str(p.max_mem) if p.max_mem else None,
-        "competing": [{"pattern": r.pattern, "action": r.action, "min_rss": str(r.min_rss) if r.min_rss else None}
-                      for r in p.competing],
+        "competing": [rule_json(r) for r in p.competing],
     }

@@ -90,11 +90,25 @@ class LockValues(_Keyed):
 class CompetingMatch:
     process: ProcessInfo
     rule: CompetingRule
+    matched: str = ""  # the text the rule found: the program name, and what its args or pattern matched
+    user: str = ""  # the process's owner; "" until the caller looked it up
+
+
+@dataclass(frozen=True)
+class Unmatched:
+    """A process the rules could not judge in full: *rule* read only part of its command line, or (rule None)
+    the matching budget ran out before it."""
+
+    process: ProcessInfo
+    rule: CompetingRule | None
+    why: str
+    user: str = ""
 
 
 @dataclass(frozen=True)
 class CompetingValues(_Keyed):
     matches: tuple[CompetingMatch, ...]  # blocking first, then by RSS
+    unmatched: tuple[Unmatched, ...] = ()  # heaviest first
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,9 @@ class ProcessInfo:
     cmdline: str  # arguments joined by spaces, as pgrep -f matches them
     rss: int  # bytes
     safegate: bool = False  # a safegate process itself (see probes.processes.is_safegate)
+    uid: int = -1  # -1: unknown
+    program: str = ""  # what it runs: argv[0]'s basename, or an interpreter's script (probes.processes.program_of)
+    args: str = ""  # the program's own arguments, joined by spaces
 
 
 @dataclass(frozen=True)
