@@ -39,7 +39,7 @@ from safegate.probes.processes import read_processes, user_name
 from safegate.probes.thermal import read_thermal
 from safegate.results import CheckResult, GpuValues, LockValues, Status, Verdict
 from safegate.settings import effective_resume_temp
-from safegate.snapshots import ProcessSnapshot, Removal
+from safegate.snapshots import HolderRecord, LockState, MemorySnapshot, ProcessSnapshot, Removal
 from safegate.units import Size, validate_lock_name
 
 
@@ -208,7 +208,24 @@ def evaluate(
         check_lock(lock_state, legacy),
         _competing(procs, settings.rules, mem.total),
     ]
+    checks[1] = _blame_holder(checks[1], lock_state, holders, mem, need, settings.memory_margin.resolve(mem.total))
     return Verdict(profile=settings.profile.name, checks=tuple(checks))
+
+
+def _blame_holder(memory: CheckResult, state: LockState | None, holders: Sequence[HolderRecord],
+                  mem: MemorySnapshot, need: int, margin: int) -> CheckResult:
+    """Mark a memory failure as caused by the lock when the live job holding the same lock is what takes the
+    memory: the previous job of this model still runs, and that (13) is what the caller waits for, not 10."""
+    if not memory.blocks or state is None or not state.held or not state.holder_alive or state.holder is None:
+        return memory
+    holder = state.holder
+    others = sum(h.reservation for h in holders if h.lock != state.name)
+    # Without the holder, its job's memory (about `used`) is available again and its reservation is gone.
+    freed = MemorySnapshot(mem.total, mem.available + holder.used, mem.pressure_some_avg10)
+    if not check_memory(freed, need, margin, others).blocks:
+        why = f"{memory.reason} (taken by the job holding lock {state.name!r}: the lock decides)"
+        return dataclasses.replace(memory, reason=why, caused_by="lock")
+    return memory
 
 
 def _competing(procs: ProcessSnapshot, rules: tuple[CompetingRule, ...], total: int) -> CheckResult:

@@ -1,0 +1,38 @@
+"""Night-shift queues as people run them (issue 14): the exit code when the previous job still runs, slots that
+never mean "no limit" to xargs or parallel, and the old shell gate's pid file written both ways."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+from support import PY, TIMEOUT, Procs, Run, job_pid, meminfo_available, wait_until
+
+from safegate.exitcodes import ExitCode
+
+
+def _failing(result: subprocess.CompletedProcess[str]) -> list[str]:
+    return [c["name"] for c in json.loads(result.stdout)["checks"] if c["status"] == "fail"]
+
+
+def test_13_when_the_previous_job_of_the_same_lock_runs(run: Run, config: Path, lock_dir: Path,
+                                                         procs: Procs) -> None:
+    # The running job's reservation makes memory short for a second job of the same model: the lock is
+    # the cause, so 13 (what recipes tell cron users), and --json still lists both failures.
+    need = str(int(meminfo_available() * 0.6))
+    job = procs.spawn([PY, "-m", "safegate", "exec", "--config", str(config), "--lock", "night", "--mem", need,
+                       "--", "sleep", "600"], env=run.env, stderr=subprocess.PIPE)
+    wait_until(lambda: job_pid(lock_dir, "night"), what="the first job to start")
+    result = run("check", "--config", str(config), "--lock", "night", "--mem", need, "--json")
+    assert _failing(result) == ["memory", "lock"], result.stdout
+    assert result.returncode == json.loads(result.stdout)["exit_code"] == ExitCode.LOCKED, result.stdout
+    memory = next(c for c in json.loads(result.stdout)["checks"] if c["name"] == "memory")
+    assert "lock 'night'" in memory["reason"]
+    # Memory that would be short even without that job is a memory block: 10 goes first again.
+    too_big = str(meminfo_available() * 4)
+    result = run("check", "--config", str(config), "--lock", "night", "--mem", too_big)
+    assert result.returncode == ExitCode.MEMORY, result.stdout
+    assert job.poll() is None
+    job.terminate()
+    assert job.wait(timeout=TIMEOUT) is not None
