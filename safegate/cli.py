@@ -198,7 +198,8 @@ def exec_(
 
 
 
-@app.command(epilog="Example: ls *.mp3 | xargs -P \"$(safegate slots -p whisper-large-v3)\" -n 1 whisper")
+@app.command(epilog="Example: n=$(safegate slots -p small-model --max 8) && ls *.wav | xargs -P \"$n\" -n 1 "
+                    "small-model")
 def slots(
     profile: ProfileOpt = None,
     mem: MemOpt = None,
@@ -207,16 +208,20 @@ def slots(
     lock: LockOpt = None,
     gpu: GpuOpt = None,
     gpu_mem: GpuMemOpt = None,
-    max_slots: Annotated[int | None, typer.Option("--max", min=0, metavar="N", help="Never print more than N.")] = None,
+    max_slots: Annotated[int | None, typer.Option("--max", min=1, metavar="N", help="Never print more than N.")] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Print how many jobs of this size can start now: floor((available - reserved - margin) / need).
 
-    0 when any other check blocks; at most 1 for a profile with a lock (a mutex).
+    At most 1 for a profile with a lock (a mutex). When none can start it prints 0 and exits with the code of
+    what blocks (10-14), never 0: to xargs -P and parallel -j, 0 means no limit.
     """
     from safegate.commands.check import slots as count_slots
 
-    echo(str(count_slots(config, profile, gate_overrides(mem, margin, max_temp, lock, gpu, gpu_mem), max_slots)))
+    count, code = count_slots(config, profile, gate_overrides(mem, margin, max_temp, lock, gpu, gpu_mem), max_slots)
+    echo(str(count))
+    if code:
+        raise typer.Exit(int(code))
 
 
 @app.command(epilog="Example: safegate locks --json")

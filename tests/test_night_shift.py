@@ -7,7 +7,7 @@ import json
 import subprocess
 from pathlib import Path
 
-from support import PY, TIMEOUT, Procs, Run, job_pid, meminfo_available, wait_until
+from support import PY, TIMEOUT, Procs, Run, hold_with_flock, job_pid, meminfo_available, wait_until
 
 from safegate.exitcodes import ExitCode
 
@@ -36,3 +36,17 @@ def test_13_when_the_previous_job_of_the_same_lock_runs(run: Run, config: Path, 
     assert job.poll() is None
     job.terminate()
     assert job.wait(timeout=TIMEOUT) is not None
+
+
+def test_slots_is_never_a_silent_0(run: Run, config: Path, lock_dir: Path, procs: Procs) -> None:
+    # To xargs -P and parallel -j, 0 means "no limit": when nothing fits, slots prints 0 and exits with the
+    # code of what blocks, so `n=$(safegate slots ...) && xargs -P "$n"` starts nothing.
+    assert run("slots", "--config", str(config), "-p", "whisper-large-v3", "--mem", "0").stdout == "1\n"
+    hold_with_flock(procs, lock_dir / "whisper-large.lock")
+    result = run("slots", "--config", str(config), "-p", "whisper-large-v3", "--mem", "0")
+    assert (result.stdout, result.returncode) == ("0\n", ExitCode.LOCKED), result.stderr
+    result = run("slots", "--config", str(config), "--lock", "free-one", "--mem", "1000T")
+    assert (result.stdout, result.returncode) == ("0\n", ExitCode.MEMORY), result.stderr
+    # --max 0 would be a 0 that means nothing blocks: refused.
+    result = run("slots", "--config", str(config), "--max", "0")
+    assert result.returncode == ExitCode.USAGE and "--max" in result.stderr
