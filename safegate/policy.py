@@ -233,7 +233,8 @@ def check_lock(state: LockState | None, legacy: Sequence[LegacyState], now: floa
                         holder_alive=state.holder_alive if state else False, legacy=tuple(legacy))
     if state is not None and state.held:
         return CheckResult("lock", Status.FAIL, _describe_holder(state, now), ExitCode.LOCKED, values)
-    live = [s for s in legacy if s.alive]
+    # A file safegate wrote for the old gates names a job whose flock is judged above (or another lock's).
+    live = [s for s in legacy if s.alive and not s.safegate]
     if live:
         first = live[0]
         return CheckResult("lock", Status.FAIL,

@@ -126,7 +126,9 @@ def render_lock(lock: LockInfo, now: float | None = None) -> str:
     now = time.time() if now is None else now
     h = lock.holder
     state = "HELD" if lock.held else "free"
-    if h is None:
+    if lock.legacy_pid is not None:
+        who = f"pid {lock.legacy_pid} (an old shell gate's pid file: every check blocks while it lives)"
+    elif h is None:
         who = "(held by a process without metadata, e.g. flock(1))" if lock.held else ""
     else:
         pid = h.job_pid or h.pid
@@ -188,6 +190,7 @@ def lock_json(lock: LockInfo) -> dict[str, Any]:
     h = lock.holder
     return {
         "name": lock.name, "held": lock.held, "alive": lock.alive, "note": lock.note,
+        "legacy_pid": lock.legacy_pid,
         "holder": None if h is None else {
             "pid": h.pid, "job_pid": h.job_pid, "user": h.user, "host": h.host, "cmdline": h.cmdline,
             "started_at": h.started_at, "profile": h.profile, "need": h.need, "used": h.used,

@@ -146,6 +146,9 @@ class LegacyState:
     pid: int | None
     alive: bool
     note: str = ""
+    # The pid is a safegate exec or the job it supervises: safegate wrote the file for the old gates, and its
+    # own flock already says who holds what.
+    safegate: bool = False
 
 
 @dataclass(frozen=True)

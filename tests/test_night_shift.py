@@ -7,7 +7,17 @@ import json
 import subprocess
 from pathlib import Path
 
-from support import PY, TIMEOUT, Procs, Run, hold_with_flock, job_pid, meminfo_available, wait_until
+from support import (
+    PY,
+    TIMEOUT,
+    Procs,
+    Run,
+    hold_with_flock,
+    job_pid,
+    meminfo_available,
+    neutral_config,
+    wait_until,
+)
 
 from safegate.exitcodes import ExitCode
 
@@ -50,3 +60,53 @@ def test_slots_is_never_a_silent_0(run: Run, config: Path, lock_dir: Path, procs
     # --max 0 would be a 0 that means nothing blocks: refused.
     result = run("slots", "--config", str(config), "--max", "0")
     assert result.returncode == ExitCode.USAGE and "--max" in result.stderr
+
+
+OLD_GATE = """#!/bin/sh
+# The shell gate safegate replaces: a pid file and kill -0.
+f=$1; shift
+if [ -f "$f" ] && kill -0 "$(cat "$f")" 2>/dev/null; then echo "busy: pid $(cat "$f")"; exit 13; fi
+echo $$ > "$f"
+"$@"
+rm -f "$f"
+"""
+
+
+def test_the_old_shell_gate_sees_safegates_job(run: Run, tmp_path: Path, sensor: Path, lock_dir: Path,
+                                               procs: Procs) -> None:
+    legacy = tmp_path / "j5a_locks" / "whisper_large.lock"
+    legacy.parent.mkdir()
+    gate = tmp_path / "old-gate.sh"
+    gate.write_text(OLD_GATE)
+    gate.chmod(0o755)
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(f'legacy_lock_files = ["{legacy}"]\n' + neutral_config(sensor))
+    job = procs.spawn([PY, "-m", "safegate", "exec", "--config", str(cfg), "--lock", "whisper-large", "--mem", "0",
+                       "--", "sleep", "600"], env=run.env, stderr=subprocess.PIPE)
+    pid = wait_until(lambda: job_pid(lock_dir, "whisper-large"), what="the job to start")
+    wait_until(lambda: legacy.exists() and legacy.read_text().strip() == str(pid), what="the job's pid file")
+    old = subprocess.run([str(gate), str(legacy), "true"], capture_output=True, text=True, timeout=TIMEOUT)
+    assert (old.returncode, old.stdout.strip()) == (13, f"busy: pid {pid}")
+    # safegate's own file does not block another lock's jobs: the flock says who holds what.
+    assert run("check", "--config", str(cfg), "--lock", "other", "--mem", "0").returncode == 0
+    assert run("check", "--config", str(cfg), "--lock", "whisper-large", "--mem", "0").returncode == ExitCode.LOCKED
+    job.terminate()
+    job.wait(timeout=TIMEOUT)
+    assert not legacy.exists()
+    old = subprocess.run([str(gate), str(legacy), "true"], capture_output=True, text=True, timeout=TIMEOUT)
+    assert old.returncode == 0, old.stdout
+
+
+def test_locks_and_status_show_a_legacy_pid_as_held(run: Run, tmp_path: Path, sensor: Path, procs: Procs) -> None:
+    legacy = tmp_path / "whisper_large.lock"
+    sleeper = procs.spawn(["sleep", "600"])
+    legacy.write_text(f"{sleeper.pid}\n")
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(f'legacy_lock_files = ["{legacy}"]\n' + neutral_config(sensor))
+    assert run("check", "--config", str(cfg), "--mem", "0").returncode == ExitCode.LOCKED
+    data = json.loads(run("locks", "--config", str(cfg), "--json").stdout)
+    assert [(d["name"], d["held"], d["legacy_pid"]) for d in data] == [(str(legacy), True, sleeper.pid)]
+    text = run("locks", "--config", str(cfg)).stdout
+    assert "HELD" in text and f"pid {sleeper.pid}" in text
+    status = json.loads(run("status", "--config", str(cfg), "--json").stdout)
+    assert any(d["legacy_pid"] == sleeper.pid and d["held"] for d in status["locks"])

@@ -17,10 +17,12 @@ def locks(config: str | None) -> tuple[Path, list[LockInfo]]:
     """The lock dir and its locks (none when the dir does not exist yet)."""
     from safegate.locks.directory import resolve_lock_dir
     from safegate.locks.store import LockStore
-    from safegate.reports import list_locks
+    from safegate.reports import legacy_locks, list_locks
 
-    store = LockStore(resolve_lock_dir(load_config(config).lock_dir, os.environ))
-    return store.directory, list_locks(store) if store.directory.is_dir() else []
+    cfg = load_config(config)
+    store = LockStore(resolve_lock_dir(cfg.lock_dir, os.environ))
+    found = list_locks(store) if store.directory.is_dir() else []
+    return store.directory, found + legacy_locks(cfg.legacy_lock_files)
 
 
 def unlock(config: str | None, name: str) -> list[str]:
