@@ -39,6 +39,8 @@ from safegate.render import (
     lock_json,
     profile_json,
     profile_line,
+    queue_json,
+    queue_text,
     render_lock,
     status_json,
     status_text,
@@ -237,6 +239,21 @@ def locks(json_output: JsonOpt = False, config: ConfigOpt = None) -> None:
         echo(f"no locks in {directory}")
     for lock in found:
         echo(render_lock(lock))
+
+
+@app.command(epilog="Example: safegate queue --json")
+def queue(json_output: JsonOpt = False, config: ConfigOpt = None) -> None:
+    """List the waiters (exec --wait, check --wait) in the order they are served, and what each waits for."""
+    import time
+
+    from safegate.commands.inspect import queue as list_queue
+
+    tickets, now = list_queue(config), time.time()
+    if json_output:
+        echo(json.dumps(queue_json(tickets, now), indent=2))
+        return
+    for line in queue_text(tickets, now) or ["nobody is waiting"]:
+        echo(line)
 
 
 @app.command(epilog="Example: safegate unlock whisper-large")

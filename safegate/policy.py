@@ -24,6 +24,7 @@ from safegate.results import (
 from safegate.snapshots import (
     GpuInfo,
     GpuSnapshot,
+    HolderRecord,
     LegacyState,
     LockState,
     MemorySnapshot,
@@ -264,3 +265,19 @@ def check_stale(removals: Sequence[Removal] | None) -> CheckResult:
         return CheckResult("stale_locks", Status.PASS, "removed " + "; ".join(r.what for r in removals),
                            ExitCode.LOCKED, values)
     return CheckResult("stale_locks", Status.PASS, "no stale locks", ExitCode.LOCKED, values)
+
+
+def blame_holder(memory: CheckResult, state: LockState | None, holders: Sequence[HolderRecord],
+                  mem: MemorySnapshot, need: int, margin: int) -> CheckResult:
+    """Mark a memory failure as caused by the lock when the live job holding the same lock is what takes the
+    memory: the previous job of this model still runs, and that (13) is what the caller waits for, not 10."""
+    if not memory.blocks or state is None or not state.held or not state.holder_alive or state.holder is None:
+        return memory
+    holder = state.holder
+    others = sum(h.reservation for h in holders if h.lock != state.name)
+    # Without the holder, its job's memory (about `used`) is available again and its reservation is gone.
+    freed = MemorySnapshot(mem.total, mem.available + holder.used, mem.pressure_some_avg10)
+    if not check_memory(freed, need, margin, others).blocks:
+        why = f"{memory.reason} (taken by the job holding lock {state.name!r}: the lock decides)"
+        return dataclasses.replace(memory, reason=why, caused_by="lock")
+    return memory

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from safegate.competing import rule_json
@@ -20,6 +21,7 @@ from safegate.results import (
     ThermalValues,
     Verdict,
 )
+from safegate.snapshots import Ticket
 from safegate.units import format_bytes, format_duration, printable
 
 if TYPE_CHECKING:
@@ -139,6 +141,20 @@ def render_lock(lock: LockInfo, now: float | None = None) -> str:
     return f"{lock.name:<20} {state:<5} {who}".rstrip() + (f"  [{lock.note}]" if lock.note else "")
 
 
+def queue_json(tickets: Sequence[Ticket], now: float) -> list[dict[str, Any]]:
+    return [{"position": i, "pid": t.pid, "user": printable(t.user), "lock": t.lock, "profile": printable(t.profile),
+             "need": t.need, "arrived_at": t.arrival / 1e9, "waited": max(0.0, now - t.arrival / 1e9),
+             "blocked_by": printable(t.blocked_by), "reason": printable(t.reason)}
+            for i, t in enumerate(tickets, 1)]
+
+
+def queue_text(tickets: Sequence[Ticket], now: float) -> list[str]:
+    """One line per waiter, in the order they are served (per lock)."""
+    return [f"{i:>3}. pid {t.pid} {printable(t.user)} lock {t.lock or '-'} profile {printable(t.profile)} need "
+            f"{format_bytes(t.need)}, waiting {format_duration(max(0.0, now - t.arrival / 1e9))}: "
+            f"{printable(t.reason)[:160] or 'arriving'}" for i, t in enumerate(tickets, 1)]
+
+
 def status_text(r: StatusReport) -> str:
     m = r.memory
     pressure = f"{m.pressure_some_avg10:g}%" if m.pressure_some_avg10 is not None else "unknown"
@@ -157,6 +173,8 @@ def status_text(r: StatusReport) -> str:
         lines.append(f"GPUs     none ({r.gpus.backend})")
     lines.append(f"locks    in {r.lock_dir}:" if r.locks else f"locks    none in {r.lock_dir}")
     lines += ["  " + render_lock(lock, r.time) for lock in r.locks]
+    lines.append("waiting  " + (f"{len(r.waiters)}, in the order they are served:" if r.waiters else "nobody"))
+    lines += ["  " + line for line in queue_text(r.waiters, r.time)]
     lines.append("largest processes:")
     lines += [f"  {p.pid:>7} {format_bytes(p.rss):>10}  {printable(p.cmdline)[:90]}" for p in r.top]
     return "\n".join(lines)
@@ -173,6 +191,7 @@ def status_json(r: StatusReport) -> str:
         "gpus": {"backend": r.gpus.backend, "status": r.gpus.status, "devices": [gpu_json(g) for g in r.gpus.gpus]},
         "lock_dir": str(r.lock_dir),
         "locks": [lock_json(lock) for lock in r.locks],
+        "waiters": queue_json(r.waiters, r.time),
         "top_processes": [{"pid": p.pid, "rss": p.rss, "cmdline": p.cmdline} for p in r.top],
     }
     return json.dumps(data, indent=2)

@@ -12,12 +12,13 @@ import psutil
 from safegate.config import Config
 from safegate.errors import LockBusy
 from safegate.locks.legacy import read_legacy
+from safegate.locks.queue import read_tickets
 from safegate.locks.store import LockStore
 from safegate.probes.gpu import read_gpus
 from safegate.probes.memory import read_memory
 from safegate.probes.processes import read_processes
 from safegate.probes.thermal import read_thermal
-from safegate.snapshots import GpuSnapshot, HolderRecord, MemorySnapshot, ProcessInfo, ThermalSnapshot
+from safegate.snapshots import GpuSnapshot, HolderRecord, MemorySnapshot, ProcessInfo, ThermalSnapshot, Ticket
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,7 @@ class StatusReport:
     locks: list[LockInfo]
     top: list[ProcessInfo]
     lock_dir: Path
+    waiters: list[Ticket]
 
 
 def collect_status(config: Config, lock_dir: Path, gpu_backend: str, top: int = 5) -> StatusReport:
@@ -90,5 +92,5 @@ def collect_status(config: Config, lock_dir: Path, gpu_backend: str, top: int = 
         time=time.time(), memory=read_memory(), swap_total=int(swap.total), swap_used=int(swap.used),
         thermal=read_thermal(config.thermal), gpus=read_gpus(gpu_backend),
         locks=(list_locks(store) if lock_dir.is_dir() else []) + legacy_locks(config.legacy_lock_files), top=procs,
-        lock_dir=lock_dir,
+        lock_dir=lock_dir, waiters=read_tickets(lock_dir),
     )

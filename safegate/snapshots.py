@@ -159,3 +159,19 @@ class Removal:
     what: str
     removed: bool
     error: str = ""
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """A waiter's place in line (locks.queue): taken at arrival, served in arrival order."""
+
+    pid: int
+    start_time: float  # with pid, names one process (a reused pid is not the waiter)
+    user: str
+    lock: str | None  # None: a profile without a lock
+    profile: str
+    need: int  # bytes of RAM the job declared
+    arrival: int  # time.time_ns() at arrival: the order of service
+    blocked_by: str = ""  # the failing checks of its last evaluation, comma-separated; "queue" when held in line
+    reason: str = ""  # its last blocking summary, for `safegate queue`
+    path: Path | None = None  # its file in the lock dir; None for a caller that does not wait (no file)

@@ -3,8 +3,12 @@ never mean "no limit" to xargs or parallel, and the old shell gate's pid file wr
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 from support import (
@@ -110,3 +114,76 @@ def test_locks_and_status_show_a_legacy_pid_as_held(run: Run, tmp_path: Path, se
     assert "HELD" in text and f"pid {sleeper.pid}" in text
     status = json.loads(run("status", "--config", str(cfg), "--json").stdout)
     assert any(d["legacy_pid"] == sleeper.pid and d["held"] for d in status["locks"])
+
+
+# --- fair admission: arrival order per lock, and no starving a big job -----------------------------------------
+
+RECORD = """import os, sys, time
+start = time.monotonic()
+time.sleep(float(sys.argv[3]))
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+os.write(fd, f"{sys.argv[2]} {start} {time.monotonic()}\\n".encode())
+"""
+
+
+def _tickets(lock_dir: Path) -> list[Path]:
+    return sorted(lock_dir.glob(".ticket.*.json"))
+
+
+def _spans(path: Path) -> list[tuple[str, float, float]]:
+    rows = [line.split() for line in path.read_text().splitlines()] if path.exists() else []
+    return [(r[0], float(r[1]), float(r[2])) for r in rows]
+
+
+def test_waiters_through_sh_c_are_served_in_arrival_order(run: Run, config: Path, lock_dir: Path, tmp_path: Path,
+                                                          procs: Procs) -> None:
+    record = tmp_path / "record.py"
+    record.write_text(RECORD)
+    spans = tmp_path / "spans"
+    holder = hold_with_flock(procs, lock_dir / "night.lock")  # every waiter arrives while the lock is taken
+    shells = []
+    for i in range(8):
+        line = (f"{PY} -m safegate exec --config {config} --lock night --mem 0 --wait -q -- "
+                f"{PY} {record} {spans} {i} 0.2; echo $? >> {tmp_path / 'rcs'}")
+        shells.append(procs.spawn(["sh", "-c", line], env=run.env))
+        wait_until(lambda n=i + 1: len(_tickets(lock_dir)) == n, what=f"waiter {i} to take its ticket")
+    queue = json.loads(run("queue", "--config", str(config), "--json").stdout)
+    assert [w["position"] for w in queue] == list(range(1, 9)) and {w["lock"] for w in queue} == {"night"}
+    assert all(w["blocked_by"] in ("", "lock") for w in queue), queue
+    os.killpg(holder.pid, signal.SIGKILL)  # flock(1) and the sleep that inherited its lock
+    assert [s.wait(timeout=TIMEOUT * 2) for s in shells] == [0] * 8
+    ran = _spans(spans)
+    assert [r[0] for r in sorted(ran, key=lambda r: r[1])] == [str(i) for i in range(8)]
+    ordered = sorted(ran, key=lambda r: r[1])
+    assert all(b[1] >= a[2] for a, b in itertools.pairwise(ordered)), ordered
+    assert _tickets(lock_dir) == []
+
+
+def test_a_big_waiter_is_not_starved_by_streams_of_small_jobs(run: Run, tmp_path: Path, sensor: Path,
+                                                               lock_dir: Path, procs: Procs) -> None:
+    # Seven streams keep lock-less small jobs (a fifth of MemAvailable each, reserved while they run) going,
+    # five at a time; a big job (70%) fits only when at most one runs. Arriving, it waits for memory; later
+    # small arrivals must then hold back, so it starts once the small jobs ahead of it finish.
+    avail = meminfo_available()
+    small, big = avail // 5, int(avail * 0.7)
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(neutral_config(sensor, f'[profiles.small]\nmemory = "{small}"\nlock = false\ninterval = 0.5\n'
+                                          f'[profiles.big]\nmemory = "{big}"\nlock = false\n'))
+    record = tmp_path / "record.py"
+    record.write_text(RECORD)
+    spans, stop = tmp_path / "spans", tmp_path / "stop"
+    stream = (f'while [ ! -e {stop} ]; do {PY} -m safegate exec --config {cfg} -p small --wait -q -- '
+              f'{PY} {record} {spans} small 2; done')
+    for _ in range(7):
+        procs.spawn(["sh", "-c", stream], env=run.env)
+    wait_until(lambda: len(_spans(spans)) >= 5, what="the small jobs to run")
+    arrived = time.monotonic()
+    big_job = procs.spawn([PY, "-m", "safegate", "exec", "--config", str(cfg), "-p", "big", "--wait", "-q", "--",
+                           PY, str(record), str(spans), "big", "0.1"], env=run.env)
+    assert big_job.wait(timeout=TIMEOUT) == 0
+    stop.touch()
+    ran = _spans(spans)
+    started = next(r for r in ran if r[0] == "big")
+    # Only waiters already in line when it arrived (one per stream at most) may start before it.
+    ahead = [r for r in ran if r[0] == "small" and arrived < r[1] < started[1]]
+    assert len(ahead) <= 7, ahead

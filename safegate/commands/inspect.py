@@ -11,6 +11,7 @@ from safegate.config import Profile, load_config
 from safegate.history import Run
 from safegate.preflight import gpu_backend
 from safegate.reports import LockInfo, StatusReport
+from safegate.snapshots import Ticket
 
 
 def locks(config: str | None) -> tuple[Path, list[LockInfo]]:
@@ -23,6 +24,14 @@ def locks(config: str | None) -> tuple[Path, list[LockInfo]]:
     store = LockStore(resolve_lock_dir(cfg.lock_dir, os.environ))
     found = list_locks(store) if store.directory.is_dir() else []
     return store.directory, found + legacy_locks(cfg.legacy_lock_files)
+
+
+def queue(config: str | None) -> list[Ticket]:
+    """The waiters in the lock dir, in arrival order (the order each lock serves them)."""
+    from safegate.locks.directory import resolve_lock_dir
+    from safegate.locks.queue import read_tickets
+
+    return read_tickets(resolve_lock_dir(load_config(config).lock_dir, os.environ))
 
 
 def unlock(config: str | None, name: str) -> list[str]:
