@@ -112,8 +112,11 @@ def check(
     """
     from safegate.commands.check import check as run_check
 
+    shown = progress(quiet or json_output)
+    wait_for = wait_timeout(wait, timeout)
     verdict = run_check(config, profile, gate_overrides(mem, margin, max_temp, lock, gpu, gpu_mem), wait=wait,
-                        timeout=wait_timeout(wait, timeout), on_blocked=progress(quiet or json_output))
+                        timeout=wait_for, on_blocked=shown)
+    shown.finish(verdict, wait_for if wait else None)
     if json_output:
         echo(verdict_json(verdict))
     elif quiet:
@@ -181,23 +184,24 @@ def exec_(
     )
     wait_for = wait_timeout(wait, timeout)
     chatty = {"admitted", "exit", "summary", "cleanup"}
+    shown = progress(quiet)
 
     def on_event(event: Event) -> None:
+        shown.end_line()
         if not (quiet and event.kind in chatty):
             prefix = f"{event.kind}: " if event.kind in ("summary", "warning", "breach") else ""
             # A closed terminal or pipe must not be what stops the watch: the job goes on, still watched.
             echo(f"safegate: {prefix}{event.message}", err=True)
 
     result = execute(command, config=config, profile=profile, overrides=overrides, wait=wait, timeout=wait_for,
-                     on_event=on_event, on_blocked=progress(quiet),
+                     on_event=on_event, on_blocked=shown,
                      on_log_error=lambda msg: echo(f"safegate: warning: {msg}", err=True))
     if isinstance(result, Verdict):
+        shown.finish(result, wait_for if wait else None)
         for failure in result.failures:
             echo(f"safegate: not started: {check_line(failure)}", err=True)
         raise typer.Exit(int(result.exit_code))
     raise typer.Exit(result.exit_code)
-
-
 
 
 @app.command(epilog="Example: n=$(safegate slots -p small-model --max 8) && ls *.wav | xargs -P \"$n\" -n 1 "
@@ -244,11 +248,9 @@ def locks(json_output: JsonOpt = False, config: ConfigOpt = None) -> None:
 @app.command(epilog="Example: safegate queue --json")
 def queue(json_output: JsonOpt = False, config: ConfigOpt = None) -> None:
     """List the waiters (exec --wait, check --wait) in the order they are served, and what each waits for."""
-    import time
-
     from safegate.commands.inspect import queue as list_queue
 
-    tickets, now = list_queue(config), time.time()
+    tickets, now = list_queue(config)
     if json_output:
         echo(json.dumps(queue_json(tickets, now), indent=2))
         return

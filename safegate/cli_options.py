@@ -4,7 +4,9 @@ declares the commands). Each setting's option name, metavar and help come from t
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import time
 from collections.abc import Callable
 from typing import Annotated, Any
 
@@ -16,7 +18,7 @@ from safegate.preflight import Overrides
 from safegate.render import blocking_summary
 from safegate.results import Verdict
 from safegate.settings import BY_KEY, parse_option
-from safegate.units import parse_duration
+from safegate.units import format_duration, parse_duration
 
 
 def echo(message: str, err: bool = False) -> None:
@@ -74,17 +76,68 @@ def wait_timeout(wait: bool, timeout: str | None) -> float | None:
     return seconds if isinstance(seconds, float) else None
 
 
-def progress(silent: bool) -> Callable[[Verdict], None]:
-    """While waiting: one line on stderr each time the reason for waiting changes."""
-    last_shown: list[str] = []
+REMIND_EVERY = 60.0  # seconds: off a terminal, an unchanged reason is said again this often
 
-    def progress(verdict: Verdict) -> None:
+
+class Progress:
+    """What waiting shows on stderr. On a terminal: one live line (time waited, the reason, which says the place
+    in line when that is what blocks), rewritten in place. Elsewhere (a log, cron's mail): a line each time the
+    reason changes, and one a minute while it does not. At the end, `timed out after D` when --timeout ran out."""
+
+    def __init__(self, silent: bool, clock: Callable[[], float] = time.monotonic, live: bool | None = None) -> None:
+        self.silent = silent
+        self.clock = clock
+        self.start = clock()
+        self.live = _stderr_is_terminal() if live is None else live
+        self.shown = ""
+        self.shown_at = 0.0
+        self.open_line = False
+
+    def __call__(self, verdict: Verdict) -> None:
+        if self.silent:
+            return
+        now = self.clock()
         line = blocking_summary(verdict)
-        if not silent and line not in last_shown:
-            last_shown[:] = [line]
-            echo(f"safegate: waiting: {line}", err=True)
+        waited = format_duration(now - self.start)
+        if self.live:
+            width = shutil.get_terminal_size((100, 24)).columns
+            _write_err(f"\r\x1b[Ksafegate: waiting {waited}: {line}"[: width + 4])
+            self.open_line = True
+        elif line != self.shown or now - self.shown_at >= REMIND_EVERY:
+            echo(f"safegate: waiting: {line}" + (f" (waited {waited})" if self.shown else ""), err=True)
+            self.shown, self.shown_at = line, now
 
-    return progress
+    def end_line(self) -> None:
+        """Before any other line: the live line is finished, not overwritten."""
+        if self.open_line:
+            _write_err("\n")
+            self.open_line = False
+
+    def finish(self, verdict: Verdict, timeout: float | None) -> None:
+        """End the live line; say when the wait ended because --timeout ran out."""
+        self.end_line()
+        if timeout is not None and not verdict.ok:
+            echo(f"safegate: timed out after {format_duration(timeout)}, still blocked "
+                 f"(exit {int(verdict.exit_code)})", err=True)
+
+
+def _stderr_is_terminal() -> bool:
+    try:
+        return sys.stderr.isatty() and os.environ.get("TERM", "") != "dumb"
+    except (ValueError, AttributeError):
+        return False
+
+
+def _write_err(text: str) -> None:
+    try:
+        sys.stderr.write(text)
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass  # a hung-up terminal never changes the outcome
+
+
+def progress(silent: bool) -> Progress:
+    return Progress(silent)
 
 
 def complete_profiles(incomplete: str) -> list[str]:

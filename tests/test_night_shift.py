@@ -11,6 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 from support import (
     PY,
     TIMEOUT,
@@ -187,3 +188,89 @@ def test_a_big_waiter_is_not_starved_by_streams_of_small_jobs(run: Run, tmp_path
     # Only waiters already in line when it arrived (one per stream at most) may start before it.
     ahead = [r for r in ran if r[0] == "small" and arrived < r[1] < started[1]]
     assert len(ahead) <= 7, ahead
+
+
+# --- waiting says what it waits for, how long, and when it gave up ---------------------------------------------
+
+
+def test_timeout_says_timed_out_with_the_blocking_code(run: Run, config: Path, lock_dir: Path, procs: Procs) -> None:
+    hold_with_flock(procs, lock_dir / "heavy.lock")
+    for command in (["check"], ["exec"]):
+        args = [*command, "--config", str(config), "--mem", "0", "--wait", "--timeout", "1s"]
+        result = run(*args, *(["--", "true"] if command == ["exec"] else []))
+        assert result.returncode == ExitCode.LOCKED, result.stderr
+        lines = result.stderr.splitlines()
+        assert lines[0].startswith("safegate: waiting: lock:"), result.stderr
+        assert "safegate: timed out after 1s, still blocked (exit 13)" in lines, result.stderr
+    # Not waiting, or passing: no such line.
+    assert "timed out" not in run("check", "--config", str(config), "--mem", "0").stderr
+
+
+def test_waiting_on_a_terminal_is_one_live_line(config: Path, lock_dir: Path, procs: Procs,
+                                               env: dict[str, str]) -> None:
+    hold_with_flock(procs, lock_dir / "heavy.lock")
+    primary, secondary = os.openpty()
+    try:
+        proc = subprocess.Popen([PY, "-m", "safegate", "check", "--config", str(config), "--mem", "0", "--wait",
+                                 "--timeout", "3s", "-q"], env={**env, "TERM": "xterm"}, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=secondary)
+        os.close(secondary)
+        secondary = -1
+        out = b""
+        while True:
+            try:
+                chunk = os.read(primary, 4096)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            out += chunk
+        assert proc.wait(timeout=TIMEOUT) == ExitCode.LOCKED
+    finally:
+        os.close(primary)
+        if secondary >= 0:
+            os.close(secondary)
+    text = out.decode()
+    # -q silences the waiting line, but not the end of the wait.
+    assert "timed out after 3s" in text and "waiting" not in text, text
+    out = b""
+    primary, secondary = os.openpty()
+    proc = subprocess.Popen([PY, "-m", "safegate", "check", "--config", str(config), "--mem", "0", "--wait",
+                             "--timeout", "3s"], env={**env, "TERM": "xterm"}, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=secondary)
+    os.close(secondary)
+    try:
+        while True:
+            try:
+                chunk = os.read(primary, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        os.close(primary)
+    assert proc.wait(timeout=TIMEOUT) == ExitCode.LOCKED
+    text = out.decode()
+    updates = text.split("\r\x1b[K")[1:]
+    # Rewritten in place: several updates of one line, each with the time waited, then the end on a new line.
+    assert len(updates) >= 2 and all(u.startswith("safegate: waiting ") and "lock 'heavy'" in u for u in updates)
+    assert text.count("\n") <= 3 and "timed out after 3s" in text, text
+
+
+def test_off_a_terminal_an_unchanged_reason_is_said_once_a_minute(capsys: pytest.CaptureFixture[str]) -> None:
+    from safegate.cli_options import Progress
+    from safegate.results import CheckResult, Status, Verdict
+
+    now = [0.0]
+    shown = Progress(silent=False, clock=lambda: now[0], live=False)
+
+    def blocked(reason: str) -> Verdict:
+        return Verdict("p", (CheckResult("lock", Status.FAIL, reason, ExitCode.LOCKED),))
+
+    for t, reason in ((0, "held"), (5, "held"), (30, "held"), (61, "held"), (62, "in line"), (70, "in line")):
+        now[0] = t
+        shown(blocked(reason))
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["safegate: waiting: lock: held", "safegate: waiting: lock: held (waited 1m01s)",
+                     "safegate: waiting: lock: in line (waited 1m02s)"]

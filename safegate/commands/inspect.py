@@ -26,12 +26,12 @@ def locks(config: str | None) -> tuple[Path, list[LockInfo]]:
     return store.directory, found + legacy_locks(cfg.legacy_lock_files)
 
 
-def queue(config: str | None) -> list[Ticket]:
-    """The waiters in the lock dir, in arrival order (the order each lock serves them)."""
+def queue(config: str | None) -> tuple[list[Ticket], float]:
+    """The waiters in the lock dir, in arrival order (the order each lock serves them), and the time now."""
     from safegate.locks.directory import resolve_lock_dir
     from safegate.locks.queue import read_tickets
 
-    return read_tickets(resolve_lock_dir(load_config(config).lock_dir, os.environ))
+    return read_tickets(resolve_lock_dir(load_config(config).lock_dir, os.environ)), time.time()
 
 
 def unlock(config: str | None, name: str) -> list[str]:
