@@ -20,6 +20,7 @@ from safegate.cli_options import (
     MarginOpt,
     MaxTempOpt,
     MemOpt,
+    PlainUsage,
     ProfileOpt,
     TimeoutOpt,
     WaitOpt,
@@ -96,7 +97,8 @@ def check(
     timeout: TimeoutOpt = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object with every check.")] = False,
     quiet: Annotated[
-        bool, typer.Option("--quiet", "-q", help="Print nothing on success; on a block, one line on stderr.")
+        bool, typer.Option("--quiet", "-q", help="Print nothing on success; on a block, one line per failing check "
+                           "on stderr, and no waiting lines.")
     ] = False,
     config: ConfigOpt = None,
 ) -> None:
@@ -127,11 +129,8 @@ def check(
     raise typer.Exit(int(verdict.exit_code))
 
 
-@app.command(
-    "exec",
-    epilog=EXIT_CODES_EPILOG,
-    context_settings={"allow_interspersed_args": False},
-)
+@app.command("exec", short_help="Run a job under the gate, and watch it.", epilog=EXIT_CODES_EPILOG,
+             context_settings={"allow_interspersed_args": False})
 def exec_(
     command: Annotated[
         list[str] | None,
@@ -157,7 +156,8 @@ def exec_(
     min_gpu_free: Annotated[str | None, setting_option("min_gpu_free")] = None,
     log: Annotated[str | None, setting_option("log")] = None,
     quiet: Annotated[
-        bool, typer.Option("--quiet", "-q", help="Print only warnings, breaches and errors, no start/exit/summary.")
+        bool, typer.Option("--quiet", "-q", help="Print only warnings, breaches and errors: no waiting, start, "
+                           "exit or summary lines.")
     ] = False,
     config: ConfigOpt = None,
 ) -> None:
@@ -204,8 +204,8 @@ def exec_(
     raise typer.Exit(result.exit_code)
 
 
-@app.command(epilog="Example: n=$(safegate slots -p small-model --max 8) && ls *.wav | xargs -P \"$n\" -n 1 "
-                    "small-model")
+@app.command(short_help="Print how many jobs of this size can start now.",
+             epilog="Example: n=$(safegate slots -p small-model --max 8) && xargs -P \"$n\" -n 1 small-model < list")
 def slots(
     profile: ProfileOpt = None,
     mem: MemOpt = None,
@@ -245,7 +245,7 @@ def locks(json_output: JsonOpt = False, config: ConfigOpt = None) -> None:
         echo(render_lock(lock))
 
 
-@app.command(epilog="Example: safegate queue --json")
+@app.command(short_help="List the waiters in the order they are served.", epilog="Example: safegate queue --json")
 def queue(json_output: JsonOpt = False, config: ConfigOpt = None) -> None:
     """List the waiters (exec --wait, check --wait) in the order they are served, and what each waits for."""
     from safegate.commands.inspect import queue as list_queue
@@ -258,7 +258,8 @@ def queue(json_output: JsonOpt = False, config: ConfigOpt = None) -> None:
         echo(line)
 
 
-@app.command(epilog="Example: safegate unlock whisper-large")
+@app.command(cls=PlainUsage, short_help="Remove a free lock's stale leftovers.",
+             epilog="Example: safegate unlock whisper-large")
 def unlock(
     name: Annotated[str, typer.Argument(metavar="NAME", help="The lock to clean up.", autocompletion=complete_locks)],
     config: ConfigOpt = None,
@@ -275,7 +276,7 @@ def unlock(
         echo(f"lock {checked!r} is free; nothing to remove")
 
 
-@app.command(epilog="Example: safegate profiles --json")
+@app.command(short_help="List built-in and configured profiles.", epilog="Example: safegate profiles --json")
 def profiles(json_output: JsonOpt = False, config: ConfigOpt = None) -> None:
     """List built-in and configured profiles: where each comes from, and declared vs recorded memory."""
     from safegate.commands.inspect import profiles as list_profiles
@@ -288,13 +289,14 @@ def profiles(json_output: JsonOpt = False, config: ConfigOpt = None) -> None:
         echo(profile_line(p))
 
 
-@app.command(epilog="Example: safegate status --watch")
+@app.command(short_help="One screen: RAM, heat, GPUs, locks, waiters.", epilog="Example: safegate status --watch")
 def status(
     json_output: JsonOpt = False,
     watch: Annotated[bool, typer.Option("--watch", help="Refresh every 2 s until Ctrl-C.")] = False,
     config: ConfigOpt = None,
 ) -> None:
-    """One screen: RAM, pressure, swap, temperatures, GPUs, locks and their holders, the largest processes."""
+    """One screen: RAM, pressure, swap, temperatures, GPUs, locks and their holders, the waiters, the largest
+    processes."""
     from safegate.commands.inspect import status as reports
 
     interactive = sys.stdout.isatty() and not os.environ.get("NO_COLOR")

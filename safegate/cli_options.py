@@ -4,6 +4,7 @@ declares the commands). Each setting's option name, metavar and help come from t
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 import time
@@ -11,6 +12,7 @@ from collections.abc import Callable
 from typing import Annotated, Any
 
 import typer
+from typer.core import TyperCommand
 
 from safegate.config import load_config
 from safegate.errors import SafegateError, UsageError, ValueParseError
@@ -19,6 +21,13 @@ from safegate.render import blocking_summary
 from safegate.results import Verdict
 from safegate.settings import BY_KEY, parse_option
 from safegate.units import format_duration, parse_duration
+
+
+class PlainUsage(TyperCommand):
+    """A command whose usage line names a required argument plainly (`NAME`, not typer's `{NAME}`)."""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        return [re.sub(r"^\{(.*)\}$", r"\1", piece) for piece in super().collect_usage_pieces(ctx)]
 
 
 def echo(message: str, err: bool = False) -> None:
