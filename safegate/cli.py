@@ -31,6 +31,7 @@ from safegate.cli_options import (
     parsed,
     progress,
     setting_option,
+    version_text,
     wait_timeout,
 )
 from safegate.errors import SafegateError, UsageError
@@ -71,16 +72,13 @@ app = typer.Typer(
 
 def _version(value: bool) -> None:
     if value:
-        echo(f"safegate {__version__}")
+        echo(version_text(__version__))
         raise typer.Exit(0)
 
 
 @app.callback()
-def _root(
-    version: Annotated[
-        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
-    ] = False,
-) -> None:
+def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help=(
+        "Print the version and where this install's man page and completions are, and exit."))] = False) -> None:
     """Gate heavy ML jobs on memory, temperature, locks and competing processes."""
 
 

@@ -30,6 +30,30 @@ class PlainUsage(TyperCommand):
         return [re.sub(r"^\{(.*)\}$", r"\1", piece) for piece in super().collect_usage_pieces(ctx)]
 
 
+# Where pip, a venv or pipx put the man page and completions (pyproject's data-files), under a prefix.
+INSTALLED_DOCS = (("man page", "share/man/man1/safegate.1"),
+                  ("bash completion", "share/bash-completion/completions/safegate.bash"),
+                  ("zsh completion", "share/zsh/site-functions/_safegate"),
+                  ("fish completion", "share/fish/vendor_completions.d/safegate.fish"))
+
+
+def version_text(version: str) -> str:
+    """The version, and where this installation's man page and completions are (or that it has none: an
+    editable or an old pipx install; README, "Completions and man page", says what to do then)."""
+    import site
+
+    prefixes = dict.fromkeys([sys.prefix, site.getuserbase()])
+    lines = [f"safegate {version}"]
+    for what, rel in INSTALLED_DOCS:
+        found = next((os.path.join(p, rel) for p in prefixes if os.path.isfile(os.path.join(p, rel))), None)
+        lines.append(f"{what}: {found or 'not installed with this package'}")
+    man = next((p for p in prefixes if os.path.isfile(os.path.join(p, INSTALLED_DOCS[0][1]))), None)
+    if man is not None and os.path.join(man, "bin") not in os.environ.get("PATH", "").split(os.pathsep):
+        # man finds <prefix>/share/man only for a <prefix>/bin on PATH.
+        lines.append(f"read it with: man -M {os.path.join(man, 'share', 'man')} safegate")
+    return "\n".join(lines)
+
+
 def echo(message: str, err: bool = False) -> None:
     """Print a line for people. A full disk, a closed pipe or a hung-up terminal must never change an outcome or an
     exit code: on a write error the stream is pointed at /dev/null (so neither later lines nor Python's flush at
