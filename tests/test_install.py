@@ -54,9 +54,11 @@ def test_a_wheel_install_has_them_and_version_says_where(tmp_path: Path) -> None
     assert build.returncode == 0, build.stderr
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=TIMEOUT)
-    install = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--prefix", str(venv),
-                              *glob.glob(str(wheels / "safegate-*.whl"))], capture_output=True, text=True,
-                             timeout=TIMEOUT * 3)
+    # pip --python: installs into that venv, judging what is installed there; an install into a prefix judges
+    # the test environment instead, and would uninstall its safegate to make room.
+    install = subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "-q",
+                              "--no-deps", *glob.glob(str(wheels / "safegate-*.whl"))], capture_output=True,
+                             text=True, timeout=TIMEOUT * 3)
     assert install.returncode == 0, install.stderr
     for source, target in DOCS.items():
         assert (venv / target).read_bytes() == (REPO / source).read_bytes(), target
