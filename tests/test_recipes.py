@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -16,6 +17,7 @@ from support import REPO, TIMEOUT, Procs, Run, hold_with_flock, neutral_config
 
 from safegate.cli import app
 from safegate.exitcodes import ExitCode
+from safegate.units import parse_duration
 
 RECIPES = (REPO / "docs" / "recipes.md").read_text()
 ADAPTER = REPO / "docs" / "examples" / "safegate-parallel-limit"
@@ -26,7 +28,7 @@ def safegate_commands() -> list[list[str]]:
     for block in re.findall(r"```(?:sh|ini)\n(.*?)```", RECIPES, re.DOTALL):
         for raw in block.splitlines():
             line = raw.split("  # ")[0]
-            for match in re.finditer(r"(?:^|[\s=(\"])(?:/usr/local/bin/)?safegate (\w+)([^\"`)&|]*)", line):
+            for match in re.finditer(r"(?:^|[\s=(\"])(?:\S*/)?safegate (\w+)([^\"`)&|]*)", line):
                 found.append([match.group(1), *shlex.split(match.group(2))])
     return found
 
@@ -147,3 +149,60 @@ def _write(tmp_path: Path, sensor: Path) -> Path:
     cfg = tmp_path / "slots-config.toml"
     cfg.write_text(neutral_config(sensor, _recipe_toml()))
     return cfg
+
+
+# --- cron and systemd, as written ---------------------------------------------------------------------------------
+
+
+def _cron_line() -> str:
+    block = RECIPES.split("## cron:", 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
+    entry = next(line for line in block.splitlines() if line and not line.startswith("#"))
+    return entry.split(None, 5)[5]  # after minute, hour, day of month, month, day of week
+
+
+def test_cron_recipe_in_crons_environment(tmp_path: Path, sensor: Path) -> None:
+    # As cron runs it: sh -c in an environment of PATH=/usr/bin:/bin, HOME and SHELL only (the lock dir and
+    # the GPU switch added, so the test stays in its own sandbox), safegate where the recipe says it is.
+    safegate = Path(sys.executable).parent / "safegate"
+    if not safegate.exists():
+        pytest.skip(f"no safegate console script beside {sys.executable}")
+    home = tmp_path / "home"
+    (home / ".local" / "bin").mkdir(parents=True)
+    (home / ".local" / "bin" / "safegate").symlink_to(safegate)
+    (home / ".config" / "safegate").mkdir(parents=True)
+    (home / ".config" / "safegate" / "config.toml").write_text(
+        neutral_config(sensor, '[profiles.whisper-large-v3]\nmemory = "0"\ncompeting = []\n'))
+    cron_env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "SHELL": "/bin/sh",
+                "SAFEGATE_LOCK_DIR": str(tmp_path / "locks"), "SAFEGATE_GPU": "none"}
+    line = _cron_line()
+    assert line.startswith("$HOME/.local/bin/safegate exec ") and " -- /" in line  # absolute paths, both
+    log = home / "night.jsonl"
+    # The job's command is not there: nothing runs, and the log says so.
+    done = subprocess.run(["sh", "-c", line], env=cron_env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 127, done.stderr
+    events = [json.loads(row) for row in log.read_text().splitlines()]
+    assert [e["event"] for e in events] == ["not_started"] and events[0]["exit_code"] == 127
+    assert "/opt/whisper/bin/whisper" in events[0]["message"]
+    # With the job where the line says it is (here: a stand-in), it runs under the gate and is logged.
+    job = tmp_path / "whisper"
+    job.write_text("#!/bin/sh\necho transcribed \"$@\"\n")
+    job.chmod(0o755)
+    done = subprocess.run(["sh", "-c", line.replace("/opt/whisper/bin/whisper", str(job))], env=cron_env,
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 0, done.stderr
+    assert "transcribed --model large-v3 /data/in/next.mp3" in done.stdout
+    kinds = [json.loads(row)["event"] for row in log.read_text().splitlines()]
+    assert kinds[1:] == ["admitted", "exit", "summary"], kinds
+
+
+def test_systemd_recipe_gives_the_gate_time_to_wait() -> None:
+    block = RECIPES.split("## systemd:", 1)[1].split("```ini\n", 1)[1].split("```", 1)[0]
+    unit = dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
+    pre = unit["ExecStartPre"]
+    timeout = re.search(r"--timeout (\S+)", pre)
+    assert timeout is not None and "--wait" in pre
+    start = unit["TimeoutStartSec"]
+    # systemd's default 90 s would kill the waiting ExecStartPre: the start timeout must outlast --timeout.
+    assert start == "infinity" or parse_duration(start.replace("min", "m")) > parse_duration(timeout.group(1))
+    assert unit["ExecStart"].startswith("/usr/local/bin/safegate exec ")
+    assert "/usr/local/bin/safegate" in RECIPES.split("## systemd:", 1)[1].split("## ", 1)[0].split("```")[2]

@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 
 from safegate.config import load_config
+from safegate.errors import SpawnError
 from safegate.eventlog import EventLog, check_log_path
 from safegate.jobrun import run_exec
 from safegate.outcome import Event, Outcome
@@ -51,7 +52,13 @@ def execute(
         if event_log is not None:
             event_log.write(event)
 
-    result = run_exec(settings, command, wait=wait, timeout=timeout, on_event=emit, on_blocked=on_blocked)
+    try:
+        result = run_exec(settings, command, wait=wait, timeout=timeout, on_event=emit, on_blocked=on_blocked)
+    except SpawnError as exc:
+        # A night's log must say why nothing ran (a cron PATH without the job's command, say), not stay empty.
+        if event_log is not None:
+            event_log.write(Event("not_started", str(exc), {"exit_code": int(exc.exit_code)}))
+        raise
     if isinstance(result, Verdict) and event_log is not None:
         event_log.write(Event("blocked", blocking_summary(result), {"exit_code": int(result.exit_code)}))
     return result
