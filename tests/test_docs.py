@@ -140,3 +140,22 @@ def test_every_command_help_has_an_example(run: Run) -> None:
     for command in _all_options(run):
         out = run(*command.split(), "--help").stdout
         assert "Example" in out and "safegate" in out.split("Example", 1)[1], command
+
+
+def test_man_page_stands_alone() -> None:
+    # Installed without the README: the config file, its keys, the files and the environment are in it.
+    from safegate.settings import SETTINGS
+
+    man = (REPO / "man" / "safegate.1").read_text().replace("\\-", "-").replace("\\fB", "").replace("\\fR", "")
+    assert "README" not in man
+    config = man.split(".SH CONFIGURATION", 1)[1].split(".SH ", 1)[0]
+    for setting in SETTINGS:
+        assert f"\n{setting.key} (" in config, setting.key
+    for word in ("lock_dir", "legacy_lock_files", "[defaults]", "[thermal]", "[gpu]", "program", "args", "Sizes",
+                 "Durations"):
+        assert word in config, word
+    environment = man.split(".SH ENVIRONMENT", 1)[1].split(".SH ", 1)[0]
+    for var in ("XDG_STATE_HOME", "NO_COLOR", "SLURM_JOB_ID", "SLURM_MEM_PER_NODE", "SLURM_JOB_LICENSES"):
+        assert var in environment, var
+    assert "history.json" in man.split(".SH FILES", 1)[1]
+    assert '"$(safegate slots' not in man
