@@ -212,6 +212,7 @@ def test_waiters_launched_through_sh_c_all_run_one_at_a_time(tmp_path: Path, sen
                                                              env: dict[str, str], cron: bool) -> None:
     # cron and pueue run each line as `sh -c LINE`; with a command after safegate, dash stays alive as its
     # parent, its command line naming the job. Four such waiters must not take each other's shells for jobs.
+    # (pueue itself is not packaged here: this is its shape, a daemon's `sh -c` per task.)
     safegate = _safegate_bin()
     token = f"sgtest{os.getpid()}{tmp_path.name}"
     record = _script(tmp_path, "whisper", "import sys, time, os\nstart = time.monotonic()\ntime.sleep(0.3)\n"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -274,3 +275,28 @@ def test_off_a_terminal_an_unchanged_reason_is_said_once_a_minute(capsys: pytest
     lines = capsys.readouterr().err.splitlines()
     assert lines == ["safegate: waiting: lock: held", "safegate: waiting: lock: held (waited 1m01s)",
                      "safegate: waiting: lock: in line (waited 1m02s)"]
+
+
+def test_task_spooler_with_four_slots_runs_the_jobs_one_at_a_time(run: Run, config: Path, tmp_path: Path,
+                                                                  lock_dir: Path) -> None:
+    # The recipe: `tsp -S 4` and each job queued as `tsp safegate exec --wait ...`. The queue starts four at
+    # once; safegate lets them run one at a time.
+    if shutil.which("tsp") is None:
+        pytest.skip("task-spooler (tsp) is not installed: apt-get install task-spooler")
+    record = tmp_path / "record.py"
+    record.write_text(RECORD)
+    spans = tmp_path / "spans"
+    env = {**run.env, "TS_SOCKET": str(tmp_path / "tsp.socket"), "TMPDIR": str(tmp_path)}
+    try:
+        subprocess.run(["tsp", "-S", "4"], env=env, check=True, timeout=TIMEOUT)
+        ids = [subprocess.run(["tsp", PY, "-m", "safegate", "exec", "--config", str(config), "--lock", "night",
+                               "--mem", "0", "--wait", "-q", "--", PY, str(record), str(spans), str(i), "0.3"],
+                              env=env, capture_output=True, text=True, check=True, timeout=TIMEOUT).stdout.strip()
+               for i in range(4)]
+        codes = [subprocess.run(["tsp", "-w", job], env=env, timeout=TIMEOUT * 2).returncode for job in ids]
+    finally:
+        subprocess.run(["tsp", "-K"], env=env, capture_output=True, timeout=TIMEOUT)
+    assert codes == [0, 0, 0, 0]
+    ordered = sorted(_spans(spans), key=lambda r: r[1])
+    assert len(ordered) == 4 and all(b[1] >= a[2] for a, b in itertools.pairwise(ordered)), ordered
+    assert _tickets(lock_dir) == []
