@@ -56,9 +56,11 @@ def test_a_wheel_install_has_them_and_version_says_where(tmp_path: Path) -> None
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=TIMEOUT)
     # pip --python: installs into that venv, judging what is installed there; an install into a prefix judges
     # the test environment instead, and would uninstall its safegate to make room.
+    # Without PYTHONPATH, from elsewhere: a source tree on sys.path (its safegate.egg-info) looks installed.
+    clean = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     install = subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "-q",
                               "--no-deps", *glob.glob(str(wheels / "safegate-*.whl"))], capture_output=True,
-                             text=True, timeout=TIMEOUT * 3)
+                             text=True, timeout=TIMEOUT * 3, env=clean, cwd=tmp_path)
     assert install.returncode == 0, install.stderr
     for source, target in DOCS.items():
         assert (venv / target).read_bytes() == (REPO / source).read_bytes(), target

@@ -57,9 +57,11 @@ def test_13_when_the_previous_job_of_the_same_lock_runs(run: Run, config: Path, 
 def test_slots_is_never_a_silent_0(run: Run, config: Path, lock_dir: Path, procs: Procs) -> None:
     # To xargs -P and parallel -j, 0 means "no limit": when nothing fits, slots prints 0 and exits with the
     # code of what blocks, so `n=$(safegate slots ...) && xargs -P "$n"` starts nothing.
-    assert run("slots", "--config", str(config), "-p", "whisper-large-v3", "--mem", "0").stdout == "1\n"
+    # The default profile with the whisper lock: the built-in whisper profile's competing rule would see other
+    # people's Whisper jobs on a busy machine.
+    assert run("slots", "--config", str(config), "--lock", "whisper-large", "--mem", "0").stdout == "1\n"
     hold_with_flock(procs, lock_dir / "whisper-large.lock")
-    result = run("slots", "--config", str(config), "-p", "whisper-large-v3", "--mem", "0")
+    result = run("slots", "--config", str(config), "--lock", "whisper-large", "--mem", "0")
     assert (result.stdout, result.returncode) == ("0\n", ExitCode.LOCKED), result.stderr
     result = run("slots", "--config", str(config), "--lock", "free-one", "--mem", "1000T")
     assert (result.stdout, result.returncode) == ("0\n", ExitCode.MEMORY), result.stderr
