@@ -274,8 +274,8 @@ def _lock_pause(settings: Settings, sleep: Callable[[float], None] = time.sleep)
         if settings.lock is not None and [c.name for c in verdict.failures] == ["lock"] and (
                 lock is not None and lock.caused_by != QUEUE):
             LockStore(settings.lock_dir).wait_free(settings.lock, seconds)
-        elif any(c.caused_by == QUEUE for c in verdict.failures):
-            # In line behind a waiter about to start: its start, not a release, is what to see soon.
+        elif lock is not None and lock.caused_by == QUEUE:
+            # In line behind a waiter of the same lock about to take it: soon the lock is held, and watched.
             sleep(min(seconds, QUEUE_RECHECK))
         else:
             sleep(seconds)
