@@ -20,16 +20,19 @@ from safegate.cli_options import (
     MarginOpt,
     MaxTempOpt,
     MemOpt,
+    PlainUsage,
     ProfileOpt,
     TimeoutOpt,
     WaitOpt,
     complete_locks,
     echo,
+    fill_closed_stdio,
     gate_overrides,
     parse_overrides,
     parsed,
     progress,
     setting_option,
+    version_text,
     wait_timeout,
 )
 from safegate.errors import SafegateError, UsageError
@@ -39,6 +42,8 @@ from safegate.render import (
     lock_json,
     profile_json,
     profile_line,
+    queue_json,
+    queue_text,
     render_lock,
     status_json,
     status_text,
@@ -68,16 +73,13 @@ app = typer.Typer(
 
 def _version(value: bool) -> None:
     if value:
-        echo(f"safegate {__version__}")
+        echo(version_text(__version__))
         raise typer.Exit(0)
 
 
 @app.callback()
-def _root(
-    version: Annotated[
-        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
-    ] = False,
-) -> None:
+def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help=(
+        "Print the version and where this install's man page and completions are, and exit."))] = False) -> None:
     """Gate heavy ML jobs on memory, temperature, locks and competing processes."""
 
 
@@ -94,7 +96,8 @@ def check(
     timeout: TimeoutOpt = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object with every check.")] = False,
     quiet: Annotated[
-        bool, typer.Option("--quiet", "-q", help="Print nothing on success; on a block, one line on stderr.")
+        bool, typer.Option("--quiet", "-q", help="Print nothing on success; on a block, one line per failing check "
+                           "on stderr, and no waiting lines.")
     ] = False,
     config: ConfigOpt = None,
 ) -> None:
@@ -110,8 +113,11 @@ def check(
     """
     from safegate.commands.check import check as run_check
 
+    shown = progress(quiet or json_output)
+    wait_for = wait_timeout(wait, timeout)
     verdict = run_check(config, profile, gate_overrides(mem, margin, max_temp, lock, gpu, gpu_mem), wait=wait,
-                        timeout=wait_timeout(wait, timeout), on_blocked=progress(quiet or json_output))
+                        timeout=wait_for, on_blocked=shown)
+    shown.finish(verdict, wait_for if wait else None)
     if json_output:
         echo(verdict_json(verdict))
     elif quiet:
@@ -122,11 +128,8 @@ def check(
     raise typer.Exit(int(verdict.exit_code))
 
 
-@app.command(
-    "exec",
-    epilog=EXIT_CODES_EPILOG,
-    context_settings={"allow_interspersed_args": False},
-)
+@app.command("exec", short_help="Run a job under the gate, and watch it.", epilog=EXIT_CODES_EPILOG,
+             context_settings={"allow_interspersed_args": False})
 def exec_(
     command: Annotated[
         list[str] | None,
@@ -154,7 +157,8 @@ def exec_(
     cgroup: Annotated[str | None, setting_option("cgroup")] = None,
     notify: Annotated[str | None, setting_option("notify")] = None,
     quiet: Annotated[
-        bool, typer.Option("--quiet", "-q", help="Print only warnings, breaches and errors, no start/exit/summary.")
+        bool, typer.Option("--quiet", "-q", help="Print only warnings, breaches and errors: no waiting, start, "
+                           "exit or summary lines.")
     ] = False,
     config: ConfigOpt = None,
 ) -> None:
@@ -182,26 +186,28 @@ def exec_(
     )
     wait_for = wait_timeout(wait, timeout)
     chatty = {"admitted", "exit", "summary", "cleanup", "notice"}
+    shown = progress(quiet)
 
     def on_event(event: Event) -> None:
+        shown.end_line()
         if not (quiet and event.kind in chatty):
             prefix = f"{event.kind}: " if event.kind in ("summary", "warning", "breach") else ""
             # A closed terminal or pipe must not be what stops the watch: the job goes on, still watched.
             echo(f"safegate: {prefix}{event.message}", err=True)
 
     result = execute(command, config=config, profile=profile, overrides=overrides, wait=wait, timeout=wait_for,
-                     on_event=on_event, on_blocked=progress(quiet),
+                     on_event=on_event, on_blocked=shown,
                      on_log_error=lambda msg: echo(f"safegate: warning: {msg}", err=True))
     if isinstance(result, Verdict):
+        shown.finish(result, wait_for if wait else None)
         for failure in result.failures:
             echo(f"safegate: not started: {check_line(failure)}", err=True)
         raise typer.Exit(int(result.exit_code))
     raise typer.Exit(result.exit_code)
 
 
-
-
-@app.command(epilog="Example: ls *.mp3 | xargs -P \"$(safegate slots -p whisper-large-v3)\" -n 1 whisper")
+@app.command(short_help="Print how many jobs of this size can start now.",
+             epilog="Example: n=$(safegate slots -p small-model --max 8) && xargs -P \"$n\" -n 1 small-model < list")
 def slots(
     profile: ProfileOpt = None,
     mem: MemOpt = None,
@@ -210,16 +216,20 @@ def slots(
     lock: LockOpt = None,
     gpu: GpuOpt = None,
     gpu_mem: GpuMemOpt = None,
-    max_slots: Annotated[int | None, typer.Option("--max", min=0, metavar="N", help="Never print more than N.")] = None,
+    max_slots: Annotated[int | None, typer.Option("--max", min=1, metavar="N", help="Never print more than N.")] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Print how many jobs of this size can start now: floor((available - reserved - margin) / need).
 
-    0 when any other check blocks; at most 1 for a profile with a lock (a mutex).
+    At most 1 for a profile with a lock (a mutex). When none can start it prints 0 and exits with the code of
+    what blocks (10-14), never 0: to xargs -P and parallel -j, 0 means no limit.
     """
     from safegate.commands.check import slots as count_slots
 
-    echo(str(count_slots(config, profile, gate_overrides(mem, margin, max_temp, lock, gpu, gpu_mem), max_slots)))
+    count, code = count_slots(config, profile, gate_overrides(mem, margin, max_temp, lock, gpu, gpu_mem), max_slots)
+    echo(str(count))
+    if code:
+        raise typer.Exit(int(code))
 
 
 @app.command(epilog="Example: safegate locks --json")
@@ -237,7 +247,21 @@ def locks(json_output: JsonOpt = False, config: ConfigOpt = None) -> None:
         echo(render_lock(lock))
 
 
-@app.command(epilog="Example: safegate unlock whisper-large")
+@app.command(short_help="List the waiters in the order they are served.", epilog="Example: safegate queue --json")
+def queue(json_output: JsonOpt = False, config: ConfigOpt = None) -> None:
+    """List the waiters (exec --wait, check --wait) in the order they are served, and what each waits for."""
+    from safegate.commands.inspect import queue as list_queue
+
+    tickets, now = list_queue(config)
+    if json_output:
+        echo(json.dumps(queue_json(tickets, now), indent=2))
+        return
+    for line in queue_text(tickets, now) or ["nobody is waiting"]:
+        echo(line)
+
+
+@app.command(cls=PlainUsage, short_help="Remove a free lock's stale leftovers.",
+             epilog="Example: safegate unlock whisper-large")
 def unlock(
     name: Annotated[str, typer.Argument(metavar="NAME", help="The lock to clean up.", autocompletion=complete_locks)],
     config: ConfigOpt = None,
@@ -254,7 +278,7 @@ def unlock(
         echo(f"lock {checked!r} is free; nothing to remove")
 
 
-@app.command(epilog="Example: safegate profiles --json")
+@app.command(short_help="List built-in and configured profiles.", epilog="Example: safegate profiles --json")
 def profiles(json_output: JsonOpt = False, config: ConfigOpt = None) -> None:
     """List built-in and configured profiles: where each comes from, and declared vs recorded memory."""
     from safegate.commands.inspect import profiles as list_profiles
@@ -267,13 +291,14 @@ def profiles(json_output: JsonOpt = False, config: ConfigOpt = None) -> None:
         echo(profile_line(p))
 
 
-@app.command(epilog="Example: safegate status --watch")
+@app.command(short_help="One screen: RAM, heat, GPUs, locks, waiters.", epilog="Example: safegate status --watch")
 def status(
     json_output: JsonOpt = False,
     watch: Annotated[bool, typer.Option("--watch", help="Refresh every 2 s until Ctrl-C.")] = False,
     config: ConfigOpt = None,
 ) -> None:
-    """One screen: RAM, pressure, swap, temperatures, GPUs, locks and their holders, the largest processes."""
+    """One screen: RAM, pressure, swap, temperatures, GPUs, locks and their holders, the waiters, the largest
+    processes."""
     from safegate.commands.inspect import status as reports
 
     interactive = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
@@ -286,22 +311,15 @@ def status(
 
 
 @app.command(epilog="Example (cron, every minute): safegate metrics --textfile /var/lib/prometheus/node-exporter")
-def metrics(
-    textfile: Annotated[str | None, typer.Option("--textfile", metavar="DIR", help="Write DIR/safegate.prom "
-                                                 "atomically (for node_exporter's textfile collector) instead of "
-                                                 "printing.")] = None,
-    config: ConfigOpt = None,
-) -> None:
-    """Memory, pressure, temperatures, GPUs, each lock and its holder, and each profile's last run, in the
-    Prometheus text format."""
+def metrics(textfile: Annotated[str | None, typer.Option("--textfile", metavar="DIR", help=(
+        "Write DIR/safegate.prom whole (for node_exporter's textfile collector) instead of printing."))] = None,
+        config: ConfigOpt = None) -> None:
+    """Memory, pressure, heat, GPUs, locks and each profile's last run, in the Prometheus text format."""
     from safegate.commands.metrics import metrics as collect
     from safegate.commands.metrics import write_textfile
 
     text = collect(config)
-    if textfile is None:
-        echo(text.rstrip("\n"))
-    else:
-        write_textfile(textfile, text)
+    echo(text.rstrip("\n")) if textfile is None else write_textfile(textfile, text)
 
 
 slurm_app = typer.Typer(help="Safegate inside Slurm.", no_args_is_help=True)
@@ -338,7 +356,7 @@ def slurm_health(
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; the one place where failures become exit codes and one-line messages."""
     args = sys.argv[1:] if argv is None else argv
-    _fill_closed_stdio()
+    fill_closed_stdio()
     if os.environ.get(COMPLETE_VAR):
         # A shell asking for completions (completions/*): register typer's shell classes only then.
         from typer import completion as typer_completion
@@ -348,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = app(args=args, prog_name="safegate", standalone_mode=False)
     except SafegateError as exc:
-        _say(f"safegate: {exc}")
+        echo(f"safegate: {exc}", err=True)  # the last word; unwritable, the code still tells
         return int(exc.exit_code)
     except typer.Exit as exc:
         return int(exc.exit_code)
@@ -368,28 +386,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if os.environ.get("SAFEGATE_DEBUG"):
             raise
-        _say(f"safegate: internal error: {type(exc).__name__}: {exc}")
+        echo(f"safegate: internal error: {type(exc).__name__}: {exc}", err=True)
         return int(ExitCode.INTERNAL)
     return int(result) if isinstance(result, int) else 0
-
-
-def _fill_closed_stdio() -> None:
-    """A closed fd 0, 1 or 2 (cron, daemons: `>&- 2>&-`) becomes /dev/null before safegate opens anything, so
-    no lock file or pipe of safegate's can land on it and be handed to the job as its stdin, stdout or stderr."""
-    for fd in (0, 1, 2):
-        try:
-            os.fstat(fd)
-        except OSError:
-            opened = os.open(os.devnull, os.O_RDWR)
-            if opened != fd:  # not the lowest free descriptor after all: move it there
-                os.dup2(opened, fd)
-                os.close(opened)
-            os.set_inheritable(fd, True)  # os.open is close-on-exec: the job must keep its 0/1/2
-
-
-def _say(line: str) -> None:
-    """The last word on stderr; if even that cannot be written, the exit code still tells."""
-    echo(line, err=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

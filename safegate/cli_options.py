@@ -4,11 +4,15 @@ declares the commands). Each setting's option name, metavar and help come from t
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import sys
+import time
 from collections.abc import Callable
 from typing import Annotated, Any
 
 import typer
+from typer.core import TyperCommand
 
 from safegate.config import load_config
 from safegate.errors import SafegateError, UsageError, ValueParseError
@@ -16,7 +20,38 @@ from safegate.preflight import Overrides
 from safegate.render import blocking_summary
 from safegate.results import Verdict
 from safegate.settings import BY_KEY, parse_option
-from safegate.units import parse_duration
+from safegate.units import format_duration, parse_duration
+
+
+class PlainUsage(TyperCommand):
+    """A command whose usage line names a required argument plainly (`NAME`, not typer's `{NAME}`)."""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        return [re.sub(r"^\{(.*)\}$", r"\1", piece) for piece in super().collect_usage_pieces(ctx)]
+
+
+# Where pip, a venv or pipx put the man page and completions (pyproject's data-files), under a prefix.
+INSTALLED_DOCS = (("man page", "share/man/man1/safegate.1"),
+                  ("bash completion", "share/bash-completion/completions/safegate.bash"),
+                  ("zsh completion", "share/zsh/site-functions/_safegate"),
+                  ("fish completion", "share/fish/vendor_completions.d/safegate.fish"))
+
+
+def version_text(version: str) -> str:
+    """The version, and where this installation's man page and completions are (or that it has none: an
+    editable or an old pipx install; README, "Completions and man page", says what to do then)."""
+    import site
+
+    prefixes = dict.fromkeys([sys.prefix, site.getuserbase()])
+    lines = [f"safegate {version}"]
+    for what, rel in INSTALLED_DOCS:
+        found = next((os.path.join(p, rel) for p in prefixes if os.path.isfile(os.path.join(p, rel))), None)
+        lines.append(f"{what}: {found or 'not installed with this package'}")
+    man = next((p for p in prefixes if os.path.isfile(os.path.join(p, INSTALLED_DOCS[0][1]))), None)
+    if man is not None and os.path.join(man, "bin") not in os.environ.get("PATH", "").split(os.pathsep):
+        # man finds <prefix>/share/man only for a <prefix>/bin on PATH.
+        lines.append(f"read it with: man -M {os.path.join(man, 'share', 'man')} safegate")
+    return "\n".join(lines)
 
 
 def echo(message: str, err: bool = False) -> None:
@@ -74,17 +109,68 @@ def wait_timeout(wait: bool, timeout: str | None) -> float | None:
     return seconds if isinstance(seconds, float) else None
 
 
-def progress(silent: bool) -> Callable[[Verdict], None]:
-    """While waiting: one line on stderr each time the reason for waiting changes."""
-    last_shown: list[str] = []
+REMIND_EVERY = 60.0  # seconds: off a terminal, an unchanged reason is said again this often
 
-    def progress(verdict: Verdict) -> None:
+
+class Progress:
+    """What waiting shows on stderr. On a terminal: one live line (time waited, the reason, which says the place
+    in line when that is what blocks), rewritten in place. Elsewhere (a log, cron's mail): a line each time the
+    reason changes, and one a minute while it does not. At the end, `timed out after D` when --timeout ran out."""
+
+    def __init__(self, silent: bool, clock: Callable[[], float] = time.monotonic, live: bool | None = None) -> None:
+        self.silent = silent
+        self.clock = clock
+        self.start = clock()
+        self.live = _stderr_is_terminal() if live is None else live
+        self.shown = ""
+        self.shown_at = 0.0
+        self.open_line = False
+
+    def __call__(self, verdict: Verdict) -> None:
+        if self.silent:
+            return
+        now = self.clock()
         line = blocking_summary(verdict)
-        if not silent and line not in last_shown:
-            last_shown[:] = [line]
-            echo(f"safegate: waiting: {line}", err=True)
+        waited = format_duration(now - self.start)
+        if self.live:
+            width = shutil.get_terminal_size((100, 24)).columns
+            _write_err(f"\r\x1b[Ksafegate: waiting {waited}: {line}"[: width + 4])
+            self.open_line = True
+        elif line != self.shown or now - self.shown_at >= REMIND_EVERY:
+            echo(f"safegate: waiting: {line}" + (f" (waited {waited})" if self.shown else ""), err=True)
+            self.shown, self.shown_at = line, now
 
-    return progress
+    def end_line(self) -> None:
+        """Before any other line: the live line is finished, not overwritten."""
+        if self.open_line:
+            _write_err("\n")
+            self.open_line = False
+
+    def finish(self, verdict: Verdict, timeout: float | None) -> None:
+        """End the live line; say when the wait ended because --timeout ran out."""
+        self.end_line()
+        if timeout is not None and not verdict.ok:
+            echo(f"safegate: timed out after {format_duration(timeout)}, still blocked "
+                 f"(exit {int(verdict.exit_code)})", err=True)
+
+
+def _stderr_is_terminal() -> bool:
+    try:
+        return sys.stderr.isatty() and os.environ.get("TERM", "") != "dumb"
+    except (ValueError, AttributeError):
+        return False
+
+
+def _write_err(text: str) -> None:
+    try:
+        sys.stderr.write(text)
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass  # a hung-up terminal never changes the outcome
+
+
+def progress(silent: bool) -> Progress:
+    return Progress(silent)
 
 
 def complete_profiles(incomplete: str) -> list[str]:
@@ -129,3 +215,17 @@ ConfigOpt = Annotated[
                  "/etc/safegate/config.toml)."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+
+
+def fill_closed_stdio() -> None:
+    """A closed fd 0, 1 or 2 (cron, daemons: `>&- 2>&-`) becomes /dev/null before safegate opens anything, so
+    no lock file or pipe of safegate's can land on it and be handed to the job as its stdin, stdout or stderr."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            opened = os.open(os.devnull, os.O_RDWR)
+            if opened != fd:  # not the lowest free descriptor after all: move it there
+                os.dup2(opened, fd)
+                os.close(opened)
+            os.set_inheritable(fd, True)  # os.open is close-on-exec: the job must keep its 0/1/2

@@ -8,13 +8,13 @@ only used at night shows on the first run.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from safegate.errors import ConfigError
+from safegate.patterns import BoundedRegex
 from safegate.settings import effective_resume_temp
 from safegate.units import (
     Size,
@@ -52,13 +52,21 @@ Action = Literal["block", "warn"]
 
 @dataclass(frozen=True)
 class CompetingRule:
-    pattern: str
+    """A process competes when it matches: `program` (a regex over the whole program name, see
+    probes.processes.program_of) and `args` (searched in its arguments), or `pattern` (searched in the whole
+    command line, as pgrep -f does)."""
+
+    pattern: str | None
     action: Action
     min_rss: Size | None = None
+    program: str | None = None
+    args: str | None = None
 
-    @property
-    def regex(self) -> re.Pattern[str]:
-        return re.compile(self.pattern)
+    def describe(self) -> str:
+        """The rule as the config spells it, for messages."""
+        if self.program is None:
+            return f"pattern {self.pattern!r}"
+        return f"program {self.program!r}" + (f" args {self.args!r}" if self.args is not None else "")
 
 
 @dataclass(frozen=True)
@@ -129,7 +137,8 @@ class Config:
         command = " ".join(argv)
         ordered = sorted(self.profiles.values(), key=lambda p: p.source == "built-in")
         for profile in ordered:
-            if any(re.search(pattern, command) for pattern in profile.match):
+            # Bounded: a pattern reads only as much of a long command line as keeps its cost fixed.
+            if any(BoundedRegex(pattern).search(command)[0] for pattern in profile.match):
                 return profile
         return self.profile(DEFAULT_PROFILE)
 

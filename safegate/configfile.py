@@ -14,6 +14,7 @@ from typing import Any
 
 from safegate.config import CompetingRule, Config, Profile, ThermalConfig
 from safegate.errors import ConfigError, ValueParseError
+from safegate.patterns import nested_repeat
 from safegate.settings import BY_KEY, CLI_PARSERS, PROFILE_KEYS, SETTINGS
 from safegate.units import (
     BACKENDS,
@@ -35,7 +36,7 @@ _PROFILE_KEYS = set(PROFILE_KEYS)
 _TOP_KEYS = {"lock_dir", "legacy_lock_files", "defaults", "thermal", "gpu", "profiles"}
 _GPU_KEYS = {"backend"}
 _THERMAL_KEYS = {"sensors", "ignore", "files", "require"}
-_RULE_KEYS = {"pattern", "action", "min_rss"}
+_RULE_KEYS = {"pattern", "program", "args", "action", "min_rss"}
 
 
 class _Where:
@@ -97,24 +98,33 @@ def _regex(where: _Where, key: str, value: Any) -> str:
         re.compile(value)
     except re.error as exc:
         raise where.fail(key, f"invalid regular expression {value!r}: {exc}") from None
+    nested = nested_repeat(value)
+    if nested is not None:
+        # Exponential backtracking on a crafted command line would hang every check on the machine.
+        raise where.fail(key, f"regular expression {value!r} has {nested} (like (a+)+), which can take "
+                         "exponential time: write it without the nesting")
     return str(value)
 
 
 def _rules(where: _Where, key: str, value: Any) -> tuple[CompetingRule, ...]:
-    _expect(where, key, value, list, "a list of tables with pattern, action and optional min_rss")
+    what = "a table with pattern, or program and optional args; action and optional min_rss"
+    _expect(where, key, value, list, f"a list of tables, each {what}")
     rules = []
     for i, item in enumerate(value):
         item_key = f"{key}[{i}]"
-        _expect(where, item_key, item, dict, "a table with pattern, action and optional min_rss")
+        _expect(where, item_key, item, dict, what)
         _unknown_keys(where, f"{item_key}.", item, _RULE_KEYS)
-        if "pattern" not in item:
-            raise where.fail(item_key, "missing key 'pattern'")
-        pattern = _regex(where, f"{item_key}.pattern", item["pattern"])
+        if "pattern" in item and ("program" in item or "args" in item):
+            raise where.fail(item_key, "give either pattern (the whole command line) or program and args, not both")
+        if "pattern" not in item and "program" not in item:
+            raise where.fail(item_key, "missing key 'pattern' or 'program'")
+        found = {k: _regex(where, f"{item_key}.{k}", item[k]) for k in ("pattern", "program", "args") if k in item}
         action = item.get("action", "block")
         if action not in ("block", "warn"):
             raise where.fail(f"{item_key}.action", f"invalid action {action!r}: expected 'block' or 'warn'")
         min_rss = _size(where, f"{item_key}.min_rss", item["min_rss"]) if "min_rss" in item else None
-        rules.append(CompetingRule(pattern=pattern, action=action, min_rss=min_rss))
+        rules.append(CompetingRule(pattern=found.get("pattern"), action=action, min_rss=min_rss,
+                                   program=found.get("program"), args=found.get("args")))
     return tuple(rules)
 
 

@@ -19,6 +19,7 @@ from safegate import __version__
 from safegate.cli import COMPLETE_VAR, app
 from safegate.exitcodes import ExitCode
 from safegate.procctl import FORWARDED
+from safegate.settings import SETTINGS
 
 SYNC_FAULTS = "SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGABRT, SIGTRAP and SIGSYS"
 
@@ -59,20 +60,48 @@ ENVIRONMENT = [
     ("SAFEGATE_GPU", "GPU backend: auto, nvml or none."),
     ("SAFEGATE_DEBUG", "Show a traceback for an internal error (exit 125)."),
     ("XDG_CONFIG_HOME", "Where the per-user config is looked for."),
+    ("XDG_STATE_HOME", "Where the history of exec runs is kept (default ~/.local/state)."),
+    ("NO_COLOR", "When set, status --watch prints plain successive reports instead of redrawing."),
     ("CUDA_VISIBLE_DEVICES", "When set, exec leaves it alone and only those GPUs are considered."),
+    ("SLURM_JOB_ID", "Inside a Slurm job: exec applies the job's memory allocation as max_mem (unless set) and "
+                     "requires a profile's slurm_license."),
+    ("SLURM_MEM_PER_NODE, SLURM_MEM_PER_CPU, SLURM_CPUS_ON_NODE, SLURM_JOB_CPUS_PER_NODE",
+     "The job's memory allocation, per node or per CPU times its CPUs."),
+    ("SLURM_JOB_LICENSES", "The licenses the job holds (for slurm_license)."),
 ]
 FILES = [
     ("$XDG_CONFIG_HOME/safegate/config.toml", "Per-user config (default ~/.config/safegate/config.toml)."),
     ("/etc/safegate/config.toml", "System-wide config."),
     ("/run/lock/safegate/NAME.lock", "A lock, locked with flock(2); /tmp/safegate where /run/lock is absent."),
     ("/run/lock/safegate/NAME.holder.json", "Who holds the lock NAME, since when, and the memory it reserves."),
+    ("/run/lock/safegate/.ticket.ARRIVAL.PID.json", "A waiter's place in line (safegate queue)."),
+    ("$XDG_STATE_HOME/safegate/history.json", "What past exec runs of each profile used, for memory = \"auto\"; "
+     "advisory."),
 ]
+# The config file, for the man page: top-level keys and tables (profile keys come from the settings table).
+CONFIG_KEYS = [
+    ("lock_dir", "Lock directory (absolute path); SAFEGATE_LOCK_DIR beats it."),
+    ("legacy_lock_files", "Old shell gates' pid files: a live pid blocks every check; exec of a profile with a "
+                          "lock writes its job's pid into them while it runs."),
+    ("[defaults]", "Profile keys every profile inherits unless it sets them (not match, lock, memory)."),
+    ("[thermal] sensors, ignore, files, require", "chip:label globs of CPU sensors to use and to ignore, raw "
+     "sysfs files in millidegrees, and whether no readable sensor blocks."),
+    ("[gpu] backend", "auto, nvml or none (SAFEGATE_GPU beats it)."),
+    ("[profiles.NAME]", "A profile: the keys below. A built-in profile's name overrides it key by key."),
+]
+RULE_KEYS = ("competing rules: a list of tables with program (a regex over the whole program name: argv[0]'s "
+             "basename, or an interpreter's script or -m module) and optional args (searched in its arguments), "
+             "or pattern (searched in the whole command line); action block (default) or warn; optional min_rss. "
+             "A regex that repeats a repeat, like (a+)+, is refused.")
+VALUES = ("Sizes: 512M, 10G, 10GiB (powers of 1024), 10GB (10^9), a bare number of bytes, 10% of RAM (of the "
+          "card for GPU keys). Durations: 30s, 14m, 2h, 1d, or bare seconds. Temperatures in degrees Celsius.")
 EXAMPLES = [
     ("Start a job only when it is safe", "safegate check -p whisper-large-v3 -q && whisper --model large-v3 a.mp3"),
     ("Run a job under the gate, waiting for its turn", "safegate exec --wait -- whisper --model large-v3 a.mp3"),
     ("Stop a training run before it eats the machine",
      "safegate exec --max-mem 12G --log run.jsonl -- python train.py"),
-    ("How many such jobs fit now", "ls *.mp3 | xargs -P \"$(safegate slots -p whisper-large-v3)\" -n 1 whisper"),
+    ("As many jobs as fit now (nothing when none does)",
+     "n=$(safegate slots -p small-model --max 8) && ls *.wav | xargs -P \"$n\" -n 1 small-model"),
 ]
 
 
@@ -118,6 +147,21 @@ def _leaf_commands(group: Any, prefix: str = "") -> list[tuple[str, Any]]:
     return out
 
 
+def _configuration() -> list[str]:
+    """The config file's keys, profile keys from the settings table: what README's config section says, here."""
+    lines = [".SH CONFIGURATION", _roff("TOML, the first found of: --config PATH, $SAFEGATE_CONFIG, "
+                                        "$XDG_CONFIG_HOME/safegate/config.toml, /etc/safegate/config.toml. "
+                                        "Command-line option > environment > config file > built-in default.")]
+    for key, text in CONFIG_KEYS:
+        lines += [".TP", f"\\fB{_roff(key)}\\fR", _roff(text)]
+    lines += [".SS Profile keys"]
+    for setting in SETTINGS:
+        where = f" (option {setting.option})" if setting.option else ""
+        lines += [".TP", f"\\fB{_roff(setting.key)}\\fR ({_roff(setting.kind)})", _roff(setting.help + where)]
+    lines += [".PP", _roff(RULE_KEYS), ".PP", _roff(VALUES)]
+    return lines
+
+
 def man_page() -> str:
     root = typer.main.get_command(app)
     assert isinstance(root, typer.core.TyperGroup)
@@ -136,7 +180,7 @@ def man_page() -> str:
         _roff("safegate answers \"is it safe to start this job now?\" with an exit code (check), runs a job under "
               "the gate and stops it before it takes the machine down (exec), and reports the machine, its locks "
               "and how many jobs fit (status, locks, slots), and drains a Slurm node that is unsafe "
-              "(slurm health). See README.md for the full description."),
+              "(slurm health). Waiters are served in arrival order (queue)."),
         ".SH COMMANDS",
     ]
     for name, cmd in commands:
@@ -148,6 +192,7 @@ def man_page() -> str:
     for code in ExitCode:
         label = "128+N" if code is ExitCode.SIGNALLED else str(int(code))
         lines += [".TP", f"\\fB{_roff(label)}\\fR", _roff(code.meaning)]
+    lines += _configuration()
     lines.append(".SH ENVIRONMENT")
     for var, text in ENVIRONMENT:
         lines += [".TP", f"\\fB{_roff(var)}\\fR", _roff(text)]

@@ -15,6 +15,7 @@ from safegate import cgroups
 from safegate.config import DEFAULT_MIN_AVAILABLE, DEFAULT_MIN_AVAILABLE_FRACTION
 from safegate.errors import CgroupError
 from safegate.limits import WARN_FRACTION, GpuLimits, WatchLimits
+from safegate.locks.legacy import claim_legacy, release_legacy, update_legacy
 from safegate.locks.store import HeldLock
 from safegate.outcome import Event, Outcome
 from safegate.preflight import Settings, admit
@@ -148,31 +149,17 @@ def run_exec(
     verdict, held = admit(settings, argv, wait=wait, timeout=timeout, on_blocked=on_blocked)
     if held is None:
         return verdict
-    with held, _job_cgroup(settings, on_event) as cgroup:
-        gpus, gpu_env = job_gpus(settings, verdict, held)
-        limits = watch_limits(settings, read_memory().total, gpus)
-        if cgroup is not None and limits.max_mem is not None:
-            cgroup.limit_memory(limits.max_mem)
-        supervisor = Supervisor(
-            argv, limits, on_event, pass_fds=[held.fd], nice=settings.nice, on_sample=_UsedReporter(held),
-            on_gpu_sample=_UsedReporter(held, gpu=True), env={**caller_environment(), **gpu_env}, cgroup=cgroup,
-        )
-        pid = supervisor.start()
-        try:
-            start_time = psutil.Process(pid).create_time()
-        except psutil.Error:
-            start_time = None
-        held.update_holder(job_pid=pid, job_start_time=start_time)
-        gpu_note = f" on GPU {gpu_env['CUDA_VISIBLE_DEVICES']}" if "CUDA_VISIBLE_DEVICES" in gpu_env else ""
-        lock = settings.lock or held.name
-        on_event(Event("admitted", f"started pid {pid} (profile {settings.profile.name}, lock {lock}): "
-                                   f"{printable_command(argv)}{gpu_note}",
-                       {"pid": pid, "profile": settings.profile.name, "lock": lock, "argv": list(argv),
-                        "max_mem": limits.max_mem, "min_available": limits.min_available,
-                        "cgroup": cgroup.paths["memory"] if cgroup is not None else None, **gpu_env}))
-        if held.metadata_error:
-            on_event(Event("warning", held.metadata_error))
-        outcome = supervisor.watch()
+    # The old shell gates' pid files name this job while it runs (a profile with a lock: a lock-less one is
+    # no mutex, and must not make one of the files): safegate's own pid first, the job's once it runs.
+    legacy: list[Path] = []
+    owners = [os.getpid()]
+    try:
+        with held, _job_cgroup(settings, on_event) as cgroup:
+            if settings.lock is not None:
+                legacy += claim_legacy(settings.legacy_lock_files, os.getpid())
+            outcome = _supervise(settings, argv, verdict, held, on_event, legacy, owners, cgroup)
+    finally:
+        release_legacy(legacy, owners)
     on_event(Event("exit", _exit_message(outcome), {"exit_code": outcome.exit_code, "reason": outcome.reason,
                                                   "status": outcome.status, "signal": outcome.signal}))
     on_event(Event("summary", summary_line(outcome), {**outcome.stats.as_json(), "reason": outcome.reason,
@@ -204,6 +191,38 @@ def _job_cgroup(settings: Settings, on_event: Callable[[Event], None]) -> Iterat
     finally:
         if cgroup is not None:
             cgroup.remove()
+
+
+def _supervise(settings: Settings, argv: Sequence[str], verdict: Verdict, held: HeldLock,
+               on_event: Callable[[Event], None], legacy: list[Path], owners: list[int],
+               cgroup: cgroups.JobCgroup | None) -> Outcome:
+    """Spawn and watch the job under the held lock (in *cgroup*, when it has one)."""
+    gpus, gpu_env = job_gpus(settings, verdict, held)
+    limits = watch_limits(settings, read_memory().total, gpus)
+    if cgroup is not None and limits.max_mem is not None:
+        cgroup.limit_memory(limits.max_mem)
+    supervisor = Supervisor(
+        argv, limits, on_event, pass_fds=[held.fd], nice=settings.nice, on_sample=_UsedReporter(held),
+        on_gpu_sample=_UsedReporter(held, gpu=True), env={**caller_environment(), **gpu_env}, cgroup=cgroup,
+    )
+    pid = supervisor.start()
+    owners.append(pid)
+    update_legacy(legacy, os.getpid(), pid)
+    try:
+        start_time = psutil.Process(pid).create_time()
+    except psutil.Error:
+        start_time = None
+    held.update_holder(job_pid=pid, job_start_time=start_time)
+    gpu_note = f" on GPU {gpu_env['CUDA_VISIBLE_DEVICES']}" if "CUDA_VISIBLE_DEVICES" in gpu_env else ""
+    lock = settings.lock or held.name
+    on_event(Event("admitted", f"started pid {pid} (profile {settings.profile.name}, lock {lock}): "
+                               f"{printable_command(argv)}{gpu_note}",
+                   {"pid": pid, "profile": settings.profile.name, "lock": lock, "argv": list(argv),
+                    "max_mem": limits.max_mem, "min_available": limits.min_available,
+                    "cgroup": cgroup.paths["memory"] if cgroup is not None else None, **gpu_env}))
+    if held.metadata_error:
+        on_event(Event("warning", held.metadata_error))
+    return supervisor.watch()
 
 
 def _record_history(profile: str, outcome: Outcome, on_event: Callable[[Event], None]) -> None:

@@ -6,12 +6,11 @@ import dataclasses
 import time
 from collections.abc import Mapping, Sequence
 
-from safegate.config import CompetingRule
+from safegate.competing import check_competing, match_competing, scan_competing
 from safegate.exitcodes import ExitCode
 from safegate.results import (
     CheckResult,
     CompetingMatch,
-    CompetingValues,
     GpuTemp,
     GpuValues,
     LockValues,
@@ -25,17 +24,19 @@ from safegate.results import (
 from safegate.snapshots import (
     GpuInfo,
     GpuSnapshot,
+    HolderRecord,
     LegacyState,
     LockState,
     MemorySnapshot,
-    ProcessSnapshot,
     Removal,
     Selection,
     ThermalSnapshot,
 )
 from safegate.units import Size, format_bytes, format_duration
 
-__all__ = ["CheckResult", "CompetingMatch", "Status", "Verdict"]  # the result types, re-exported for callers
+# The result types and the competing check (a module of its own), re-exported for callers.
+__all__ = ["CheckResult", "CompetingMatch", "Status", "Verdict", "check_competing", "match_competing",
+           "scan_competing"]
 
 
 def check_memory(mem: MemorySnapshot, need: int, margin: int, reserved: int = 0) -> CheckResult:
@@ -233,7 +234,8 @@ def check_lock(state: LockState | None, legacy: Sequence[LegacyState], now: floa
                         holder_alive=state.holder_alive if state else False, legacy=tuple(legacy))
     if state is not None and state.held:
         return CheckResult("lock", Status.FAIL, _describe_holder(state, now), ExitCode.LOCKED, values)
-    live = [s for s in legacy if s.alive]
+    # A file safegate wrote for the old gates names a job whose flock is judged above (or another lock's).
+    live = [s for s in legacy if s.alive and not s.safegate]
     if live:
         first = live[0]
         return CheckResult("lock", Status.FAIL,
@@ -246,46 +248,6 @@ def check_lock(state: LockState | None, legacy: Sequence[LegacyState], now: floa
 
 def _lock_words(state: LockState | None) -> str:
     return "the profile has no lock" if state is None else f"lock {state.name!r} is free"
-
-
-def match_competing(procs: ProcessSnapshot, rules: Sequence[CompetingRule], total_ram: int) -> list[CompetingMatch]:
-    """Each process with the first rule it matches; block rules are tried before warn rules."""
-    ordered = sorted(rules, key=lambda r: r.action != "block")
-    compiled = [(r, r.regex, r.min_rss.resolve(total_ram) if r.min_rss is not None else None) for r in ordered]
-    found = []
-    for proc in procs.processes:
-        for rule, regex, min_rss in compiled:
-            if (min_rss is None or proc.rss >= min_rss) and regex.search(proc.cmdline):
-                found.append(CompetingMatch(proc, rule))
-                break
-    return found
-
-
-def _describe(match: CompetingMatch) -> str:
-    p = match.process
-    return f"pid {p.pid} ({p.cmdline[:80]}, {format_bytes(p.rss)})"
-
-
-def check_competing(matches: Sequence[CompetingMatch], rules: Sequence[CompetingRule]) -> CheckResult:
-    blocking = [m for m in matches if m.rule.action == "block"]
-    warning = [m for m in matches if m.rule.action == "warn"]
-    values = CompetingValues(tuple(sorted(matches, key=lambda m: (m.rule.action != "block", -m.process.rss))))
-    thresholds = {
-        "rules": [{"pattern": r.pattern, "action": r.action, "min_rss": str(r.min_rss) if r.min_rss else None}
-                  for r in rules]
-    }
-    if blocking:
-        shown = ", ".join(_describe(m) for m in blocking[:3])
-        more = f" and {len(blocking) - 3} more" if len(blocking) > 3 else ""
-        return CheckResult("competing", Status.FAIL, f"competing process running: {shown}{more}",
-                           ExitCode.COMPETING, values, thresholds)
-    if warning:
-        top = sorted(warning, key=lambda m: -m.process.rss)
-        shown = ", ".join(_describe(m) for m in top[:3])
-        more = f" and {len(warning) - 3} more" if len(warning) > 3 else ""
-        return CheckResult("competing", Status.WARN, f"heavy process running (not blocking): {shown}{more}",
-                           ExitCode.COMPETING, values, thresholds)
-    return CheckResult("competing", Status.PASS, "no competing process", ExitCode.COMPETING, values, thresholds)
 
 
 def check_stale(removals: Sequence[Removal] | None) -> CheckResult:
@@ -303,3 +265,19 @@ def check_stale(removals: Sequence[Removal] | None) -> CheckResult:
         return CheckResult("stale_locks", Status.PASS, "removed " + "; ".join(r.what for r in removals),
                            ExitCode.LOCKED, values)
     return CheckResult("stale_locks", Status.PASS, "no stale locks", ExitCode.LOCKED, values)
+
+
+def blame_holder(memory: CheckResult, state: LockState | None, holders: Sequence[HolderRecord],
+                  mem: MemorySnapshot, need: int, margin: int) -> CheckResult:
+    """Mark a memory failure as caused by the lock when the live job holding the same lock is what takes the
+    memory: the previous job of this model still runs, and that (13) is what the caller waits for, not 10."""
+    if not memory.blocks or state is None or not state.held or not state.holder_alive or state.holder is None:
+        return memory
+    holder = state.holder
+    others = sum(h.reservation for h in holders if h.lock != state.name)
+    # Without the holder, its job's memory (about `used`) is available again and its reservation is gone.
+    freed = MemorySnapshot(mem.total, mem.available + holder.used, mem.pressure_some_avg10)
+    if not check_memory(freed, need, margin, others).blocks:
+        why = f"{memory.reason} (taken by the job holding lock {state.name!r}: the lock decides)"
+        return dataclasses.replace(memory, reason=why, caused_by="lock")
+    return memory

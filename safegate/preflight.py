@@ -7,6 +7,8 @@ files); `check` (command line and API), hold and exec admission run it before ea
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -18,10 +20,13 @@ from safegate.backoff import RECHECK, poll
 from safegate.config import CompetingRule, Config, Profile, ThermalConfig
 from safegate.errors import UsageError, ValueParseError
 from safegate.exitcodes import ExitCode
+from safegate.fairness import QUEUE, in_line
 from safegate.locks.directory import resolve_lock_dir
 from safegate.locks.legacy import legacy_removable, read_legacy, remove_legacy
+from safegate.locks.queue import Line, read_tickets, waiting_in_line
 from safegate.locks.store import HeldLock, LockStore
 from safegate.policy import (
+    blame_holder,
     check_competing,
     check_gpu,
     check_lock,
@@ -29,16 +34,16 @@ from safegate.policy import (
     check_pressure,
     check_stale,
     check_thermal,
-    match_competing,
+    scan_competing,
     select_gpus,
 )
 from safegate.probes.gpu import read_gpus, resolve_backend
 from safegate.probes.memory import read_memory
-from safegate.probes.processes import read_processes
+from safegate.probes.processes import read_processes, user_name
 from safegate.probes.thermal import read_thermal
 from safegate.results import CheckResult, GpuValues, LockValues, Status, Verdict
 from safegate.settings import effective_resume_temp
-from safegate.snapshots import Removal
+from safegate.snapshots import ProcessSnapshot, Removal, Ticket
 from safegate.units import Size, validate_lock_name
 
 
@@ -162,24 +167,42 @@ def gpu_backend(configured: str, env: Mapping[str, str]) -> str:
 
 
 def cleanup_stale(settings: Settings) -> list[Removal]:
-    """Create the lock dir if missing, then remove stale holder metadata and dead legacy PID files."""
+    """Create the lock dir if missing, then remove stale holder metadata, dead waiters' tickets and dead legacy
+    PID files."""
     store = LockStore(settings.lock_dir)
     store.ensure_directory()
     removals = list(store.cleanup())
+    read_tickets(store.directory, sweep=True)
     legacy = [read_legacy(p) for p in settings.legacy_lock_files]
     return removals + [remove_legacy(s) for s in legacy if legacy_removable(s)]
 
 
-def clean_and_evaluate(settings: Settings, *, resuming: bool = False) -> Verdict:
-    """What `check` does each time: clean up, then evaluate, reporting the cleanup as stale_locks."""
-    return evaluate(settings, resuming=resuming, removals=cleanup_stale(settings))
+def clean_and_evaluate(settings: Settings, *, resuming: bool = False, ticket: Ticket | None = None) -> Verdict:
+    """What `check` does each time: clean up, then evaluate, reporting the cleanup as stale_locks. Without a
+    *ticket* (no --wait) it comes last in line: it passes only when no earlier waiter goes first."""
+    return evaluate(settings, resuming=resuming, removals=cleanup_stale(settings), ticket=ticket or walk_in(settings))
+
+
+def _in_line(settings: Settings) -> contextlib.AbstractContextManager[Line]:
+    """A ticket taken at arrival in the lock dir (created if missing), dropped when the wait ends."""
+    LockStore(settings.lock_dir).ensure_directory()
+    return waiting_in_line(settings.lock_dir, settings.lock, settings.profile.name,
+                           settings.memory.resolve(_total_ram()))
+
+
+def walk_in(settings: Settings) -> Ticket:
+    """The place in line of a caller that does not wait: behind every waiter there is now."""
+    return Ticket(pid=os.getpid(), start_time=0.0, user="", lock=settings.lock, profile=settings.profile.name,
+                  need=settings.memory.resolve(_total_ram()), arrival=time.time_ns())
 
 
 def evaluate(
     settings: Settings, *, resuming: bool = False, removals: Sequence[Removal] | None = None,
+    ticket: Ticket | None = None,
 ) -> Verdict:
     """One pass of every check, reading only. *resuming*: a thermal block was seen, so pass only below
-    resume_temp. *removals*: what cleanup_stale() removed just before (None: it did not run)."""
+    resume_temp. *removals*: what cleanup_stale() removed just before (None: it did not run). *ticket*: the
+    caller's place in line (fairness.in_line); None: the order of waiters is not judged (slots, status)."""
     store = LockStore(settings.lock_dir)
     # An absent lock dir holds no locks; an unsafe one is refused as check refuses it.
     store.check_directory()
@@ -211,9 +234,24 @@ def evaluate(
         check_gpu(gpus, selection, gpu_need, settings.gpu_margin, gpu_reserved),
         check_thermal(thermal, limit, require=settings.thermal.require, resuming=resuming, gpus=selection.gpus),
         check_lock(lock_state, legacy),
-        check_competing(match_competing(procs, settings.rules, mem.total), settings.rules),
+        _competing(procs, settings.rules, mem.total),
     ]
+    checks[1] = blame_holder(checks[1], lock_state, holders, mem, need, settings.memory_margin.resolve(mem.total))
+    if ticket is not None:
+        checks = in_line(checks, ticket, read_tickets(store.directory))
     return Verdict(profile=settings.profile.name, checks=tuple(checks))
+
+
+def _competing(procs: ProcessSnapshot, rules: tuple[CompetingRule, ...], total: int) -> CheckResult:
+    """The competing check, with the owners of what it names looked up (only those: a lookup is not free)."""
+    matches, unmatched = scan_competing(procs, rules, total)
+    matches = [dataclasses.replace(m, user=user_name(m.process.uid)) for m in matches]
+    unmatched = [dataclasses.replace(u, user=user_name(u.process.uid)) for u in unmatched[:_NAMED]] + unmatched[_NAMED:]
+    return check_competing(matches, rules, unmatched)
+
+
+_NAMED = 20
+QUEUE_RECHECK = 0.25  # seconds between re-checks while earlier waiters go first
 
 
 def wait_until_clear(
@@ -226,18 +264,25 @@ def wait_until_clear(
     """`check --wait`: clean up and re-check until every check passes or *timeout* seconds (None: forever) run
     out; the last verdict."""
 
-    def attempt(resuming: bool) -> tuple[Verdict, None]:
-        return clean_and_evaluate(settings, resuming=resuming), None
+    with _in_line(settings) as line:
 
-    return retry(attempt, timeout, on_blocked, clock, sleep, pause=_lock_pause(settings, sleep))[0]
+        def attempt(resuming: bool) -> tuple[Verdict, None]:
+            return line.judged(clean_and_evaluate(settings, resuming=resuming, ticket=line.ticket)), None
+
+        return retry(attempt, timeout, on_blocked, clock, sleep, pause=_lock_pause(settings, sleep))[0]
 
 
 def _lock_pause(settings: Settings, sleep: Callable[[float], None] = time.sleep) -> Callable[[Verdict, float], None]:
     """Between re-checks: when only the lock blocks, watch the lock itself instead of sleeping blind."""
 
     def pause(verdict: Verdict, seconds: float) -> None:
-        if settings.lock is not None and [c.name for c in verdict.failures] == ["lock"]:
+        lock = verdict.result("lock")
+        if settings.lock is not None and [c.name for c in verdict.failures] == ["lock"] and (
+                lock is not None and lock.caused_by != QUEUE):
             LockStore(settings.lock_dir).wait_free(settings.lock, seconds)
+        elif lock is not None and lock.caused_by == QUEUE:
+            # In line behind a waiter of the same lock about to take it: soon the lock is held, and watched.
+            sleep(min(seconds, QUEUE_RECHECK))
         else:
             sleep(seconds)
 
@@ -299,33 +344,39 @@ def admit(
     """
     store = LockStore(settings.lock_dir)
     store.ensure_directory()
+    with _in_line(settings) if wait else contextlib.nullcontext(Line(walk_in(settings))) as line:
 
-    def attempt(resuming: bool) -> tuple[Verdict, HeldLock | None]:
-        with store.admission():
-            removals = cleanup_stale(settings)
-            verdict = evaluate(settings, resuming=resuming, removals=removals)
-            if not verdict.ok:
-                return verdict, None
-            total = _total_ram()
-            gpu = verdict.values(GpuValues)
-            chosen = gpu.chosen if gpu is not None else None
-            # A profile without a mutex still gets a lock of its own job: its holder metadata carries the
-            # reservation that later admissions count. The name is unique to this claim.
-            name = settings.lock if settings.lock is not None else f"job-{os.getpid()}-{time.monotonic_ns()}"
-            held = store.try_acquire(
-                name, settings.profile.name, list(argv), need=settings.memory.resolve(total),
-                gpu_index=chosen, gpu_need=settings.gpu_memory.resolve(total) if chosen is not None else 0,
-            )
-            if held is None:
-                # Taken by something outside safegate (flock(1)) since the check. Never answer "ok" without
-                # a lock: the caller would start nothing and report success.
-                return _lock_lost(evaluate(settings, resuming=resuming, removals=removals), name), None
-            held.unlink_after = settings.lock is None
-            return verdict, held
+        def attempt(resuming: bool) -> tuple[Verdict, HeldLock | None]:
+            return _admit_once(settings, store, argv, resuming, line)
 
-    if wait:
-        return retry(attempt, timeout, on_blocked, pause=_lock_pause(settings))
-    return attempt(False)
+        if wait:
+            return retry(attempt, timeout, on_blocked, pause=_lock_pause(settings))
+        return attempt(False)
+
+
+def _admit_once(settings: Settings, store: LockStore, argv: Sequence[str], resuming: bool,
+                line: Line) -> tuple[Verdict, HeldLock | None]:
+    with store.admission():
+        removals = cleanup_stale(settings)
+        verdict = line.judged(evaluate(settings, resuming=resuming, removals=removals, ticket=line.ticket))
+        if not verdict.ok:
+            return verdict, None
+        total = _total_ram()
+        gpu = verdict.values(GpuValues)
+        chosen = gpu.chosen if gpu is not None else None
+        # A profile without a mutex still gets a lock of its own job: its holder metadata carries the
+        # reservation that later admissions count. The name is unique to this claim.
+        name = settings.lock if settings.lock is not None else f"job-{os.getpid()}-{time.monotonic_ns()}"
+        held = store.try_acquire(
+            name, settings.profile.name, list(argv), need=settings.memory.resolve(total),
+            gpu_index=chosen, gpu_need=settings.gpu_memory.resolve(total) if chosen is not None else 0,
+        )
+        if held is None:
+            # Taken by something outside safegate (flock(1)) since the check. Never answer "ok" without
+            # a lock: the caller would start nothing and report success.
+            return _lock_lost(evaluate(settings, resuming=resuming, removals=removals), name), None
+        held.unlink_after = settings.lock is None
+        return verdict, held
 
 
 def _lock_lost(verdict: Verdict, name: str) -> Verdict:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from safegate.competing import rule_json
 from safegate.probes.gpu import GpuInfo
 from safegate.results import (
     CheckResult,
@@ -19,12 +21,16 @@ from safegate.results import (
     ThermalValues,
     Verdict,
 )
+from safegate.snapshots import Ticket
 from safegate.units import format_bytes, format_duration, printable
 
 if TYPE_CHECKING:
     from safegate.config import Profile
     from safegate.history import Run
     from safegate.reports import LockInfo, StatusReport
+
+
+_UNMATCHED_LISTED = 50  # a machine of 10,000 processes past the budget lists the heaviest, and the count
 
 
 def gpu_json(g: GpuInfo) -> dict[str, Any]:
@@ -62,8 +68,15 @@ def values_json(values: CheckValues | None) -> dict[str, Any]:
                 "legacy": [{"path": str(s.path), "pid": s.pid, "alive": s.alive, "note": s.note}
                            for s in values.legacy]}
     if isinstance(values, CompetingValues):
-        return {"matches": [{"pid": m.process.pid, "cmdline": m.process.cmdline, "rss": m.process.rss,
-                             "pattern": m.rule.pattern, "action": m.rule.action} for m in values.matches]}
+        # Command lines are other people's text: escaped, and in full (the text form quotes only their start).
+        return {"matches": [{"pid": m.process.pid, "user": printable(m.user), "program": printable(m.process.program),
+                             "rss": m.process.rss, "rule": rule_json(m.rule), "pattern": m.rule.pattern,
+                             "action": m.rule.action, "matched": printable(m.matched),
+                             "cmdline": printable(m.process.cmdline)} for m in values.matches],
+                "unmatched": [{"pid": u.process.pid, "user": printable(u.user), "program": printable(u.process.program),
+                               "rss": u.process.rss, "rule": rule_json(u.rule) if u.rule else None, "why": u.why}
+                              for u in values.unmatched[:_UNMATCHED_LISTED]],
+                "unmatched_count": len(values.unmatched)}
     if isinstance(values, StaleValues):
         return {"removed": [{"path": str(r.path), "what": r.what, "removed": r.removed, "error": r.error}
                             for r in values.removed]}
@@ -115,7 +128,9 @@ def render_lock(lock: LockInfo, now: float | None = None) -> str:
     now = time.time() if now is None else now
     h = lock.holder
     state = "HELD" if lock.held else "free"
-    if h is None:
+    if lock.legacy_pid is not None:
+        who = f"pid {lock.legacy_pid} (an old shell gate's pid file: every check blocks while it lives)"
+    elif h is None:
         who = "(held by a process without metadata, e.g. flock(1))" if lock.held else ""
     else:
         pid = h.job_pid or h.pid
@@ -124,6 +139,20 @@ def render_lock(lock: LockInfo, now: float | None = None) -> str:
         who = (f"pid {pid}{alive} {printable(h.user)}@{printable(h.host)} profile {printable(h.profile)} for "
                f"{format_duration(max(0.0, now - h.started_at))}: {printable(' '.join(h.cmdline))[:80]}")
     return f"{lock.name:<20} {state:<5} {who}".rstrip() + (f"  [{lock.note}]" if lock.note else "")
+
+
+def queue_json(tickets: Sequence[Ticket], now: float) -> list[dict[str, Any]]:
+    return [{"position": i, "pid": t.pid, "user": printable(t.user), "lock": t.lock, "profile": printable(t.profile),
+             "need": t.need, "arrived_at": t.arrival / 1e9, "waited": max(0.0, now - t.arrival / 1e9),
+             "blocked_by": printable(t.blocked_by), "reason": printable(t.reason)}
+            for i, t in enumerate(tickets, 1)]
+
+
+def queue_text(tickets: Sequence[Ticket], now: float) -> list[str]:
+    """One line per waiter, in the order they are served (per lock)."""
+    return [f"{i:>3}. pid {t.pid} {printable(t.user)} lock {t.lock or '-'} profile {printable(t.profile)} need "
+            f"{format_bytes(t.need)}, waiting {format_duration(max(0.0, now - t.arrival / 1e9))}: "
+            f"{printable(t.reason)[:160] or 'arriving'}" for i, t in enumerate(tickets, 1)]
 
 
 def status_text(r: StatusReport) -> str:
@@ -144,6 +173,8 @@ def status_text(r: StatusReport) -> str:
         lines.append(f"GPUs     none ({r.gpus.backend})")
     lines.append(f"locks    in {r.lock_dir}:" if r.locks else f"locks    none in {r.lock_dir}")
     lines += ["  " + render_lock(lock, r.time) for lock in r.locks]
+    lines.append("waiting  " + (f"{len(r.waiters)}, in the order they are served:" if r.waiters else "nobody"))
+    lines += ["  " + line for line in queue_text(r.waiters, r.time)]
     lines.append("largest processes:")
     lines += [f"  {p.pid:>7} {format_bytes(p.rss):>10}  {printable(p.cmdline)[:90]}" for p in r.top]
     return "\n".join(lines)
@@ -160,6 +191,7 @@ def status_json(r: StatusReport) -> str:
         "gpus": {"backend": r.gpus.backend, "status": r.gpus.status, "devices": [gpu_json(g) for g in r.gpus.gpus]},
         "lock_dir": str(r.lock_dir),
         "locks": [lock_json(lock) for lock in r.locks],
+        "waiters": queue_json(r.waiters, r.time),
         "top_processes": [{"pid": p.pid, "rss": p.rss, "cmdline": p.cmdline} for p in r.top],
     }
     return json.dumps(data, indent=2)
@@ -177,6 +209,7 @@ def lock_json(lock: LockInfo) -> dict[str, Any]:
     h = lock.holder
     return {
         "name": lock.name, "held": lock.held, "alive": lock.alive, "note": lock.note,
+        "legacy_pid": lock.legacy_pid,
         "holder": None if h is None else {
             "pid": h.pid, "job_pid": h.job_pid, "user": h.user, "host": h.host, "cmdline": h.cmdline,
             "started_at": h.started_at, "profile": h.profile, "need": h.need, "used": h.used,
@@ -200,6 +233,5 @@ def profile_json(p: Profile, runs: list[Run] | None = None) -> dict[str, Any]:
             "peak_gpu_memory_max": max((r.peak_gpu_memory for r in runs if r.peak_gpu_memory), default=None),
         }, "memory_margin": str(p.memory_margin), "max_temp": p.max_temp,
         "gpu_memory": str(p.gpu_memory), "max_mem": str(p.max_mem) if p.max_mem else None,
-        "competing": [{"pattern": r.pattern, "action": r.action, "min_rss": str(r.min_rss) if r.min_rss else None}
-                      for r in p.competing],
+        "competing": [rule_json(r) for r in p.competing],
     }

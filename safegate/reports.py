@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,21 +11,34 @@ import psutil
 
 from safegate.config import Config
 from safegate.errors import LockBusy
+from safegate.locks.legacy import read_legacy
+from safegate.locks.queue import read_tickets
 from safegate.locks.store import LockStore
 from safegate.probes.gpu import read_gpus
 from safegate.probes.memory import read_memory
 from safegate.probes.processes import read_processes
 from safegate.probes.thermal import read_thermal
-from safegate.snapshots import GpuSnapshot, HolderRecord, MemorySnapshot, ProcessInfo, ThermalSnapshot
+from safegate.snapshots import GpuSnapshot, HolderRecord, MemorySnapshot, ProcessInfo, ThermalSnapshot, Ticket
 
 
 @dataclass(frozen=True)
 class LockInfo:
-    name: str
+    name: str  # a lock name, or for an old shell gate's pid file its path
     held: bool
     holder: HolderRecord | None
     alive: bool
     note: str
+    legacy_pid: int | None = None  # an old-style pid file naming a live process that is not safegate's
+
+
+def legacy_locks(paths: Sequence[Path]) -> list[LockInfo]:
+    """The configured old-style pid files that block every check now: a live pid, not one safegate wrote."""
+    found = []
+    for path in paths:
+        state = read_legacy(path)
+        if state.alive and not state.safegate and state.pid is not None:
+            found.append(LockInfo(str(path), True, None, True, "legacy pid file", legacy_pid=state.pid))
+    return found
 
 
 def list_locks(store: LockStore) -> list[LockInfo]:
@@ -67,6 +81,7 @@ class StatusReport:
     locks: list[LockInfo]
     top: list[ProcessInfo]
     lock_dir: Path
+    waiters: list[Ticket]
 
 
 def collect_status(config: Config, lock_dir: Path, gpu_backend: str, top: int = 5) -> StatusReport:
@@ -76,5 +91,6 @@ def collect_status(config: Config, lock_dir: Path, gpu_backend: str, top: int = 
     return StatusReport(
         time=time.time(), memory=read_memory(), swap_total=int(swap.total), swap_used=int(swap.used),
         thermal=read_thermal(config.thermal), gpus=read_gpus(gpu_backend),
-        locks=list_locks(store) if lock_dir.is_dir() else [], top=procs, lock_dir=lock_dir,
+        locks=(list_locks(store) if lock_dir.is_dir() else []) + legacy_locks(config.legacy_lock_files), top=procs,
+        lock_dir=lock_dir, waiters=read_tickets(lock_dir),
     )

@@ -90,11 +90,25 @@ class LockValues(_Keyed):
 class CompetingMatch:
     process: ProcessInfo
     rule: CompetingRule
+    matched: str = ""  # the text the rule found: the program name, and what its args or pattern matched
+    user: str = ""  # the process's owner; "" until the caller looked it up
+
+
+@dataclass(frozen=True)
+class Unmatched:
+    """A process the rules could not judge in full: *rule* read only part of its command line, or (rule None)
+    the matching budget ran out before it."""
+
+    process: ProcessInfo
+    rule: CompetingRule | None
+    why: str
+    user: str = ""
 
 
 @dataclass(frozen=True)
 class CompetingValues(_Keyed):
     matches: tuple[CompetingMatch, ...]  # blocking first, then by RSS
+    unmatched: tuple[Unmatched, ...] = ()  # heaviest first
 
 
 @dataclass(frozen=True)
@@ -115,6 +129,9 @@ class CheckResult:
     code: ExitCode  # returned when this check fails
     values: CheckValues | None = None
     thresholds: Mapping[str, Any] = field(default_factory=dict)  # the limits applied, for people and --json
+    # The name of another failing check this one fails only because of (memory short only by what the holder
+    # of the job's own lock takes): that check's code goes first.
+    caused_by: str | None = None
 
     @property
     def blocks(self) -> bool:
@@ -136,8 +153,11 @@ class Verdict:
 
     @property
     def exit_code(self) -> ExitCode:
-        # When several checks fail, the lowest code wins.
-        return min((c.code for c in self.failures), default=ExitCode.OK)
+        # When several checks fail, the lowest code wins, but a failure caused by another failing check
+        # (caused_by) gives way to it: the cause is what the caller must wait for.
+        failing = {c.name for c in self.failures}
+        primary = [c for c in self.failures if c.caused_by not in failing]
+        return min((c.code for c in primary or self.failures), default=ExitCode.OK)
 
     def result(self, name: str) -> CheckResult | None:
         return next((c for c in self.checks if c.name == name), None)

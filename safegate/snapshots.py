@@ -43,6 +43,9 @@ class ProcessInfo:
     cmdline: str  # arguments joined by spaces, as pgrep -f matches them
     rss: int  # bytes
     safegate: bool = False  # a safegate process itself (see probes.processes.is_safegate)
+    uid: int = -1  # -1: unknown
+    program: str = ""  # what it runs: argv[0]'s basename, or an interpreter's script (probes.processes.program_of)
+    args: str = ""  # the program's own arguments, joined by spaces
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,9 @@ class LegacyState:
     pid: int | None
     alive: bool
     note: str = ""
+    # The pid is a safegate exec or the job it supervises: safegate wrote the file for the old gates, and its
+    # own flock already says who holds what.
+    safegate: bool = False
 
 
 @dataclass(frozen=True)
@@ -153,3 +159,19 @@ class Removal:
     what: str
     removed: bool
     error: str = ""
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """A waiter's place in line (locks.queue): taken at arrival, served in arrival order."""
+
+    pid: int
+    start_time: float  # with pid, names one process (a reused pid is not the waiter)
+    user: str
+    lock: str | None  # None: a profile without a lock
+    profile: str
+    need: int  # bytes of RAM the job declared
+    arrival: int  # time.time_ns() at arrival: the order of service
+    blocked_by: str = ""  # the failing checks of its last evaluation, comma-separated; "queue" when held in line
+    reason: str = ""  # its last blocking summary, for `safegate queue`
+    path: Path | None = None  # its file in the lock dir; None for a caller that does not wait (no file)

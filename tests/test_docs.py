@@ -67,7 +67,7 @@ def test_ci_runs_exactly_the_readme_test_command() -> None:
 
 
 def _all_options(run: Run) -> dict[str, set[str]]:
-    commands = ["check", "exec", "slots", "locks", "unlock", "profiles", "status", "slurm health"]
+    commands = ["check", "exec", "slots", "locks", "queue", "unlock", "profiles", "status", "slurm health"]
     return {c: _help_options(run, *c.split()) for c in commands}
 
 
@@ -149,3 +149,22 @@ def test_readme_signal_section_is_the_generated_text() -> None:
     assert block == "\n\n".join(signal_paragraphs())
     man = (REPO / "man" / "safegate.1").read_text()
     assert ".SH SIGNALS AND THE TERMINAL" in man and "SIGRTMIN to SIGRTMAX" in man
+
+
+def test_man_page_stands_alone() -> None:
+    # Installed without the README: the config file, its keys, the files and the environment are in it.
+    from safegate.settings import SETTINGS
+
+    man = (REPO / "man" / "safegate.1").read_text().replace("\\-", "-").replace("\\fB", "").replace("\\fR", "")
+    assert "README" not in man
+    config = man.split(".SH CONFIGURATION", 1)[1].split(".SH ", 1)[0]
+    for setting in SETTINGS:
+        assert f"\n{setting.key} (" in config, setting.key
+    for word in ("lock_dir", "legacy_lock_files", "[defaults]", "[thermal]", "[gpu]", "program", "args", "Sizes",
+                 "Durations"):
+        assert word in config, word
+    environment = man.split(".SH ENVIRONMENT", 1)[1].split(".SH ", 1)[0]
+    for var in ("XDG_STATE_HOME", "NO_COLOR", "SLURM_JOB_ID", "SLURM_MEM_PER_NODE", "SLURM_JOB_LICENSES"):
+        assert var in environment, var
+    assert "history.json" in man.split(".SH FILES", 1)[1]
+    assert '"$(safegate slots' not in man

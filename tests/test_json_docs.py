@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from support import REPO, Procs, Run, hold_with_safegate
+from support import PY, REPO, Procs, Run, hold_with_flock, hold_with_safegate, wait_until
 
 DOC = (REPO / "docs" / "json.md").read_text()
 
@@ -122,3 +122,15 @@ def test_exec_log_events_are_documented(run: Run, config: Path, tmp_path: Path) 
         extra = set(event) - common
         assert event["event"] in rows, event
         assert extra <= rows[event["event"]] | {"CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER"}, (event["event"], extra)
+
+
+def test_queue_json_matches(run: Run, config: Path, lock_dir: Path, procs: Procs) -> None:
+    hold_with_flock(procs, lock_dir / "heavy.lock")
+    procs.spawn([PY, "-m", "safegate", "check", "--config", str(config), "--mem", "0", "--wait", "-q"], env=run.env)
+    wait_until(lambda: list(lock_dir.glob(".ticket.*.json")), what="the waiter's ticket")
+    data = json.loads(run("queue", "--json", "--config", str(config)).stdout)
+    doc = {p.removeprefix("[]."): k for p, k in documented_paths(section("safegate queue --json")).items()}
+    stops: set[str] = set()
+    assert data and all(set(flatten(item, "", stops)) == set(doc) for item in data), data
+    text = run("queue", "--config", str(config)).stdout
+    assert "lock heavy" in text and "1. pid" in text

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from safegate.config import DEFAULT_PROFILE, load_config
+from safegate.exitcodes import ExitCode
 from safegate.preflight import Overrides, clean_and_evaluate, evaluate, resolve, wait_until_clear
 from safegate.results import Verdict
 
@@ -18,8 +19,14 @@ def check(config: str | None, profile: str | None, overrides: Overrides, *, wait
     return clean_and_evaluate(settings)
 
 
-def slots(config: str | None, profile: str | None, overrides: Overrides, cap: int | None) -> int:
+def slots(config: str | None, profile: str | None, overrides: Overrides, cap: int | None) -> tuple[int, ExitCode]:
+    """(how many jobs can start now, the exit code: 0, or when none can, the code of what blocks).
+
+    0 with exit 0 would be a lie to its callers: to `xargs -P` and `parallel -j`, 0 means "no limit".
+    """
     from safegate.api import count_slots
 
     settings = resolve(load_config(config), profile or DEFAULT_PROFILE, overrides)
-    return count_slots(settings, evaluate(settings), cap)
+    verdict = evaluate(settings)
+    count = count_slots(settings, verdict, cap)
+    return count, (ExitCode.OK if count > 0 else verdict.exit_code or ExitCode.MEMORY)

@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 
 from safegate.config import load_config
+from safegate.errors import SpawnError
 from safegate.eventlog import EventLog, check_log_path
 from safegate.jobrun import run_exec
 from safegate.notify import Notifier
@@ -61,6 +62,11 @@ def execute(
         notifier = Notifier(settings.notify, lambda text: emit(Event("warning", text)), clock=time.monotonic)
     try:
         result = run_exec(settings, command, wait=wait, timeout=timeout, on_event=emit, on_blocked=on_blocked)
+    except SpawnError as exc:
+        # A night's log must say why nothing ran (a cron PATH without the job's command, say), not stay empty.
+        if event_log is not None:
+            event_log.write(Event("not_started", str(exc), {"exit_code": int(exc.exit_code)}))
+        raise
     finally:
         if notifier is not None:
             notifier.close()

@@ -11,16 +11,27 @@ from safegate.config import Profile, load_config
 from safegate.history import Run
 from safegate.preflight import gpu_backend
 from safegate.reports import LockInfo, StatusReport
+from safegate.snapshots import Ticket
 
 
 def locks(config: str | None) -> tuple[Path, list[LockInfo]]:
     """The lock dir and its locks (none when the dir does not exist yet)."""
     from safegate.locks.directory import resolve_lock_dir
     from safegate.locks.store import LockStore
-    from safegate.reports import list_locks
+    from safegate.reports import legacy_locks, list_locks
 
-    store = LockStore(resolve_lock_dir(load_config(config).lock_dir, os.environ))
-    return store.directory, list_locks(store) if store.directory.is_dir() else []
+    cfg = load_config(config)
+    store = LockStore(resolve_lock_dir(cfg.lock_dir, os.environ))
+    found = list_locks(store) if store.directory.is_dir() else []
+    return store.directory, found + legacy_locks(cfg.legacy_lock_files)
+
+
+def queue(config: str | None) -> tuple[list[Ticket], float]:
+    """The waiters in the lock dir, in arrival order (the order each lock serves them), and the time now."""
+    from safegate.locks.directory import resolve_lock_dir
+    from safegate.locks.queue import read_tickets
+
+    return read_tickets(resolve_lock_dir(load_config(config).lock_dir, os.environ)), time.time()
 
 
 def unlock(config: str | None, name: str) -> list[str]:

@@ -1,15 +1,18 @@
-"""Old-style PID lock files, as shell gates write them: read, judged alive or stale, removed when stale."""
+"""Old-style PID lock files, as shell gates write them: read, judged alive or stale, removed when stale, and
+written while safegate runs a job, so the old gates see it too."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
+from collections.abc import Sequence
 from pathlib import Path
 
 import psutil
 
 from safegate.locks.directory import O_NOFOLLOW, O_NONBLOCK
-from safegate.probes.processes import process_alive
+from safegate.probes.processes import is_safegate, process_alive, read_small
 from safegate.snapshots import LegacyState, Removal
 
 LEGACY_MAX_BYTES = 4096
@@ -44,7 +47,91 @@ def read_legacy(path: Path) -> LegacyState:
                 alive = False
         except psutil.Error:
             pass
-    return LegacyState(path=path, pid=pid, alive=alive)
+    return LegacyState(path=path, pid=pid, alive=alive, safegate=alive and _managed(pid))
+
+
+def _managed(pid: int) -> bool:
+    """*pid* is a safegate process, or the job of one (its parent is safegate exec)."""
+    argv = _argv(pid)
+    if is_safegate(argv):
+        return True
+    try:
+        parent = psutil.Process(pid).ppid()
+    except psutil.Error:
+        return False
+    return parent > 1 and is_safegate(_argv(parent))
+
+
+def _argv(pid: int) -> list[str]:
+    raw = read_small(f"/proc/{pid}/cmdline", 4096)
+    return raw.rstrip(b"\0").decode("utf-8", "replace").split("\0")[:3] if raw else []
+
+
+def claim_legacy(paths: Sequence[Path], pid: int) -> list[Path]:
+    """Write *pid* into each old-style PID file that is absent or stale, so old shell gates (pid file and
+    `kill -0`) see safegate's job; the files written, for update_legacy and release_legacy.
+
+    Atomic and never over someone else's: the pid goes to a private temporary file beside it, which is then
+    hard-linked to the name (link(2) fails when the name exists, and creates no file through a symlink).
+    """
+    written = []
+    for path in paths:
+        state = read_legacy(path)
+        if state.alive or (state.note and state.pid is None and os.path.lexists(path)):
+            continue  # a live old gate's (safegate blocks on it), or a file we do not understand: left alone
+        if state.pid is not None:
+            remove_legacy(state)
+        if _link_pid(path, pid):
+            written.append(path)
+    return written
+
+
+def _link_pid(path: Path, pid: int) -> bool:
+    tmp = path.parent / f".{path.name}.safegate-{os.getpid()}"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError:
+        return False  # no such directory, or not ours to write: the old gate's business
+    try:
+        os.write(fd, f"{pid}\n".encode())
+        os.fchmod(fd, 0o644)
+    finally:
+        os.close(fd)
+    try:
+        os.link(tmp, path, follow_symlinks=False)
+        return True
+    except OSError:
+        return False  # taken meanwhile by an old gate: it holds the file, not us
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+def update_legacy(paths: Sequence[Path], old: int, new: int) -> None:
+    """Name the job (*new*) instead of safegate (*old*) in the files safegate wrote: the job can outlive a
+    killed safegate, and the old gates must keep seeing it."""
+    for path in paths:
+        if read_legacy(path).pid != old:
+            continue
+        tmp = path.parent / f".{path.name}.safegate-{os.getpid()}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            try:
+                os.write(fd, f"{new}\n".encode())
+            finally:
+                os.close(fd)
+            os.rename(tmp, path)  # replaces the name itself, never a symlink's target
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+def release_legacy(paths: Sequence[Path], pids: Sequence[int]) -> None:
+    """Remove the files safegate wrote, if they still name one of its *pids*."""
+    for path in paths:
+        if read_legacy(path).pid in pids:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
 
 
 def remove_legacy(state: LegacyState) -> Removal:

@@ -7,6 +7,7 @@ does too, and several times cheaper than building a psutil.Process per pid. Else
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Iterable
 
@@ -15,7 +16,8 @@ import psutil
 from safegate.snapshots import ProcessInfo, ProcessSnapshot
 
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-_CMDLINE_MAX = 1 << 20
+# One more than patterns.LINEAR_LIMIT: a longer command line shows as one no pattern reads in full.
+_CMDLINE_MAX = (1 << 20) + 1
 
 
 def read_small(path: str, limit: int = 4096) -> bytes | None:
@@ -61,6 +63,74 @@ def is_safegate(argv: list[str]) -> bool:
     return len(argv) >= 3 and argv[1] == "-m" and argv[2] == "safegate"
 
 
+# Interpreters whose program is the script they run, and their options that take the next argument.
+_SHELLS = frozenset({"sh", "bash", "dash", "zsh", "ksh", "mksh", "ash", "busybox"})
+_OPTION_ARGS = {
+    "python": frozenset({"-X", "-W", "--check-hash-based-pycs"}),
+    "shell": frozenset({"-o", "-O", "+o", "+O"}),
+    "node": frozenset({"-r", "--require", "--loader", "--import", "--experimental-loader"}),
+    "perl": frozenset({"-I", "-M", "-m"}),
+    "ruby": frozenset({"-I", "-r", "-C"}),
+}
+_INLINE = {"python": ("-c",), "shell": ("-c",), "node": ("-e", "--eval", "-p", "--print"),
+           "perl": ("-e", "-E"), "ruby": ("-e",)}
+
+
+_PYTHON = re.compile(r"(python|pypy)[0-9.]*")
+
+
+def _interpreter(name: str) -> str | None:
+    if _PYTHON.fullmatch(name):
+        return "python"
+    if name in _SHELLS:
+        return "shell"
+    if name in ("node", "nodejs"):
+        return "node"
+    if name in ("perl", "ruby"):
+        return name
+    return None
+
+
+def program_of(argv: list[str]) -> tuple[str, list[str]]:
+    """(the program a process runs, its own arguments).
+
+    argv[0]'s basename, or for an interpreter the script it runs (`python3 /venv/bin/whisper --model large` is
+    whisper with `--model large`; `python -m whisper` too). Inline code (`sh -c LINE`, `python -c CODE`) is
+    the interpreter itself: what that code starts shows as processes of their own.
+    """
+    if argv and " " in argv[0]:
+        # A title set in place of argv (setproctitle, `exec -a "whisper --model large"`) reads as one string.
+        argv = argv[0].split() + argv[1:]
+    if not argv:
+        return "", []
+    name = os.path.basename(argv[0])
+    kind = _interpreter(name)
+    if kind is None:
+        return name, argv[1:]
+    i = 1
+    while i < len(argv):
+        arg = argv[i]
+        if arg in _INLINE[kind]:
+            return name, argv[i + 1 :]
+        if kind == "python" and arg == "-m":
+            return (argv[i + 1], argv[i + 2 :]) if i + 1 < len(argv) else (name, [])
+        if arg == "--":
+            i += 1
+            break
+        if not arg.startswith(("-", "+")) or arg in ("-", "+"):
+            break
+        i += 2 if arg in _OPTION_ARGS[kind] else 1
+    if i >= len(argv) or argv[i] == "-":
+        return name, argv[i + 1 :]
+    return os.path.basename(argv[i]), argv[i + 1 :]
+
+
+def _info(pid: int, ppid: int, argv: list[str], rss: int, uid: int) -> ProcessInfo:
+    program, args = program_of(argv)
+    return ProcessInfo(pid=pid, ppid=ppid, cmdline=" ".join(argv), rss=rss, safegate=is_safegate(argv[:3]),
+                       uid=uid, program=program, args=" ".join(args))
+
+
 def _linux_processes(proc_root: str) -> list[ProcessInfo]:
     out = []
     for entry in os.scandir(proc_root):
@@ -76,31 +146,24 @@ def _linux_processes(proc_root: str) -> list[ProcessInfo]:
         if parsed is None or parsed[0] in ("Z", "X"):
             continue
         argv = raw_cmd.rstrip(b"\0").decode("utf-8", "replace").split("\0")
-        out.append(
-            ProcessInfo(
-                pid=int(name), ppid=parsed[1], cmdline=" ".join(argv), rss=parsed[2] * _PAGE_SIZE,
-                safegate=is_safegate(argv[:3]),
-            )
-        )
+        try:
+            uid = entry.stat(follow_symlinks=False).st_uid
+        except OSError:
+            continue  # exited meanwhile
+        out.append(_info(int(name), parsed[1], argv, parsed[2] * _PAGE_SIZE, uid))
     return out
 
 
 def _psutil_processes() -> list[ProcessInfo]:
     out = []
-    for proc in psutil.process_iter(["pid", "ppid", "cmdline", "memory_info", "status"]):
+    for proc in psutil.process_iter(["pid", "ppid", "cmdline", "memory_info", "status", "uids"]):
         info = proc.info
         if not info.get("cmdline") or info.get("status") == psutil.STATUS_ZOMBIE:
             continue
         mem = info.get("memory_info")
-        out.append(
-            ProcessInfo(
-                pid=int(info["pid"]),
-                ppid=int(info.get("ppid") or 0),
-                cmdline=" ".join(info["cmdline"]),
-                rss=int(mem.rss) if mem is not None else 0,
-                safegate=is_safegate(list(info["cmdline"][:3])),
-            )
-        )
+        uids = info.get("uids")
+        out.append(_info(int(info["pid"]), int(info.get("ppid") or 0), list(info["cmdline"]),
+                         int(mem.rss) if mem is not None else 0, int(uids.real) if uids is not None else -1))
     return out
 
 
@@ -130,8 +193,13 @@ def descendants(roots: Iterable[int], parents: dict[int, int]) -> set[int]:
 
 
 def read_processes(started: Iterable[int] = (), proc_root: str = "/proc") -> ProcessSnapshot:
-    """All processes except safegate itself, its ancestors and descendants, *started* with theirs, and
-    other safegate processes (not their jobs)."""
+    """All processes except safegate itself, its ancestors and descendants, *started* with theirs, other
+    safegate processes (not their jobs), and their launchers.
+
+    A launcher is any ancestor of a safegate process: cron and pueue run each line as `sh -c LINE`, and the
+    shell stays alive as the parent of `safegate exec --wait ... -- whisper ...`, its command line naming the
+    job. Counting it as that job made every waiter block on the others' shells, none ever starting.
+    """
     if sys.platform.startswith("linux") and os.path.isdir(proc_root):
         procs = _linux_processes(proc_root)
     else:
@@ -142,11 +210,33 @@ def read_processes(started: Iterable[int] = (), proc_root: str = "/proc") -> Pro
         # Our own cmdline is always readable, but keep the chain walk working if it was not.
         parents[me] = os.getppid()
     roots = {me, *started}
+    gates = {p.pid for p in procs if p.safegate}
+    launchers: set[int] = set()
+    for pid in gates:
+        if pid not in launchers:
+            launchers |= ancestors(pid, parents)
     excluded = frozenset(
-        roots | ancestors(me, parents) | descendants(roots, parents) | {p.pid for p in procs if p.safegate}
+        roots | ancestors(me, parents) | descendants(roots, parents) | gates | launchers
     )
     kept = tuple(p for p in procs if p.pid not in excluded)
     return ProcessSnapshot(processes=kept, excluded=excluded)
+
+
+_USERS: dict[int, str] = {}
+
+
+def user_name(uid: int) -> str:
+    """The login name of *uid*, or the number when it has none."""
+    if uid < 0:
+        return ""
+    if uid not in _USERS:
+        import pwd
+
+        try:
+            _USERS[uid] = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            _USERS[uid] = str(uid)
+    return _USERS[uid]
 
 
 def process_alive(pid: int, start_time: float | None) -> bool:
