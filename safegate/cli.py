@@ -189,6 +189,8 @@ def exec_(
     shown = progress(quiet)
 
     def on_event(event: Event) -> None:
+        if event.kind == "sample":
+            return  # the timeline is for --log only
         shown.end_line()
         if not (quiet and event.kind in chatty):
             prefix = f"{event.kind}: " if event.kind in ("summary", "warning", "breach") else ""

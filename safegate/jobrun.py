@@ -204,6 +204,7 @@ def _supervise(settings: Settings, argv: Sequence[str], verdict: Verdict, held: 
     supervisor = Supervisor(
         argv, limits, on_event, pass_fds=[held.fd], nice=settings.nice, on_sample=_UsedReporter(held),
         on_gpu_sample=_UsedReporter(held, gpu=True), env={**caller_environment(), **gpu_env}, cgroup=cgroup,
+        timeline=bool(settings.log),
     )
     pid = supervisor.start()
     owners.append(pid)

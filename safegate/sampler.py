@@ -14,14 +14,16 @@ from safegate.config import ThermalConfig
 from safegate.exitcodes import ExitCode
 from safegate.job import Job
 from safegate.limits import FillRate, Level, Pace, WatchLimits, next_interval
-from safegate.outcome import StatsRecorder
+from safegate.outcome import Event, StatsRecorder
 from safegate.probes.gpu import GpuInfo, GpuSnapshot, host_pid_map, read_gpus
 from safegate.probes.jobtree import read_available
+from safegate.probes.memory import read_pressure
 from safegate.probes.thermal import read_thermal
 from safegate.snapshots import ThermalSnapshot
 from safegate.units import format_bytes
 from safegate.watchers import NOTHING, Action, FloorWatch, GpuWatch, JobMemoryWatch, ThermalWatch, breach, to_take
 
+TIMELINE_EVERY = (0.05, 1.0)  # seconds between `sample` events: as often as sampling near a limit, at most 20/s
 THERMAL_EVERY = 1.0  # temperatures change slowly; reading sensors costs more than reading meminfo
 GPU_EVERY = 0.1  # NVML calls cost more than /proc reads; a tenth of a second still catches a spike
 
@@ -34,6 +36,16 @@ class Probes:
     gpus: Callable[[str], GpuSnapshot] = read_gpus
     thermal: Callable[[ThermalConfig], ThermalSnapshot] = read_thermal
     pid_map: Callable[[], Mapping[int, int]] = host_pid_map
+    pressure: Callable[[], float | None] = read_pressure
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """Who else hears of a sample: the job's memory and VRAM (for its reservation), and --log's timeline."""
+
+    on_sample: Callable[[int], None] | None = None
+    on_gpu_sample: Callable[[int], None] | None = None
+    on_timeline: Callable[[Event], None] | None = None  # `sample` events
 
 
 @dataclass(frozen=True)
@@ -51,16 +63,14 @@ class Sampler:
         *,
         clock: Callable[[], float],
         probes: Probes,
-        on_sample: Callable[[int], None] | None = None,
-        on_gpu_sample: Callable[[int], None] | None = None,
+        hooks: Hooks = Hooks(),
     ) -> None:
         self.limits = limits
         self.job = job
         self.stats = stats
         self.clock = clock
         self.probes = probes
-        self.on_sample = on_sample  # told the job's memory after each sample (for the reservation)
-        self.on_gpu_sample = on_gpu_sample
+        self.on_sample, self.on_gpu_sample, self.on_timeline = hooks.on_sample, hooks.on_gpu_sample, hooks.on_timeline
         self._fill = FillRate()
         self._job_mem = JobMemoryWatch(limits)
         self._floor = FloorWatch(limits)
@@ -68,6 +78,8 @@ class Sampler:
         self._thermal = ThermalWatch(limits)
         self._gpu_pace, self._thermal_pace = Pace(GPU_EVERY), Pace(THERMAL_EVERY)
         self._cards: tuple[GpuInfo, ...] = ()  # the job's GPUs at the last GPU sample: their heat counts too
+        self._hottest: float | None = None
+        self._gap, self._last_event = TIMELINE_EVERY[1], float("-inf")
 
     def memory(self, now: float) -> MemorySample:
         job = self.job
@@ -81,7 +93,17 @@ class Sampler:
         job.cap(self.limits, sample.available)
         if self.on_sample is not None:
             self.on_sample(job_mem)
+        if self.on_timeline is not None and now - self._last_event >= self._gap:
+            self._last_event = now
+            self.on_timeline(self._timeline_event(sample))
         return sample
+
+    def _timeline_event(self, sample: MemorySample) -> Event:
+        gpus = [{"index": g.index, "used": g.used, "temp": g.temp} for g in self._cards]
+        data = {"job_memory": sample.job_mem, "available": sample.available, "pressure": self.probes.pressure(),
+                "temp": self._hottest, "gpus": gpus}
+        return Event("sample", f"job {format_bytes(sample.job_mem)}, MemAvailable {format_bytes(sample.available)}",
+                     data)
 
     def gpus(self, now: float, *, judge: bool) -> Action:
         """When due, read the job's GPUs; what GpuWatch says if *judge* (while the job is stopped, only figures)."""
@@ -104,7 +126,8 @@ class Sampler:
             return NOTHING
         readings = self._thermal.readings(self.probes.thermal(self.limits.thermal).readings, self._cards)
         if readings:
-            self.stats.temperature(max(r.temp for r in readings))
+            self._hottest = max(r.temp for r in readings)
+            self.stats.temperature(self._hottest)
         return self._thermal.check(readings, paused=paused) if judge else NOTHING
 
     def memory_actions(self, sample: MemorySample) -> list[Action]:
@@ -133,7 +156,9 @@ class Sampler:
                        "enforced_by": "kernel"})
 
     def interval(self, sample: MemorySample) -> float:
-        return next_interval(sample.job_mem, sample.available, self.limits, self._fill.rate)
+        seconds = next_interval(sample.job_mem, sample.available, self.limits, self._fill.rate)
+        self._gap = min(max(seconds, TIMELINE_EVERY[0]), TIMELINE_EVERY[1])  # more `sample` events near a limit
+        return seconds
 
     def _record(self, now: float, job_mem: int, available: int) -> MemorySample:
         self.stats.memory(job_mem, available)

@@ -33,7 +33,7 @@ from safegate.job import CgroupJob, Job, ProcessTreeJob
 from safegate.limits import WatchLimits
 from safegate.outcome import Event, JobStats, Outcome, StatsRecorder
 from safegate.procctl import FORWARDED, JOB_CONTROL, become_subreaper, child_setup, stop_self
-from safegate.sampler import Probes, Sampler
+from safegate.sampler import Hooks, Probes, Sampler
 from safegate.terminal import Foreground
 from safegate.units import format_bytes, format_duration, signal_name
 from safegate.watchers import Action, Kind
@@ -68,14 +68,14 @@ class Supervisor:
         clock: Callable[[], float] = time.monotonic,
         probes: Probes | None = None,
         cgroup: JobCgroup | None = None,
+        timeline: bool = False,
     ) -> None:
         self.argv = list(argv)
         self.limits = limits
         self.emit = on_event
         self.pass_fds = tuple(pass_fds)
         self.nice = nice
-        self.on_sample = on_sample  # told the job's memory after each sample (for the reservation)
-        self.on_gpu_sample = on_gpu_sample
+        self._hooks = Hooks(on_sample, on_gpu_sample, on_event if timeline else None)  # for the Sampler
         self.env = dict(env) if env is not None else None
         self.clock = clock  # monotonic: deadlines must survive wall-clock jumps
         self.probes = probes or Probes()
@@ -106,8 +106,7 @@ class Supervisor:
 
     def attach(self, job: Job) -> None:
         """Supervise *job* from now on (start() attaches the process tree it spawned)."""
-        self._sampler = Sampler(self.limits, job, self.stats, clock=self.clock, probes=self.probes,
-                                on_sample=self.on_sample, on_gpu_sample=self.on_gpu_sample)
+        self._sampler = Sampler(self.limits, job, self.stats, clock=self.clock, probes=self.probes, hooks=self._hooks)
         self.state = State.RUNNING
 
     # --- the loop ------------------------------------------------------------------------------------

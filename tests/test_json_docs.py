@@ -134,3 +134,16 @@ def test_queue_json_matches(run: Run, config: Path, lock_dir: Path, procs: Procs
     assert data and all(set(flatten(item, "", stops)) == set(doc) for item in data), data
     text = run("queue", "--config", str(config)).stdout
     assert "lock heavy" in text and "1. pid" in text
+
+
+def test_exec_log_has_a_timeline_of_samples(run: Run, config: Path, tmp_path: Path) -> None:
+    # At least one `sample` a second while the job runs, only in the log (never on stderr), as documented.
+    log = tmp_path / "timeline.jsonl"
+    result = run("exec", "--config", str(config), "--mem", "0", "--log", str(log), "--", "sleep", "2.5")
+    assert result.returncode == 0 and "sample" not in result.stderr
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    samples = [e for e in events if e["event"] == "sample"]
+    assert len(samples) >= 2, [e["event"] for e in events]  # 2.5 s of job: one at once, then one a second
+    assert all(s["available"] > 0 and "pressure" in s and s["gpus"] == [] for s in samples)
+    assert any(s["job_memory"] > 0 for s in samples)  # the one taken as the job ends may find it gone
+    assert samples[0]["temp"] is None or isinstance(samples[0]["temp"], float)

@@ -16,7 +16,9 @@ HELPERS = Path(__file__).resolve().parent.parent / "helpers"
 
 
 def _marked(marker: str) -> list[int]:
-    out = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()
+    # The job's processes are named by exec -a: their command line starts with the marker (safegate's own
+    # `--lock MARKER` only contains it, and must not count as the job having started).
+    out = subprocess.run(["pgrep", "-f", f"^{marker}"], capture_output=True, text=True).stdout.split()
     return [int(p) for p in out]
 
 
@@ -55,6 +57,9 @@ def test_nothing_of_the_job_remains(run: Run, config: Path, procs: Procs, job: s
             wait_until(lambda: len(_marked(marker)) >= (200 if job == "fork200" else 1),
                        what="the job's processes")
             os.kill(gate.pid, signal.SIGTERM)
+            if job == "ignoreterm":
+                # Forwarded and ignored, as without safegate; the job does not ignore SIGINT.
+                os.kill(gate.pid, signal.SIGINT)
         gate.wait(timeout=TIMEOUT)
         left = _marked(marker)
         assert not left, (left, _states(left))
