@@ -34,7 +34,8 @@ FILES = [
     ("$XDG_CONFIG_HOME/safegate/config.toml", "Per-user config (default ~/.config/safegate/config.toml)."),
     ("/etc/safegate/config.toml", "System-wide config."),
     ("/run/lock/safegate/NAME.lock", "A lock, locked with flock(2); /tmp/safegate where /run/lock is absent."),
-    ("/run/lock/safegate/NAME.holder.json", "Who holds the lock NAME, since when, and the memory it reserves."),
+    ("/run/lock/safegate/NAME.holder-TOKEN.json", "Who holds the lock NAME, since when, and the memory it reserves: "
+     "one file per holder, trusted only while its writer holds the lock."),
 ]
 EXAMPLES = [
     ("Start a job only when it is safe", "safegate check -p whisper-large-v3 -q && whisper --model large-v3 a.mp3"),

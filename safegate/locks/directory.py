@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,6 +17,9 @@ HOLDER_SUFFIX = ".holder.json"
 ADMISSION_FILE = ".admission.lock"
 O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+# One file per holder: <name>.holder-<16 hex digits>.json. Anchored at the end, so a lock whose own name
+# looks like that still parses to its name.
+_HOLDER_FILE_RE = re.compile(r"^(?P<name>.+)\.holder-[0-9a-f]{16}\.json$")
 
 
 def default_lock_dir() -> Path:
@@ -105,19 +109,36 @@ def holder_path(directory: Path, name: str) -> Path:
     return directory / f"{validate_lock_name(name)}{HOLDER_SUFFIX}"
 
 
+def holder_file_lock(filename: str) -> str | None:
+    """The lock a per-holder file belongs to, or None when *filename* is not one."""
+    match = _HOLDER_FILE_RE.match(filename)
+    return match.group("name") if match else None
+
+
+def listing(directory: Path) -> dict[str, list[str]]:
+    """Every lock name that has a lock file or holder metadata, with its holder files' names (one scan)."""
+    found: dict[str, list[str]] = {}
+    try:
+        entries = [e.name for e in os.scandir(directory)]
+    except OSError:
+        return {}
+    for entry in entries:
+        if entry.startswith("."):
+            continue
+        name = holder_file_lock(entry)
+        if name is not None:
+            found.setdefault(name, []).append(entry)
+        elif entry.endswith(HOLDER_SUFFIX):
+            found.setdefault(entry[: -len(HOLDER_SUFFIX)], []).append(entry)
+        elif entry.endswith(LOCK_SUFFIX):
+            found.setdefault(entry[: -len(LOCK_SUFFIX)], [])
+    # Anyone can create files in the shared dir: a name safegate would refuse is not one of its locks.
+    return {n: sorted(files) for n, files in sorted(found.items()) if _valid_name(n)}
+
+
 def lock_names(directory: Path) -> list[str]:
     """Every lock name that has a lock file or holder metadata in the directory (none when it is absent)."""
-    found = set()
-    try:
-        entries = list(os.scandir(directory))
-    except OSError:
-        return []
-    for entry in entries:
-        for suffix in (LOCK_SUFFIX, HOLDER_SUFFIX):
-            if entry.name.endswith(suffix) and not entry.name.startswith("."):
-                found.add(entry.name[: -len(suffix)])
-    # Anyone can create files in the shared dir: a name safegate would refuse is not one of its locks.
-    return sorted(n for n in found if _valid_name(n))
+    return list(listing(directory))
 
 
 def _valid_name(name: str) -> bool:
