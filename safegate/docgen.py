@@ -24,7 +24,7 @@ COMPLETIONS = {"bash": "safegate.bash", "zsh": "_safegate", "fish": "safegate.fi
 ENVIRONMENT = [
     ("SAFEGATE_CONFIG", "Config file to use."),
     ("SAFEGATE_PROFILE", "Profile when -p is not given (for exec, instead of choosing by match)."),
-    ("SAFEGATE_LOCK_DIR", "Lock directory; beats lock_dir in the config."),
+    ("SAFEGATE_LOCK_DIR", "Lock directory, an absolute path; beats lock_dir in the config."),
     ("SAFEGATE_GPU", "GPU backend: auto, nvml or none."),
     ("SAFEGATE_DEBUG", "Show a traceback for an internal error (exit 125)."),
     ("XDG_CONFIG_HOME", "Where the per-user config is looked for."),

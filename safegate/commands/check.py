@@ -11,7 +11,7 @@ from safegate.results import Verdict
 
 def check(config: str | None, profile: str | None, overrides: Overrides, *, wait: bool, timeout: float | None,
           on_blocked: Callable[[Verdict], None] | None = None) -> Verdict:
-    settings = resolve(load_config(config), profile or DEFAULT_PROFILE, overrides)
+    settings = resolve(load_config(config), DEFAULT_PROFILE if profile is None else profile, overrides)
     # check is the step that cleans up stale lock files (and says so); slots only reads.
     if wait:
         return wait_until_clear(settings, timeout, on_blocked=on_blocked)
@@ -21,5 +21,5 @@ def check(config: str | None, profile: str | None, overrides: Overrides, *, wait
 def slots(config: str | None, profile: str | None, overrides: Overrides, cap: int | None) -> int:
     from safegate.api import count_slots
 
-    settings = resolve(load_config(config), profile or DEFAULT_PROFILE, overrides)
+    settings = resolve(load_config(config), DEFAULT_PROFILE if profile is None else profile, overrides)
     return count_slots(settings, evaluate(settings), cap)

@@ -9,7 +9,7 @@ import stat
 from collections.abc import Mapping
 from pathlib import Path
 
-from safegate.errors import LockDirError
+from safegate.errors import LockDirError, UsageError
 from safegate.units import validate_lock_name
 
 LOCK_SUFFIX = ".lock"
@@ -29,7 +29,11 @@ def default_lock_dir() -> Path:
 def resolve_lock_dir(configured: Path | None, env: Mapping[str, str]) -> Path:
     """Environment beats config beats the built-in default."""
     if env.get("SAFEGATE_LOCK_DIR"):
-        return Path(env["SAFEGATE_LOCK_DIR"])
+        value = env["SAFEGATE_LOCK_DIR"]
+        if not os.path.isabs(value):
+            # Relative to each caller's working directory: two callers would get two locks and no exclusion.
+            raise UsageError(f"SAFEGATE_LOCK_DIR: invalid lock dir {value!r}: expected an absolute directory path")
+        return Path(value)
     return configured if configured is not None else default_lock_dir()
 
 

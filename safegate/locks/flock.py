@@ -56,6 +56,9 @@ def open_lock_file(path: Path, *, create: bool) -> int | None:
             fd = open_nofollow(path, flags | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:
             pass
+        except OSError as exc:
+            # Out of inodes or space, a read-only file system, no write access: one line, exit 3.
+            raise LockDirError(f"cannot create lock file {path}: {exc.strerror or exc}") from None
         else:
             # 0666 whatever the umask: every user must be able to take the lock later.
             try:
