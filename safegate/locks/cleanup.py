@@ -9,8 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from safegate.errors import LockDirError
-from safegate.locks.directory import listing, lock_path
-from safegate.locks.flock import flock_nb, is_held, locker_of, lockers, open_lock_file, try_flock
+from safegate.locks.directory import listing, lock_path, scan
+from safegate.locks.flock import flock_nb, funlock, locker_of, lockers, open_lock_file, try_flock
 from safegate.locks.holders import Holder, HolderFile, current_holder, read_file, read_files
 from safegate.probes.processes import process_alive
 from safegate.snapshots import Removal
@@ -20,24 +20,27 @@ _JOB_LOCK = re.compile(r"^job-(?P<pid>[0-9]+)-[0-9]+$")
 
 
 def cleanup(directory: Path) -> Iterator[Removal]:
-    """Remove holder files whose process is gone (or that are unusable) and that we may remove.
+    """Remove our own holder files whose process is gone (or that are unusable).
 
-    Another user's file cannot be removed in the sticky dir, and is no one's holder anyway: it is left alone
-    and not reported, so no one can make every check warn by planting one.
+    Another user's file is no one's holder unless its writer holds the lock, and cannot be removed in the sticky
+    dir anyway (root could, but leaves it to its owner too): it costs one lstat, is never read here, and is not
+    reported, so no one can make every check slower or warn by planting files.
     """
     me = os.geteuid()
-    for name, filenames in listing(directory).items():
-        for found in read_files(directory, name, filenames):
-            if not found.regular or me not in (found.uid, 0):
+    for name, entry in scan(directory, owner=me).items():
+        # The scan's lstat decides first: another user's files (all a hostile user can plant) are never read.
+        for found in read_files(directory, name, entry.mine) if entry.mine else ():
+            if not found.regular or found.uid != me:
                 continue
             if found.holder is not None and found.holder.alive():
                 continue
             removal = _remove_stale(directory, name, found)
             if removal is not None:
                 yield removal
-        job_lock = _remove_job_lock(directory, name, me)
-        if job_lock is not None:
-            yield job_lock
+        if entry.lock_file:
+            job_lock = _remove_job_lock(directory, name, me)
+            if job_lock is not None:
+                yield job_lock
 
 
 def _remove_job_lock(directory: Path, name: str, me: int) -> Removal | None:
@@ -141,26 +144,37 @@ def reservations(directory: Path) -> list[Holder]:
     """
     found = []
     table: dict[tuple[int, int], set[int]] | None = None
-    scanned = False
-    for name, filenames in listing(directory).items():
-        files = read_files(directory, name, filenames)
-        if not any(f.holder is not None and (f.holder.reservation > 0 or f.holder.gpu_reservation > 0)
-                   for f in files):
-            continue
-        if not scanned:
-            table, scanned = lockers(), True
+    loaded = False
+    for name, entry in scan(directory).items():
+        if not entry.holders or not entry.lock_file:
+            continue  # no record, or no lock file to hold: nothing reserved
+        filenames = entry.holders
         path = lock_path(directory, name)
-        locker = locker_of(path, table)
-        if locker == set() or (locker is None and not _held(path)):
+        # Whether the flock is held first: the files of a free lock, forged or stale, are never read.
+        if not _held_now(path):
             continue
-        holder = current_holder(files, name, locker)
+        if not loaded:
+            # Read only when a held lock has records to judge: the first read of /proc/locks in a process
+            # waits for an RCU grace period (~10 ms here), and a check with nothing held should not pay it.
+            table, loaded = lockers(), True
+        holder = current_holder(read_files(directory, name, filenames), name, locker_of(path, table))
         if holder is not None and (holder.reservation > 0 or holder.gpu_reservation > 0):
             found.append(holder)
     return found
 
 
-def _held(path: Path) -> bool:
+def _held_now(path: Path) -> bool:
+    """One non-blocking flock attempt: a lock file that is missing or unusable holds no one's reservation."""
     try:
-        return is_held(path)
+        fd = open_lock_file(path, create=False)
     except LockDirError:
         return False
+    if fd is None:
+        return False
+    try:
+        if flock_nb(fd):
+            funlock(fd)
+            return False
+        return True
+    finally:
+        os.close(fd)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import re
 import stat
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from safegate.errors import LockDirError, UsageError
@@ -105,12 +107,18 @@ def open_nofollow(path: Path, flags: int, mode: int = 0o644) -> int:
         raise
 
 
+@functools.lru_cache(maxsize=4096)
+def _checked(name: str) -> str:
+    # Cached: a lock dir with thousands of planted names is validated once per name, not once per use.
+    return validate_lock_name(name)
+
+
 def lock_path(directory: Path, name: str) -> Path:
-    return directory / f"{validate_lock_name(name)}{LOCK_SUFFIX}"
+    return directory / f"{_checked(name)}{LOCK_SUFFIX}"
 
 
 def holder_path(directory: Path, name: str) -> Path:
-    return directory / f"{validate_lock_name(name)}{HOLDER_SUFFIX}"
+    return directory / f"{_checked(name)}{HOLDER_SUFFIX}"
 
 
 def holder_file_lock(filename: str) -> str | None:
@@ -119,25 +127,52 @@ def holder_file_lock(filename: str) -> str | None:
     return match.group("name") if match else None
 
 
-def listing(directory: Path) -> dict[str, list[str]]:
-    """Every lock name that has a lock file or holder metadata, with its holder files' names (one scan)."""
-    found: dict[str, list[str]] = {}
+@dataclass
+class Entry:
+    """What one scan of the lock dir found for one lock name."""
+
+    lock_file: bool = False  # <name>.lock exists (whatever it is)
+    holders: list[str] = field(default_factory=list)  # its holder files' names
+    mine: list[str] = field(default_factory=list)  # those of them that are regular files owned by *owner*
+
+
+def scan(directory: Path, owner: int | None = None) -> dict[str, Entry]:
+    """Every lock name that has a lock file or holder metadata, in one pass over the directory; with
+    *owner*, each holder file's type and owner too (an lstat the scan makes anyway, no path handling)."""
+    found: dict[str, Entry] = {}
     try:
-        entries = [e.name for e in os.scandir(directory)]
+        entries = list(os.scandir(directory))
     except OSError:
         return {}
     for entry in entries:
-        if entry.startswith("."):
+        filename = entry.name
+        if filename.startswith("."):
             continue
-        name = holder_file_lock(entry)
+        name = holder_file_lock(filename)
+        if name is None and filename.endswith(HOLDER_SUFFIX):
+            name = filename[: -len(HOLDER_SUFFIX)]
         if name is not None:
-            found.setdefault(name, []).append(entry)
-        elif entry.endswith(HOLDER_SUFFIX):
-            found.setdefault(entry[: -len(HOLDER_SUFFIX)], []).append(entry)
-        elif entry.endswith(LOCK_SUFFIX):
-            found.setdefault(entry[: -len(LOCK_SUFFIX)], [])
+            item = found.setdefault(name, Entry())
+            item.holders.append(filename)
+            if owner is not None and _regular_of(entry, owner):
+                item.mine.append(filename)
+        elif filename.endswith(LOCK_SUFFIX):
+            found.setdefault(filename[: -len(LOCK_SUFFIX)], Entry()).lock_file = True
     # Anyone can create files in the shared dir: a name safegate would refuse is not one of its locks.
-    return {n: sorted(files) for n, files in sorted(found.items()) if _valid_name(n)}
+    return {n: found[n] for n in sorted(found) if _valid_name(n)}
+
+
+def _regular_of(entry: os.DirEntry[str], owner: int) -> bool:
+    try:
+        st = entry.stat(follow_symlinks=False)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_uid == owner
+
+
+def listing(directory: Path) -> dict[str, list[str]]:
+    """Every lock name that has a lock file or holder metadata, with its holder files' names (one scan)."""
+    return {name: sorted(entry.holders) for name, entry in scan(directory).items()}
 
 
 def lock_names(directory: Path) -> list[str]:
@@ -147,7 +182,7 @@ def lock_names(directory: Path) -> list[str]:
 
 def _valid_name(name: str) -> bool:
     try:
-        validate_lock_name(name)
+        _checked(name)
     except ValueError:
         return False
     return True

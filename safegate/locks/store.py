@@ -146,12 +146,13 @@ class LockStore:
 
     def state(self, name: str) -> LockState:
         held = self.is_held(name)
+        if not held:
+            # Only the flock's holder's own record names the holder: a free lock has none, whatever files remain.
+            return LockState(name=name, path=self.lock_path(name), held=False, holder=None, holder_alive=False)
         files = self.holder_files(name)
-        # Only the flock's holder's own record names the holder; a free lock has none, whatever files remain.
-        holder = holders.current_holder(files, name, flock.locker_of(self.lock_path(name), flock.lockers())) \
-            if held else None
-        return LockState(name=name, path=self.lock_path(name), held=held, holder=holder,
-                         holder_alive=holder is not None, note=_note(files, holder) if held else "")
+        holder = holders.current_holder(files, name, flock.locker_of(self.lock_path(name), flock.lockers()))
+        return LockState(name=name, path=self.lock_path(name), held=True, holder=holder,
+                         holder_alive=holder is not None, note=_note(files, holder))
 
     def reservations(self) -> list[Holder]:
         return stale.reservations(self.directory)
