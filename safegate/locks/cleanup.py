@@ -52,7 +52,7 @@ def _remove_job_lock(directory: Path, name: str, me: int) -> Removal | None:
     path = lock_path(directory, name)
     try:
         st = os.lstat(path)
-        fd = open_lock_file(path, create=False) if stat.S_ISREG(st.st_mode) and me in (st.st_uid, 0) else None
+        fd = open_lock_file(path, create=False) if stat.S_ISREG(st.st_mode) and st.st_uid == me else None
     except (OSError, LockDirError):
         return None
     if fd is None:
