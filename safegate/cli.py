@@ -31,6 +31,7 @@ from safegate.cli_options import (
     parse_overrides,
     parsed,
     progress,
+    safe_lines,
     setting_option,
     version_text,
     wait_timeout,
@@ -52,9 +53,7 @@ from safegate.render import (
 )
 from safegate.results import Verdict
 from safegate.slurm import DEFAULT_PREFIX
-from safegate.units import (
-    validate_lock_name,
-)
+from safegate.units import printable, validate_lock_name
 
 # "\b" keeps click from re-wrapping the table into one paragraph.
 COMPLETE_VAR = "_SAFEGATE_COMPLETE"
@@ -195,11 +194,11 @@ def exec_(
         if not (quiet and event.kind in chatty):
             prefix = f"{event.kind}: " if event.kind in ("summary", "warning", "breach") else ""
             # A closed terminal or pipe must not be what stops the watch: the job goes on, still watched.
-            echo(f"safegate: {prefix}{event.message}", err=True)
+            echo(f"safegate: {prefix}{printable(event.message)}", err=True)
 
     result = execute(command, config=config, profile=profile, overrides=overrides, wait=wait, timeout=wait_for,
                      on_event=on_event, on_blocked=shown,
-                     on_log_error=lambda msg: echo(f"safegate: warning: {msg}", err=True))
+                     on_log_error=lambda msg: echo(f"safegate: warning: {printable(msg)}", err=True))
     if isinstance(result, Verdict):
         shown.finish(result, wait_for if wait else None)
         for failure in result.failures:
@@ -244,7 +243,7 @@ def locks(json_output: JsonOpt = False, config: ConfigOpt = None) -> None:
         echo(json.dumps([lock_json(lock) for lock in found], indent=2))
         return
     if not found:
-        echo(f"no locks in {directory}")
+        echo(f"no locks in {printable(str(directory))}")
     for lock in found:
         echo(render_lock(lock))
 
@@ -275,7 +274,7 @@ def unlock(
     assert isinstance(checked, str)
     removed = unlock_lock(config, checked)
     for what in removed:
-        echo(f"removed {what}")
+        echo(f"removed {printable(what)}")
     if not removed:
         echo(f"lock {checked!r} is free; nothing to remove")
 
@@ -307,7 +306,7 @@ def status(
     for report in reports(config, watch):
         text = status_json(report) if json_output else status_text(report)
         if watch and interactive:
-            echo("\x1b[H\x1b[2J" + text)  # home + clear: redraw in place
+            echo("\x1b[H\x1b[2J" + safe_lines(text), controls=True)  # home + clear: redraw in place
         else:
             echo(text)
 
@@ -348,7 +347,7 @@ def slurm_health(
 
     result = health(config, node, reason_prefix, dry_run)
     for note in result.notes:
-        echo(f"safegate: {note}", err=True)
+        echo(f"safegate: {printable(note)}", err=True)
     command = apply(result)
     if command is not None:
         echo(command)
@@ -368,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = app(args=args, prog_name="safegate", standalone_mode=False)
     except SafegateError as exc:
-        echo(f"safegate: {exc}", err=True)  # the last word; unwritable, the code still tells
+        echo(f"safegate: {printable(str(exc))}", err=True)  # the last word; unwritable, the code still tells
         return int(exc.exit_code)
     except typer.Exit as exc:
         return int(exc.exit_code)
@@ -380,15 +379,15 @@ def main(argv: list[str] | None = None) -> int:
         message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
         ctx = getattr(exc, "ctx", None)
         if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:
-            echo(ctx.get_help(), err=True)
+            echo(ctx.get_help(), err=True, controls=True)
             return int(ExitCode.USAGE)
         hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-        echo(f"safegate: {' '.join(message.split())}{hint}", err=True)
+        echo(f"safegate: {printable(' '.join(message.split()))}{hint}", err=True)
         return int(ExitCode.USAGE)
     except Exception as exc:
         if os.environ.get("SAFEGATE_DEBUG"):
             raise
-        echo(f"safegate: internal error: {type(exc).__name__}: {exc}", err=True)
+        echo(f"safegate: internal error: {type(exc).__name__}: {printable(str(exc))}", err=True)
         return int(ExitCode.INTERNAL)
     return int(result) if isinstance(result, int) else 0
 

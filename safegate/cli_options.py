@@ -20,7 +20,7 @@ from safegate.preflight import Overrides
 from safegate.render import blocking_summary
 from safegate.results import Verdict
 from safegate.settings import BY_KEY, parse_option
-from safegate.units import format_duration, parse_duration
+from safegate.units import format_duration, parse_duration, printable
 
 
 class PlainUsage(TyperCommand):
@@ -54,10 +54,15 @@ def version_text(version: str) -> str:
     return "\n".join(lines)
 
 
-def echo(message: str, err: bool = False) -> None:
+def echo(message: str, err: bool = False, *, controls: bool = False) -> None:
     """Print a line for people. A full disk, a closed pipe or a hung-up terminal must never change an outcome or an
     exit code: on a write error the stream is pointed at /dev/null (so neither later lines nor Python's flush at
-    exit fail) and the command goes on."""
+    exit fail) and the command goes on.
+
+    Every line is escaped (unless *controls*: safegate's own screen redraw): render escapes what came from outside
+    already, and this is the net under it, so no string another user wrote ever reaches a terminal raw."""
+    if not controls:
+        message = safe_lines(message)
     try:
         typer.echo(message, err=err)
     except OSError:
@@ -68,6 +73,11 @@ def echo(message: str, err: bool = False) -> None:
             os.close(devnull)
         except (OSError, ValueError, AttributeError):
             pass
+
+
+def safe_lines(message: str) -> str:
+    """*message* with every control character but its line breaks escaped."""
+    return "\n".join(printable(line) for line in message.split("\n"))
 
 
 def parsed(option: str, parse: object, value: str | None) -> object:

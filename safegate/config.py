@@ -149,6 +149,9 @@ SYSTEM_CONFIG = Path("/etc/safegate/config.toml")
 def find_config_path(explicit: str | None, env: Mapping[str, str]) -> tuple[Path | None, str]:
     """The config file to use and how it was found; (None, ...) when there is none."""
     if explicit is not None:
+        if not explicit:
+            # Path("") is ".", the working directory: say what was given instead.
+            raise ConfigError("config '': an empty path; expected a TOML file")
         return Path(explicit), explicit
     if env.get("SAFEGATE_CONFIG"):
         value = env["SAFEGATE_CONFIG"]

@@ -6,7 +6,9 @@ knows how each kind is written in TOML.
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -229,10 +231,24 @@ def _thermal(where: _Where, data: Any) -> ThermalConfig:
     return ThermalConfig(**kwargs)
 
 
+# A config is a few KiB; reading stops past this, so /dev/zero or a huge file is refused, never read whole.
+CONFIG_MAX_BYTES = 1024 * 1024
+
+
 def read_toml(path: Path, source: str) -> dict[str, Any]:
     try:
-        with open(path, "rb") as fh:
-            return tomllib.load(fh)
+        # Non-blocking: a FIFO is refused below instead of waiting for a writer that never comes.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                kind = "a directory" if stat.S_ISDIR(os.fstat(fd).st_mode) else "not a regular file"
+                raise ConfigError(f"config {source}: is {kind}, expected a TOML file")
+            raw = _read_at_most(fd, CONFIG_MAX_BYTES + 1)
+        finally:
+            os.close(fd)
+        if len(raw) > CONFIG_MAX_BYTES:
+            raise ConfigError(f"config {source}: larger than {CONFIG_MAX_BYTES // 1024} KiB; not a config file")
+        return tomllib.loads(raw.decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config {source}: file not found") from None
     except IsADirectoryError:
@@ -247,6 +263,18 @@ def read_toml(path: Path, source: str) -> dict[str, Any]:
         raise ConfigError(f"config {source}: invalid TOML: {exc}") from None
     except RecursionError:
         raise ConfigError(f"config {source}: invalid TOML: nested too deeply") from None
+
+
+def _read_at_most(fd: int, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while size < limit:
+        chunk = os.read(fd, min(65536, limit - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
 
 
 def _builtin_data() -> dict[str, Any]:

@@ -56,7 +56,7 @@ COMPLETIONS = {"bash": "safegate.bash", "zsh": "_safegate", "fish": "safegate.fi
 ENVIRONMENT = [
     ("SAFEGATE_CONFIG", "Config file to use."),
     ("SAFEGATE_PROFILE", "Profile when -p is not given (for exec, instead of choosing by match)."),
-    ("SAFEGATE_LOCK_DIR", "Lock directory; beats lock_dir in the config."),
+    ("SAFEGATE_LOCK_DIR", "Lock directory, an absolute path; beats lock_dir in the config."),
     ("SAFEGATE_GPU", "GPU backend: auto, nvml or none."),
     ("SAFEGATE_DEBUG", "Show a traceback for an internal error (exit 125)."),
     ("XDG_CONFIG_HOME", "Where the per-user config is looked for."),
@@ -73,7 +73,8 @@ FILES = [
     ("$XDG_CONFIG_HOME/safegate/config.toml", "Per-user config (default ~/.config/safegate/config.toml)."),
     ("/etc/safegate/config.toml", "System-wide config."),
     ("/run/lock/safegate/NAME.lock", "A lock, locked with flock(2); /tmp/safegate where /run/lock is absent."),
-    ("/run/lock/safegate/NAME.holder.json", "Who holds the lock NAME, since when, and the memory it reserves."),
+    ("/run/lock/safegate/NAME.holder-TOKEN.json", "Who holds the lock NAME, since when, and the memory it reserves: "
+     "one file per holder, trusted only while its writer holds the lock."),
     ("/run/lock/safegate/.ticket.ARRIVAL.PID.json", "A waiter's place in line (safegate queue)."),
     ("$XDG_STATE_HOME/safegate/history.json", "What past exec runs of each profile used, for memory = \"auto\"; "
      "advisory."),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -19,6 +20,8 @@ from typing import Any
 from filelock import lock_descriptor, unlock_descriptor
 
 KEEP = 50
+# 50 runs of a profile are ~8 KiB; past this the file is not one safegate wrote, and is never read whole.
+HISTORY_MAX_BYTES = 4 * 1024 * 1024
 MIN_RUNS = 3
 AUTO_FALLBACK = 4 * 1024**3  # a profile with memory = "auto" and fewer than MIN_RUNS recorded runs
 AUTO_HEADROOM = 1.10
@@ -41,13 +44,42 @@ def history_path(env: Mapping[str, str] | None = None) -> Path:
 
 
 def load(path: Path) -> dict[str, list[Run]]:
+    """The recorded runs; absent, unreadable or corrupt history is no history, never a failure."""
+    return read(path)[0]
+
+
+def read(path: Path) -> tuple[dict[str, list[Run]], str]:
+    """(runs, note): the note says why the file is unusable ("" when it is fine or absent)."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}  # absent, unreadable or corrupt: no history, never a failure
-    out: dict[str, list[Run]] = {}
+        # Non-blocking: a FIFO there must not hang exec after its job has ended.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return {}, ""
+    except OSError as exc:
+        return {}, f"unreadable: {exc.strerror or exc}"
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return {}, "not a regular file"
+        raw = os.read(fd, HISTORY_MAX_BYTES + 1)
+    except OSError as exc:
+        return {}, f"unreadable: {exc.strerror or exc}"
+    finally:
+        os.close(fd)
+    if len(raw) > HISTORY_MAX_BYTES:
+        return {}, f"larger than {HISTORY_MAX_BYTES // 1024**2} MiB"
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        return {}, "corrupt (nested too deeply)"
+    except ValueError as exc:
+        return {}, f"corrupt ({exc})"
     if not isinstance(data, dict):
-        return out
+        return {}, "corrupt (not a JSON object)"
+    return _runs(data), ""
+
+
+def _runs(data: dict[str, Any]) -> dict[str, list[Run]]:
+    out: dict[str, list[Run]] = {}
     for profile, runs in data.items():
         if not isinstance(runs, list):
             continue
@@ -59,20 +91,26 @@ def load(path: Path) -> dict[str, list[Run]]:
                 run = Run(float(run.time), int(run.peak_memory),
                           int(run.peak_gpu_memory) if run.peak_gpu_memory is not None else None,
                           float(run.duration), str(run.reason), int(run.exit_code))
-            except (TypeError, ValueError, OverflowError):
+            except (TypeError, ValueError, OverflowError, RecursionError):
                 continue
             parsed.append(run)
         out[str(profile)] = parsed
     return out
 
 
-def record(path: Path, profile: str, run: Run) -> None:
-    """Append *run*; raises OSError (the caller warns and goes on)."""
+def record(path: Path, profile: str, run: Run) -> str:
+    """Append *run*; raises OSError (the caller warns and goes on). An unusable file is set aside (renamed to
+    history.json.broken) and a new one started: the return says so ("" when the file was fine)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fd = os.open(path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK, 0o600)
     try:
         lock_descriptor(fd, blocking=True, poll_interval=0.01)
-        data = load(path)
+        data, broken = read(path)
+        said = ""
+        if broken:
+            aside = path.with_name(path.name + ".broken")
+            os.replace(path, aside)
+            said = f"history {path} was unusable ({broken}); set aside as {aside}, starting a new one"
         runs = [*data.get(profile, []), run][-KEEP:]
         data[profile] = runs
         payload: dict[str, Any] = {name: [asdict(r) for r in rs] for name, rs in data.items()}
@@ -85,6 +123,7 @@ def record(path: Path, profile: str, run: Run) -> None:
             Path(tmp).unlink(missing_ok=True)
             raise
         unlock_descriptor(fd)
+        return said
     finally:
         os.close(fd)
 

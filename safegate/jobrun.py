@@ -234,9 +234,12 @@ def _record_history(profile: str, outcome: Outcome, on_event: Callable[[Event], 
                       duration=s.duration, reason=outcome.reason, exit_code=outcome.exit_code)
     path = history.history_path()
     try:
-        history.record(path, profile, run)
+        note = history.record(path, profile, run)
     except OSError as exc:  # a full disk must never be what fails a job
         on_event(Event("warning", f"cannot record the run in {path}: {exc.strerror or exc}"))
+        return
+    if note:
+        on_event(Event("warning", note))
 
 
 def printable_command(argv: Sequence[str], limit: int = 200) -> str:

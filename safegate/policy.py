@@ -140,7 +140,7 @@ def visible_to_cuda(gpus: tuple[GpuInfo, ...], cuda_visible: str | None) -> tupl
     for item in (p.strip() for p in cuda_visible.split(",")):
         if not item:
             continue
-        if item.isdigit():
+        if item.isascii() and item.isdigit():  # isdigit alone accepts '²', which int() refuses
             chosen += [g for g in gpus if g.index == int(item)]
         else:
             chosen += [g for g in gpus if g.uuid and (g.uuid == item or g.uuid.startswith(item))]

@@ -110,9 +110,9 @@ def check_line(check: CheckResult) -> str:
 
 def verdict_text(verdict: Verdict) -> str:
     head = (
-        f"safe to start (profile {verdict.profile})"
+        f"safe to start (profile {printable(verdict.profile)})"
         if verdict.ok
-        else f"BLOCKED (exit {int(verdict.exit_code)}, profile {verdict.profile})"
+        else f"BLOCKED (exit {int(verdict.exit_code)}, profile {printable(verdict.profile)})"
     )
     return "\n".join([head, *(check_line(c) for c in verdict.checks)])
 
@@ -127,7 +127,7 @@ def render_lock(lock: LockInfo, now: float | None = None) -> str:
 
     now = time.time() if now is None else now
     h = lock.holder
-    state = "HELD" if lock.held else "free"
+    state = "HELD" if lock.held else "free" if lock.usable else "UNUSABLE"
     if lock.legacy_pid is not None:
         who = f"pid {lock.legacy_pid} (an old shell gate's pid file: every check blocks while it lives)"
     elif h is None:
@@ -138,7 +138,8 @@ def render_lock(lock: LockInfo, now: float | None = None) -> str:
         # Anyone can write a holder record or name a command: never send its control characters to a terminal.
         who = (f"pid {pid}{alive} {printable(h.user)}@{printable(h.host)} profile {printable(h.profile)} for "
                f"{format_duration(max(0.0, now - h.started_at))}: {printable(' '.join(h.cmdline))[:80]}")
-    return f"{lock.name:<20} {state:<5} {who}".rstrip() + (f"  [{lock.note}]" if lock.note else "")
+    note = f"  [{printable(lock.note)}]" if lock.note else ""
+    return f"{printable(lock.name):<20} {state:<5} {who}".rstrip() + note
 
 
 def queue_json(tickets: Sequence[Ticket], now: float) -> list[dict[str, Any]]:
@@ -162,16 +163,19 @@ def status_text(r: StatusReport) -> str:
         f"RAM      {format_bytes(m.available)} available of {format_bytes(m.total)}; pressure some avg10 {pressure}",
         f"swap     {format_bytes(r.swap_used)} used of {format_bytes(r.swap_total)}",
     ]
-    temps = ", ".join(f"{x.key} {x.celsius:g} C" for x in r.thermal.readings) or "no readable sensor"
+    # Sensor labels and GPU names come from drivers and config files: escaped like any outside text.
+    temps = ", ".join(f"{printable(x.key)} {x.celsius:g} C" for x in r.thermal.readings) or "no readable sensor"
     lines.append(f"temps    {temps}")
     if r.gpus.gpus:
         for g in r.gpus.gpus:
             mem = f"{format_bytes(g.used or 0)} used of {format_bytes(g.total)}" if g.total else "unified memory"
             temp = f", {g.temp:g} C" if g.temp is not None else ""
-            lines.append(f"GPU {g.index}    {g.name}: {g.error or mem}{temp}, {len(g.processes)} process(es)")
+            lines.append(f"GPU {g.index}    {printable(g.name)}: {printable(g.error or mem)}{temp}, "
+                         f"{len(g.processes)} process(es)")
     else:
         lines.append(f"GPUs     none ({r.gpus.backend})")
-    lines.append(f"locks    in {r.lock_dir}:" if r.locks else f"locks    none in {r.lock_dir}")
+    where = printable(str(r.lock_dir))
+    lines.append(f"locks    in {where}:" if r.locks else f"locks    none in {where}")
     lines += ["  " + render_lock(lock, r.time) for lock in r.locks]
     lines.append("waiting  " + (f"{len(r.waiters)}, in the order they are served:" if r.waiters else "nobody"))
     lines += ["  " + line for line in queue_text(r.waiters, r.time)]
@@ -199,16 +203,17 @@ def status_json(r: StatusReport) -> str:
 
 def profile_line(p: dict[str, Any]) -> str:
     """One row of `safegate profiles`, from the profile's JSON form."""
-    lock = p["lock"] or "(none)"
+    lock = printable(p["lock"] or "(none)")
     rec = p["recorded"]
     seen = f"{rec['runs']} runs, p95 peak {format_bytes(rec['peak_memory_p95'])}" if rec["runs"] else "no runs recorded"
-    return f"{printable(p['name']):<20} memory {p['memory']:<10} lock {lock:<16} {seen:<32} {printable(p['source'])}"
+    return (f"{printable(p['name']):<20} memory {printable(p['memory']):<10} lock {lock:<16} {seen:<32} "
+            f"{printable(p['source'])}")
 
 
 def lock_json(lock: LockInfo) -> dict[str, Any]:
     h = lock.holder
     return {
-        "name": lock.name, "held": lock.held, "alive": lock.alive, "note": lock.note,
+        "name": lock.name, "held": lock.held, "alive": lock.alive, "note": lock.note, "usable": lock.usable,
         "legacy_pid": lock.legacy_pid,
         "holder": None if h is None else {
             "pid": h.pid, "job_pid": h.job_pid, "user": h.user, "host": h.host, "cmdline": h.cmdline,

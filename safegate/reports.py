@@ -10,7 +10,7 @@ from pathlib import Path
 import psutil
 
 from safegate.config import Config
-from safegate.errors import LockBusy
+from safegate.errors import LockBusy, LockDirError
 from safegate.locks.legacy import read_legacy
 from safegate.locks.queue import read_tickets
 from safegate.locks.store import LockStore
@@ -28,6 +28,7 @@ class LockInfo:
     holder: HolderRecord | None
     alive: bool
     note: str
+    usable: bool = True  # False: the lock file cannot be opened or locked (a directory, mode 000): note says why
     legacy_pid: int | None = None  # an old-style pid file naming a live process that is not safegate's
 
 
@@ -48,6 +49,11 @@ def list_locks(store: LockStore) -> list[LockInfo]:
             state = store.state(name)
         except ValueError:
             continue  # a file whose name is not a valid lock name: not ours
+        except LockDirError as exc:
+            # Anyone can plant a directory or an unreadable file at a lock path: that one entry is unusable,
+            # the listing goes on.
+            out.append(LockInfo(name, False, None, False, str(exc), usable=False))
+            continue
         out.append(LockInfo(name, state.held, state.holder, state.holder_alive, state.note))
     return out
 
@@ -63,7 +69,8 @@ def unlock(store: LockStore, name: str) -> list[str]:
         h = state.holder
         who = f"pid {h.job_pid or h.pid} ({h.user}: {' '.join(h.cmdline)[:80]})" if h else "a process without metadata"
         raise LockBusy(f"lock {name!r} is held by {who}; stop that job instead (there is no force)")
-    removed = [r.what for r in store.cleanup() if r.removed and r.path == store.holder_path(name)]
+    mine = {f.path for f in store.holder_files(name)}
+    removed = [r.what for r in store.cleanup() if r.removed and r.path in mine]
     leftover = store.remove_metadata_if_free(name)
     if leftover:
         removed.append(f"holder metadata of lock {name!r} (its process no longer holds the lock)")

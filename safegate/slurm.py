@@ -131,6 +131,11 @@ def apply(action: HealthAction, dry_run: bool) -> str | None:
 # --- exec inside a job --------------------------------------------------------------------------------
 
 
+def _decimal(text: str) -> bool:
+    """ASCII digits only: str.isdigit() also accepts '²' or '٣', which int() then refuses."""
+    return text.isascii() and text.isdigit()
+
+
 def job_licenses(env: Mapping[str, str]) -> dict[str, int]:
     """The licenses the job holds: SLURM_JOB_LICENSES where Slurm sets it, else scontrol show job."""
     text = env.get("SLURM_JOB_LICENSES")
@@ -143,7 +148,7 @@ def job_licenses(env: Mapping[str, str]) -> dict[str, int]:
             continue
         name, _, count = item.partition(":")
         name = name.split("@", 1)[0]
-        held[name] = held.get(name, 0) + (int(count) if count.isdigit() else 1)
+        held[name] = held.get(name, 0) + (int(count) if _decimal(count) else 1)
     return held
 
 
@@ -159,11 +164,11 @@ def require_license(license_name: str, env: Mapping[str, str]) -> None:
 def job_memory_limit(env: Mapping[str, str]) -> int | None:
     """The job's memory allocation on this node in bytes (SLURM_MEM_PER_NODE, or per CPU times CPUs)."""
     per_node = env.get("SLURM_MEM_PER_NODE")
-    if per_node and per_node.isdigit() and int(per_node) > 0:
+    if per_node and _decimal(per_node) and int(per_node) > 0:
         return int(per_node) * 1024**2
     per_cpu = env.get("SLURM_MEM_PER_CPU")
     cpus = env.get("SLURM_CPUS_ON_NODE") or env.get("SLURM_JOB_CPUS_PER_NODE", "").split("(")[0]
-    if per_cpu and per_cpu.isdigit() and cpus and cpus.isdigit():
+    if per_cpu and _decimal(per_cpu) and cpus and _decimal(cpus):
         return int(per_cpu) * int(cpus) * 1024**2
     return None
 

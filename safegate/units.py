@@ -18,9 +18,11 @@ SIZE_ACCEPTED = "a size like 512M, 1.5G, 10GiB (powers of 1024), 10GB (powers of
 DURATION_ACCEPTED = "a duration like 30 (seconds), 250ms, 90s, 5m, 2h"
 TEMP_ACCEPTED = "a temperature in degrees Celsius between -50 and 200, like 80"
 LOCK_NAME_ACCEPTED = (
-    "1-64 printable characters without '/', '\\', '..', spaces, or a leading '.' or '-'"
+    "1-64 printable characters (at most 128 bytes in UTF-8) without '/', '\\', '..', spaces, or a leading '.' or '-'"
 )
 LOCK_NAME_MAX = 64
+# File names are bounded in bytes (NAME_MAX, 255): <name>.holder-<16 hex>.json adds 29 to the name.
+LOCK_NAME_MAX_BYTES = 128
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,7 @@ def parse_signal(text: str | int) -> int:
     import signal
 
     raw = str(text).strip()
-    if raw.isdigit():
+    if raw.isascii() and raw.isdigit():
         number = int(raw)
         if 0 < number < signal.NSIG:
             return number
@@ -181,7 +183,7 @@ def parse_gpu_option(text: str) -> tuple[int, ...] | None:
     if value == "auto":
         return None
     parts = [p.strip() for p in value.split(",")]
-    if not parts or not all(p.isdigit() for p in parts):
+    if not parts or not all(p.isascii() and p.isdigit() for p in parts):
         raise ValueParseError(f"invalid GPU selection {text!r}: expected auto or indexes like 0 or 0,2")
     return tuple(int(p) for p in parts)
 
@@ -193,6 +195,7 @@ def validate_lock_name(name: str) -> str:
     """Return *name* if it is safe as a file name inside the lock dir, else raise."""
     ok = (
         0 < len(name) <= LOCK_NAME_MAX
+        and _utf8_size(name) <= LOCK_NAME_MAX_BYTES
         and name.isprintable()
         and not any(ch.isspace() for ch in name)
         and "/" not in name
@@ -203,6 +206,13 @@ def validate_lock_name(name: str) -> str:
     if not ok:
         raise ValueParseError(f"invalid lock name {name!r}: expected {LOCK_NAME_ACCEPTED}")
     return name
+
+
+def _utf8_size(text: str) -> int:
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        return LOCK_NAME_MAX_BYTES + 1  # a lone surrogate (undecodable bytes in argv): no file name of ours
 
 
 def printable(text: str) -> str:

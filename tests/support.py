@@ -114,14 +114,23 @@ def lock_free(path: Path) -> bool:
     return subprocess.run(["flock", "-n", str(path), "true"]).returncode == 0
 
 
+def holder_files(lock_dir: Path, lock: str = "heavy") -> list[Path]:
+    """The holder metadata files of *lock*: one per holder (<lock>.holder-<token>.json), and the
+    one-per-lock <lock>.holder.json older safegates wrote."""
+    return sorted([*lock_dir.glob(f"{lock}.holder-*.json"), *lock_dir.glob(f"{lock}.holder.json")])
+
+
 def job_pid(lock_dir: Path, lock: str = "heavy") -> int | None:
     """The job pid a safegate exec recorded for *lock*, once the job has started."""
-    try:
-        data = json.loads((lock_dir / f"{lock}.holder.json").read_text())
-    except (OSError, ValueError):
-        return None
-    pid = data.get("job_pid") if isinstance(data, dict) else None
-    return int(pid) if pid else None
+    for path in holder_files(lock_dir, lock):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        pid = data.get("job_pid") if isinstance(data, dict) else None
+        if pid:
+            return int(pid)
+    return None
 
 
 # --- processes a test starts -----------------------------------------------------------------------------

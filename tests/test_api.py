@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support import TIMEOUT, Procs, hold_with_flock, meminfo_available
+from support import TIMEOUT, Procs, hold_with_flock, holder_files, meminfo_available
 
 import safegate
 from safegate.api import Blocked
@@ -46,9 +46,9 @@ def test_hold_holds_the_lock_for_the_block(lock_dir: Path) -> None:
     with safegate.hold("whisper-large", mem=0) as held:
         assert held.name == "whisper-large"
         assert subprocess.run(["flock", "-n", str(lock), "true"]).returncode != 0
-        assert (lock_dir / "whisper-large.holder.json").exists()
+        assert holder_files(lock_dir, "whisper-large")
     assert subprocess.run(["flock", "-n", str(lock), "true"]).returncode == 0
-    assert not (lock_dir / "whisper-large.holder.json").exists()
+    assert not holder_files(lock_dir, "whisper-large")
 
 
 def test_hold_raises_blocked_with_the_verdict(lock_dir: Path, procs: Procs) -> None:

@@ -12,7 +12,16 @@ import time
 from pathlib import Path
 
 import pytest
-from support import TIMEOUT, Procs, Run, hold_with_flock, hold_with_safegate, neutral_config, set_temp
+from support import (
+    TIMEOUT,
+    Procs,
+    Run,
+    hold_with_flock,
+    hold_with_safegate,
+    holder_files,
+    neutral_config,
+    set_temp,
+)
 
 from safegate.exitcodes import ExitCode
 
@@ -166,7 +175,7 @@ def test_stale_holder_is_removed_and_reported(run: Run, config: Path, lock_dir: 
     result = check(run, config, *PASSING)
     assert result.returncode == 0
     assert f"removed stale holder of lock 'heavy': pid {holder.pid}" in result.stdout
-    assert not (lock_dir / "heavy.holder.json").exists()
+    assert not holder_files(lock_dir)
     assert "no stale locks" in check(run, config, *PASSING).stdout
 
 

@@ -14,6 +14,7 @@ from support import (
     Run,
     hold_with_flock,
     hold_with_safegate,
+    holder_files,
     meminfo_available,
     neutral_config,
     wait_until,
@@ -48,7 +49,7 @@ def test_slots_counts_reservations(run: Run, tmp_path: Path, sensor: Path, procs
     assert run("slots", "--config", str(cfg), "-p", "q").stdout.strip() == "1"
     lock_dir = Path(run.env["SAFEGATE_LOCK_DIR"])
     procs.spawn([PY, "-m", "safegate", "exec", "--config", str(cfg), "-p", "q", "--", "sleep", "600"], env=run.env)
-    wait_until(lambda: any(json.loads(p.read_text()).get("job_pid") for p in lock_dir.glob("job-*.holder.json")),
+    wait_until(lambda: any(json.loads(p.read_text()).get("job_pid") for p in lock_dir.glob("job-*.holder-*.json")),
                what="the first job's reservation")
     assert run("slots", "--config", str(cfg), "-p", "q").stdout.strip() == "0"
 
@@ -67,7 +68,7 @@ def test_locks_and_unlock(run: Run, config: Path, lock_dir: Path, procs: Procs) 
     holder.wait()
     done = run("unlock", "whisper-large", "--config", str(config))
     assert done.returncode == 0 and "removed stale holder" in done.stdout
-    assert not (lock_dir / "whisper-large.holder.json").exists()
+    assert not holder_files(lock_dir, "whisper-large")
     assert "nothing to remove" in run("unlock", "whisper-large", "--config", str(config)).stdout
     bad = run("unlock", "../etc", "--config", str(config))
     assert bad.returncode == ExitCode.USAGE and "invalid lock name" in bad.stderr

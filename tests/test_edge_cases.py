@@ -11,6 +11,7 @@ from pathlib import Path
 from support import TIMEOUT, Procs, Run, neutral_config
 
 from safegate.exitcodes import ExitCode
+from safegate.locks.store import LockStore
 
 
 def test_foreign_files_with_invalid_lock_names_are_ignored(run: Run, config: Path, lock_dir: Path) -> None:
@@ -68,13 +69,13 @@ def test_lockless_profile_runs_side_by_side_and_cleans_up(run: Run, tmp_path: Pa
 
 
 def test_terminal_escapes_in_holders_are_not_printed(run: Run, config: Path, lock_dir: Path) -> None:
-    lock_dir.mkdir(mode=0o1777, parents=True)
-    lock_dir.chmod(0o1777)
-    holder = {"pid": 1, "start_time": 0.0, "user": "u\x1b]0;pwned\x07", "host": "h", "cmdline": ["\x1b[2J"],
-              "started_at": 0.0, "profile": "p", "lock": "evil"}
-    (lock_dir / "evil.holder.json").write_text(json.dumps(holder))
-    out = run("locks", "--config", str(config)).stdout + run("status", "--config", str(config)).stdout
-    assert "\x1b" not in out and "\\x1b" in out
+    store = LockStore(lock_dir)
+    store.ensure_directory()
+    with store.try_acquire("evil", "p", ["\x1b[2J"]) as held:  # this test's process is the holder
+        assert held is not None
+        held.update_holder(user="u\x1b]0;pwned\x07")
+        out = run("locks", "--config", str(config)).stdout + run("status", "--config", str(config)).stdout
+    assert "\x1b" not in out and "\\x1b]0;pwned" in out
 
 
 def test_relative_lock_dir_is_refused(run: Run, tmp_path: Path, sensor: Path) -> None:

@@ -19,6 +19,7 @@ from support import (
     Procs,
     Run,
     alive,
+    holder_files,
     job_pid,
     lock_free,
     meminfo_available,
@@ -50,7 +51,7 @@ def test_exit_status_passes_through(run: Run, config: Path, lock_dir: Path) -> N
         result = run_exec(run, config, "-q", "--", "sh", "-c", f"exit {code}")
         assert result.returncode == code, result.stderr
     assert lock_free(lock_dir / "heavy.lock")
-    assert not (lock_dir / "heavy.holder.json").exists()
+    assert not holder_files(lock_dir)
 
 
 def test_job_killed_by_a_signal_is_128_plus_n(run: Run, config: Path) -> None:
@@ -73,7 +74,7 @@ def test_command_not_found_and_not_executable(run: Run, config: Path, tmp_path: 
     script.chmod(0o644)
     result = run_exec(run, config, "--", str(script))
     assert result.returncode == ExitCode.NOT_EXECUTABLE and "not executable" in result.stderr
-    assert lock_free(lock_dir / "heavy.lock") and not (lock_dir / "heavy.holder.json").exists()
+    assert lock_free(lock_dir / "heavy.lock") and not holder_files(lock_dir)
     assert "Traceback" not in result.stderr
 
 
@@ -204,7 +205,7 @@ def test_safegate_killed_lock_lives_with_the_job(run: Run, config: Path, lock_di
     wait_until(lambda: not alive(job), what="the job to exit")
     wait_until(lambda: lock_free(lock_dir / "heavy.lock"), what="the lock to be free")
     assert run("check", "--config", str(config), "--mem", "0", "-q").returncode == 0
-    assert not (lock_dir / "heavy.holder.json").exists()  # the stale metadata was cleaned up
+    assert not holder_files(lock_dir)  # the stale metadata was cleaned up
 
 
 # --- admission ---------------------------------------------------------------------------------------

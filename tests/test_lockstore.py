@@ -10,8 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
-from support import TIMEOUT, Nobody, Procs, hold_with_flock, hold_with_safegate, wait_until
+from support import TIMEOUT, Nobody, Procs, hold_with_flock, hold_with_safegate, holder_files, wait_until
 
 from safegate.errors import LockDirError
 from safegate.locks.holders import Holder
@@ -56,7 +57,7 @@ def test_acquire_writes_holder_and_release_removes_it(tmp_path: Path) -> None:
         assert holder.cmdline == ["whisper", "x.mp3"]
         assert store.is_held("heavy")
     assert not store.is_held("heavy")
-    assert not store.holder_path("heavy").exists()
+    assert not holder_files(store.directory)
     assert store.lock_path("heavy").exists()  # never unlinked: unlinking splits waiters across inodes
 
 
@@ -110,11 +111,11 @@ def test_killed_holder_leaves_stale_metadata_that_cleanup_removes(tmp_path: Path
     assert list(store.cleanup()) == []  # alive: nothing to remove
     os.kill(holder.pid, signal.SIGKILL)
     holder.wait()
-    assert store.holder_path("whisper-large").exists()
+    assert holder_files(lock_dir, "whisper-large")
     removals = list(store.cleanup())
     assert len(removals) == 1 and removals[0].removed
     assert f"pid {holder.pid}" in removals[0].what
-    assert not store.holder_path("whisper-large").exists()
+    assert not holder_files(lock_dir, "whisper-large")
 
 
 def test_reused_pid_is_not_taken_for_the_holder(tmp_path: Path) -> None:
@@ -126,15 +127,52 @@ def test_reused_pid_is_not_taken_for_the_holder(tmp_path: Path) -> None:
     assert len(removals) == 1 and removals[0].removed
 
 
-def test_metadata_of_a_held_lock_is_kept_even_if_its_writer_died(tmp_path: Path, procs: Procs) -> None:
-    # A job that inherited the lock fd keeps the lock held after the writer is gone: keep naming it.
+INHERIT = """
+import os, sys, time
+from pathlib import Path
+from safegate.locks.store import LockStore
+held = LockStore(Path(sys.argv[1])).try_acquire("heavy", "p", need=int(sys.argv[2]))
+os.set_inheritable(held.fd, True)
+if os.fork() == 0:
+    os.execvp("sleep", ["sleep", "600"])  # the "job": inherits the lock's open file, so the flock
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_metadata_of_a_held_lock_is_kept_while_a_job_that_inherited_it_lives(tmp_path: Path, procs: Procs) -> None:
+    # A job that inherited the lock fd keeps the lock held after its writer is gone: its record still names
+    # the holder (the kernel keeps the writer's pid as the flock's owner), and still reserves.
+    lock_dir = tmp_path / "locks"
+    store = store_at(lock_dir)
+    writer = procs.spawn([sys.executable, "-c", INHERIT, str(lock_dir), str(2**40)], stdout=subprocess.PIPE)
+    assert writer.stdout is not None and writer.stdout.readline().strip() == b"held"
+    child = wait_until(lambda: [p for p in psutil.Process(writer.pid).children() if p.name() == "sleep"])[0]
+    procs.orphans.append(child.pid)
+    written = store.read_holder("heavy")[0]
+    assert written is not None
+    # The writer records its job as exec does.
+    store.write_holder(Holder(**{**written.__dict__, "job_pid": child.pid, "job_start_time": child.create_time()}),
+                       holder_files(lock_dir)[0])
+    os.kill(writer.pid, signal.SIGKILL)
+    writer.wait()
+    assert store.is_held("heavy")
+    assert list(store.cleanup()) == []
+    state = store.state("heavy")
+    assert state.holder is not None and state.holder.pid == writer.pid and state.holder.job_pid == child.pid
+    assert [h.pid for h in store.reservations()] == [writer.pid]
+
+
+def test_dead_record_beside_a_lock_someone_else_holds_is_not_its_holder(tmp_path: Path, procs: Procs) -> None:
     store = store_at(tmp_path / "locks")
     dead = Holder(pid=2**22 + 7, start_time=1.0, user="u", host="h", cmdline=["x"], started_at=1.0,
-                  profile="p", lock="heavy")
+                  profile="p", lock="heavy", need=2**40)
     store.write_holder(dead)
     hold_with_flock(procs, store.lock_path("heavy"))
-    assert list(store.cleanup()) == []
-    assert store.read_holder("heavy")[0] == dead
+    state = store.state("heavy")
+    assert state.held and state.holder is None
+    assert store.reservations() == []
+    assert [r.removed for r in store.cleanup()] == [True]
 
 
 @pytest.mark.parametrize("content", [b"", b"{trunc", b"not json at all", b"[1,2]", b'{"pid": "x"}', b"\xff\xfe"])
@@ -191,17 +229,18 @@ def test_symlink_at_lock_path_is_refused_and_target_untouched(tmp_path: Path) ->
     assert victim.read_text() == "precious"
 
 
-def test_symlink_at_holder_path_is_replaced_not_followed(tmp_path: Path) -> None:
+def test_symlink_at_holder_path_is_not_followed(tmp_path: Path) -> None:
     store = store_at(tmp_path / "locks")
     victim = tmp_path / "victim"
     victim.write_text("precious")
     store.holder_path("heavy").symlink_to(victim)
     assert store.read_holder("heavy")[0] is None  # reading refuses to follow it
     held = store.try_acquire("heavy", "p")
-    assert held is not None and held.holder is not None
+    assert held is not None and held.holder is not None and held.metadata_path is not None
+    assert store.read_holder("heavy")[0] == held.holder
     assert victim.read_text() == "precious"
-    assert not store.holder_path("heavy").is_symlink()
     held.release()
+    assert victim.read_text() == "precious"
 
 
 def test_legacy_pid_files(tmp_path: Path, procs: Procs) -> None:

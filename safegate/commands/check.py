@@ -12,7 +12,7 @@ from safegate.results import Verdict
 
 def check(config: str | None, profile: str | None, overrides: Overrides, *, wait: bool, timeout: float | None,
           on_blocked: Callable[[Verdict], None] | None = None) -> Verdict:
-    settings = resolve(load_config(config), profile or DEFAULT_PROFILE, overrides)
+    settings = resolve(load_config(config), DEFAULT_PROFILE if profile is None else profile, overrides)
     # check is the step that cleans up stale lock files (and says so); slots only reads.
     if wait:
         return wait_until_clear(settings, timeout, on_blocked=on_blocked)
@@ -26,7 +26,7 @@ def slots(config: str | None, profile: str | None, overrides: Overrides, cap: in
     """
     from safegate.api import count_slots
 
-    settings = resolve(load_config(config), profile or DEFAULT_PROFILE, overrides)
+    settings = resolve(load_config(config), DEFAULT_PROFILE if profile is None else profile, overrides)
     verdict = evaluate(settings)
     count = count_slots(settings, verdict, cap)
     return count, (ExitCode.OK if count > 0 else verdict.exit_code or ExitCode.MEMORY)

@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 
 from safegate.config import load_config
-from safegate.errors import SpawnError
+from safegate.errors import SpawnError, UsageError
 from safegate.eventlog import EventLog, check_log_path
 from safegate.jobrun import run_exec
 from safegate.notify import Notifier
@@ -42,8 +42,11 @@ def execute(
 ) -> Verdict | Outcome:
     """The blocking verdict when the job could not start, else its outcome. Every event goes to *on_event* and,
     with --log (or the profile's log), to the log file."""
+    if command and not command[0]:
+        # execvp("") fails with a bare EACCES or ENOENT; say what is wrong before anything starts.
+        raise UsageError("exec: the command name is empty (''); expected a program to run, like: exec -- whisper ...")
     cfg = load_config(config)
-    settings = resolve(cfg, profile or cfg.profile_for_command(list(command)).name, overrides)
+    settings = resolve(cfg, cfg.profile_for_command(list(command)).name if profile is None else profile, overrides)
     settings = slurm_job_limits(settings, os.environ)
     if settings.log:
         check_log_path(settings.log)

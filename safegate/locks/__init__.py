@@ -6,9 +6,11 @@ without the ~12 ms it costs `check` to import filelock. safegate opens every fil
 so a planted symlink is refused instead of followed, and never unlinks a lock file: unlinking splits
 waiters across inodes.
 
-Holder metadata (<name>.holder.json) is informational: it names who holds the lock. It is written
-atomically (temp file + rename) after the flock is taken and removed before it is released; a copy
-whose process is gone while the flock is free is stale and is removed by cleanup.
+Holder metadata (<name>.holder-<token>.json, one file per holder, the token random) names who holds the
+lock and what it reserves. It is written atomically (temp file + rename) after the flock is taken and removed
+before it is released. Anyone can write such a file in the shared dir, so a record counts only while its
+writer holds the flock (per /proc/locks) and the file belongs to that writer's user; any other is ignored, and
+cleanup removes the ones whose process is gone, where it may.
 
 The modules, one job each:
   directory  where the lock dir is, whether it is safe, its paths and names; the O_NOFOLLOW open

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import errno
+import functools
 import os
+import re
 import stat
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from safegate.errors import LockDirError
+from safegate.errors import LockDirError, UsageError
 from safegate.units import validate_lock_name
 
 LOCK_SUFFIX = ".lock"
@@ -16,6 +19,9 @@ HOLDER_SUFFIX = ".holder.json"
 ADMISSION_FILE = ".admission.lock"
 O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+# One file per holder: <name>.holder-<16 hex digits>.json. Anchored at the end, so a lock whose own name
+# looks like that still parses to its name.
+_HOLDER_FILE_RE = re.compile(r"^(?P<name>.+)\.holder-[0-9a-f]{16}\.json$")
 
 
 def default_lock_dir() -> Path:
@@ -25,7 +31,11 @@ def default_lock_dir() -> Path:
 def resolve_lock_dir(configured: Path | None, env: Mapping[str, str]) -> Path:
     """Environment beats config beats the built-in default."""
     if env.get("SAFEGATE_LOCK_DIR"):
-        return Path(env["SAFEGATE_LOCK_DIR"])
+        value = env["SAFEGATE_LOCK_DIR"]
+        if not os.path.isabs(value):
+            # Relative to each caller's working directory: two callers would get two locks and no exclusion.
+            raise UsageError(f"SAFEGATE_LOCK_DIR: invalid lock dir {value!r}: expected an absolute directory path")
+        return Path(value)
     return configured if configured is not None else default_lock_dir()
 
 
@@ -97,32 +107,82 @@ def open_nofollow(path: Path, flags: int, mode: int = 0o644) -> int:
         raise
 
 
+@functools.lru_cache(maxsize=4096)
+def _checked(name: str) -> str:
+    # Cached: a lock dir with thousands of planted names is validated once per name, not once per use.
+    return validate_lock_name(name)
+
+
 def lock_path(directory: Path, name: str) -> Path:
-    return directory / f"{validate_lock_name(name)}{LOCK_SUFFIX}"
+    return directory / f"{_checked(name)}{LOCK_SUFFIX}"
 
 
 def holder_path(directory: Path, name: str) -> Path:
-    return directory / f"{validate_lock_name(name)}{HOLDER_SUFFIX}"
+    return directory / f"{_checked(name)}{HOLDER_SUFFIX}"
+
+
+def holder_file_lock(filename: str) -> str | None:
+    """The lock a per-holder file belongs to, or None when *filename* is not one."""
+    match = _HOLDER_FILE_RE.match(filename)
+    return match.group("name") if match else None
+
+
+@dataclass
+class Entry:
+    """What one scan of the lock dir found for one lock name."""
+
+    lock_file: bool = False  # <name>.lock exists (whatever it is)
+    holders: list[str] = field(default_factory=list)  # its holder files' names
+    mine: list[str] = field(default_factory=list)  # those of them that are regular files owned by *owner*
+
+
+def scan(directory: Path, owner: int | None = None) -> dict[str, Entry]:
+    """Every lock name that has a lock file or holder metadata, in one pass over the directory; with
+    *owner*, each holder file's type and owner too (an lstat the scan makes anyway, no path handling)."""
+    found: dict[str, Entry] = {}
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return {}
+    for entry in entries:
+        filename = entry.name
+        if filename.startswith("."):
+            continue
+        name = holder_file_lock(filename)
+        if name is None and filename.endswith(HOLDER_SUFFIX):
+            name = filename[: -len(HOLDER_SUFFIX)]
+        if name is not None:
+            item = found.setdefault(name, Entry())
+            item.holders.append(filename)
+            if owner is not None and _regular_of(entry, owner):
+                item.mine.append(filename)
+        elif filename.endswith(LOCK_SUFFIX):
+            found.setdefault(filename[: -len(LOCK_SUFFIX)], Entry()).lock_file = True
+    # Anyone can create files in the shared dir: a name safegate would refuse is not one of its locks.
+    return {n: found[n] for n in sorted(found) if _valid_name(n)}
+
+
+def _regular_of(entry: os.DirEntry[str], owner: int) -> bool:
+    try:
+        st = entry.stat(follow_symlinks=False)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_uid == owner
+
+
+def listing(directory: Path) -> dict[str, list[str]]:
+    """Every lock name that has a lock file or holder metadata, with its holder files' names (one scan)."""
+    return {name: sorted(entry.holders) for name, entry in scan(directory).items()}
 
 
 def lock_names(directory: Path) -> list[str]:
     """Every lock name that has a lock file or holder metadata in the directory (none when it is absent)."""
-    found = set()
-    try:
-        entries = list(os.scandir(directory))
-    except OSError:
-        return []
-    for entry in entries:
-        for suffix in (LOCK_SUFFIX, HOLDER_SUFFIX):
-            if entry.name.endswith(suffix) and not entry.name.startswith("."):
-                found.add(entry.name[: -len(suffix)])
-    # Anyone can create files in the shared dir: a name safegate would refuse is not one of its locks.
-    return sorted(n for n in found if _valid_name(n))
+    return list(listing(directory))
 
 
 def _valid_name(name: str) -> bool:
     try:
-        validate_lock_name(name)
+        _checked(name)
     except ValueError:
         return False
     return True

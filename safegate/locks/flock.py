@@ -56,6 +56,9 @@ def open_lock_file(path: Path, *, create: bool) -> int | None:
             fd = open_nofollow(path, flags | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:
             pass
+        except OSError as exc:
+            # Out of inodes or space, a read-only file system, no write access: one line, exit 3.
+            raise LockDirError(f"cannot create lock file {path}: {exc.strerror or exc}") from None
         else:
             # 0666 whatever the umask: every user must be able to take the lock later.
             try:
@@ -133,3 +136,42 @@ def admission(directory: Path, timeout: float = ADMISSION_TIMEOUT) -> Iterator[N
         yield
     finally:
         os.close(fd)  # closing drops the flock
+
+
+def lockers() -> dict[tuple[int, int], set[int]] | None:
+    """(st_dev, st_ino) of every file with a flock(2) taken -> the pids that took one, from /proc/locks; None
+    where there is no /proc/locks to read. More than one pid: an unlinked lock file still locked by someone,
+    whose inode number the file at hand got again.
+
+    This is how a reader knows who holds a lock without trusting any file another user can write: the
+    kernel keeps the locker's pid for as long as the flock lives, also when a job that inherited it holds it.
+    """
+    try:
+        with open("/proc/locks", "rb") as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return None
+    found: dict[tuple[int, int], set[int]] = {}
+    for line in lines:
+        # "1: FLOCK  ADVISORY  WRITE 1234 fe:00:5310756 0 EOF"; a waiter's line has "->" after the number.
+        parts = line.split()
+        if len(parts) < 6 or parts[1] != b"FLOCK":
+            continue
+        try:
+            major, minor, inode = parts[5].split(b":")
+            key = (os.makedev(int(major, 16), int(minor, 16)), int(inode))
+            found.setdefault(key, set()).add(int(parts[4]))
+        except ValueError:
+            continue
+    return found
+
+
+def locker_of(path: Path, table: dict[tuple[int, int], set[int]] | None) -> set[int] | None:
+    """The pids holding a flock on *path* per *table* (empty: not held); None when unknown."""
+    if table is None:
+        return None
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return set()
+    return table.get((st.st_dev, st.st_ino), set())

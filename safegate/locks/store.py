@@ -28,6 +28,7 @@ class HeldLock:
         self.name = name
         self.fd = fd
         self.holder = holder
+        self.metadata_path: Path | None = None  # this holder's own file, once written
         self.metadata_error = ""
         # A per-job lock (a profile without a mutex) has no waiters: its file goes when the job does.
         self.unlink_after = False
@@ -38,7 +39,7 @@ class HeldLock:
             return
         updated = replace(self.holder, **changes)
         try:
-            self.store.write_holder(updated)
+            self.metadata_path = self.store.write_holder(updated, self.metadata_path)
         except (OSError, LockDirError) as exc:
             self.metadata_error = f"holder metadata not updated: {exc}"
             return
@@ -48,10 +49,9 @@ class HeldLock:
         if self.fd < 0:
             return
         try:
-            # Metadata first: once the flock is free a new holder may write its own. Only our own record
-            # goes; one we could not replace (another user's stale file) is not ours to delete.
-            if self.holder is not None:
-                holders.remove_holder_if(self.store.directory, self.name, self.holder)
+            # Metadata first: a record left while the flock is free would name us as holder of nothing.
+            if self.holder is not None and self.metadata_path is not None:
+                holders.remove_holder_if(self.metadata_path, self.holder)
         except OSError as exc:
             self.metadata_error = f"holder metadata not removed: {exc.strerror or exc}"
         finally:
@@ -122,24 +122,37 @@ class LockStore:
             holder = replace(Holder.for_current_process(name, profile, cmdline, need),
                              gpu_index=gpu_index, gpu_need=gpu_need)
             try:
-                self.write_holder(holder)
+                held.metadata_path = self.write_holder(holder)
                 held.holder = holder
             except (OSError, LockDirError) as exc:
                 held.metadata_error = f"holder metadata not written: {exc}"
             return held
         raise LockDirError(f"lock file {path} keeps disappearing; is something deleting it?")
 
-    def write_holder(self, holder: Holder) -> None:
-        holders.write_holder(self.directory, holder)
+    def write_holder(self, holder: Holder, path: Path | None = None) -> Path:
+        """Write *holder* to *path*, or to a new file of its own; the path written."""
+        return holders.write_holder(self.directory, holder, path)
+
+    def holder_files(self, name: str) -> list[holders.HolderFile]:
+        return holders.read_files(self.directory, name, lockdir.listing(self.directory).get(name, []))
 
     def read_holder(self, name: str) -> tuple[Holder | None, str]:
-        return holders.read_holder(self.directory, name)
+        """The record of the lock's holder, if it wrote one (whether or not the lock is held now), and a note
+        on the files that are not it."""
+        files = self.holder_files(name)
+        locker = flock.locker_of(self.lock_path(name), flock.lockers())
+        holder = holders.current_holder(files, name, locker or None)
+        return holder, _note(files, holder)
 
     def state(self, name: str) -> LockState:
         held = self.is_held(name)
-        holder, note = self.read_holder(name)
-        alive = holder is not None and holder.alive()
-        return LockState(name=name, path=self.lock_path(name), held=held, holder=holder, holder_alive=alive, note=note)
+        if not held:
+            # Only the flock's holder's own record names the holder: a free lock has none, whatever files remain.
+            return LockState(name=name, path=self.lock_path(name), held=False, holder=None, holder_alive=False)
+        files = self.holder_files(name)
+        holder = holders.current_holder(files, name, flock.locker_of(self.lock_path(name), flock.lockers()))
+        return LockState(name=name, path=self.lock_path(name), held=True, holder=holder,
+                         holder_alive=holder is not None, note=_note(files, holder))
 
     def reservations(self) -> list[Holder]:
         return stale.reservations(self.directory)
@@ -149,3 +162,11 @@ class LockStore:
 
     def remove_metadata_if_free(self, name: str) -> bool:
         return stale.remove_metadata_if_free(self.directory, name)
+
+
+def _note(files: Sequence[holders.HolderFile], holder: Holder | None) -> str:
+    others = [f for f in files if f.holder is None or f.holder != holder]
+    unusable = [f.note for f in others if f.note]
+    if unusable:
+        return unusable[0] + (f" (and {len(others) - 1} other file(s) ignored)" if len(others) > 1 else "")
+    return f"{len(others)} holder file(s) not written by the holder ignored" if others else ""

@@ -9,7 +9,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from support import TIMEOUT, Procs, Run, wait_until
+from support import TIMEOUT, Procs, Run, job_pid, wait_until
 
 import safegate
 
@@ -55,9 +55,9 @@ def test_exec_rss_watching_a_thousand_process_job(run: Run, config: Path, lock_d
 
 
 def _job_pgid(lock_dir: Path) -> int:
-    import json
-
-    return int(json.loads((lock_dir / "heavy.holder.json").read_text())["job_pid"])
+    pid = job_pid(lock_dir)
+    assert pid is not None
+    return pid
 
 
 def _rss(pid: int) -> int:

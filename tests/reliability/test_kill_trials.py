@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support import TIMEOUT, Procs, Run, wait_until
+from support import TIMEOUT, Procs, Run, holder_files, wait_until
 
 import safegate
 
@@ -63,7 +63,7 @@ def test_sigkill_at_random_moments(run: Run, config: Path, lock_dir: Path, procs
         started = time.monotonic()
         for gate, lock, _marker, delay, escalate in sorted(trials, key=lambda t: t[3]):
             time.sleep(max(0.0, started + delay - time.monotonic()))
-            held_before = (lock_dir / f"{lock}.holder.json").exists()
+            held_before = bool(holder_files(lock_dir, lock))
             os.kill(gate.pid, signal.SIGKILL)
             gate.wait(timeout=TIMEOUT)
             phases["escalation" if escalate and held_before else "running" if held_before else "preflight"] += 1
@@ -86,8 +86,8 @@ def test_sigkill_at_random_moments(run: Run, config: Path, lock_dir: Path, procs
             # In-process (the API runs the same checks and admission as the CLI) to keep 100 trials fast.
             verdict = safegate.check(mem=0, lock=lock, config=str(config))
             assert verdict.ok, [c.reason for c in verdict.failures]
-            holder = lock_dir / f"{lock}.holder.json"
-            assert not holder.exists(), json.loads(holder.read_text())
+            left = holder_files(lock_dir, lock)
+            assert not left, [json.loads(p.read_text()) for p in left]
             # Not waiting: a lock left held or metadata left lying would raise Blocked here.
             with safegate.hold(lock, wait=False, mem=0, config=str(config)):
                 pass
