@@ -7,7 +7,10 @@ Skipped with the reason where the VM cannot be built (no QEMU and not root to in
 
 from __future__ import annotations
 
+import shutil
 import subprocess
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,18 +26,24 @@ SCOPE = (
 
 
 @pytest.fixture(scope="module")
-def host_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def host_venv() -> Iterator[Path]:
     """A venv made on the host with Debian's /usr/bin/python3 (the guest's python3 is the same one)."""
     py = Path("/usr/bin/python3")
     if not py.exists():
         pytest.skip("no /usr/bin/python3 on the host")
-    version = subprocess.run([str(py), "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
-                             capture_output=True, text=True).stdout.strip()  # fmt: skip
+    version = subprocess.run(
+        [str(py), "-c", "import sys; print('%d.%d' % sys.version_info[:2])"], capture_output=True, text=True
+    ).stdout.strip()
     if version != GUEST_PYTHON:
         pytest.skip(f"host /usr/bin/python3 is {version}, the guest's is {GUEST_PYTHON}")
-    venv = tmp_path_factory.mktemp("hostvenv") / "venv"
-    subprocess.run([str(py), "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
-    return venv
+    # Not below pytest's basetemp: that is 0700, and 9p shows the guest's normal user the host's modes.
+    share = Path(tempfile.mkdtemp(prefix="sgvm-venv-"))
+    try:
+        share.chmod(0o755)
+        subprocess.run([str(py), "-m", "venv", "--without-pip", str(share / "venv")], check=True, timeout=120)
+        yield share / "venv"
+    finally:
+        shutil.rmtree(share, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

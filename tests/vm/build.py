@@ -295,7 +295,7 @@ if grep -qs . "$OUT"/s/*/user; then
   i=0
   until systemctl is-active -q "user@$uid.service" && [ -S "/run/user/$uid/bus" ]; do
     i=$((i + 1))
-    if [ "$i" -gt 600 ]; then echo "user@$uid.service not up after 60 s" >> "$OUT/errors"; break; fi
+    if [ "$i" -gt 1200 ]; then echo "user@$uid.service not up after 120 s" >> "$OUT/errors"; break; fi
     sleep 0.1
   done
 fi

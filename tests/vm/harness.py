@@ -37,7 +37,7 @@ except ImportError:  # run as a script
 
 REPO = Path(__file__).resolve().parents[2]
 TESTER = _build.TESTER
-BOOT_TIMEOUT = float(os.environ.get("SAFEGATE_VM_BOOT_TIMEOUT", "180"))  # boot + poweroff, beyond the scenarios
+BOOT_TIMEOUT = float(os.environ.get("SAFEGATE_VM_BOOT_TIMEOUT", "300"))  # boot + poweroff, beyond the scenarios
 
 
 class VMError(Exception):
@@ -150,6 +150,11 @@ def boot(
     for path, _ in all_shares:
         if not path.is_dir() or any(c.isspace() for c in str(path)):
             raise ValueError(f"share {path}: not a directory, or has white space")
+        if any(s.user for s in items):
+            closed = [str(d) for d in (path, *path.parents) if not os.stat(d).st_mode & 0o001]
+            if closed:
+                # 9p shows the host's modes: a guest user cannot pass a host directory that is not o+x.
+                raise ValueError(f"share {path}: {', '.join(closed)} not searchable by other users (chmod o+x)")
     out = Path(tempfile.mkdtemp(prefix="sgvm-out-"))
     try:
         os.chmod(out, 0o755)
@@ -166,8 +171,9 @@ def boot(
         console_path = out / "console.log"
         with _one_qemu(), open(console_path, "wb") as console:
             t0 = time.monotonic()
+            # timeout(1) too: should this process be SIGKILLed, QEMU still dies at the deadline.
             proc = subprocess.Popen(
-                qemu_command(a, out, all_shares),
+                ["timeout", "-s", "KILL", f"{int(deadline) + 10}", *qemu_command(a, out, all_shares)],
                 stdin=subprocess.DEVNULL,
                 stdout=console,
                 stderr=subprocess.STDOUT,
