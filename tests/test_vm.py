@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from support import REPO
+from vm.build import Artefacts
 from vm.harness import TESTER, Boot, Result, Scenario, boot, require_vm
 
 GUEST_PYTHON = "3.11"  # bookworm's python3
@@ -26,7 +27,12 @@ SCOPE = (
 
 
 @pytest.fixture(scope="module")
-def host_venv() -> Iterator[Path]:
+def artefacts() -> Artefacts:
+    return require_vm()  # first: a skip costs nothing else
+
+
+@pytest.fixture(scope="module")
+def host_venv(artefacts: Artefacts) -> Iterator[Path]:
     """A venv made on the host with Debian's /usr/bin/python3 (the guest's python3 is the same one)."""
     py = Path("/usr/bin/python3")
     if not py.exists():
@@ -47,8 +53,7 @@ def host_venv() -> Iterator[Path]:
 
 
 @pytest.fixture(scope="module")
-def vm(host_venv: Path) -> tuple[Boot, dict[str, Result]]:
-    artefacts = require_vm()
+def vm(artefacts: Artefacts, host_venv: Path) -> tuple[Boot, dict[str, Result]]:
     py = f"{host_venv}/bin/python"
     scenarios = {
         "pid1": Scenario("cat /proc/1/comm; readlink /proc/1/exe"),
