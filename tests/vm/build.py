@@ -380,6 +380,8 @@ def build_rootfs() -> Path:
     dest = CACHE / f"rootfs-{RECIPE}.ext4"
     if dest.exists():
         return dest
+    if os.geteuid() != 0:
+        raise Unavailable("building the root filesystem needs root (debootstrap, chroot); no cached image")
     base = build_base()
     with tempfile.TemporaryDirectory(dir=CACHE, prefix="rootfs-build-") as tmp:
         root = Path(tmp) / "root"
