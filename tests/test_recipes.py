@@ -192,6 +192,7 @@ def test_cron_recipe_in_crons_environment(tmp_path: Path, sensor: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "transcribed --model large-v3 /data/in/next.mp3" in done.stdout
     kinds = [json.loads(row)["event"] for row in log.read_text().splitlines()]
+    kinds = [kind for kind in kinds if kind != "sample"]  # the timeline comes and goes with the job's length
     assert kinds[1:] == ["admitted", "exit", "summary"], kinds
 
 
