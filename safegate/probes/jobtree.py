@@ -42,6 +42,15 @@ def read_available(path: str = "/proc/meminfo") -> int:
     return int(psutil.virtual_memory().available)
 
 
+def _is_process(pid: int, proc_root: str) -> bool:
+    """*pid* names a process (a thread group), not one of its other threads."""
+    raw = read_small(f"{proc_root}/{pid}/status", 4096) or b""
+    for line in raw.splitlines():
+        if line.startswith(b"Tgid:"):
+            return int(line.split()[1]) == pid
+    return False
+
+
 def live_thread(pid: int, proc_root: str = "/proc") -> int | None:
     """A thread of *pid* still running when its main thread has exited, else None.
 
@@ -128,10 +137,12 @@ class JobTree:
                 if on_sight is not None:
                     on_sight(pid)
 
-        def visit(pid: int) -> bool:
+        def visit(pid: int, chased: bool = False) -> bool:
             fields = _stat_fields(pid, self.proc_root)
             if not fields or len(fields) < 2:
                 return False
+            if chased and not _is_process(pid, self.proc_root):
+                return True  # a thread's id: /proc/TID answers too, but it is part of its process, not one more
             parents[pid] = int(fields[1])
             if fields[0] != b"X" and (fields[0] != b"Z" or live_thread(pid, self.proc_root) is not None):
                 alive.add(pid)
@@ -145,7 +156,7 @@ class JobTree:
         last = listed[-1] if listed else 0
         pid, free = last + 1, 0
         while free < CHASE_GAP and pid <= last + CHASE_LIMIT:
-            free = 0 if visit(pid) else free + 1
+            free = 0 if visit(pid, chased=True) else free + 1
             pid += 1
         # After pid numbers wrap around, a child can have a lower number than its parent: found by a full walk.
         for pid in descendants([self.root], parents) - ours:
