@@ -46,7 +46,10 @@ def legacy(tmp_path: Path) -> Path:
 @pytest.fixture
 def cfg(tmp_path: Path, sensor: Path, legacy: Path) -> Path:
     path = tmp_path / "read-only.toml"
-    path.write_text(f'legacy_lock_files = ["{legacy}"]\n' + neutral_config(sensor))
+    # The built-in whisper profile's own competing rule is lifted too: another user's Whisper on the machine
+    # must not decide these tests (slots exits with the blocking code then).
+    path.write_text(f'legacy_lock_files = ["{legacy}"]\n' + neutral_config(sensor)
+                    + '[profiles.whisper-large-v3]\ncompeting = []\n')
     return path
 
 
