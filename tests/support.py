@@ -210,6 +210,16 @@ class Procs:
                 pass
 
 
+def stderr_of(proc: subprocess.Popen[str]) -> str:
+    """*proc*'s stderr once it has ended; at the deadline it is killed (and the test fails on TimeoutExpired)."""
+    try:
+        return proc.communicate(timeout=TIMEOUT)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()  # for an unshare(1) wrapper, its namespace goes with it
+            proc.wait()
+
+
 def hold_with_flock(procs: Procs, path: Path) -> subprocess.Popen[bytes]:
     """A real flock(1) holder of *path*; returns once the lock is observably held."""
     path.parent.mkdir(parents=True, exist_ok=True)

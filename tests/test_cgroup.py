@@ -14,7 +14,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import HELPERS, PY, TIMEOUT, Nobody, Procs, job_pid, neutral_config, pids_with, set_temp, wait_until
+from support import (
+    HELPERS,
+    PY,
+    TIMEOUT,
+    Nobody,
+    Procs,
+    job_pid,
+    neutral_config,
+    pids_with,
+    set_temp,
+    stderr_of,
+    wait_until,
+)
 
 from safegate import cgroups
 from safegate.exitcodes import ExitCode
@@ -119,11 +131,8 @@ def test_the_kernel_holds_max_mem_against_a_job_filling_memory_as_fast_as_it_can
     sampler = threading.Thread(target=sample)
     sampler.start()
     try:
-        _, err = gate.communicate(timeout=TIMEOUT)
+        err = stderr_of(gate)
     finally:
-        if gate.poll() is None:
-            gate.kill()
-            gate.wait()
         sampler.join()
     assert gate.returncode == ExitCode.KILLED_MEMORY, err
     assert seen and max(seen) <= 300 * MiB + 4 * MiB, f"the job held {max(seen) / MiB:.1f} MiB"

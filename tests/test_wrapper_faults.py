@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from support import HELPERS, PY, TIMEOUT, Procs, pids_with, wait_until
+from support import HELPERS, PY, TIMEOUT, Procs, pids_with, stderr_of, wait_until
 
 from safegate.exitcodes import ExitCode
 
@@ -212,12 +212,7 @@ def test_a_fork_and_exit_chain_left_behind_is_stopped(config: Path, env: dict[st
                              str(config), "--mem", "0", "--grace", "1s", "--", "sh", "-c", chain, "sh", str(marker)],
                             env=env | {"LIVE_MARKED": LIVE_MARKED}, stdin=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
-    try:
-        _, err = gate.communicate(timeout=TIMEOUT)
-    finally:
-        if gate.poll() is None:
-            gate.kill()  # unshare: its namespace goes with it
-            gate.wait()
+    err = stderr_of(gate)
     assert gate.returncode == 3, err
     assert "stopping" in err and "leftover" in err
     assert _chain_pids(marker)
@@ -245,11 +240,8 @@ def test_a_leftover_whose_main_thread_exited_is_stopped(config: Path, env: dict[
                              "--", "sh", "-c", script, "sh", str(ready)], env=env, stdin=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     try:
-        _, err = gate.communicate(timeout=TIMEOUT)
+        err = stderr_of(gate)
     finally:
-        if gate.poll() is None:
-            gate.kill()
-            gate.wait()
         _kill_marked(ready)
     assert gate.returncode == 3, err
     assert "stopping 1 leftover process(es)" in err
