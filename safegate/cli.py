@@ -154,6 +154,8 @@ def exec_(
     min_gpu_free: Annotated[str | None, setting_option("min_gpu_free")] = None,
     log: Annotated[str | None, setting_option("log")] = None,
     cgroup: Annotated[str | None, setting_option("cgroup")] = None,
+    max_swap: Annotated[str | None, setting_option("max_swap")] = None,
+    throttle: Annotated[str | None, setting_option("throttle")] = None,
     notify: Annotated[str | None, setting_option("notify")] = None,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="Print only warnings, breaches and errors: no waiting, start, "
@@ -181,7 +183,7 @@ def exec_(
         memory=mem, memory_margin=margin, max_temp=max_temp, lock=lock, gpu=gpu, gpu_memory=gpu_mem,
         max_mem=max_mem, min_available=min_available, on_hot=on_hot, grace=grace, interval=interval,
         warn_signal=warn_signal, nice=nice, max_gpu_mem=max_gpu_mem, min_gpu_free=min_gpu_free, log=log,
-        cgroup=cgroup, notify=notify,
+        cgroup=cgroup, max_swap=max_swap, throttle=throttle, notify=notify,
     )
     wait_for = wait_timeout(wait, timeout)
     chatty = {"admitted", "exit", "summary", "cleanup", "notice"}

@@ -93,6 +93,8 @@ class Profile:
     nice: int | None = None
     log: str | None = None
     cgroup: str = "auto"
+    max_swap: Size | None = None
+    throttle: bool = False
     notify: str | None = None
     # GPUs
     gpu_memory: Size = field(default_factory=lambda: Size(bytes=0))

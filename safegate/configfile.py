@@ -193,6 +193,12 @@ def _cli_kind(kind: str) -> Any:
     return load
 
 
+def _switch(where: _Where, key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    return bool(_cli_kind("switch")(where, key, value))
+
+
 def _parsed(where: _Where, key: str, parse: Any, value: Any) -> Any:
     try:
         return parse(value)
@@ -213,6 +219,7 @@ _KINDS: dict[str, Any] = {
     "gpu": _gpu,
     "license": _license,
     **{kind: _cli_kind(kind) for kind in ("duration", "interval", "signal", "nice", "on_hot", "cgroup", "command")},
+    "switch": _switch,
 }
 
 

@@ -65,6 +65,10 @@ class Job(Protocol):
         """Processes of the job the kernel's OOM killer ended at its memory cap (0 without a cap)."""
         ...
 
+    def pressure(self) -> float | None:
+        """The job's own memory pressure (PSI some avg10, percent), where the kernel keeps it (a v2 cgroup)."""
+        ...
+
     def cap(self, limits: WatchLimits, available: int) -> None:
         """Have the kernel hold the job's memory limits until the next sample, where it can (a cgroup)."""
         ...
@@ -144,6 +148,9 @@ class ProcessTreeJob:
     def oom_kills(self) -> int:
         return 0
 
+    def pressure(self) -> float | None:
+        return None
+
     def cap(self, limits: WatchLimits, available: int) -> None:
         pass  # a process tree has no cap but the watch
 
@@ -207,6 +214,9 @@ class CgroupJob(ProcessTreeJob):
     def oom_kills(self) -> int:
         return self.cgroup.oom_kills()
 
+    def pressure(self) -> float | None:
+        return self.cgroup.pressure()
+
     def cap(self, limits: WatchLimits, available: int) -> None:
         cap = limits.kernel_cap(self.cgroup.usage(), available)
         if cap is not None and cap != self._cap:
@@ -224,17 +234,7 @@ class CgroupJob(ProcessTreeJob):
 
     def signal_all(self, signum: int) -> None:
         if signum == signal.SIGKILL:
-            # Frozen, no member can fork while it is killed: repeated until the cgroup is empty of live ones.
-            for _ in range(SIGNAL_ROUNDS):
-                self.cgroup.freeze(True)
-                self.cgroup.wait_frozen()
-                members = self.cgroup.procs()
-                for pid in members:
-                    with contextlib.suppress(ProcessLookupError, PermissionError):
-                        os.kill(pid, signal.SIGKILL)
-                self.cgroup.freeze(False)
-                if not members:
-                    return
+            self.cgroup.kill()  # none can fork meanwhile: cgroup.kill, or frozen while killed
             return
         self.forward(signum)
         for pid in self.cgroup.procs():

@@ -170,13 +170,15 @@ def run_exec(
 
 @contextlib.contextmanager
 def _job_cgroup(settings: Settings, on_event: Callable[[Event], None]) -> Iterator[cgroups.JobCgroup | None]:
-    """The job's own cgroup (`--cgroup auto` when one can be made, `on`), removed once the job has ended."""
+    """The job's own cgroup (`--cgroup auto` when one can be had, `on`), removed once the job has ended."""
     cgroup = None
     if settings.cgroup != "off":
         reason = cgroups.available()
         if reason is None:
+            max_swap = settings.max_swap.resolve(read_memory().total) if settings.max_swap is not None else None
             try:
-                cgroup = cgroups.JobCgroup.create()
+                cgroup = cgroups.create(required=settings.cgroup == "on", max_swap=max_swap,
+                                        throttle=settings.throttle)
             except CgroupError as exc:
                 if settings.cgroup == "on":
                     raise
@@ -186,6 +188,9 @@ def _job_cgroup(settings: Settings, on_event: Callable[[Event], None]) -> Iterat
         if cgroup is None:
             on_event(Event("notice", f"no cgroup for the job ({reason}); watching its process tree instead",
                            {"cgroup": None, "reason": reason}))
+        elif cgroup.version == 1 and (settings.throttle or settings.max_swap is not None):
+            on_event(Event("notice", "--throttle and --max-swap need cgroup v2; this job's cgroup is v1",
+                           {"cgroup": cgroup.path, "reason": "cgroup v1"}))
     try:
         yield cgroup
     finally:
@@ -199,8 +204,8 @@ def _supervise(settings: Settings, argv: Sequence[str], verdict: Verdict, held: 
     """Spawn and watch the job under the held lock (in *cgroup*, when it has one)."""
     gpus, gpu_env = job_gpus(settings, verdict, held)
     limits = watch_limits(settings, read_memory().total, gpus)
-    if cgroup is not None and limits.max_mem is not None:
-        cgroup.limit_memory(limits.max_mem)
+    if cgroup is not None:
+        cgroup.configure(limits.max_mem)
     supervisor = Supervisor(
         argv, limits, on_event, pass_fds=[held.fd], nice=settings.nice, on_sample=_UsedReporter(held),
         on_gpu_sample=_UsedReporter(held, gpu=True), env={**caller_environment(), **gpu_env}, cgroup=cgroup,
@@ -220,7 +225,7 @@ def _supervise(settings: Settings, argv: Sequence[str], verdict: Verdict, held: 
                                f"{printable_command(argv)}{gpu_note}",
                    {"pid": pid, "profile": settings.profile.name, "lock": lock, "argv": list(argv),
                     "max_mem": limits.max_mem, "min_available": limits.min_available,
-                    "cgroup": cgroup.paths["memory"] if cgroup is not None else None, **gpu_env}))
+                    "cgroup": supervisor.cgroup.path if supervisor.cgroup is not None else None, **gpu_env}))
     if held.metadata_error:
         on_event(Event("warning", held.metadata_error))
     return supervisor.watch()
@@ -273,5 +278,7 @@ def summary_line(outcome: Outcome) -> str:
         parts.append(f"peak job GPU memory {format_bytes(s.peak_job_gpu_mem)}")
     if s.highest_gpu_temp is not None:
         parts.append(f"highest GPU temperature {s.highest_gpu_temp:g} C")
+    if s.highest_job_pressure is not None:
+        parts.append(f"highest job memory pressure {s.highest_job_pressure:g}%")
     parts.append(f"exit reason {outcome.reason}")
     return ", ".join(parts)

@@ -26,6 +26,7 @@ class JobStats:
     highest_temp: float | None  # any watched sensor, GPUs included; None without readings
     peak_job_gpu_mem: int | None  # None when the job's GPUs were not watched
     highest_gpu_temp: float | None
+    highest_job_pressure: float | None = None  # the job's own memory pressure (a v2 cgroup), else None
 
     def as_json(self) -> dict[str, Any]:
         """The summary event's figures, under the keys docs/json.md promises."""
@@ -36,6 +37,7 @@ class JobStats:
             "highest_temp": self.highest_temp,
             "peak_job_gpu_memory": self.peak_job_gpu_mem,
             "highest_gpu_temp": self.highest_gpu_temp,
+            "highest_job_pressure": self.highest_job_pressure,
         }
 
 
@@ -49,6 +51,7 @@ class StatsRecorder:
         self.highest_temp: float | None = None
         self.peak_job_gpu_mem: int | None = None
         self.highest_gpu_temp: float | None = None
+        self.highest_job_pressure: float | None = None
 
     def memory(self, job_mem: int, available: int) -> None:
         self.peak_job_mem = max(self.peak_job_mem, job_mem)
@@ -60,6 +63,10 @@ class StatsRecorder:
         if temps:
             self.highest_gpu_temp = _highest(self.highest_gpu_temp, max(temps))
         self.peak_job_gpu_mem = job_vram if self.peak_job_gpu_mem is None else max(self.peak_job_gpu_mem, job_vram)
+
+    def job_pressure(self, percent: float | None) -> None:
+        if percent is not None:
+            self.highest_job_pressure = _highest(self.highest_job_pressure, percent)
 
     def temperature(self, celsius: float) -> None:
         self.highest_temp = _highest(self.highest_temp, celsius)
@@ -73,6 +80,7 @@ class StatsRecorder:
             highest_temp=self.highest_temp,
             peak_job_gpu_mem=self.peak_job_gpu_mem,
             highest_gpu_temp=self.highest_gpu_temp,
+            highest_job_pressure=self.highest_job_pressure,
         )
 
 

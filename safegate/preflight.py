@@ -65,6 +65,8 @@ class Overrides:
     nice: int | None = None
     log: str | None = None
     cgroup: str | None = None
+    max_swap: Size | None = None
+    throttle: bool | None = None
     notify: str | None = None
     gpu_memory: Size | None = None
     gpu: tuple[int, ...] | None = None
@@ -102,6 +104,8 @@ class Settings:
     nice: int | None
     log: str | None
     cgroup: str
+    max_swap: Size | None
+    throttle: bool
     notify: str | None
     max_gpu_mem: Size | None
     min_gpu_free: Size | None
@@ -142,6 +146,8 @@ def resolve(config: Config, profile_name: str, overrides: Overrides, env: Mappin
         nice=pick("nice"),
         log=overrides.log or profile.log,  # an empty --log falls back to the profile's, as it always has
         cgroup=pick("cgroup"),
+        max_swap=pick("max_swap"),
+        throttle=pick("throttle"),
         notify=pick("notify"),
         max_gpu_mem=pick("max_gpu_mem"),
         min_gpu_free=pick("min_gpu_free"),

@@ -91,16 +91,19 @@ class Sampler:
             job_mem = job.memory(precise=True)
         sample = self._record(now, job_mem, self.probes.available())
         job.cap(self.limits, sample.available)
+        job_pressure = job.pressure()
+        self.stats.job_pressure(job_pressure)
         if self.on_sample is not None:
             self.on_sample(job_mem)
         if self.on_timeline is not None and now - self._last_event >= self._gap:
             self._last_event = now
-            self.on_timeline(self._timeline_event(sample))
+            self.on_timeline(self._timeline_event(sample, job_pressure))
         return sample
 
-    def _timeline_event(self, sample: MemorySample) -> Event:
+    def _timeline_event(self, sample: MemorySample, job_pressure: float | None) -> Event:
         gpus = [{"index": g.index, "used": g.used, "temp": g.temp} for g in self._cards]
         data = {"job_memory": sample.job_mem, "available": sample.available, "pressure": self.probes.pressure(),
+                "job_pressure": job_pressure,
                 "temp": self._hottest, "gpus": gpus}
         return Event("sample", f"job {format_bytes(sample.job_mem)}, MemAvailable {format_bytes(sample.available)}",
                      data)

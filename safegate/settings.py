@@ -27,6 +27,7 @@ from safegate.units import (
     parse_on_hot,
     parse_signal,
     parse_size,
+    parse_switch,
     parse_temp,
     validate_lock_name,
 )
@@ -82,6 +83,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("cgroup", "cgroup", "Run the job in a cgroup of its own, where the kernel caps its memory at --max-mem "
             "and stops every process: auto (when available; default), on (else exit 3) or off.", "--cgroup",
             "auto|on|off", EXEC),
+    Setting("max_swap", "size", "With the job's cgroup (v2), let the job use at most this much swap, e.g. 0 or "
+            "1G (default: as without safegate).", "--max-swap", "SIZE", EXEC),
+    Setting("throttle", "switch", "With the job's cgroup (v2), have the kernel slow the job down at 90% of "
+            "--max-mem (memory.high) instead of letting it race on: on or off (default).", "--throttle", "on|off",
+            EXEC),
     Setting("notify", "command", "Run this shell command on a breach, a pause (at most once a minute each) and the "
             "end of the job, with SAFEGATE_EVENT, SAFEGATE_EXIT_CODE, SAFEGATE_REASON, ... in its environment.",
             "--notify", "CMD", EXEC),
@@ -120,6 +126,7 @@ CLI_PARSERS: dict[str, Callable[[str], Any]] = {
     "nice": parse_nice,
     "on_hot": parse_on_hot,
     "cgroup": parse_cgroup,
+    "switch": parse_switch,
     "command": parse_command,
     "gpu": parse_gpu_option,
     "lock": validate_lock_name,

@@ -18,7 +18,6 @@ watchers' (safegate.watchers); the job's processes are behind safegate.job.Job.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import signal
 import time
@@ -26,13 +25,13 @@ from collections.abc import Callable, Mapping, Sequence
 from enum import Enum
 
 from safegate.cgroups import JobCgroup
-from safegate.errors import SpawnError
 from safegate.exitcodes import ExitCode
-from safegate.inbox import SignalInbox, ignored_by_caller
-from safegate.job import CgroupJob, Job, ProcessTreeJob
+from safegate.inbox import SignalInbox
+from safegate.job import Job
+from safegate.launch import launch
 from safegate.limits import WatchLimits
 from safegate.outcome import Event, JobStats, Outcome, StatsRecorder
-from safegate.procctl import FORWARDED, JOB_CONTROL, become_subreaper, child_setup, stop_self
+from safegate.procctl import stop_self
 from safegate.sampler import Hooks, Probes, Sampler
 from safegate.terminal import Foreground
 from safegate.units import format_bytes, format_duration, signal_name
@@ -100,8 +99,9 @@ class Supervisor:
 
     def start(self) -> int:
         """Spawn the job; raises SpawnError (126/127) when it cannot be executed."""
-        pid = spawn(self.argv, self.pass_fds, self.env, self.nice, self._inbox, self._tty, self.cgroup)
-        self.attach(CgroupJob(pid, self.cgroup) if self.cgroup is not None else ProcessTreeJob(pid))
+        pid, job, self.cgroup = launch(self.argv, self.pass_fds, self.env, self.nice, self._inbox, self._tty,
+                                       self.cgroup, self.emit)
+        self.attach(job)
         return pid
 
     def attach(self, job: Job) -> None:
@@ -326,46 +326,3 @@ def abandon(job: Job, grace: float, gone: Callable[[], bool]) -> None:
         if time.monotonic() >= deadline:
             job.signal_all(signal.SIGKILL)
         time.sleep(0.05)
-
-
-def spawn(argv: Sequence[str], pass_fds: Sequence[int], env: Mapping[str, str] | None, nice: int | None,
-          inbox: SignalInbox, tty: Foreground, cgroup: JobCgroup | None = None) -> int:
-    """Start the job in a process group of its own, as our child, with *inbox* receiving the caller's signals."""
-    become_subreaper()
-    ignored = ignored_by_caller()
-    inbox.open((*(s for s in (*FORWARDED, *JOB_CONTROL) if s not in ignored), signal.SIGCHLD))
-    parent, mask = os.getpid(), inbox.caller_mask
-    try:
-        # fork+exec through os.posix_spawn is not enough: the child must set its group, its parent-death
-        # signal, its terminal and its priority itself before exec.
-        enter = cgroup.enter if cgroup is not None else None
-        pid = _fork_exec(argv, pass_fds, env,
-                         lambda: child_setup(parent, nice, ignored, mask, tty.claim_in_child, enter))
-    except BaseException:
-        inbox.close()
-        raise
-    tty.handed(pid)
-    return pid
-
-
-def _fork_exec(
-    argv: Sequence[str], pass_fds: Sequence[int], env: Mapping[str, str] | None, setup: Callable[[], None]
-) -> int:
-    """Start *argv* through subprocess (which reports exec failures to the parent), keeping only the pid."""
-    import subprocess
-
-    try:
-        proc = subprocess.Popen(
-            list(argv), pass_fds=tuple(pass_fds), env=dict(env) if env is not None else None,
-            preexec_fn=setup, close_fds=True,  # noqa: PLW1509 - safegate runs no threads
-        )
-    except FileNotFoundError:
-        raise SpawnError(f"command not found: {argv[0]}", ExitCode.NOT_FOUND) from None
-    except PermissionError:
-        raise SpawnError(f"command not executable: {argv[0]} (permission denied)", ExitCode.NOT_EXECUTABLE) from None
-    except OSError as exc:
-        code = ExitCode.NOT_FOUND if exc.errno == errno.ENOENT else ExitCode.NOT_EXECUTABLE
-        raise SpawnError(f"cannot execute {argv[0]}: {exc.strerror}", code) from None
-    # We reap with waitpid(-1); the Popen object must not try to do it too.
-    proc.returncode = 0
-    return proc.pid

@@ -166,6 +166,13 @@ def parse_cgroup(text: str) -> str:
     return value
 
 
+def parse_switch(text: str) -> bool:
+    value = str(text).strip().lower()
+    if value not in ("on", "off", "true", "false"):
+        raise ValueParseError(f"invalid value {text!r}: expected on or off")
+    return value in ("on", "true")
+
+
 def parse_nice(text: str | int) -> int:
     raw = str(text).strip()
     try:

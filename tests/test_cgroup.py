@@ -39,8 +39,8 @@ MiB = 1 << 20
 def _ours() -> set[str]:
     """Every safegate-made cgroup beside ours, on every hierarchy."""
     found = set()
-    for controller in cgroups.CONTROLLERS:
-        own = cgroups._own_path(controller)
+    for controller in cgroups.v1.CONTROLLERS:
+        own = cgroups.v1.own_path(controller)
         base = Path(f"{cgroups.ROOT}/{controller}{(own or '/').rstrip('/')}")
         if base.is_dir():
             found |= {str(p) for p in base.iterdir() if p.name.startswith(cgroups.PREFIX)}

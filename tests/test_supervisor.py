@@ -76,6 +76,9 @@ class FakeJob:
     def oom_kills(self) -> int:
         return self.ooms
 
+    def pressure(self) -> float | None:
+        return None
+
     def terminate_all(self) -> None:
         # As ProcessTreeJob: each process is asked once; later calls ask only those that appeared since (none here).
         self.terminations += 1
@@ -301,9 +304,13 @@ def test_job_stats_take_the_kernel_peak_and_keep_the_summary_keys() -> None:
     stats.memory(100 * MiB, 7 * GiB)
     stats.temperature(55.0)
     stats.temperature(50.0)
+    stats.job_pressure(None)  # a process tree has none
+    stats.job_pressure(3.5)
+    stats.job_pressure(1.25)
     result = stats.result(now=12.34567, kernel_peak=300 * MiB)  # a process peaked between samples
     assert result.as_json() == {"duration": 2.346, "peak_job_memory": 300 * MiB, "lowest_available": 6 * GiB,
-                                "highest_temp": 55.0, "peak_job_gpu_memory": None, "highest_gpu_temp": None}
+                                "highest_temp": 55.0, "peak_job_gpu_memory": None, "highest_gpu_temp": None,
+                                "highest_job_pressure": 3.5}
     assert stats.result(now=12.0, kernel_peak=0).peak_job_mem == 200 * MiB
 
 

@@ -93,6 +93,39 @@ def require_vm() -> _build.Artefacts:
         pytest.skip(f"test VM unavailable: {e}")
 
 
+def guest_venv() -> Path:
+    """A venv the guest's /usr/bin/python3 runs (the host's Debian python3 is the same), holding safegate's
+    dependencies but not safegate (run it with PYTHONPATH at the shared checkout). Cached per pyproject.toml;
+    pytest.skip with the reason when it cannot be made."""
+    import hashlib
+
+    import pytest
+
+    py = Path("/usr/bin/python3")
+    key = hashlib.sha256((REPO / "pyproject.toml").read_bytes()).hexdigest()[:12]
+    venv = _build.CACHE / f"guest-venv-{key}"
+    if (venv / "ready").exists():
+        return venv
+    if not py.exists():
+        pytest.skip("no /usr/bin/python3 on the host to make the guest's venv with")
+    shutil.rmtree(venv, ignore_errors=True)
+    site = venv / "lib" / "python3.11" / "site-packages"
+    try:
+        subprocess.run([str(py), "-m", "venv", "--without-pip", str(venv)], check=True, capture_output=True,
+                       timeout=120)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--target", str(site), str(REPO)], check=True,
+                       capture_output=True, timeout=600)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+        shutil.rmtree(venv, ignore_errors=True)
+        pytest.skip(f"cannot make the guest's venv: {e}")
+    shutil.rmtree(site / "safegate", ignore_errors=True)  # the shared checkout's is the one under test
+    for d in (venv, *venv.rglob("*")):
+        if not d.is_symlink():  # bin/python points at the host's own interpreter
+            d.chmod(d.stat().st_mode | 0o005 | (0o001 if d.is_dir() else 0))
+    (venv / "ready").write_text("")
+    return venv
+
+
 @contextmanager
 def _one_qemu() -> Iterator[None]:
     """Machine-wide: one harness QEMU at a time (the machine has 2 cores, other suites run beside)."""

@@ -1,0 +1,202 @@
+"""The job's cgroup on cgroup v2 with systemd as PID 1 (issue 15), in the test VM (tests/vm/): a normal user's job
+in a delegated scope of their own systemd instance, root's in a system scope or directly below the root cgroup,
+the kernel holding --max-mem, a pause as cgroup.freeze, the fallbacks, and docs/recipes.md's systemd unit for real.
+
+All scenarios run in ONE boot (a boot costs 20-60 s under TCG); each test reads its scenario's result. Opt-in like
+tests/test_vm.py (SAFEGATE_VM_TESTS=1), skipped with the reason where the VM cannot be had.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import pytest
+from support import HELPERS, REPO
+from vm.harness import TESTER, Boot, Result, Scenario, boot, guest_venv, require_vm
+
+RECIPES = (REPO / "docs" / "recipes.md").read_text()
+# Waits on a condition with a deadline (60 s of guest time), as the host's tests do.
+WAIT_FOR = 'wait_for() { i=0; while ! eval "$1"; do i=$((i+1)); [ $i -gt 600 ] && { echo "timeout: $1"; return 1; }; ' \
+           "sleep 0.1; done; }\n"
+
+
+def _recipe_unit() -> str:
+    """The systemd recipe's unit, as docs/recipes.md gives it."""
+    section = RECIPES.split("## systemd:", 1)[1]
+    return re.search(r"```ini\n(.*?)```", section, re.S).group(1)  # type: ignore[union-attr]
+
+
+def _scenarios(sg: str, env: dict[str, str]) -> dict[str, Scenario]:
+    hog = f"python3 {HELPERS}/hog.py 400 400 0"  # 400 MB in one go: the kernel's cap acts before any sample
+    cap = (f"cd /tmp && {sg} exec --margin 0 --cgroup on --max-mem 100M --log /tmp/cap.jsonl -- {hog}; "
+           "echo rc=$?; grep -v '\"sample\"' /tmp/cap.jsonl")
+    shown = "sh -c 'cg=$(cut -d: -f3 /proc/self/cgroup); echo \"$cg\"; cat /sys/fs/cgroup\"$cg\"/memory.max; " \
+            "echo \"xdg=${XDG_RUNTIME_DIR-unset}\"'"
+    pause = WAIT_FOR + (
+        "printf '[defaults]\\nmemory_margin = \"0\"\\n[thermal]\\nsensors = []\\nfiles = [\"/tmp/temp\"]\\n' "
+        "> /tmp/pause.toml\n"
+        "echo 40000 > /tmp/temp\n"
+        f"{sg} exec --config /tmp/pause.toml --cgroup on --log /tmp/pause.jsonl -- sleep 120 & sg=$!\n"
+        "wait_for 'grep -q admitted /tmp/pause.jsonl 2>/dev/null'\n"
+        "cg=$(grep '\"admitted\"' /tmp/pause.jsonl | python3 -c "
+        "'import json,sys; print(json.loads(sys.stdin.readline())[\"cgroup\"])')\n"
+        "echo \"cgroup=$cg\"\n"
+        "echo 95000 > /tmp/temp\n"
+        "wait_for 'grep -q \"frozen 1\" $cg/cgroup.events' && echo frozen\n"
+        "echo 40000 > /tmp/temp\n"
+        "wait_for 'grep -q \"frozen 0\" $cg/cgroup.events' && echo thawed\n"
+        "kill -TERM $sg; wait $sg; echo rc=$?\n"
+        "grep -v '\"sample\"' /tmp/pause.jsonl\n"
+    )
+    chain = WAIT_FOR + (
+        f"{sg} exec --margin 0 --cgroup on --grace 2 -- sh -c 'python3 {HELPERS}/fork_chain.py /tmp/chain 0.01 & "
+        "sleep 1; exit 0'; echo rc=$?\n"
+        "wait_for '! grep -qs fork_chai[n] /proc/[0-9]*/cmdline' && echo chain=gone\n"  # no pgrep in minbase
+    )
+    python = sg.split(maxsplit=1)[0]
+    recipe = WAIT_FOR + (
+        f"printf '#!/bin/sh\\nPYTHONPATH={REPO} PYTHONDONTWRITEBYTECODE=1 exec {python} -m safegate \"$@\"\\n'"
+        " > /usr/local/bin/safegate && chmod 755 /usr/local/bin/safegate\n"
+        "mkdir -p /opt/whisper && printf '#!/bin/sh\\ncut -d: -f3 /proc/self/cgroup > /tmp/recipe-cgroup\\nsleep 2\\n'"
+        " > /opt/whisper/run.sh && chmod 755 /opt/whisper/run.sh\n"
+        "printf '[defaults]\\nmemory_margin = \"0\"\\n[profiles.whisper-large-v3]\\nmemory = \"100M\"\\n' "
+        "> /etc/safegate.toml\n"
+        "export SAFEGATE_CONFIG=/etc/safegate.toml\n"
+        f"cat > /etc/systemd/system/sg-recipe.service <<'UNIT'\n{_recipe_unit()}"
+        "Environment=SAFEGATE_CONFIG=/etc/safegate.toml\nUNIT\n"
+        "systemctl daemon-reload\n"
+        "safegate exec -p whisper-large-v3 --log /tmp/holder.jsonl -- sleep 15 & holder=$!\n"
+        "wait_for 'grep -q admitted /tmp/holder.jsonl 2>/dev/null'\n"
+        "systemctl start --no-block sg-recipe.service\n"
+        "wait_for '[ \"$(systemctl show -p ActiveState --value sg-recipe)\" = activating ]'\n"
+        "sleep 3; echo \"while held: $(systemctl show -p ActiveState --value sg-recipe) "
+        "started=$([ -e /tmp/recipe-cgroup ] && echo yes || echo no) holder=$(kill -0 $holder && echo alive)\"\n"
+        "wait $holder\n"
+        "wait_for '[ -s /tmp/recipe-cgroup ]'\n"
+        "wait_for '[ \"$(systemctl show -p ActiveState --value sg-recipe)\" = inactive ]'\n"
+        "echo \"after: $(systemctl show -p Result --value sg-recipe) "
+        "status=$(systemctl show -p ExecMainStatus --value sg-recipe)\"\n"
+        "echo \"job cgroup: $(cat /tmp/recipe-cgroup)\"\n"
+        "grep -v '\"sample\"' /var/log/whisper.jsonl\n"
+    )
+    user = {"user": TESTER, "env": env, "timeout": 300}
+    root = {"env": env, "timeout": 300}
+    return {
+        "user_cap": Scenario(cap, **user),
+        "user_cron": Scenario(f"cd /tmp && env -i PATH=/usr/bin:/bin HOME=/home/{TESTER} PYTHONPATH={REPO} "
+                              f"{sg} exec --margin 0 --cgroup on --max-mem 50M -- {shown}", user=TESTER, timeout=300),
+        "user_pause": Scenario(pause, **user),
+        "user_chain": Scenario(chain, **user),
+        "user_no_instance_on": Scenario(f"cd /tmp && XDG_RUNTIME_DIR=/nonexistent {sg} exec --margin 0 --cgroup on "
+                                        "-- true", **user),
+        "user_no_instance_auto": Scenario(f"cd /tmp && XDG_RUNTIME_DIR=/nonexistent {sg} exec --margin 0 -- true",
+                                          **user),
+        "user_scopes_left": Scenario("systemctl --user list-units --all --no-legend 'safegate-*'; echo end", **user),
+        "root_scope": Scenario(cap, **root),
+        "root_direct": Scenario(f"echo $$ > /sys/fs/cgroup/cgroup.procs && {cap.replace('cap.jsonl', 'direct.jsonl')}"
+                                "; ls /sys/fs/cgroup | grep safegate- || echo clean", **root),
+        "recipe": Scenario(recipe, **root),
+    }
+
+
+@pytest.fixture(scope="module")
+def vm() -> tuple[Boot, dict[str, Result]]:
+    artefacts = require_vm()
+    venv = guest_venv()
+    env = {"PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1"}
+    scenarios = _scenarios(f"{venv}/bin/python -m safegate", env)
+    b = boot(list(scenarios.values()), shares=(REPO, venv), artefacts=artefacts)
+    return b, dict(zip(scenarios, b.results, strict=True))
+
+
+def _events(stdout: str) -> dict[str, dict[str, Any]]:
+    """The log lines in a scenario's output, by event (the last of each kind)."""
+    found = {}
+    for line in stdout.splitlines():
+        if line.startswith("{"):
+            event = json.loads(line)
+            found[event["event"]] = event
+    return found
+
+
+def _rc(stdout: str) -> int:
+    return int(re.findall(r"^rc=(\d+)$", stdout, re.M)[-1])
+
+
+def test_a_normal_users_job_is_capped_by_its_scope(vm: tuple[Boot, dict[str, Result]]) -> None:
+    """Done when: as a normal user under systemd, --max-mem 100M on a job allocating 400 MB exits 20 and the log
+    says the cgroup enforced it."""
+    r = vm[1]["user_cap"].check()
+    events = _events(r.stdout)
+    assert _rc(r.stdout) == 20, r
+    cgroup = events["admitted"]["cgroup"]
+    assert re.fullmatch(r"/sys/fs/cgroup/user\.slice/user-1500\.slice/user@1500\.service/.*/"
+                        r"safegate-\d+-\d+-\d+\.scope/job", cgroup), cgroup
+    assert events["breach"]["enforced_by"] == "kernel" and events["breach"]["oom_kills"] >= 1, events["breach"]
+    assert events["exit"]["reason"] == "memory" and events["exit"]["exit_code"] == 20
+    assert "kernel enforced --max-mem" in r.stderr
+    assert events["summary"]["peak_job_memory"] <= 100 << 20  # the kernel's peak: the cap, not the 400 MB asked
+
+
+def test_cron_environment_still_reaches_the_users_instance(vm: tuple[Boot, dict[str, Result]]) -> None:
+    """env -i (cron): safegate finds the user's instance by /run/user/UID; the job does not get the variable."""
+    r = vm[1]["user_cron"].check()
+    cgroup, memory_max, xdg = r.stdout.split()
+    assert "/user@1500.service/" in cgroup and cgroup.endswith(".scope/job"), cgroup
+    assert memory_max == str(50 << 20)
+    assert xdg == "xdg=unset"
+
+
+def test_a_hot_job_is_frozen_and_thawed(vm: tuple[Boot, dict[str, Result]]) -> None:
+    r = vm[1]["user_pause"].check()
+    assert "frozen" in r.stdout.split() and "thawed" in r.stdout.split(), r
+    events = _events(r.stdout)
+    assert "paused" in events and "resumed" in events, r.stdout
+    assert _rc(r.stdout) == 128 + 15  # SIGTERM from outside, forwarded; the job ended of it
+
+
+def test_a_fork_and_exit_chain_does_not_outlive_the_job(vm: tuple[Boot, dict[str, Result]]) -> None:
+    r = vm[1]["user_chain"].check()
+    assert "chain=gone" in r.stdout, r
+
+
+def test_no_user_instance_on_exits_3_auto_falls_back(vm: tuple[Boot, dict[str, Result]]) -> None:
+    on = vm[1]["user_no_instance_on"]
+    assert on.rc == 3 and "no systemd user instance" in on.stderr, on
+    auto = vm[1]["user_no_instance_auto"]
+    assert auto.rc == 0 and "watching its process tree instead" in auto.stderr, auto
+
+
+def test_no_scope_is_left_behind(vm: tuple[Boot, dict[str, Result]]) -> None:
+    r = vm[1]["user_scopes_left"].check()
+    assert r.stdout.strip() == "end", r.stdout
+
+
+def test_roots_job_gets_a_system_scope(vm: tuple[Boot, dict[str, Result]]) -> None:
+    r = vm[1]["root_scope"].check()
+    events = _events(r.stdout)
+    assert _rc(r.stdout) == 20, r
+    assert re.fullmatch(r"/sys/fs/cgroup/system\.slice/safegate-\d+-\d+-\d+\.scope/job", events["admitted"]["cgroup"])
+    assert events["breach"]["enforced_by"] == "kernel"
+
+
+def test_below_a_cgroup_that_hands_memory_down_the_job_gets_one_directly(vm: tuple[Boot, dict[str, Result]]) -> None:
+    r = vm[1]["root_direct"].check()
+    events = _events(r.stdout)
+    assert _rc(r.stdout) == 20, r
+    assert re.fullmatch(r"/sys/fs/cgroup/safegate-\d+-\d+", events["admitted"]["cgroup"]), events["admitted"]
+    assert events["breach"]["enforced_by"] == "kernel"
+    assert r.stdout.rstrip().endswith("clean")  # removed once the job ended
+
+
+def test_the_systemd_recipe_runs(vm: tuple[Boot, dict[str, Result]]) -> None:
+    """docs/recipes.md's unit: ExecStartPre waits while the lock is held, then ExecStart runs the job under exec."""
+    r = vm[1]["recipe"].check()
+    held = next(line for line in r.stdout.splitlines() if line.startswith("while held:"))
+    assert held == "while held: activating started=no holder=alive", r.stdout
+    assert "after: success status=0" in r.stdout, r.stdout
+    assert re.search(r"job cgroup: /system\.slice/safegate-\d+-\d+-\d+\.scope/job", r.stdout), r.stdout
+    events = _events(r.stdout)
+    assert events["exit"]["exit_code"] == 0 and events["admitted"]["profile"] == "whisper-large-v3"
