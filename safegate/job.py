@@ -69,6 +69,10 @@ class Job(Protocol):
         """The job's own memory pressure (PSI some avg10, percent), where the kernel keeps it (a v2 cgroup)."""
         ...
 
+    def emptied(self) -> bool:
+        """With the main process reaped and children still left: none of them is the job's (a cgroup knows)."""
+        ...
+
     def cap(self, limits: WatchLimits, available: int) -> None:
         """Have the kernel hold the job's memory limits until the next sample, where it can (a cgroup)."""
         ...
@@ -151,6 +155,9 @@ class ProcessTreeJob:
     def pressure(self) -> float | None:
         return None
 
+    def emptied(self) -> bool:
+        return False  # as subreaper, every child left is the job's
+
     def cap(self, limits: WatchLimits, available: int) -> None:
         pass  # a process tree has no cap but the watch
 
@@ -209,13 +216,17 @@ class CgroupJob(ProcessTreeJob):
         return self.cgroup.working_set()
 
     def peak(self) -> int:
-        return max(super().peak(), self.cgroup.peak())
+        # The kernel's count of the cgroup, where it keeps one: RSS would also count shared pages charged elsewhere.
+        return self.cgroup.peak() or super().peak()
 
     def oom_kills(self) -> int:
         return self.cgroup.oom_kills()
 
     def pressure(self) -> float | None:
         return self.cgroup.pressure()
+
+    def emptied(self) -> bool:
+        return not self.cgroup.procs()
 
     def cap(self, limits: WatchLimits, available: int) -> None:
         cap = limits.kernel_cap(self.cgroup.usage(), available)

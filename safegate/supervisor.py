@@ -182,7 +182,7 @@ class Supervisor:
             return True
         if pid != 0:
             self.job.ended(pid, int(usage.ru_maxrss) * 1024)
-        return False
+        return pid == 0 and self.job.emptied()  # a child that is not the job's may be left: a scope's anchor
 
     def _stop_leftovers(self) -> None:
         # The job is its main command: what it leaves behind is stopped too, then the lock is freed. Until a scan

@@ -79,6 +79,9 @@ class FakeJob:
     def pressure(self) -> float | None:
         return None
 
+    def emptied(self) -> bool:
+        return False
+
     def terminate_all(self) -> None:
         # As ProcessTreeJob: each process is asked once; later calls ask only those that appeared since (none here).
         self.terminations += 1

@@ -93,8 +93,8 @@ class ScopeCgroup(V2Cgroup):
         # The job runs only after "go": with the pipe closed first (safegate gone, or the scope refused), never.
         # The anchor (a cat reading the lifeline) keeps the scope, and with it the kernel's figures of the job,
         # until safegate has read them: systemd removes a scope once it is empty. It ends with safegate.
-        # It ignores the signals safegate forwards to the job's group, which it is in.
-        anchor = f"(trap '' INT TERM HUP QUIT USR1 USR2 TSTP TTIN TTOU; exec cat <&{life} >/dev/null {fd}<&-) & "
+        # In a session of its own, it gets none of the signals safegate forwards to the job's group.
+        anchor = f"(exec setsid cat <&{life} >/dev/null 2>&1 {fd}<&-) & "
         script = f'{unset}{anchor}read -r go <&{fd} && [ "$go" = go ] && exec "$0" "$@" {fd}<&- {life}<&-; exit 125'
         wrapped = [systemd_run, *(["--user"] if self.user else []), "--scope", "--quiet", "--collect",
                    f"--unit={self.unit}", *props, "--", "/bin/sh", "-c", script, exe, *argv[1:]]
@@ -128,11 +128,12 @@ class ScopeCgroup(V2Cgroup):
         self.apply_limits(self.max_mem)
 
     def _landed(self, pid: int) -> str:
-        """The scope's directory, once systemd has moved the job there."""
+        """The scope's directory, once systemd has moved the job there and the job's sh has started the anchor
+        (systemd moves systemd-run, which only then execs the sh)."""
         deadline = time.monotonic() + LAND_TIMEOUT
         while True:
             path = next((line[3:] for line in read(f"/proc/{pid}/cgroup").splitlines() if line.startswith("0::")), "")
-            if path.endswith(f"/{self.unit}"):
+            if path.endswith(f"/{self.unit}") and read(f"{ROOT}{path}/cgroup.procs").split() not in ([], [str(pid)]):
                 return f"{ROOT}{path}"
             done, status = os.waitpid(pid, os.WNOHANG)
             if done:
