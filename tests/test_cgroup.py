@@ -233,3 +233,17 @@ def test_cgroup_on_without_cgroups_is_exit_3_with_the_reason(nobody: Nobody) -> 
                            "--", "true"], env={"SAFEGATE_LOCK_DIR": str(nobody.workdir / "locks")})
     assert fallback.returncode == 0, fallback.stderr
     assert "no cgroup for the job (" in fallback.stderr and "watching its process tree instead" in fallback.stderr
+
+
+@needs_cgroups
+def test_throttle_and_swap_limits_say_they_need_cgroup_v2(config: Path, env: dict[str, str]) -> None:
+    result = _run(config, env, "--throttle", "on", "--max-swap", "0", "--", "true")
+    assert result.returncode == 0, result.stderr
+    assert "--throttle and --max-swap need cgroup v2; this job's cgroup is v1" in result.stderr
+
+
+@pytest.mark.parametrize(("option", "value"), [("--throttle", "maybe"), ("--max-swap", "lots")])
+def test_bad_throttle_or_swap_values_are_one_line(config: Path, env: dict[str, str], option: str, value: str) -> None:
+    result = _run(config, env, option, value, "--", "true")
+    assert result.returncode == ExitCode.USAGE, result.stderr
+    assert len(result.stderr.splitlines()) == 1 and option in result.stderr and repr(value) in result.stderr
