@@ -125,6 +125,7 @@ def _scenarios(sg: str, env: dict[str, str]) -> dict[str, Scenario]:
                                         "-- true", **user),
         "user_no_instance_auto": Scenario(f"cd /tmp && XDG_RUNTIME_DIR=/nonexistent {sg} exec --margin 0 -- true",
                                           **user),
+        "user_not_found": Scenario(f"cd /tmp && {sg} exec --margin 0 --cgroup on -- no-such-command-here", **user),
         "user_scopes_left": Scenario("systemctl --user list-units --all --no-legend 'safegate-*'; echo end", **user),
         "root_scope": Scenario(cap, **root),
         "root_direct": Scenario(f"echo $$ > /sys/fs/cgroup/cgroup.procs && {cap.replace('cap.jsonl', 'direct.jsonl')}"
@@ -205,6 +206,12 @@ def test_no_user_instance_on_exits_3_auto_falls_back(vm: tuple[Boot, dict[str, R
     assert on.rc == 3 and "no systemd user instance" in on.stderr, on
     auto = vm[1]["user_no_instance_auto"]
     assert auto.rc == 0 and "watching its process tree instead" in auto.stderr, auto
+
+
+def test_a_command_not_found_is_127_not_a_cgroup_error(vm: tuple[Boot, dict[str, Result]]) -> None:
+    r = vm[1]["user_not_found"]
+    assert r.rc == 127 and "command not found: no-such-command-here" in r.stderr, r
+    assert "cgroup" not in r.stderr, r.stderr
 
 
 def test_no_scope_is_left_behind(vm: tuple[Boot, dict[str, Result]]) -> None:

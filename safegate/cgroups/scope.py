@@ -21,7 +21,8 @@ from collections.abc import Mapping, Sequence
 
 from safegate.cgroups.base import ROOT, job_name, read, to_int, write
 from safegate.cgroups.v2 import V2Cgroup, controllers, own_path, page_rounded
-from safegate.errors import CgroupError
+from safegate.errors import CgroupError, SpawnError
+from safegate.exitcodes import ExitCode
 
 LAND_TIMEOUT = 60.0  # for systemd to create the scope and move the job (slow on a loaded or emulated machine)
 MOVE_ROUNDS = 100
@@ -75,9 +76,13 @@ class ScopeCgroup(V2Cgroup):
     def wrap(self, argv: Sequence[str], env: Mapping[str, str] | None) -> tuple[list[str], dict[str, str] | None]:
         environ = dict(os.environ if env is None else env)
         exe = argv[0] if "/" in argv[0] else shutil.which(argv[0], path=environ.get("PATH", os.defpath))
+        if exe is None or not os.path.exists(exe):
+            raise SpawnError(f"command not found: {argv[0]}", ExitCode.NOT_FOUND)
+        if not os.access(exe, os.X_OK) or os.path.isdir(exe):
+            raise SpawnError(f"command not executable: {argv[0]} (permission denied)", ExitCode.NOT_EXECUTABLE)
         systemd_run = shutil.which("systemd-run")
-        if exe is None or systemd_run is None:
-            raise CgroupError(f"cannot start {argv[0]!r} through systemd-run")
+        if systemd_run is None:
+            raise CgroupError("no systemd-run on PATH")
         unset = ""
         if self.user and "XDG_RUNTIME_DIR" not in environ:  # cron: systemd-run finds the instance by it
             environ["XDG_RUNTIME_DIR"] = runtime_dir(environ)
