@@ -82,9 +82,8 @@ def lanes(night: Night, jobs: Sequence[tuple[int, Job]]) -> str:
         y = TOP + row * LANE + 4
         x0, x1 = frame.x(job.start), max(frame.x(job.end), frame.x(job.start) + 3)
         outcome = OUTCOME_COLOURS.get(job.outcome, "#555")
-        code = "" if job.exit_code is None else f"exit {job.exit_code}, "
         tip = (f"#{number} {job.command or '(never ran)'}\n{clock(job.start, True)} to {clock(job.end, True)} "
-               f"({format_duration(job.duration)}); {code}{job.ended}")
+               f"({format_duration(job.duration)}); {job.ended}")
         body.append(f'<g class="lane {esc(job.outcome)}" data-job="{number}"><title>{esc(tip)}</title>')
         body.append(f'<text x="{LEFT - 8}" y="{y + 12}" class="lane-label" text-anchor="end">#{number}</text>')
         body.append(f'<rect x="{x0:.1f}" y="{y}" width="{x1 - x0:.1f}" height="14" rx="3" fill="{_colour(number)}" '
@@ -95,7 +94,7 @@ def lanes(night: Night, jobs: Sequence[tuple[int, Job]]) -> str:
                         'fill-opacity="0.55"><title>paused for heat</title></rect>')
         body.append(f'<circle cx="{x1:.1f}" cy="{y + 7}" r="5" fill="{outcome}"/>')
         body.append(f'<text x="{x0:.1f}" y="{y + 27}" class="tick">{esc(_label(number, job, 90))} \u2014 '
-                    f"{esc(code + job.ended)}</text>")
+                    f"{esc(job.ended)}</text>")
         body += marks(frame, [Mark(m.time, m.kind, m.message) for m in job.markers], y - 2, y + 16)
         body.append("</g>")
     body.append("</svg>")
@@ -174,7 +173,7 @@ def table(jobs: Sequence[tuple[int, Job]]) -> str:
             + _cell("-" if job.peak_memory is None else format_bytes(job.peak_memory))
             + _cell("-" if job.peak_vram is None else format_bytes(job.peak_vram))
             + _cell("-" if job.highest_temp is None else _celsius(job.highest_temp))
-            + _cell(("" if job.exit_code is None else f"exit {job.exit_code}: ") + job.ended, "ended")
+            + _cell(job.ended, "ended")
             + _cell(f"{job.source}:{job.line}", "text") + "</tr>")
     rows.append("</tbody></table>")
     return "\n".join(rows)

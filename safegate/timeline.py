@@ -44,7 +44,7 @@ class Job:
     end: float
     exit_code: int | None  # None: the log ends before the job does
     outcome: str  # finished, failed, stopped, not_started, unfinished
-    ended: str  # how it ended, in words
+    ended: str  # how it ended, in words, with the exit code
     max_mem: int | None = None
     min_available: int | None = None
     max_temp: float | None = None
@@ -203,7 +203,9 @@ def _ended(job: _Open) -> tuple[int | None, str, str]:
     code, reason = info.get("exit_code"), info.get("reason")
     code = code if isinstance(code, int) and not isinstance(code, bool) else None
     if reason in ("memory", "gpu", "thermal"):
-        return code, "stopped", f"stopped for {reason} (exit {code})"
+        breach = next((m.message for m in job.markers if m.kind == "breach"), "")
+        why = breach.split("; sending", 1)[0]
+        return code, "stopped", f"stopped for {reason} (exit {code})" + (f": {why}" if why else "")
     words = job.exit_message.removeprefix("job ") if job.exit_message else f"exited {code}"
     return code, "finished" if code == 0 else "failed", words
 
