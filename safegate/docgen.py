@@ -181,9 +181,9 @@ def man_page() -> str:
         ".SH DESCRIPTION",
         _roff("safegate answers \"is it safe to start this job now?\" with an exit code (check), runs a job under "
               "the gate and stops it before it takes the machine down (exec), and reports the machine, its locks "
-              "and how many jobs fit (status, locks, slots, metrics), turns exec's logs into one HTML report of the night "
-              "(report), and drains a Slurm node that is unsafe (slurm health). Waiters are served in arrival order "
-              "(queue)."),
+              "and how many jobs fit (status, locks, slots, metrics), turns exec's logs into one HTML report of "
+              "the night (report), and drains a Slurm node that is unsafe (slurm health). Waiters are served in "
+              "arrival order (queue)."),
         ".SH COMMANDS",
     ]
     for name, cmd in commands:
