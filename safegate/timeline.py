@@ -10,6 +10,7 @@ same time cannot be told apart (their samples carry no pid): give concurrent job
 from __future__ import annotations
 
 import json
+import math
 import shlex
 from array import array
 from collections.abc import Iterable, Sequence
@@ -97,8 +98,11 @@ def parse_line(source: str, number: int, text: str) -> Record:
     where = f"{source} line {number}"
     try:
         data = json.loads(text)
-    except (ValueError, RecursionError) as exc:
-        raise LogError(f"{where}: not JSON ({exc}); expected safegate exec --log output") from None
+    except json.JSONDecodeError as exc:
+        raise LogError(f"{where}: not JSON ({exc.msg} at column {exc.colno}); expected safegate exec --log "
+                       "output") from None
+    except (ValueError, RecursionError):
+        raise LogError(f"{where}: not JSON (nested too deep); expected safegate exec --log output") from None
     if not isinstance(data, dict):
         raise LogError(f"{where}: a JSON {type(data).__name__}, not an object; expected safegate exec --log output")
     kind, stamp = data.get("event"), data.get("time")
@@ -116,8 +120,9 @@ def _number(record: Record, key: str, where: str, *, integer: bool = False) -> f
     value = record.data.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
-        kind = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) or \
+            not math.isfinite(value):
+        kind = "an integer" if integer else "a finite number"
         raise LogError(f"{where}: {record.kind} event's {key} is {json.dumps(value)[:40]}, not {kind}")
     return float(value)
 

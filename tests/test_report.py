@@ -202,6 +202,21 @@ def test_several_nights_and_stdout(run: Run, config: Path, tmp_path: Path) -> No
     assert default.returncode == 0 and (tmp_path / "safegate-report.html").exists()
 
 
+def test_a_blocked_job_is_listed_as_never_run(run: Run, config: Path, sensor: Path, tmp_path: Path) -> None:
+    log = tmp_path / "blocked.jsonl"
+    set_temp(sensor, 90)
+    assert _exec(run, config, log, "--", "true").returncode == ExitCode.THERMAL
+    set_temp(sensor, 40)
+    assert _exec(run, config, log, "--", "sh", "-c", "exit 3").returncode == 3
+    result = run("report", str(log), "-o", "-")
+    assert result.returncode == 0, result.stderr
+    page = Page()
+    page.feed(result.stdout)
+    assert [a["class"] for t, a in page.tags if t == "tr" and "data-job" in a] == ["not_started", "failed"]
+    cells = " ".join(page.text["td"])
+    assert "blocked: thermal" in cells and "(exit 12)" in cells and "exited 3" in cells
+
+
 def _one_line_error(result: subprocess.CompletedProcess[str], code: int, *needles: str) -> None:
     assert result.returncode == code, (result.returncode, result.stderr)
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("safegate: "), result.stderr
@@ -223,6 +238,8 @@ def test_bad_logs_are_one_line_and_exit_4(run: Run, tmp_path: Path) -> None:
         "empty.jsonl": ("", "no job in it"),
         "nojob.jsonl": ('{"time": "2026-12-02T02:00:00+00:00", "event": "sample"}\n', "no job in it"),
         "binary.jsonl": (b"\xff\xfe\x00garbage\n", "line 1: not UTF-8"),
+        "nan.jsonl": (good + '{"time": "2026-12-02T02:00:01+00:00", "event": "sample", "job_memory": 1, '
+                             '"available": 1, "temp": NaN}\n', "line 2: sample event's temp is NaN"),
     }
     for name, (content, needle) in cases.items():
         path = tmp_path / name
