@@ -135,13 +135,18 @@ def charts(night: Night, jobs: Sequence[tuple[int, Job]]) -> list[str]:
     add("MemAvailable (dashed: the --min-available floor)", available, "bytes", 0.0, "no samples in the log")
     add("Temperature (dashed: max-temp)", temps, "temp", None, "no temperature readings in the log")
     gpus = sorted({index for _, job in jobs for index, _ in job.vram})
+    if gpus:
+        own = []
+        for n, job in jobs:
+            own += [Line(job.job_vram, _colour(n), f"#{n}: the job's own VRAM"),
+                    Line(_limit(job, job.max_gpu_mem), _colour(n), f"#{n} --max-gpu-mem", dashed=True)]
+        add("The job's own VRAM (dashed: its --max-gpu-mem)", own, "bytes", 0.0, "no samples")
     for index in gpus:
         lines = []
         for n, job in jobs:
-            lines += [Line(series, _colour(n), f"#{n} VRAM on GPU {index}") for i, series in job.vram if i == index]
-            if any(i == index for i, _ in job.vram):
-                lines.append(Line(_limit(job, job.max_gpu_mem), _colour(n), f"#{n} --max-gpu-mem", dashed=True))
-        add(f"VRAM used on GPU {index} (dashed: --max-gpu-mem)", lines, "bytes", 0.0, "no samples")
+            lines += [Line(series, _colour(n), f"#{n}: VRAM used on GPU {index}, by every process")
+                      for i, series in job.vram if i == index]
+        add(f"VRAM used on GPU {index} (the whole card, while each job ran)", lines, "bytes", 0.0, "no samples")
     if not gpus:
         out.append('<p class="meta">VRAM: no GPU was watched in this night.</p>')
     return out

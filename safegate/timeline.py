@@ -53,11 +53,12 @@ class Job:
     memory: Series = ()
     available: Series = ()
     temp: Series = ()
-    vram: tuple[tuple[int, Series], ...] = ()  # per GPU index
+    vram: tuple[tuple[int, Series], ...] = ()  # per GPU index: the card's used VRAM (samples)
+    job_vram: Series = ()  # the job's own VRAM on its GPUs
     markers: tuple[Marker, ...] = ()
     pauses: tuple[tuple[float, float], ...] = ()
     peak_memory: int | None = None
-    peak_vram: int | None = None
+    peak_vram: int | None = None  # the job's own
     highest_temp: float | None = None
 
     @property
@@ -186,18 +187,15 @@ def _sample(job: _Open, record: Record, where: str) -> None:
     job.add("memory", record.time, memory)
     job.add("available", record.time, available)
     job.add("temp", record.time, _number(record, "temp", where))
+    job.add("job_vram", record.time, _number(record, "job_gpu_memory", where, integer=True))
     gpus = record.data.get("gpus", [])
     if not isinstance(gpus, list) or not all(isinstance(g, dict) for g in gpus):
         raise LogError(f"{where}: sample event's gpus is not a list of objects")
-    total = 0.0
     for gpu in gpus:
         item = Record(record.line, record.time, "sample gpu", "", gpu)
         index, used = _number(item, "index", where, integer=True), _number(item, "used", where, integer=True)
         if index is not None and used is not None:
-            job.add(f"gpu{int(index)}", record.time, used)
-            total += used
-    if gpus:
-        job.add("vram", record.time, total)
+            job.add(f"gpu{int(index)}", record.time, used)  # the card's used VRAM, not only the job's
 
 
 def _ended(job: _Open) -> tuple[int | None, str, str]:
@@ -250,9 +248,10 @@ def _close(job: _Open, end: float) -> Job:
         max_temp=None if data.get("max_temp") is None else float(data["max_temp"]),
         max_gpu_mem=whole(data.get("max_gpu_mem")), memory=job.thinned("memory"),
         available=job.thinned("available"), temp=job.thinned("temp"),
-        vram=tuple((index, job.thinned(f"gpu{index}")) for index in gpus), markers=tuple(job.markers),
+        vram=tuple((index, job.thinned(f"gpu{index}")) for index in gpus), job_vram=job.thinned("job_vram"),
+        markers=tuple(job.markers),
         pauses=tuple(pauses), peak_memory=whole(figure("peak_job_memory", "memory")),
-        peak_vram=whole(figure("peak_job_gpu_memory", "vram")), highest_temp=figure("highest_temp", "temp"),
+        peak_vram=whole(figure("peak_job_gpu_memory", "job_vram")), highest_temp=figure("highest_temp", "temp"),
     )
 
 
