@@ -2,9 +2,10 @@
 jobs into nights. Pure: text in, frozen records out; a line that is not of the log's shape is a `LogError` naming
 the log and the line.
 
-A log holds the jobs of one or more exec runs one after another: an `admitted` event opens a job, its events
-follow, `summary` closes it. `blocked` and `not_started` are jobs that never ran. Jobs that wrote one log at the
-same time cannot be told apart (their samples carry no pid): give concurrent jobs logs of their own.
+A log holds the jobs of one or more exec runs: an `admitted` event opens a job, its events follow, `summary`
+closes it. `blocked` and `not_started` are jobs that never ran. Every line names the safegate that wrote it
+(`safegate_pid`), so jobs that wrote one log at the same time are told apart; a log from before that field is
+read as one job after another.
 """
 
 from __future__ import annotations
@@ -274,10 +275,30 @@ def _never_ran(source: str, record: Record) -> Job:
                ended=f"{what}: {record.message}" + ("" if code is None else f" (exit {int(code)})"))
 
 
+def _within(job: _Open, record: Record, where: str) -> None:
+    """An event of a running job: a sample, a marker, its exit or its summary."""
+    job.last = max(job.last, record.time)
+    if record.kind == "sample":
+        _sample(job, record, where)
+    elif record.kind in MARKED:
+        job.markers.append(Marker(record.time, record.kind, record.message))
+        for key in ("max_mem", "min_available", "max_temp"):  # the limit, for a log without it at the start
+            if job.data.get(key) is None and _number(record, key, where) is not None:
+                job.data[key] = record.data[key]
+    elif record.kind == "exit":
+        _number(record, "exit_code", where, integer=True)
+        job.exit, job.exit_message = record.data, record.message
+    elif record.kind == "summary":
+        _number(record, "exit_code", where, integer=True)
+        for key in ("peak_job_memory", "peak_job_gpu_memory", "highest_temp"):
+            _number(record, key, where)
+        job.summary = record.data
+
+
 def jobs_from_lines(source: str, lines: Iterable[str]) -> list[Job]:
     """Every job in one log, in the order they started. A log without any job is a `LogError` too."""
     jobs: list[Job] = []
-    job: _Open | None = None
+    open_jobs: dict[int | None, _Open] = {}  # by the safegate that writes its lines (None: an older log)
     seen = 0
     for number, text in enumerate(lines, 1):
         if not text.strip():
@@ -285,33 +306,21 @@ def jobs_from_lines(source: str, lines: Iterable[str]) -> list[Job]:
         record = parse_line(source, number, text)
         seen += 1
         where = f"{source} line {number}"
+        writer = _number(record, "safegate_pid", where, integer=True)
+        key = None if writer is None else int(writer)
+        job = open_jobs.get(key)
         if record.kind == "admitted":
             if job is not None:
                 jobs.append(_close(job, job.last))
-            job = _admitted(source, record)
+            open_jobs[key] = _admitted(source, record)
         elif record.kind in ("blocked", "not_started"):
             jobs.append(_never_ran(source, record))
         elif job is not None and record.kind in _WITHIN_JOB:
-            job.last = max(job.last, record.time)
-            if record.kind == "sample":
-                _sample(job, record, where)
-            elif record.kind in MARKED:
-                job.markers.append(Marker(record.time, record.kind, record.message))
-                for key in ("max_mem", "min_available", "max_temp"):  # the limit, for a log without it at the start
-                    if job.data.get(key) is None and _number(record, key, where) is not None:
-                        job.data[key] = record.data[key]
-            elif record.kind == "exit":
-                _number(record, "exit_code", where, integer=True)
-                job.exit, job.exit_message = record.data, record.message
-            elif record.kind == "summary":
-                _number(record, "exit_code", where, integer=True)
-                for key in ("peak_job_memory", "peak_job_gpu_memory", "highest_temp"):
-                    _number(record, key, where)
-                job.summary = record.data
+            _within(job, record, where)
+            if record.kind == "summary":
                 jobs.append(_close(job, record.time))
-                job = None
-    if job is not None:
-        jobs.append(_close(job, job.last))
+                del open_jobs[key]
+    jobs += [_close(job, job.last) for job in open_jobs.values()]
     if not jobs:
         what = "no events" if not seen else "no admitted, blocked or not_started event"
         raise LogError(f"{source}: no job in it ({what}); expected safegate exec --log output")

@@ -18,7 +18,7 @@ import pytest
 from support import HELPERS, PY, TIMEOUT, OpenWatch, Procs, Run, job_pid, proc_state, set_temp, wait_until
 
 from safegate.exitcodes import ExitCode
-from safegate.timeline import _thin
+from safegate.timeline import _thin, jobs_from_lines
 
 ODD = "<b>&"  # in a command line: must reach the page escaped
 
@@ -285,3 +285,22 @@ def test_thinning_keeps_every_peak_and_dip() -> None:
     assert len(thin) <= 1300 and thin[0] == (0.0, 0.0) and thin[-1] == (times[-1], values[-1])
     assert max(v for _, v in thin) == 10_000.0 and min(v for _, v in thin) == -5.0
     assert [t for t, _ in thin] == sorted(t for t, _ in thin)
+
+
+def test_jobs_logging_to_one_file_at_once_are_told_apart(run: Run, config: Path, tmp_path: Path,
+                                                         procs: Procs) -> None:
+    # Two execs of different locks at the same time, one log: each line names its safegate, so each job gets its
+    # own samples and its own end, not the other's.
+    log = tmp_path / "shared.jsonl"
+    gates = [procs.spawn([PY, "-m", "safegate", "exec", "--config", str(config), "--mem", "0", "--lock", lock,
+                          "--log", str(log), "--", "sh", "-c", f"sleep 2.5; exit {code}"], env=run.env)
+             for lock, code in (("left", 0), ("right", 3))]
+    assert [gate.wait(timeout=TIMEOUT) for gate in gates] == [0, 3]
+    writers = {json.loads(line)["safegate_pid"] for line in log.read_text().splitlines()}
+    assert writers == {gate.pid for gate in gates}
+    jobs = jobs_from_lines(str(log), log.read_text().splitlines())
+    assert sorted(job.outcome for job in jobs) == ["failed", "finished"] and len(jobs) == 2
+    for job in jobs:
+        assert len(job.memory) >= 2 and all(job.start <= t <= job.end for t, _ in job.memory)
+    result = run("report", str(log), "-o", "-")
+    assert result.returncode == 0 and result.stdout.count('class="lane ') == 2
