@@ -95,8 +95,9 @@ def lanes(night: Night, jobs: Sequence[tuple[int, Job]]) -> str:
         body.append(f'<circle cx="{x1:.1f}" cy="{y + 7}" r="5" fill="{outcome}"/>')
         # The caption starts under the bar, or ends under it when the bar is far to the right.
         anchor = f'x="{x0:.1f}"' if x0 < WIDTH * 0.55 else f'x="{x1:.1f}" text-anchor="end"'
-        body.append(f'<text {anchor} y="{y + 27}" class="tick">{esc(_label(number, job, 70))} \u2014 '
-                    f"{esc(job.ended[:120])}</text>")
+        ended = job.ended if len(job.ended) <= 60 else job.ended[:59] + "\u2026"  # in full in the tooltip and table
+        body.append(f'<text {anchor} y="{y + 27}" class="tick">{esc(_label(number, job, 45))} \u2014 '
+                    f"{esc(ended)}</text>")
         body += marks(frame, [Mark(m.time, m.kind, m.message) for m in job.markers], y - 2, y + 16)
         body.append("</g>")
     body.append("</svg>")
