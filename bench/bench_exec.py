@@ -11,7 +11,8 @@ Run it as root with the Python that has safegate installed (the sampling is time
    milliseconds of filling, and the estimated time from crossing the limit to safegate's exit.
 3. `--min-available F` against earlyoom on the same floor F, alternating run by run: how far MemAvailable
    fell below F before each one acted.
-4. Overhead: safegate's own CPU time while a quiet job runs, as percent of one core.
+4. Overhead: safegate's own CPU time while a quiet job runs, as percent of one core, without and with
+   --log (the timeline's samples).
 5. Cost growth: JobTree.rescan/refresh/memory and read_available with 1 to 1,000 processes in the job.
 
 Standard library only. Every figure is measured on the spot; nothing is hard-coded. Every process the
@@ -745,14 +746,17 @@ def bench_floor(bed: Bed, procs: Procs, eo_exe: str | None, runs: int, pause: fl
 # --- 4. overhead ---------------------------------------------------------------------------------------------
 
 
-def overhead_run(bed: Bed, procs: Procs, job: list[str], poll: bool, limit: float) -> dict[str, Any]:
+def overhead_run(bed: Bed, procs: Procs, job: list[str], poll: bool, limit: float,
+                 timeline: bool = False) -> dict[str, Any]:
     """CPU ticks of the safegate process itself: every second while it runs (when *poll*), and at its exit
-    (read from the zombie before it is reaped, so nothing is missed)."""
-    err_file = bed.log_path("overhead").with_suffix(".stderr")
+    (read from the zombie before it is reaped, so nothing is missed). With *timeline*, exec runs with --log, so
+    it also writes its `sample` events (one a second far from every limit); the log's samples are counted."""
+    log_file = bed.log_path("overhead-log" if timeline else "overhead")
+    err_file = log_file.with_suffix(".stderr")
     with open(err_file, "wb") as err:
         t0 = time.monotonic()
-        proc = procs.start("safegate", bed.exec_argv([], job), env=bed.env, stdin=subprocess.DEVNULL,
-                           stdout=subprocess.DEVNULL, stderr=err)
+        proc = procs.start("safegate", bed.exec_argv([], job, log_file if timeline else None), env=bed.env,
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
         readings: list[tuple[float, int]] = []
         final: int | None = None
         wall = 0.0
@@ -773,7 +777,8 @@ def overhead_run(bed: Bed, procs: Procs, job: list[str], poll: bool, limit: floa
     if proc.returncode != 0:
         raise BenchError(f"safegate exec -- {' '.join(job)} exited {proc.returncode}: "
                          f"{read_text(str(err_file)).strip()[:300]!r}")
-    return {"cpu": final / CLK_TCK, "wall": wall, "readings": readings}
+    samples = sum(1 for e in read_events(log_file) if e.get("event") == "sample") if timeline else 0
+    return {"cpu": final / CLK_TCK, "wall": wall, "readings": readings, "samples": samples}
 
 
 def bench_overhead(bed: Bed, procs: Procs, startup_runs: int, runs: int, seconds: int) -> dict[str, Any]:
@@ -781,16 +786,23 @@ def bench_overhead(bed: Bed, procs: Procs, startup_runs: int, runs: int, seconds
     startup = [overhead_run(bed, procs, ["true"], poll=False, limit=RUN_TIMEOUT) for _ in range(startup_runs)]
     cpu0, wall0 = median([r["cpu"] for r in startup]), median([r["wall"] for r in startup])
     log(f"   start-up alone: {cpu0 * 1000:.0f} ms CPU, {wall0 * 1000:.0f} ms wall (median of {startup_runs})")
-    idle = []
+    idle: list[dict[str, Any]] = []
+    logged: list[dict[str, Any]] = []
     for i in range(runs):
-        r = overhead_run(bed, procs, ["sleep", str(seconds)], poll=True, limit=seconds + RUN_TIMEOUT)
-        r["pct"] = (r["cpu"] - cpu0) / (r["wall"] - wall0) * 100
-        steady = [(t, ticks) for t, ticks in r["readings"] if t >= STEADY_SKIP]
-        if len(steady) >= 2 and steady[-1][0] > steady[0][0]:
-            r["steady_pct"] = (steady[-1][1] - steady[0][1]) / CLK_TCK / (steady[-1][0] - steady[0][0]) * 100
-        idle.append(r)
-        log(f"   run {i + 1}/{runs}: {r['cpu'] * 1000:.0f} ms CPU in {r['wall']:.1f} s; overhead {r['pct']:.3f}%")
-    return {"startup": startup, "idle": idle, "seconds": seconds}
+        # Without and with --log alternate (the first of each pair swapping), so a drift in the machine's speed
+        # or load falls on both alike.
+        for timeline in ((False, True) if i % 2 == 0 else (True, False)):
+            r = overhead_run(bed, procs, ["sleep", str(seconds)], poll=True, limit=seconds + RUN_TIMEOUT,
+                             timeline=timeline)
+            r["pct"] = (r["cpu"] - cpu0) / (r["wall"] - wall0) * 100
+            steady = [(t, ticks) for t, ticks in r["readings"] if t >= STEADY_SKIP]
+            if len(steady) >= 2 and steady[-1][0] > steady[0][0]:
+                r["steady_pct"] = (steady[-1][1] - steady[0][1]) / CLK_TCK / (steady[-1][0] - steady[0][0]) * 100
+            (logged if timeline else idle).append(r)
+            what = f"with --log ({r['samples']} samples)" if timeline else "without --log"
+            log(f"   run {i + 1}/{runs} {what}: {r['cpu'] * 1000:.0f} ms CPU in {r['wall']:.1f} s; "
+                f"overhead {r['pct']:.3f}%")
+    return {"startup": startup, "idle": idle, "logged": logged, "seconds": seconds}
 
 
 # --- 5. cost growth ------------------------------------------------------------------------------------------
@@ -1126,7 +1138,9 @@ def report(args: argparse.Namespace, facts: list[tuple[str, str]], results: dict
             f"safegate's own CPU time (utime + stime of the safegate process, from /proc/PID/stat, children not "
             f"included), read when it exits: the bench waits on a pidfd and reads the zombie's stat before reaping "
             f"it. Start-up: `safegate exec --mem 0 --config <temp> -q -- true`. Idle: the same with "
-            f"`-- sleep {ov['seconds']}`, far from every limit. Overhead = (idle CPU - median start-up CPU) / "
+            f"`-- sleep {ov['seconds']}`, far from every limit, alternating without and with `--log L` (exec "
+            f"then also writes the timeline's `sample` events, one a second far from every limit). "
+            f"Overhead = (idle CPU - median start-up CPU) / "
             f"(idle wall - median start-up wall), percent of one core. Steady state: between the per-second "
             f"readings from {STEADY_SKIP:g} s after spawn and the last one before exit "
             f"({1000 / CLK_TCK:g} ms clock-tick resolution).", "",
@@ -1136,9 +1150,25 @@ def report(args: argparse.Namespace, facts: list[tuple[str, str]], results: dict
             stat_row(f"CPU of a {ov['seconds']} s idle run, ms", [x["cpu"] for x in idle], 1000),
             stat_row("overhead, % of one core", pct),
             stat_row("steady state, % of one core", steady),
+        ]
+        logged = ov.get("logged") or []
+        lpct = [x["pct"] for x in logged]
+        if logged:
+            out += [
+                stat_row(f"with `--log`: CPU of a {ov['seconds']} s idle run, ms", [x["cpu"] for x in logged],
+                         1000),
+                stat_row("with `--log`: `sample` events written per second",
+                         [x["samples"] / x["wall"] for x in logged]),
+                stat_row("with `--log`: overhead, % of one core", lpct),
+                stat_row("with `--log`: steady state, % of one core",
+                         [x["steady_pct"] for x in logged if "steady_pct" in x]),
+            ]
+        out += [
             "",
             f"Target: idle overhead <= {TARGET_OVERHEAD_PCT:g}% of one core (median): "
-            f"{verdict(median(pct) <= TARGET_OVERHEAD_PCT)} ({median(pct):.3f}%).",
+            f"{verdict(median(pct) <= TARGET_OVERHEAD_PCT)} ({median(pct):.3f}%)"
+            + (f"; with `--log` (the timeline's samples): {verdict(median(lpct) <= TARGET_OVERHEAD_PCT)} "
+               f"({median(lpct):.3f}%)." if lpct else "."),
         ]
 
     jt = results.get("jobtree")

@@ -12,6 +12,7 @@ import typer
 
 from safegate import __version__
 from safegate.cli_options import (
+    REPORT_DEFAULT,
     ConfigOpt,
     GpuMemOpt,
     GpuOpt,
@@ -26,6 +27,7 @@ from safegate.cli_options import (
     WaitOpt,
     complete_locks,
     echo,
+    event_printer,
     fill_closed_stdio,
     gate_overrides,
     parse_overrides,
@@ -33,6 +35,7 @@ from safegate.cli_options import (
     progress,
     safe_lines,
     setting_option,
+    usage_failure,
     version_text,
     wait_timeout,
 )
@@ -175,7 +178,6 @@ def exec_(
     """
     # exec's machinery (ctypes, the supervisor) is imported here so `check` does not pay for it.
     from safegate.commands.execute import execute
-    from safegate.outcome import Event
 
     if not command:
         raise UsageError("exec: no command given; usage: safegate exec [OPTIONS] -- CMD [ARGS]...")
@@ -186,20 +188,9 @@ def exec_(
         cgroup=cgroup, max_swap=max_swap, throttle=throttle, notify=notify,
     )
     wait_for = wait_timeout(wait, timeout)
-    chatty = {"admitted", "exit", "summary", "cleanup", "notice"}
     shown = progress(quiet)
-
-    def on_event(event: Event) -> None:
-        if event.kind == "sample":
-            return  # the timeline is for --log only
-        shown.end_line()
-        if not (quiet and event.kind in chatty):
-            prefix = f"{event.kind}: " if event.kind in ("summary", "warning", "breach") else ""
-            # A closed terminal or pipe must not be what stops the watch: the job goes on, still watched.
-            echo(f"safegate: {prefix}{printable(event.message)}", err=True)
-
     result = execute(command, config=config, profile=profile, overrides=overrides, wait=wait, timeout=wait_for,
-                     on_event=on_event, on_blocked=shown,
+                     on_event=event_printer(quiet, shown), on_blocked=shown,
                      on_log_error=lambda msg: echo(f"safegate: warning: {printable(msg)}", err=True))
     if isinstance(result, Verdict):
         shown.finish(result, wait_for if wait else None)
@@ -325,6 +316,24 @@ def metrics(textfile: Annotated[str | None, typer.Option("--textfile", metavar="
     echo(text.rstrip("\n")) if textfile is None else write_textfile(textfile, text)
 
 
+@app.command(short_help="Turn exec --log files into one HTML report.",
+             epilog="Example: safegate report ~/night.jsonl ~/gpu-night.jsonl -o night.html")
+def report(
+    logs: Annotated[list[str] | None, typer.Argument(metavar="LOG...", show_default=False, help=(
+        "safegate exec --log files: one or more, each with one or more jobs."))] = None,
+    output: Annotated[str | None, typer.Option("--output", "-o", metavar="FILE", help=(
+        f"Write the report here (default {REPORT_DEFAULT} in the current directory; - for stdout); written "
+        "whole or not at all."))] = None,
+) -> None:
+    """The morning after: one self-contained HTML file (no script, font or URL; it opens from a file:// path
+    offline) with a timeline of every job, charts of job memory, MemAvailable, temperature and VRAM against their
+    limits with the warnings, pauses, resumes and breaches marked, and a table of the jobs. Times are UTC."""
+    from safegate.commands.report import report as make_report
+
+    written = make_report(logs or [], output or REPORT_DEFAULT)
+    echo(written.html.rstrip("\n") if written.path == "-" else f"wrote {written.path}: {written.summary}")
+
+
 slurm_app = typer.Typer(help="Safegate inside Slurm.", no_args_is_help=True)
 app.add_typer(slurm_app, name="slurm")
 
@@ -377,15 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         echo("safegate: interrupted", err=True)
         return ExitCode.for_signal(signal.SIGINT)
     except typer.TyperException as exc:
-        # click's usage errors (unknown option, missing value, no command): one line, exit 2.
-        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
-        ctx = getattr(exc, "ctx", None)
-        if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:
-            echo(ctx.get_help(), err=True, controls=True)
-            return int(ExitCode.USAGE)
-        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-        echo(f"safegate: {printable(' '.join(message.split()))}{hint}", err=True)
-        return int(ExitCode.USAGE)
+        return usage_failure(exc)
     except Exception as exc:
         if os.environ.get("SAFEGATE_DEBUG"):
             raise

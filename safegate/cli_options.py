@@ -30,6 +30,8 @@ class PlainUsage(TyperCommand):
         return [re.sub(r"^\{(.*)\}$", r"\1", piece) for piece in super().collect_usage_pieces(ctx)]
 
 
+REPORT_DEFAULT = "safegate-report.html"  # `report` without -o writes this, in the current directory
+
 # Where pip, a venv or pipx put the man page and completions (pyproject's data-files), under a prefix.
 INSTALLED_DOCS = (("man page", "share/man/man1/safegate.1"),
                   ("bash completion", "share/bash-completion/completions/safegate.bash"),
@@ -239,3 +241,35 @@ def fill_closed_stdio() -> None:
                 os.dup2(opened, fd)
                 os.close(opened)
             os.set_inheritable(fd, True)  # os.open is close-on-exec: the job must keep its 0/1/2
+
+
+def event_printer(quiet: bool, shown: Any) -> Callable[[Any], None]:
+    """exec's events as stderr lines: not the timeline's samples (those are for --log), and with -q only warnings,
+    breaches and errors."""
+    chatty = {"admitted", "exit", "summary", "cleanup", "notice"}
+
+    def on_event(event: Any) -> None:
+        if event.kind == "sample":
+            return
+        shown.end_line()
+        if not (quiet and event.kind in chatty):
+            prefix = f"{event.kind}: " if event.kind in ("summary", "warning", "breach") else ""
+            # A closed terminal or pipe must not be what stops the watch: the job goes on, still watched.
+            echo(f"safegate: {prefix}{printable(event.message)}", err=True)
+
+    return on_event
+
+
+def usage_failure(exc: Exception) -> int:
+    """click's usage errors (unknown option, missing value, no command) as one line, exit 2; no arguments at all
+    prints the help."""
+    from safegate.exitcodes import ExitCode
+
+    message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+    ctx = getattr(exc, "ctx", None)
+    if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:
+        echo(ctx.get_help(), err=True, controls=True)
+        return int(ExitCode.USAGE)
+    hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+    echo(f"safegate: {printable(' '.join(message.split()))}{hint}", err=True)
+    return int(ExitCode.USAGE)

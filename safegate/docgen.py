@@ -101,6 +101,7 @@ EXAMPLES = [
     ("Run a job under the gate, waiting for its turn", "safegate exec --wait -- whisper --model large-v3 a.mp3"),
     ("Stop a training run before it eats the machine",
      "safegate exec --max-mem 12G --log run.jsonl -- python train.py"),
+    ("The morning after: one HTML page of the night's jobs", "safegate report run.jsonl -o night.html"),
     ("As many jobs as fit now (nothing when none does)",
      "n=$(safegate slots -p small-model --max 8) && ls *.wav | xargs -P \"$n\" -n 1 small-model"),
 ]
@@ -180,8 +181,9 @@ def man_page() -> str:
         ".SH DESCRIPTION",
         _roff("safegate answers \"is it safe to start this job now?\" with an exit code (check), runs a job under "
               "the gate and stops it before it takes the machine down (exec), and reports the machine, its locks "
-              "and how many jobs fit (status, locks, slots), and drains a Slurm node that is unsafe "
-              "(slurm health). Waiters are served in arrival order (queue)."),
+              "and how many jobs fit (status, locks, slots, metrics), turns exec's logs into one HTML report of "
+              "the night (report), and drains a Slurm node that is unsafe (slurm health). Waiters are served in "
+              "arrival order (queue)."),
         ".SH COMMANDS",
     ]
     for name, cmd in commands:

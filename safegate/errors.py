@@ -44,6 +44,12 @@ class CgroupError(SafegateError):
     exit_code = ExitCode.CONFIG
 
 
+class LogError(SafegateError):
+    """`report`: a log that cannot be read, a line that is not JSON, or events not of exec --log's shape."""
+
+    exit_code = ExitCode.BAD_LOG
+
+
 class ValueParseError(ValueError):
     """A size, duration, temperature or name that does not parse.
 

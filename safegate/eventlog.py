@@ -58,6 +58,7 @@ class EventLog:
             "time": datetime.fromtimestamp(event.time, tz=timezone.utc).isoformat(timespec="milliseconds"),
             "event": event.kind,
             "message": event.message,
+            "safegate_pid": os.getpid(),  # tells apart the jobs of concurrent execs logging to one file
             **event.data,
         }
         line = (json.dumps(record, default=str) + "\n").encode("utf-8")

@@ -12,6 +12,7 @@ class ExitCode(IntEnum):
     OK = 0
     USAGE = 2
     CONFIG = 3
+    BAD_LOG = 4
     MEMORY = 10
     GPU_MEMORY = 11
     THERMAL = 12
@@ -38,6 +39,7 @@ _MEANINGS: dict[ExitCode, str] = {
     ExitCode.OK: "every check passed: safe to start (exec: the job exited 0)",
     ExitCode.USAGE: "usage error: bad option or value (including a bad lock name)",
     ExitCode.CONFIG: "configuration error: unreadable or invalid config file, unknown profile, unusable lock dir",
+    ExitCode.BAD_LOG: "report: a log that cannot be read or is not safegate exec --log output",
     ExitCode.MEMORY: "blocked: not enough RAM for need + margin (or memory pressure too high)",
     ExitCode.GPU_MEMORY: "blocked: not enough GPU memory",
     ExitCode.THERMAL: "blocked: too hot",

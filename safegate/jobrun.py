@@ -224,7 +224,8 @@ def _supervise(settings: Settings, argv: Sequence[str], verdict: Verdict, held: 
     on_event(Event("admitted", f"started pid {pid} (profile {settings.profile.name}, lock {lock}): "
                                f"{printable_command(argv)}{gpu_note}",
                    {"pid": pid, "profile": settings.profile.name, "lock": lock, "argv": list(argv),
-                    "max_mem": limits.max_mem, "min_available": limits.min_available,
+                    "max_mem": limits.max_mem, "min_available": limits.min_available, "max_temp": limits.max_temp,
+                    "max_gpu_mem": limits.gpu.max_job if limits.gpu is not None else None,
                     "cgroup": supervisor.cgroup.path if supervisor.cgroup is not None else None, **gpu_env}))
     if held.metadata_error:
         on_event(Event("warning", held.metadata_error))

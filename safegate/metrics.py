@@ -23,6 +23,9 @@ _HELP = {
     "safegate_lock_held": "1 while the lock is held, else 0.",
     "safegate_lock_holder_need_bytes": "Memory the lock's holder reserved for its job.",
     "safegate_lock_holder_used_bytes": "Memory the lock holder's job used at its last sample.",
+    "safegate_lock_waiters": "Waiters in line for the lock (check --wait, exec --wait); lock \"\" for profiles "
+                             "without one.",
+    "safegate_lock_oldest_wait_seconds": "How long the earliest waiter in line for the lock has waited (0: none).",
     "safegate_profile_runs": "Runs of the profile in exec's history.",
     "safegate_profile_last_exit_code": "Exit status of the profile's last recorded run.",
     "safegate_profile_last_peak_memory_bytes": "Peak memory of the profile's last recorded run.",
@@ -68,6 +71,9 @@ def prometheus_text(report: StatusReport, history: Mapping[str, list[Run]]) -> s
         if holder is not None:
             add("safegate_lock_holder_need_bytes", holder.need, lock=lock.name, profile=holder.profile or "")
             add("safegate_lock_holder_used_bytes", holder.used, lock=lock.name, profile=holder.profile or "")
+    for lock_name, (count, oldest) in waiters_by_lock(report).items():
+        add("safegate_lock_waiters", count, lock=lock_name)
+        add("safegate_lock_oldest_wait_seconds", oldest, lock=lock_name)
     for profile, runs in sorted(history.items()):
         add("safegate_profile_runs", len(runs), profile=profile)
         if runs:
@@ -77,6 +83,19 @@ def prometheus_text(report: StatusReport, history: Mapping[str, list[Run]]) -> s
             add("safegate_profile_last_run_timestamp_seconds", last.time, profile=profile)
     add("safegate_scrape_timestamp_seconds", report.time)
     return "".join(_family(name, lines) for name, lines in samples.items() if lines)
+
+
+def waiters_by_lock(report: StatusReport) -> dict[str, tuple[int, float]]:
+    """Per lock, the waiters in line and the oldest one's wait in seconds: every lock of the lock dir (0 waiters
+    for a free line), and the lock of every waiter ("" for profiles without a lock)."""
+    lines: dict[str, tuple[int, float]] = {lock.name: (0, 0.0) for lock in report.locks
+                                           if lock.legacy_pid is None}
+    for ticket in report.waiters:
+        name = ticket.lock or ""
+        count, oldest = lines.get(name, (0, 0.0))
+        waited = max(0.0, round(report.time - ticket.arrival / 1e9, 3))
+        lines[name] = (count + 1, max(oldest, waited))
+    return dict(sorted(lines.items()))
 
 
 def _family(name: str, lines: Iterable[str]) -> str:

@@ -78,6 +78,7 @@ class Sampler:
         self._thermal = ThermalWatch(limits)
         self._gpu_pace, self._thermal_pace = Pace(GPU_EVERY), Pace(THERMAL_EVERY)
         self._cards: tuple[GpuInfo, ...] = ()  # the job's GPUs at the last GPU sample: their heat counts too
+        self._job_vram: int | None = None  # the job's own VRAM at the last GPU read
         self._hottest: float | None = None
         self._gap, self._last_event = TIMELINE_EVERY[1], float("-inf")
 
@@ -104,7 +105,7 @@ class Sampler:
         gpus = [{"index": g.index, "used": g.used, "temp": g.temp} for g in self._cards]
         data = {"job_memory": sample.job_mem, "available": sample.available, "pressure": self.probes.pressure(),
                 "job_pressure": job_pressure,
-                "temp": self._hottest, "gpus": gpus}
+                "temp": self._hottest, "gpus": gpus, "job_gpu_memory": self._job_vram}
         return Event("sample", f"job {format_bytes(sample.job_mem)}, MemAvailable {format_bytes(sample.available)}",
                      data)
 
@@ -118,6 +119,7 @@ class Sampler:
         self._cards = cards
         job = self.job
         job_vram = watch.job_vram(cards, {*job.members(), job.leader}, self.probes.pid_map())
+        self._job_vram = job_vram
         self.stats.gpus(cards, job_vram)
         if self.on_gpu_sample is not None:
             self.on_gpu_sample(job_vram)

@@ -38,7 +38,7 @@ def _help_options(run: Run, *command: str) -> set[str]:
     return set(re.findall(r"(?<![\w-])(--[a-z][a-z-]+)", options)) - {"--help"}
 
 
-@pytest.mark.parametrize("command", ["check", "exec"])
+@pytest.mark.parametrize("command", ["check", "exec", "report"])
 def test_readme_option_table_matches_help(run: Run, command: str) -> None:
     table = README.split(f"<!-- options: {command} -->", 1)[1].split("\n\n", 1)[0]
     documented = set(re.findall(r"(--[a-z][a-z-]+)", table))
@@ -67,7 +67,8 @@ def test_ci_runs_exactly_the_readme_test_command() -> None:
 
 
 def _all_options(run: Run) -> dict[str, set[str]]:
-    commands = ["check", "exec", "slots", "locks", "queue", "unlock", "profiles", "status", "slurm health"]
+    commands = ["check", "exec", "slots", "locks", "queue", "unlock", "profiles", "status", "report", "metrics",
+                "slurm health"]
     return {c: _help_options(run, *c.split()) for c in commands}
 
 

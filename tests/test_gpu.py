@@ -303,3 +303,31 @@ def test_two_execs_on_one_card_see_each_others_reservation(
     assert second.returncode == ExitCode.GPU_MEMORY and "reserved" in second.stderr
     os.kill(first.pid, signal.SIGTERM)
     first.wait(timeout=TIMEOUT)
+
+
+def test_report_charts_vram_per_gpu_and_the_jobs_own(run: Run, config: Path, lock_dir: Path, procs: Procs,
+                                                      gpu_env: Callable[..., dict[str, str]], tmp_path: Path) -> None:
+    # A real exec --log against the fake NVML: its samples carry the card's VRAM and the job's own, which
+    # `safegate report` charts (per GPU, and against --max-gpu-mem), and the job's peak lands in the table.
+    gpus = [card(0, 20)]
+    env = gpu_env(gpus)
+    state = gpu_env.state  # type: ignore[attr-defined]
+    per_read = _opens_per_read(env, state)
+    log = tmp_path / "gpu.jsonl"
+    gate = procs.spawn([sys.executable, "-m", "safegate", "exec", "--config", str(config), "--mem", "0", "--log",
+                        str(log), "--gpu", "0", "--max-gpu-mem", "4G", "--grace", "2s", "--", "sleep", "600"],
+                       env=env)
+    pid = wait_until(lambda: job_pid(lock_dir), what="the job")
+    write_state(state, gpus, [FakeProc(0, pid, 2 * GiB)])
+    _full_sample(state, per_read, "a sample at 2 GiB")
+    wait_until(lambda: '"job_gpu_memory": 2147483648' in log.read_text(), what="a sample event at 2 GiB")
+    write_state(state, gpus, [FakeProc(0, pid, 5 * GiB)])
+    assert gate.wait(timeout=TIMEOUT) == ExitCode.KILLED_GPU_MEMORY
+    samples = [json.loads(line) for line in log.read_text().splitlines() if '"sample"' in line]
+    assert any(s["gpus"] and s["gpus"][0]["index"] == 0 and s["gpus"][0]["used"] for s in samples)
+    result = run("report", str(log), "-o", "-")
+    assert result.returncode == 0, result.stderr
+    page = result.stdout
+    assert 'aria-label="VRAM used on GPU 0 (the whole card, while each job ran)"' in page
+    assert "The job&#x27;s own VRAM (dashed: its --max-gpu-mem)" in page
+    assert "stopped for gpu (exit 21)" in page and ">5.0 GiB</td>" in page

@@ -109,8 +109,8 @@ def test_exec_log_events_are_documented(run: Run, config: Path, tmp_path: Path) 
         "--", "python3", "-c", "import time; b = b'x' * (100 << 20); time.sleep(600)")
     events = [json.loads(line) for line in log.read_text().splitlines()]
     text = section("safegate exec --log FILE")
-    common = set(re.findall(r"^\| `(\w+)` \| (?:string)", text, re.MULTILINE))
-    assert common == {"time", "event", "message"}
+    common = set(re.findall(r"^\| `(\w+)` \| (?:string|integer)", text, re.MULTILINE))
+    assert common == {"time", "event", "message", "safegate_pid"}
     rows = {}
     for names, extra in re.findall(r"^\| (`[\w`, ]+`) \| (.*?) \|$", text, re.MULTILINE):
         for name in re.findall(r"`(\w+)`", names):

@@ -4,10 +4,11 @@ a real sensor file and exec's real history; `--textfile DIR` written whole for n
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
-from support import Procs, Run, hold_with_safegate, neutral_config, set_temp
+from support import PY, TIMEOUT, Procs, Run, hold_with_flock, hold_with_safegate, neutral_config, set_temp, wait_until
 
 parser = pytest.importorskip("prometheus_client.parser", reason="prometheus_client (the test extra) is not installed")
 
@@ -62,3 +63,19 @@ def test_textfile_is_written_whole_and_a_missing_directory_is_a_usage_error(run:
     missing = run("metrics", "--config", str(config), "--textfile", str(tmp_path / "nope"))
     assert missing.returncode == 2
     assert missing.stderr.strip().count("\n") == 0 and "is not a directory" in missing.stderr
+
+
+def test_waiters_in_line_per_lock_with_the_oldest_wait(run: Run, config: Path, lock_dir: Path, procs: Procs) -> None:
+    # A real waiter: `check --wait` blocked by a flock(1) holder of the lock file, its ticket in the lock dir.
+    hold_with_flock(procs, lock_dir / "heavy.lock")
+    hold_with_safegate(procs, lock_dir, "whisper-large", profile="whisper-large-v3")
+    waiter = procs.spawn([PY, "-m", "safegate", "check", "--config", str(config), "--mem", "0", "--lock", "heavy",
+                          "--wait", "-q"], env=run.env)
+    wait_until(lambda: list(lock_dir.glob(".ticket.*.json")), what="the waiter's ticket")
+    time.sleep(0.3)  # so the oldest wait is measurably above 0
+    families = _families(run("metrics", "--config", str(config)).stdout)
+    waiters = dict((labels["lock"], value) for labels, value in families["safegate_lock_waiters"])
+    assert waiters == {"heavy": 1.0, "whisper-large": 0.0}, waiters
+    oldest = dict((labels["lock"], value) for labels, value in families["safegate_lock_oldest_wait_seconds"])
+    assert oldest["whisper-large"] == 0.0 and 0.3 <= oldest["heavy"] < TIMEOUT + 60, oldest
+    assert waiter.poll() is None  # still in line
