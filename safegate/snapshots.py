@@ -174,4 +174,5 @@ class Ticket:
     arrival: int  # time.time_ns() at arrival: the order of service
     blocked_by: str = ""  # the failing checks of its last evaluation, comma-separated; "queue" when held in line
     reason: str = ""  # its last blocking summary, for `safegate queue`
+    memory_only: bool = False  # at its last evaluation only memory blocked it (short, or held back in line for it)
     path: Path | None = None  # its file in the lock dir; None for a caller that does not wait (no file)
