@@ -9,7 +9,6 @@ process, or a dead one, in line. Waiting in line in person is what anyone may do
 from __future__ import annotations
 
 import contextlib
-import getpass
 import json
 import os
 import stat
@@ -17,8 +16,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
-
-import psutil
 
 from safegate.fairness import blocked_by, waits_only_for_memory
 from safegate.locks.directory import O_NOFOLLOW, O_NONBLOCK
@@ -33,6 +30,8 @@ TICKET_MAX_BYTES = 4096
 
 def take_ticket(directory: Path, lock: str | None, profile: str, need: int) -> Ticket:
     """A new ticket, stamped now, not yet in the lock dir: Line posts it with its first judgement."""
+    import psutil
+
     me = psutil.Process()
     arrival = time.time_ns()
     return Ticket(pid=me.pid, start_time=me.create_time(), user=_user(), lock=lock, profile=profile,
@@ -190,6 +189,8 @@ def _uid_of(pid: int) -> int:
     try:
         return os.stat(f"/proc/{pid}").st_uid
     except OSError:
+        import psutil
+
         try:
             return int(psutil.Process(pid).uids().real)
         except psutil.Error:
@@ -197,6 +198,8 @@ def _uid_of(pid: int) -> int:
 
 
 def _user() -> str:
+    import getpass
+
     try:
         return getpass.getuser()
     except (KeyError, OSError):
