@@ -96,11 +96,14 @@ def test_the_fast_path_knows_exactly_the_options_of_the_typer_command() -> None:
 # --- the real thing, in subprocesses ------------------------------------------------------------------------------
 
 
-def _both(run: Run, *args: str) -> tuple[subprocess.CompletedProcess[str], subprocess.CompletedProcess[str]]:
-    fast = subprocess.run([PY, "-m", "safegate", *args], env=run.env, capture_output=True, text=True,
-                          timeout=TIMEOUT)
-    slow = subprocess.run([PY, "-c", TYPER_MAIN, *args], env=run.env, capture_output=True, text=True,
-                          timeout=TIMEOUT)
+Result = subprocess.CompletedProcess[str]
+
+
+def _both(run: Run, *args: str, **env: str) -> tuple[Result, Result]:
+    fast = subprocess.run([PY, "-m", "safegate", *args], env={**run.env, **env}, capture_output=True, text=True,
+                          errors="surrogateescape", timeout=TIMEOUT)
+    slow = subprocess.run([PY, "-c", TYPER_MAIN, *args], env={**run.env, **env}, capture_output=True, text=True,
+                          errors="surrogateescape", timeout=TIMEOUT)
     return fast, slow
 
 
@@ -124,6 +127,15 @@ def test_bad_input_gets_the_same_message_and_code(run: Run, config: Path, args: 
     fast, slow = _both(run, "check", "--config", str(config), *args)
     assert fast.returncode in {2, 3}, fast.stderr
     _same(fast, slow)
+
+
+@pytest.mark.parametrize("encoding", ["ascii", "latin-1", "utf-8"])
+def test_a_stream_of_any_encoding_gets_the_same_bytes(run: Run, config: Path, encoding: str) -> None:
+    # An ASCII stream is one click re-wraps as UTF-8: the fast path hands such streams to typer.echo.
+    for args in (["--mem", "caf\u00e9"], ["-p", "\u00e9t\u00e9"], ["--lock", "\u00fc/x"]):
+        fast, slow = _both(run, "check", "--config", str(config), *args, PYTHONIOENCODING=encoding)
+        assert fast.returncode in {2, 3} and fast.stderr, fast
+        _same(fast, slow)
 
 
 def test_a_missing_or_broken_config_gets_the_same_message(run: Run, tmp_path: Path) -> None:
