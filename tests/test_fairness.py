@@ -3,9 +3,15 @@ dir (safegate.locks.queue): only with its first judgement, saying whether memory
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
+import signal
+import time
 from pathlib import Path
+
+import psutil
+from support import PY, TIMEOUT, Procs, Run, meminfo_available, neutral_config, wait_until
 
 from safegate.exitcodes import ExitCode
 from safegate.fairness import QUEUE, blocked_by, in_line, waits_only_for_memory
@@ -106,3 +112,36 @@ def test_a_ticket_written_before_memory_only_existed_reads_by_its_blocked_by(tmp
         data["blocked_by"] = blocked
         line.ticket.path.write_text(json.dumps(data))
         assert [t.memory_only for t in read_tickets(tmp_path)] == [expected]
+
+
+def test_a_later_small_job_waits_for_a_big_waiter_held_back_in_line(run: Run, tmp_path: Path, sensor: Path,
+                                                                     lock_dir: Path, procs: Procs) -> None:
+    # The race of issue 14, made deterministic. An earlier waiter for memory (a live process of ours in line, whose
+    # ticket says memory as a waiter's does until it looks again) holds back a big waiter that would fit alone; the
+    # big one then waits only for memory, so a small job arriving after it must not start when both do not fit.
+    # Counted by its "queue" label alone, the big waiter was passed by every small job arriving then.
+    config = tmp_path / "config.toml"
+    config.write_text(neutral_config(sensor, "[profiles.free]\nlock = false\n"))  # no lock: memory alone decides
+    avail = meminfo_available()
+    earlier, big, small = int(avail * 0.4), int(avail * 0.75), int(avail * 0.4)
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    sleeper = procs.spawn(["sleep", "600"])
+    arrival = time.time_ns() - 1_000_000_000
+    ticket = {"pid": sleeper.pid, "start_time": psutil.Process(sleeper.pid).create_time(), "user": getpass.getuser(),
+              "lock": None, "profile": "earlier", "need": earlier, "arrival": arrival, "blocked_by": "memory",
+              "reason": "memory: short", "memory_only": True}
+    (lock_dir / f".ticket.{arrival:020d}.{sleeper.pid}.json").write_text(json.dumps(ticket))
+    gate = ["--config", str(config), "-p", "free"]
+    waiter = procs.spawn([PY, "-m", "safegate", "check", *gate, "--mem", str(big), "--wait", "-q"], env=run.env)
+    wait_until(lambda: [t for t in read_tickets(lock_dir) if t.pid == waiter.pid and t.blocked_by == "queue"],
+               what="the big waiter held back in line")
+    [held] = [t for t in read_tickets(lock_dir) if t.pid == waiter.pid]
+    assert held.memory_only and held.need == big
+    result = run("check", *gate, "--mem", str(small), "--json")
+    memory = next(c for c in json.loads(result.stdout)["checks"] if c["name"] == "memory")
+    assert result.returncode == ExitCode.MEMORY, result.stdout
+    assert memory["status"] == "fail" and f"pid {waiter.pid} " in memory["reason"], memory
+    # Once the earlier waiter is gone, the big one starts (it fits alone), and the small one after it.
+    os.kill(sleeper.pid, signal.SIGKILL)
+    assert waiter.wait(timeout=TIMEOUT) == 0
+    assert run("check", *gate, "--mem", str(small), "-q").returncode == 0
