@@ -1,5 +1,5 @@
 import sys
 
-from safegate.cli import main
+from safegate.fastpath import main
 
 sys.exit(main())

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 from typing import Annotated
 
@@ -26,21 +25,27 @@ from safegate.cli_options import (
     TimeoutOpt,
     WaitOpt,
     complete_locks,
-    echo,
     event_printer,
-    fill_closed_stdio,
-    gate_overrides,
-    parse_overrides,
-    parsed,
-    progress,
-    safe_lines,
     setting_option,
     usage_failure,
     version_text,
+)
+from safegate.cli_plain import (
+    echo,
+    failure_code,
+    fill_closed_stdio,
+    gate_overrides,
+    interrupted,
+    parse_overrides,
+    parsed,
+    progress,
+    reported,
+    safe_lines,
     wait_timeout,
 )
 from safegate.errors import SafegateError, UsageError
-from safegate.exitcodes import ExitCode, table_plain
+from safegate.exitcodes import table_plain
+from safegate.fastpath import COMPLETE_VAR, check_command
 from safegate.render import (
     check_line,
     lock_json,
@@ -51,15 +56,12 @@ from safegate.render import (
     render_lock,
     status_json,
     status_text,
-    verdict_json,
-    verdict_text,
 )
 from safegate.results import Verdict
 from safegate.slurm import DEFAULT_PREFIX
 from safegate.units import printable, validate_lock_name
 
 # "\b" keeps click from re-wrapping the table into one paragraph.
-COMPLETE_VAR = "_SAFEGATE_COMPLETE"
 EXIT_CODES_EPILOG = "\b\nExit codes:\n" + table_plain()
 
 app = typer.Typer(
@@ -113,21 +115,9 @@ def check(
       safegate check -p whisper-large-v3 -q && whisper --model large-v3 talk.mp3
       safegate check --mem 6G --margin 10% --wait --timeout 30m --json
     """
-    from safegate.commands.check import check as run_check
-
-    shown = progress(quiet or json_output)
-    wait_for = wait_timeout(wait, timeout)
-    verdict = run_check(config, profile, gate_overrides(mem, margin, max_temp, lock, gpu, gpu_mem), wait=wait,
-                        timeout=wait_for, on_blocked=shown)
-    shown.finish(verdict, wait_for if wait else None)
-    if json_output:
-        echo(verdict_json(verdict))
-    elif quiet:
-        for failure in verdict.failures:
-            echo(f"safegate: {check_line(failure)}", err=True)
-    else:
-        echo(verdict_text(verdict))
-    raise typer.Exit(int(verdict.exit_code))
+    raise typer.Exit(check_command(profile=profile, mem=mem, margin=margin, max_temp=max_temp, lock=lock, gpu=gpu,
+                                   gpu_mem=gpu_mem, wait=wait, timeout=timeout, json_output=json_output, quiet=quiet,
+                                   config=config))
 
 
 @app.command("exec", short_help="Run a job under the gate, and watch it.", epilog=EXIT_CODES_EPILOG,
@@ -378,20 +368,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = app(args=args, prog_name="safegate", standalone_mode=False)
     except SafegateError as exc:
-        echo(f"safegate: {printable(str(exc))}", err=True)  # the last word; unwritable, the code still tells
-        return int(exc.exit_code)
+        return reported(exc)
     except typer.Exit as exc:
         return int(exc.exit_code)
     except (typer.Abort, KeyboardInterrupt):
-        echo("safegate: interrupted", err=True)
-        return ExitCode.for_signal(signal.SIGINT)
+        return interrupted()
     except typer.TyperException as exc:
         return usage_failure(exc)
     except Exception as exc:
-        if os.environ.get("SAFEGATE_DEBUG"):
+        code = failure_code(exc)
+        if code is None:
             raise
-        echo(f"safegate: internal error: {type(exc).__name__}: {printable(str(exc))}", err=True)
-        return int(ExitCode.INTERNAL)
+        return code
     return int(result) if isinstance(result, int) else 0
 
 

@@ -38,6 +38,8 @@ def _program_matches(regex: BoundedRegex, program: str) -> bool:
 
 @dataclass(frozen=True)
 class _Tried:
+    """What one rule made of one process."""
+
     matched: str | None  # what the rule found; None: no match
     whole: bool  # the rule read everything it looks at
 

@@ -71,6 +71,8 @@ class CompetingRule:
 
 @dataclass(frozen=True)
 class Profile:
+    """One profile: a job's needs, limits and manners, from the built-ins or the config file."""
+
     name: str
     source: str
     description: str = ""
@@ -111,6 +113,8 @@ class Profile:
 
 @dataclass(frozen=True)
 class ThermalConfig:
+    """Where temperatures come from: psutil sensors (by pattern) and raw sysfs files."""
+
     sensors: tuple[str, ...] = DEFAULT_CPU_SENSORS
     ignore: tuple[str, ...] = ()
     files: tuple[str, ...] = ()
@@ -119,6 +123,8 @@ class ThermalConfig:
 
 @dataclass(frozen=True)
 class Config:
+    """The whole config file, validated, with the built-in profiles."""
+
     path: Path | None
     lock_dir: Path | None
     legacy_lock_files: tuple[Path, ...]

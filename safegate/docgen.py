@@ -16,8 +16,9 @@ from typing import Any
 import typer
 
 from safegate import __version__
-from safegate.cli import COMPLETE_VAR, app
+from safegate.cli import app
 from safegate.exitcodes import ExitCode
+from safegate.fastpath import COMPLETE_VAR
 from safegate.procctl import FORWARDED
 from safegate.settings import SETTINGS
 

@@ -20,6 +20,14 @@ def blocked_by(checks: Sequence[CheckResult]) -> str:
     return ",".join(sorted({QUEUE if c.caused_by == QUEUE else c.name for c in checks if c.blocks}))
 
 
+def waits_only_for_memory(checks: Sequence[CheckResult]) -> bool:
+    """Whether memory is all a waiter waits for: short of it, or held back in line for an earlier waiter that
+    waits for memory (still memory, only someone else's turn first). Later arrivals must not delay such a waiter
+    either way: were a held-back waiter not counted, each small job admitted past it would start ahead of it."""
+    failing = [c for c in checks if c.blocks]
+    return bool(failing) and all(c.name == "memory" for c in failing)
+
+
 def _ahead(me: Ticket, tickets: Sequence[Ticket]) -> list[Ticket]:
     return [t for t in tickets if (t.arrival, t.pid) < (me.arrival, me.pid) and t.pid != me.pid]
 
@@ -61,7 +69,7 @@ def _held_back_by(mem: MemoryValues, margin: int, me: Ticket, ahead: Sequence[Ti
         return None  # takes nothing: delays no one
     for t in ahead:
         # A need larger than the machine never fits: waiting for it would stop everyone forever.
-        waits_for_memory = t.blocked_by == "memory" and 0 < t.need <= mem.total
+        waits_for_memory = t.memory_only and 0 < t.need <= mem.total
         if waits_for_memory and (me.lock is None or t.lock != me.lock) and (
                 mem.available - mem.reserved - mem.need - t.need < margin):
             return t

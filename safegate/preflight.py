@@ -273,7 +273,10 @@ def wait_until_clear(
     with _in_line(settings) as line:
 
         def attempt(resuming: bool) -> tuple[Verdict, None]:
-            return line.judged(clean_and_evaluate(settings, resuming=resuming, ticket=line.ticket)), None
+            # Arriving is posting, as in admission: no job is admitted between the two (queue.Line).
+            with contextlib.nullcontext() if line.arrived else LockStore(settings.lock_dir).admission():
+                line.arrive()
+                return line.judged(clean_and_evaluate(settings, resuming=resuming, ticket=line.ticket)), None
 
         return retry(attempt, timeout, on_blocked, clock, sleep, pause=_lock_pause(settings, sleep))[0]
 
@@ -363,6 +366,7 @@ def admit(
 def _admit_once(settings: Settings, store: LockStore, argv: Sequence[str], resuming: bool,
                 line: Line) -> tuple[Verdict, HeldLock | None]:
     with store.admission():
+        line.arrive()
         removals = cleanup_stale(settings)
         verdict = line.judged(evaluate(settings, resuming=resuming, removals=removals, ticket=line.ticket))
         if not verdict.ok:

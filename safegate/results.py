@@ -37,6 +37,8 @@ class _Keyed:
 
 @dataclass(frozen=True)
 class MemoryValues(_Keyed):
+    """The memory check's figures, in bytes."""
+
     available: int
     total: int
     reserved: int  # what admitted jobs still loading will take
@@ -46,17 +48,23 @@ class MemoryValues(_Keyed):
 
 @dataclass(frozen=True)
 class PressureValues(_Keyed):
+    """The pressure check's figure: PSI memory 'some avg10', in percent."""
+
     some_avg10: float | None
 
 
 @dataclass(frozen=True)
 class GpuTemp:
+    """One GPU's temperature and the limit it was judged by."""
+
     temp: float
     limit: float
 
 
 @dataclass(frozen=True)
 class ThermalValues(_Keyed):
+    """The thermal check's figures: the hottest reading, every sensor's, the GPUs'."""
+
     hottest: float | None
     sensor: str | None
     sensors: Mapping[str, float]
@@ -66,6 +74,8 @@ class ThermalValues(_Keyed):
 
 @dataclass(frozen=True)
 class GpuValues(_Keyed):
+    """The GPU check's figures: what NVML reported and which GPUs the job may use."""
+
     backend: str
     driver: str | None
     need: int
@@ -78,6 +88,8 @@ class GpuValues(_Keyed):
 
 @dataclass(frozen=True)
 class LockValues(_Keyed):
+    """The lock check's figures: the lock, its holder, the legacy PID files."""
+
     lock: str | None
     path: str | None
     held: bool
@@ -88,6 +100,8 @@ class LockValues(_Keyed):
 
 @dataclass(frozen=True)
 class CompetingMatch:
+    """A process a competing rule matched, and what it matched."""
+
     process: ProcessInfo
     rule: CompetingRule
     matched: str = ""  # the text the rule found: the program name, and what its args or pattern matched
@@ -107,12 +121,16 @@ class Unmatched:
 
 @dataclass(frozen=True)
 class CompetingValues(_Keyed):
+    """The competing check's figures: the matches and what could not be judged in full."""
+
     matches: tuple[CompetingMatch, ...]  # blocking first, then by RSS
     unmatched: tuple[Unmatched, ...] = ()  # heaviest first
 
 
 @dataclass(frozen=True)
 class StaleValues(_Keyed):
+    """The stale check's figures: what cleanup removed."""
+
     removed: tuple[Removal, ...]
 
 
@@ -123,6 +141,8 @@ V = TypeVar("V", MemoryValues, PressureValues, ThermalValues, GpuValues, LockVal
 
 @dataclass(frozen=True)
 class CheckResult:
+    """One check's outcome: passed, warned or failed, why, with its figures and thresholds."""
+
     name: str
     status: Status
     reason: str
@@ -140,6 +160,8 @@ class CheckResult:
 
 @dataclass(frozen=True)
 class Verdict:
+    """Every check of one evaluation, and the exit code they make."""
+
     profile: str
     checks: tuple[CheckResult, ...]
 

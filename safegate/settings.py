@@ -43,6 +43,8 @@ RESUME_BELOW = 5.0
 
 @dataclass(frozen=True)
 class Setting:
+    """One setting: its profile key, kind, command-line option and help."""
+
     key: str
     kind: str  # memory, size, temp, percent, duration, interval, signal, nice, on_hot, gpu, lock, text, ...
     help: str

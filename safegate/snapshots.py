@@ -9,6 +9,8 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class MemorySnapshot:
+    """RAM as /proc/meminfo and PSI report it."""
+
     total: int
     available: int  # MemAvailable: what can be allocated without swapping; swap is not counted
     pressure_some_avg10: float | None  # PSI "some avg10" in percent; None where /proc/pressure is absent
@@ -16,6 +18,8 @@ class MemorySnapshot:
 
 @dataclass(frozen=True)
 class SensorReading:
+    """One temperature sensor's reading."""
+
     chip: str
     label: str
     celsius: float
@@ -28,6 +32,8 @@ class SensorReading:
 
 @dataclass(frozen=True)
 class ThermalSnapshot:
+    """Every temperature read, and what could not be."""
+
     readings: tuple[SensorReading, ...]
     notes: tuple[str, ...] = ()  # sensors that could not be read or read implausible values
 
@@ -38,6 +44,8 @@ class ThermalSnapshot:
 
 @dataclass(frozen=True)
 class ProcessInfo:
+    """One process of the process table."""
+
     pid: int
     ppid: int
     cmdline: str  # arguments joined by spaces, as pgrep -f matches them
@@ -50,12 +58,16 @@ class ProcessInfo:
 
 @dataclass(frozen=True)
 class ProcessSnapshot:
+    """The process table, and the pids left out of judging."""
+
     processes: tuple[ProcessInfo, ...]
     excluded: frozenset[int]  # safegate itself, its ancestors, and what it started
 
 
 @dataclass(frozen=True)
 class GpuProcess:
+    """A process using a GPU, and how much of its memory."""
+
     pid: int
     used: int | None  # bytes; None where NVML cannot tell (no per-process accounting)
     kind: str  # compute, graphics, or both
@@ -63,6 +75,8 @@ class GpuProcess:
 
 @dataclass(frozen=True)
 class GpuInfo:
+    """One GPU as NVML reports it."""
+
     index: int
     name: str
     uuid: str
@@ -82,6 +96,8 @@ class GpuInfo:
 
 @dataclass(frozen=True)
 class GpuSnapshot:
+    """Every GPU, or why there are none to check."""
+
     backend: str  # the backend asked for: auto, nvml, none
     status: str  # none (nothing to check), ok, error (nvml asked for and unusable)
     gpus: tuple[GpuInfo, ...] = ()
@@ -132,6 +148,8 @@ class HolderRecord:
 
 @dataclass(frozen=True)
 class LockState:
+    """One lock as the lock dir shows it: held or not, and by whom."""
+
     name: str
     path: Path
     held: bool
@@ -142,6 +160,8 @@ class LockState:
 
 @dataclass(frozen=True)
 class LegacyState:
+    """An old shell gate's PID file, read and judged."""
+
     path: Path
     pid: int | None
     alive: bool
@@ -174,4 +194,5 @@ class Ticket:
     arrival: int  # time.time_ns() at arrival: the order of service
     blocked_by: str = ""  # the failing checks of its last evaluation, comma-separated; "queue" when held in line
     reason: str = ""  # its last blocking summary, for `safegate queue`
+    memory_only: bool = False  # at its last evaluation only memory blocked it (short, or held back in line for it)
     path: Path | None = None  # its file in the lock dir; None for a caller that does not wait (no file)

@@ -10,12 +10,9 @@ before) is read the same way and trusted the same way.
 
 from __future__ import annotations
 
-import getpass
 import json
 import math
 import os
-import secrets
-import socket
 import stat
 import sys
 import time
@@ -23,8 +20,6 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
-
-import psutil
 
 from safegate.errors import LockDirError
 from safegate.locks.directory import HOLDER_SUFFIX, O_NONBLOCK, holder_file_lock, holder_path, open_nofollow
@@ -93,6 +88,10 @@ class Holder(HolderRecord):
     def for_current_process(
         cls, lock: str, profile: str, cmdline: Sequence[str] | None = None, need: int = 0
     ) -> Holder:
+        import socket
+
+        import psutil
+
         me = psutil.Process()
         return cls(
             pid=me.pid,
@@ -141,6 +140,8 @@ def bounded_cmdline(argv: list[str], budget: int = CMDLINE_MAX_JSON) -> list[str
 
 
 def _runs_as(pid: int, start_time: float | None, uid: int) -> bool:
+    import psutil
+
     try:
         proc = psutil.Process(pid)
         if start_time is not None and abs(proc.create_time() - start_time) >= 1.0:
@@ -153,6 +154,8 @@ def _runs_as(pid: int, start_time: float | None, uid: int) -> bool:
 
 def _user_name() -> str:
     try:
+        import getpass
+
         return getpass.getuser()
     except (KeyError, OSError):
         return str(os.getuid())
@@ -174,12 +177,16 @@ class HolderFile:
 
 
 def new_holder_path(directory: Path, name: str) -> Path:
+    import secrets
+
     return directory / f"{validate_lock_name(name)}.holder-{secrets.token_hex(8)}.json"
 
 
 def write_holder(directory: Path, holder: Holder, path: Path | None = None) -> Path:
     """Write *holder* atomically to *path* (a new file of its own when None); the path written."""
     final = path if path is not None else new_holder_path(directory, holder.lock)
+    import secrets
+
     tmp = directory / f".{holder.lock}.{secrets.token_hex(8)}.tmp"
     fd = open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:

@@ -9,8 +9,6 @@ import stat
 from collections.abc import Sequence
 from pathlib import Path
 
-import psutil
-
 from safegate.locks.directory import O_NOFOLLOW, O_NONBLOCK
 from safegate.probes.processes import is_safegate, process_alive, read_small
 from safegate.snapshots import LegacyState, Removal
@@ -41,6 +39,8 @@ def read_legacy(path: Path) -> LegacyState:
     pid = int(text[0])
     alive = process_alive(pid, None)
     if alive:
+        import psutil
+
         # A process started after the file was last written cannot be the one that wrote it: pid reuse.
         try:
             if psutil.Process(pid).create_time() > st.st_mtime + 1:
@@ -55,6 +55,8 @@ def _managed(pid: int) -> bool:
     argv = _argv(pid)
     if is_safegate(argv):
         return True
+    import psutil
+
     try:
         parent = psutil.Process(pid).ppid()
     except psutil.Error:

@@ -9,7 +9,6 @@ process, or a dead one, in line. Waiting in line in person is what anyone may do
 from __future__ import annotations
 
 import contextlib
-import getpass
 import json
 import os
 import stat
@@ -18,9 +17,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
 
-import psutil
-
-from safegate.fairness import blocked_by
+from safegate.fairness import blocked_by, waits_only_for_memory
 from safegate.locks.directory import O_NOFOLLOW, O_NONBLOCK
 from safegate.probes.processes import process_alive
 from safegate.results import Verdict
@@ -32,20 +29,30 @@ TICKET_MAX_BYTES = 4096
 
 
 def take_ticket(directory: Path, lock: str | None, profile: str, need: int) -> Ticket:
-    """A new ticket, written to the lock dir; one that cannot be written still orders this waiter (in memory)."""
+    """A new ticket, stamped now, not yet in the lock dir: Line posts it with its first judgement."""
+    import psutil
+
     me = psutil.Process()
-    ticket = Ticket(pid=me.pid, start_time=me.create_time(), user=_user(), lock=lock, profile=profile,
-                    need=need, arrival=time.time_ns())
-    path = directory / f"{TICKET_PREFIX}{ticket.arrival:020d}.{ticket.pid}{TICKET_SUFFIX}"
-    ticket = replace(ticket, path=path)
-    return ticket if _write(ticket, exclusive=True) else replace(ticket, path=None)
+    arrival = time.time_ns()
+    return Ticket(pid=me.pid, start_time=me.create_time(), user=_user(), lock=lock, profile=profile,
+                  need=need, arrival=arrival, path=_ticket_path(directory, arrival, me.pid))
 
 
-def update_ticket(ticket: Ticket, blocked_by: str, reason: str) -> Ticket:
+def _ticket_path(directory: Path, arrival: int, pid: int) -> Path:
+    return directory / f"{TICKET_PREFIX}{arrival:020d}.{pid}{TICKET_SUFFIX}"
+
+
+def _stamped(ticket: Ticket, arrival: int) -> Ticket:
+    """*ticket* arriving at *arrival* (ns), its file named for it (a caller that does not wait has none)."""
+    path = None if ticket.path is None else _ticket_path(ticket.path.parent, arrival, ticket.pid)
+    return replace(ticket, arrival=arrival, path=path)
+
+
+def update_ticket(ticket: Ticket, blocked_by: str, reason: str, memory_only: bool = False) -> Ticket:
     """The ticket with its current reason for waiting, rewritten only when that changed."""
-    if ticket.blocked_by == blocked_by and ticket.reason == reason:
+    if ticket.blocked_by == blocked_by and ticket.reason == reason and ticket.memory_only == memory_only:
         return ticket
-    ticket = replace(ticket, blocked_by=blocked_by, reason=reason[:500])
+    ticket = replace(ticket, blocked_by=blocked_by, reason=reason[:500], memory_only=memory_only)
     if ticket.path is not None:
         _write(ticket, exclusive=False)
     return ticket
@@ -58,14 +65,35 @@ def drop_ticket(ticket: Ticket) -> None:
 
 
 class Line:
-    """A waiter's ticket, kept current with what it waits for."""
+    """A waiter's ticket, kept current with what it waits for.
+
+    Arriving and posting are one step for everyone else: arrive() stamps the arrival at the waiter's first
+    evaluation (under the admission lock, for exec), and the first judged() writes the file already saying what
+    the waiter waits for. Others never see it half-made: a ticket in the lock dir that did not yet say "memory"
+    would let a later, smaller job start ahead of a big one that waits for memory.
+    """
 
     def __init__(self, ticket: Ticket) -> None:
         self.ticket = ticket
+        self.arrived = False
+        self.posted = False
+
+    def arrive(self) -> None:
+        """Take the place in line now, at the first evaluation (not when the process started); once only."""
+        if not self.arrived:
+            self.ticket = _stamped(self.ticket, time.time_ns())
+            self.arrived = True
 
     def judged(self, verdict: Verdict) -> Verdict:
         summary = "; ".join(f"{c.name}: {c.reason}" for c in verdict.failures)
-        self.ticket = update_ticket(self.ticket, blocked_by(verdict.checks), summary)
+        blocked, memory_only = blocked_by(verdict.checks), waits_only_for_memory(verdict.checks)
+        if self.posted:
+            self.ticket = update_ticket(self.ticket, blocked, summary, memory_only)
+        elif not verdict.ok:  # admitted at once: no one needs to see it in line
+            self.ticket = replace(self.ticket, blocked_by=blocked, reason=summary[:500], memory_only=memory_only)
+            if self.ticket.path is not None and not _write(self.ticket, exclusive=True):
+                self.ticket = replace(self.ticket, path=None)  # it still orders this waiter (in memory)
+            self.posted = True
         return verdict
 
 
@@ -76,7 +104,8 @@ def waiting_in_line(directory: Path, lock: str | None, profile: str, need: int) 
     try:
         yield line
     finally:
-        drop_ticket(line.ticket)
+        if line.posted:
+            drop_ticket(line.ticket)
 
 
 def read_tickets(directory: Path, *, sweep: bool = False) -> list[Ticket]:
@@ -146,7 +175,9 @@ def _read(path: Path) -> tuple[Ticket | None, int]:
         ticket = Ticket(pid=int(data["pid"]), start_time=float(data["start_time"]), user=str(data["user"]),
                         lock=None if lock is None else str(lock), profile=str(data["profile"]),
                         need=int(data["need"]), arrival=int(data["arrival"]), blocked_by=str(data["blocked_by"]),
-                        reason=str(data["reason"]), path=path)
+                        reason=str(data["reason"]), path=path,
+                        # Written since memory_only existed; before, only "memory" meant memory alone.
+                        memory_only=bool(data.get("memory_only", data["blocked_by"] == "memory")))
     except (ValueError, KeyError, TypeError, RecursionError):
         return None, -1
     if ticket.pid <= 0 or ticket.start_time != ticket.start_time or abs(ticket.start_time) == float("inf"):
@@ -158,6 +189,8 @@ def _uid_of(pid: int) -> int:
     try:
         return os.stat(f"/proc/{pid}").st_uid
     except OSError:
+        import psutil
+
         try:
             return int(psutil.Process(pid).uids().real)
         except psutil.Error:
@@ -165,6 +198,8 @@ def _uid_of(pid: int) -> int:
 
 
 def _user() -> str:
+    import getpass
+
     try:
         return getpass.getuser()
     except (KeyError, OSError):

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import psutil
-
 from safegate.snapshots import MemorySnapshot
 
 PSI_MEMORY = "/proc/pressure/memory"
+MEMINFO = "/proc/meminfo"
 
 
 def read_pressure(path: str = PSI_MEMORY) -> float | None:
@@ -30,6 +29,34 @@ def read_pressure(path: str = PSI_MEMORY) -> float | None:
     return None
 
 
-def read_memory(psi_path: str = PSI_MEMORY) -> MemorySnapshot:
+def read_memory(psi_path: str = PSI_MEMORY, meminfo: str = MEMINFO) -> MemorySnapshot:
+    total, available = _meminfo(meminfo) or _psutil_memory()
+    return MemorySnapshot(total=total, available=available, pressure_some_avg10=read_pressure(psi_path))
+
+
+def _meminfo(path: str) -> tuple[int, int] | None:
+    """(MemTotal, MemAvailable) in bytes from /proc/meminfo, as psutil reports them on Linux (it reads the same two
+    lines), without importing psutil; None where either is missing (not Linux, or a kernel before 3.14)."""
+    try:
+        with open(path, "rb") as fh:
+            text = fh.read()
+    except OSError:
+        return None
+    found: dict[bytes, int] = {}
+    for line in text.splitlines():
+        key, _, rest = line.partition(b":")
+        if key in (b"MemTotal", b"MemAvailable"):
+            try:
+                found[key] = int(rest.split()[0]) * 1024
+            except (IndexError, ValueError):
+                return None
+    if len(found) < 2:
+        return None
+    return found[b"MemTotal"], found[b"MemAvailable"]
+
+
+def _psutil_memory() -> tuple[int, int]:
+    import psutil
+
     vm = psutil.virtual_memory()
-    return MemorySnapshot(total=int(vm.total), available=int(vm.available), pressure_some_avg10=read_pressure(psi_path))
+    return int(vm.total), int(vm.available)

@@ -11,8 +11,6 @@ import re
 import sys
 from collections.abc import Iterable
 
-import psutil
-
 from safegate.snapshots import ProcessInfo, ProcessSnapshot
 
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -155,6 +153,8 @@ def _linux_processes(proc_root: str) -> list[ProcessInfo]:
 
 
 def _psutil_processes() -> list[ProcessInfo]:
+    import psutil
+
     out = []
     for proc in psutil.process_iter(["pid", "ppid", "cmdline", "memory_info", "status", "uids"]):
         info = proc.info
@@ -241,6 +241,10 @@ def user_name(uid: int) -> str:
 
 def process_alive(pid: int, start_time: float | None) -> bool:
     """True when *pid* runs and, if *start_time* is given, is the same process that recorded it."""
+    if pid > 0 and not os.path.exists(f"/proc/{pid}") and os.path.isdir("/proc/self"):
+        return False  # what psutil would find (no such process), without importing it for a dead holder
+    import psutil
+
     try:
         proc = psutil.Process(pid)
         if start_time is None:

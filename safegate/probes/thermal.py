@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 from fnmatch import fnmatchcase
 
-import psutil
-
 from safegate.config import ThermalConfig
 from safegate.snapshots import SensorReading, ThermalSnapshot
 
@@ -25,6 +23,8 @@ def _selected(key: str, cfg: ThermalConfig) -> bool:
 
 
 def _psutil_readings(cfg: ThermalConfig, notes: list[str]) -> list[SensorReading]:
+    import psutil  # only where sensors are configured: a check reading only files does not pay for it
+
     reader = getattr(psutil, "sensors_temperatures", None)
     if reader is None:  # macOS and others: psutil has no temperature support there
         return []
