@@ -18,7 +18,6 @@ from typing import Any, TypeVar
 
 from safegate.backoff import RECHECK, poll
 from safegate.config import CompetingRule, Config, Profile, ThermalConfig
-from safegate.errors import UsageError, ValueParseError
 from safegate.exitcodes import ExitCode
 from safegate.fairness import QUEUE, in_line
 from safegate.locks.directory import resolve_lock_dir
@@ -37,7 +36,7 @@ from safegate.policy import (
     scan_competing,
     select_gpus,
 )
-from safegate.probes.gpu import read_gpus, resolve_backend
+from safegate.probes.gpu import gpu_backend, read_gpus
 from safegate.probes.memory import read_memory
 from safegate.probes.processes import read_processes, user_name
 from safegate.probes.thermal import read_thermal
@@ -162,14 +161,6 @@ def _profile_need(profile: Profile, env: Mapping[str, str]) -> Size:
 
     learned = history.learned_need(history.load(history.history_path(env)).get(profile.name, []))
     return Size(bytes=learned if learned is not None else history.AUTO_FALLBACK)
-
-
-def gpu_backend(configured: str, env: Mapping[str, str]) -> str:
-    """The GPU backend in effect; SAFEGATE_GPU's bad values are usage errors."""
-    try:
-        return resolve_backend(configured, env)
-    except ValueParseError as exc:
-        raise UsageError(f"SAFEGATE_GPU: {exc}") from None
 
 
 def cleanup_stale(settings: Settings) -> list[Removal]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from safegate.config import Profile, load_config
 from safegate.history import Run
-from safegate.preflight import gpu_backend
+from safegate.probes.gpu import gpu_backend
 from safegate.reports import LockInfo, StatusReport
 from safegate.snapshots import Ticket
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from safegate.config import load_config
 from safegate.errors import UsageError
-from safegate.preflight import gpu_backend
+from safegate.probes.gpu import gpu_backend
 
 
 def metrics(config: str | None) -> str:

@@ -14,21 +14,21 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from safegate.errors import ValueParseError
+from safegate.errors import UsageError
 from safegate.snapshots import GpuInfo, GpuProcess, GpuSnapshot
 from safegate.units import BACKENDS
 
 LIBRARY = "libnvidia-ml.so.1"
 # The snapshot types live in safegate.snapshots (policy.py reads them without importing a probe); they are
 # re-exported because read_gpus returns them and its callers name them.
-__all__ = ["LIBRARY", "GpuInfo", "GpuProcess", "GpuSnapshot", "host_pid_map", "read_gpus", "resolve_backend"]
+__all__ = ["LIBRARY", "GpuInfo", "GpuProcess", "GpuSnapshot", "gpu_backend", "host_pid_map", "read_gpus"]
 
 
-def resolve_backend(configured: str, env: Mapping[str, str]) -> str:
-    """SAFEGATE_GPU beats [gpu] backend; ValueParseError for anything else than auto, nvml, none."""
+def gpu_backend(configured: str, env: Mapping[str, str]) -> str:
+    """The GPU backend in effect: SAFEGATE_GPU beats [gpu] backend; its bad values are usage errors."""
     value = (env.get("SAFEGATE_GPU") or configured).strip().lower()
     if value not in BACKENDS:
-        raise ValueParseError(f"invalid GPU backend {value!r}: expected auto, nvml or none")
+        raise UsageError(f"SAFEGATE_GPU: invalid GPU backend {value!r}: expected auto, nvml or none")
     return value
 
 
