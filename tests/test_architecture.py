@@ -75,3 +75,12 @@ def test_modules_and_classes_stay_small() -> None:
             if isinstance(node, ast.ClassDef) and node.end_lineno and node.end_lineno - node.lineno + 1 > 250:
                 big.append(f"{path.relative_to(REPO)}: class {node.name} {node.end_lineno - node.lineno + 1} lines")
     assert not big, big
+
+
+def test_every_subpackage_is_installed() -> None:
+    """A subpackage missing from pyproject's list works from the checkout and breaks every `pip install .`."""
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "safegate").rglob("__init__.py")}
+    assert found == listed
