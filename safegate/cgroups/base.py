@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import time
 from collections.abc import Mapping, Sequence
 
 ROOT = "/sys/fs/cgroup"
@@ -82,8 +84,27 @@ class JobCgroup:
     def freeze(self, frozen: bool) -> None:
         raise NotImplementedError
 
-    def wait_frozen(self, timeout: float = 1.0) -> bool:
+    def frozen(self) -> bool:
         raise NotImplementedError
+
+    def wait_frozen(self, timeout: float = 1.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while not self.frozen():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.001)
+        return True
+
+    def kill_frozen(self) -> set[int]:
+        """SIGKILL every member while the cgroup is frozen, so none can fork meanwhile; the members it found."""
+        self.freeze(True)
+        self.wait_frozen()
+        members = self.procs()
+        for pid in members:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        self.freeze(False)
+        return members
 
     def kill(self) -> None:
         """SIGKILL every member, none able to fork meanwhile."""

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import time
 
 from safegate.cgroups.base import PREFIX, ROOT, JobCgroup, job_name, keyed, owner_gone, read, rmdir, to_int, write
 from safegate.errors import CgroupError
@@ -112,25 +110,13 @@ class V1Cgroup(JobCgroup):
         with contextlib.suppress(OSError):
             write(self._file("freezer", "freezer.state"), "FROZEN" if frozen else "THAWED")
 
-    def wait_frozen(self, timeout: float = 1.0) -> bool:
-        deadline = time.monotonic() + timeout
-        while read(self._file("freezer", "freezer.state")).strip() != "FROZEN":
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.001)
-        return True
+    def frozen(self) -> bool:
+        return read(self._file("freezer", "freezer.state")).strip() == "FROZEN"
 
     def kill(self) -> None:
-        # Frozen, no member can fork while it is killed: repeated until the cgroup is empty of live ones.
+        # Repeated until the cgroup is empty of live ones.
         for _ in range(KILL_ROUNDS):
-            self.freeze(True)
-            self.wait_frozen()
-            members = self.procs()
-            for pid in members:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, signal.SIGKILL)
-            self.freeze(False)
-            if not members:
+            if not self.kill_frozen():
                 return
 
     def remove(self) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import time
 
 from safegate.cgroups.base import (
@@ -148,13 +147,8 @@ class V2Cgroup(JobCgroup):
         with contextlib.suppress(OSError):
             write(f"{self.control}/cgroup.freeze", "1" if frozen else "0")
 
-    def wait_frozen(self, timeout: float = 1.0) -> bool:
-        deadline = time.monotonic() + timeout
-        while keyed(read(f"{self.control}/cgroup.events"), "frozen") != 1:
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.001)
-        return True
+    def frozen(self) -> bool:
+        return keyed(read(f"{self.control}/cgroup.events"), "frozen") == 1
 
     def kill(self) -> None:
         for _ in range(KILL_ROUNDS):
@@ -164,12 +158,7 @@ class V2Cgroup(JobCgroup):
             try:
                 write(f"{self.control}/cgroup.kill", "1")  # the kernel kills all, forks included
             except OSError:  # before 5.14: the v1 way, frozen so none can fork meanwhile
-                self.freeze(True)
-                self.wait_frozen()
-                for pid in self.procs():
-                    with contextlib.suppress(ProcessLookupError, PermissionError):
-                        os.kill(pid, signal.SIGKILL)
-                self.freeze(False)
+                self.kill_frozen()
             time.sleep(0.001)
 
     def remove(self) -> None:
