@@ -26,7 +26,6 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 from safegate.backoff import RECHECK, Backoff, pauses
 from safegate.config import DEFAULT_PROFILE, load_config
@@ -35,6 +34,7 @@ from safegate.exitcodes import ExitCode
 from safegate.locks.store import HeldLock, LockStore
 from safegate.preflight import Overrides, Settings, admit, clean_and_evaluate, evaluate, resolve, wait_until_clear
 from safegate.probes.memory import read_memory
+from safegate.records import dataclass, field
 from safegate.results import GpuValues, MemoryValues, Status, Verdict
 from safegate.units import Size, parse_gpu_option, parse_size, parse_temp, validate_lock_name
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+
+from safegate.records import dataclass
 
 
 @dataclass(frozen=True)

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from functools import cache
 
 from safegate.config import CompetingRule
 from safegate.exitcodes import ExitCode
 from safegate.patterns import BoundedRegex
+from safegate.records import dataclass
 from safegate.results import CheckResult, CompetingMatch, CompetingValues, Status, Unmatched
 from safegate.snapshots import ProcessInfo, ProcessSnapshot
 from safegate.units import format_bytes

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from safegate.errors import ConfigError
 from safegate.patterns import BoundedRegex
+from safegate.records import dataclass, field
 from safegate.settings import effective_resume_temp
 from safegate.units import (
     Size,

@@ -13,11 +13,12 @@ import os
 import stat
 import tempfile
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from filelock import lock_descriptor, unlock_descriptor
+
+from safegate.records import asdict, dataclass
 
 KEEP = 50
 # 50 runs of a profile are ~8 KiB; past this the file is not one safegate wrote, and is never read whole.

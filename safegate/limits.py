@@ -6,10 +6,10 @@ safegate.watchers; the supervisor only measures and acts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import Enum
 
 from safegate.config import ThermalConfig
+from safegate.records import dataclass
 from safegate.units import Size
 
 CEILING = 1.0  # far from every limit: one sample a second

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from safegate.probes.gpu import GpuInfo
+from safegate.records import dataclass, field
 
 
 @dataclass(frozen=True)

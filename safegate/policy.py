@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Mapping, Sequence
 
 from safegate.competing import check_competing, match_competing, scan_competing
 from safegate.exitcodes import ExitCode
+from safegate.records import replace
 from safegate.results import (
     CheckResult,
     CompetingMatch,
@@ -199,7 +199,7 @@ def check_gpu(
         assert best is not None
         return CheckResult("gpu", Status.PASS, f"GPU {best.index} has {format_bytes(gpu_free(best, reserved) or 0)} "
                            f"free for {format_bytes(need)} + margin {margin}", code,
-                           dataclasses.replace(values, chosen=best.index), thresholds)
+                           replace(values, chosen=best.index), thresholds)
     g = next(g for g in selection.gpus if g not in fitting)
     held = f" ({format_bytes(reserved[g.index])} reserved)" if reserved.get(g.index) else ""
     return CheckResult("gpu", Status.FAIL, f"GPU {g.index} ({g.name}) has {format_bytes(gpu_free(g, reserved) or 0)} "
@@ -279,5 +279,5 @@ def blame_holder(memory: CheckResult, state: LockState | None, holders: Sequence
     freed = MemorySnapshot(mem.total, mem.available + holder.used, mem.pressure_some_avg10)
     if not check_memory(freed, need, margin, others).blocks:
         why = f"{memory.reason} (taken by the job holding lock {state.name!r}: the lock decides)"
-        return dataclasses.replace(memory, reason=why, caused_by="lock")
+        return replace(memory, reason=why, caused_by="lock")
     return memory

@@ -8,11 +8,9 @@ files); `check` (command line and API), hold and exec admission run it before ea
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -40,6 +38,7 @@ from safegate.probes.gpu import gpu_backend, read_gpus
 from safegate.probes.memory import read_memory
 from safegate.probes.processes import read_processes, user_name
 from safegate.probes.thermal import read_thermal
+from safegate.records import dataclass, replace
 from safegate.results import CheckResult, GpuValues, LockValues, Status, Verdict
 from safegate.settings import effective_resume_temp
 from safegate.snapshots import ProcessSnapshot, Removal, Ticket
@@ -242,8 +241,8 @@ def evaluate(
 def _competing(procs: ProcessSnapshot, rules: tuple[CompetingRule, ...], total: int) -> CheckResult:
     """The competing check, with the owners of what it names looked up (only those: a lookup is not free)."""
     matches, unmatched = scan_competing(procs, rules, total)
-    matches = [dataclasses.replace(m, user=user_name(m.process.uid)) for m in matches]
-    unmatched = [dataclasses.replace(u, user=user_name(u.process.uid)) for u in unmatched[:_NAMED]] + unmatched[_NAMED:]
+    matches = [replace(m, user=user_name(m.process.uid)) for m in matches]
+    unmatched = [replace(u, user=user_name(u.process.uid)) for u in unmatched[:_NAMED]] + unmatched[_NAMED:]
     return check_competing(matches, rules, unmatched)
 
 

@@ -7,12 +7,12 @@ JSON (render.values_json) or text, so a renamed field is a type error, not a sil
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, TypeVar
 
 from safegate.config import CompetingRule
 from safegate.exitcodes import ExitCode
+from safegate.records import dataclass, field
 from safegate.snapshots import GpuInfo, HolderRecord, LegacyState, ProcessInfo, Removal
 
 

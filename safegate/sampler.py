@@ -8,7 +8,6 @@ decisions are the watchers' (safegate.watchers).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 
 from safegate.config import ThermalConfig
 from safegate.exitcodes import ExitCode
@@ -19,6 +18,7 @@ from safegate.probes.gpu import GpuInfo, GpuSnapshot, host_pid_map, read_gpus
 from safegate.probes.jobtree import read_available
 from safegate.probes.memory import read_pressure
 from safegate.probes.thermal import read_thermal
+from safegate.records import dataclass
 from safegate.snapshots import ThermalSnapshot
 from safegate.units import format_bytes
 from safegate.watchers import NOTHING, Action, FloorWatch, GpuWatch, JobMemoryWatch, ThermalWatch, breach, to_take
@@ -48,6 +48,8 @@ class Hooks:
     on_timeline: Callable[[Event], None] | None = None  # `sample` events
 
 
+NO_HOOKS = Hooks()
+
 @dataclass(frozen=True)
 class MemorySample:
     job_mem: int  # bytes
@@ -63,7 +65,7 @@ class Sampler:
         *,
         clock: Callable[[], float],
         probes: Probes,
-        hooks: Hooks = Hooks(),
+        hooks: Hooks = NO_HOOKS,
     ) -> None:
         self.limits = limits
         self.job = job

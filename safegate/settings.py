@@ -14,10 +14,10 @@ for memory_margin, --gpu-mem for gpu_memory) and --json calls the resolved memor
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from safegate.errors import ValueParseError
+from safegate.records import dataclass
 from safegate.units import (
     parse_cgroup,
     parse_command,

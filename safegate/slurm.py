@@ -12,10 +12,10 @@ import shutil
 import socket
 import subprocess
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 from safegate.errors import LicenseMissing, SlurmError
 from safegate.exitcodes import ExitCode
+from safegate.records import dataclass
 from safegate.results import Verdict
 
 DEFAULT_PREFIX = "safegate:"

@@ -3,8 +3,9 @@ policy functions judge them. Plain data only: no I/O, so policy.py can import it
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
+
+from safegate.records import dataclass, field
 
 
 @dataclass(frozen=True)

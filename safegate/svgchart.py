@@ -8,9 +8,9 @@ from __future__ import annotations
 import html
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import datetime, timezone
 
+from safegate.records import dataclass
 from safegate.units import printable
 
 WIDTH = 1200  # the SVG's own units; it scales to the page's width

@@ -15,11 +15,11 @@ import math
 import shlex
 from array import array
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from safegate.errors import LogError
+from safegate.records import dataclass, field
 
 Series = tuple[tuple[float, float], ...]  # (Unix time, value), in time order
 MAX_POINTS = 1200  # per series: more than a chart's pixel columns, as min and max of each slice of time

@@ -9,7 +9,6 @@ know about termination.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence, Set
-from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
@@ -25,6 +24,7 @@ from safegate.limits import (
 )
 from safegate.policy import gpu_temp_limit
 from safegate.probes.gpu import GpuInfo
+from safegate.records import dataclass, field
 from safegate.snapshots import SensorReading
 from safegate.units import format_bytes
 

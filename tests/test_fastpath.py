@@ -167,15 +167,17 @@ def test_a_blocked_check_prints_the_same(run: Run, config: Path, lock_dir: Path,
         _same(fast, slow, figures=True)
 
 
-def test_a_plain_check_imports_no_typer_and_no_psutil(run: Run, config: Path) -> None:
+def test_a_plain_check_imports_no_typer_no_psutil_and_no_dataclasses(run: Run, config: Path) -> None:
+    # dataclasses (and the inspect it imports) were half of check's start-up: safegate.records keeps them out.
     script = ("import sys; from safegate.fastpath import main; code = main(sys.argv[1:]); "
-              "print(sorted({m.split('.')[0] for m in sys.modules} & {'typer', 'click', 'rich', 'psutil'})); "
+              "print(sorted({m.split('.')[0] for m in sys.modules} & "
+              "{'typer', 'click', 'rich', 'psutil', 'dataclasses', 'inspect'})); "
               "sys.exit(code)")
     result = subprocess.run([PY, "-c", script, "check", "--config", str(config), "--mem", "0", "-q"], env=run.env,
                             capture_output=True, text=True, timeout=TIMEOUT)
     assert (result.returncode, result.stdout, result.stderr) == (0, "[]\n", "")
     # Anything else still goes through typer.
-    script = script.replace("'psutil'", "'nothing'")
+    script = script.replace("'psutil', 'dataclasses', 'inspect'", "'nothing'")
     result = subprocess.run([PY, "-c", script, "check", "--config", str(config), "--mem", "0", "-q", "-q"],
                             env=run.env, capture_output=True, text=True, timeout=TIMEOUT)
     assert (result.returncode, result.stdout) == (0, "['typer']\n"), result  # click takes a flag twice

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
@@ -10,11 +9,12 @@ import pytest
 from safegate.config import Profile, load_config
 from safegate.errors import ValueParseError
 from safegate.preflight import Overrides, Settings
+from safegate.records import fields
 from safegate.settings import BY_KEY, OPTION_KEYS, PROFILE_KEYS, SETTINGS, effective_resume_temp, parse_option
 
 
 def _fields(cls: type) -> set[str]:
-    return {f.name for f in dataclasses.fields(cls)}
+    return {f.name for f in fields(cls)}
 
 
 def test_profile_has_exactly_the_table_keys() -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import signal
 from collections.abc import Iterator, Set
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import pytest
 
@@ -17,6 +17,7 @@ from safegate.limits import GpuLimits, WatchLimits
 from safegate.outcome import Event
 from safegate.probes.gpu import GpuInfo, GpuSnapshot
 from safegate.probes.jobtree import JobTree
+from safegate.records import replace
 from safegate.sampler import Probes
 from safegate.snapshots import SensorReading, ThermalSnapshot
 from safegate.supervisor import State, Supervisor

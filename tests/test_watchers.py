@@ -3,8 +3,6 @@ rules, the thermal hysteresis, the GPU card floor and job VRAM; and the pure sam
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from safegate.config import ThermalConfig
 from safegate.exitcodes import ExitCode
 from safegate.limits import (
@@ -18,6 +16,7 @@ from safegate.limits import (
     next_interval,
 )
 from safegate.probes.gpu import GpuInfo, GpuProcess
+from safegate.records import replace
 from safegate.snapshots import SensorReading
 from safegate.units import Size
 from safegate.watchers import (

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
 
 from safegate.config import load_config
 from safegate.errors import SpawnError, UsageError
@@ -14,6 +13,7 @@ from safegate.jobrun import run_exec
 from safegate.notify import Notifier
 from safegate.outcome import Event, Outcome
 from safegate.preflight import Overrides, Settings, resolve
+from safegate.records import replace
 from safegate.render import blocking_summary
 from safegate.results import Verdict
 from safegate.units import Size

@@ -6,10 +6,10 @@ import contextlib
 import os
 import stat
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from safegate.errors import LogError, UsageError
+from safegate.records import dataclass
 from safegate.timeline import Job, build_report, jobs_from_lines
 
 STDOUT = "-"

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 from safegate.config import DEFAULT_PROFILE, load_config
 from safegate.errors import SlurmError
 from safegate.exitcodes import ExitCode
 from safegate.preflight import Overrides, evaluate, resolve
+from safegate.records import dataclass
 from safegate.slurm import HealthAction
 from safegate.units import Size
 

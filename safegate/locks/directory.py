@@ -8,10 +8,10 @@ import os
 import re
 import stat
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from safegate.errors import LockDirError, UsageError
+from safegate.records import dataclass, field
 from safegate.units import validate_lock_name
 
 LOCK_SUFFIX = ".lock"

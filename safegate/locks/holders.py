@@ -17,13 +17,13 @@ import stat
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from safegate.errors import LockDirError
 from safegate.locks.directory import HOLDER_SUFFIX, O_NONBLOCK, holder_file_lock, holder_path, open_nofollow
 from safegate.probes.processes import process_alive
+from safegate.records import asdict, dataclass
 from safegate.snapshots import HolderRecord
 from safegate.units import validate_lock_name
 

@@ -14,12 +14,12 @@ import os
 import stat
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, replace
 from pathlib import Path
 
 from safegate.fairness import blocked_by, waits_only_for_memory
 from safegate.locks.directory import O_NOFOLLOW, O_NONBLOCK
 from safegate.probes.processes import process_alive
+from safegate.records import asdict, replace
 from safegate.results import Verdict
 from safegate.snapshots import Ticket
 

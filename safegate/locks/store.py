@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from safegate.locks import cleanup as stale
 from safegate.locks import directory as lockdir
 from safegate.locks import flock, holders
 from safegate.locks.holders import Holder
+from safegate.records import replace
 from safegate.snapshots import LockState, Removal
 
 
