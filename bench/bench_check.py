@@ -183,7 +183,7 @@ class Bed:
                                encoding="utf-8")
         profile = load_config(str(self.config)).profile(PROFILE)
         self.lock_name = profile.lock
-        self.block_patterns = [r.pattern for r in profile.competing if r.action == "block"]
+        self.block_rules = [r.describe() for r in profile.competing if r.action == "block"]
         # The lock file exists, so both gates really take (and release) the flock.
         self.lock_file = self.lock_dir / f"{self.lock_name}.lock"
         self.lock_file.touch()
@@ -767,8 +767,10 @@ def main(argv: list[str] | None = None) -> int:
     args.safegate_display = bed.safegate_argv[1:-2]  # without --config <temp path>
     results: dict[str, Any] = {"notes": []}
     try:
-        if bed.block_patterns != [PATTERN]:
-            results["notes"].append(f"profile {PROFILE} blocks on {bed.block_patterns}; pgrep gets {PATTERN!r}")
+        # The profile matches programs (program + args), pgrep -f the whole command line: pgrep's pattern is the
+        # shell gate's usual one, which also matches mere mentions; both read every process's command line.
+        results["notes"].append(f"profile {PROFILE} blocks on {', '.join(bed.block_rules)}; "
+                                f"pgrep gets {PATTERN!r}")
         facts = machine_facts(args.bytecode)
         load_start = loadavg()
         log(f"a. safegate check vs bash gate ({args.runs} runs each)")

@@ -8,8 +8,8 @@ the same classes without dataclasses' import-time cost (its docstring says why t
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from dataclasses import FrozenInstanceError, asdict, dataclass, field, fields, replace
+    from dataclasses import asdict, dataclass, field, fields, replace
 else:
-    from safegate.valueclass import FrozenInstanceError, asdict, dataclass, field, fields, replace
+    from safegate.valueclass import asdict, dataclass, field, fields, replace
 
-__all__ = ["FrozenInstanceError", "asdict", "dataclass", "field", "fields", "replace"]
+__all__ = ["asdict", "dataclass", "field", "fields", "replace"]

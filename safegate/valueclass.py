@@ -8,7 +8,8 @@ is set up by a walk over its annotations; its __init__ is compiled on its first 
 fraction of the classes it imports); __repr__, __eq__ and __hash__ are shared functions over the field list.
 
 Supported, as dataclasses define them: frozen=, eq=, repr=, init=; field(default=, default_factory=, init=,
-repr=); __post_init__; inherited fields; fields(), replace(), asdict(); FrozenInstanceError (an AttributeError).
+repr=); __post_init__; inherited fields; fields(), replace(), asdict(). Assigning to a frozen field raises AttributeError, of which
+dataclasses' FrozenInstanceError is a subclass: safegate's exception types all live in safegate.errors.
 tests/test_records.py holds each against the stdlib's behaviour on the same class bodies.
 """
 
@@ -27,10 +28,6 @@ class _Missing:
 
 
 MISSING: Any = _Missing()
-
-
-class FrozenInstanceError(AttributeError):
-    """Assigning to (or deleting) a field of a frozen record."""
 
 
 class Field:
@@ -239,7 +236,7 @@ def _frozen_setattr(cls: type, names: frozenset[str]) -> Callable[[Any, str, Any
 
     def __setattr__(self: Any, name: str, value: Any) -> None:
         if type(self) is cls or name in names:
-            raise FrozenInstanceError(f"cannot assign to field {name!r}")
+            raise AttributeError(f"cannot assign to field {name!r}")  # as FrozenInstanceError (one) says
         parent(self, name, value)
 
     return __setattr__
@@ -250,7 +247,7 @@ def _frozen_delattr(cls: type, names: frozenset[str]) -> Callable[[Any, str], No
 
     def __delattr__(self: Any, name: str) -> None:
         if type(self) is cls or name in names:
-            raise FrozenInstanceError(f"cannot delete field {name!r}")
+            raise AttributeError(f"cannot delete field {name!r}")
         parent(self, name)
 
     return __delattr__

@@ -83,8 +83,9 @@ def _outcome(action: Callable[[], object]) -> tuple[str, str]:
     try:
         value = action()
     except Exception as exc:
-        kind = "FrozenInstanceError" if "Frozen" in type(exc).__name__ else type(exc).__name__
-        return ("raises", f"{kind} AttributeError={isinstance(exc, AttributeError)}")
+        # dataclasses' FrozenInstanceError is an AttributeError; safegate's frozen records raise AttributeError.
+        kind = "AttributeError" if isinstance(exc, AttributeError) else type(exc).__name__
+        return ("raises", f"{kind}: {exc}")
     return ("returns", repr(value))
 
 
