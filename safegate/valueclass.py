@@ -8,8 +8,8 @@ is set up by a walk over its annotations; its __init__ is compiled on its first 
 fraction of the classes it imports); __repr__, __eq__ and __hash__ are shared functions over the field list.
 
 Supported, as dataclasses define them: frozen=, eq=, repr=, init=; field(default=, default_factory=, init=,
-repr=); __post_init__; inherited fields; fields(), replace(), asdict(). Assigning to a frozen field raises AttributeError, of which
-dataclasses' FrozenInstanceError is a subclass: safegate's exception types all live in safegate.errors.
+repr=); __post_init__; inherited fields; fields(), replace(), asdict(). Assigning to a frozen field raises
+AttributeError (dataclasses' FrozenInstanceError is one; safegate's exception types all live in safegate.errors).
 tests/test_records.py holds each against the stdlib's behaviour on the same class bodies.
 """
 
