@@ -169,7 +169,7 @@ def ok_pgrep(rc: int) -> bool:
 
 
 class Bed:
-    def __init__(self, safegate_exe: str, *, bytecode: str) -> None:
+    def __init__(self, safegate_exe: str, *, bytecode: str, baseline: str | None = None) -> None:
         from safegate.config import load_config  # the bench runs in safegate's environment
 
         self.tmp = Path(tempfile.mkdtemp(prefix="safegate-bench-"))
@@ -207,6 +207,7 @@ class Bed:
         self.safegate_argv = [safegate_exe, "check", "-p", PROFILE, "--mem", "0", "--margin", "0", "-q",
                               "--config", str(self.config)]
 
+        self.baseline_argv = [baseline, *self.safegate_argv[1:]] if baseline else None
         self.bash_argv = ["bash", str(BASH_GATE)]
         # Through the environment, not argv: the lock name matches PATTERN and argv is what pgrep -f sees.
         self.bash_env = dict(
@@ -414,14 +415,17 @@ def run_worker(bed: Bed, mode: str, runs: int, warmup: int) -> dict[str, Any]:
 
 
 def bench_gates(bed: Bed, runs: int, warmup: int, log: Callable[[str], None]) -> dict[str, list[float]]:
-    """safegate check and the bash gate, alternating run by run (and which goes first, pair by pair)."""
+    """safegate check and the bash gate (and --baseline's safegate), alternating run by run, each first in turn."""
     gates = {
         "safegate": (bed.safegate_argv, bed.py_env, bed.holder_file),
         "bash": (bed.bash_argv, bed.bash_env, bed.pid_file),
     }
+    if bed.baseline_argv:
+        gates["baseline"] = (bed.baseline_argv, bed.py_env, bed.holder_file)
     samples: dict[str, list[float]] = {name: [] for name in gates}
+    names = list(gates)
     for i in range(warmup + runs):
-        order = ("safegate", "bash") if i % 2 == 0 else ("bash", "safegate")
+        order = names[i % len(names):] + names[:i % len(names)]  # each goes first in turn
         for name in order:
             argv, env, stale = gates[name]
             bed.plant()
@@ -570,6 +574,15 @@ def median(samples: Sequence[float]) -> float:
     return statistics.median(samples)
 
 
+def baseline_lines(args: argparse.Namespace, gates: dict[str, list[float]]) -> list[str]:
+    if "baseline" not in gates:
+        return []
+    base, sg = summarize(gates["baseline"]), summarize(gates["safegate"])
+    return [f"Baseline `{args.baseline}`, the same arguments, in turn with the two above: median "
+            f"{ms(base['median'])} ms (p10 {ms(base['p10'])}, p90 {ms(base['p90'])}, {base['n']} runs); "
+            f"this safegate takes **{sg['median'] / base['median']:.2f}x** its time at the median.", ""]
+
+
 def report(args: argparse.Namespace, facts: list[tuple[str, str]], results: dict[str, Any]) -> str:
     gates, breakdown, crowd_rows = results["gates"], results["breakdown"], results["crowd"]
     notes: list[str] = list(results["notes"])
@@ -603,6 +616,7 @@ def report(args: argparse.Namespace, facts: list[tuple[str, str]], results: dict
         f"Ratio safegate/bash: **{sg['median'] / bash['median']:.2f}x** at the median "
         f"(p10 {sg['p10'] / bash['p10']:.2f}x, p90 {sg['p90'] / bash['p90']:.2f}x).",
         "",
+        *baseline_lines(args, gates),
         f"Target: median <= {TARGET_CHECK_MS:g} ms on a 2-core machine: "
         f"**{'met' if sg['median'] * 1000 <= TARGET_CHECK_MS else 'NOT met'}** ({ms(sg['median'])} ms).",
         "",
@@ -707,6 +721,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", metavar="FILE", help="also write the Markdown report here")
     parser.add_argument("--raw", metavar="FILE", help="write every sample (seconds) as JSON here")
     parser.add_argument("--safegate", metavar="PATH", help="the safegate executable (default: beside this python)")
+    parser.add_argument("--baseline", metavar="PATH",
+                        help="another safegate executable (say, an install of an older commit) timed in turn with "
+                             "the same arguments, for a before/after in the same run")
     parser.add_argument("--worker", choices=("scan", "evaluate"), help=argparse.SUPPRESS)
     parser.add_argument("--warmup", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -760,7 +777,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         crowd = Crowd()
-        bed = Bed(find_safegate(args.safegate), bytecode=args.bytecode)
+        bed = Bed(find_safegate(args.safegate), bytecode=args.bytecode, baseline=args.baseline)
     except BenchError as exc:
         log(f"bench_check.py: {exc}")
         return 1

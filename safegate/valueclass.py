@@ -4,8 +4,8 @@ fraction of their cost when a module is imported.
 `safegate check` runs before every job start (GNU parallel's --limit, Slurm's health check), so its start-up is
 its cost. The stdlib's dataclasses imports inspect (ast, dis, tokenize) and compiles four or five methods per class
 with exec() when the class is defined: for safegate's ~60 classes, over half of check's import time. Here a class
-is set up by a walk over its annotations; its __init__ is compiled on its first instance (a command instantiates a
-fraction of the classes it imports); __repr__, __eq__ and __hash__ are shared functions over the field list.
+is set up by a walk over its annotations; its first instances are filled by a walk over its fields, and its own
+__init__ is compiled only once it has made many; __repr__, __eq__ and __hash__ are shared functions.
 
 Supported, as dataclasses define them: frozen=, eq=, repr=, init=; field(default=, default_factory=, init=,
 repr=); __post_init__; inherited fields; fields(), replace(), asdict(). Assigning to a frozen field raises
@@ -165,14 +165,55 @@ def _check_order(cls: type, every: tuple[Field, ...]) -> None:
             raise TypeError(f"non-default argument {f.name!r} follows default argument in {cls.__name__}")
 
 
+COMPILE_AFTER = 48  # instances made by the generic __init__ before the class's own is compiled (~as costly)
+
+
 def _lazy_init(cls: type, every: tuple[Field, ...], frozen: bool) -> Callable[..., None]:
-    """An __init__ that compiles the class's own on its first call, puts it in the class, and runs it."""
+    """An __init__ that fills the fields by a walk over them; after COMPILE_AFTER instances (or at once, for
+    arguments it does not simply fit, so that errors are Python's own) it compiles the class's own __init__,
+    puts it in the class and runs it. Most classes make a handful of instances per command, where compiling
+    would cost more than it saves; a process table's records make thousands."""
+    init_fields = tuple(f for f in every if f.init)
+    known = frozenset(f.name for f in init_fields)
+    rest = tuple(f for f in every if not f.init and (f.default is not MISSING or f.default_factory is not MISSING))
+    assign = object.__setattr__ if frozen else setattr
+    post_init = hasattr(cls, "__post_init__")
+    made = 0
+
+    def compiled(self: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        own = _compile_init(cls, every, frozen)
+        if cls.__dict__.get("__init__") is __init__:
+            setattr(cls, _INIT, own)
+        own(self, *args, **kwargs)
 
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-        compiled = _compile_init(cls, every, frozen)
-        if cls.__dict__.get("__init__") is __init__:
-            setattr(cls, _INIT, compiled)
-        compiled(self, *args, **kwargs)
+        nonlocal made
+        made += 1
+        if made > COMPILE_AFTER or len(args) > len(init_fields) or not known.issuperset(kwargs):
+            compiled(self, args, kwargs)
+            return
+        values = []
+        for i, f in enumerate(init_fields):
+            if i < len(args):
+                if f.name in kwargs:
+                    compiled(self, args, kwargs)  # given twice
+                    return
+                values.append(args[i])
+            elif f.name in kwargs:
+                values.append(kwargs[f.name])
+            elif f.default is not MISSING:
+                values.append(f.default)
+            elif f.default_factory is not MISSING:
+                values.append(f.default_factory())
+            else:
+                compiled(self, args, kwargs)  # missing
+                return
+        for f, value in zip(init_fields, values, strict=True):
+            assign(self, f.name, value)
+        for f in rest:
+            assign(self, f.name, f.default_factory() if f.default_factory is not MISSING else f.default)
+        if post_init:
+            self.__post_init__()
 
     __init__.__qualname__ = f"{cls.__qualname__}.__init__"
     return __init__

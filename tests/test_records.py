@@ -75,9 +75,6 @@ def _classes(module: Any) -> dict[str, Any]:
     return {"Base": Base, "Child": Child, "Mutable": Mutable, "Posted": Posted, "Nested": Nested}
 
 
-BOTH = {kind: _classes(module) for kind, module in KINDS.items()}
-
-
 def _outcome(action: Callable[[], object]) -> tuple[str, str]:
     """What an action gives, in a form that compares across the two implementations."""
     try:
@@ -140,11 +137,14 @@ SCENARIOS: dict[str, Callable[[dict[str, Any], Any], object]] = {
 }
 
 
+@pytest.mark.parametrize("compile_after", [valueclass.COMPILE_AFTER, 0], ids=["walked", "compiled"])
 @pytest.mark.parametrize("scenario", SCENARIOS)
-def test_behaves_as_the_stdlib(scenario: str) -> None:
+def test_behaves_as_the_stdlib(scenario: str, compile_after: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both ways a record's __init__ runs: the walk over its fields (its first instances), and compiled."""
+    monkeypatch.setattr(valueclass, "COMPILE_AFTER", compile_after)
     act = SCENARIOS[scenario]
-    stdlib = _outcome(lambda: act(BOTH["stdlib"], dataclasses))
-    ours = _outcome(lambda: act(BOTH["safegate"], valueclass))
+    stdlib = _outcome(lambda: act(_classes(dataclasses), dataclasses))
+    ours = _outcome(lambda: act(_classes(valueclass), valueclass))
     # repr names the class by its qualname: the same local class names on both sides.
     assert ours == stdlib
 
@@ -187,16 +187,34 @@ def test_a_class_with_its_own_methods_keeps_them() -> None:
         assert (repr(Own(1)), Own(1) == Own(2), hash(Own(1))) == ("own", True, 7)
 
 
-def test_first_instance_compiles_init_once() -> None:
+def test_init_is_compiled_once_a_class_has_made_many_instances() -> None:
     @valueclass.dataclass(frozen=True)
     class Lazy:
         a: int
         b: int = 2
 
-    placeholder = Lazy.__dict__["__init__"]
-    assert Lazy(1) == Lazy(a=1, b=2)
-    assert Lazy.__dict__["__init__"] is not placeholder
+    walker = Lazy.__dict__["__init__"]
+    made = [Lazy(i) for i in range(valueclass.COMPILE_AFTER)]
+    assert Lazy.__dict__["__init__"] is walker
+    assert Lazy(1, b=3) == Lazy(a=1, b=3)
+    compiled = Lazy.__dict__["__init__"]
+    assert compiled is not walker
     assert Lazy.__init__.__qualname__.endswith("Lazy.__init__")
+    assert made[5] == Lazy(5) and Lazy(7).b == 2
+    assert Lazy.__dict__["__init__"] is compiled  # once
+
+
+def test_arguments_that_do_not_fit_get_pythons_own_error_at_once() -> None:
+    @valueclass.dataclass(frozen=True)
+    class Strict:
+        a: int
+
+    with pytest.raises(TypeError, match="missing 1 required positional argument: 'a'"):
+        Strict()
+    with pytest.raises(TypeError, match="unexpected keyword argument 'b'"):
+        Strict(1, b=2)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="multiple values for argument 'a'"):
+        Strict(1, a=2)  # type: ignore[misc]
 
 
 def test_safegate_records_are_not_stdlib_dataclasses_at_run_time() -> None:
