@@ -605,7 +605,7 @@ def report(args: argparse.Namespace, facts: list[tuple[str, str]], results: dict
         f"config (`[thermal] sensors = []`, `files = [<temp file holding {TEMP_MILLIDEGREES}>]`), against "
         "`bash bench/bash_gate.sh` on the same lock file and temperature file. A stale lock record is planted "
         "before every run (holder metadata naming a dead pid for safegate, a pid file with the same dead pid "
-        "for the bash gate); every run must remove it and exit 0. The two alternate run by run. "
+        "for the bash gate); every run must remove it and exit 0. They alternate run by run. "
         "Wall time from spawn to exit, in ms.",
         "",
         "| gate | runs | median | p10 | p90 | min | max |",
