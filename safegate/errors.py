@@ -44,6 +44,12 @@ class CgroupError(SafegateError):
     exit_code = ExitCode.CONFIG
 
 
+class AdmissionStuck(SafegateError):
+    """The admission lock stayed held past its deadline: whoever holds it is stuck (its work is bounded)."""
+
+    exit_code = ExitCode.ADMISSION_STUCK
+
+
 class LogError(SafegateError):
     """`report`: a log that cannot be read, a line that is not JSON, or events not of exec --log's shape."""
 

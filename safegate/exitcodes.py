@@ -13,6 +13,7 @@ class ExitCode(IntEnum):
     USAGE = 2
     CONFIG = 3
     BAD_LOG = 4
+    ADMISSION_STUCK = 5
     MEMORY = 10
     GPU_MEMORY = 11
     THERMAL = 12
@@ -40,6 +41,8 @@ _MEANINGS: dict[ExitCode, str] = {
     ExitCode.USAGE: "usage error: bad option or value (including a bad lock name)",
     ExitCode.CONFIG: "configuration error: unreadable or invalid config file, unknown profile, unusable lock dir",
     ExitCode.BAD_LOG: "report: a log that cannot be read or is not safegate exec --log output",
+    ExitCode.ADMISSION_STUCK: "the machine-wide admission lock stayed held past its deadline: the safegate holding "
+                              "it (named in the message) is stuck or stopped",
     ExitCode.MEMORY: "blocked: not enough RAM for need + margin (or memory pressure too high)",
     ExitCode.GPU_MEMORY: "blocked: not enough GPU memory",
     ExitCode.THERMAL: "blocked: too hot",

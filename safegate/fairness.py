@@ -36,11 +36,28 @@ def _waited(t: Ticket, now: float) -> str:
     return format_duration(max(0.0, now - t.arrival / 1e9))
 
 
+def head_waiting(checks: Sequence[CheckResult], me: Ticket, tickets: Sequence[Ticket],
+                 passed_over: frozenset[tuple[int, float]] = frozenset()) -> Ticket | None:
+    """The earlier waiter at the head of this caller's lock's line, when it could take the lock now: the lock is
+    free and its memory is there. A real waiter then takes it within milliseconds (queue.HEAD_GRACE)."""
+    lock = next((c for c in checks if c.name == "lock"), None)
+    memory = next((c for c in checks if c.name == "memory"), None)
+    if me.lock is None or lock is None or lock.blocks:
+        return None
+    head = next((t for t in _ahead(me, tickets) if t.lock == me.lock and (t.pid, t.start_time) not in passed_over),
+                None)
+    if head is None or memory is None or not isinstance(memory.values, MemoryValues):
+        return head
+    mem, margin = memory.values, memory.thresholds.get("margin", 0)
+    return head if mem.available - mem.reserved - head.need >= margin else None
+
+
 def in_line(checks: Sequence[CheckResult], me: Ticket, tickets: Sequence[Ticket],
-            now: float | None = None) -> list[CheckResult]:
-    """*checks* with the lock and memory checks failing where earlier waiters go first."""
+            now: float | None = None, passed_over: frozenset[tuple[int, float]] = frozenset()) -> list[CheckResult]:
+    """*checks* with the lock and memory checks failing where earlier waiters go first. *passed_over*: waiters
+    (pid, start time) that lost their place (they stood at the head and did not take the lock)."""
     now = time.time() if now is None else now
-    ahead = _ahead(me, tickets)
+    ahead = [t for t in _ahead(me, tickets) if (t.pid, t.start_time) not in passed_over]
     out = list(checks)
     for i, check in enumerate(out):
         if check.name == "lock" and not check.blocks and me.lock is not None:
@@ -68,8 +85,8 @@ def _held_back_by(mem: MemoryValues, margin: int, me: Ticket, ahead: Sequence[Ti
     if mem.need <= 0:
         return None  # takes nothing: delays no one
     for t in ahead:
-        # A need larger than the machine never fits: waiting for it would stop everyone forever.
-        waits_for_memory = t.memory_only and 0 < t.need <= mem.total
+        # A need that never fits the machine (with the margin) holds back no one: it would stop everyone forever.
+        waits_for_memory = t.memory_only and t.need > 0 and t.need + margin <= mem.total
         if waits_for_memory and (me.lock is None or t.lock != me.lock) and (
                 mem.available - mem.reserved - mem.need - t.need < margin):
             return t

@@ -49,6 +49,10 @@ def check_memory(mem: MemorySnapshot, need: int, margin: int, reserved: int = 0)
     summary = (
         f"available {format_bytes(mem.available)}{held_back} - need {format_bytes(need)} = {format_bytes(left)}"
     )
+    if need + margin > mem.total:
+        return CheckResult("memory", Status.FAIL, f"need {format_bytes(need)} + margin {format_bytes(margin)} is "
+                           f"more than this machine's {format_bytes(mem.total)}: it can never fit",
+                           ExitCode.MEMORY, values, thresholds, never=True)
     if left >= margin:
         return CheckResult("memory", Status.PASS, f"{summary} >= margin {format_bytes(margin)}",
                            ExitCode.MEMORY, values, thresholds)
@@ -192,6 +196,13 @@ def check_gpu(
     if unified and len(unified) == len(selection.gpus):
         return CheckResult("gpu", Status.PASS, f"GPU {unified[0].index} shares system RAM (unified memory): "
                            f"the need of {format_bytes(need)} is counted against RAM", code, values, thresholds)
+    sized = [g for g in selection.gpus if g.total is not None]
+    could = [g for g in sized if need + margin.resolve(g.total or 0) <= (g.total or 0)]
+    if sized and len(sized) == len(selection.gpus) and (len(could) < len(sized) if selection.explicit else not could):
+        g = next(g for g in sized if g not in could)
+        return CheckResult("gpu", Status.FAIL, f"GPU {g.index} ({g.name}) has {format_bytes(g.total or 0)} in all: "
+                           f"{format_bytes(need)} + margin {margin} can never fit", code, values, thresholds,
+                           never=True)
     fitting = [g for g in selection.gpus if gpu_fits(g, need, margin, reserved)]
     enough = len(fitting) == len(selection.gpus) if selection.explicit else bool(fitting)
     if enough:

@@ -17,10 +17,10 @@ from typing import Any, TypeVar
 from safegate.backoff import RECHECK, poll
 from safegate.config import CompetingRule, Config, Profile, ThermalConfig
 from safegate.exitcodes import ExitCode
-from safegate.fairness import QUEUE, in_line
+from safegate.fairness import QUEUE, head_waiting, in_line
 from safegate.locks.directory import resolve_lock_dir
 from safegate.locks.legacy import legacy_removable, read_legacy, remove_legacy
-from safegate.locks.queue import Line, read_tickets, waiting_in_line
+from safegate.locks.queue import HEAD_GRACE, Line, read_tickets, waiting_in_line
 from safegate.locks.store import HeldLock, LockStore
 from safegate.policy import (
     blame_holder,
@@ -41,7 +41,7 @@ from safegate.probes.thermal import read_thermal
 from safegate.records import dataclass, replace
 from safegate.results import CheckResult, GpuValues, LockValues, Status, Verdict
 from safegate.settings import effective_resume_temp
-from safegate.snapshots import ProcessSnapshot, Removal, Ticket
+from safegate.snapshots import GpuSnapshot, LegacyState, ProcessSnapshot, Removal, Selection, ThermalSnapshot, Ticket
 from safegate.units import Size, validate_lock_name
 
 
@@ -173,10 +173,25 @@ def cleanup_stale(settings: Settings) -> list[Removal]:
     return removals + [remove_legacy(s) for s in legacy if legacy_removable(s)]
 
 
-def clean_and_evaluate(settings: Settings, *, resuming: bool = False, ticket: Ticket | None = None) -> Verdict:
+def clean_and_evaluate(settings: Settings, *, resuming: bool = False, line: Line | None = None) -> Verdict:
     """What `check` does each time: clean up, then evaluate, reporting the cleanup as stale_locks. Without a
-    *ticket* (no --wait) it comes last in line: it passes only when no earlier waiter goes first."""
-    return evaluate(settings, resuming=resuming, removals=cleanup_stale(settings), ticket=ticket or walk_in(settings))
+    *line* (no --wait) it comes last in line: it passes only when no earlier waiter goes first. An earlier
+    waiter that could take the lock now is given HEAD_GRACE to do so, and passed over when it does not."""
+    removals = cleanup_stale(settings)
+    line = line if line is not None else Line(walk_in(settings))
+    verdict = evaluate(settings, resuming=resuming, removals=removals, line=line)
+    if line.arrived:
+        return verdict  # a --wait caller: its own loop re-checks
+    deadline = time.monotonic() + HEAD_GRACE + 0.25
+    while _behind_head(verdict, line) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        verdict = evaluate(settings, resuming=resuming, removals=removals, line=line)
+    return verdict
+
+
+def _behind_head(verdict: Verdict, line: Line) -> bool:
+    """Only the line blocks, behind a waiter that could take the lock now (and must, within HEAD_GRACE)."""
+    return bool(verdict.failures) and line.head is not None and all(c.caused_by == QUEUE for c in verdict.failures)
 
 
 def _in_line(settings: Settings) -> contextlib.AbstractContextManager[Line]:
@@ -192,19 +207,39 @@ def walk_in(settings: Settings) -> Ticket:
                   need=settings.memory.resolve(_total_ram()), arrival=time.time_ns())
 
 
+@dataclass(frozen=True)
+class Machine:
+    """What an evaluation reads of the machine outside the admission lock: the slow part (the process table
+    matched against the rules, sensors, NVML). Memory, the lock dir and the line are read under it."""
+
+    legacy: tuple[LegacyState, ...]
+    thermal: ThermalSnapshot
+    gpus: GpuSnapshot
+    selection: Selection
+    competing: CheckResult
+
+
+def read_machine(settings: Settings) -> Machine:
+    # Removed files are gone, so only live or unreadable legacy files are left to judge.
+    legacy = tuple(s for s in (read_legacy(p) for p in settings.legacy_lock_files) if s.alive or s.note)
+    gpus = read_gpus(settings.gpu_backend)
+    return Machine(legacy=legacy, thermal=read_thermal(settings.thermal), gpus=gpus,
+                   selection=select_gpus(gpus, settings.gpu, os.environ.get("CUDA_VISIBLE_DEVICES")),
+                   competing=_competing(read_processes(), settings.rules, _total_ram()))
+
+
 def evaluate(
     settings: Settings, *, resuming: bool = False, removals: Sequence[Removal] | None = None,
-    ticket: Ticket | None = None,
+    line: Line | None = None, machine: Machine | None = None,
 ) -> Verdict:
     """One pass of every check, reading only. *resuming*: a thermal block was seen, so pass only below
-    resume_temp. *removals*: what cleanup_stale() removed just before (None: it did not run). *ticket*: the
-    caller's place in line (fairness.in_line); None: the order of waiters is not judged (slots, status)."""
+    resume_temp. *removals*: what cleanup_stale() removed just before (None: it did not run). *line*: the
+    caller's place in line (fairness.in_line); None: the order of waiters is not judged (slots, status).
+    *machine*: what read_machine() read just before (None: read it now)."""
+    machine = read_machine(settings) if machine is None else machine
     store = LockStore(settings.lock_dir)
     # An absent lock dir holds no locks; an unsafe one is refused as check refuses it.
     store.check_directory()
-    # Removed files are gone, so only live or unreadable legacy files are left to judge.
-    legacy = [s for s in (read_legacy(p) for p in settings.legacy_lock_files) if s.alive or s.note]
-
     holders = store.reservations()
     reserved = sum(h.reservation for h in holders)
     gpu_reserved: dict[int, int] = {}
@@ -212,29 +247,30 @@ def evaluate(
         if h.gpu_index is not None:
             gpu_reserved[h.gpu_index] = gpu_reserved.get(h.gpu_index, 0) + h.gpu_reservation
     mem = read_memory()
-    thermal = read_thermal(settings.thermal)
-    gpus = read_gpus(settings.gpu_backend)
-    selection = select_gpus(gpus, settings.gpu, os.environ.get("CUDA_VISIBLE_DEVICES"))
     lock_state = store.state(settings.lock) if settings.lock is not None else None
-    procs = read_processes()
 
     need = settings.memory.resolve(mem.total)
     gpu_need = settings.gpu_memory.resolve(mem.total)
+    selection = machine.selection
     if gpu_need and selection.gpus and all(g.unified_memory for g in selection.gpus):
         need += gpu_need  # the card shares system RAM (Jetson): its need is a RAM need
     limit = settings.resume_temp if resuming else settings.max_temp
+    margin = settings.memory_margin.resolve(mem.total)
     checks: list[CheckResult] = [
         check_stale(removals),
-        check_memory(mem, need, settings.memory_margin.resolve(mem.total), reserved),
+        check_memory(mem, need, margin, reserved),
         check_pressure(mem, settings.max_pressure),
-        check_gpu(gpus, selection, gpu_need, settings.gpu_margin, gpu_reserved),
-        check_thermal(thermal, limit, require=settings.thermal.require, resuming=resuming, gpus=selection.gpus),
-        check_lock(lock_state, legacy),
-        _competing(procs, settings.rules, mem.total),
+        check_gpu(machine.gpus, selection, gpu_need, settings.gpu_margin, gpu_reserved),
+        check_thermal(machine.thermal, limit, require=settings.thermal.require, resuming=resuming,
+                      gpus=selection.gpus),
+        check_lock(lock_state, list(machine.legacy)),
+        machine.competing,
     ]
-    checks[1] = blame_holder(checks[1], lock_state, holders, mem, need, settings.memory_margin.resolve(mem.total))
-    if ticket is not None:
-        checks = in_line(checks, ticket, read_tickets(store.directory))
+    checks[1] = blame_holder(checks[1], lock_state, holders, mem, need, margin)
+    if line is not None:
+        tickets = read_tickets(store.directory)
+        line.saw_head(head_waiting(checks, line.ticket, tickets, line.passed_over()))
+        checks = in_line(checks, line.ticket, tickets, passed_over=line.passed_over())
     return Verdict(profile=settings.profile.name, checks=tuple(checks))
 
 
@@ -263,10 +299,13 @@ def wait_until_clear(
     with _in_line(settings) as line:
 
         def attempt(resuming: bool) -> tuple[Verdict, None]:
+            removals = cleanup_stale(settings)
+            machine = read_machine(settings)
             # Arriving is posting, as in admission: no job is admitted between the two (queue.Line).
             with contextlib.nullcontext() if line.arrived else LockStore(settings.lock_dir).admission():
                 line.arrive()
-                return line.judged(clean_and_evaluate(settings, resuming=resuming, ticket=line.ticket)), None
+                return line.judged(evaluate(settings, resuming=resuming, removals=removals, line=line,
+                                            machine=machine)), None
 
         return retry(attempt, timeout, on_blocked, clock, sleep, pause=_lock_pause(settings, sleep))[0]
 
@@ -310,8 +349,8 @@ def retry(
         nonlocal last, resuming
         last = attempt(resuming)
         verdict = last[0]
-        if verdict.ok:
-            return True
+        if verdict.ok or verdict.hopeless:
+            return True  # passed, or never will: a need that can never fit is told so at once
         thermal = verdict.result("thermal")
         if thermal is not None and thermal.blocks:
             # Once too hot, wait for resume_temp, not just below max_temp, so the gate does not flap.
@@ -329,7 +368,7 @@ def retry(
 
     passed = poll(once, timeout, RECHECK, clock, wait)
     assert last is not None
-    return last if passed else (last[0], None)
+    return last if passed and last[0].ok else (last[0], None)
 
 
 def admit(
@@ -355,10 +394,13 @@ def admit(
 
 def _admit_once(settings: Settings, store: LockStore, argv: Sequence[str], resuming: bool,
                 line: Line) -> tuple[Verdict, HeldLock | None]:
+    # The slow reading (the process table matched against the rules, sensors, NVML) and the cleanup are done
+    # before the admission lock: it is held only for the lock dir, memory and the claim, whatever others run.
+    removals = cleanup_stale(settings)
+    machine = read_machine(settings)
     with store.admission():
         line.arrive()
-        removals = cleanup_stale(settings)
-        verdict = line.judged(evaluate(settings, resuming=resuming, removals=removals, ticket=line.ticket))
+        verdict = line.judged(evaluate(settings, resuming=resuming, removals=removals, line=line, machine=machine))
         if not verdict.ok:
             return verdict, None
         total = _total_ram()
@@ -374,7 +416,7 @@ def _admit_once(settings: Settings, store: LockStore, argv: Sequence[str], resum
         if held is None:
             # Taken by something outside safegate (flock(1)) since the check. Never answer "ok" without
             # a lock: the caller would start nothing and report success.
-            return _lock_lost(evaluate(settings, resuming=resuming, removals=removals), name), None
+            return _lock_lost(evaluate(settings, resuming=resuming, removals=removals, machine=machine), name), None
         held.unlink_after = settings.lock is None
         return verdict, held
 

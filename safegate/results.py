@@ -152,6 +152,8 @@ class CheckResult:
     # The name of another failing check this one fails only because of (memory short only by what the holder
     # of the job's own lock takes): that check's code goes first.
     caused_by: str | None = None
+    # It can never pass on this machine (a need larger than the memory there is): waiting is pointless.
+    never: bool = False
 
     @property
     def blocks(self) -> bool:
@@ -168,6 +170,11 @@ class Verdict:
     @property
     def failures(self) -> tuple[CheckResult, ...]:
         return tuple(c for c in self.checks if c.blocks)
+
+    @property
+    def hopeless(self) -> bool:
+        """Some failing check can never pass here: a wait ends at once."""
+        return any(c.never for c in self.failures)
 
     @property
     def ok(self) -> bool:

@@ -255,6 +255,21 @@ def hold_with_safegate(procs: Procs, lock_dir: Path, name: str, profile: str = "
 # --- configuration and the CLI ---------------------------------------------------------------------------
 
 
+def post_ticket(lock_dir: Path, pid: int, *, need: int, lock: str | None = None, profile: str = "earlier",
+                user: str = "root", blocked_by: str = "memory", reason: str = "memory: short",
+                memory_only: bool = True) -> Path:
+    """A ticket in line for live process *pid*, as a waiter (or anyone running as its user) writes it: the state
+    first, then the place, created now (its place in line is the kernel's time on the file)."""
+    start = _stat_fields(pid)[19]
+    base = lock_dir / f".ticket.{pid}.{start}"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    Path(f"{base}.state").write_text(json.dumps({"blocked_by": blocked_by, "reason": reason,
+                                                  "memory_only": memory_only}))
+    place = Path(f"{base}.json")
+    place.write_text(json.dumps({"user": user, "lock": lock, "profile": profile, "need": need}))
+    return place
+
+
 def set_temp(path: Path, celsius: float) -> None:
     tmp = path.with_suffix(".new")
     tmp.write_text(f"{int(celsius * 1000)}\n")

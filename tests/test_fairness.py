@@ -7,11 +7,9 @@ import getpass
 import json
 import os
 import signal
-import time
 from pathlib import Path
 
-import psutil
-from support import PY, TIMEOUT, Procs, Run, meminfo_available, neutral_config, wait_until
+from support import PY, TIMEOUT, Procs, Run, meminfo_available, neutral_config, post_ticket, wait_until
 
 from safegate.exitcodes import ExitCode
 from safegate.fairness import QUEUE, blocked_by, in_line, waits_only_for_memory
@@ -83,15 +81,21 @@ def test_a_ticket_reaches_the_lock_dir_only_with_its_first_judgement(tmp_path: P
     assert list(tmp_path.iterdir()) == []  # taken, not yet posted: no one can read it half-made
     line.arrive()
     assert line.ticket.arrival >= taken and line.ticket.path is not None
-    assert line.ticket.path.name == f".ticket.{line.ticket.arrival:020d}.{os.getpid()}.json"
+    start = Path(f"/proc/{os.getpid()}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    assert line.ticket.path.name == f".ticket.{os.getpid()}.{start}.json"
     line.judged(_blocked_on_memory())
     [posted] = read_tickets(tmp_path)
     assert posted.arrival == line.ticket.arrival and posted.blocked_by == "memory" and posted.memory_only
-    arrival = line.ticket.arrival
+    # Its place is the kernel's time on the file, which its owner cannot set back.
+    assert posted.arrival == os.stat(line.ticket.path).st_ctime_ns
+    arrival, place = line.ticket.arrival, os.stat(line.ticket.path)
     line.arrive()  # the place in line is taken once
     line.judged(Verdict("p", (memory(GIB, 2 * GIB), CheckResult("thermal", Status.FAIL, "hot", ExitCode.THERMAL))))
     [updated] = read_tickets(tmp_path)
     assert updated.arrival == arrival and updated.blocked_by == "memory,thermal" and not updated.memory_only
+    # What changed went to the state file: the place itself was never written again.
+    now = os.stat(line.ticket.path)
+    assert (now.st_ctime_ns, now.st_ino) == (place.st_ctime_ns, place.st_ino)
 
 
 def test_a_waiter_admitted_at_its_first_look_posts_no_ticket(tmp_path: Path) -> None:
@@ -99,19 +103,6 @@ def test_a_waiter_admitted_at_its_first_look_posts_no_ticket(tmp_path: Path) -> 
     line.arrive()
     line.judged(Verdict("p", (memory(8 * GIB, GIB), free_lock())))
     assert not line.posted and list(tmp_path.iterdir()) == []
-
-
-def test_a_ticket_written_before_memory_only_existed_reads_by_its_blocked_by(tmp_path: Path) -> None:
-    line = Line(take_ticket(tmp_path, None, "big", 2 * GIB))
-    line.arrive()
-    line.judged(_blocked_on_memory())
-    assert line.ticket.path is not None
-    for blocked, expected in (("memory", True), ("queue", False)):
-        data = json.loads(line.ticket.path.read_text())
-        data.pop("memory_only", None)
-        data["blocked_by"] = blocked
-        line.ticket.path.write_text(json.dumps(data))
-        assert [t.memory_only for t in read_tickets(tmp_path)] == [expected]
 
 
 def test_a_later_small_job_waits_for_a_big_waiter_held_back_in_line(run: Run, tmp_path: Path, sensor: Path,
@@ -126,11 +117,7 @@ def test_a_later_small_job_waits_for_a_big_waiter_held_back_in_line(run: Run, tm
     earlier, big, small = int(avail * 0.4), int(avail * 0.75), int(avail * 0.4)
     lock_dir.mkdir(parents=True, exist_ok=True)
     sleeper = procs.spawn(["sleep", "600"])
-    arrival = time.time_ns() - 1_000_000_000
-    ticket = {"pid": sleeper.pid, "start_time": psutil.Process(sleeper.pid).create_time(), "user": getpass.getuser(),
-              "lock": None, "profile": "earlier", "need": earlier, "arrival": arrival, "blocked_by": "memory",
-              "reason": "memory: short", "memory_only": True}
-    (lock_dir / f".ticket.{arrival:020d}.{sleeper.pid}.json").write_text(json.dumps(ticket))
+    post_ticket(lock_dir, sleeper.pid, need=earlier, user=getpass.getuser())
     gate = ["--config", str(config), "-p", "free"]
     waiter = procs.spawn([PY, "-m", "safegate", "check", *gate, "--mem", str(big), "--wait", "-q"], env=run.env)
     wait_until(lambda: [t for t in read_tickets(lock_dir) if t.pid == waiter.pid and t.blocked_by == "queue"],

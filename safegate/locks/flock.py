@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from safegate.backoff import Backoff, poll
-from safegate.errors import LockDirError
+from safegate.errors import AdmissionStuck, LockDirError
 from safegate.locks.directory import ADMISSION_FILE, O_NONBLOCK, open_nofollow
 
 ADMISSION_TIMEOUT = 30.0
@@ -21,6 +21,8 @@ CONTENTION = Backoff(first=0.005)
 # A waiter blocked only by the lock then starts within ~10 ms of its release instead of at its next
 # backoff, which keeps a queue of waiting execs moving; each poll is one non-blocking flock call.
 RELEASE_WATCH = Backoff(first=0.01)
+# Waiting for the admission lock: its holder's work is bounded (milliseconds), so a short, slowly growing step.
+ADMISSION_WAIT = Backoff(first=0.002, factor=1.5, cap=0.05)
 
 
 def flock_nb(fd: int) -> bool:
@@ -122,8 +124,10 @@ def wait_free(path: Path, seconds: float, watch: Backoff = RELEASE_WATCH) -> boo
 def admission(directory: Path, timeout: float = ADMISSION_TIMEOUT) -> Iterator[None]:
     """The machine-wide admission lock: one safegate at a time checks and claims its lock.
 
-    Held only for the check-and-claim step (milliseconds), so that two execs started in the same
-    second cannot both pass a memory check only one of them fits.
+    Held only for bounded work (the lock dir, memory, the claim: milliseconds, never the process table or a
+    wait), so that two execs started in the same second cannot both pass a memory check only one of them fits.
+    A busy admission lock is waited for; one still held after *timeout* seconds means its holder is stuck (or
+    stopped), which is an error of its own naming that holder.
     """
     from filelock import lock_descriptor
 
@@ -131,11 +135,29 @@ def admission(directory: Path, timeout: float = ADMISSION_TIMEOUT) -> Iterator[N
     fd = open_lock_file(path, create=True)
     assert fd is not None
     try:
-        if not poll(lambda: lock_descriptor(fd, blocking=False), timeout, CONTENTION):
-            raise LockDirError(f"admission lock {path} busy for {timeout:g}s; is a safegate stuck?")
+        if not poll(lambda: lock_descriptor(fd, blocking=False), timeout, ADMISSION_WAIT):
+            raise AdmissionStuck(f"admission lock {path} held for over {timeout:g}s by {_who_holds(path)}; "
+                                 "that safegate is stuck or stopped (kill -CONT or end it)")
         yield
     finally:
         os.close(fd)  # closing drops the flock
+
+
+def _who_holds(path: Path) -> str:
+    pids = locker_of(path, lockers()) or set()
+    if not pids:
+        return "an unknown process"
+    from safegate.units import printable
+
+    def named(pid: int) -> str:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                argv = fh.read(512).split(b"\0")
+        except OSError:
+            return f"pid {pid}"
+        return f"pid {pid} ({printable(b' '.join(argv).decode(errors='replace').strip()[:120])})"
+
+    return ", ".join(named(p) for p in sorted(pids))
 
 
 def lockers() -> dict[tuple[int, int], set[int]] | None:

@@ -1,71 +1,91 @@
-"""Waiters' tickets in the lock dir (`.ticket.<arrival>.<pid>.json`): taken at arrival, kept current while
-waiting, dropped when admitted or gone; what `safegate queue` lists and what fair admission reads.
+"""Waiters' tickets in the lock dir: taken at arrival, kept current while waiting, dropped when admitted or
+gone; what `safegate queue` lists and what fair admission reads.
 
-The lock dir is shared by users who do not trust each other. A ticket counts only while the process it names
-lives (pid and start time) and is owned by the same user as the file: a planted file cannot put someone else's
-process, or a dead one, in line. Waiting in line in person is what anyone may do.
+The lock dir is shared by users who do not trust each other, so a ticket is judged by what its owner cannot
+set, and costs nothing until it could count:
+
+- Its name, `.ticket.<pid>.<start>.json` (start: the process's start in clock ticks since boot), says whose it
+  is. One listing of the lock dir and one of /proc decide which names could count: a name whose pid is not a
+  live process, or whose start is not that process's start, costs one directory entry and is never opened.
+  So each live process has at most one ticket, whatever is planted.
+- It counts only while that process lives and is owned by the user the process runs as.
+- Its place in line is the kernel's time on the file: the file is created once with O_EXCL and never written
+  again (its change time can only move later), and never earlier than its process's start. No value written
+  in it orders anyone. What the waiter waits for now, which changes, is in `.ticket.<pid>.<start>.state`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from safegate.fairness import blocked_by, waits_only_for_memory
+from safegate.fairness import blocked_by, head_waiting, waits_only_for_memory
 from safegate.locks.directory import O_NOFOLLOW, O_NONBLOCK
-from safegate.probes.processes import process_alive
-from safegate.records import asdict, replace
+from safegate.probes.pids import Identity, identity, live_pids
+from safegate.records import replace
 from safegate.results import Verdict
 from safegate.snapshots import Ticket
 
 TICKET_PREFIX = ".ticket."
 TICKET_SUFFIX = ".json"
+STATE_SUFFIX = ".state"
 TICKET_MAX_BYTES = 4096
+SWEEP_MAX = 64  # dead tickets removed per call: another user's thousands cost the sweep a bounded amount
+# A waiter at the head of its lock's line, with the lock free and its memory there, takes the lock within
+# milliseconds (it watches the lock); one that has not after this long is asleep, or not a waiter at all.
+HEAD_GRACE = 1.0
+
+
+def ticket_name(pid: int, start: int) -> str:
+    return f"{TICKET_PREFIX}{pid}.{start}{TICKET_SUFFIX}"
+
+
+def parse_name(name: str) -> tuple[int, int, bool] | None:
+    """(pid, start, is the state file) for a ticket's file name; None for anything else."""
+    if not name.startswith(TICKET_PREFIX):
+        return None
+    if name.endswith(TICKET_SUFFIX):
+        body, state = name[len(TICKET_PREFIX):-len(TICKET_SUFFIX)], False
+    elif name.endswith(STATE_SUFFIX):
+        body, state = name[len(TICKET_PREFIX):-len(STATE_SUFFIX)], True
+    else:
+        return None
+    pid, _, start = body.partition(".")
+    if not (pid.isdigit() and start.isdigit() and pid.isascii() and start.isascii()) or len(pid) > 8 or len(start) > 20:
+        return None
+    return int(pid), int(start), state
+
+
+def _me() -> Identity:
+    me = identity(os.getpid())
+    assert me is not None, "/proc/self/stat must be readable"
+    return me
 
 
 def take_ticket(directory: Path, lock: str | None, profile: str, need: int) -> Ticket:
     """A new ticket, stamped now, not yet in the lock dir: Line posts it with its first judgement."""
-    import psutil
-
-    me = psutil.Process()
-    arrival = time.time_ns()
-    return Ticket(pid=me.pid, start_time=me.create_time(), user=_user(), lock=lock, profile=profile,
-                  need=need, arrival=arrival, path=_ticket_path(directory, arrival, me.pid))
+    me = _me()
+    return Ticket(pid=me.pid, start_time=me.start_time, user=_user(), lock=lock, profile=profile, need=need,
+                  arrival=time.time_ns(), path=directory / ticket_name(me.pid, me.start))
 
 
-def _ticket_path(directory: Path, arrival: int, pid: int) -> Path:
-    return directory / f"{TICKET_PREFIX}{arrival:020d}.{pid}{TICKET_SUFFIX}"
-
-
-def _stamped(ticket: Ticket, arrival: int) -> Ticket:
-    """*ticket* arriving at *arrival* (ns), its file named for it (a caller that does not wait has none)."""
-    path = None if ticket.path is None else _ticket_path(ticket.path.parent, arrival, ticket.pid)
-    return replace(ticket, arrival=arrival, path=path)
-
-
-def update_ticket(ticket: Ticket, blocked_by: str, reason: str, memory_only: bool = False) -> Ticket:
-    """The ticket with its current reason for waiting, rewritten only when that changed."""
-    if ticket.blocked_by == blocked_by and ticket.reason == reason and ticket.memory_only == memory_only:
-        return ticket
-    ticket = replace(ticket, blocked_by=blocked_by, reason=reason[:500], memory_only=memory_only)
-    if ticket.path is not None:
-        _write(ticket, exclusive=False)
-    return ticket
+def _state_path(place: Path) -> Path:
+    return place.with_name(place.name[: -len(TICKET_SUFFIX)] + STATE_SUFFIX)
 
 
 def drop_ticket(ticket: Ticket) -> None:
     if ticket.path is not None:
-        with contextlib.suppress(OSError):
-            os.unlink(ticket.path)
+        for path in (_state_path(ticket.path), ticket.path):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
 
 
 class Line:
-    """A waiter's ticket, kept current with what it waits for.
+    """A waiter's ticket, kept current with what it waits for, and what this waiter saw of the line.
 
     Arriving and posting are one step for everyone else: arrive() stamps the arrival at the waiter's first
     evaluation (under the admission lock, for exec), and the first judged() writes the file already saying what
@@ -77,22 +97,47 @@ class Line:
         self.ticket = ticket
         self.arrived = False
         self.posted = False
+        # Earlier waiters seen at the head of the line with the lock free for them: since when (monotonic).
+        self._heads: dict[tuple[int, float], float] = {}
+        self.head: Ticket | None = None  # at the last evaluation: the earlier waiter that could take the lock
 
     def arrive(self) -> None:
         """Take the place in line now, at the first evaluation (not when the process started); once only."""
         if not self.arrived:
-            self.ticket = _stamped(self.ticket, time.time_ns())
+            self.ticket = replace(self.ticket, arrival=time.time_ns())
             self.arrived = True
+
+    def passed_over(self) -> frozenset[tuple[int, float]]:
+        """Waiters that stood at the head with the lock free past HEAD_GRACE: they lose their place."""
+        now = time.monotonic()
+        return frozenset(key for key, since in self._heads.items() if now - since > HEAD_GRACE)
+
+    def saw_head(self, head: Ticket | None) -> None:
+        """*head*: the earlier waiter that could take the lock now (None: none such). Only an unbroken stretch
+        counts: once the lock is held again, a slow real waiter starts afresh."""
+        self.head = head
+        if head is None:
+            self._heads.clear()
+            return
+        key = (head.pid, head.start_time)
+        self._heads = {key: self._heads.get(key, time.monotonic())}
 
     def judged(self, verdict: Verdict) -> Verdict:
         summary = "; ".join(f"{c.name}: {c.reason}" for c in verdict.failures)
         blocked, memory_only = blocked_by(verdict.checks), waits_only_for_memory(verdict.checks)
+        changed = (blocked, summary[:500], memory_only) != (
+            self.ticket.blocked_by, self.ticket.reason, self.ticket.memory_only)
+        self.ticket = replace(self.ticket, blocked_by=blocked, reason=summary[:500], memory_only=memory_only)
         if self.posted:
-            self.ticket = update_ticket(self.ticket, blocked, summary, memory_only)
+            if changed and self.ticket.path is not None:
+                _write_state(self.ticket)
         elif not verdict.ok:  # admitted at once: no one needs to see it in line
-            self.ticket = replace(self.ticket, blocked_by=blocked, reason=summary[:500], memory_only=memory_only)
-            if self.ticket.path is not None and not _write(self.ticket, exclusive=True):
+            arrival = _post(self.ticket) if self.ticket.path is not None else None
+            if arrival is None:
                 self.ticket = replace(self.ticket, path=None)  # it still orders this waiter (in memory)
+            else:
+                # Ordered as everyone else orders it: by the kernel's time on the file.
+                self.ticket = replace(self.ticket, arrival=max(arrival, self.ticket.arrival))
             self.posted = True
         return verdict
 
@@ -109,92 +154,133 @@ def waiting_in_line(directory: Path, lock: str | None, profile: str, need: int) 
 
 
 def read_tickets(directory: Path, *, sweep: bool = False) -> list[Ticket]:
-    """The live waiters' tickets in arrival order; with *sweep*, dead waiters' files are removed (where we may)."""
+    """The live waiters' tickets in arrival order; with *sweep*, up to SWEEP_MAX dead waiters' files are removed
+    (where we may)."""
     try:
-        entries = [e for e in os.scandir(directory) if e.name.startswith(TICKET_PREFIX)
-                   and e.name.endswith(TICKET_SUFFIX)]
+        names = os.listdir(directory)
     except OSError:
         return []
-    found = []
-    for entry in entries:
-        path = Path(entry.path)
-        ticket, owner = _read(path)
-        if ticket is None:
-            continue  # a temporary file, or not a ticket at all
-        if process_alive(ticket.pid, ticket.start_time) and _uid_of(ticket.pid) == owner:
-            found.append(ticket)
-        elif sweep and not process_alive(ticket.pid, ticket.start_time):
-            with contextlib.suppress(OSError):
-                os.unlink(path)
+    named: dict[int, dict[int, list[str]]] = {}
+    for name in names:
+        parsed = parse_name(name)
+        if parsed is not None:
+            named.setdefault(parsed[0], {}).setdefault(parsed[1], []).append(name)
+    if not named:
+        return []
+    live = live_pids()
+    found: list[Ticket] = []
+    dead: list[str] = []
+    for pid, by_start in named.items():
+        who = identity(pid) if pid in live else None
+        for start, files in by_start.items():
+            if who is not None and start == who.start:
+                ticket = _read(directory, who, files)
+                if ticket is not None:
+                    found.append(ticket)
+            elif sweep:
+                dead += files
+    for name in dead[:SWEEP_MAX]:
+        with contextlib.suppress(OSError):
+            os.unlink(directory / name)
     return sorted(found, key=lambda t: (t.arrival, t.pid))
 
 
-def _write(ticket: Ticket, *, exclusive: bool) -> bool:
-    assert ticket.path is not None
-    data = {k: v for k, v in asdict(ticket).items() if k != "path"}
-    target = ticket.path if exclusive else ticket.path.with_name(ticket.path.name + f".{os.getpid()}.tmp")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW | os.O_CLOEXEC
+def _read(directory: Path, who: Identity, files: list[str]) -> Ticket | None:
+    from safegate import schema
+
+    place = ticket_name(who.pid, who.start)
+    if place not in files:
+        return None  # a state file alone: the waiter is between posting its place and its state, or gone
+    raw, st = _read_owned(directory / place, who.uid)
+    if raw is None or st is None:
+        return None
     try:
-        fd = os.open(target, flags, 0o644)
-    except OSError:
-        return False
-    try:
-        os.write(fd, json.dumps(data).encode())
-        os.fchmod(fd, 0o644)  # readable by everyone's `safegate queue`, whatever the umask
-    finally:
-        os.close(fd)
-    if not exclusive:
-        try:
-            os.rename(target, ticket.path)
-        except OSError:
-            with contextlib.suppress(OSError):
-                os.unlink(target)
-            return False
-    return True
+        wire = schema.decode(raw, schema.TicketWire)
+    except schema.BadRecord:
+        return None  # another user's file, or a broken one: it orders no one
+    state = schema.TicketStateWire()
+    raw_state, _ = _read_owned(_state_path(directory / place), who.uid)
+    if raw_state is not None:
+        with contextlib.suppress(schema.BadRecord):
+            state = schema.decode(raw_state, schema.TicketStateWire)
+    return Ticket(pid=who.pid, start_time=who.start_time, user=wire.user, lock=wire.lock, profile=wire.profile,
+                  need=wire.need, arrival=max(st.st_ctime_ns, who.start_ns), blocked_by=state.blocked_by,
+                  reason=state.reason, memory_only=state.memory_only, path=directory / place)
 
 
-def _read(path: Path) -> tuple[Ticket | None, int]:
+def _read_owned(path: Path, uid: int) -> tuple[bytes | None, os.stat_result | None]:
+    """The content of *path* if it is a regular file of user *uid* no larger than TICKET_MAX_BYTES."""
     try:
         fd = os.open(path, os.O_RDONLY | O_NOFOLLOW | O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
-        return None, -1
+        return None, None
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            return None, -1
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != uid:
+            return None, None
         raw = os.read(fd, TICKET_MAX_BYTES + 1)
     except OSError:
-        return None, -1
+        return None, None
     finally:
         os.close(fd)
-    if len(raw) > TICKET_MAX_BYTES:
-        return None, -1
-    try:
-        data = json.loads(raw)
-        lock = data["lock"]
-        ticket = Ticket(pid=int(data["pid"]), start_time=float(data["start_time"]), user=str(data["user"]),
-                        lock=None if lock is None else str(lock), profile=str(data["profile"]),
-                        need=int(data["need"]), arrival=int(data["arrival"]), blocked_by=str(data["blocked_by"]),
-                        reason=str(data["reason"]), path=path,
-                        # Written since memory_only existed; before, only "memory" meant memory alone.
-                        memory_only=bool(data.get("memory_only", data["blocked_by"] == "memory")))
-    except (ValueError, KeyError, TypeError, RecursionError):
-        return None, -1
-    if ticket.pid <= 0 or ticket.start_time != ticket.start_time or abs(ticket.start_time) == float("inf"):
-        return None, -1
-    return ticket, st.st_uid
+    return (raw, st) if len(raw) <= TICKET_MAX_BYTES else (None, None)
 
 
-def _uid_of(pid: int) -> int:
+def _post(ticket: Ticket) -> int | None:
+    """Create the ticket's file, once, and its state; the kernel's time on it (ns), or None where it cannot be."""
+    from safegate import schema
+
+    assert ticket.path is not None
+    # The state first: a place that appeared before it would not yet say "memory", and a later, smaller job
+    # could start ahead of this one. A state file without its place orders no one.
+    _write_state(ticket)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | O_NOFOLLOW | os.O_CLOEXEC
     try:
-        return os.stat(f"/proc/{pid}").st_uid
+        fd = os.open(ticket.path, flags, 0o644)
     except OSError:
-        import psutil
+        drop_ticket(ticket)
+        return None
+    try:
+        os.write(fd, schema.encode(schema.TicketWire(user=ticket.user[:schema.TEXT_MAX], lock=ticket.lock,
+                                                     profile=ticket.profile[:schema.TEXT_MAX], need=ticket.need)))
+        os.fchmod(fd, 0o644)  # readable by everyone's `safegate queue`, whatever the umask
+        arrival = os.fstat(fd).st_ctime_ns
+    except OSError:
+        os.close(fd)
+        drop_ticket(ticket)
+        return None
+    os.close(fd)
+    return arrival
 
-        try:
-            return int(psutil.Process(pid).uids().real)
-        except psutil.Error:
-            return -2
+
+def _write_state(ticket: Ticket) -> None:
+    """What the waiter waits for now: written aside and renamed, so a reader sees the old state or the new."""
+    from safegate import schema
+
+    assert ticket.path is not None
+    final = _state_path(ticket.path)
+    tmp = final.with_name(f"{final.name}.{os.getpid()}.tmp")
+    data = schema.encode(schema.TicketStateWire(blocked_by=ticket.blocked_by[:schema.TEXT_MAX],
+                                                reason=ticket.reason[:schema.TEXT_MAX],
+                                                memory_only=ticket.memory_only))
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError:
+        return
+    try:
+        os.write(fd, data)
+        os.fchmod(fd, 0o644)
+    except OSError:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        return
+    os.close(fd)
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
 
 
 def _user() -> str:
@@ -204,3 +290,6 @@ def _user() -> str:
         return getpass.getuser()
     except (KeyError, OSError):
         return str(os.getuid())
+
+
+__all__ = ["HEAD_GRACE", "Line", "drop_ticket", "head_waiting", "read_tickets", "take_ticket", "waiting_in_line"]

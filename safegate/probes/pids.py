@@ -1,0 +1,83 @@
+"""Who a pid is, from what the kernel says and no one else can write: which pids live, each one's owner and
+start time (in clock ticks since boot, exact, as /proc/<pid>/stat gives it). Read without psutil, so a
+check in a lock dir full of other users' files pays a few small reads for them."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+from safegate.records import dataclass
+
+
+@dataclass(frozen=True)
+class Identity:
+    """One live process as the kernel names it: (pid, start) never names another process, even after reuse."""
+
+    pid: int
+    uid: int
+    start: int  # clock ticks after boot at which it started
+    ppid: int
+
+    @property
+    def start_time(self) -> float:
+        """The start as seconds since the epoch (what psutil's create_time gives)."""
+        return start_time_of(self.start)
+
+    @property
+    def start_ns(self) -> int:
+        return int(boot_time() * 1_000_000_000) + self.start * (1_000_000_000 // clock_ticks())
+
+
+def live_pids(proc_root: str = "/proc") -> set[int]:
+    """Every pid /proc shows us (one directory listing): the set a pid named in a file is tested against."""
+    try:
+        return {int(name) for name in os.listdir(proc_root) if name.isdigit()}
+    except OSError:
+        return set()
+
+
+def identity(pid: int) -> Identity | None:
+    """*pid*'s owner and start, or None when it is gone, a zombie, or hidden from us."""
+    try:
+        uid = os.stat(f"/proc/{pid}").st_uid
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        raw = os.read(fd, 4096)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    end = raw.rfind(b")")
+    fields = raw[end + 2:].split() if end >= 0 else []
+    # After comm: state(0) ppid(1) ... starttime(19)
+    if len(fields) < 20 or fields[0] in (b"Z", b"X"):
+        return None
+    try:
+        return Identity(pid=pid, uid=uid, start=int(fields[19]), ppid=int(fields[1]))
+    except ValueError:
+        return None
+
+
+@functools.cache
+def clock_ticks() -> int:
+    return os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+@functools.cache
+def boot_time() -> float:
+    """The kernel's boot time (btime in /proc/stat), as psutil reads it."""
+    try:
+        with open("/proc/stat", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"btime"):
+                    return float(line.split()[1])
+    except (OSError, IndexError, ValueError):
+        pass
+    return 0.0
+
+
+def start_time_of(ticks: int) -> float:
+    return boot_time() + ticks / clock_ticks()
