@@ -27,12 +27,13 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from safegate.admission import admit, wait_until_clear
 from safegate.backoff import RECHECK, Backoff, pauses
 from safegate.config import DEFAULT_PROFILE, load_config
 from safegate.errors import Blocked, SafegateError, UsageError, ValueParseError
 from safegate.exitcodes import ExitCode
 from safegate.locks.store import HeldLock, LockStore
-from safegate.preflight import Overrides, Settings, admit, clean_and_evaluate, evaluate, resolve, wait_until_clear
+from safegate.preflight import Overrides, Settings, clean_and_evaluate, evaluate, resolve
 from safegate.probes.memory import read_memory
 from safegate.records import dataclass, field
 from safegate.results import GpuValues, MemoryValues, Status, Verdict

@@ -12,13 +12,14 @@ from pathlib import Path
 import psutil
 
 from safegate import cgroups
+from safegate.admission import admit
 from safegate.config import DEFAULT_MIN_AVAILABLE, DEFAULT_MIN_AVAILABLE_FRACTION
 from safegate.errors import CgroupError
 from safegate.limits import WARN_FRACTION, GpuLimits, WatchLimits
 from safegate.locks.legacy import claim_legacy, release_legacy, update_legacy
 from safegate.locks.store import HeldLock
 from safegate.outcome import Event, Outcome
-from safegate.preflight import Settings, admit
+from safegate.preflight import Settings
 from safegate.probes.memory import read_memory
 from safegate.results import GpuValues, Verdict
 from safegate.supervisor import Supervisor

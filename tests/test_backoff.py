@@ -8,8 +8,9 @@ from itertools import islice
 from pathlib import Path
 
 import pytest
-from support import TIMEOUT
+from support import TIMEOUT, set_temp
 
+from safegate import admission
 from safegate import preflight as gate
 from safegate.backoff import RECHECK, Backoff, pauses, poll
 from safegate.config import load_config
@@ -111,14 +112,14 @@ def test_retry_re_checks_on_the_recheck_schedule_and_resumes_after_heat() -> Non
         seen.append(resuming)
         return _blocked("thermal" if len(seen) == 2 else "memory"), "never"
 
-    verdict, result = gate.retry(attempt, 1.0, blocked.append, clock, clock.sleep)
+    verdict, result = admission.retry(attempt, 1.0, blocked.append, clock, clock.sleep)
     assert result is None and not verdict.ok
     assert clock.slept == pytest.approx([0.2, 0.3, 0.45, 0.05])
     assert seen == [False, False, True, True, True]  # after a thermal block only resume_temp lets it pass
     assert len(blocked) == 5
 
 
-def test_wait_until_clear_sleeps_through_the_injected_sleep(config: Path) -> None:
+def test_wait_until_clear_sleeps_through_the_injected_sleep(config: Path, sensor: Path) -> None:
     # Time passes only through the fake sleep: a wait that ignored the injected sleep would never reach its
     # deadline on this clock (the suite deadline ends it), and one that used it ends after exactly 3 fake seconds.
     offset = [0.0]
@@ -128,14 +129,14 @@ def test_wait_until_clear_sleeps_through_the_injected_sleep(config: Path) -> Non
         slept.append(seconds)
         offset[0] += seconds
 
-    overrides = gate.Overrides(memory=Size(bytes=2**62))  # never fits: memory blocks every re-check
-    settings = gate.resolve(load_config(str(config)), "default", overrides)
+    set_temp(sensor, 99)  # too hot: thermal blocks every re-check (a need that can never fit would not wait)
+    settings = gate.resolve(load_config(str(config)), "default", gate.Overrides(memory=Size(bytes=0)))
     result: list[object] = []
     waiter = threading.Thread(target=lambda: result.append(
-        gate.wait_until_clear(settings, 3.0, clock=lambda: offset[0], sleep=sleep)), daemon=True)
+        admission.wait_until_clear(settings, 3.0, clock=lambda: offset[0], sleep=sleep)), daemon=True)
     waiter.start()
     waiter.join(TIMEOUT)
     assert result, "the wait never reached its deadline: the injected sleep was not used"
     verdict = result[0]
-    assert isinstance(verdict, gate.Verdict) and verdict.exit_code is ExitCode.MEMORY
+    assert isinstance(verdict, gate.Verdict) and verdict.exit_code is ExitCode.THERMAL
     assert slept[:3] == pytest.approx([0.2, 0.3, 0.45]) and sum(slept) == pytest.approx(3.0)

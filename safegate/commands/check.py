@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from safegate.admission import wait_until_clear
 from safegate.config import DEFAULT_PROFILE, load_config
 from safegate.exitcodes import ExitCode
-from safegate.preflight import Overrides, clean_and_evaluate, evaluate, resolve, wait_until_clear
+from safegate.preflight import Overrides, clean_and_evaluate, evaluate, resolve
 from safegate.results import Verdict
 
 
