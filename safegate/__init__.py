@@ -10,6 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from safegate.errors import (
+    AdmissionStuck,
+    BadRecord,
     Blocked,
     CgroupError,
     ConfigError,
@@ -28,6 +30,8 @@ __version__ = "0.1.0"
 
 _API = ("Gate", "check", "hold", "slots")
 __all__ = [
+    "AdmissionStuck",
+    "BadRecord",
     "Blocked",
     "CgroupError",
     "ConfigError",

@@ -64,6 +64,11 @@ class ValueParseError(ValueError):
     """
 
 
+class BadRecord(ValueError):
+    """A file another user (or an older safegate) wrote does not fit its schema (safegate.schema); the message
+    names the field and the fault. Readers turn it into "ignored" or "set aside", never a failure."""
+
+
 class SpawnError(SafegateError):
     """The command could not be started: 127 not found, 126 not executable."""
 

@@ -69,7 +69,7 @@ def unlock(store: LockStore, name: str) -> list[str]:
         h = state.holder
         who = f"pid {h.job_pid or h.pid} ({h.user}: {' '.join(h.cmdline)[:80]})" if h else "a process without metadata"
         raise LockBusy(f"lock {name!r} is held by {who}; stop that job instead (there is no force)")
-    mine = {f.path for f in store.holder_files(name)}
+    mine = {f.path for f in store.holder_files(name, None)}
     removed = [r.what for r in store.cleanup() if r.removed and r.path in mine]
     leftover = store.remove_metadata_if_free(name)
     if leftover:

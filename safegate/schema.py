@@ -17,13 +17,16 @@ from typing import Annotated, Any
 
 import msgspec
 
+from safegate.errors import BadRecord
 from safegate.units import validate_lock_name
+
+__all__ = ["BadRecord", "GrantWire", "HolderWire", "RunWire", "TicketStateWire", "TicketWire", "decode", "encode"]
 
 PID_MAX = 4_194_304  # PID_MAX_LIMIT on 64-bit Linux: no process has a larger pid
 SIZE_MAX = 2**53  # bytes (8 PiB): past any machine, and every such size is exact as a float too
 TIME_SKEW = 86_400.0  # seconds a clock may run ahead of ours and its times still count as "now"
 TEXT_MAX = 512  # characters of a free-text field (a reason, a user or host name)
-CMDLINE_MAX = 4096  # arguments of a recorded command line (holder records cut theirs far below this)
+CMDLINE_MAX = 8192  # arguments of a recorded command line (holder records cut theirs below 16 KiB of JSON)
 
 Pid = Annotated[int, msgspec.Meta(ge=1, le=PID_MAX)]
 Size = Annotated[int, msgspec.Meta(ge=0, le=SIZE_MAX)]
@@ -33,10 +36,6 @@ Timestamp = Annotated[float, msgspec.Meta(ge=0.0)]
 Text = Annotated[str, msgspec.Meta(max_length=TEXT_MAX)]
 ExitStatus = Annotated[int, msgspec.Meta(ge=-255, le=255 + 128)]
 GpuIndex = Annotated[int, msgspec.Meta(ge=0, le=1023)]
-
-
-class BadRecord(ValueError):
-    """A file's content does not fit its schema; the message says which field and why."""
 
 
 def _not_future(*times: float | None) -> None:

@@ -21,7 +21,7 @@ LOCK_NAME_ACCEPTED = (
     "1-64 printable characters (at most 128 bytes in UTF-8) without '/', '\\', '..', spaces, or a leading '.' or '-'"
 )
 LOCK_NAME_MAX = 64
-# File names are bounded in bytes (NAME_MAX, 255): <name>.holder-<16 hex>.json adds 29 to the name.
+# File names are bounded in bytes (NAME_MAX, 255): <name>.holder-<pid>.<start>-<16 hex>.json adds up to 58.
 LOCK_NAME_MAX_BYTES = 128
 
 

@@ -120,9 +120,13 @@ def test_killed_holder_leaves_stale_metadata_that_cleanup_removes(tmp_path: Path
 
 def test_reused_pid_is_not_taken_for_the_holder(tmp_path: Path) -> None:
     store = store_at(tmp_path / "locks")
-    # Metadata naming a live pid (ours) but another start time: the pid was reused, the holder is gone.
+    # Metadata of a process that had our pid before us (another start time): the pid was reused, the holder
+    # is gone. Its file's name says so (pid and start), and so does the record.
     fake = Holder.for_current_process("heavy", "p")
-    store.write_holder(Holder(**{**fake.__dict__, "start_time": fake.start_time - 1000}))
+    start = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+    store.ensure_directory()
+    store.write_holder(Holder(**{**fake.__dict__, "start_time": fake.start_time - 1000}),
+                       store.directory / f"heavy.holder-{fake.pid}.{start + 1}-{'0' * 16}.json")
     removals = list(store.cleanup())
     assert len(removals) == 1 and removals[0].removed
 

@@ -9,6 +9,7 @@ import json
 import os
 import secrets
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -85,11 +86,13 @@ def test_forged_holder_file_for_a_free_lock_reserves_nothing(shared: Shared) -> 
 
 
 def test_forged_record_for_someone_elses_held_lock_is_not_its_holder(shared: Shared, procs: Procs) -> None:
-    # root holds "heavy" for real; nobody writes a newer record naming root's holder and 100 TiB.
+    # root holds "heavy" for real; nobody writes a newer record (an hour ahead: still a time the schema takes)
+    # naming root's holder and 100 TiB.
     holder = procs.spawn([PY, "-c", _HOLD, str(shared.dir), "heavy", "0"], stdout=subprocess.PIPE)
     assert holder.stdout is not None and holder.stdout.readline().strip() == b"held"
     shared.plant_as_nobody(f"heavy.holder-{_token()}.json",
-                           json.dumps(_record(holder.pid, "heavy", need=100 * TIB, started_at=2e9, profile="forged")))
+                           json.dumps(_record(holder.pid, "heavy", need=100 * TIB, started_at=time.time() + 3600,
+                                                profile="forged")))
     result = shared.as_nobody("check", "--mem", "0", "--lock", "heavy", "--json")
     assert result.returncode == ExitCode.LOCKED, result.stdout + result.stderr
     checks = {c["name"]: c for c in json.loads(result.stdout)["checks"]}

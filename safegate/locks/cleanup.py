@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import os
+import random
 import re
 import stat
 from collections.abc import Iterator
 from pathlib import Path
 
 from safegate.errors import LockDirError
-from safegate.locks.directory import listing, lock_path, scan
+from safegate.locks.directory import holder_file_pid, listing, lock_path, scan
 from safegate.locks.flock import flock_nb, funlock, locker_of, lockers, open_lock_file, try_flock
 from safegate.locks.holders import Holder, HolderFile, current_holder, read_file, read_files
+from safegate.probes.pids import identity, live_pids
 from safegate.probes.processes import process_alive
 from safegate.snapshots import Removal
 
@@ -19,28 +21,59 @@ from safegate.snapshots import Removal
 _JOB_LOCK = re.compile(r"^job-(?P<pid>[0-9]+)-[0-9]+$")
 
 
+# Holder files looked at per cleanup: those whose name says their writer is gone, in random order, so files
+# others plant in thousands cost the cleanup a bounded amount and our own stale ones still go in time.
+SWEEP_MAX = 64
+
+
 def cleanup(directory: Path) -> Iterator[Removal]:
     """Remove our own holder files whose process is gone (or that are unusable).
 
+    Decided from the names first: a file whose name carries a live pid is not stale (its writer runs), and is
+    never touched here. Of the rest, at most SWEEP_MAX are looked at (an lstat, then a read of our own only).
     Another user's file is no one's holder unless its writer holds the lock, and cannot be removed in the sticky
-    dir anyway (root could, but leaves it to its owner too): it costs one lstat, is never read here, and is not
-    reported, so no one can make every check slower or warn by planting files.
+    dir anyway (root could, but leaves it to its owner too): it is never read here, and is not reported, so no
+    one can make every check slower or warn by planting files.
     """
     me = os.geteuid()
-    for name, entry in scan(directory, owner=me).items():
-        # The scan's lstat decides first: another user's files (all a hostile user can plant) are never read.
-        for found in read_files(directory, name, entry.mine) if entry.mine else ():
-            if not found.regular or found.uid != me:
-                continue
-            if found.holder is not None and found.holder.alive():
-                continue
-            removal = _remove_stale(directory, name, found)
-            if removal is not None:
-                yield removal
-        if entry.lock_file:
+    entries = scan(directory)
+    live = live_pids()
+    starts: dict[int, int | None] = {}
+
+    def gone(filename: str) -> bool:
+        named = holder_file_pid(filename)
+        if named is None or named[0] not in live:
+            return True
+        if named[0] not in starts:  # one read per live pid named, however many files name it
+            who = identity(named[0])
+            starts[named[0]] = who.start if who is not None else None
+        return starts[named[0]] != named[1]
+
+    stale = [(name, f) for name, entry in entries.items() for f in entry.holders if gone(f)]
+    for name, filename in random.sample(stale, min(len(stale), SWEEP_MAX)):
+        if not _mine(directory / filename, me):
+            continue
+        found = read_file(directory / filename)
+        if not found.regular or found.uid != me:
+            continue
+        if found.holder is not None and found.holder.alive():
+            continue  # its safegate is gone, its job lives on and holds the lock
+        removal = _remove_stale(directory, name, found)
+        if removal is not None:
+            yield removal
+    for name, entry in entries.items():
+        if entry.lock_file and _JOB_LOCK.match(name):
             job_lock = _remove_job_lock(directory, name, me)
             if job_lock is not None:
                 yield job_lock
+
+
+def _mine(path: Path, me: int) -> bool:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_uid == me
 
 
 def _remove_job_lock(directory: Path, name: str, me: int) -> Removal | None:
@@ -118,7 +151,7 @@ def remove_metadata_if_free(directory: Path, name: str) -> bool:
     try:
         if fd is not None and not try_flock(fd):
             return False  # a holder arrived meanwhile: its record stays
-        for found in read_files(directory, name, filenames):
+        for found in read_files(directory, name, filenames, None):
             if not found.regular:
                 continue
             try:
@@ -157,7 +190,8 @@ def reservations(directory: Path) -> list[Holder]:
             # Read only when a held lock has records to judge: the first read of /proc/locks in a process
             # waits for an RCU grace period (~10 ms here), and a check with nothing held should not pay it.
             table, loaded = lockers(), True
-        holder = current_holder(read_files(directory, name, filenames), name, locker_of(path, table))
+        pids = locker_of(path, table)
+        holder = current_holder(read_files(directory, name, filenames, pids), name, pids)
         if holder is not None and (holder.reservation > 0 or holder.gpu_reservation > 0):
             found.append(holder)
     return found

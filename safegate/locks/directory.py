@@ -19,9 +19,13 @@ HOLDER_SUFFIX = ".holder.json"
 ADMISSION_FILE = ".admission.lock"
 O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
-# One file per holder: <name>.holder-<16 hex digits>.json. Anchored at the end, so a lock whose own name
-# looks like that still parses to its name.
-_HOLDER_FILE_RE = re.compile(r"^(?P<name>.+)\.holder-[0-9a-f]{16}\.json$")
+# One file per holder: <name>.holder-<pid>.<start>-<16 hex digits>.json, the pid and start (clock ticks after
+# boot) the holder's, so a reader opens only the files of the pids /proc/locks names as the lock's holders and the
+# cleanup only those of processes that are gone; the token random, so no one can plant a file at a holder's name.
+# Anchored at the end, so a lock whose own name looks like that still parses to its name. Files of older
+# safegates have no pid: they count as another file of no live holder.
+_HOLDER_FILE_RE = re.compile(
+    r"^(?P<name>.+)\.holder-(?:(?P<pid>[1-9][0-9]{0,6})\.(?P<start>[0-9]{1,20})-)?[0-9a-f]{16}\.json$")
 
 
 def default_lock_dir() -> Path:
@@ -127,47 +131,40 @@ def holder_file_lock(filename: str) -> str | None:
     return match.group("name") if match else None
 
 
+def holder_file_pid(filename: str) -> tuple[int, int] | None:
+    """(pid, start) a per-holder file's name says wrote it (None: not one, or an older safegate's without)."""
+    match = _HOLDER_FILE_RE.match(filename)
+    return (int(match.group("pid")), int(match.group("start"))) if match and match.group("pid") else None
+
+
 @dataclass
 class Entry:
     """What one scan of the lock dir found for one lock name."""
 
     lock_file: bool = False  # <name>.lock exists (whatever it is)
     holders: list[str] = field(default_factory=list)  # its holder files' names
-    mine: list[str] = field(default_factory=list)  # those of them that are regular files owned by *owner*
 
 
-def scan(directory: Path, owner: int | None = None) -> dict[str, Entry]:
-    """Every lock name that has a lock file or holder metadata, in one pass over the directory; with
-    *owner*, each holder file's type and owner too (an lstat the scan makes anyway, no path handling)."""
+def scan(directory: Path) -> dict[str, Entry]:
+    """Every lock name that has a lock file or holder metadata, in one listing of the directory: names only,
+    nothing opened or stat'ed, so files others plant cost one directory entry each."""
     found: dict[str, Entry] = {}
     try:
-        entries = list(os.scandir(directory))
+        names = os.listdir(directory)
     except OSError:
         return {}
-    for entry in entries:
-        filename = entry.name
+    for filename in names:
         if filename.startswith("."):
             continue
         name = holder_file_lock(filename)
         if name is None and filename.endswith(HOLDER_SUFFIX):
             name = filename[: -len(HOLDER_SUFFIX)]
         if name is not None:
-            item = found.setdefault(name, Entry())
-            item.holders.append(filename)
-            if owner is not None and _regular_of(entry, owner):
-                item.mine.append(filename)
+            found.setdefault(name, Entry()).holders.append(filename)
         elif filename.endswith(LOCK_SUFFIX):
             found.setdefault(filename[: -len(LOCK_SUFFIX)], Entry()).lock_file = True
     # Anyone can create files in the shared dir: a name safegate would refuse is not one of its locks.
     return {n: found[n] for n in sorted(found) if _valid_name(n)}
-
-
-def _regular_of(entry: os.DirEntry[str], owner: int) -> bool:
-    try:
-        st = entry.stat(follow_symlinks=False)
-    except OSError:
-        return False
-    return stat.S_ISREG(st.st_mode) and st.st_uid == owner
 
 
 def listing(directory: Path) -> dict[str, list[str]]:

@@ -11,21 +11,27 @@ before) is read the same way and trusted the same way.
 from __future__ import annotations
 
 import json
-import math
 import os
 import stat
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from safegate.errors import LockDirError
-from safegate.locks.directory import HOLDER_SUFFIX, O_NONBLOCK, holder_file_lock, holder_path, open_nofollow
+from safegate.locks.directory import (
+    HOLDER_SUFFIX,
+    O_NONBLOCK,
+    holder_file_lock,
+    holder_file_pid,
+    holder_path,
+    open_nofollow,
+)
+from safegate.probes.pids import identity
 from safegate.probes.processes import process_alive
 from safegate.records import asdict, dataclass
 from safegate.snapshots import HolderRecord
-from safegate.units import validate_lock_name
+from safegate.units import printable, validate_lock_name
 
 HOLDER_MAX_BYTES = 64 * 1024
 # What a record stores of its command line and its strings, in JSON bytes: far below HOLDER_MAX_BYTES
@@ -54,35 +60,17 @@ class Holder(HolderRecord):
         return json.dumps(asdict(self), sort_keys=True, allow_nan=False)
 
     @classmethod
-    def from_json(cls, text: str) -> Holder:
-        data = json.loads(text, parse_constant=_refuse_constant)
-        if not isinstance(data, dict):
-            raise ValueError("not a JSON object")
-        try:
-            holder = cls(
-                pid=int(data["pid"]),
-                start_time=_finite(data["start_time"]),
-                user=str(data["user"]),
-                host=str(data["host"]),
-                cmdline=[str(a) for a in data["cmdline"]],
-                started_at=_finite(data["started_at"]),
-                profile=str(data["profile"]),
-                lock=str(data["lock"]),
-                job_pid=int(data["job_pid"]) if data.get("job_pid") is not None else None,
-                job_start_time=_finite(data["job_start_time"]) if data.get("job_start_time") is not None else None,
-                need=int(data.get("need", 0)),
-                used=int(data.get("used", 0)),
-                gpu_index=int(data["gpu_index"]) if data.get("gpu_index") is not None else None,
-                gpu_need=int(data.get("gpu_need", 0)),
-                gpu_used=int(data.get("gpu_used", 0)),
-            )
-        except (KeyError, TypeError, OverflowError) as exc:
-            raise ValueError(f"missing or bad field {exc}") from None
-        if holder.pid <= 0:
-            raise ValueError("pid must be positive")
-        if min(holder.need, holder.used, holder.gpu_need, holder.gpu_used) < 0:
-            raise ValueError("sizes must not be negative")
-        return holder
+    def from_json(cls, raw: bytes | str) -> Holder:
+        """The record in *raw*; schema.BadRecord (a ValueError) when any field is missing, mistyped or out of
+        range."""
+        from safegate import schema
+
+        wire = schema.decode(raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw,
+                             schema.HolderWire)
+        return cls(pid=wire.pid, start_time=wire.start_time, user=wire.user, host=wire.host, cmdline=wire.cmdline,
+                   started_at=wire.started_at, profile=wire.profile, lock=wire.lock, job_pid=wire.job_pid,
+                   job_start_time=wire.job_start_time, need=wire.need, used=wire.used, gpu_index=wire.gpu_index,
+                   gpu_need=wire.gpu_need, gpu_used=wire.gpu_used)
 
     @classmethod
     def for_current_process(
@@ -104,17 +92,6 @@ class Holder(HolderRecord):
             lock=lock,
             need=need,
         )
-
-
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a number")
-
-
-def _finite(value: object) -> float:
-    number = float(value)  # type: ignore[arg-type]
-    if not math.isfinite(number):
-        raise ValueError(f"{value!r} is not a finite number")
-    return number
 
 
 def _bounded(text: str) -> str:
@@ -176,15 +153,17 @@ class HolderFile:
         return self.path.name.endswith(HOLDER_SUFFIX)
 
 
-def new_holder_path(directory: Path, name: str) -> Path:
+def new_holder_path(directory: Path, name: str, pid: int) -> Path:
     import secrets
 
-    return directory / f"{validate_lock_name(name)}.holder-{secrets.token_hex(8)}.json"
+    who = identity(pid)
+    start = who.start if who is not None else 0
+    return directory / f"{validate_lock_name(name)}.holder-{pid}.{start}-{secrets.token_hex(8)}.json"
 
 
 def write_holder(directory: Path, holder: Holder, path: Path | None = None) -> Path:
     """Write *holder* atomically to *path* (a new file of its own when None); the path written."""
-    final = path if path is not None else new_holder_path(directory, holder.lock)
+    final = path if path is not None else new_holder_path(directory, holder.lock, holder.pid)
     import secrets
 
     tmp = directory / f".{holder.lock}.{secrets.token_hex(8)}.tmp"
@@ -228,9 +207,9 @@ def read_file(path: Path) -> HolderFile:
         return HolderFile(path, None, f"holder metadata {path} is larger than {HOLDER_MAX_BYTES} bytes; ignored",
                           st.st_uid)
     try:
-        return HolderFile(path, Holder.from_json(raw.decode("utf-8")), "", st.st_uid)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        return HolderFile(path, None, f"holder metadata {path} is corrupt ({exc})", st.st_uid)
+        return HolderFile(path, Holder.from_json(raw), "", st.st_uid)
+    except ValueError as exc:
+        return HolderFile(path, None, f"holder metadata {path} is corrupt ({printable(str(exc))[:200]})", st.st_uid)
 
 
 def _owner(path: Path) -> int:
@@ -240,10 +219,21 @@ def _owner(path: Path) -> int:
         return -1
 
 
-def read_files(directory: Path, name: str, filenames: Sequence[str]) -> list[HolderFile]:
-    """The holder files of lock *name* among *filenames* (one listing of the directory)."""
+# Files read for one lock when /proc/locks cannot say whose they are (no /proc/locks, or a free lock's record
+# shown by `locks`): beyond this, planted files are not opened at all.
+READ_UNKNOWN_MAX = 16
+
+
+def read_files(directory: Path, name: str, filenames: Sequence[str], pids: set[int] | None) -> list[HolderFile]:
+    """The holder files of lock *name* among *filenames* (one listing of the directory) that could be its
+    holder's: those whose name carries a pid in *pids* (the flock's holders per /proc/locks), and the one
+    older-style <name>.holder.json. *pids* None (unknown): at most READ_UNKNOWN_MAX of them."""
     legacy = holder_path(directory, name).name
-    return [read_file(directory / f) for f in filenames if f == legacy or holder_file_lock(f) == name]
+    chosen = [f for f in filenames if f == legacy or (
+        holder_file_lock(f) == name and (pids is None or (holder_file_pid(f) or (0, 0))[0] in pids))]
+    if pids is None:
+        chosen = chosen[:READ_UNKNOWN_MAX]
+    return [read_file(directory / f) for f in chosen]
 
 
 def is_holders(found: HolderFile, name: str, lockers: set[int] | None) -> bool:

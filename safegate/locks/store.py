@@ -133,26 +133,34 @@ class LockStore:
         """Write *holder* to *path*, or to a new file of its own; the path written."""
         return holders.write_holder(self.directory, holder, path)
 
-    def holder_files(self, name: str) -> list[holders.HolderFile]:
-        return holders.read_files(self.directory, name, lockdir.listing(self.directory).get(name, []))
+    def holder_files(self, name: str, pids: set[int] | None) -> list[holders.HolderFile]:
+        """The lock's holder files that could be its holder's (*pids*: the flock's holders; None: unknown)."""
+        return self._holder_files(name, pids)[0]
+
+    def _holder_files(self, name: str, pids: set[int] | None) -> tuple[list[holders.HolderFile], int]:
+        """The files holder_files() reads, and how many others of the lock it left unopened."""
+        names = lockdir.listing(self.directory).get(name, [])
+        files = holders.read_files(self.directory, name, names, pids)
+        return files, len(names) - len(files)
 
     def read_holder(self, name: str) -> tuple[Holder | None, str]:
         """The record of the lock's holder, if it wrote one (whether or not the lock is held now), and a note
         on the files that are not it."""
-        files = self.holder_files(name)
         locker = flock.locker_of(self.lock_path(name), flock.lockers())
+        files, unread = self._holder_files(name, locker or None)
         holder = holders.current_holder(files, name, locker or None)
-        return holder, _note(files, holder)
+        return holder, _note(files, holder, unread)
 
     def state(self, name: str) -> LockState:
         held = self.is_held(name)
         if not held:
             # Only the flock's holder's own record names the holder: a free lock has none, whatever files remain.
             return LockState(name=name, path=self.lock_path(name), held=False, holder=None, holder_alive=False)
-        files = self.holder_files(name)
-        holder = holders.current_holder(files, name, flock.locker_of(self.lock_path(name), flock.lockers()))
+        pids = flock.locker_of(self.lock_path(name), flock.lockers())
+        files, unread = self._holder_files(name, pids)
+        holder = holders.current_holder(files, name, pids)
         return LockState(name=name, path=self.lock_path(name), held=True, holder=holder,
-                         holder_alive=holder is not None, note=_note(files, holder))
+                         holder_alive=holder is not None, note=_note(files, holder, unread))
 
     def reservations(self) -> list[Holder]:
         return stale.reservations(self.directory)
@@ -164,9 +172,12 @@ class LockStore:
         return stale.remove_metadata_if_free(self.directory, name)
 
 
-def _note(files: Sequence[holders.HolderFile], holder: Holder | None) -> str:
+def _note(files: Sequence[holders.HolderFile], holder: Holder | None, unread: int = 0) -> str:
+    """What the lock's files that are not its holder's record come to (*unread*: those not even opened, their
+    names naming no holder of the flock)."""
     others = [f for f in files if f.holder is None or f.holder != holder]
     unusable = [f.note for f in others if f.note]
+    count = len(others) + unread
     if unusable:
-        return unusable[0] + (f" (and {len(others) - 1} other file(s) ignored)" if len(others) > 1 else "")
-    return f"{len(others)} holder file(s) not written by the holder ignored" if others else ""
+        return unusable[0] + (f" (and {count - 1} other file(s) ignored)" if count > 1 else "")
+    return f"{count} holder file(s) not written by the holder ignored" if count else ""
