@@ -19,6 +19,7 @@ from typing import Any
 from filelock import lock_descriptor, unlock_descriptor
 
 from safegate.records import asdict, dataclass
+from safegate.units import printable
 
 KEEP = 50
 # 50 runs of a profile are ~8 KiB; past this the file is not one safegate wrote, and is never read whole.
@@ -68,35 +69,16 @@ def read(path: Path) -> tuple[dict[str, list[Run]], str]:
         os.close(fd)
     if len(raw) > HISTORY_MAX_BYTES:
         return {}, f"larger than {HISTORY_MAX_BYTES // 1024**2} MiB"
+    from safegate import schema
+
     try:
-        data = json.loads(raw.decode("utf-8"))
-    except RecursionError:
-        return {}, "corrupt (nested too deeply)"
-    except ValueError as exc:
-        return {}, f"corrupt ({exc})"
-    if not isinstance(data, dict):
-        return {}, "corrupt (not a JSON object)"
-    return _runs(data), ""
-
-
-def _runs(data: dict[str, Any]) -> dict[str, list[Run]]:
-    out: dict[str, list[Run]] = {}
-    for profile, runs in data.items():
-        if not isinstance(runs, list):
-            continue
-        parsed = []
-        for item in runs:
-            try:
-                run = Run(**item)
-                # Check the types too: a hand-edited or corrupt file must cost a record, never a command.
-                run = Run(float(run.time), int(run.peak_memory),
-                          int(run.peak_gpu_memory) if run.peak_gpu_memory is not None else None,
-                          float(run.duration), str(run.reason), int(run.exit_code))
-            except (TypeError, ValueError, OverflowError, RecursionError):
-                continue
-            parsed.append(run)
-        out[str(profile)] = parsed
-    return out
+        data = schema.decode(raw, schema.HistoryWire)
+    except schema.BadRecord as exc:
+        # Every field typed and bounded (a 400-digit peak, a time in year 9999, a NaN): the file is unusable,
+        # and the next record() sets it aside.
+        return {}, f"corrupt ({printable(str(exc))[:200]})"
+    return {profile: [Run(r.time, r.peak_memory, r.peak_gpu_memory, r.duration, r.reason, r.exit_code)
+                      for r in runs] for profile, runs in data.items()}, ""
 
 
 def record(path: Path, profile: str, run: Run) -> str:

@@ -238,7 +238,7 @@ def _record_history(profile: str, outcome: Outcome, on_event: Callable[[Event], 
 
     s = outcome.stats
     run = history.Run(time=time.time(), peak_memory=s.peak_job_mem, peak_gpu_memory=s.peak_job_gpu_mem,
-                      duration=s.duration, reason=outcome.reason, exit_code=outcome.exit_code)
+                      duration=s.duration, reason=outcome.reason[:500], exit_code=outcome.exit_code)
     path = history.history_path()
     try:
         note = history.record(path, profile, run)

@@ -14,6 +14,7 @@ from safegate.probes.processes import is_safegate, process_alive, read_small
 from safegate.snapshots import LegacyState, Removal
 
 LEGACY_MAX_BYTES = 4096
+PID_MAX = 4_194_304  # PID_MAX_LIMIT on 64-bit Linux (as safegate.schema, which this reader needs not import)
 
 
 def read_legacy(path: Path) -> LegacyState:
@@ -34,7 +35,8 @@ def read_legacy(path: Path) -> LegacyState:
     finally:
         os.close(fd)
     text = raw.decode("ascii", "replace").split()
-    if not text or not text[0].isdigit() or int(text[0]) <= 0:
+    # A pid is at most 7 digits (PID_MAX_LIMIT): anything longer is not one, and is never turned into a number.
+    if not text or not text[0].isdigit() or len(text[0]) > 7 or not 0 < int(text[0]) <= PID_MAX:
         return LegacyState(path=path, pid=None, alive=False, note="does not hold a pid; ignored")
     pid = int(text[0])
     alive = process_alive(pid, None)
