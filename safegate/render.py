@@ -143,7 +143,8 @@ def render_lock(lock: LockInfo, now: float | None = None) -> str:
 
 
 def queue_json(tickets: Sequence[Ticket], now: float) -> list[dict[str, Any]]:
-    return [{"position": i, "pid": t.pid, "user": printable(t.user), "lock": t.lock, "profile": printable(t.profile),
+    return [{"position": i, "pid": t.pid, "user": printable(t.user),
+             "lock": None if t.lock is None else printable(t.lock), "profile": printable(t.profile),
              "need": t.need, "arrived_at": t.arrival / 1e9, "waited": max(0.0, now - t.arrival / 1e9),
              "blocked_by": printable(t.blocked_by), "reason": printable(t.reason)}
             for i, t in enumerate(tickets, 1)]
@@ -151,7 +152,8 @@ def queue_json(tickets: Sequence[Ticket], now: float) -> list[dict[str, Any]]:
 
 def queue_text(tickets: Sequence[Ticket], now: float) -> list[str]:
     """One line per waiter, in the order they are served (per lock)."""
-    return [f"{i:>3}. pid {t.pid} {printable(t.user)} lock {t.lock or '-'} profile {printable(t.profile)} need "
+    return [f"{i:>3}. pid {t.pid} {printable(t.user)} lock {printable(t.lock or '-')} profile {printable(t.profile)} "
+            f"need "
             f"{format_bytes(t.need)}, waiting {format_duration(max(0.0, now - t.arrival / 1e9))}: "
             f"{printable(t.reason)[:160] or 'arriving'}" for i, t in enumerate(tickets, 1)]
 

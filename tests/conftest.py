@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import REPO, Nobody, Procs, Run, neutral_config
+from support import REPO, Nobody, Procs, Run, Shared, neutral_config
 
 # Variables from the caller's environment that would change what safegate sees: its own settings, a Slurm job
 # the suite may run inside, a GPU selection, colour. Every test starts without them.
@@ -107,6 +107,11 @@ def nobody() -> Iterator[Nobody]:
         pytest.skip(f"user nobody cannot run safegate from this checkout ({last[:200]})")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def shared(nobody: Nobody, run: Run) -> Iterator[Shared]:
+    yield Shared(nobody, run)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -438,3 +438,34 @@ class Pty:
 
     def close(self) -> None:
         os.close(self.master)
+
+
+class Shared:
+    """A real 1777 lock dir both users reach, a config both can read, and the CLI as either user."""
+
+    def __init__(self, nobody: Nobody, run: Run) -> None:
+        self.nobody = nobody
+        self.root_run = run
+        self.dir = nobody.workdir / "locks"
+        self.dir.mkdir()
+        os.chmod(self.dir, 0o1777)
+        sensor = nobody.workdir / "temp1_input"
+        sensor.write_text("40000\n")
+        self.config = nobody.workdir / "config.toml"
+        self.config.write_text(neutral_config(sensor))
+        os.chmod(self.config, 0o644)
+        self.env = {**run.env, "SAFEGATE_LOCK_DIR": str(self.dir)}
+
+    def root(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return self.root_run(*args, "--config", str(self.config), env=self.env) if args[0] != "exec" else \
+            self.root_run("exec", "--config", str(self.config), *args[1:], env=self.env)
+
+    def as_nobody(self, *args: str) -> subprocess.CompletedProcess[str]:
+        argv = [*args, "--config", str(self.config)] if args[0] != "exec" else \
+            ["exec", "--config", str(self.config), *args[1:]]
+        return self.nobody.run(["-m", "safegate", *argv], env={"SAFEGATE_LOCK_DIR": str(self.dir)})
+
+    def plant_as_nobody(self, name: str, content: str) -> None:
+        code = "import sys; open(sys.argv[1], 'x').write(sys.argv[2])"
+        out = self.nobody.run(["-c", code, str(self.dir / name), content])
+        assert out.returncode == 0, out.stderr

@@ -10,52 +10,15 @@ import os
 import secrets
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
-from support import PY, Nobody, Procs, Run, holder_files, meminfo_available, neutral_config, wait_until
+from support import PY, Procs, Shared, holder_files, meminfo_available, wait_until
 
 from safegate.exitcodes import ExitCode
 
 TIB = 1024**4
-
-
-class Shared:
-    """A real 1777 lock dir both users reach, a config both can read, and the CLI as either user."""
-
-    def __init__(self, nobody: Nobody, run: Run) -> None:
-        self.nobody = nobody
-        self.root_run = run
-        self.dir = nobody.workdir / "locks"
-        self.dir.mkdir()
-        os.chmod(self.dir, 0o1777)
-        sensor = nobody.workdir / "temp1_input"
-        sensor.write_text("40000\n")
-        self.config = nobody.workdir / "config.toml"
-        self.config.write_text(neutral_config(sensor))
-        os.chmod(self.config, 0o644)
-        self.env = {**run.env, "SAFEGATE_LOCK_DIR": str(self.dir)}
-
-    def root(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return self.root_run(*args, "--config", str(self.config), env=self.env) if args[0] != "exec" else \
-            self.root_run("exec", "--config", str(self.config), *args[1:], env=self.env)
-
-    def as_nobody(self, *args: str) -> subprocess.CompletedProcess[str]:
-        argv = [*args, "--config", str(self.config)] if args[0] != "exec" else \
-            ["exec", "--config", str(self.config), *args[1:]]
-        return self.nobody.run(["-m", "safegate", *argv], env={"SAFEGATE_LOCK_DIR": str(self.dir)})
-
-    def plant_as_nobody(self, name: str, content: str) -> None:
-        code = "import sys; open(sys.argv[1], 'x').write(sys.argv[2])"
-        out = self.nobody.run(["-c", code, str(self.dir / name), content])
-        assert out.returncode == 0, out.stderr
-
-
-@pytest.fixture
-def shared(nobody: Nobody, run: Run) -> Iterator[Shared]:
-    yield Shared(nobody, run)
 
 
 def _record(pid: int, lock: str, **extra: object) -> dict[str, object]:
