@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from support import PY, Procs, Shared, holder_files, meminfo_available, wait_until
+from support import PY, Procs, Run, Shared, holder_files, meminfo_available, neutral_config, wait_until
 
 from safegate.exitcodes import ExitCode
 
