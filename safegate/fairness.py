@@ -37,19 +37,20 @@ def _waited(t: Ticket, now: float) -> str:
 
 
 def head_waiting(checks: Sequence[CheckResult], me: Ticket, tickets: Sequence[Ticket],
-                 passed_over: frozenset[tuple[int, float]] = frozenset()) -> Ticket | None:
-    """The earlier waiter at the head of this caller's lock's line, when it could take the lock now: the lock is
-    free and its memory is there. A real waiter then takes it within milliseconds (queue.HEAD_GRACE)."""
+                 passed_over: frozenset[tuple[int, float]] = frozenset()) -> tuple[bool, Ticket | None]:
+    """(whether this caller's lock is free, the earlier waiter at the head of its line that could take it now:
+    its memory is there). A real waiter then takes the lock within milliseconds (queue.HEAD_GRACE); one that
+    waits for memory is not expected to."""
     lock = next((c for c in checks if c.name == "lock"), None)
     memory = next((c for c in checks if c.name == "memory"), None)
     if me.lock is None or lock is None or lock.blocks:
-        return None
+        return False, None
     head = next((t for t in _ahead(me, tickets) if t.lock == me.lock and (t.pid, t.start_time) not in passed_over),
                 None)
     if head is None or memory is None or not isinstance(memory.values, MemoryValues):
-        return head
+        return True, head
     mem, margin = memory.values, memory.thresholds.get("margin", 0)
-    return head if mem.available - mem.reserved - head.need >= margin else None
+    return True, head if mem.available - mem.reserved - head.need >= margin else None
 
 
 def in_line(checks: Sequence[CheckResult], me: Ticket, tickets: Sequence[Ticket],

@@ -267,7 +267,7 @@ def evaluate(
     checks[1] = blame_holder(checks[1], lock_state, holders, mem, need, margin)
     if line is not None:
         tickets = read_tickets(store.directory)
-        line.saw_head(head_waiting(checks, line.ticket, tickets, line.passed_over()))
+        line.saw_head(*head_waiting(checks, line.ticket, tickets, line.passed_over()))
         checks = in_line(checks, line.ticket, tickets, passed_over=line.passed_over())
     return Verdict(profile=settings.profile.name, checks=tuple(checks))
 

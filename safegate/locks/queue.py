@@ -112,15 +112,14 @@ class Line:
         now = time.monotonic()
         return frozenset(key for key, since in self._heads.items() if now - since > HEAD_GRACE)
 
-    def saw_head(self, head: Ticket | None) -> None:
-        """*head*: the earlier waiter that could take the lock now (None: none such). Only an unbroken stretch
-        counts: once the lock is held again, a slow real waiter starts afresh."""
+    def saw_head(self, lock_free: bool, head: Ticket | None) -> None:
+        """*head*: the earlier waiter that could take this caller's lock now (None: none such). Only an unbroken
+        stretch of a free lock counts: once the lock is held again, a slow real waiter starts afresh."""
         self.head = head
-        if head is None:
+        if not lock_free:
             self._heads.clear()
-            return
-        key = (head.pid, head.start_time)
-        self._heads = {key: self._heads.get(key, time.monotonic())}
+        elif head is not None:
+            self._heads.setdefault((head.pid, head.start_time), time.monotonic())
 
     def judged(self, verdict: Verdict) -> Verdict:
         summary = "; ".join(f"{c.name}: {c.reason}" for c in verdict.failures)
