@@ -86,7 +86,7 @@ def test_a_long_command_line_is_matched_in_full() -> None:
 
 def test_re2_semantics_where_they_differ_from_python_re() -> None:
     # `$` is the end of the text only (re would also match before a final newline); \w, \d, \s and \b are ASCII;
-    # (?i) folds Unicode; \z is the end of the text (Python's \Z, which RE2 refuses).
+    # (?i) folds Unicode; \z is the end of the text (Python's \Z, which RE2 refuses); {,n} is no repeat.
     def found(pattern: str, argv: list[str]) -> list[int]:
         procs = ProcessSnapshot((info(1, argv),), frozenset())
         return [m.process.pid for m in match_competing(procs, (CompetingRule(pattern, "block"),), 16 * GiB)]
@@ -95,6 +95,8 @@ def test_re2_semantics_where_they_differ_from_python_re() -> None:
     assert found(r"large\z", ["whisper", "large"]) == [1]
     assert found(r"^whisper\w+$", ["whisper", "é"]) == []
     assert found(r"(?i)ÉTÉ", ["whisper", "été"]) == [1]
+    assert found(r"whisper b{,2}c", ["whisper", "bc"]) == []
+    assert found(r"whisper b{0,2}c", ["whisper", "bc"]) == [1]
     # A program rule is a whole-name match, of the name or of its stem.
     rule = (CompetingRule(None, "block", program="whisp", args=None),)
     assert match_competing(ProcessSnapshot((info(1, ["whisper"]),), frozenset()), rule, 16 * GiB) == []
