@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Literal
 
 from safegate.errors import ConfigError
-from safegate.patterns import BoundedRegex
 from safegate.records import dataclass, field
+from safegate.regex import compiled
 from safegate.settings import effective_resume_temp
 from safegate.units import (
     Size,
@@ -145,8 +145,8 @@ class Config:
         command = " ".join(argv)
         ordered = sorted(self.profiles.values(), key=lambda p: p.source == "built-in")
         for profile in ordered:
-            # Bounded: a pattern reads only as much of a long command line as keeps its cost fixed.
-            if any(BoundedRegex(pattern).search(command)[0] for pattern in profile.match):
+            # RE2: linear in the command line, whatever the pattern.
+            if any(compiled(pattern).search(command) is not None for pattern in profile.match):
                 return profile
         return self.profile(DEFAULT_PROFILE)
 

@@ -94,7 +94,7 @@ CONFIG_KEYS = [
 RULE_KEYS = ("competing rules: a list of tables with program (a regex over the whole program name: argv[0]'s "
              "basename, or an interpreter's script or -m module) and optional args (searched in its arguments), "
              "or pattern (searched in the whole command line); action block (default) or warn; optional min_rss. "
-             "A regex that repeats a repeat, like (a+)+, is refused.")
+             "Regexes are RE2 syntax, matched in linear time; backreferences and lookaround are refused.")
 VALUES = ("Sizes: 512M, 10G, 10GiB (powers of 1024), 10GB (10^9), a bare number of bytes, 10% of RAM (of the "
           "card for GPU keys). Durations: 30s, 14m, 2h, 1d, or bare seconds. Temperatures in degrees Celsius.")
 EXAMPLES = [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 
-from safegate.competing import check_competing, match_competing, scan_competing
+from safegate.competing import check_competing, match_competing
 from safegate.exitcodes import ExitCode
 from safegate.records import replace
 from safegate.results import (
@@ -35,8 +35,7 @@ from safegate.snapshots import (
 from safegate.units import Size, format_bytes, format_duration
 
 # The result types and the competing check (a module of its own), re-exported for callers.
-__all__ = ["CheckResult", "CompetingMatch", "Status", "Verdict", "check_competing", "match_competing",
-           "scan_competing"]
+__all__ = ["CheckResult", "CompetingMatch", "Status", "Verdict", "check_competing", "match_competing"]
 
 
 def check_memory(mem: MemorySnapshot, need: int, margin: int, reserved: int = 0) -> CheckResult:

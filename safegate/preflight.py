@@ -29,7 +29,7 @@ from safegate.policy import (
     check_pressure,
     check_stale,
     check_thermal,
-    scan_competing,
+    match_competing,
     select_gpus,
 )
 from safegate.probes.gpu import gpu_backend, read_gpus
@@ -274,13 +274,8 @@ def evaluate(
 
 def _competing(procs: ProcessSnapshot, rules: tuple[CompetingRule, ...], total: int) -> CheckResult:
     """The competing check, with the owners of what it names looked up (only those: a lookup is not free)."""
-    matches, unmatched = scan_competing(procs, rules, total)
-    matches = [replace(m, user=user_name(m.process.uid)) for m in matches]
-    unmatched = [replace(u, user=user_name(u.process.uid)) for u in unmatched[:_NAMED]] + unmatched[_NAMED:]
-    return check_competing(matches, rules, unmatched)
-
-
-_NAMED = 20
+    matches = [replace(m, user=user_name(m.process.uid)) for m in match_competing(procs, rules, total)]
+    return check_competing(matches, rules)
 
 
 def total_ram() -> int:

@@ -30,9 +30,6 @@ if TYPE_CHECKING:
     from safegate.reports import LockInfo, StatusReport
 
 
-_UNMATCHED_LISTED = 50  # a machine of 10,000 processes past the budget lists the heaviest, and the count
-
-
 def gpu_json(g: GpuInfo) -> dict[str, Any]:
     return {
         "index": g.index, "name": g.name, "uuid": g.uuid, "total": g.total, "used": g.used, "free": g.free,
@@ -72,11 +69,7 @@ def values_json(values: CheckValues | None) -> dict[str, Any]:
         return {"matches": [{"pid": m.process.pid, "user": printable(m.user), "program": printable(m.process.program),
                              "rss": m.process.rss, "rule": rule_json(m.rule), "pattern": m.rule.pattern,
                              "action": m.rule.action, "matched": printable(m.matched),
-                             "cmdline": printable(m.process.cmdline)} for m in values.matches],
-                "unmatched": [{"pid": u.process.pid, "user": printable(u.user), "program": printable(u.process.program),
-                               "rss": u.process.rss, "rule": rule_json(u.rule) if u.rule else None, "why": u.why}
-                              for u in values.unmatched[:_UNMATCHED_LISTED]],
-                "unmatched_count": len(values.unmatched)}
+                             "cmdline": printable(m.process.cmdline)} for m in values.matches]}
     if isinstance(values, StaleValues):
         return {"removed": [{"path": str(r.path), "what": r.what, "removed": r.removed, "error": r.error}
                             for r in values.removed]}

@@ -109,22 +109,10 @@ class CompetingMatch:
 
 
 @dataclass(frozen=True)
-class Unmatched:
-    """A process the rules could not judge in full: *rule* read only part of its command line, or (rule None)
-    the matching budget ran out before it."""
-
-    process: ProcessInfo
-    rule: CompetingRule | None
-    why: str
-    user: str = ""
-
-
-@dataclass(frozen=True)
 class CompetingValues(_Keyed):
-    """The competing check's figures: the matches and what could not be judged in full."""
+    """The competing check's figures: the matches."""
 
     matches: tuple[CompetingMatch, ...]  # blocking first, then by RSS
-    unmatched: tuple[Unmatched, ...] = ()  # heaviest first
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,8 @@ class Setting:
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("description", "text", "What the profile is for, shown by `safegate profiles`."),
-    Setting("match", "regexes", "exec picks this profile when one of these regular expressions finds the command.",
+    Setting("match", "regexes",
+            "exec picks this profile when one of these regular expressions (RE2 syntax) finds the command.",
             per_profile=True),
     Setting("memory", "memory", "Memory the job needs (default: the profile's memory).", "--mem", "SIZE", GATE,
             per_profile=True),

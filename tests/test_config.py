@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from support import TIMEOUT
 
 from safegate import config as config_module
 from safegate.config import DEFAULT_CPU_SENSORS, find_config_path, load_config
 from safegate.errors import ConfigError
+from safegate.regex import compiled
 
 GiB = 1024**3
 
@@ -62,6 +67,37 @@ def test_builtin_profiles_without_any_config(tmp_path: Path, monkeypatch: pytest
     assert default.lock == "heavy" and default.memory.bytes == 0 and default.memory_margin.bytes == 4 * GiB
     assert [(r.pattern, r.action, str(r.min_rss)) for r in default.competing] == [(".", "warn", "25%")]
     assert cfg.thermal.sensors == DEFAULT_CPU_SENSORS
+
+
+def test_builtin_regexes_are_re2(tmp_path: Path) -> None:
+    # The built-in profiles' regexes are trusted at load (RE2 is imported when a rule is first tried): each one
+    # must compile, and load as a config file's would.
+    builtin = load_config(write(tmp_path, "")).profiles
+    patterns = {p for profile in builtin.values() for p in profile.match}
+    patterns |= {p for profile in builtin.values() for r in profile.competing for p in (r.pattern, r.program, r.args)
+                 if p is not None}
+    assert {"whisper.*large", "whisper", "large", "."} <= patterns
+    for pattern in patterns:
+        compiled(pattern)
+    text = "".join(f"[profiles.p{i}]\nmatch = [{json.dumps(p)}]\n" for i, p in enumerate(sorted(patterns)))
+    load_config(write(tmp_path, text))
+
+
+def _modules_after(code: str, env: dict[str, str]) -> set[str]:
+    out = subprocess.run([sys.executable, "-c", f"{code}\nimport sys\nprint(' '.join(sys.modules))"], env=env,
+                         capture_output=True, text=True, timeout=TIMEOUT, check=True).stdout
+    return set(out.split())
+
+
+def test_re2_is_imported_only_for_a_pattern(tmp_path: Path, env: dict[str, str]) -> None:
+    # A check with only the built-in profiles never pays for importing re2 (about 3 ms) until a rule is tried;
+    # a config file's pattern is compiled when it is read, to refuse what RE2 cannot run.
+    load = "from safegate.config import load_config\nconfig = load_config({!r})"
+    assert "re2" not in _modules_after(load.format(write(tmp_path, "")), env)
+    with_rule = write(tmp_path, "[profiles.night]\ncompeting = [{ pattern = 'x' }]\n")
+    assert "re2" in _modules_after(load.format(with_rule), env)
+    tried = load.format(write(tmp_path, "")) + "\nconfig.profile_for_command(['whisper', 'large'])"
+    assert "re2" in _modules_after(tried, env)
 
 
 def test_documented_example_loads(tmp_path: Path) -> None:

@@ -14,8 +14,10 @@ from collections.abc import Iterable
 from safegate.snapshots import ProcessInfo, ProcessSnapshot
 
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-# One more than patterns.LINEAR_LIMIT: a longer command line shows as one no pattern reads in full.
-_CMDLINE_MAX = (1 << 20) + 1
+# Whole: execve takes at most 6 MiB of arguments and environment together (3/4 of the kernel's _STK_LIM, whatever
+# the stack limit), and a process can rewrite its command line only within them (setproctitle). RE2 matches it
+# in linear time; the bound is for a process whose CAP_SYS_RESOURCE moved its command line elsewhere.
+_CMDLINE_MAX = 6 << 20
 
 
 def read_small(path: str, limit: int = 4096) -> bytes | None:
