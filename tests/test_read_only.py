@@ -19,7 +19,7 @@ from safegate.api import Blocked
 from safegate.locks.holders import Holder
 from safegate.locks.store import LockStore
 
-DEAD_PID = 2**22 + 7  # above the largest pid_max: no process has it
+DEAD_PID = 2**22  # pid_max is at most 2**22, so pids end below it: no process has this one
 
 
 def snapshot(*paths: Path) -> dict[str, tuple[int, int, bytes | None]]:
