@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import TypeVar
@@ -12,10 +13,13 @@ from typing import TypeVar
 from safegate.backoff import RECHECK, poll
 from safegate.exitcodes import ExitCode
 from safegate.fairness import QUEUE
-from safegate.locks.queue import Line
+from safegate.grant import GRANT_LEASE, spawn_keeper
+from safegate.locks.queue import HEAD_GRACE, Line
 from safegate.locks.store import HeldLock, LockStore
+from safegate.policy import encloses
 from safegate.preflight import (
     Settings,
+    behind_head,
     cleanup_stale,
     evaluate,
     in_line_for,
@@ -23,7 +27,10 @@ from safegate.preflight import (
     total_ram,
     walk_in,
 )
+from safegate.probes.pids import Identity, ancestry
 from safegate.results import CheckResult, GpuValues, LockValues, Status, Verdict
+from safegate.snapshots import HolderRecord
+from safegate.units import format_bytes
 
 QUEUE_RECHECK = 0.25  # seconds between re-checks while earlier waiters go first
 
@@ -113,29 +120,41 @@ def retry(
     return last if passed and last[0].ok else (last[0], None)
 
 
+Claim = Callable[[Settings, LockStore, Verdict, Sequence[str]], "T | None"]
+
+
 def admit(
     settings: Settings, argv: Sequence[str], *, wait: bool, timeout: float | None,
-    on_blocked: Callable[[Verdict], None] | None = None,
-) -> tuple[Verdict, HeldLock | None]:
-    """Check and claim the lock as one step under the machine-wide admission lock.
+    on_blocked: Callable[[Verdict], None] | None = None, claim: Claim[T] | None = None,
+) -> tuple[Verdict, T | None]:
+    """Check and claim as one step under the machine-wide admission lock.
 
-    The claim records the job's declared need in the holder metadata, so every later admission counts
-    it as reserved until the job's own memory has grown to it.
+    *claim* (default: take the lock in this process, exec's and hold()'s way) runs only on a pass, still
+    under the admission lock; None from it means the lock was taken meanwhile (by flock(1)). Exec's claim
+    records the job's declared need in the holder metadata, so every later admission counts it as reserved
+    until the job's own memory has grown to it; check's (grant_check) leaves a keeper that does the same.
     """
+    take = claim if claim is not None else _take_lock
     store = LockStore(settings.lock_dir)
     store.ensure_directory()
     with in_line_for(settings) if wait else contextlib.nullcontext(Line(walk_in(settings))) as line:
 
-        def attempt(resuming: bool) -> tuple[Verdict, HeldLock | None]:
-            return _admit_once(settings, store, argv, resuming, line)
+        def attempt(resuming: bool) -> tuple[Verdict, T | None]:
+            return _admit_once(settings, store, argv, resuming, line, take)  # type: ignore[arg-type]
 
         if wait:
             return retry(attempt, timeout, on_blocked, pause=_lock_pause(settings))
-        return attempt(False)
+        result = attempt(False)
+        # Not waiting, it still gives an earlier waiter that could take the lock now its grace to do so.
+        deadline = time.monotonic() + HEAD_GRACE + 0.25
+        while result[1] is None and behind_head(result[0], line) and time.monotonic() < deadline:
+            time.sleep(0.05)
+            result = attempt(False)
+        return result
 
 
 def _admit_once(settings: Settings, store: LockStore, argv: Sequence[str], resuming: bool,
-                line: Line) -> tuple[Verdict, HeldLock | None]:
+                line: Line, claim: Claim[T]) -> tuple[Verdict, T | None]:
     # The slow reading (the process table matched against the rules, sensors, NVML) and the cleanup are done
     # before the admission lock: it is held only for the lock dir, memory and the claim, whatever others run.
     removals = cleanup_stale(settings)
@@ -145,22 +164,68 @@ def _admit_once(settings: Settings, store: LockStore, argv: Sequence[str], resum
         verdict = line.judged(evaluate(settings, resuming=resuming, removals=removals, line=line, machine=machine))
         if not verdict.ok:
             return verdict, None
+        claimed = claim(settings, store, verdict, argv)
+        if claimed is None:
+            # Taken by something outside safegate (flock(1)) since the check. Never answer "ok" without
+            # a lock: the caller would start nothing and report success.
+            name = settings.lock or "of the job"
+            return _lock_lost(evaluate(settings, resuming=resuming, removals=removals, machine=machine), name), None
+        return verdict, claimed
+
+
+def enclosing_hold(store: LockStore, settings: Settings) -> HolderRecord | None:
+    """The hold this caller runs inside, if any: its lock's holder is it or an ancestor (or that holder's job
+    is), or, for a profile without a lock, a grant whose job it runs in. It takes no second lock."""
+    family = ancestry()
+    if settings.lock is not None:
+        holder = store.state(settings.lock).holder
+        return holder if encloses(holder, family) else None
+    return next((h for h in store.reservations() if h.owner is not None and encloses(h, family)), None)
+
+
+def _take_lock(settings: Settings, store: LockStore, verdict: Verdict, argv: Sequence[str]) -> HeldLock | None:
+    """exec's and hold()'s claim: the lock, with the job's need in its record (nothing inside a hold)."""
+    total = total_ram()
+    if enclosing_hold(store, settings) is not None:
+        return HeldLock(store, settings.lock or "", -1, None)  # re-entrant: the outer hold covers this job
+    gpu = verdict.values(GpuValues)
+    chosen = gpu.chosen if gpu is not None else None
+    # A profile without a mutex still gets a lock of its own job: its holder metadata carries the
+    # reservation that later admissions count. The name is unique to this claim.
+    name = settings.lock if settings.lock is not None else f"job-{os.getpid()}-{time.monotonic_ns()}"
+    held = store.try_acquire(
+        name, settings.profile.name, list(argv), need=settings.memory.resolve(total),
+        gpu_index=chosen, gpu_need=settings.gpu_memory.resolve(total) if chosen is not None else 0,
+    )
+    if held is not None:
+        held.unlink_after = settings.lock is None
+    return held
+
+
+def grant_check(settings: Settings, owner: Identity, *, wait: bool, timeout: float | None,
+                on_blocked: Callable[[Verdict], None] | None = None) -> tuple[Verdict, str]:
+    """`check` that grants: on a pass, what it checked (the lock, the need) is held by a keeper for the owner's
+    next process (safegate.grant); the verdict and a note on what was granted."""
+
+    def claim(settings: Settings, store: LockStore, verdict: Verdict, argv: Sequence[str]) -> str | None:
+        held = enclosing_hold(store, settings)
+        if held is not None:
+            return f"inside the job that holds it (pid {held.job_pid or held.pid}): nothing more to grant"
         total = total_ram()
         gpu = verdict.values(GpuValues)
         chosen = gpu.chosen if gpu is not None else None
-        # A profile without a mutex still gets a lock of its own job: its holder metadata carries the
-        # reservation that later admissions count. The name is unique to this claim.
         name = settings.lock if settings.lock is not None else f"job-{os.getpid()}-{time.monotonic_ns()}"
-        held = store.try_acquire(
-            name, settings.profile.name, list(argv), need=settings.memory.resolve(total),
-            gpu_index=chosen, gpu_need=settings.gpu_memory.resolve(total) if chosen is not None else 0,
-        )
-        if held is None:
-            # Taken by something outside safegate (flock(1)) since the check. Never answer "ok" without
-            # a lock: the caller would start nothing and report success.
-            return _lock_lost(evaluate(settings, resuming=resuming, removals=removals, machine=machine), name), None
-        held.unlink_after = settings.lock is None
-        return verdict, held
+        need = settings.memory.resolve(total)
+        keeper = spawn_keeper(store, name, settings.profile.name, argv, need=need, gpu_index=chosen,
+                              gpu_need=settings.gpu_memory.resolve(total) if chosen is not None else 0, owner=owner)
+        if keeper is None:
+            return None
+        what = f"lock {name!r}" if settings.lock is not None else f"{format_bytes(need)} of memory"
+        return (f"granted {what} to pid {owner.pid}'s next job (keeper pid {keeper}; released when that job ends, "
+                f"or in {GRANT_LEASE:g}s if none starts)")
+
+    verdict, note = admit(settings, sys.argv, wait=wait, timeout=timeout, on_blocked=on_blocked, claim=claim)
+    return verdict, note or ""
 
 
 def _lock_lost(verdict: Verdict, name: str) -> Verdict:

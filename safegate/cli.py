@@ -104,6 +104,10 @@ def check(
                            "on stderr, and no waiting lines.")
     ] = False,
     config: ConfigOpt = None,
+    no_grant: Annotated[bool, typer.Option("--no-grant", help="Only ask: reserve nothing for a job that follows "
+                                           "(for monitoring, `watch safegate check` and dashboards).")] = False,
+    grant_to: Annotated[str | None, typer.Option(metavar="PID", help="Grant a pass to this process's next job "
+                                                 "instead of check's parent's (e.g. GNU parallel's pid).")] = None,
 ) -> None:
     """Is it safe to start this job now? Answer with the exit code.
 
@@ -117,7 +121,7 @@ def check(
     """
     raise typer.Exit(check_command(profile=profile, mem=mem, margin=margin, max_temp=max_temp, lock=lock, gpu=gpu,
                                    gpu_mem=gpu_mem, wait=wait, timeout=timeout, json_output=json_output, quiet=quiet,
-                                   config=config))
+                                   config=config, no_grant=no_grant, grant_to=grant_to))
 
 
 @app.command("exec", short_help="Run a job under the gate, and watch it.", epilog=EXIT_CODES_EPILOG,

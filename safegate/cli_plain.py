@@ -102,6 +102,15 @@ def wait_timeout(wait: bool, timeout: str | None) -> float | None:
     return seconds if isinstance(seconds, float) else None
 
 
+def grant_pid(value: str | None) -> int | None:
+    """--grant-to PID: a positive decimal pid."""
+    if value is None:
+        return None
+    if not (value.isascii() and value.isdigit()) or not 0 < int(value) <= 4_194_304:
+        raise UsageError(f"--grant-to: invalid pid {value!r}: expected a process id, e.g. --grant-to $PPID")
+    return int(value)
+
+
 REMIND_EVERY = 60.0  # seconds: off a terminal, an unchanged reason is said again this often
 
 

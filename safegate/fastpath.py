@@ -24,10 +24,11 @@ PROFILE_ENV = "SAFEGATE_PROFILE"  # the --profile option's envvar, as typer read
 # check's options: name on the command line -> parameter of check_command. The setting options are named by the
 # settings table, as cli_options names them for typer.
 VALUE_OPTIONS = {"--profile": "profile", "-p": "profile", "--timeout": "timeout", "--config": "config",
+                 "--grant-to": "grant_to",
                  **{BY_KEY[key].option: name for key, name in (
                      ("memory", "mem"), ("memory_margin", "margin"), ("max_temp", "max_temp"), ("lock", "lock"),
                      ("gpu", "gpu"), ("gpu_memory", "gpu_mem"))}}
-FLAGS = {"--wait": "wait", "--json": "json_output", "--quiet": "quiet", "-q": "quiet"}
+FLAGS = {"--wait": "wait", "--json": "json_output", "--quiet": "quiet", "-q": "quiet", "--no-grant": "no_grant"}
 
 
 def parse_check(args: list[str]) -> dict[str, Any] | None:
@@ -65,17 +66,20 @@ def parse_check(args: list[str]) -> dict[str, Any] | None:
 def check_command(*, profile: str | None = None, mem: str | None = None, margin: str | None = None,
                   max_temp: str | None = None, lock: str | None = None, gpu: str | None = None,
                   gpu_mem: str | None = None, wait: bool = False, timeout: str | None = None,
-                  json_output: bool = False, quiet: bool = False, config: str | None = None) -> int:
+                  json_output: bool = False, quiet: bool = False, config: str | None = None,
+                  no_grant: bool = False, grant_to: str | None = None) -> int:
     """`safegate check`, parsed: evaluate (or wait), render, and the exit code. The typer command calls it too."""
-    from safegate.cli_plain import echo, gate_overrides, progress, wait_timeout
+    from safegate.cli_plain import echo, gate_overrides, grant_pid, progress, wait_timeout
     from safegate.commands.check import check as run_check
     from safegate.render import check_line, verdict_json, verdict_text
 
     shown = progress(quiet or json_output)
     wait_for = wait_timeout(wait, timeout)
-    verdict = run_check(config, profile, gate_overrides(mem, margin, max_temp, lock, gpu, gpu_mem), wait=wait,
-                        timeout=wait_for, on_blocked=shown)
+    verdict, note = run_check(config, profile, gate_overrides(mem, margin, max_temp, lock, gpu, gpu_mem), wait=wait,
+                              timeout=wait_for, on_blocked=shown, grant=not no_grant, grant_to=grant_pid(grant_to))
     shown.finish(verdict, wait_for if wait else None)
+    if note and verdict.ok and not quiet:
+        echo(f"safegate: {note}", err=True)
     if json_output:
         echo(verdict_json(verdict))
     elif quiet:

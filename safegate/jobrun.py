@@ -208,7 +208,8 @@ def _supervise(settings: Settings, argv: Sequence[str], verdict: Verdict, held: 
     if cgroup is not None:
         cgroup.configure(limits.max_mem)
     supervisor = Supervisor(
-        argv, limits, on_event, pass_fds=[held.fd], nice=settings.nice, on_sample=_UsedReporter(held),
+        argv, limits, on_event, pass_fds=[held.fd] if held.fd >= 0 else [], nice=settings.nice,
+        on_sample=_UsedReporter(held),
         on_gpu_sample=_UsedReporter(held, gpu=True), env={**caller_environment(), **gpu_env}, cgroup=cgroup,
         timeline=bool(settings.log),
     )

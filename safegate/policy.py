@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 from safegate.competing import check_competing, match_competing
 from safegate.exitcodes import ExitCode
@@ -228,7 +228,11 @@ def _describe_holder(state: LockState, now: float) -> str:
         return f"lock {state.name!r} is held, with no holder metadata (by flock(1) or another tool?){note}"
     since = format_duration(max(0.0, now - holder.started_at))
     command = " ".join(holder.cmdline)[:100]
-    if state.holder_alive and holder.job_pid is not None:
+    if holder.owner is not None:
+        job = f"job pid {holder.job_pid}" if holder.job_pid is not None else "next job"
+        who = (f"a grant of `{command}` (keeper pid {holder.pid}, {holder.user}@{holder.host}) to pid {holder.owner}'s "
+               f"{job}")
+    elif state.holder_alive and holder.job_pid is not None:
         who = f"job pid {holder.job_pid} ({holder.user}@{holder.host}: {command})"
     elif state.holder_alive:
         who = f"pid {holder.pid} ({holder.user}@{holder.host}: {command})"
@@ -237,11 +241,26 @@ def _describe_holder(state: LockState, now: float) -> str:
     return f"lock {state.name!r} is held by {who}, profile {holder.profile}, for {since}"
 
 
-def check_lock(state: LockState | None, legacy: Sequence[LegacyState], now: float | None = None) -> CheckResult:
+def encloses(holder: HolderRecord | None, family: Collection[int]) -> bool:
+    """*holder* holds its lock for the caller: it is the caller or one of its ancestors (a hold() in this process,
+    an exec this runs under), or its job is (a grant's keeper, whose bound job this runs in). A caller never waits
+    on a hold it runs inside."""
+    return holder is not None and (holder.pid in family or (holder.job_pid is not None and holder.job_pid in family))
+
+
+def check_lock(state: LockState | None, legacy: Sequence[LegacyState], now: float | None = None,
+               family: Collection[int] = ()) -> CheckResult:
+    """The lock: free, held by someone else, or held by a hold the caller runs inside (*family*: the caller and
+    its ancestors), which passes: the lock is re-entrant for the job that holds it."""
     now = time.time() if now is None else now
     values = LockValues(lock=state.name if state else None, path=str(state.path) if state else None,
                         held=state.held if state else False, holder=state.holder if state else None,
                         holder_alive=state.holder_alive if state else False, legacy=tuple(legacy))
+    if state is not None and state.held and encloses(state.holder, family):
+        assert state.holder is not None
+        who = state.holder.job_pid or state.holder.pid
+        return CheckResult("lock", Status.PASS, f"inside the job that holds {state.name!r} (pid {who}): runs within "
+                           "its hold", ExitCode.LOCKED, values)
     if state is not None and state.held:
         return CheckResult("lock", Status.FAIL, _describe_holder(state, now), ExitCode.LOCKED, values)
     # A file safegate wrote for the old gates names a job whose flock is judged above (or another lock's).

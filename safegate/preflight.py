@@ -29,11 +29,13 @@ from safegate.policy import (
     check_pressure,
     check_stale,
     check_thermal,
+    encloses,
     match_competing,
     select_gpus,
 )
 from safegate.probes.gpu import gpu_backend, read_gpus
 from safegate.probes.memory import read_memory
+from safegate.probes.pids import ancestry
 from safegate.probes.processes import read_processes, user_name
 from safegate.probes.thermal import read_thermal
 from safegate.records import dataclass, replace
@@ -181,13 +183,13 @@ def clean_and_evaluate(settings: Settings, *, resuming: bool = False, line: Line
     if line.arrived:
         return verdict  # a --wait caller: its own loop re-checks
     deadline = time.monotonic() + HEAD_GRACE + 0.25
-    while _behind_head(verdict, line) and time.monotonic() < deadline:
+    while behind_head(verdict, line) and time.monotonic() < deadline:
         time.sleep(0.05)
         verdict = evaluate(settings, resuming=resuming, removals=removals, line=line)
     return verdict
 
 
-def _behind_head(verdict: Verdict, line: Line) -> bool:
+def behind_head(verdict: Verdict, line: Line) -> bool:
     """Only the line blocks, behind a waiter that could take the lock now (and must, within HEAD_GRACE)."""
     return bool(verdict.failures) and line.head is not None and all(c.caused_by == QUEUE for c in verdict.failures)
 
@@ -238,7 +240,9 @@ def evaluate(
     store = LockStore(settings.lock_dir)
     # An absent lock dir holds no locks; an unsafe one is refused as check refuses it.
     store.check_directory()
-    holders = store.reservations()
+    family = ancestry()
+    # The reservation of a hold this caller runs inside is its own: never counted against it.
+    holders = [h for h in store.reservations() if not encloses(h, family)]
     reserved = sum(h.reservation for h in holders)
     gpu_reserved: dict[int, int] = {}
     for h in holders:
@@ -261,7 +265,7 @@ def evaluate(
         check_gpu(machine.gpus, selection, gpu_need, settings.gpu_margin, gpu_reserved),
         check_thermal(machine.thermal, limit, require=settings.thermal.require, resuming=resuming,
                       gpus=selection.gpus),
-        check_lock(lock_state, list(machine.legacy)),
+        check_lock(lock_state, list(machine.legacy), family=family),
         machine.competing,
     ]
     checks[1] = blame_holder(checks[1], lock_state, holders, mem, need, margin)

@@ -1,4 +1,5 @@
-"""One schema for what safegate reads from files others can write: tickets, holder records, grants, history.
+"""One schema for what safegate reads from files others can write: tickets, holder records (grants are
+holder records too), history.
 
 Every field has a type and a range, checked by msgspec while it decodes the JSON (in C, no intermediate
 dict): pids and sizes are bounded non-negative integers, times finite numbers between the epoch and now
@@ -20,7 +21,7 @@ import msgspec
 from safegate.errors import BadRecord
 from safegate.units import validate_lock_name
 
-__all__ = ["BadRecord", "GrantWire", "HolderWire", "RunWire", "TicketStateWire", "TicketWire", "decode", "encode"]
+__all__ = ["BadRecord", "HolderWire", "RunWire", "TicketStateWire", "TicketWire", "decode", "encode"]
 
 PID_MAX = 4_194_304  # PID_MAX_LIMIT on 64-bit Linux: no process has a larger pid
 SIZE_MAX = 2**53  # bytes (8 PiB): past any machine, and every such size is exact as a float too
@@ -68,10 +69,12 @@ class HolderWire(msgspec.Struct, forbid_unknown_fields=False):
     gpu_index: GpuIndex | None = None
     gpu_need: Size = 0
     gpu_used: Size = 0
+    owner: Pid | None = None  # a grant's: the process its check granted to
+    owner_start: Timestamp | None = None
 
     def __post_init__(self) -> None:
         _lock_name(self.lock)
-        _not_future(self.start_time, self.started_at, self.job_start_time)
+        _not_future(self.start_time, self.started_at, self.job_start_time, self.owner_start)
 
 
 class TicketWire(msgspec.Struct):
@@ -93,28 +96,6 @@ class TicketStateWire(msgspec.Struct):
     blocked_by: Text = ""
     reason: Text = ""
     memory_only: bool = False
-
-
-class GrantWire(msgspec.Struct):
-    """A grant (.grant.<keeper pid>.json): what a passing check reserved for the job that follows it."""
-
-    keeper: Pid
-    keeper_start: Timestamp
-    owner: Pid
-    owner_start: Timestamp
-    user: Text
-    profile: Text
-    lock: str | None
-    need: Size
-    gpu_index: GpuIndex | None = None
-    gpu_need: Size = 0
-    granted_at: Timestamp = 0.0
-    job: Pid | None = None  # the bound job, once bound
-    job_start: Timestamp | None = None
-
-    def __post_init__(self) -> None:
-        _lock_name(self.lock)
-        _not_future(self.keeper_start, self.owner_start, self.granted_at, self.job_start)
 
 
 class RunWire(msgspec.Struct):

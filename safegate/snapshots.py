@@ -137,6 +137,9 @@ class HolderRecord:
     gpu_index: int | None = None
     gpu_need: int = 0
     gpu_used: int = 0
+    # A grant (a passing check's keeper): the process the check granted to, until it has started its job.
+    owner: int | None = None
+    owner_start: float | None = None
 
     @property
     def gpu_reservation(self) -> int:

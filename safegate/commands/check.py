@@ -4,20 +4,29 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from safegate.admission import wait_until_clear
+from safegate.admission import grant_check, wait_until_clear
 from safegate.config import DEFAULT_PROFILE, load_config
 from safegate.exitcodes import ExitCode
-from safegate.preflight import Overrides, clean_and_evaluate, evaluate, resolve
+from safegate.grant import grant_owner
+from safegate.preflight import Overrides, clean_and_evaluate, evaluate, resolve, total_ram
 from safegate.results import Verdict
 
 
 def check(config: str | None, profile: str | None, overrides: Overrides, *, wait: bool, timeout: float | None,
-          on_blocked: Callable[[Verdict], None] | None = None) -> Verdict:
+          on_blocked: Callable[[Verdict], None] | None = None, grant: bool = True,
+          grant_to: int | None = None) -> tuple[Verdict, str]:
+    """The verdict, and a note on the grant: what a pass reserved for the caller's next job (safegate.grant), or
+    why nothing was ("" when there is nothing to reserve, or with *grant* False: asking only)."""
     settings = resolve(load_config(config), DEFAULT_PROFILE if profile is None else profile, overrides)
+    total = total_ram()
+    reserves = settings.lock is not None or settings.memory.resolve(total) > 0 or settings.gpu_memory.resolve(total) > 0
+    owner, note = grant_owner(grant_to) if grant and reserves else (None, "")
+    if owner is not None:
+        return grant_check(settings, owner, wait=wait, timeout=timeout, on_blocked=on_blocked)
     # check is the step that cleans up stale lock files (and says so); slots only reads.
     if wait:
-        return wait_until_clear(settings, timeout, on_blocked=on_blocked)
-    return clean_and_evaluate(settings)
+        return wait_until_clear(settings, timeout, on_blocked=on_blocked), note
+    return clean_and_evaluate(settings), note
 
 
 def slots(config: str | None, profile: str | None, overrides: Overrides, cap: int | None) -> tuple[int, ExitCode]:

@@ -197,3 +197,26 @@ def locker_of(path: Path, table: dict[tuple[int, int], set[int]] | None) -> set[
     except OSError:
         return set()
     return table.get((st.st_dev, st.st_ino), set())
+
+
+def waiting_on(path: Path) -> set[int]:
+    """The pids blocked in flock(2) on *path* (the "->" lines of /proc/locks), empty where unknown."""
+    try:
+        st = os.lstat(path)
+        with open("/proc/locks", "rb") as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return set()
+    found = set()
+    for line in lines:
+        # "1: -> FLOCK  ADVISORY  WRITE 1234 fe:00:5310756 0 EOF": a process waiting for the lock of line 1.
+        parts = line.split()
+        if len(parts) < 7 or parts[1] != b"->" or parts[2] != b"FLOCK":
+            continue
+        try:
+            major, minor, inode = parts[6].split(b":")
+            if (os.makedev(int(major, 16), int(minor, 16)), int(inode)) == (st.st_dev, st.st_ino):
+                found.add(int(parts[5]))
+        except ValueError:
+            continue
+    return found

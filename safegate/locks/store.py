@@ -32,6 +32,8 @@ class HeldLock:
         self.metadata_error = ""
         # A per-job lock (a profile without a mutex) has no waiters: its file goes when the job does.
         self.unlink_after = False
+        # The flock was handed on (a grant's job takes the lock itself): the record stays until release().
+        self.stepped_aside = False
 
     def update_holder(self, **changes: Any) -> None:
         """Rewrite the metadata with *changes* (e.g. job_pid, used); never fails the job over it."""
@@ -45,8 +47,16 @@ class HeldLock:
             return
         self.holder = updated
 
+    def step_aside(self) -> None:
+        """Give up the flock for a job that waits for it itself (flock(1)), keeping the record and its
+        reservation: the record names the job, which then holds the lock."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+            self.stepped_aside = True
+
     def release(self) -> None:
-        if self.fd < 0:
+        if self.fd < 0 and not self.stepped_aside:
             return
         try:
             # Metadata first: a record left while the flock is free would name us as holder of nothing.
@@ -57,8 +67,10 @@ class HeldLock:
         finally:
             # Closing, not LOCK_UN: a job that inherited this open file description keeps the lock held for
             # as long as any of its processes lives, and LOCK_UN would free it for them too.
-            os.close(self.fd)
+            if self.fd >= 0:
+                os.close(self.fd)
             self.fd = -1
+            self.stepped_aside = False
             if self.unlink_after:
                 with contextlib.suppress(OSError):
                     os.unlink(self.store.lock_path(self.name))
@@ -102,7 +114,7 @@ class LockStore:
 
     def try_acquire(
         self, name: str, profile: str, cmdline: Sequence[str] | None = None, need: int = 0,
-        gpu_index: int | None = None, gpu_need: int = 0,
+        gpu_index: int | None = None, gpu_need: int = 0, owner: int | None = None, owner_start: float | None = None,
     ) -> HeldLock | None:
         """Take the lock without waiting (beyond the prober grace); None when another process holds it."""
         path = self.lock_path(name)
@@ -120,7 +132,7 @@ class LockStore:
                 continue
             held = HeldLock(self, name, fd, None)
             holder = replace(Holder.for_current_process(name, profile, cmdline, need),
-                             gpu_index=gpu_index, gpu_need=gpu_need)
+                             gpu_index=gpu_index, gpu_need=gpu_need, owner=owner, owner_start=owner_start)
             try:
                 held.metadata_path = self.write_holder(holder)
                 held.holder = holder

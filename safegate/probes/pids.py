@@ -81,3 +81,43 @@ def boot_time() -> float:
 
 def start_time_of(ticks: int) -> float:
     return boot_time() + ticks / clock_ticks()
+
+
+def ancestry(pid: int | None = None) -> list[int]:
+    """*pid* (default: this process) and its ancestors up to init, nearest first."""
+    chain: list[int] = []
+    current: int | None = os.getpid() if pid is None else pid
+    while current is not None and current > 0 and current not in chain:
+        chain.append(current)
+        who = identity(current)
+        current = who.ppid if who is not None else None
+    return chain
+
+
+def children(pid: int) -> set[int]:
+    """*pid*'s children, from /proc/<pid>/task/*/children (every thread's), or by a scan of /proc without it."""
+    found: set[int] = set()
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    readable = False
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children", "rb") as fh:
+                found.update(int(p) for p in fh.read().split())
+            readable = True
+        except (OSError, ValueError):
+            continue
+    if not readable:  # a kernel without CONFIG_PROC_CHILDREN
+        found = {p for p in live_pids() if (who := identity(p)) is not None and who.ppid == pid}
+    return found
+
+
+def cmdline(pid: int) -> bytes:
+    """*pid*'s command line (NUL-separated, at most 64 KiB), b"" when gone or hidden."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read(65536)
+    except OSError:
+        return b""

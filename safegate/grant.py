@@ -1,0 +1,161 @@
+"""A passing check is a grant: what it promised (the lock, the need) stays reserved for the job that follows it.
+
+`safegate check` decides under the admission lock, as exec's admission does, and on a pass leaves a keeper: a
+process of its own (forked, in its own session, stdio on /dev/null, none of the caller's descriptors, so
+`x=$(safegate check --json)` and cron's mail never wait on it) that takes the flock and writes a holder record
+naming the owner. The owner is check's parent (or `--grant-to PID`); the job is the first process the owner
+creates after check exits (/proc/<owner>/task/*/children), or the owner itself when it execs in place (bash
+does for the last command of `-c`). The grant ends when the bound job exits, when the owner exits before a job
+is bound, or when GRANT_LEASE passes without one: nothing stays held after an interactive `check && job`.
+
+Only the bound job and its descendants run inside the grant (the lock is re-entrant for the job that holds it,
+policy.encloses): `check && safegate exec ...` works, every other caller sees the lock held, naming the grant.
+A job that takes the flock itself (`check && flock LOCK job`) is let through: the keeper sees it waiting in
+/proc/locks and steps aside, keeping the record (which then names that job) and the reservation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+from safegate.locks.flock import waiting_on
+from safegate.locks.store import HeldLock, LockStore
+from safegate.probes.pids import Identity, children, cmdline, identity
+
+GRANT_LEASE = 1.5  # seconds the owner has, after check exits, to start its job
+BIND_POLL = 0.002  # while binding: a shell forks its next command within a millisecond or two
+WATCH_POLL = 0.05  # while the job runs: its end, a flock(1) waiting, its memory
+# Owners that take no job after a check: a service manager (PID 1, or the user's systemd), whose
+# ExecStartPre= check is followed by ExecStart= in another process it starts much later.
+_MANAGERS = frozenset({"systemd", "init"})
+
+
+def grant_owner(grant_to: int | None) -> tuple[Identity | None, str]:
+    """The process a passing check grants to, or None with the note why there is no grant."""
+    pid = os.getppid() if grant_to is None else grant_to
+    who = identity(pid)
+    if who is None:
+        return None, f"no grant: pid {pid} is not running"
+    if pid == 1:
+        return None, ("no grant: check was started by PID 1 (a service manager starts the job in another "
+                      "process); run the job with safegate exec instead")
+    if who.uid != os.geteuid():
+        return None, f"no grant: pid {pid} runs as another user"
+    comm = cmdline(pid).split(b"\0", 1)[0].rsplit(b"/", 1)[-1].decode(errors="replace")
+    if comm in _MANAGERS:
+        return None, (f"no grant: check was started by {comm} (pid {pid}), which starts the job in another process;"
+                      " run the job with safegate exec instead")
+    return who, ""
+
+
+def spawn_keeper(store: LockStore, name: str, profile: str, argv: Sequence[str], *, need: int,
+                 gpu_index: int | None, gpu_need: int, owner: Identity) -> int | None:
+    """Fork the keeper, which takes lock *name* and records the grant; its pid once it holds the lock, None
+    when the lock was taken meanwhile (by flock(1): the admission lock keeps safegates out). The caller holds
+    the admission lock, so no one is admitted between this check and the keeper's claim."""
+    check_pid = os.getpid()
+    ready_r, ready_w = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the keeper
+        code = 0
+        try:
+            os.close(ready_r)
+            _detach(ready_w)
+            held = store.try_acquire(name, profile, list(argv), need=need, gpu_index=gpu_index, gpu_need=gpu_need,
+                                     owner=owner.pid, owner_start=owner.start_time)
+            os.write(ready_w, b"1" if held is not None else b"0")
+            os.close(ready_w)
+            if held is not None:
+                held.unlink_after = name.startswith("job-")
+                try:
+                    keep(held, owner, check_pid)
+                finally:
+                    held.release()
+        except BaseException:  # nothing of the keeper's may reach check's caller: it has no terminal
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(ready_w)
+    try:
+        said = os.read(ready_r, 1)
+    finally:
+        os.close(ready_r)
+    return pid if said == b"1" else None
+
+
+def _detach(keep_fd: int) -> None:
+    """Its own session, stdio on /dev/null, no descriptor of the caller's but *keep_fd*."""
+    os.setsid()
+    os.closerange(3, keep_fd)
+    os.closerange(keep_fd + 1, 1 << 16)
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    if null > 2:
+        os.close(null)
+
+
+def keep(held: HeldLock, owner: Identity, check_pid: int, lease: float = GRANT_LEASE) -> None:
+    """Bind the grant to the owner's next process, then hold it for that job's lifetime."""
+    job = bind(owner, check_pid, lease)
+    if job is None:
+        return
+    held.update_holder(job_pid=job.pid, job_start_time=job.start_time)
+    lock_path = held.store.lock_path(held.name)
+    need = held.holder.need if held.holder is not None else 0
+    while _same(job):
+        if held.fd >= 0 and waiting_on(lock_path) & _tree(job.pid):
+            held.step_aside()  # the job takes the lock itself: the record now names its holder
+        if need and held.holder is not None and held.holder.used < need:
+            used = min(need, _rss(_tree(job.pid)))
+            if used > held.holder.used:
+                held.update_holder(used=used)
+        time.sleep(WATCH_POLL)
+
+
+def bind(owner: Identity, check_pid: int, lease: float = GRANT_LEASE) -> Identity | None:
+    """The owner's first new process after check exits, or the owner itself once it has exec'd something
+    else; None when the owner is gone or the lease passes first."""
+    before = children(owner.pid) - {check_pid}
+    program = cmdline(owner.pid)
+    deadline = time.monotonic() + lease
+    while time.monotonic() < deadline:
+        if not _same(owner):
+            return None
+        if os.getppid() != check_pid:  # check has exited: what the owner starts now is the job
+            new = [who for pid in children(owner.pid) - before - {check_pid} if (who := identity(pid)) is not None]
+            if new:
+                return min(new, key=lambda who: (who.start, who.pid))
+            if cmdline(owner.pid) != program:
+                return identity(owner.pid)
+        time.sleep(BIND_POLL)
+    return None
+
+
+def _same(who: Identity) -> bool:
+    now = identity(who.pid)
+    return now is not None and now.start == who.start
+
+
+def _tree(pid: int) -> set[int]:
+    found, todo = {pid}, [pid]
+    while todo:
+        for child in children(todo.pop()) - found:
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def _rss(pids: set[int]) -> int:
+    page = os.sysconf("SC_PAGE_SIZE")
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError, ValueError, IndexError), open(f"/proc/{pid}/statm", "rb") as fh:
+            total += int(fh.read().split()[1]) * page
+    return total
