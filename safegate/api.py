@@ -3,7 +3,10 @@
     import safegate
 
     verdict = safegate.check("whisper-large-v3", mem="6G")
-    if verdict.ok: ...
+    if verdict.ok: ...                # a pass holds what it checked for this process until verdict.release()
+
+    with safegate.check("whisper-large-v3") as verdict:   # ... or until the with-block ends
+        if verdict.ok: transcribe()
 
     with safegate.hold("whisper-large", profile="whisper-large-v3", wait=True, timeout=600):
         model = load_model()          # the lock (and admission) is held for the block
@@ -74,17 +77,50 @@ def _settings(
     return resolve(load_config(config), profile, overrides)
 
 
+@dataclass(frozen=True)
+class CheckVerdict(Verdict):
+    """check()'s verdict. On a pass that reserves (the profile has a lock or a need), what was checked stays
+    held for the calling process, as the command line's check grants it to the next job: until release(), the
+    end of a with-block, a hold() of the same lock in this process (which takes it over), or the process's exit."""
+
+    held: HeldLock | None = field(default=None, repr=False)
+
+    def release(self) -> None:
+        if self.held is not None:
+            _GRANTS.pop(self.held.name, None)
+            self.held.release()
+
+    def __enter__(self) -> CheckVerdict:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+_GRANTS: dict[str, HeldLock] = {}  # this process's check() grants, by lock: a hold() takes its lock's over
+
+
 def check(
     profile: str = DEFAULT_PROFILE, *, mem: SizeLike | None = None, margin: SizeLike | None = None,
     max_temp: float | str | None = None, lock: str | None = None, gpu: str | None = None,
     gpu_mem: SizeLike | None = None, config: str | None = None, wait: bool = False, timeout: float | None = None,
-) -> Verdict:
+    reserve: bool = True,
+) -> CheckVerdict:
     """Run the checks once (or, with wait, until they pass or timeout seconds run out); never raises Blocked.
 
-    Like `safegate check`, each pass first removes stale lock files and reports them as stale_locks.
+    Like `safegate check`, each pass first removes stale lock files and reports them as stale_locks, and a pass
+    holds what it checked (see CheckVerdict) unless *reserve* is False (monitoring, dashboards: only asking).
     """
     settings = _settings(profile, config, mem, margin, max_temp, lock, gpu, gpu_mem)
-    return wait_until_clear(settings, timeout) if wait else clean_and_evaluate(settings)
+    total = read_memory().total
+    reserves = settings.lock is not None or settings.memory.resolve(total) > 0 or settings.gpu_memory.resolve(total)
+    if not (reserve and reserves):
+        verdict = wait_until_clear(settings, timeout) if wait else clean_and_evaluate(settings)
+        return CheckVerdict(verdict.profile, verdict.checks)
+    verdict, held = admit(settings, sys.argv, wait=wait, timeout=timeout)
+    if held is not None and held.fd >= 0:
+        _GRANTS[held.name] = held
+    return CheckVerdict(verdict.profile, verdict.checks, held=held if held is not None and held.fd >= 0 else None)
 
 
 @contextmanager
@@ -95,6 +131,11 @@ def hold(
 ) -> Iterator[HeldLock]:
     """Pass admission and hold the lock (default: the profile's) for the with-block; Blocked if it cannot."""
     settings = _settings(profile, config, mem, margin, max_temp, lock, gpu, gpu_mem)
+    granted = _GRANTS.pop(settings.lock, None) if settings.lock is not None else None
+    if granted is not None:
+        with granted:  # this process's check() passed and holds it: the hold takes it over, and ends it
+            yield granted
+        return
     verdict, held = admit(settings, sys.argv, wait=wait, timeout=timeout)
     if held is None:
         raise Blocked(verdict)
@@ -202,4 +243,4 @@ def _passes_ignoring_lock(verdict: Verdict) -> bool:
     return all(c.name == "lock" for c in verdict.failures)
 
 
-__all__ = ["Blocked", "ExitCode", "Gate", "LockStore", "check", "hold", "slots"]
+__all__ = ["Blocked", "CheckVerdict", "ExitCode", "Gate", "LockStore", "check", "hold", "slots"]
