@@ -248,6 +248,8 @@ class Supervisor:
 
     def _terminate(self) -> None:
         self.job.terminate_all()
+        if self.state is State.PAUSED:
+            self.job.resume()  # held for heat, all of it must run to act on SIGTERM (also one whose stop is in flight)
         # Also called when the main process ends during the grace period and leaves processes behind: the
         # deadline starts over for them, and a job already being killed stays so.
         self._kill_at = self.clock() + self.limits.grace

@@ -114,6 +114,42 @@ def test_a_breach_sends_one_sigterm(config: Path, env: dict[str, str], tmp_path:
         assert (small.read_text(), big.read_text()) == ("1", "1"), result.stderr
 
 
+LOGGER = str(HELPERS / "sig_logger.py")
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().split() if path.exists() else []
+
+
+def test_a_running_leftover_gets_sigterm_and_no_sigcont(config: Path, env: dict[str, str], tmp_path: Path) -> None:
+    # A program that logs its signals, left running by the main process: a SIGCONT sent with the SIGTERM would show
+    # in its log (first, even: with both pending, the kernel runs SIGCONT's handler first). It does not end on
+    # SIGTERM, so what it logs is all it got until the SIGKILL after --grace.
+    log = tmp_path / "log"
+    script = f'{PY} {LOGGER} "$1" TERM,CONT & until [ -s "$1" ]; do sleep 0.01; done; exit 3'
+    result = subprocess.run([PY, "-m", "safegate", "exec", "--config", str(config), "--mem", "0", "--grace", "1s",
+                             "--", "sh", "-c", script, "sh", str(log)],
+                            env=env, capture_output=True, text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL)
+    assert result.returncode == 3, result.stderr
+    assert "stopping 1 leftover process(es)" in result.stderr and "sending SIGKILL" in result.stderr
+    assert _lines(log) == ["ready", "TERM"], result.stderr
+
+
+def test_a_stopped_leftover_is_continued_to_act_on_its_sigterm(config: Path, env: dict[str, str],
+                                                              tmp_path: Path) -> None:
+    # Stopped, it could not act on SIGTERM until SIGKILL at the end of --grace: it gets SIGCONT, logs the SIGTERM
+    # and ends by itself.
+    log = tmp_path / "log"
+    script = (f'{PY} {LOGGER} "$1" TERM stop exit=TERM & pid=$!; '
+              'until [ "$(cut -d " " -f 3 /proc/$pid/stat)" = T ]; do sleep 0.01; done; exit 3')
+    result = subprocess.run([PY, "-m", "safegate", "exec", "--config", str(config), "--mem", "0", "--grace", "60s",
+                             "--", "sh", "-c", script, "sh", str(log)],
+                            env=env, capture_output=True, text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL)
+    assert result.returncode == 3, result.stderr
+    assert "stopping 1 leftover process(es)" in result.stderr and "SIGKILL" not in result.stderr
+    assert _lines(log) == ["ready", "TERM"], result.stderr
+
+
 # --- item 5: a signal blocked in the inherited mask ----------------------------------------------------------
 
 BLOCKED_JOB = """
