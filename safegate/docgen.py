@@ -19,10 +19,8 @@ from safegate import __version__
 from safegate.cli import app
 from safegate.exitcodes import ExitCode
 from safegate.fastpath import COMPLETE_VAR
-from safegate.procctl import FORWARDED
+from safegate.procctl import FAULTS, FORWARDED
 from safegate.settings import SETTINGS
-
-SYNC_FAULTS = "SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGABRT, SIGTRAP and SIGSYS"
 
 
 def signal_paragraphs() -> list[str]:
@@ -30,25 +28,29 @@ def signal_paragraphs() -> list[str]:
     import signal
 
     named = ", ".join(signal.Signals(s).name for s in FORWARDED if s < signal.SIGRTMIN)
+    *faults, last = (signal.Signals(s).name for s in FAULTS)
     return [
         f"Forwarded to the job's process group: {named}, and the real-time signals SIGRTMIN to SIGRTMAX (named "
-        "SIGRTMIN+N in messages). Not forwarded: SIGCHLD (safegate reaps the job), SIGPIPE, SIGXFSZ and SIGURG, "
-        f"and the synchronous faults {SYNC_FAULTS}, which end safegate itself; its job then gets SIGTERM from the "
-        "kernel (SIGKILL if it ignores SIGTERM). SIGKILL and SIGSTOP cannot be caught.",
+        f"SIGRTMIN+N in messages); also the synchronous faults {', '.join(faults)} and {last} when another "
+        "process sent them (kill -ILL). A real fault in safegate itself ends it; its job then gets SIGTERM from "
+        "the kernel (SIGKILL if it ignores or blocks SIGTERM). Not forwarded: SIGCHLD (safegate reaps the job), "
+        "SIGPIPE, SIGXFSZ and SIGURG. SIGKILL and SIGSTOP cannot be caught.",
         "A signal the caller ignores (nohup's SIGHUP; SIGINT and SIGQUIT for a script's & job) stays ignored in the "
         "job and is not forwarded. A signal blocked in the caller's mask stays blocked in the job; safegate itself "
-        "unblocks the signals it forwards, so they reach the job (pending, until it unblocks them).",
+        "takes the signals it forwards whatever its mask, so they reach the job (pending, until it unblocks them).",
         "safegate's own SIGTERM (at a breach, or to what the job's main process left running) reaches each process "
-        "of the job once, followed by SIGCONT; processes that appear during --grace are asked too; SIGKILL after "
-        "it. A fork-and-exit chain is followed and stopped (safegate is the job's subreaper).",
+        "of the job once, followed by SIGCONT to those that are stopped (a running process sees only SIGTERM); "
+        "processes that appear during --grace are asked too; SIGKILL after it. A fork-and-exit chain is followed "
+        "and stopped (safegate is the job's subreaper).",
         "The terminal: when stdin, stdout or stderr is safegate's controlling terminal and safegate is in its "
         "foreground, the job's process group gets the foreground (tcsetpgrp, as tini does), so the job reads the "
         "terminal, and Ctrl-C reaches it directly. safegate takes the foreground back when the job's "
         "main process ends, unless the shell has taken it meanwhile.",
-        "Job control: Ctrl-Z (or SIGTSTP, SIGTTIN or SIGTTOU sent to safegate, or the job stopped by a background "
-        "read) stops the job, then safegate, so the shell sees its job stopped. SIGCONT (fg, bg) continues both; "
-        "after fg the job gets the foreground again. A job paused for heat (--on-hot pause) stays paused until it "
-        "cools.",
+        "Job control: Ctrl-Z (or the job stopped by a background read) stops the job, then safegate, so the shell "
+        "sees its job stopped. SIGTSTP, SIGTTIN or SIGTTOU sent to safegate goes to the job, and safegate stops "
+        "once the job has stopped: safegate never stops while its job runs, so a job that catches SIGTSTP runs on, "
+        "watched. SIGCONT (fg, bg) continues both; after fg the job gets the foreground again. A job paused for "
+        "heat (--on-hot pause) stays paused until it cools.",
     ]
 
 

@@ -15,7 +15,7 @@ from typing import Protocol
 
 from safegate.cgroups import JobCgroup
 from safegate.limits import WatchLimits
-from safegate.probes.jobtree import JobTree
+from safegate.probes.jobtree import JobTree, stopped
 
 SIGNAL_ROUNDS = 200  # scans per signalling; each costs one pass over /proc
 
@@ -78,8 +78,8 @@ class Job(Protocol):
         ...
 
     def terminate_all(self) -> None:
-        """Ask every process not yet asked to end: SIGTERM, then SIGCONT, since a stopped process cannot act on
-        SIGTERM. Called again during the grace period for whatever appeared since."""
+        """Ask every process not yet asked to end: SIGTERM, then SIGCONT to those stopped, which cannot act on
+        SIGTERM until continued. Called again during the grace period for whatever appeared since."""
         ...
 
 
@@ -140,8 +140,7 @@ class ProcessTreeJob:
         # shutdown. Later calls (the main process ended, processes appeared) ask only those not yet asked.
         asked = self._signal_each(signal.SIGTERM, skip=self._asked, group=not self._asked)
         self._asked |= asked
-        if asked:
-            self.signal_all(signal.SIGCONT)
+        continue_stopped(asked)
 
     def pause(self) -> None:
         self.signal_all(signal.SIGSTOP)
@@ -188,6 +187,16 @@ class ProcessTreeJob:
             if len(sent) == before:
                 break
         return sent
+
+
+def continue_stopped(pids: Set[int]) -> None:
+    """SIGCONT to those of *pids* that are stopped (just sent SIGTERM, they could not act on it). Not to the
+    others: a running process sent both sees SIGCONT first (with both pending, the kernel sets up SIGTERM's
+    handler, then SIGCONT's over it, which runs first), as a SIGCONT out of nowhere in a program's log."""
+    for pid in pids:
+        if stopped(pid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGCONT)
 
 
 def _pgid(pid: int) -> int | None:
@@ -260,4 +269,4 @@ class CgroupJob(ProcessTreeJob):
         self._asked |= asked
         if asked:
             self.cgroup.freeze(False)
-            self.signal_all(signal.SIGCONT)
+            continue_stopped(asked)

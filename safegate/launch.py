@@ -20,7 +20,7 @@ from safegate.exitcodes import ExitCode
 from safegate.inbox import SignalInbox, ignored_by_caller
 from safegate.job import CgroupJob, Job, ProcessTreeJob
 from safegate.outcome import Event
-from safegate.procctl import FORWARDED, JOB_CONTROL, become_subreaper, child_setup
+from safegate.procctl import FAULTS, FORWARDED, JOB_CONTROL, become_subreaper, child_setup
 from safegate.terminal import Foreground
 
 
@@ -31,7 +31,8 @@ def launch(argv: Sequence[str], pass_fds: Sequence[int], env: Mapping[str, str] 
     Raises SpawnError (126/127) when it cannot be executed, CgroupError for `--cgroup on` without one."""
     become_subreaper()
     ignored = ignored_by_caller()
-    inbox.open((*(s for s in (*FORWARDED, *JOB_CONTROL) if s not in ignored), signal.SIGCHLD))
+    inbox.open((*(s for s in (*FORWARDED, *JOB_CONTROL) if s not in ignored), signal.SIGCHLD),
+               tuple(s for s in FAULTS if s not in ignored))
     try:
         if cgroup is not None:
             try:

@@ -13,8 +13,7 @@ PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 
 # The signals safegate forwards to the job: every catchable one but SIGCHLD, the job-control ones (TSTP, TTIN,
-# TTOU, CONT), SIGPIPE and SIGXFSZ (Python ignores those two), SIGURG, and the synchronous faults (SEGV, BUS,
-# ILL, FPE, ABRT, TRAP, SYS), which mean safegate itself failed and must end it, as tini leaves them.
+# TTOU, CONT), SIGPIPE and SIGXFSZ (Python ignores those two), SIGURG, and the synchronous faults (FAULTS).
 FORWARDED: tuple[int, ...] = (
     *(getattr(signal, name) for name in ("SIGHUP", "SIGINT", "SIGQUIT", "SIGTERM", "SIGUSR1", "SIGUSR2", "SIGALRM",
                                           "SIGVTALRM", "SIGPROF", "SIGIO", "SIGPWR", "SIGSTKFLT", "SIGXCPU",
@@ -22,8 +21,17 @@ FORWARDED: tuple[int, ...] = (
     *range(signal.SIGRTMIN, signal.SIGRTMAX + 1),
 )
 
+# The synchronous faults. Sent by another process (kill -ILL, as dumb-init's and tini's tests do) they are
+# forwarded like the others; the kernel's own, from a fault in safegate, must end it. A Python handler cannot tell
+# the two apart (and would return into the faulting instruction), so these are never handled: they stay blocked,
+# and the inbox takes them with sigtimedwait, whose siginfo names the sender. A real fault is not held up by the
+# mask: the kernel forces a synchronous fault through (force_sig_fault resets a blocked one to SIG_DFL and
+# unblocks it), so a real SIGSEGV in safegate still ends it with a core dump.
+FAULTS: tuple[int, ...] = (signal.SIGILL, signal.SIGTRAP, signal.SIGABRT, signal.SIGBUS, signal.SIGFPE,
+                           signal.SIGSEGV, signal.SIGSYS)
+
 # Job control: stopping (Ctrl-Z, a background read or write) and continuing. safegate passes them through: the
-# job stops, then safegate stops, so the shell sees its job stopped; SIGCONT continues both.
+# job stops, then safegate stops, so the shell sees its job stopped; SIGCONT continues both (terminal.JobControl).
 JOB_CONTROL: tuple[int, ...] = (signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGCONT)
 
 _libc: ctypes.CDLL | None = None
@@ -45,6 +53,15 @@ def become_subreaper() -> bool:
     return _prctl(PR_SET_CHILD_SUBREAPER, 1)
 
 
+def die_of(signum: int) -> None:
+    """End safegate by *signum*'s default action (a fault of its own that reached the inbox: raised by itself, or
+    one the kernel does not force, such as a deferred machine-check SIGBUS), as it would have without the mask."""
+    signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signum})
+    os.kill(os.getpid(), signum)
+    os.abort()  # pragma: no cover - not reached: the signal's default action ends us first
+
+
 def stop_self() -> None:
     """Stop as a job-control stop would (SIGSTOP cannot be caught): the shell sees us stopped until SIGCONT."""
     os.kill(os.getpid(), signal.SIGSTOP)
@@ -56,9 +73,9 @@ def child_setup(parent: int, nice: int | None, ignored: tuple[int, ...] = (), ma
     """Runs in the job between fork and exec (keep it async-signal-safe in spirit: no locks, no imports).
 
     *ignored*: signals the caller ignored; they stay ignored across exec, as in the caller's own children.
-    *mask*: the caller's signal mask, which the job inherits as it would without safegate (safegate itself
-    unblocks what it forwards). *claim_terminal*: takes the terminal's foreground for the job's new group.
-    *enter_cgroup*: moves the child into the job's cgroup, before it can start anything."""
+    *mask*: the caller's signal mask, which the job inherits as it would without safegate (safegate's own mask,
+    inherited by the fork, blocks what its inbox takes). *claim_terminal*: takes the terminal's foreground for
+    the job's new group. *enter_cgroup*: moves the child into the job's cgroup, before it can start anything."""
     if enter_cgroup is not None:
         enter_cgroup()
     # safegate's own Python handlers were inherited by the fork: until exec they would swallow the
@@ -68,8 +85,10 @@ def child_setup(parent: int, nice: int | None, ignored: tuple[int, ...] = (), ma
     os.setpgid(0, 0)
     if claim_terminal is not None:
         claim_terminal()
-    # If safegate dies, the job must not run on unwatched: SIGTERM, or SIGKILL for a job told to ignore SIGTERM.
-    death = signal.SIGKILL if signal.SIGTERM in ignored else signal.SIGTERM
+    # If safegate dies, the job must not run on unwatched: SIGTERM, or SIGKILL for a job told to ignore SIGTERM
+    # or starting with it blocked (it would wait there, pending). Sent below while safegate's mask still blocks
+    # SIGTERM here, it is delivered when the caller's mask is set.
+    death = signal.SIGKILL if signal.SIGTERM in ignored or signal.SIGTERM in (mask or ()) else signal.SIGTERM
     _prctl(PR_SET_PDEATHSIG, death)
     if os.getppid() != parent:  # safegate died before prctl took effect
         os.kill(os.getpid(), death)

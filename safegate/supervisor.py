@@ -31,16 +31,15 @@ from safegate.job import Job
 from safegate.launch import launch
 from safegate.limits import WatchLimits
 from safegate.outcome import Event, JobStats, Outcome, StatsRecorder
-from safegate.procctl import stop_self
+from safegate.procctl import JOB_CONTROL
 from safegate.sampler import Hooks, Probes, Sampler
-from safegate.terminal import Foreground
+from safegate.terminal import Foreground, JobControl
 from safegate.units import format_bytes, format_duration, signal_name
 from safegate.watchers import Action, Kind
 
 __all__ = ["Event", "JobStats", "Outcome", "Probes", "State", "Supervisor"]
 
 ENDING = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)  # a paused job must run to act on these
-STOPS = (signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)  # job-control stops: the job stops, then safegate
 
 
 class State(str, Enum):
@@ -85,6 +84,7 @@ class Supervisor:
         self._sampler: Sampler | None = None  # and with it the job, once started
         self._inbox = SignalInbox()
         self._tty = Foreground.detect()
+        self._job_control = JobControl(self._tty)
         self._breach: Action | None = None
         self._kill_at: float | None = None  # TERMINATING and KILLING: when SIGKILL is (was) due
 
@@ -140,8 +140,8 @@ class Supervisor:
         while (signum := self._inbox.pop()) is not None:
             if signum == signal.SIGCHLD:
                 continue  # _reap runs after every wake-up
-            if signum in STOPS or signum == signal.SIGCONT:
-                self._job_control(signum)
+            if signum in JOB_CONTROL:
+                self._job_control.sent(signum, self.job, held=self.state is State.PAUSED)
                 continue
             # Forward first: telling about it may fail (a hung-up terminal) and must not stop the signal.
             self.job.forward(signum)
@@ -160,10 +160,8 @@ class Supervisor:
             if pid == 0:
                 return
             if os.WIFSTOPPED(status):
-                # Ctrl-Z in the job's foreground group, or a read or write from the background: stop with it,
-                # so the shell sees its job stopped. A SIGSTOP (the pause for heat, or someone's) is not that.
-                if pid == self.job.leader and os.WSTOPSIG(status) in STOPS:
-                    self._job_control(os.WSTOPSIG(status), job_stopped=True)
+                if pid == self.job.leader:
+                    self._job_control.job_stopped(os.WSTOPSIG(status), held=self.state is State.PAUSED)
                 continue
             # The kernel's own peak RSS of the process (KiB on Linux): a job shorter than one sampling
             # interval still reports what it used.
@@ -192,21 +190,6 @@ class Supervisor:
             self.emit(Event("cleanup", f"the job's main process ended; stopping {len(self.job.members())} "
                                        "leftover process(es)", {"pids": sorted(self.job.members())}))
             self._terminate()
-
-    def _job_control(self, signum: int, *, job_stopped: bool = False) -> None:
-        """Pass Ctrl-Z and `fg`/`bg` through, as dumb-init does: stop the job, then ourselves; on SIGCONT
-        continue both (a job paused for heat stays paused until it cools), giving it the terminal after `fg`."""
-        if signum == signal.SIGCONT:
-            self._tty.hand_to(self.job.leader)
-            if self.state is not State.PAUSED:
-                self.job.signal_all(signal.SIGCONT)
-            return
-        if job_stopped and self._tty.fd is None:
-            return  # no terminal, no shell to continue us: someone stopped the job itself; we go on watching
-        if not job_stopped:
-            self.job.forward(signum)
-        self._tty.take_back()
-        stop_self()
 
     def step(self) -> float:
         """Sample the job and the machine and act on what the watchers say; the seconds until the next sample."""
@@ -265,6 +248,8 @@ class Supervisor:
 
     def _terminate(self) -> None:
         self.job.terminate_all()
+        if self.state is State.PAUSED:
+            self.job.resume()  # held for heat, all of it must run to act on SIGTERM (also one whose stop is in flight)
         # Also called when the main process ends during the grace period and leaves processes behind: the
         # deadline starts over for them, and a job already being killed stays so.
         self._kill_at = self.clock() + self.limits.grace

@@ -4,6 +4,8 @@ The job runs in a process group of its own (so signals reach all of it). A job t
 background group is stopped by SIGTTIN, and Ctrl-C would go to safegate instead of the job: so, when safegate
 is the terminal's foreground group, the job is handed the foreground (as tini does), and safegate takes it back
 when the job ends or is stopped (Ctrl-Z), so the shell gets its terminal in the state it expects.
+
+Job control goes through the job first: safegate stops once the job has stopped, never while it runs.
 """
 
 from __future__ import annotations
@@ -11,6 +13,14 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+from typing import TYPE_CHECKING
+
+from safegate.procctl import stop_self
+
+if TYPE_CHECKING:
+    from safegate.job import Job
+
+STOPS = (signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)  # job-control stops
 
 
 class Foreground:
@@ -66,6 +76,46 @@ class Foreground:
             now = os.tcgetpgrp(self.fd)
             if now not in (os.getpgrp(), os.getpgid(os.getppid())):
                 _set_foreground(self.fd, os.getpgrp())
+
+
+class JobControl:
+    """Ctrl-Z and `fg`/`bg` passed through: the job stops, then safegate, so the shell sees its job stopped;
+    SIGCONT continues both (a job paused for heat stays paused until it cools), with the terminal after `fg`.
+
+    A stop sent to safegate goes to the job, and safegate stops only once the job's main process has stopped:
+    safegate must never stop while its job runs, unwatched, and a job that catches SIGTSTP (to ignore it, or to
+    save its state first, as vim does before it stops with SIGSTOP) runs on. dumb-init's setsid mode sends the
+    job SIGSTOP instead, which overrules that choice of the job's: without safegate the job would not have
+    stopped."""
+
+    def __init__(self, tty: Foreground) -> None:
+        self.tty = tty
+        self.asked = False  # a stop was sent to safegate: it stops once the job has
+
+    def sent(self, signum: int, job: Job, *, held: bool) -> None:
+        """*signum*, a stop or SIGCONT, was sent to safegate; *held*: the job is paused for heat (not running)."""
+        if signum == signal.SIGCONT:
+            self.asked = False
+            self.tty.hand_to(job.leader)
+            if not held:
+                job.signal_all(signal.SIGCONT)
+        elif held:
+            self._stop()
+        else:
+            job.forward(signum)
+            self.asked = True
+
+    def job_stopped(self, signum: int, *, held: bool) -> None:
+        """The job's main process stopped with *signum*. Ctrl-Z in its foreground group, a read or write from the
+        background, or after a stop sent to safegate: safegate stops too. Not after the pause for heat (*held*),
+        nor, unasked, after someone's SIGSTOP, or without a terminal: no shell would continue safegate."""
+        if (self.asked and not held) or (signum in STOPS and self.tty.fd is not None):
+            self._stop()
+
+    def _stop(self) -> None:
+        self.asked = False
+        self.tty.take_back()
+        stop_self()
 
 
 def _set_foreground(fd: int, pgid: int) -> None:

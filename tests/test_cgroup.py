@@ -199,6 +199,28 @@ def test_a_hot_job_is_frozen_and_thawed(config: Path, env: dict[str, str], senso
     assert gate.wait(timeout=TIMEOUT) == 0
 
 
+LOGGER = str(HELPERS / "sig_logger.py")
+
+
+@needs_cgroups
+@pytest.mark.parametrize("left", ["running", "stopped"])
+def test_a_leftover_in_the_cgroup_gets_sigcont_only_when_stopped(config: Path, env: dict[str, str], tmp_path: Path,
+                                                                left: str) -> None:
+    # As in the process tree (test_wrapper_faults): a running leftover that logs its signals sees SIGTERM alone
+    # (and is killed after --grace); a stopped one is continued, so that it can act on its SIGTERM and end.
+    log = tmp_path / "log"
+    logger = f'{PY} {LOGGER} "$1" ' + ("TERM stop exit=TERM" if left == "stopped" else "TERM,CONT")
+    script = (f'{logger} & pid=$!; until [ -s "$1" ]; do sleep 0.01; done; '
+              + ('until [ "$(cut -d " " -f 3 /proc/$pid/stat)" = T ]; do sleep 0.01; done; ' if left == "stopped"
+                 else "") + "exit 3")
+    result = _run(config, env, "--grace", "1s" if left == "running" else "60s", "--", "sh", "-c", script, "sh",
+                  str(log))
+    assert result.returncode == 3, result.stderr
+    assert "stopping 1 leftover process(es)" in result.stderr
+    assert ("SIGKILL" in result.stderr) == (left == "running"), result.stderr
+    assert log.read_text().split() == ["ready", "TERM"]
+
+
 @needs_cgroups
 def test_a_cgroup_left_by_a_killed_safegate_is_swept_by_the_next_run(config: Path, env: dict[str, str],
                                                                      lock_dir: Path, procs: Procs) -> None:

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
-from support import Procs, cmdline, hold_with_flock, set_temp, wait_until
+from hypothesis import given
+from hypothesis import strategies as st
+from support import Procs, cmdline, hold_with_flock, proc_state, set_temp, wait_until
 
 from safegate.config import ThermalConfig
+from safegate.probes.jobtree import stopped
 from safegate.probes.memory import read_memory, read_pressure
 from safegate.probes.processes import _parse_stat, ancestors, descendants, is_safegate, read_processes
 from safegate.probes.thermal import read_thermal
@@ -66,6 +71,31 @@ def test_parse_stat_survives_hostile_comm() -> None:
     parsed = _parse_stat(b"123 (evil) S 1 (x) " + fields)
     assert parsed == ("S", 456, 321)
     assert _parse_stat(b"garbage") is None
+
+
+def test_stopped_reads_the_state_of_real_processes(procs: Procs) -> None:
+    sleeper = procs.spawn(["sleep", "600"])
+    wait_until(lambda: proc_state(sleeper.pid) == "S", what="the sleeper asleep")
+    assert not stopped(sleeper.pid)
+    os.kill(sleeper.pid, signal.SIGSTOP)
+    wait_until(lambda: proc_state(sleeper.pid) == "T", what="the sleeper stopped")
+    assert stopped(sleeper.pid)
+    sleeper.kill()
+    sleeper.wait()
+    assert not stopped(sleeper.pid)  # gone
+
+
+@given(comm=st.binary(max_size=40), state=st.binary(min_size=0, max_size=3), rest=st.binary(max_size=40))
+def test_stopped_survives_any_stat_line(comm: bytes, state: bytes, rest: bytes) -> None:
+    # /proc/PID/stat's comm is the process's own choice: ')', spaces, newlines. Only the state after the last ')'
+    # counts, and nothing read there raises.
+    with tempfile.TemporaryDirectory() as root:
+        Path(root, "7").mkdir()
+        Path(root, "7", "stat").write_bytes(b"7 (" + comm + b") " + state + b" " + rest)
+        got = stopped(7, root)
+    assert isinstance(got, bool)
+    if state and b")" not in rest and not set(state) & set(b" \t\n\r\x0b\x0c)"):  # one token: the state
+        assert got == (state in (b"T", b"t"))
 
 
 def test_process_scan_sees_real_process_and_excludes_self(procs: Procs) -> None:

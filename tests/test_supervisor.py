@@ -85,10 +85,10 @@ class FakeJob:
 
     def terminate_all(self) -> None:
         # As ProcessTreeJob: each process is asked once; later calls ask only those that appeared since (none here).
+        # Its processes run: none is stopped, so none gets SIGCONT.
         self.terminations += 1
         if self.terminations == 1:
             self.signal_all(TERM)
-            self.signal_all(CONT)
 
 
 class Clock:
@@ -161,10 +161,10 @@ def test_sigterm_at_the_breach_sigkill_exactly_after_the_grace_period(rig: Rig) 
     assert rig.events[0].message == "job memory 1000.0 MiB >= --max-mem 1000.0 MiB; sending SIGTERM to the job " \
                                     "(SIGKILL in 2s)"
     assert rig.events[0].data["reason"] == "memory"
-    assert rig.job.sent == [("all", TERM), ("all", CONT)]
+    assert rig.job.sent == [("all", TERM)]
     assert rig.sup.state is State.TERMINATING
     rig.step(1002.499)  # a millisecond before the deadline
-    assert rig.job.sent == [("all", TERM), ("all", CONT)] and rig.kinds() == ["breach"]
+    assert rig.job.sent == [("all", TERM)] and rig.kinds() == ["breach"]
     assert rig.job.terminations == 2  # during the grace period, what appeared since is asked too
     rig.step(1002.5)  # exactly the deadline
     assert rig.job.sent[-1] == ("all", KILL) and rig.sup.state is State.KILLING
@@ -178,7 +178,7 @@ def test_the_hard_floor_kills_at_once_but_not_in_the_breach_sample() -> None:
     rig = make_rig(limits(max_mem=None, min_available=1000 * MiB))  # hard floor: 500 MiB
     rig.machine.available = 400 * MiB
     rig.step(1000.0)
-    assert rig.kinds() == ["breach"] and rig.job.sent == [("all", TERM), ("all", CONT)]  # SIGTERM gets a chance
+    assert rig.kinds() == ["breach"] and rig.job.sent == [("all", TERM)]  # SIGTERM gets a chance
     rig.step(1000.01)
     assert rig.events[-1].message == "MemAvailable 400.0 MiB fell to the hard floor 500.0 MiB; sending SIGKILL"
     assert rig.job.sent[-1] == ("all", KILL) and rig.sup.state is State.KILLING

@@ -124,6 +124,49 @@ def test_tstp_from_outside_stops_both_and_cont_continues_both(config: Path, env:
     assert gate.wait(timeout=TIMEOUT) == 128 + signal.SIGTERM
 
 
+LOGGER = str(HELPERS / "sig_logger.py")
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().split() if path.exists() else []
+
+
+@pytest.mark.parametrize("stop", ["TSTP", "TTIN", "TTOU"])
+def test_a_job_that_catches_a_stop_sent_to_safegate_runs_on_and_safegate_with_it(
+        config: Path, env: dict[str, str], sensor: Path, procs: Procs, tmp_path: Path, stop: str) -> None:
+    # The job catches the stop (to ignore it, or save its state first) and runs on: safegate must not stop, or the
+    # job would run unwatched.
+    log = tmp_path / "log"
+    gate = procs.spawn([*SAFEGATE, "--config", str(config), "--", PY, LOGGER, str(log), f"{stop},TERM", "exit=TERM"],
+                       env=env)
+    wait_until(lambda: _lines(log) == ["ready"], what="the job's handlers")
+    os.kill(gate.pid, getattr(signal, f"SIG{stop}"))
+    wait_until(lambda: stop in _lines(log), what=f"the job to log SIG{stop}")  # safegate has acted on it by now
+    with OpenWatch(sensor) as reads:
+        wait_until(lambda: reads.opens() >= 2 or _stopped(gate.pid), what="safegate to sample twice, or to stop")
+    assert not _stopped(gate.pid)
+    os.kill(gate.pid, signal.SIGTERM)
+    assert gate.wait(timeout=TIMEOUT) == 0
+
+
+def test_a_job_that_stops_itself_after_catching_tstp_stops_safegate_too(config: Path, env: dict[str, str],
+                                                                        lock_dir: Path, procs: Procs,
+                                                                        tmp_path: Path) -> None:
+    # As vim does: the job's handler saves its state, then stops with SIGSTOP; safegate stops once it has.
+    log = tmp_path / "log"
+    gate = procs.spawn([*SAFEGATE, "--config", str(config), "--", PY, LOGGER, str(log), "TSTP,TERM", "stop-on=TSTP",
+                        "exit=TERM"], env=env)
+    job = wait_until(lambda: job_pid(lock_dir), what="the job")
+    wait_until(lambda: _lines(log) == ["ready"], what="the job's handlers")
+    os.kill(gate.pid, signal.SIGTSTP)
+    wait_until(lambda: _stopped(job) and _stopped(gate.pid), what="the job, then safegate, stopped")
+    os.kill(gate.pid, signal.SIGCONT)
+    wait_until(lambda: not _stopped(job) and not _stopped(gate.pid), what="both continued")
+    os.kill(gate.pid, signal.SIGTERM)
+    assert gate.wait(timeout=TIMEOUT) == 0
+    assert _lines(log) == ["ready", "TSTP", "TERM"]
+
+
 def test_a_job_paused_for_heat_stays_paused_through_sigcont(config: Path, env: dict[str, str], sensor: Path,
                                                             lock_dir: Path, procs: Procs, tmp_path: Path) -> None:
     ticks, stop = tmp_path / "ticks", tmp_path / "stop"

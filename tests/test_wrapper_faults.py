@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from support import HELPERS, PY, TIMEOUT, Procs, pids_with, stderr_of, wait_until
+from support import HELPERS, PY, TIMEOUT, Procs, alive, job_pid, pids_with, stderr_of, wait_until
 
 from safegate.exitcodes import ExitCode
 
@@ -114,6 +114,42 @@ def test_a_breach_sends_one_sigterm(config: Path, env: dict[str, str], tmp_path:
         assert (small.read_text(), big.read_text()) == ("1", "1"), result.stderr
 
 
+LOGGER = str(HELPERS / "sig_logger.py")
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().split() if path.exists() else []
+
+
+def test_a_running_leftover_gets_sigterm_and_no_sigcont(config: Path, env: dict[str, str], tmp_path: Path) -> None:
+    # A program that logs its signals, left running by the main process: a SIGCONT sent with the SIGTERM would show
+    # in its log (first, even: with both pending, the kernel runs SIGCONT's handler first). It does not end on
+    # SIGTERM, so what it logs is all it got until the SIGKILL after --grace.
+    log = tmp_path / "log"
+    script = f'{PY} {LOGGER} "$1" TERM,CONT & until [ -s "$1" ]; do sleep 0.01; done; exit 3'
+    result = subprocess.run([PY, "-m", "safegate", "exec", "--config", str(config), "--mem", "0", "--grace", "1s",
+                             "--", "sh", "-c", script, "sh", str(log)],
+                            env=env, capture_output=True, text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL)
+    assert result.returncode == 3, result.stderr
+    assert "stopping 1 leftover process(es)" in result.stderr and "sending SIGKILL" in result.stderr
+    assert _lines(log) == ["ready", "TERM"], result.stderr
+
+
+def test_a_stopped_leftover_is_continued_to_act_on_its_sigterm(config: Path, env: dict[str, str],
+                                                              tmp_path: Path) -> None:
+    # Stopped, it could not act on SIGTERM until SIGKILL at the end of --grace: it gets SIGCONT, logs the SIGTERM
+    # and ends by itself.
+    log = tmp_path / "log"
+    script = (f'{PY} {LOGGER} "$1" TERM stop exit=TERM & pid=$!; '
+              'until [ "$(cut -d " " -f 3 /proc/$pid/stat)" = T ]; do sleep 0.01; done; exit 3')
+    result = subprocess.run([PY, "-m", "safegate", "exec", "--config", str(config), "--mem", "0", "--grace", "60s",
+                             "--", "sh", "-c", script, "sh", str(log)],
+                            env=env, capture_output=True, text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL)
+    assert result.returncode == 3, result.stderr
+    assert "stopping 1 leftover process(es)" in result.stderr and "SIGKILL" not in result.stderr
+    assert _lines(log) == ["ready", "TERM"], result.stderr
+
+
 # --- item 5: a signal blocked in the inherited mask ----------------------------------------------------------
 
 BLOCKED_JOB = """
@@ -138,6 +174,106 @@ def test_a_signal_blocked_in_the_callers_mask_is_still_forwarded(config: Path, e
     assert gate.stdout.readline() == b"blocked\n"  # the job inherits the caller's mask, as it would directly
     os.kill(gate.pid, signal.SIGTERM)
     assert gate.wait(timeout=TIMEOUT) == 0  # safegate got it and forwarded it: pending in the job, which saw it
+
+
+SIGBLK_OF_JOB = "print(int([l for l in open('/proc/self/status') if l.startswith('SigBlk')][0].split()[1], 16))"
+
+
+def test_the_job_starts_with_exactly_the_callers_mask(config: Path, env: dict[str, str]) -> None:
+    # safegate blocks what it takes (the forwarded signals and the faults); the job must not inherit that.
+    launcher = ("import os, signal, sys; signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGSEGV}); "
+                "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])")
+    result = subprocess.run([PY, "-c", launcher, "-m", "safegate", "exec", "--config", str(config), "--mem", "0",
+                             "-q", "--", PY, "-c", SIGBLK_OF_JOB], env=env, capture_output=True, text=True,
+                            timeout=TIMEOUT, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout) == 1 << (signal.SIGUSR1 - 1) | 1 << (signal.SIGSEGV - 1), result.stdout
+
+
+def test_a_job_with_sigterm_blocked_does_not_outlive_a_killed_safegate(config: Path, env: dict[str, str],
+                                                                      lock_dir: Path, procs: Procs) -> None:
+    # The parent-death signal would wait, pending, in a job that inherited SIGTERM blocked: it is SIGKILL there.
+    launcher = ("import os, signal, sys; signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM}); "
+                "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])")
+    gate = procs.spawn([PY, "-c", launcher, "-m", "safegate", "exec", "--config", str(config), "--mem", "0", "-q",
+                        "--", "sleep", "600"], env=env)
+    job = wait_until(lambda: job_pid(lock_dir), what="the job")
+    os.kill(gate.pid, signal.SIGKILL)
+    gate.wait(timeout=TIMEOUT)
+    wait_until(lambda: not alive(job), what="the job to die with safegate")
+
+
+# --- issue 23: the synchronous faults, sent by another process ------------------------------------------------
+
+FAULTS = ["ILL", "TRAP", "ABRT", "BUS", "FPE", "SEGV", "SYS"]
+
+
+def test_faults_sent_by_another_process_are_forwarded(config: Path, env: dict[str, str], tmp_path: Path,
+                                                      procs: Procs) -> None:
+    # kill -ILL <safegate>, as dumb-init's and tini's tests send it: the job gets it, safegate goes on watching.
+    log = tmp_path / "log"
+    gate = procs.spawn([PY, "-m", "safegate", "exec", "--config", str(config), "--mem", "0", "--", PY, LOGGER,
+                        str(log), ",".join([*FAULTS, "TERM"]), "exit=TERM"], env=env, stderr=subprocess.PIPE)
+    wait_until(lambda: _lines(log) == ["ready"], what="the job's handlers")
+    for n, name in enumerate(FAULTS, start=2):
+        os.kill(gate.pid, getattr(signal, f"SIG{name}"))
+        wait_until(lambda n=n: len(_lines(log)) >= n or gate.poll() is not None,
+                   what=f"the job to log SIG{name}")
+        assert gate.poll() is None, f"safegate ended on SIG{name}: {gate.returncode}"
+    assert _lines(log) == ["ready", *FAULTS]
+    os.kill(gate.pid, signal.SIGTERM)
+    assert gate.wait(timeout=TIMEOUT) == 0  # the job's own exit, reported
+    assert gate.stderr is not None
+    err = gate.stderr.read().decode()
+    assert all(f"forwarded SIG{name} to the job" in err for name in FAULTS), err
+
+
+OWN_FAULT = """
+import ctypes, resource, signal, sys
+from safegate.inbox import SignalInbox
+from safegate.procctl import FAULTS
+resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+inbox = SignalInbox()
+inbox.open([signal.SIGCHLD], FAULTS)
+if sys.argv[1] == "segv":
+    ctypes.string_at(0)  # a real fault, with SIGSEGV blocked
+else:
+    signal.raise_signal(signal.SIGABRT)  # raised by safegate itself, as a C library may
+    inbox.wait(60)
+print("survived", inbox.pop())
+"""
+
+
+@pytest.mark.parametrize("how", ["segv", "raise"])
+def test_a_fault_of_safegates_own_still_ends_it(how: str) -> None:
+    # With the faults blocked: the kernel forces a real SIGSEGV through the mask (with its default action), and
+    # one safegate raised itself is not passed on, but ends it as it would have.
+    result = subprocess.run([PY, "-c", OWN_FAULT, how], capture_output=True, text=True, timeout=TIMEOUT,
+                            stdin=subprocess.DEVNULL)
+    assert result.returncode == -(signal.SIGSEGV if how == "segv" else signal.SIGABRT), result.stderr
+    assert "survived" not in result.stdout
+
+
+FOREIGN_THREAD = """
+import os, signal, threading, time
+from safegate.inbox import SignalInbox
+threading.Thread(target=time.sleep, args=(600,), daemon=True).start()  # as a C library's, before the inbox
+inbox = SignalInbox()
+inbox.open([signal.SIGTERM, signal.SIGCHLD])
+os.kill(os.getpid(), signal.SIGTERM)  # the main thread blocks it now: the kernel hands it to the other thread
+deadline = time.monotonic() + 60
+while not inbox.pending and time.monotonic() < deadline:
+    inbox.wait(0.05)
+print("got", inbox.pop())
+"""
+
+
+def test_a_signal_taken_by_a_thread_safegate_did_not_start_is_still_queued() -> None:
+    # Blocking is per thread: one started before the inbox opened (NVML's, say) may be the one the kernel hands
+    # a SIGTERM to. It must be queued there (the handler), not end safegate by its default action.
+    result = subprocess.run([PY, "-c", FOREIGN_THREAD], capture_output=True, text=True, timeout=TIMEOUT,
+                            stdin=subprocess.DEVNULL)
+    assert result.returncode == 0 and result.stdout.split() == ["got", str(int(signal.SIGTERM))], result
 
 
 # --- item 11: fork-and-exit chains --------------------------------------------------------------------------

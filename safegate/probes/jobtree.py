@@ -68,6 +68,16 @@ def live_thread(pid: int, proc_root: str = "/proc") -> int | None:
     return None
 
 
+def stopped(pid: int, proc_root: str = "/proc") -> bool:
+    """*pid* is stopped: state T (SIGSTOP, a job-control stop) or t (stopped by a tracer), read through a live
+    thread when its main thread has exited."""
+    fields = _stat_fields(pid, proc_root)
+    if fields and fields[0] == b"Z":
+        thread = live_thread(pid, proc_root)
+        fields = _stat_fields(thread, f"{proc_root}/{pid}/task") if thread is not None else None
+    return fields is not None and fields[:1] in ([b"T"], [b"t"])
+
+
 def _task_dir(pid: int, proc_root: str) -> str:
     thread = live_thread(pid, proc_root)
     return f"{proc_root}/{pid}/task/{thread}" if thread is not None else f"{proc_root}/{pid}"
