@@ -120,22 +120,53 @@ def keep(held: HeldLock, owner: Identity, check_pid: int, lease: float = GRANT_L
 
 
 def bind(owner: Identity, check_pid: int, lease: float = GRANT_LEASE) -> Identity | None:
-    """The owner's first new process after check exits, or the owner itself once it has exec'd something
-    else; None when the owner is gone or the lease passes first."""
-    before = children(owner.pid) - {check_pid}
+    """The owner's first new process after check exits that is not itself a safegate check (GNU parallel asks
+    its --limit command again between a pass and the job: a second question, not the job), or the owner itself
+    once it has exec'd something else; None when the owner is gone or the lease passes first."""
+    skipped = children(owner.pid) | {check_pid}
     program = cmdline(owner.pid)
     deadline = time.monotonic() + lease
     while time.monotonic() < deadline:
         if not _same(owner):
             return None
         if os.getppid() != check_pid:  # check has exited: what the owner starts now is the job
-            new = [who for pid in children(owner.pid) - before - {check_pid} if (who := identity(pid)) is not None]
-            if new:
-                return min(new, key=lambda who: (who.start, who.pid))
-            if cmdline(owner.pid) != program:
+            for who in sorted(filter(None, map(identity, children(owner.pid) - skipped)),
+                              key=lambda w: (w.start, w.pid)):
+                argv = _exec_line(who, program)
+                if argv is None:
+                    continue  # forked, not yet exec'd: look again
+                if _is_check(argv):
+                    skipped.add(who.pid)
+                    continue
+                return who
+            now = cmdline(owner.pid)
+            if now and now != program and _same(owner):
                 return identity(owner.pid)
         time.sleep(BIND_POLL)
     return None
+
+
+# A child still running the owner's program is forked and not yet exec'd; after this long it is the job as is
+# (a shell's subshell, a Python multiprocessing worker).
+EXEC_WAIT = 0.05
+
+
+def _exec_line(who: Identity, program: bytes) -> bytes | None:
+    """*who*'s command line once it has exec'd (or run its owner's program past EXEC_WAIT), None before."""
+    argv = cmdline(who.pid)
+    if argv != program:
+        return argv
+    from safegate.probes.pids import start_time_of
+
+    return argv if time.time() - start_time_of(who.start) > EXEC_WAIT else None
+
+
+def _is_check(argv: bytes) -> bool:
+    """A command line that asks safegate, not a job: `safegate check ...`, or the GNU parallel adapter."""
+    args = argv.split(b"\0")
+    names = [a.rsplit(b"/", 1)[-1] for a in args[:4]]
+    return any(n.startswith(b"safegate-parallel-limit") for n in names) or (
+        b"check" in args and any(n == b"safegate" or a.endswith(b"safegate/__main__.py") for n, a in zip(names, args, strict=False)))
 
 
 def _same(who: Identity) -> bool:
