@@ -165,8 +165,8 @@ def _is_check(argv: bytes) -> bool:
     """A command line that asks safegate, not a job: `safegate check ...`, or the GNU parallel adapter."""
     args = argv.split(b"\0")
     names = [a.rsplit(b"/", 1)[-1] for a in args[:4]]
-    return any(n.startswith(b"safegate-parallel-limit") for n in names) or (
-        b"check" in args and any(n == b"safegate" or a.endswith(b"safegate/__main__.py") for n, a in zip(names, args, strict=False)))
+    safegate = any(n == b"safegate" or a.endswith(b"safegate/__main__.py") for n, a in zip(names, args, strict=False))
+    return any(n.startswith(b"safegate-parallel-limit") for n in names) or (b"check" in args and safegate)
 
 
 def _same(who: Identity) -> bool:

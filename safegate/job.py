@@ -15,7 +15,7 @@ from typing import Protocol
 
 from safegate.cgroups import JobCgroup
 from safegate.limits import WatchLimits
-from safegate.probes.jobtree import JobTree, stopped
+from safegate.probes.jobtree import JobTree, processes_memory, stopped
 
 SIGNAL_ROUNDS = 200  # scans per signalling; each costs one pass over /proc
 
@@ -80,6 +80,12 @@ class Job(Protocol):
     def terminate_all(self) -> None:
         """Ask every process not yet asked to end: SIGTERM, then SIGCONT to those stopped, which cannot act on
         SIGTERM until continued. Called again during the grace period for whatever appeared since."""
+        ...
+
+    def left_cgroup(self) -> str | None:
+        """Checked every sample: once, when the main process (or, after it ended, another process of the job) is
+        found outside the job's cgroup (a root job can move itself), what to tell; the job's processes outside
+        it are watched as a process tree from then on."""
         ...
 
 
@@ -160,6 +166,9 @@ class ProcessTreeJob:
     def cap(self, limits: WatchLimits, available: int) -> None:
         pass  # a process tree has no cap but the watch
 
+    def left_cgroup(self) -> str | None:
+        return None
+
     def _signal_each(self, signum: int, *, skip: Set[int], group: bool) -> set[int]:
         """*signum* once to every process of the job but *skip*; the pids it reached.
 
@@ -208,25 +217,72 @@ def _pgid(pid: int) -> int | None:
 
 class CgroupJob(ProcessTreeJob):
     """The job as the members of its own cgroup: the kernel counts its memory (also of processes that already
-    ended), caps it, and no process can leave it, so stopping the cgroup's members stops all of the job."""
+    ended), caps it, and no process can leave it unless it is root's: stopping the cgroup's members stops all of
+    the job. A root job that moved its main process out is found at the next sample (left_cgroup); from then on
+    its processes outside the cgroup (safegate's descendants the cgroup does not hold) are part of it too, found
+    by scans as ProcessTreeJob finds them, counted, signalled and stopped with it."""
 
     def __init__(self, leader: int, cgroup: JobCgroup) -> None:
         super().__init__(leader)
         self.cgroup = cgroup
         self._cap: int | None = None  # the cap last written
+        self._outside: set[int] | None = None  # once a process has left: the job's processes outside
+        self._told = False
+
+    def left_cgroup(self) -> str | None:
+        # The main process only while it runs: once reaped, its number may name someone else's process.
+        if self._outside is None and not self._leader_ended and self.cgroup.holds(self.leader) is False:
+            self._outside = set()
+            self.refresh(now=True)
+        if self._outside is None or self._told:
+            return None
+        self._told = True
+        pids = sorted(self._outside)
+        main = self.leader in pids or not pids
+        who = (f"the job's main process (pid {self.leader})" if main
+               else f"{len(pids)} process(es) of the job (pid {', '.join(map(str, pids[:5]))})")
+        where = self.cgroup.where(self.leader if main else pids[0])
+        return (f"{who} left the job's cgroup {self.cgroup.path}{f' for {where}' if where else ''}: the job's "
+                "processes outside it are watched as a process tree from now on, and safegate's sampling, not the "
+                "kernel's cap, holds the limits for them")
 
     def members(self) -> Set[int]:
-        return self.cgroup.procs()
+        procs = self.cgroup.procs()
+        return procs | self._outside if self._outside else procs
 
     def refresh(self, *, now: bool = False) -> None:
-        pass  # the kernel keeps the list
+        if self._outside is None:
+            return  # the kernel keeps the list
+        self.tree.refresh(force_scan=now)
+        self._outside = self._placed_outside()
+
+    def _placed_outside(self) -> set[int]:
+        """The processes of the last scan outside the cgroup, read every time (one may move out between scans);
+        those gone are dropped, so that their numbers, once reused, are no one's of the job."""
+        placed = {pid: self.cgroup.holds(pid) for pid in self.tree.pids}
+        self.tree.pids.difference_update(pid for pid, held in placed.items() if held is None)
+        return {pid for pid, held in placed.items() if held is False}
 
     def memory(self, *, precise: bool) -> int:
-        return self.cgroup.working_set()
+        counted = self.cgroup.working_set()
+        if self._outside is None:
+            return counted
+        # What a process used before it left stays charged to the cgroup (the kernel does not move charges), so
+        # adding its memory to the cgroup's could count those pages twice. The larger of the two counts each once:
+        # the cgroup's figure, or the process tree's of every process of the job, inside the cgroup or not.
+        return max(counted, processes_memory(set(self.members()), precise))
 
     def peak(self) -> int:
         # The kernel's count of the cgroup, where it keeps one: RSS would also count shared pages charged elsewhere.
+        # A main process that left the cgroup used memory the cgroup did not count: its peak RSS counts too.
+        if self._outside is not None:
+            return max(self.cgroup.peak(), super().peak())
         return self.cgroup.peak() or super().peak()
+
+    def ended(self, pid: int, maxrss: int) -> None:
+        super().ended(pid, maxrss)
+        if self._outside is not None:
+            self._outside.discard(pid)
 
     def oom_kills(self) -> int:
         return self.cgroup.oom_kills()
@@ -235,7 +291,16 @@ class CgroupJob(ProcessTreeJob):
         return self.cgroup.pressure()
 
     def emptied(self) -> bool:
-        return not self.cgroup.procs()
+        if self.cgroup.procs():
+            return False
+        # The children left may have left the cgroup (a main process that moved out, then forked and exited, was
+        # not seen outside by any sample): safegate's descendants the cgroup does not hold are the job's still.
+        # A scope's anchor is held (it is in the scope, beside the job's leaf).
+        self.tree.rescan()
+        outside = self._placed_outside()
+        if outside or self._outside is not None:
+            self._outside = outside
+        return not outside
 
     def cap(self, limits: WatchLimits, available: int) -> None:
         cap = limits.kernel_cap(self.cgroup.usage(), available)
@@ -244,25 +309,38 @@ class CgroupJob(ProcessTreeJob):
             self.cgroup.limit_memory(cap, strict=False)
 
     def _group_alive(self) -> bool:
-        return any(_pgid(pid) == self.leader for pid in self.cgroup.procs())
+        return any(_pgid(pid) == self.leader for pid in self.members())
 
     def pause(self) -> None:
         self.cgroup.freeze(True)  # a frozen job keeps its state and gets no stray SIGCONT
+        self._signal_outside(signal.SIGSTOP)
 
     def resume(self) -> None:
         self.cgroup.freeze(False)
+        self._signal_outside(signal.SIGCONT)
 
     def signal_all(self, signum: int) -> None:
         if signum == signal.SIGKILL:
             self.cgroup.kill()  # none can fork meanwhile: cgroup.kill, or frozen while killed
+        else:
+            self.forward(signum)
+            for pid in self.cgroup.procs():
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signum)
+        self._signal_outside(signum)
+
+    def _signal_outside(self, signum: int) -> None:
+        """*signum* to the job's processes outside its cgroup, as a fresh scan finds them (none while none left)."""
+        if self._outside is None:
             return
-        self.forward(signum)
-        for pid in self.cgroup.procs():
+        self.refresh(now=True)
+        for pid in self._outside:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signum)
 
     def terminate_all(self) -> None:
-        asked = self.cgroup.procs() - self._asked
+        self.refresh(now=True)
+        asked = set(self.members()) - self._asked
         for pid in asked:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGTERM)

@@ -41,11 +41,13 @@ class Probes:
 
 @dataclass(frozen=True)
 class Hooks:
-    """Who else hears of a sample: the job's memory and VRAM (for its reservation), and --log's timeline."""
+    """Who else hears of a sample: the job's memory and VRAM (for its reservation), --log's timeline, and the
+    user (a warning about the job itself, told at once: the job may be being stopped, when no watcher is asked)."""
 
     on_sample: Callable[[int], None] | None = None
     on_gpu_sample: Callable[[int], None] | None = None
     on_timeline: Callable[[Event], None] | None = None  # `sample` events
+    on_warning: Callable[[Event], None] | None = None  # `warning` events
 
 
 NO_HOOKS = Hooks()
@@ -73,6 +75,7 @@ class Sampler:
         self.clock = clock
         self.probes = probes
         self.on_sample, self.on_gpu_sample, self.on_timeline = hooks.on_sample, hooks.on_gpu_sample, hooks.on_timeline
+        self.on_warning = hooks.on_warning
         self._fill = FillRate()
         self._job_mem = JobMemoryWatch(limits)
         self._floor = FloorWatch(limits)
@@ -86,6 +89,9 @@ class Sampler:
 
     def memory(self, now: float) -> MemorySample:
         job = self.job
+        left = job.left_cgroup()  # first: this sample already counts what the job holds outside its cgroup
+        if left is not None and self.on_warning is not None:
+            self.on_warning(Event("warning", left, {"pid": job.leader, "left_cgroup": True}))
         job.refresh()
         job_mem = job.memory(precise=False)
         # RSS counts pages shared between the job's processes once per process; PSS counts them once.

@@ -73,7 +73,7 @@ class Supervisor:
         self.emit = on_event
         self.pass_fds = tuple(pass_fds)
         self.nice = nice
-        self._hooks = Hooks(on_sample, on_gpu_sample, on_event if timeline else None)  # for the Sampler
+        self._hooks = Hooks(on_sample, on_gpu_sample, on_event if timeline else None, on_event)  # for the Sampler
         self.env = dict(env) if env is not None else None
         self.clock = clock  # monotonic: deadlines must survive wall-clock jumps
         self.probes = probes or Probes()

@@ -14,12 +14,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from support import (
     HELPERS,
     PY,
     TIMEOUT,
     Nobody,
     Procs,
+    alive,
     job_pid,
     neutral_config,
     pids_with,
@@ -29,6 +32,8 @@ from support import (
 )
 
 from safegate import cgroups
+from safegate.cgroups.base import cgroup_in
+from safegate.cgroups.v1 import V1Cgroup
 from safegate.exitcodes import ExitCode
 
 UNAVAILABLE = cgroups.available()
@@ -269,3 +274,102 @@ def test_bad_throttle_or_swap_values_are_one_line(config: Path, env: dict[str, s
     result = _run(config, env, option, value, "--", "true")
     assert result.returncode == ExitCode.USAGE, result.stderr
     assert len(result.stderr.splitlines()) == 1 and option in result.stderr and repr(value) in result.stderr
+
+
+ESCAPE = HELPERS / "cgroup_escape.py"
+LEFT = "left the job's cgroup"
+
+
+def _moved(marker: Path) -> dict[str, object]:
+    """What the escaping job wrote once out of its cgroup; it must really have left on every hierarchy."""
+    moved: dict[str, object] = json.loads(wait_until(lambda: marker.exists() and marker.read_text(),
+                                                     what="the job to leave its cgroup"))
+    assert any(cgroups.PREFIX in line for line in moved["before"]), moved  # type: ignore[attr-defined]
+    assert not any(cgroups.PREFIX in line for line in moved["after"]), moved  # type: ignore[attr-defined]
+    return moved
+
+
+@needs_cgroups
+def test_a_root_job_that_leaves_its_cgroup_is_still_held_to_max_mem(config: Path, env: dict[str, str],
+                                                                    procs: Procs, tmp_path: Path) -> None:
+    # As root the job may write itself into its parent cgroups, out of the kernel's cap and count: safegate sees
+    # its main process outside at the next sample, says so once, and holds --max-mem on it by sampling.
+    log, marker = tmp_path / "log.jsonl", tmp_path / "moved"
+    gate = procs.spawn(_exec(config, "--max-mem", "64M", "--log", str(log), "--", PY, str(ESCAPE), str(marker),
+                             "200"), env=env, stderr=subprocess.PIPE, text=True)
+    job = int(_moved(marker)["pid"])  # type: ignore[call-overload]
+    procs.orphans.append(job)  # out of safegate's reach if it fails to stop it: the fixture kills it
+    wait_until(lambda: gate.poll() is not None, what="safegate to stop the job that left its cgroup")
+    err = stderr_of(gate)
+    assert gate.returncode == ExitCode.KILLED_MEMORY, err
+    assert err.count(LEFT) == 1 and f"main process (pid {job}) {LEFT}" in err, err
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [e["pid"] for e in events if e["event"] == "warning" and e.get("left_cgroup")] == [job]
+    assert [e["reason"] for e in events if e["event"] == "exit"] == ["memory"]
+    summary = events[-1]
+    assert summary["event"] == "summary" and summary["peak_job_memory"] >= 64 * MiB, summary
+    assert not alive(job)
+
+
+@needs_cgroups
+def test_a_child_left_outside_the_cgroup_by_an_ended_main_process_is_stopped(config: Path, env: dict[str, str],
+                                                                            procs: Procs, tmp_path: Path) -> None:
+    # The main process moves out, forks and exits at once, perhaps before any sample: its child, outside the
+    # cgroup and so not among the cgroup's members, is still the job's, and is stopped as a leftover.
+    marker = tmp_path / "moved"
+    gate = procs.spawn(_exec(config, "--max-mem", "64M", "--", PY, str(ESCAPE), str(marker), "1", "fork"), env=env,
+                       stderr=subprocess.PIPE, text=True)
+    child = int(_moved(marker)["pid"])  # type: ignore[call-overload]
+    procs.orphans.append(child)
+    err = stderr_of(gate)
+    assert gate.returncode == 0, err
+    assert err.count(LEFT) == 1 and "leftover" in err, err
+    assert not alive(child), "the job's child outside its cgroup outlived safegate"
+
+
+@needs_cgroups
+def test_a_job_that_stays_in_its_cgroup_gets_no_warning(config: Path, env: dict[str, str], tmp_path: Path) -> None:
+    log, marker = tmp_path / "log.jsonl", tmp_path / "stayed"
+    result = _run(config, env, "--max-mem", "64M", "--log", str(log), "--", PY, str(ESCAPE), str(marker), "16",
+                  "stay")
+    assert result.returncode == 0, result.stderr
+    assert LEFT not in result.stderr, result.stderr
+    assert not [line for line in log.read_text().splitlines() if '"left_cgroup"' in line]
+    assert all(cgroups.PREFIX in line for line in json.loads(marker.read_text())["after"] if ":memory:" in line)
+
+
+HIERARCHIES = ["memory", "freezer", "pids", "cpu,cpuacct", "name=systemd", ""]
+PATHS = st.text(st.characters(blacklist_characters="\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"), max_size=40)
+
+
+@given(st.text(max_size=300))
+def test_any_proc_cgroup_text_reads_as_a_path_or_none(text: str) -> None:
+    for controller in ("memory", "pids", None):
+        found = cgroup_in(text, controller)
+        assert found is None or found in text
+
+
+@given(st.lists(st.tuples(st.sampled_from(HIERARCHIES), PATHS), unique_by=lambda line: line[0]))
+def test_the_cgroup_on_each_hierarchy_is_read_from_its_line(lines: list[tuple[str, str]]) -> None:
+    text = "".join(f"{0 if not names else i + 1}:{names}:{path}\n" for i, (names, path) in enumerate(lines))
+    paths = dict(lines)
+    assert cgroup_in(text, "memory") == paths.get("memory")
+    assert cgroup_in(text, "cpuacct") == paths.get("cpu,cpuacct")
+    assert cgroup_in(text, None) == paths.get("")
+
+
+class _Placed(V1Cgroup):
+    def __init__(self, where: str | None) -> None:
+        super().__init__({"memory": "/sys/fs/cgroup/memory/a/safegate-1-2"})
+        self._where = where
+
+    def where(self, pid: int) -> str | None:
+        return self._where
+
+
+@pytest.mark.parametrize(("where", "held"), [
+    ("/a/safegate-1-2", True), ("/a/safegate-1-2/sub", True), ("/a/safegate-1-23", False), ("/a", False),
+    ("/", False), (None, None),
+])
+def test_a_process_is_held_in_the_job_cgroup_or_below_it(where: str | None, held: bool | None) -> None:
+    assert _Placed(where).holds(1) is held

@@ -6,6 +6,7 @@ launched several times at once, never runs two jobs together.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -45,7 +46,7 @@ def _spans(path: Path) -> list[tuple[str, float, float]]:
 
 def _overlapping(spans: list[tuple[str, float, float]]) -> list[tuple[str, str]]:
     ordered = sorted(spans, key=lambda s: s[1])
-    return [(a[0], b[0]) for a, b in zip(ordered, ordered[1:], strict=False) if b[1] < a[2]]
+    return [(a[0], b[0]) for a, b in itertools.pairwise(ordered) if b[1] < a[2]]
 
 
 def _launch(procs: Procs, gate: dict[str, str], line: str, n: int) -> list[subprocess.Popen[bytes]]:

@@ -83,6 +83,9 @@ class FakeJob:
     def emptied(self) -> bool:
         return False
 
+    def left_cgroup(self) -> str | None:
+        return None
+
     def terminate_all(self) -> None:
         # As ProcessTreeJob: each process is asked once; later calls ask only those that appeared since (none here).
         # Its processes run: none is stopped, so none gets SIGCONT.

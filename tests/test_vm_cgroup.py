@@ -110,6 +110,16 @@ def _scenarios(sg: str, env: dict[str, str]) -> dict[str, Scenario]:
         "echo \"job cgroup: $(cat /tmp/recipe-cgroup)\"\n"
         "grep -v '\"sample\"' /var/log/whisper.jsonl\n"
     )
+    # A root job that moves itself out of its cgroup (to the nearest ancestor v2 lets it into), then holds 150 MB.
+    def escape(name: str) -> str:
+        return WAIT_FOR + (
+            f"cd /tmp && {sg} exec --margin 0 --cgroup on --max-mem 64M --log /tmp/{name}.jsonl -- "
+            f"python3 {HELPERS}/cgroup_escape.py /tmp/{name}.moved 150; echo rc=$?\n"
+            "wait_for '! grep -qs cgroup_escap[e] /proc/[0-9]*/cmdline' && echo job=gone\n"
+            f"echo \"moved=$(cat /tmp/{name}.moved)\"\n"
+            f"grep -v '\"sample\"' /tmp/{name}.jsonl\n"
+        )
+
     user = {"user": TESTER, "env": env, "timeout": 300}
     root = {"env": env, "timeout": 300}
     return {
@@ -131,6 +141,9 @@ def _scenarios(sg: str, env: dict[str, str]) -> dict[str, Scenario]:
         "root_direct": Scenario(f"echo $$ > /sys/fs/cgroup/cgroup.procs && {cap.replace('cap.jsonl', 'direct.jsonl')}"
                                 "; ls /sys/fs/cgroup | grep safegate- || echo clean", **root),
         "recipe": Scenario(recipe, **root),
+        "root_escape_scope": Scenario(escape("escape-scope"), **root),
+        "root_escape_direct": Scenario(f"echo $$ > /sys/fs/cgroup/cgroup.procs && {escape('escape-direct')}"
+                                       "ls /sys/fs/cgroup | grep safegate- || echo clean", **root),
         "user_limit_not_applied": Scenario(f"cd /tmp && {python} -c {shlex.quote(NOT_APPLIED)}", **user),
     }
 
@@ -254,3 +267,23 @@ def test_a_limit_systemd_did_not_apply_is_found_and_the_job_runs_once_without(
     assert not cgroup.endswith(".scope/job") and "safegate-" not in cgroup, r.stdout  # it ran outside the scope
     assert verdict == "ProcessTreeJob None"
     assert "did not apply MemoryMax" in messages and "watching its process tree instead" in messages, messages
+
+
+@pytest.mark.parametrize("scenario", ["root_escape_scope", "root_escape_direct"])
+def test_a_root_job_that_leaves_its_cgroup_is_still_held_to_max_mem(vm: tuple[Boot, dict[str, Result]],
+                                                                    scenario: str) -> None:
+    """A root job may move itself out of its scope's leaf (or its cgroup below the root) past the kernel's cap:
+    safegate sees its main process outside, says so once, and stops it for --max-mem by sampling."""
+    r = vm[1][scenario].check()
+    moved = json.loads(re.findall(r"^moved=(.*)$", r.stdout, re.M)[-1])
+    assert any("safegate-" in line for line in moved["before"]) and not any("safegate-" in line
+                                                                            for line in moved["after"]), moved
+    assert _rc(r.stdout) == 20, r
+    assert "job=gone" in r.stdout, r.stdout
+    assert r.stderr.count("left the job's cgroup") == 1, r.stderr
+    left = [e for e in map(json.loads, re.findall(r"^\{.*\}$", r.stdout, re.M)) if e.get("left_cgroup")]
+    assert [e["pid"] for e in left] == [moved["pid"]], left
+    events = _events(r.stdout)
+    assert events["exit"]["reason"] == "memory" and events["summary"]["peak_job_memory"] >= 64 << 20, events
+    if scenario == "root_escape_direct":
+        assert r.stdout.rstrip().endswith("clean")  # its emptied cgroup removed

@@ -81,6 +81,24 @@ class JobCgroup:
     def procs(self) -> set[int]:
         raise NotImplementedError
 
+    def where(self, pid: int) -> str | None:
+        """*pid*'s cgroup on the hierarchy of memory (v1's memory controller, v2's unified one), as
+        /proc/PID/cgroup names it; None when it is gone."""
+        raise NotImplementedError
+
+    @property
+    def proc_path(self) -> str:
+        """The job's cgroup (where it is capped, frozen and killed) as where() names it; "" before it is entered."""
+        raise NotImplementedError
+
+    def holds(self, pid: int) -> bool | None:
+        """Whether *pid* is in the job's cgroup or below it (a root job can move itself out); None when that
+        cannot be told (the process is gone, or the cgroup not yet entered)."""
+        where, ours = self.where(pid), self.proc_path
+        if where is None or not ours:
+            return None
+        return where == ours or where.startswith(ours.rstrip("/") + "/")
+
     def freeze(self, frozen: bool) -> None:
         raise NotImplementedError
 
@@ -121,6 +139,21 @@ def start_time(pid: int) -> str | None:
     except OSError:
         return None
     return raw.rsplit(")", 1)[1].split()[19]
+
+
+def cgroup_of(pid: int, controller: str | None) -> str | None:
+    """*pid*'s cgroup on the v1 hierarchy of *controller*, or (None) on the unified one; None when it is gone."""
+    return cgroup_in(read(f"/proc/{pid}/cgroup"), controller)
+
+
+def cgroup_in(text: str, controller: str | None) -> str | None:
+    """The cgroup on that hierarchy in a /proc/PID/cgroup text ("ID:CONTROLLERS:PATH" lines), or None."""
+    for line in text.splitlines():
+        number, _, rest = line.partition(":")
+        names, colon, path = rest.partition(":")
+        if colon and (controller in names.split(",") if controller is not None else number == "0" and not names):
+            return path
+    return None
 
 
 def read(path: str) -> str:

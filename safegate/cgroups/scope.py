@@ -168,6 +168,12 @@ class ScopeCgroup(V2Cgroup):
                     raise
         raise OSError(errno.EBUSY, "the scope kept gaining processes")
 
+    def holds(self, pid: int) -> bool | None:
+        # The anchor is not the job's, but it is where it belongs: it did not leave.
+        if self.account and self.where(pid) == f"{self.account.removeprefix(ROOT)}/anchor":
+            return True
+        return super().holds(pid)
+
     def release(self, go: bool) -> None:
         for fd in (self._gate_r, self._life_r):
             if fd >= 0:

@@ -10,7 +10,19 @@ from __future__ import annotations
 import contextlib
 import os
 
-from safegate.cgroups.base import PREFIX, ROOT, JobCgroup, job_name, keyed, owner_gone, read, rmdir, to_int, write
+from safegate.cgroups.base import (
+    PREFIX,
+    ROOT,
+    JobCgroup,
+    cgroup_of,
+    job_name,
+    keyed,
+    owner_gone,
+    read,
+    rmdir,
+    to_int,
+    write,
+)
 from safegate.errors import CgroupError
 
 CONTROLLERS = ("memory", "freezer", "pids")
@@ -43,8 +55,9 @@ def available(root: str = ROOT) -> str | None:
 class V1Cgroup(JobCgroup):
     """The job's cgroup on each v1 hierarchy: paths safegate created, and only those."""
 
-    def __init__(self, paths: dict[str, str]) -> None:
+    def __init__(self, paths: dict[str, str], root: str = ROOT) -> None:
         self.paths = paths
+        self.root = root
 
     @classmethod
     def create(cls, root: str = ROOT) -> V1Cgroup:
@@ -63,7 +76,7 @@ class V1Cgroup(JobCgroup):
         except OSError as exc:
             V1Cgroup(made).remove()
             raise CgroupError(f"cannot create the job's cgroup: {exc.strerror} ({exc.filename})") from None
-        return cls(made)
+        return cls(made, root)
 
     @property
     def path(self) -> str:
@@ -95,6 +108,13 @@ class V1Cgroup(JobCgroup):
 
     def procs(self) -> set[int]:
         return {int(p) for p in read(self._file("memory", "cgroup.procs")).split()}
+
+    def where(self, pid: int) -> str | None:
+        return cgroup_of(pid, "memory")
+
+    @property
+    def proc_path(self) -> str:
+        return self.paths["memory"].removeprefix(f"{self.root}/memory")
 
     def working_set(self) -> int:
         """Usage minus inactive file pages, as kubelet counts it: what the job cannot give back at once."""

@@ -18,6 +18,7 @@ from safegate.cgroups.base import (
     PREFIX,
     ROOT,
     JobCgroup,
+    cgroup_of,
     job_name,
     keyed,
     owner_gone,
@@ -142,6 +143,13 @@ class V2Cgroup(JobCgroup):
 
     def procs(self) -> set[int]:
         return {int(p) for p in read(f"{self.control}/cgroup.procs").split()}
+
+    def where(self, pid: int) -> str | None:
+        return cgroup_of(pid, None)
+
+    @property
+    def proc_path(self) -> str:
+        return self.control.removeprefix(ROOT) if self.control else ""
 
     def freeze(self, frozen: bool) -> None:
         with contextlib.suppress(OSError):

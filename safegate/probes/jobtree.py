@@ -182,15 +182,20 @@ class JobTree:
 
     def memory(self, precise: bool) -> int:
         """The job's memory: RSS summed, or PSS summed (shared pages counted once) when *precise*."""
-        total = 0
-        gone = []
-        for pid in self.pids:
-            value = pss_bytes(pid, self.proc_root) if precise else None
+        return processes_memory(self.pids, precise, self.proc_root)
+
+
+def processes_memory(pids: set[int], precise: bool, proc_root: str = "/proc") -> int:
+    """RSS (or PSS when *precise*) of *pids* summed; those that have exited are taken out of *pids*."""
+    total = 0
+    gone = []
+    for pid in pids:
+        value = pss_bytes(pid, proc_root) if precise else None
+        if value is None:
+            value = rss_bytes(pid, proc_root)
             if value is None:
-                value = rss_bytes(pid, self.proc_root)
-                if value is None:
-                    gone.append(pid)
-                    continue
-            total += value
-        self.pids.difference_update(gone)
-        return total
+                gone.append(pid)
+                continue
+        total += value
+    pids.difference_update(gone)
+    return total
