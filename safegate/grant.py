@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 from safegate.locks.flock import waiting_on
 from safegate.locks.store import HeldLock, LockStore
-from safegate.probes.pids import Identity, children, cmdline, identity
+from safegate.probes.pids import Identity, age, children, cmdline, identity
 
 GRANT_LEASE = 1.5  # seconds the owner has, after check exits, to start its job
 BIND_POLL = 0.002  # while binding: a shell forks its next command within a millisecond or two
@@ -154,11 +154,11 @@ EXEC_WAIT = 0.05
 def _exec_line(who: Identity, program: bytes) -> bytes | None:
     """*who*'s command line once it has exec'd (or run its owner's program past EXEC_WAIT), None before."""
     argv = cmdline(who.pid)
+    if not argv:
+        return None  # ended already (a zombie's command line is empty): never the job
     if argv != program:
         return argv
-    from safegate.probes.pids import start_time_of
-
-    return argv if time.time() - start_time_of(who.start) > EXEC_WAIT else None
+    return argv if age(who) > EXEC_WAIT else None
 
 
 def _is_check(argv: bytes) -> bool:

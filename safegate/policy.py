@@ -243,9 +243,14 @@ def _describe_holder(state: LockState, now: float) -> str:
 
 def encloses(holder: HolderRecord | None, family: Collection[int]) -> bool:
     """*holder* holds its lock for the caller: it is the caller or one of its ancestors (a hold() in this process,
-    an exec this runs under), or its job is (a grant's keeper, whose bound job this runs in). A caller never waits
-    on a hold it runs inside."""
-    return holder is not None and (holder.pid in family or (holder.job_pid is not None and holder.job_pid in family))
+    an exec this runs under), or its job is (a grant's keeper, whose bound job this runs in), or it is a grant not
+    yet bound whose owner is an ancestor (the owner asking again, as GNU parallel re-runs its --limit command, or
+    its job starting before the keeper has seen it). A caller never waits on a hold it runs inside."""
+    if holder is None:
+        return False
+    if holder.pid in family or (holder.job_pid is not None and holder.job_pid in family):
+        return True
+    return holder.owner is not None and holder.job_pid is None and holder.owner in family
 
 
 def check_lock(state: LockState | None, legacy: Sequence[LegacyState], now: float | None = None,

@@ -162,7 +162,7 @@ def test_command_substitution_returns_when_check_exits(procs: Procs, gate: dict[
     wait_until(lambda: Path(f"/proc/{owner.pid}/wchan").read_text() not in ("", "0"), what="the owner to block")
     out = subprocess.run(["safegate", "check", "--json", "-p", "w", "--grant-to", str(owner.pid)], env=gate,
                          capture_output=True, text=True, timeout=TIMEOUT)
-    assert out.returncode == 0 and json.loads(out.stdout)["ok"] is True
+    assert out.returncode == 0 and json.loads(out.stdout)["exit_code"] == 0
     fifo.write_text("go\n")
     state = wait_until(lambda: (s := _lock_state(run, gate))["held"] and s["holder"]["job_pid"] and s,
                        what="the grant bound to the owner's job")

@@ -121,3 +121,13 @@ def cmdline(pid: int) -> bytes:
             return fh.read(65536)
     except OSError:
         return b""
+
+
+def age(who: Identity) -> float:
+    """Seconds since *who* started, from the kernel's uptime (exact to a clock tick; no wall clock involved)."""
+    try:
+        with open("/proc/uptime", "rb") as fh:
+            uptime = float(fh.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return max(0.0, uptime - who.start / clock_ticks())
