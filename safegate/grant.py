@@ -125,6 +125,7 @@ def bind(owner: Identity, check_pid: int, lease: float = GRANT_LEASE) -> Identit
     once it has exec'd something else; None when the owner is gone or the lease passes first."""
     skipped = children(owner.pid) | {check_pid}
     program = cmdline(owner.pid)
+    parallel = _is_parallel(program)
     deadline = time.monotonic() + lease
     while time.monotonic() < deadline:
         if not _same(owner):
@@ -135,7 +136,7 @@ def bind(owner: Identity, check_pid: int, lease: float = GRANT_LEASE) -> Identit
                 argv = _exec_line(who, program)
                 if argv is None:
                     continue  # forked, not yet exec'd: look again
-                if _is_check(argv):
+                if _is_check(argv) or (parallel and not _parallel_job(who.pid)):
                     skipped.add(who.pid)
                     continue
                 return who
@@ -159,6 +160,25 @@ def _exec_line(who: Identity, program: bytes) -> bytes | None:
     if argv != program:
         return argv
     return argv if age(who) > EXEC_WAIT else None
+
+
+def _is_parallel(argv: bytes) -> bool:
+    return any(a.rsplit(b"/", 1)[-1] == b"parallel" for a in argv.split(b"\0")[:2])
+
+
+def _parallel_job(pid: int) -> bool:
+    """GNU parallel starts helpers of its own (a shell testing function export, sleepers, --limit probes)
+    besides its jobs; a job is the leader of a process group of its own (parallel's open3_setpgrp) and carries
+    PARALLEL_SEQ in its environment."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read()
+        with open(f"/proc/{pid}/environ", "rb") as fh:
+            environ = fh.read(1 << 20)
+        leader = int(stat[stat.rfind(b")") + 2:].split()[2]) == pid
+    except (OSError, ValueError, IndexError):
+        return False
+    return leader and b"\0PARALLEL_SEQ=" in b"\0" + environ
 
 
 def _is_check(argv: bytes) -> bool:
