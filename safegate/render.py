@@ -60,7 +60,7 @@ def values_json(values: CheckValues | None) -> dict[str, Any]:
         h = values.holder
         holder = None if h is None else {"pid": h.pid, "user": h.user, "host": h.host, "cmdline": h.cmdline,
                                          "started_at": h.started_at, "profile": h.profile,
-                                         "alive": values.holder_alive}
+                                         "alive": values.holder_alive, "job_pid": h.job_pid, "grant_to": h.owner}
         return {"lock": values.lock, "path": values.path, "held": values.held, "holder": holder,
                 "legacy": [{"path": str(s.path), "pid": s.pid, "alive": s.alive, "note": s.note}
                            for s in values.legacy]}
@@ -131,6 +131,10 @@ def render_lock(lock: LockInfo, now: float | None = None) -> str:
         # Anyone can write a holder record or name a command: never send its control characters to a terminal.
         who = (f"pid {pid}{alive} {printable(h.user)}@{printable(h.host)} profile {printable(h.profile)} for "
                f"{format_duration(max(0.0, now - h.started_at))}: {printable(' '.join(h.cmdline))[:80]}")
+        if h.owner is not None:  # a passing check's grant, held by its keeper for the owner's job
+            job = f"job pid {h.job_pid}" if h.job_pid is not None else "next job (not started yet)"
+            who = (f"granted to pid {h.owner}'s {job} by a check (keeper pid {h.pid}, {printable(h.user)}, profile "
+                   f"{printable(h.profile)}) for {format_duration(max(0.0, now - h.started_at))}")
     note = f"  [{printable(lock.note)}]" if lock.note else ""
     return f"{printable(lock.name):<20} {state:<5} {who}".rstrip() + note
 
@@ -212,7 +216,7 @@ def lock_json(lock: LockInfo) -> dict[str, Any]:
         "legacy_pid": lock.legacy_pid,
         "holder": None if h is None else {
             "pid": h.pid, "job_pid": h.job_pid, "user": h.user, "host": h.host, "cmdline": h.cmdline,
-            "started_at": h.started_at, "profile": h.profile, "need": h.need, "used": h.used,
+            "started_at": h.started_at, "profile": h.profile, "need": h.need, "used": h.used, "grant_to": h.owner,
         },
     }
 
