@@ -99,7 +99,7 @@ def _scenarios(sg: str, env: dict[str, str]) -> dict[str, Scenario]:
         "safegate exec -p whisper-large-v3 --log /tmp/holder.jsonl -- sleep 15 & holder=$!\n"
         "wait_for 'grep -q admitted /tmp/holder.jsonl 2>/dev/null'\n"
         "systemctl start --no-block sg-recipe.service\n"
-        "wait_for '[ \"$(systemctl show -p ActiveState --value sg-recipe)\" = activating ]'\n"
+        "wait_for '[ \"$(systemctl show -p ActiveState --value sg-recipe)\" = active ]'\n"
         "sleep 3; echo \"while held: $(systemctl show -p ActiveState --value sg-recipe) "
         "started=$([ -e /tmp/recipe-cgroup ] && echo yes || echo no) holder=$(kill -0 $holder && echo alive)\"\n"
         "wait $holder\n"
@@ -250,10 +250,10 @@ def test_below_a_cgroup_that_hands_memory_down_the_job_gets_one_directly(vm: tup
 
 
 def test_the_systemd_recipe_runs(vm: tuple[Boot, dict[str, Result]]) -> None:
-    """docs/recipes.md's unit: ExecStartPre waits while the lock is held, then ExecStart runs the job under exec."""
+    """docs/recipes.md's unit: ExecStart's exec waits while the lock is held, then runs the job."""
     r = vm[1]["recipe"].check()
     held = next(line for line in r.stdout.splitlines() if line.startswith("while held:"))
-    assert held == "while held: activating started=no holder=alive", r.stdout
+    assert held == "while held: active started=no holder=alive", r.stdout
     assert "after: success status=0" in r.stdout, r.stdout
     assert re.search(r"job cgroup: /system\.slice/safegate-\d+-\d+-\d+\.scope/job", r.stdout), r.stdout
     events = _events(r.stdout)

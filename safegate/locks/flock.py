@@ -129,13 +129,12 @@ def admission(directory: Path, timeout: float = ADMISSION_TIMEOUT) -> Iterator[N
     A busy admission lock is waited for; one still held after *timeout* seconds means its holder is stuck (or
     stopped), which is an error of its own naming that holder.
     """
-    from filelock import lock_descriptor
-
     path = directory / ADMISSION_FILE
     fd = open_lock_file(path, create=True)
     assert fd is not None
     try:
-        if not poll(lambda: lock_descriptor(fd, blocking=False), timeout, ADMISSION_WAIT):
+        # flock(2) directly: check takes this lock on every pass, and filelock's import costs check's start-up.
+        if not poll(lambda: flock_nb(fd), timeout, ADMISSION_WAIT):
             raise AdmissionStuck(f"admission lock {path} held for over {timeout:g}s by {_who_holds(path)}; "
                                  "that safegate is stuck or stopped (kill -CONT or end it)")
         yield
