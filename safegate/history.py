@@ -7,6 +7,7 @@ rename it over: concurrent execs never lose each other's runs, and readers never
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -15,8 +16,6 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-
-from filelock import lock_descriptor, unlock_descriptor
 
 from safegate.records import asdict, dataclass
 from safegate.units import printable
@@ -87,7 +86,7 @@ def record(path: Path, profile: str, run: Run) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK, 0o600)
     try:
-        lock_descriptor(fd, blocking=True, poll_interval=0.01)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # writers one at a time: none loses another's run
         data, broken = read(path)
         said = ""
         if broken:
@@ -105,7 +104,7 @@ def record(path: Path, profile: str, run: Run) -> str:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        unlock_descriptor(fd)
+        fcntl.flock(fd, fcntl.LOCK_UN)
         return said
     finally:
         os.close(fd)

@@ -16,7 +16,7 @@ from typing import Any
 
 from safegate.config import CompetingRule, Config, Profile, ThermalConfig
 from safegate.fairness import QUEUE, head_waiting, in_line
-from safegate.locks.directory import resolve_lock_dir
+from safegate.locks.directory import names_in, resolve_lock_dir
 from safegate.locks.legacy import legacy_removable, read_legacy, remove_legacy
 from safegate.locks.queue import HEAD_GRACE, Line, read_tickets, waiting_in_line
 from safegate.locks.store import LockStore
@@ -167,8 +167,9 @@ def cleanup_stale(settings: Settings) -> list[Removal]:
     PID files."""
     store = LockStore(settings.lock_dir)
     store.ensure_directory()
-    removals = list(store.cleanup())
-    read_tickets(store.directory, sweep=True)
+    names = names_in(store.directory)  # one listing for every reader: others' files may number in thousands
+    removals = list(store.cleanup(names))
+    read_tickets(store.directory, sweep=True, names=names)
     legacy = [read_legacy(p) for p in settings.legacy_lock_files]
     return removals + [remove_legacy(s) for s in legacy if legacy_removable(s)]
 
@@ -241,15 +242,16 @@ def evaluate(
     # An absent lock dir holds no locks; an unsafe one is refused as check refuses it.
     store.check_directory()
     family = ancestry()
+    names = names_in(store.directory)  # one listing for every reader of this evaluation
     # The reservation of a hold this caller runs inside is its own: never counted against it.
-    holders = [h for h in store.reservations() if not encloses(h, family)]
+    holders = [h for h in store.reservations(names) if not encloses(h, family)]
     reserved = sum(h.reservation for h in holders)
     gpu_reserved: dict[int, int] = {}
     for h in holders:
         if h.gpu_index is not None:
             gpu_reserved[h.gpu_index] = gpu_reserved.get(h.gpu_index, 0) + h.gpu_reservation
     mem = read_memory()
-    lock_state = store.state(settings.lock) if settings.lock is not None else None
+    lock_state = store.state(settings.lock, names) if settings.lock is not None else None
 
     need = settings.memory.resolve(mem.total)
     gpu_need = settings.gpu_memory.resolve(mem.total)
@@ -270,7 +272,7 @@ def evaluate(
     ]
     checks[1] = blame_holder(checks[1], lock_state, holders, mem, need, margin)
     if line is not None:
-        tickets = read_tickets(store.directory)
+        tickets = read_tickets(store.directory, names=names)
         line.saw_head(*head_waiting(checks, line.ticket, tickets, line.passed_over()))
         checks = in_line(checks, line.ticket, tickets, passed_over=line.passed_over())
     return Verdict(profile=settings.profile.name, checks=tuple(checks))

@@ -1,12 +1,11 @@
 """Named locks in a shared directory: flock(2) on <dir>/<name>.lock, holder metadata beside it.
 
-The lock file is locked with flock(2) through filelock's descriptor API, so `flock(1)` on the same
-file excludes too. Only testing a lock (check, cleanup, waiting) calls flock(2) directly: the same lock,
-without the ~12 ms it costs `check` to import filelock. safegate opens every file itself, with O_NOFOLLOW,
+The lock file is locked with flock(2) (the stdlib's fcntl.flock, one primitive for taking, testing and waiting),
+so `flock(1)` on the same file excludes too. safegate opens every file itself, with O_NOFOLLOW,
 so a planted symlink is refused instead of followed, and never unlinks a lock file: unlinking splits
 waiters across inodes.
 
-Holder metadata (<name>.holder-<token>.json, one file per holder, the token random) names who holds the
+Holder metadata (<name>.holder-<pid>.<start>-<token>.json, one file per holder, the token random) names who holds the
 lock and what it reserves. It is written atomically (temp file + rename) after the flock is taken and removed
 before it is released. Anyone can write such a file in the shared dir, so a record counts only while its
 writer holds the flock (per /proc/locks) and the file belongs to that writer's user; any other is ignored, and

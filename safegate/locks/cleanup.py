@@ -26,7 +26,7 @@ _JOB_LOCK = re.compile(r"^job-(?P<pid>[0-9]+)-[0-9]+$")
 SWEEP_MAX = 64
 
 
-def cleanup(directory: Path) -> Iterator[Removal]:
+def cleanup(directory: Path, names: list[str] | None = None) -> Iterator[Removal]:
     """Remove our own holder files whose process is gone (or that are unusable).
 
     Decided from the names first: a file whose name carries a live pid is not stale (its writer runs), and is
@@ -36,7 +36,7 @@ def cleanup(directory: Path) -> Iterator[Removal]:
     one can make every check slower or warn by planting files.
     """
     me = os.geteuid()
-    entries = scan(directory)
+    entries = scan(directory, names)
     live = live_pids()
     starts: dict[int, int | None] = {}
 
@@ -169,7 +169,7 @@ def remove_metadata_if_free(directory: Path, name: str) -> bool:
             os.close(fd)
 
 
-def reservations(directory: Path) -> list[Holder]:
+def reservations(directory: Path, names: list[str] | None = None) -> list[Holder]:
     """Holders of held locks that have not yet reached their declared need (RAM or VRAM).
 
     Only the record the lock's holder wrote counts, and only while its flock is held: a file anyone else
@@ -178,7 +178,7 @@ def reservations(directory: Path) -> list[Holder]:
     found = []
     table: dict[tuple[int, int], set[int]] | None = None
     loaded = False
-    for name, entry in scan(directory).items():
+    for name, entry in scan(directory, names).items():
         if not entry.holders or not entry.lock_file:
             continue  # no record, or no lock file to hold: nothing reserved
         filenames = entry.holders

@@ -145,15 +145,19 @@ class Entry:
     holders: list[str] = field(default_factory=list)  # its holder files' names
 
 
-def scan(directory: Path) -> dict[str, Entry]:
-    """Every lock name that has a lock file or holder metadata, in one listing of the directory: names only,
-    nothing opened or stat'ed, so files others plant cost one directory entry each."""
-    found: dict[str, Entry] = {}
+def names_in(directory: Path) -> list[str]:
+    """One listing of the lock dir (empty when it is absent or unreadable), to hand to every reader of one pass."""
     try:
-        names = os.listdir(directory)
+        return os.listdir(directory)
     except OSError:
-        return {}
-    for filename in names:
+        return []
+
+
+def scan(directory: Path, names: list[str] | None = None) -> dict[str, Entry]:
+    """Every lock name that has a lock file or holder metadata, in one listing of the directory (*names*, when
+    just made): names only, nothing opened or stat'ed, so files others plant cost one directory entry each."""
+    found: dict[str, Entry] = {}
+    for filename in names_in(directory) if names is None else names:
         if filename.startswith("."):
             continue
         name = holder_file_lock(filename)
@@ -167,9 +171,9 @@ def scan(directory: Path) -> dict[str, Entry]:
     return {n: found[n] for n in sorted(found) if _valid_name(n)}
 
 
-def listing(directory: Path) -> dict[str, list[str]]:
+def listing(directory: Path, names: list[str] | None = None) -> dict[str, list[str]]:
     """Every lock name that has a lock file or holder metadata, with its holder files' names (one scan)."""
-    return {name: sorted(entry.holders) for name, entry in scan(directory).items()}
+    return {name: sorted(entry.holders) for name, entry in scan(directory, names).items()}
 
 
 def lock_names(directory: Path) -> list[str]:

@@ -43,13 +43,6 @@ def try_flock(fd: int, grace: float = CONTENTION_GRACE) -> bool:
     return poll(lambda: flock_nb(fd), grace, CONTENTION)
 
 
-def take(fd: int, grace: float = CONTENTION_GRACE) -> bool:
-    """Taking a lock goes through filelock's descriptor API (the same flock(2) as flock(1) and flock_nb)."""
-    from filelock import lock_descriptor
-
-    return poll(lambda: lock_descriptor(fd, blocking=False), grace, CONTENTION)
-
-
 def open_lock_file(path: Path, *, create: bool) -> int | None:
     """An fd on the lock file (None when it does not exist and *create* is false)."""
     flags = os.O_RDWR | O_NONBLOCK

@@ -78,12 +78,11 @@ class Holder(HolderRecord):
     ) -> Holder:
         import socket
 
-        import psutil
-
-        me = psutil.Process()
+        me = identity(os.getpid())
+        assert me is not None, "/proc/self/stat must be readable"
         return cls(
             pid=me.pid,
-            start_time=me.create_time(),
+            start_time=me.start_time,  # what psutil's create_time gives, without importing psutil
             user=_bounded(_user_name()),
             host=_bounded(socket.gethostname()),
             cmdline=bounded_cmdline(list(cmdline) if cmdline is not None else list(sys.argv)),

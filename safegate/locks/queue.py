@@ -17,7 +17,9 @@ set, and costs nothing until it could count:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
+import re
 import stat
 import time
 from collections.abc import Iterator
@@ -42,22 +44,6 @@ HEAD_GRACE = 1.0
 
 def ticket_name(pid: int, start: int) -> str:
     return f"{TICKET_PREFIX}{pid}.{start}{TICKET_SUFFIX}"
-
-
-def parse_name(name: str) -> tuple[int, int, bool] | None:
-    """(pid, start, is the state file) for a ticket's file name; None for anything else."""
-    if not name.startswith(TICKET_PREFIX):
-        return None
-    if name.endswith(TICKET_SUFFIX):
-        body, state = name[len(TICKET_PREFIX):-len(TICKET_SUFFIX)], False
-    elif name.endswith(STATE_SUFFIX):
-        body, state = name[len(TICKET_PREFIX):-len(STATE_SUFFIX)], True
-    else:
-        return None
-    pid, _, start = body.partition(".")
-    if not (pid.isdigit() and start.isdigit() and pid.isascii() and start.isascii()) or len(pid) > 8 or len(start) > 20:
-        return None
-    return int(pid), int(start), state
 
 
 def _me() -> Identity:
@@ -152,44 +138,49 @@ def waiting_in_line(directory: Path, lock: str | None, profile: str, need: int) 
             drop_ticket(line.ticket)
 
 
-def read_tickets(directory: Path, *, sweep: bool = False) -> list[Ticket]:
+# Every ticket-shaped name in a listing, found in one pass in C (a listing may hold tens of thousands of
+# planted names; a Python loop over them would cost more than everything else check does).
+_NAMES = re.compile(r"^\.ticket\.([0-9]{1,8})\.([0-9]{1,20})\.(?:json|state)$", re.M)
+
+
+def read_tickets(directory: Path, *, sweep: bool = False, names: list[str] | None = None) -> list[Ticket]:
     """The live waiters' tickets in arrival order; with *sweep*, up to SWEEP_MAX dead waiters' files are removed
-    (where we may)."""
-    try:
-        names = os.listdir(directory)
-    except OSError:
+    (where we may). *names*: a listing of the lock dir just made (else one is made here)."""
+    if names is None:
+        try:
+            names = os.listdir(directory)
+        except OSError:
+            return []
+    found_names = _NAMES.findall("\n".join(names))
+    if not found_names:
         return []
-    named: dict[int, dict[int, list[str]]] = {}
-    for name in names:
-        parsed = parse_name(name)
-        if parsed is not None:
-            named.setdefault(parsed[0], {}).setdefault(parsed[1], []).append(name)
-    if not named:
-        return []
-    live = live_pids()
+    named = {int(pid) for pid in {pid for pid, _ in found_names}}
+    live = named & live_pids()
     found: list[Ticket] = []
-    dead: list[str] = []
-    for pid, by_start in named.items():
-        who = identity(pid) if pid in live else None
-        for start, files in by_start.items():
-            if who is not None and start == who.start:
-                ticket = _read(directory, who, files)
-                if ticket is not None:
-                    found.append(ticket)
-            elif sweep:
-                dead += files
-    for name in dead[:SWEEP_MAX]:
-        with contextlib.suppress(OSError):
-            os.unlink(directory / name)
+    starts: dict[int, int] = {}
+    for pid in live:
+        who = identity(pid)
+        if who is not None:
+            starts[pid] = who.start
+            ticket = _read(directory, who)
+            if ticket is not None:
+                found.append(ticket)
+    if sweep:
+        dead = (f"{TICKET_PREFIX}{pid}.{start}" for pid, start in found_names
+                if starts.get(int(pid)) != int(start))
+        for base in itertools.islice(dead, SWEEP_MAX):
+            for suffix in (TICKET_SUFFIX, STATE_SUFFIX):
+                with contextlib.suppress(OSError):
+                    os.unlink(directory / (base + suffix))
     return sorted(found, key=lambda t: (t.arrival, t.pid))
 
 
-def _read(directory: Path, who: Identity, files: list[str]) -> Ticket | None:
+def _read(directory: Path, who: Identity) -> Ticket | None:
+    """The ticket of live process *who*, if its file is there (a state file alone: the waiter is between
+    posting its state and its place, or gone) and is its user's."""
     from safegate import schema
 
     place = ticket_name(who.pid, who.start)
-    if place not in files:
-        return None  # a state file alone: the waiter is between posting its place and its state, or gone
     raw, st = _read_owned(directory / place, who.uid)
     if raw is None or st is None:
         return None

@@ -122,7 +122,7 @@ class LockStore:
             fd = flock.open_lock_file(path, create=True)
             if fd is None:
                 continue  # removed between create and open; try again
-            if not flock.take(fd):
+            if not flock.try_flock(fd):
                 os.close(fd)
                 return None
             if os.fstat(fd).st_nlink == 0:
@@ -149,9 +149,10 @@ class LockStore:
         """The lock's holder files that could be its holder's (*pids*: the flock's holders; None: unknown)."""
         return self._holder_files(name, pids)[0]
 
-    def _holder_files(self, name: str, pids: set[int] | None) -> tuple[list[holders.HolderFile], int]:
+    def _holder_files(self, name: str, pids: set[int] | None,
+                      listed: list[str] | None = None) -> tuple[list[holders.HolderFile], int]:
         """The files holder_files() reads, and how many others of the lock it left unopened."""
-        names = lockdir.listing(self.directory).get(name, [])
+        names = lockdir.listing(self.directory, listed).get(name, [])
         files = holders.read_files(self.directory, name, names, pids)
         return files, len(names) - len(files)
 
@@ -163,22 +164,23 @@ class LockStore:
         holder = holders.current_holder(files, name, locker or None)
         return holder, _note(files, holder, unread)
 
-    def state(self, name: str) -> LockState:
+    def state(self, name: str, names: list[str] | None = None) -> LockState:
+        """*names*: a listing of the lock dir just made, shared with the other readers of one evaluation."""
         held = self.is_held(name)
         if not held:
             # Only the flock's holder's own record names the holder: a free lock has none, whatever files remain.
             return LockState(name=name, path=self.lock_path(name), held=False, holder=None, holder_alive=False)
         pids = flock.locker_of(self.lock_path(name), flock.lockers())
-        files, unread = self._holder_files(name, pids)
+        files, unread = self._holder_files(name, pids, names)
         holder = holders.current_holder(files, name, pids)
         return LockState(name=name, path=self.lock_path(name), held=True, holder=holder,
                          holder_alive=holder is not None, note=_note(files, holder, unread))
 
-    def reservations(self) -> list[Holder]:
-        return stale.reservations(self.directory)
+    def reservations(self, names: list[str] | None = None) -> list[Holder]:
+        return stale.reservations(self.directory, names)
 
-    def cleanup(self) -> Iterator[Removal]:
-        return stale.cleanup(self.directory)
+    def cleanup(self, names: list[str] | None = None) -> Iterator[Removal]:
+        return stale.cleanup(self.directory, names)
 
     def remove_metadata_if_free(self, name: str) -> bool:
         return stale.remove_metadata_if_free(self.directory, name)
