@@ -241,7 +241,8 @@ def test_bad_logs_are_one_line_and_exit_4(run: Run, tmp_path: Path) -> None:
                         "no job in it"),
         "binary.jsonl": (b"\xff\xfe\x00garbage\n", "line 1: not UTF-8"),
         "nan.jsonl": (good + '{"time": "2026-12-02T02:00:01+00:00", "event": "sample", "job_memory": 1, '
-                             '"available": 1, "temp": NaN}\n', "line 2: not JSON (NaN at column 99 is not a JSON number)"),
+                             '"available": 1, "temp": NaN}\n', "line 2: not JSON (NaN at column 99 is not a JSON "
+                                                               "number)"),
     }
     for name, (content, needle) in cases.items():
         path = tmp_path / name
