@@ -5,7 +5,7 @@ script, font, image or URL, so it opens from a file:// path on a machine without
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
 
 from safegate.svgchart import (
@@ -17,7 +17,7 @@ from safegate.svgchart import (
     Frame,
     Line,
     Mark,
-    chart,
+    chart_parts,
     clock,
     esc,
     marks,
@@ -72,19 +72,23 @@ def _span(night: Night) -> tuple[float, float]:
     return start - pad, end + pad
 
 
-def lanes(night: Night, jobs: Sequence[tuple[int, Job]]) -> str:
+def lanes(night: Night, jobs: Sequence[tuple[int, Job]]) -> Iterator[str]:
+    """The timeline's SVG, a job at a time (a night can hold tens of thousands)."""
     t0, t1 = _span(night)
     height = TOP + LANE * len(jobs) + BOTTOM
     frame = Frame(t0, t1, 0.0, 1.0, height)
-    body = [f'<svg class="lanes" viewBox="0 0 {WIDTH} {height}" role="img" aria-label="timeline of the jobs">',
-            f'<text x="{LEFT}" y="16" class="title">Timeline: one lane per job (UTC)</text>', *time_axis(frame)]
+    yield "\n".join([f'<svg class="lanes" viewBox="0 0 {WIDTH} {height}" role="img" aria-label="timeline of the '
+                     'jobs">', f'<text x="{LEFT}" y="16" class="title">Timeline: one lane per job (UTC)</text>',
+                     *time_axis(frame), ""])
     for row, (number, job) in enumerate(jobs):
         y = TOP + row * LANE + 4
         x0, x1 = frame.x(job.start), max(frame.x(job.end), frame.x(job.start) + 3)
         outcome = OUTCOME_COLOURS.get(job.outcome, "#555")
-        tip = (f"#{number} {job.command or '(never ran)'}\n{clock(job.start, True)} to {clock(job.end, True)} "
-               f"({format_duration(job.duration)}); {job.ended}")
-        body.append(f'<g class="lane {esc(job.outcome)}" data-job="{number}"><title>{esc(tip)}</title>')
+        # Two lines: the command, then when and how it ended (&#10;, as a newline would be escaped like the
+        # command's own control characters).
+        tip = (f"{esc(f'#{number} ' + (job.command or '(never ran)'))}&#10;{clock(job.start, True)} to "
+               f"{clock(job.end, True)} ({format_duration(job.duration)}); {esc(job.ended)}")
+        body = [f'<g class="lane {esc(job.outcome)}" data-job="{number}"><title>{tip}</title>']
         body.append(f'<text x="{LEFT - 8}" y="{y + 12}" class="lane-label" text-anchor="end">#{number}</text>')
         body.append(f'<rect x="{x0:.1f}" y="{y}" width="{x1 - x0:.1f}" height="14" rx="3" fill="{_colour(number)}" '
                     f'stroke="{outcome}" stroke-width="2.5"/>')
@@ -99,9 +103,9 @@ def lanes(night: Night, jobs: Sequence[tuple[int, Job]]) -> str:
         body.append(f'<text {anchor} y="{y + 27}" class="tick">{esc(_label(number, job, 45))} \u2014 '
                     f"{esc(ended)}</text>")
         body += marks(frame, [Mark(m.time, m.kind, m.message) for m in job.markers], y - 2, y + 16)
-        body.append("</g>")
-    body.append("</svg>")
-    return "\n".join(body)
+        body.append("</g>\n")
+        yield "\n".join(body)
+    yield "</svg>\n"
 
 
 def _limit(job: Job, value: float | None) -> Series:
@@ -112,17 +116,17 @@ def _celsius(value: float) -> str:
     return f"{value:.0f} \u00b0C"
 
 
-def charts(night: Night, jobs: Sequence[tuple[int, Job]]) -> list[str]:
+def charts(night: Night, jobs: Sequence[tuple[int, Job]]) -> Iterator[str]:
+    """The night's charts, in pieces of one line each."""
     t0, t1 = _span(night)
     found = [Mark(m.time, m.kind, f"#{n} {m.message}") for n, job in jobs for m in job.markers]
-    out = []
 
-    def add(title: str, lines: list[Line], fmt: str, floor: float | None, empty: str) -> None:
+    def add(title: str, lines: list[Line], fmt: str, floor: float | None, empty: str) -> Iterator[str]:
         if not any(line.points for line in lines if not line.dashed):
-            out.append(f'<p class="meta">{esc(title)}: {esc(empty)}</p>')
+            yield f'<p class="meta">{esc(title)}: {esc(empty)}</p>\n'
             return
         formatter = _celsius if fmt == "temp" else format_bytes
-        out.append(chart(title, t0, t1, lines, found, formatter, binary=fmt == "bytes", floor=floor))
+        yield from chart_parts(title, t0, t1, lines, found, formatter, binary=fmt == "bytes", floor=floor)
 
     memory, available, temps = [], [], []
     for n, job in jobs:
@@ -134,46 +138,50 @@ def charts(night: Night, jobs: Sequence[tuple[int, Job]]) -> list[str]:
                            dashed=True)]
         temps += [Line(job.temp, colour, f"#{n} hottest sensor"),
                   Line(_limit(job, job.max_temp), colour, f"#{n} max-temp", dashed=True)]
-    add("Job memory (dashed: its --max-mem)", memory, "bytes", 0.0, "no samples in the log")
-    add("MemAvailable (dashed: the --min-available floor)", available, "bytes", 0.0, "no samples in the log")
-    add("Temperature (dashed: max-temp)", temps, "temp", None, "no temperature readings in the log")
+    yield from add("Job memory (dashed: its --max-mem)", memory, "bytes", 0.0, "no samples in the log")
+    yield from add("MemAvailable (dashed: the --min-available floor)", available, "bytes", 0.0,
+                   "no samples in the log")
+    yield from add("Temperature (dashed: max-temp)", temps, "temp", None, "no temperature readings in the log")
     gpus = sorted({index for _, job in jobs for index, _ in job.vram})
     if gpus:
         own = []
         for n, job in jobs:
             own += [Line(job.job_vram, _colour(n), f"#{n}: the job's own VRAM"),
                     Line(_limit(job, job.max_gpu_mem), _colour(n), f"#{n} --max-gpu-mem", dashed=True)]
-        add("The job's own VRAM (dashed: its --max-gpu-mem)", own, "bytes", 0.0, "no samples")
+        yield from add("The job's own VRAM (dashed: its --max-gpu-mem)", own, "bytes", 0.0, "no samples")
+    cards: dict[int, list[Line]] = {}  # one pass over the jobs, not one per GPU
+    for n, job in jobs:
+        for index, series in job.vram:
+            cards.setdefault(index, []).append(Line(series, _colour(n), f"#{n}: VRAM used on GPU {index}, by every "
+                                                                        "process"))
     for index in gpus:
-        lines = []
-        for n, job in jobs:
-            lines += [Line(series, _colour(n), f"#{n}: VRAM used on GPU {index}, by every process")
-                      for i, series in job.vram if i == index]
-        add(f"VRAM used on GPU {index} (the whole card, while each job ran)", lines, "bytes", 0.0, "no samples")
+        yield from add(f"VRAM used on GPU {index} (the whole card, while each job ran)", cards[index], "bytes",
+                       0.0, "no samples")
     if not gpus:
-        out.append('<p class="meta">VRAM: no GPU was watched in this night.</p>')
-    return out
+        yield '<p class="meta">VRAM: no GPU was watched in this night.</p>\n'
 
 
-def _legend(jobs: Sequence[tuple[int, Job]]) -> str:
-    items = [f'<span class="item"><span class="swatch" style="background:{_colour(n)}"></span>'
-             f"{esc(_label(n, job, 50))}</span>" for n, job in jobs]
-    items += [f'<span class="item"><span class="swatch" style="background:{colour}"></span>{esc(kind)}</span>'
-              for kind, colour in MARK_COLOURS.items()]
-    return f'<p class="legend">{"".join(items)}</p>'
+def _legend(jobs: Sequence[tuple[int, Job]]) -> Iterator[str]:
+    yield '<p class="legend">'
+    yield from (f'<span class="item"><span class="swatch" style="background:{_colour(n)}"></span>'
+                f"{esc(_label(n, job, 50))}</span>" for n, job in jobs)
+    yield from (f'<span class="item"><span class="swatch" style="background:{colour}"></span>{esc(kind)}</span>'
+                for kind, colour in MARK_COLOURS.items())
+    yield "</p>\n"
 
 
 def _cell(value: str, css: str = "num") -> str:
     return f'<td class="{css}">{esc(value)}</td>'
 
 
-def table(jobs: Sequence[tuple[int, Job]]) -> str:
+def table(jobs: Sequence[tuple[int, Job]]) -> Iterator[str]:
+    """The table of the jobs, a row at a time."""
     head = ("#", "command", "profile", "lock", "start (UTC)", "duration", "peak memory", "peak VRAM",
             "highest temp", "how it ended", "log")
-    rows = ["<table class=\"jobs\"><thead><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr></thead><tbody>"]
+    yield "<table class=\"jobs\"><thead><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr></thead><tbody>\n"
     for n, job in jobs:
         start = datetime.fromtimestamp(job.start, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
-        rows.append(
+        yield (
             f'<tr class="{esc(job.outcome)}" data-job="{n}">' + _cell(f"#{n}")
             + f'<td class="command"><code>{esc(job.command or "(never ran)")}</code></td>'
             + _cell(job.profile or "-", "text") + _cell(job.lock or "-", "text") + _cell(start)
@@ -181,10 +189,10 @@ def table(jobs: Sequence[tuple[int, Job]]) -> str:
             + _cell("-" if job.peak_memory is None else format_bytes(job.peak_memory))
             + _cell("-" if job.peak_vram is None else format_bytes(job.peak_vram))
             + _cell("-" if job.highest_temp is None else _celsius(job.highest_temp))
-            + _cell(job.ended, "ended")
-            + _cell(f"{job.source}:{job.line}", "text") + "</tr>")
-    rows.append("</tbody></table>")
-    return "\n".join(rows)
+            + _cell(job.ended + (f"; {job.left_out} more markers or pauses, not drawn" if job.left_out else ""),
+                    "ended")
+            + _cell(f"{job.source}:{job.line}", "text") + "</tr>\n")
+    yield "</tbody></table>\n"
 
 
 def _counts(jobs: Sequence[Job]) -> str:
@@ -195,25 +203,35 @@ def _counts(jobs: Sequence[Job]) -> str:
     return ", ".join(found)
 
 
-def page(report: MorningReport) -> str:
+def page_parts(report: MorningReport) -> Iterator[str]:
+    """The page in pieces, to be written as they come: a night of tens of thousands of jobs is a page of a
+    hundred megabytes, which need not be in memory at once."""
     jobs = report.jobs
     logs = ", ".join(f"{name} ({count} job{'s' if count != 1 else ''})" for name, count in report.sources)
-    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-             '<meta name="viewport" content="width=device-width, initial-scale=1">',
-             f"<title>safegate report: {len(jobs)} job{'s' if len(jobs) != 1 else ''}</title>",
-             f"<style>{STYLE}</style></head><body>",
-             "<h1>safegate report</h1>",
-             f'<p class="meta">{len(jobs)} job{"s" if len(jobs) != 1 else ""} in {len(report.nights)} '
-             f'night{"s" if len(report.nights) != 1 else ""}: {esc(_counts(jobs))}.</p>',
-             f'<p class="meta">From {esc(logs)}. Times are UTC.</p>']
+    yield "\n".join(["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+                     '<meta name="viewport" content="width=device-width, initial-scale=1">',
+                     f"<title>safegate report: {len(jobs)} job{'s' if len(jobs) != 1 else ''}</title>",
+                     f"<style>{STYLE}</style></head><body>",
+                     "<h1>safegate report</h1>",
+                     f'<p class="meta">{len(jobs)} job{"s" if len(jobs) != 1 else ""} in {len(report.nights)} '
+                     f'night{"s" if len(report.nights) != 1 else ""}: {esc(_counts(jobs))}.</p>',
+                     f'<p class="meta">From {esc(logs)}. Times are UTC.</p>', ""])
     first = 1
     for night in report.nights:
         numbered = _numbered(night, first)
         first += len(night.jobs)
         when = datetime.fromtimestamp(night.start, tz=timezone.utc).strftime("%Y-%m-%d %H:%M")
-        parts += [f'<section class="night"><h2>Night from {esc(when)} UTC to {esc(clock(night.end))}, '
-                  f"{len(night.jobs)} job{'s' if len(night.jobs) != 1 else ''}</h2>",
-                  _legend(numbered), lanes(night, numbered), "<h3>Over time</h3>", *charts(night, numbered),
-                  "<h3>Jobs</h3>", table(numbered), "</section>"]
-    parts.append("</body></html>\n")
-    return "\n".join(parts)
+        yield (f'<section class="night"><h2>Night from {esc(when)} UTC to {esc(clock(night.end))}, '
+               f"{len(night.jobs)} job{'s' if len(night.jobs) != 1 else ''}</h2>\n")
+        yield from _legend(numbered)
+        yield from lanes(night, numbered)
+        yield "<h3>Over time</h3>\n"
+        yield from charts(night, numbered)
+        yield "<h3>Jobs</h3>\n"
+        yield from table(numbered)
+        yield "</section>\n"
+    yield "</body></html>\n"
+
+
+def page(report: MorningReport) -> str:
+    return "".join(page_parts(report))

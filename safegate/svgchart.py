@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import html
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timezone
 
 from safegate.records import dataclass
@@ -65,7 +65,8 @@ def clock(t: float, seconds: bool = False) -> str:
 def time_ticks(t0: float, t1: float, most: int = 10) -> tuple[list[float], bool]:
     """Round times to label between t0 and t1, and whether labels need seconds."""
     span = max(t1 - t0, 1.0)
-    step = next((s for s in _TIME_STEPS if span / s <= most), _TIME_STEPS[-1])
+    # Past the steps, whole days: a night of months (a log that spans them) still has about *most* ticks.
+    step = next((s for s in _TIME_STEPS if span / s <= most), _TIME_STEPS[-1] * math.ceil(span / 86400 / most))
     first = math.ceil(t0 / step) * step
     return [first + i * step for i in range(int((t1 - first) / step) + 1)], step < 60
 
@@ -145,21 +146,34 @@ def marks(frame: Frame, found: Sequence[Mark], top: float, bottom: float) -> lis
     return out
 
 
-def chart(title: str, t0: float, t1: float, lines: Sequence[Line], found: Sequence[Mark],
-          fmt: Callable[[float], str], *, binary: bool = False, floor: float | None = None,
-          height: int = 210) -> str:
-    """One chart: its lines (limits dashed), the events as markers, the axes; an SVG element."""
+def _one_per_pixel(frame: Frame, found: Sequence[Mark]) -> list[Mark]:
+    """The first marker of each kind in each pixel column: more would be drawn over it, and a night of many
+    jobs would repeat every one of them in every chart."""
+    seen: set[tuple[str, int]] = set()
+    kept = []
+    for mark in found:
+        key = (mark.kind, round(frame.x(mark.time)))
+        if key not in seen:
+            seen.add(key)
+            kept.append(mark)
+    return kept
+
+
+def chart_parts(title: str, t0: float, t1: float, lines: Sequence[Line], found: Sequence[Mark],
+                fmt: Callable[[float], str], *, binary: bool = False, floor: float | None = None,
+                height: int = 210) -> Iterator[str]:
+    """One chart: its lines (limits dashed), the events as markers, the axes; an SVG element, in pieces of one
+    line each (a night's chart may hold a line for each of tens of thousands of jobs)."""
     values = [v for line in lines for _, v in line.points]
     v0, v1 = value_range(values, floor)
+    del values
     frame = Frame(t0, t1, v0, v1, height)
-    body = [f'<svg class="chart" viewBox="0 0 {WIDTH} {height}" role="img" aria-label="{esc(title)}">',
-            f'<text x="{LEFT}" y="16" class="title">{esc(title)}</text>',
-            f'<rect x="{LEFT}" y="{TOP}" width="{WIDTH - LEFT - RIGHT}" height="{height - TOP - BOTTOM}" '
-            'class="plot"/>',
-            *time_axis(frame), *value_axis(frame, fmt, binary)]
+    yield "\n".join([f'<svg class="chart" viewBox="0 0 {WIDTH} {height}" role="img" aria-label="{esc(title)}">',
+                     f'<text x="{LEFT}" y="16" class="title">{esc(title)}</text>',
+                     f'<rect x="{LEFT}" y="{TOP}" width="{WIDTH - LEFT - RIGHT}" height="{height - TOP - BOTTOM}" '
+                     'class="plot"/>', *time_axis(frame), *value_axis(frame, fmt, binary), ""])
     for line in lines:
-        body.append(f'<g class="series"><title>{esc(line.label)}</title>'
-                    f"{polyline(frame, line.points, line.colour, dashed=line.dashed)}</g>")
-    body += marks(frame, found, TOP, height - BOTTOM)
-    body.append("</svg>")
-    return "\n".join(body)
+        yield (f'<g class="series"><title>{esc(line.label)}</title>'
+               f"{polyline(frame, line.points, line.colour, dashed=line.dashed)}</g>\n")
+    yield "\n".join([*marks(frame, _one_per_pixel(frame, found), TOP, height - BOTTOM), "</svg>\n"])
+

@@ -1,6 +1,10 @@
 """The morning report's model: `exec --log` lines turned into jobs (their lane, figures, series and markers) and
-jobs into nights. Pure: text in, frozen records out; a line that is not of the log's shape is a `LogError` naming
-the log and the line.
+jobs into nights. Text in, frozen records out; a line that is not of the log's shape (safegate.logschema checks
+each field's type and range) is a `LogError` naming the log and the line.
+
+Time and memory are linear in the log: a line is decoded, folded into its job and dropped; a job keeps its
+figures, series thinned as they grow (at most about 2 * MAX_POINTS points each), at most MAX_MARKS markers of
+each kind and shortened texts.
 
 A log holds the jobs of one or more exec runs: an `admitted` event opens a job, its events follow, `summary`
 closes it. `blocked` and `not_started` are jobs that never ran. Every line names the safegate that wrote it
@@ -10,22 +14,35 @@ read as one job after another.
 
 from __future__ import annotations
 
-import json
-import math
 import shlex
+import time
 from array import array
 from collections.abc import Iterable, Sequence
-from datetime import datetime
-from typing import Any
 
 from safegate.errors import LogError
-from safegate.records import dataclass, field
+from safegate.logschema import (
+    Admitted,
+    Blocked,
+    Cleanup,
+    Exit,
+    LineDecoder,
+    Marked,
+    NotStarted,
+    Paused,
+    Resumed,
+    Sample,
+    SignalSent,
+    Summary,
+)
+from safegate.records import dataclass
 
 Series = tuple[tuple[float, float], ...]  # (Unix time, value), in time order
 MAX_POINTS = 1200  # per series: more than a chart's pixel columns, as min and max of each slice of time
 NIGHT_GAP = 6 * 3600.0  # a job starting this long after the previous ones ended begins another night
-MARKED = ("warning", "paused", "resumed", "breach")
-_WITHIN_JOB = {"sample", "signal", "cleanup", "exit", "summary", *MARKED}
+MAX_MARKS = 100  # per job and kind of marker: drawn, the rest only counted (a hostile log may hold millions)
+MAX_PAUSES = 400  # per job
+MAX_TEXT = 2_000  # characters kept of a message; the page shows them in full
+MAX_COMMAND = 10_000  # characters kept of a command line (ARG_MAX allows megabytes)
 
 
 @dataclass(frozen=True)
@@ -61,6 +78,7 @@ class Job:
     peak_memory: int | None = None
     peak_vram: int | None = None  # the job's own
     highest_temp: float | None = None
+    left_out: int = 0  # markers and pauses past MAX_MARKS and MAX_PAUSES: counted, not drawn
 
     @property
     def duration(self) -> float:
@@ -87,240 +105,208 @@ class MorningReport:
 # --- reading lines -----------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Record:
-    line: int
-    time: float
-    kind: str
-    message: str
-    data: dict[str, Any]
-
-
-def parse_line(source: str, number: int, text: str) -> Record:
-    where = f"{source} line {number}"
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise LogError(f"{where}: not JSON ({exc.msg} at column {exc.colno}); expected safegate exec --log "
-                       "output") from None
-    except (ValueError, RecursionError):
-        raise LogError(f"{where}: not JSON (nested too deep); expected safegate exec --log output") from None
-    if not isinstance(data, dict):
-        raise LogError(f"{where}: a JSON {type(data).__name__}, not an object; expected safegate exec --log output")
-    kind, stamp = data.get("event"), data.get("time")
-    if not isinstance(kind, str) or not isinstance(stamp, str):
-        raise LogError(f"{where}: no \"event\" and \"time\" strings; expected safegate exec --log output")
-    try:
-        moment = datetime.fromisoformat(stamp).timestamp()
-    except (ValueError, OverflowError, OSError):
-        raise LogError(f"{where}: time {stamp[:40]!r} is not an ISO 8601 time") from None
-    message = data.get("message", "")
-    return Record(number, moment, kind, message if isinstance(message, str) else str(message), data)
-
-
-def _number(record: Record, key: str, where: str, *, integer: bool = False) -> float | None:
-    value = record.data.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) or \
-            not math.isfinite(value):
-        kind = "an integer" if integer else "a finite number"
-        raise LogError(f"{where}: {record.kind} event's {key} is {json.dumps(value)[:40]}, not {kind}")
-    return float(value)
-
-
 def _thin(times: Sequence[float], values: Sequence[float], limit: int = MAX_POINTS) -> Series:
-    """At most about *limit* points: in each slice of time its first, lowest, highest and last point, so a peak
-    or a dip between two pixels is still drawn."""
+    """At most *limit* points: in each slice of time its first, lowest, highest and last point, so a peak or a
+    dip between two pixels is still drawn. Points out of time order (a hostile log) stay within the limit too."""
     if len(times) <= limit:
         return tuple(zip(times, values, strict=True))
     slices = max(1, limit // 4)
-    span = (times[-1] - times[0]) or 1.0
-    out: list[tuple[float, float]] = []
-    start = 0
-    while start < len(times):
-        index = min(slices - 1, int((times[start] - times[0]) / span * slices))
-        end = start
-        while end < len(times) and min(slices - 1, int((times[end] - times[0]) / span * slices)) == index:
-            end += 1
-        chosen = {start, end - 1, min(range(start, end), key=values.__getitem__),
-                  max(range(start, end), key=values.__getitem__)}
-        out += [(times[i], values[i]) for i in sorted(chosen)]
-        start = end
-    return tuple(out)
+    low = min(times)
+    span = (max(times) - low) or 1.0
+    chosen: dict[int, list[int]] = {}  # per slice: its first, last, lowest and highest point
+    for i, moment in enumerate(times):
+        picked = chosen.get(index := min(slices - 1, int((moment - low) / span * slices)))
+        if picked is None:
+            chosen[index] = [i, i, i, i]
+            continue
+        picked[1] = i
+        if values[i] < values[picked[2]]:
+            picked[2] = i
+        elif values[i] > values[picked[3]]:
+            picked[3] = i
+    return tuple((times[i], values[i]) for i in sorted({i for picked in chosen.values() for i in picked}))
 
 
-@dataclass
+class _Series:
+    """One series of a job while it is read: thinned again whenever it doubles, so memory stays bounded."""
+
+    __slots__ = ("peak", "times", "values")
+
+    def __init__(self) -> None:
+        self.times, self.values = array("d"), array("d")
+        self.peak: float | None = None
+
+    def add(self, moment: float, value: float) -> None:
+        self.times.append(moment)
+        self.values.append(value)
+        if self.peak is None or value > self.peak:
+            self.peak = value
+        if len(self.times) >= 2 * MAX_POINTS:
+            thin = _thin(self.times, self.values)
+            self.times, self.values = array("d", (t for t, _ in thin)), array("d", (v for _, v in thin))
+
+    def thinned(self) -> Series:
+        return _thin(self.times, self.values)
+
+
+def _kept(text: str, most: int = MAX_TEXT) -> str:
+    return text if len(text) <= most else f"{text[:most]}... ({len(text) - most} more characters)"
+
+
 class _Open:
-    """A job while its events are read."""
+    """A job while its events are read: its figures so far, never its lines."""
 
-    source: str
-    line: int
-    start: float
-    data: dict[str, Any]
-    last: float
-    series: dict[str, tuple[array[float], array[float]]] = field(default_factory=dict)
-    markers: list[Marker] = field(default_factory=list)
-    exit: dict[str, Any] | None = None
-    exit_message: str = ""
-    summary: dict[str, Any] | None = None
+    __slots__ = ("breach", "command", "counts", "exit", "last", "left_out", "line", "lock", "markers", "max_gpu_mem",
+                 "max_mem", "max_temp", "min_available", "paused_at", "pauses", "profile", "series", "source",
+                 "start", "summary", "vram")
 
-    def add(self, name: str, moment: float, value: float | None) -> None:
+    def __init__(self, source: str, line: int, start: float, admitted: Admitted) -> None:
+        self.source, self.line, self.start, self.last = source, line, start, start
+        argv = admitted.argv
+        self.command = _kept(admitted.message if argv is None else shlex.join(argv), MAX_COMMAND)
+        self.profile = _kept(admitted.profile, 200)
+        self.lock = None if admitted.lock is None else _kept(admitted.lock, 200)
+        self.max_mem, self.min_available = admitted.max_mem, admitted.min_available
+        self.max_temp, self.max_gpu_mem = admitted.max_temp, admitted.max_gpu_mem
+        self.series: dict[str, _Series] = {}  # made on the first point: a job is often only its admitted line
+        self.vram: dict[int, _Series] = {}
+        self.markers: list[Marker] = []
+        self.counts = dict.fromkeys(("warning", "paused", "resumed", "breach"), 0)
+        self.left_out = 0
+        self.pauses: list[tuple[float, float]] = []
+        self.paused_at: float | None = None
+        self.breach = ""
+        self.exit: Exit | None = None
+        self.summary: Summary | None = None
+
+    def take(self, moment: float, event: Sample | Marked | SignalSent | Cleanup | Exit | Summary) -> None:
+        """An event of this running job: a sample, a marker, its exit or its summary."""
+        self.last = max(self.last, moment)
+        if isinstance(event, Sample):
+            self._sample(moment, event)
+        elif isinstance(event, Marked):
+            self._mark(moment, event)
+        elif isinstance(event, Exit):
+            self.exit = event
+        elif isinstance(event, Summary):
+            self.summary = event
+
+    def _add(self, name: str, moment: float, value: float | None) -> None:
         if value is not None:
-            times, values = self.series.setdefault(name, (array("d"), array("d")))
-            times.append(moment)
-            values.append(value)
+            series = self.series.get(name)
+            if series is None:
+                series = self.series[name] = _Series()
+            series.add(moment, value)
 
-    def thinned(self, name: str) -> Series:
-        times, values = self.series.get(name, (array("d"), array("d")))
-        return _thin(times, values)
+    def _sample(self, moment: float, sample: Sample) -> None:
+        self._add("memory", moment, sample.job_memory)
+        self._add("available", moment, sample.available)
+        self._add("temp", moment, sample.temp)
+        self._add("job_vram", moment, sample.job_gpu_memory)
+        for gpu in sample.gpus:
+            if gpu.index is not None and gpu.used is not None:  # the card's used VRAM, not only the job's
+                self.vram.setdefault(gpu.index, _Series()).add(moment, gpu.used)
 
-    def peak(self, name: str) -> float | None:
-        values = self.series.get(name, (array("d"), array("d")))[1]
-        return max(values) if values else None
+    def _mark(self, moment: float, event: Marked) -> None:
+        kind = event.KIND
+        if kind == "breach" and not self.breach:
+            self.breach = _kept(event.message)
+        if self.counts[kind] < MAX_MARKS:
+            self.counts[kind] += 1
+            self.markers.append(Marker(moment, kind, _kept(event.message)))
+        else:
+            self.left_out += 1
+        if isinstance(event, Paused) and self.paused_at is None:
+            self.paused_at = moment
+        elif isinstance(event, Resumed) and self.paused_at is not None:
+            if len(self.pauses) < MAX_PAUSES:
+                self.pauses.append((self.paused_at, moment))
+            else:
+                self.left_out += 1
+            self.paused_at = None
+        # The limits, for a log without them at the start.
+        self.max_mem = event.max_mem if self.max_mem is None else self.max_mem
+        self.min_available = event.min_available if self.min_available is None else self.min_available
+        self.max_temp = event.max_temp if self.max_temp is None else self.max_temp
 
+    def _ended(self) -> tuple[int | None, str, str]:
+        """(exit code, outcome, how it ended in words)."""
+        info = self.exit if self.exit is not None else self.summary
+        if info is None:
+            return None, "unfinished", "no end in the log (safegate was stopped, or the log was cut)"
+        code, reason = info.exit_code, info.reason
+        if reason in ("memory", "gpu", "thermal"):
+            why = self.breach.split("; sending", 1)[0]
+            return code, "stopped", f"stopped for {reason} (exit {code})" + (f": {why}" if why else "")
+        message = self.exit.message if self.exit is not None else ""
+        words = _kept(message).removeprefix("job ") if message else f"exited {code}"
+        return code, "finished" if code == 0 else "failed", words
 
-def _sample(job: _Open, record: Record, where: str) -> None:
-    memory = _number(record, "job_memory", where, integer=True)
-    available = _number(record, "available", where, integer=True)
-    if memory is None or available is None:
-        raise LogError(f"{where}: sample event without job_memory and available")
-    job.add("memory", record.time, memory)
-    job.add("available", record.time, available)
-    job.add("temp", record.time, _number(record, "temp", where))
-    job.add("job_vram", record.time, _number(record, "job_gpu_memory", where, integer=True))
-    gpus = record.data.get("gpus", [])
-    if not isinstance(gpus, list) or not all(isinstance(g, dict) for g in gpus):
-        raise LogError(f"{where}: sample event's gpus is not a list of objects")
-    for gpu in gpus:
-        item = Record(record.line, record.time, "sample gpu", "", gpu)
-        index, used = _number(item, "index", where, integer=True), _number(item, "used", where, integer=True)
-        if index is not None and used is not None:
-            job.add(f"gpu{int(index)}", record.time, used)  # the card's used VRAM, not only the job's
+    def close(self, end: float) -> Job:
+        code, outcome, ended = self._ended()
+        pauses = self.pauses if self.paused_at is None else [*self.pauses, (self.paused_at, end)]
+        summary = self.summary
+        series = self.series
 
+        def figure(value: float | None, name: str) -> float | None:
+            return float(value) if value is not None else series[name].peak if name in series else None
 
-def _ended(job: _Open) -> tuple[int | None, str, str]:
-    """(exit code, outcome, how it ended in words)."""
-    info = job.exit or job.summary
-    if info is None:
-        return None, "unfinished", "no end in the log (safegate was stopped, or the log was cut)"
-    code, reason = info.get("exit_code"), info.get("reason")
-    code = code if isinstance(code, int) and not isinstance(code, bool) else None
-    if reason in ("memory", "gpu", "thermal"):
-        breach = next((m.message for m in job.markers if m.kind == "breach"), "")
-        why = breach.split("; sending", 1)[0]
-        return code, "stopped", f"stopped for {reason} (exit {code})" + (f": {why}" if why else "")
-    words = job.exit_message.removeprefix("job ") if job.exit_message else f"exited {code}"
-    return code, "finished" if code == 0 else "failed", words
+        def thinned(name: str) -> Series:
+            return series[name].thinned() if name in series else ()
 
+        def whole(value: float | None) -> int | None:
+            return None if value is None else int(value)
 
-def _close(job: _Open, end: float) -> Job:
-    data = job.data
-    argv = data.get("argv")
-    command = (shlex.join(argv) if isinstance(argv, list) and all(isinstance(a, str) for a in argv)
-               else str(data.get("message", "")))
-    code, outcome, ended = _ended(job)
-    summary = job.summary or {}
-    pauses, opened = [], None
-    for marker in job.markers:
-        if marker.kind == "paused" and opened is None:
-            opened = marker.time
-        elif marker.kind == "resumed" and opened is not None:
-            pauses.append((opened, marker.time))
-            opened = None
-    if opened is not None:
-        pauses.append((opened, end))
-
-    def figure(key: str, series: str) -> float | None:
-        value = summary.get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        return job.peak(series)
-
-    def whole(value: float | None) -> int | None:
-        return None if value is None else int(value)
-
-    gpus = sorted(int(name[3:]) for name in job.series if name.startswith("gpu"))
-    return Job(
-        source=job.source, line=job.line, command=command, profile=str(data.get("profile", "")),
-        lock=None if data.get("lock") is None else str(data.get("lock")), start=job.start, end=max(end, job.start),
-        exit_code=code, outcome=outcome, ended=ended, max_mem=whole(data.get("max_mem")),
-        min_available=whole(data.get("min_available")),
-        max_temp=None if data.get("max_temp") is None else float(data["max_temp"]),
-        max_gpu_mem=whole(data.get("max_gpu_mem")), memory=job.thinned("memory"),
-        available=job.thinned("available"), temp=job.thinned("temp"),
-        vram=tuple((index, job.thinned(f"gpu{index}")) for index in gpus), job_vram=job.thinned("job_vram"),
-        markers=tuple(job.markers),
-        pauses=tuple(pauses), peak_memory=whole(figure("peak_job_memory", "memory")),
-        peak_vram=whole(figure("peak_job_gpu_memory", "job_vram")), highest_temp=figure("highest_temp", "temp"),
-    )
+        return Job(
+            source=self.source, line=self.line, command=self.command, profile=self.profile, lock=self.lock,
+            start=self.start, end=max(end, self.start), exit_code=code, outcome=outcome, ended=ended,
+            max_mem=self.max_mem, min_available=self.min_available,
+            max_temp=None if self.max_temp is None else float(self.max_temp), max_gpu_mem=self.max_gpu_mem,
+            memory=thinned("memory"), available=thinned("available"), temp=thinned("temp"),
+            vram=tuple((index, self.vram[index].thinned()) for index in sorted(self.vram)),
+            job_vram=thinned("job_vram"), markers=tuple(self.markers), pauses=tuple(pauses),
+            peak_memory=whole(figure(None if summary is None else summary.peak_job_memory, "memory")),
+            peak_vram=whole(figure(None if summary is None else summary.peak_job_gpu_memory, "job_vram")),
+            highest_temp=figure(None if summary is None else summary.highest_temp, "temp"), left_out=self.left_out,
+        )
 
 
-def _admitted(source: str, record: Record) -> _Open:
-    where = f"{source} line {record.line}"
-    for key in ("max_mem", "min_available", "max_gpu_mem"):
-        _number(record, key, where, integer=True)
-    _number(record, "max_temp", where)
-    argv = record.data.get("argv")
-    if argv is not None and not (isinstance(argv, list) and all(isinstance(a, str) for a in argv)):
-        raise LogError(f"{where}: admitted event's argv is not a list of strings")
-    return _Open(source, record.line, record.time, {**record.data, "message": record.message}, record.time)
+def _never_ran(source: str, line: int, moment: float, event: Blocked | NotStarted) -> Job:
+    code = event.exit_code
+    what = "blocked" if isinstance(event, Blocked) else "not started"
+    return Job(source=source, line=line, command="", profile="", lock=None, start=moment, end=moment,
+               exit_code=code, outcome="not_started",
+               ended=f"{what}: {_kept(event.message)}" + ("" if code is None else f" (exit {code})"))
 
 
-def _never_ran(source: str, record: Record) -> Job:
-    code = _number(record, "exit_code", f"{source} line {record.line}", integer=True)
-    what = "blocked" if record.kind == "blocked" else "not started"
-    return Job(source=source, line=record.line, command="", profile="", lock=None, start=record.time,
-               end=record.time, exit_code=None if code is None else int(code), outcome="not_started",
-               ended=f"{what}: {record.message}" + ("" if code is None else f" (exit {int(code)})"))
+def jobs_from_lines(source: str, lines: Iterable[str | bytes], *, now: float | None = None) -> list[Job]:
+    """Every job in one log, in the order they started. A log without any job is a `LogError` too.
 
-
-def _within(job: _Open, record: Record, where: str) -> None:
-    """An event of a running job: a sample, a marker, its exit or its summary."""
-    job.last = max(job.last, record.time)
-    if record.kind == "sample":
-        _sample(job, record, where)
-    elif record.kind in MARKED:
-        job.markers.append(Marker(record.time, record.kind, record.message))
-        for key in ("max_mem", "min_available", "max_temp"):  # the limit, for a log without it at the start
-            if job.data.get(key) is None and _number(record, key, where) is not None:
-                job.data[key] = record.data[key]
-    elif record.kind == "exit":
-        _number(record, "exit_code", where, integer=True)
-        job.exit, job.exit_message = record.data, record.message
-    elif record.kind == "summary":
-        _number(record, "exit_code", where, integer=True)
-        for key in ("peak_job_memory", "peak_job_gpu_memory", "highest_temp"):
-            _number(record, key, where)
-        job.summary = record.data
-
-
-def jobs_from_lines(source: str, lines: Iterable[str]) -> list[Job]:
-    """Every job in one log, in the order they started. A log without any job is a `LogError` too."""
+    *now*: the time the report is made (default: the clock); a line dated more than a day after it is refused.
+    """
+    decode = LineDecoder(source, time.time() if now is None else now)
     jobs: list[Job] = []
     open_jobs: dict[int | None, _Open] = {}  # by the safegate that writes its lines (None: an older log)
     seen = 0
     for number, text in enumerate(lines, 1):
-        if not text.strip():
+        if not text or text.isspace():
             continue
-        record = parse_line(source, number, text)
+        moment, event = decode(number, text)
         seen += 1
-        where = f"{source} line {number}"
-        writer = _number(record, "safegate_pid", where, integer=True)
-        key = None if writer is None else int(writer)
+        key = event.safegate_pid
         job = open_jobs.get(key)
-        if record.kind == "admitted":
+        if isinstance(event, Admitted):
             if job is not None:
-                jobs.append(_close(job, job.last))
-            open_jobs[key] = _admitted(source, record)
-        elif record.kind in ("blocked", "not_started"):
-            jobs.append(_never_ran(source, record))
-        elif job is not None and record.kind in _WITHIN_JOB:
-            _within(job, record, where)
-            if record.kind == "summary":
-                jobs.append(_close(job, record.time))
+                jobs.append(job.close(job.last))
+            open_jobs[key] = _Open(source, number, moment, event)
+        elif isinstance(event, (Blocked, NotStarted)):
+            jobs.append(_never_ran(source, number, moment, event))
+        elif job is not None and isinstance(event, (Sample, Marked, SignalSent, Cleanup, Exit, Summary)):
+            job.take(moment, event)
+            if isinstance(event, Summary):
+                jobs.append(job.close(moment))
                 del open_jobs[key]
-    jobs += [_close(job, job.last) for job in open_jobs.values()]
+    jobs += [job.close(job.last) for job in open_jobs.values()]
     if not jobs:
         what = "no events" if not seen else "no admitted, blocked or not_started event"
         raise LogError(f"{source}: no job in it ({what}); expected safegate exec --log output")
@@ -331,13 +317,15 @@ def build_report(logs: Sequence[tuple[str, Sequence[Job]]]) -> MorningReport:
     """Every log's jobs, grouped into nights: a job starting NIGHT_GAP after the jobs before it ended opens one."""
     everything = sorted((job for _, jobs in logs for job in jobs), key=lambda j: (j.start, j.source, j.line))
     nights: list[list[Job]] = []
+    night_end = 0.0  # the latest end of the night so far: kept, not searched for again per job
     for job in everything:
-        if nights and job.start <= max(j.end for j in nights[-1]) + NIGHT_GAP:
+        if nights and job.start <= night_end + NIGHT_GAP:
             nights[-1].append(job)
+            night_end = max(night_end, job.end)
         else:
             nights.append([job])
+            night_end = job.end
     return MorningReport(
-        nights=tuple(Night(min(j.start for j in group), max(j.end for j in group), tuple(group))
-                     for group in nights),
+        nights=tuple(Night(group[0].start, max(j.end for j in group), tuple(group)) for group in nights),
         sources=tuple((name, len(jobs)) for name, jobs in logs),
     )

@@ -224,6 +224,8 @@ def _utf8_size(text: str) -> int:
 
 def printable(text: str) -> str:
     """*text* on one line and safe for a terminal: control characters shown as escapes (\\n, \\x1b)."""
+    if text.isprintable():  # most text, checked in C: the report escapes hundreds of thousands of strings
+        return text
     return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
 
 

@@ -188,14 +188,15 @@ def test_a_night_of_three_jobs_becomes_one_self_contained_page(run: Run, config:
 def test_several_nights_and_stdout(run: Run, config: Path, tmp_path: Path) -> None:
     log = tmp_path / "one.jsonl"
     assert _exec(run, config, log, "--", "sleep", "1.2").returncode == 0
-    later = tmp_path / "later.jsonl"  # the same night's lines two days on: another night
+    # The same night's lines two days before: another night (two days after would be in the future, refused).
+    earlier = tmp_path / "earlier.jsonl"
     lines = []
     for line in log.read_text().splitlines():
         record = json.loads(line)
-        record["time"] = (datetime.fromisoformat(record["time"]) + timedelta(days=2)).isoformat()
+        record["time"] = (datetime.fromisoformat(record["time"]) - timedelta(days=2)).isoformat()
         lines.append(json.dumps(record))
-    later.write_text("\n".join(lines) + "\n")
-    result = run("report", str(log), str(later), "-o", "-")
+    earlier.write_text("\n".join(lines) + "\n")
+    result = run("report", str(log), str(earlier), "-o", "-")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("<!DOCTYPE html>") and result.stdout.count('<section class="night">') == 2
     default = run("report", str(log), cwd=tmp_path)
@@ -231,15 +232,17 @@ def test_bad_logs_are_one_line_and_exit_4(run: Run, tmp_path: Path) -> None:
         "missing.jsonl": (None, "cannot read log"),
         "notjson.jsonl": (good + "this is not json\n", "line 2: not JSON"),
         "shape.jsonl": ('{"a": 1}\n', "line 1: no \"event\" and \"time\""),
-        "list.jsonl": ("[1, 2]\n", "line 1: a JSON list, not an object"),
+        "list.jsonl": ("[1, 2]\n", "line 1: a JSON array, not an object"),
         "type.jsonl": (good + '{"time": "2026-12-02T02:00:01+00:00", "event": "sample", "job_memory": "lots", '
                               '"available": 1}\n', "line 2: sample event's job_memory"),
         "when.jsonl": ('{"time": "yesterday", "event": "admitted"}\n', "time 'yesterday'"),
         "empty.jsonl": ("", "no job in it"),
-        "nojob.jsonl": ('{"time": "2026-12-02T02:00:00+00:00", "event": "sample"}\n', "no job in it"),
+        "nojob.jsonl": ('{"time": "2026-12-02T02:00:00+00:00", "event": "sample", "job_memory": 1, "available": 1}\n',
+                        "no job in it"),
         "binary.jsonl": (b"\xff\xfe\x00garbage\n", "line 1: not UTF-8"),
         "nan.jsonl": (good + '{"time": "2026-12-02T02:00:01+00:00", "event": "sample", "job_memory": 1, '
-                             '"available": 1, "temp": NaN}\n', "line 2: sample event's temp is NaN"),
+                             '"available": 1, "temp": NaN}\n', "line 2: not JSON (NaN at column 99 is not a JSON "
+                                                               "number)"),
     }
     for name, (content, needle) in cases.items():
         path = tmp_path / name

@@ -7,8 +7,10 @@ import os
 import stat
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 from safegate.errors import LogError, UsageError
+from safegate.logschema import MAX_LINE
 from safegate.records import dataclass
 from safegate.timeline import Job, build_report, jobs_from_lines
 
@@ -21,7 +23,7 @@ class Written:
     jobs: int
     nights: int
     logs: int
-    html: str  # the page itself (printed when path is "-")
+    html: str  # the page itself when path is "-" (it is printed), else "" (it was written as it was made)
 
     @property
     def summary(self) -> str:
@@ -42,34 +44,34 @@ def read_log(path: str) -> list[Job]:
             raise LogError(f"cannot read log {path}: it is a directory")
         os.set_blocking(fd, True)
         with os.fdopen(fd, "rb", closefd=False) as raw:
-            return jobs_from_lines(path, _decoded(path, raw))
+            return jobs_from_lines(path, _lines(raw))
     except OSError as exc:
         raise LogError(f"cannot read log {path}: {exc.strerror or exc}") from None
     finally:
         os.close(fd)
 
 
-def _decoded(path: str, raw: Iterable[bytes]) -> Iterator[str]:
-    for number, line in enumerate(raw, 1):
-        try:
-            yield line.decode("utf-8")
-        except UnicodeDecodeError:
-            raise LogError(f"{path} line {number}: not UTF-8 text; expected safegate exec --log output") from None
+def _lines(raw: BinaryIO) -> Iterator[bytes]:
+    """The log's lines as bytes (msgspec checks their UTF-8), none longer than MAX_LINE + 1 bytes: a log without
+    newlines is not read whole into memory (the decoder refuses such a line)."""
+    while line := raw.readline(MAX_LINE + 1):
+        yield line
 
 
 def report(logs: Sequence[str], target: str) -> Written:
     """The report of *logs*, written to *target* ("-": not written; the caller prints it)."""
-    from safegate.htmlreport import page
+    from safegate.htmlreport import page_parts
 
     if not logs:
         raise UsageError("report: no log given; usage: safegate report LOG... [-o FILE]")
     if target != STDOUT:
         _check_target(target)
     model = build_report([(path, read_log(path)) for path in logs])
-    html = page(model)
-    if target != STDOUT:
-        write_whole(target, html)
-    return Written(target, len(model.jobs), len(model.nights), len(logs), html)
+    jobs, nights = len(model.jobs), len(model.nights)
+    if target == STDOUT:
+        return Written(target, jobs, nights, len(logs), "".join(page_parts(model)))
+    write_whole(target, page_parts(model))
+    return Written(target, jobs, nights, len(logs), "")
 
 
 def _check_target(target: str) -> None:
@@ -82,19 +84,22 @@ def _check_target(target: str) -> None:
         raise UsageError(f"-o: cannot write {target}: no directory {str(parent)!r}")
 
 
-def write_whole(target: str, text: str) -> None:
-    """*text* into *target* through a temp file beside it and a rename: a reader never sees half a report, and
-    a failure leaves neither a half-written file nor the temp file."""
+def write_whole(target: str, parts: Iterable[str]) -> None:
+    """*parts*, as they come, into *target* through a temp file beside it and a rename: a reader never sees half
+    a report, and a failure (also one while the parts are made) leaves neither a half-written file nor the temp
+    file."""
     path = Path(target)
     temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
         with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(text)
+            out.writelines(parts)
             out.flush()
             os.fsync(out.fileno())
         os.replace(temp, path)
-    except OSError as exc:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             temp.unlink()
-        raise UsageError(f"-o: cannot write {target}: {exc.strerror or exc}") from None
+        if isinstance(exc, OSError):
+            raise UsageError(f"-o: cannot write {target}: {exc.strerror or exc}") from None
+        raise
