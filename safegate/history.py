@@ -73,11 +73,21 @@ def read(path: Path) -> tuple[dict[str, list[Run]], str]:
     try:
         data = schema.decode(raw, schema.HistoryWire)
     except schema.BadRecord as exc:
-        # Every field typed and bounded (a 400-digit peak, a time in year 9999, a NaN): the file is unusable,
-        # and the next record() sets it aside.
         return {}, f"corrupt ({printable(str(exc))[:200]})"
-    return {profile: [Run(r.time, r.peak_memory, r.peak_gpu_memory, r.duration, r.reason, r.exit_code)
-                      for r in runs] for profile, runs in data.items()}, ""
+    runs: dict[str, list[Run]] = {}
+    bad: list[str] = []
+    for profile, items in data.items():
+        kept = runs.setdefault(profile, [])
+        for item in items:
+            # Every field typed and bounded (a 400-digit peak, a time in year 9999, a wrong type): that run is
+            # unusable, the others count, and the next record() sets the file aside, carrying the good ones over.
+            try:
+                r = schema.decode(item, schema.RunWire)
+            except schema.BadRecord as exc:
+                bad.append(printable(str(exc))[:200])
+                continue
+            kept.append(Run(r.time, r.peak_memory, r.peak_gpu_memory, r.duration, r.reason, r.exit_code))
+    return runs, (f"{len(bad)} unusable run(s) ignored (first: {bad[0]})" if bad else "")
 
 
 def record(path: Path, profile: str, run: Run) -> str:
@@ -92,7 +102,9 @@ def record(path: Path, profile: str, run: Run) -> str:
         if broken:
             aside = path.with_name(path.name + ".broken")
             os.replace(path, aside)
-            said = f"history {path} was unusable ({broken}); set aside as {aside}, starting a new one"
+            kept = sum(len(rs) for rs in data.values())
+            said = (f"history {path} was unusable ({broken}); set aside as {aside}, starting a new one"
+                    + (f" with its {kept} usable run(s)" if kept else ""))
         runs = [*data.get(profile, []), run][-KEEP:]
         data[profile] = runs
         payload: dict[str, Any] = {name: [asdict(r) for r in rs] for name, rs in data.items()}

@@ -106,7 +106,8 @@ def job_gpus(settings: Settings, verdict: Verdict, held: HeldLock) -> tuple[tupl
     """
     gpu = verdict.values(GpuValues)
     candidates = gpu.candidates if gpu is not None else ()
-    chosen = held.holder.gpu_index if held.holder is not None else None
+    # The GPU the claim recorded; inside an outer hold (no record of its own) the one this verdict chose.
+    chosen = held.holder.gpu_index if held.holder is not None else gpu.chosen if gpu is not None else None
     if settings.gpu is not None:
         given = candidates
     elif chosen is not None:

@@ -164,7 +164,7 @@ class Summary(Tagged, tag="summary", gc=False):
     exit_code: Status | None = None
 
 
-class Blocked(Tagged, tag="blocked", gc=False):
+class NotAdmitted(Tagged, tag="blocked", gc=False):
     KIND = "blocked"
     exit_code: Status | None = None
 
@@ -175,7 +175,7 @@ class NotStarted(Tagged, tag="not_started", gc=False):
 
 
 Event: TypeAlias = (Admitted | Sample | Notice | Warning_ | Breach | Paused | Resumed | SignalSent | Cleanup | Exit
-                    | Summary | Blocked | NotStarted)
+                    | Summary | NotAdmitted | NotStarted)
 _PATH = re.compile(r"(.*) - at `\$(.*)`$", re.DOTALL)
 _STEP = re.compile(r"\.(\w+)|\[(\d+)\]")
 _BYTE = re.compile(r"\(byte (\d+)\)")

@@ -112,7 +112,8 @@ class RunWire(msgspec.Struct):
         _not_future(self.time)
 
 
-HistoryWire = dict[Annotated[str, msgspec.Meta(max_length=TEXT_MAX)], list[RunWire]]
+# The history file: each run decoded on its own (msgspec.Raw), so a bad one costs that run, not the file.
+HistoryWire = dict[Annotated[str, msgspec.Meta(max_length=TEXT_MAX)], list[msgspec.Raw]]
 
 _decoders: dict[Any, msgspec.json.Decoder[Any]] = {}
 

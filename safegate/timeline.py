@@ -22,11 +22,11 @@ from collections.abc import Iterable, Sequence
 from safegate.errors import LogError
 from safegate.logschema import (
     Admitted,
-    Blocked,
     Cleanup,
     Exit,
     LineDecoder,
     Marked,
+    NotAdmitted,
     NotStarted,
     Paused,
     Resumed,
@@ -271,9 +271,9 @@ class _Open:
         )
 
 
-def _never_ran(source: str, line: int, moment: float, event: Blocked | NotStarted) -> Job:
+def _never_ran(source: str, line: int, moment: float, event: NotAdmitted | NotStarted) -> Job:
     code = event.exit_code
-    what = "blocked" if isinstance(event, Blocked) else "not started"
+    what = "blocked" if isinstance(event, NotAdmitted) else "not started"
     return Job(source=source, line=line, command="", profile="", lock=None, start=moment, end=moment,
                exit_code=code, outcome="not_started",
                ended=f"{what}: {_kept(event.message)}" + ("" if code is None else f" (exit {code})"))
@@ -299,7 +299,7 @@ def jobs_from_lines(source: str, lines: Iterable[str | bytes], *, now: float | N
             if job is not None:
                 jobs.append(job.close(job.last))
             open_jobs[key] = _Open(source, number, moment, event)
-        elif isinstance(event, (Blocked, NotStarted)):
+        elif isinstance(event, (NotAdmitted, NotStarted)):
             jobs.append(_never_ran(source, number, moment, event))
         elif job is not None and isinstance(event, (Sample, Marked, SignalSent, Cleanup, Exit, Summary)):
             job.take(moment, event)

@@ -43,6 +43,17 @@ def _hermetic(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tmp_path_factory:
     monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
 
 
+@pytest.fixture(autouse=True)
+def _api_grants_released() -> Iterator[None]:
+    """What an in-process safegate.check() passed holds for this process (issue 23) ends with its test."""
+    yield
+    from safegate import api
+
+    for held in list(api._GRANTS.values()):
+        held.release()
+    api._GRANTS.clear()
+
+
 @pytest.fixture
 def procs() -> Iterator[Procs]:
     p = Procs()

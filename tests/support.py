@@ -294,13 +294,19 @@ def neutral_config(sensor: Path, extra: str = "") -> str:
     )
 
 
+# A shell of its own for each command, as users run it: a passing check grants to its parent's next process
+# (issue 23), and a parent that starts nothing after it ends the grant by exiting. Run straight from the test
+# process, one check's grant would go to the test's next command, which then ran inside it.
+ALONE = ["sh", "-c", '"$@"; exit $?', "sh"]
+
+
 class Run:
     def __init__(self, env: dict[str, str]) -> None:
         self.env = env
 
     def __call__(self, *args: str, timeout: float = TIMEOUT, **kwargs: Any) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [PY, "-m", "safegate", *args],
+            [*ALONE, PY, "-m", "safegate", *args],
             env=kwargs.pop("env", self.env),
             capture_output=True,
             text=True,

@@ -24,8 +24,8 @@ def _isolated(monkeypatch: pytest.MonkeyPatch, lock_dir: Path, config: Path) -> 
 
 
 def test_check_returns_a_verdict(lock_dir: Path, procs: Procs) -> None:
-    verdict = safegate.check(mem=0)
-    assert verdict.ok and verdict.exit_code is ExitCode.OK
+    with safegate.check(mem=0) as verdict:  # a pass holds the lock for this process until the block ends
+        assert verdict.ok and verdict.exit_code is ExitCode.OK
     hold_with_flock(procs, lock_dir / "heavy.lock")
     blocked = safegate.check(mem=0)
     assert not blocked.ok and blocked.exit_code is ExitCode.LOCKED

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import PY, TIMEOUT, Procs, Run, hold_with_flock
+from support import ALONE, PY, TIMEOUT, Procs, Run, hold_with_flock
 
 from safegate import cli, fastpath
 from safegate.fastpath import FLAGS, PROFILE_ENV, VALUE_OPTIONS, parse_check
@@ -99,11 +99,6 @@ def test_the_fast_path_knows_exactly_the_options_of_the_typer_command() -> None:
 Result = subprocess.CompletedProcess[str]
 
 
-# Each run in a shell of its own that starts nothing after it: a pass's grant goes to that shell and ends with it,
-# so the second run is never the first one's job (which would run inside its grant and say so).
-ALONE = ["sh", "-c", '"$@"; exit $?', "sh"]
-
-
 def _both(run: Run, *args: str, **env: str) -> tuple[Result, Result]:
     fast = subprocess.run([*ALONE, PY, "-m", "safegate", *args], env={**run.env, **env}, capture_output=True,
                           text=True, errors="surrogateescape", timeout=TIMEOUT)
@@ -180,11 +175,12 @@ def test_a_plain_check_imports_no_typer_no_psutil_and_no_dataclasses(run: Run, c
               "print(sorted({m.split('.')[0] for m in sys.modules} & "
               "{'typer', 'click', 'rich', 'psutil', 'dataclasses', 'inspect', 'msgspec'})); "
               "sys.exit(code)")
-    result = subprocess.run([PY, "-c", script, "check", "--config", str(config), "--mem", "0", "-q"], env=run.env,
+    result = subprocess.run([*ALONE, PY, "-c", script, "check", "--config", str(config), "--mem", "0", "-q"],
+                            env=run.env,
                             capture_output=True, text=True, timeout=TIMEOUT)
     assert (result.returncode, result.stdout, result.stderr) == (0, "[]\n", "")
     # Anything else still goes through typer.
     script = script.replace("'psutil', 'dataclasses', 'inspect'", "'nothing'")
-    result = subprocess.run([PY, "-c", script, "check", "--config", str(config), "--mem", "0", "-q", "-q"],
+    result = subprocess.run([*ALONE, PY, "-c", script, "check", "--config", str(config), "--mem", "0", "-q", "-q"],
                             env=run.env, capture_output=True, text=True, timeout=TIMEOUT)
     assert (result.returncode, result.stdout) == (0, "['typer']\n"), result  # click takes a flag twice

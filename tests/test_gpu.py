@@ -331,3 +331,17 @@ def test_report_charts_vram_per_gpu_and_the_jobs_own(run: Run, config: Path, loc
     assert 'aria-label="VRAM used on GPU 0 (the whole card, while each job ran)"' in page
     assert "The job&#x27;s own VRAM (dashed: its --max-gpu-mem)" in page
     assert "stopped for gpu (exit 21)" in page and ">5.0 GiB</td>" in page
+
+
+def test_a_gpu_need_that_can_never_fit_is_exit_11_at_once(run: Run, config: Path,
+                                                           gpu_env: Callable[..., dict[str, str]]) -> None:
+    # Issue 22 item 4: 22G + a 10% margin can never fit a 24 GiB card, however free; --wait must not wait for it.
+    env = gpu_env([card(0, 24), card(1, 24)])
+    result = run("check", "--config", str(config), "--mem", "0", "--gpu-mem", "22G", "--wait", env=env)
+    assert result.returncode == ExitCode.GPU_MEMORY, result.stdout + result.stderr
+    assert "can never fit" in result.stdout and "waiting" not in result.stderr
+    # A need that fits an empty card but not now still waits (and times out): it is not "never".
+    busy = gpu_env([card(0, 4)])
+    waited = run("check", "--config", str(config), "--mem", "0", "--gpu-mem", "8G", "--wait", "--timeout", "1s",
+                 env=busy)
+    assert waited.returncode == ExitCode.GPU_MEMORY and "timed out" in waited.stderr

@@ -103,3 +103,16 @@ def test_gpu_temperature_limits() -> None:
 
 def test_percent_gpu_margin_is_of_the_card() -> None:
     assert parse_size("10%").resolve(24 * GiB) == int(2.4 * GiB)
+
+
+def test_a_need_larger_than_every_allowed_card_less_its_margin_can_never_fit() -> None:
+    s = snap(gpu(0, 24), gpu(1, 24, total_gib=48))
+    auto = check_gpu(s, select_gpus(s, None, None), 40 * GiB, MARGIN)  # fits the 48 GiB card once it is free
+    assert auto.status is Status.FAIL and not auto.never
+    result = check_gpu(s, select_gpus(s, None, None), 44 * GiB, MARGIN)  # 44 + 4.8 > 48: no card, ever
+    assert result.status is Status.FAIL and result.never and "can never fit" in result.reason
+    # Explicit: every named card must fit; one that never can makes the need hopeless.
+    explicit = check_gpu(s, select_gpus(s, (0, 1), None), 30 * GiB, MARGIN)
+    assert explicit.never and "GPU 0" in explicit.reason
+    busy = check_gpu(snap(gpu(0, 2)), select_gpus(snap(gpu(0, 2)), None, None), 8 * GiB, MARGIN)
+    assert busy.status is Status.FAIL and not busy.never

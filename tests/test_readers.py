@@ -98,8 +98,7 @@ def test_history(tmp_path: Path, run: bytes, profile: str) -> None:
     path = tmp_path / "history.json"
     path.write_bytes(b'{' + json.dumps(profile).encode() + b': [' + run + b']}')
     runs, note = history.read(path)
-    if note:
-        assert runs == {} and "\n" not in note
+    assert "\n" not in note  # a bad run costs that run (the note says so), a bad file all of them
     for recorded in runs.values():
         for r in recorded:
             assert 0 <= r.peak_memory <= schema.SIZE_MAX and 0 <= r.time < 1e11 and r.duration == r.duration

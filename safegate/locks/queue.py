@@ -121,8 +121,9 @@ class Line:
             if arrival is None:
                 self.ticket = replace(self.ticket, path=None)  # it still orders this waiter (in memory)
             else:
-                # Ordered as everyone else orders it: by the kernel's time on the file.
-                self.ticket = replace(self.ticket, arrival=max(arrival, self.ticket.arrival))
+                # Ordered as everyone else orders it: by the kernel's time on the file (a coarse clock, which may
+                # read earlier than the stamp taken before it was made), never before the process started.
+                self.ticket = replace(self.ticket, arrival=arrival)
             self.posted = True
         return verdict
 
@@ -240,7 +241,7 @@ def _post(ticket: Ticket) -> int | None:
         drop_ticket(ticket)
         return None
     os.close(fd)
-    return arrival
+    return max(arrival, _me().start_ns)
 
 
 def _write_state(ticket: Ticket) -> None:

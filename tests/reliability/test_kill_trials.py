@@ -84,7 +84,7 @@ def test_sigkill_at_random_moments(run: Run, config: Path, lock_dir: Path, procs
             if lock_file.exists():
                 wait_until(lambda f=lock_file: _lock_free(f), what=f"{lock} to be free")
             # In-process (the API runs the same checks and admission as the CLI) to keep 100 trials fast.
-            verdict = safegate.check(mem=0, lock=lock, config=str(config))
+            verdict = safegate.check(mem=0, lock=lock, config=str(config), reserve=False)  # only asking
             assert verdict.ok, [c.reason for c in verdict.failures]
             left = holder_files(lock_dir, lock)
             assert not left, [json.loads(p.read_text()) for p in left]
