@@ -12,7 +12,6 @@ from typing import TypeVar
 
 from safegate.backoff import RECHECK, poll
 from safegate.exitcodes import ExitCode
-from safegate.fairness import QUEUE
 from safegate.grant import GRANT_LEASE, spawn_keeper
 from safegate.locks.queue import HEAD_GRACE, Line
 from safegate.locks.store import HeldLock, LockStore
@@ -31,8 +30,6 @@ from safegate.probes.pids import Identity, ancestry
 from safegate.results import CheckResult, GpuValues, LockValues, Status, Verdict
 from safegate.snapshots import HolderRecord
 from safegate.units import format_bytes
-
-QUEUE_RECHECK = 0.25  # seconds between re-checks while earlier waiters go first
 
 
 def wait_until_clear(
@@ -56,24 +53,16 @@ def wait_until_clear(
                 return line.judged(evaluate(settings, resuming=resuming, removals=removals, line=line,
                                             machine=machine)), None
 
-        return retry(attempt, timeout, on_blocked, clock, sleep, pause=_lock_pause(settings, sleep))[0]
+        return retry(attempt, timeout, on_blocked, clock, sleep, pause=_lock_pause(settings, line, sleep))[0]
 
 
-def _lock_pause(settings: Settings, sleep: Callable[[float], None] = time.sleep) -> Callable[[Verdict, float], None]:
-    """Between re-checks: when only the lock blocks, watch the lock itself instead of sleeping blind."""
+def _lock_pause(settings: Settings, line: Line,
+                sleep: Callable[[float], None] = time.sleep) -> Callable[[Verdict, float], None]:
+    """Between re-checks: while the lock is held (whatever else blocks) or earlier waiters for it go first, wait
+    for this waiter's turn at it (locks.watch) instead of sleeping blind."""
+    from safegate.locks.watch import turn_pause  # only waiters need it: not on a plain check's path
 
-    def pause(verdict: Verdict, seconds: float) -> None:
-        lock = verdict.result("lock")
-        if settings.lock is not None and [c.name for c in verdict.failures] == ["lock"] and (
-                lock is not None and lock.caused_by != QUEUE):
-            LockStore(settings.lock_dir).wait_free(settings.lock, seconds)
-        elif lock is not None and lock.caused_by == QUEUE:
-            # In line behind a waiter of the same lock about to take it: soon the lock is held, and watched.
-            sleep(min(seconds, QUEUE_RECHECK))
-        else:
-            sleep(seconds)
-
-    return pause
+    return turn_pause(settings.lock_dir, settings.lock, line, sleep)
 
 
 T = TypeVar("T")
@@ -143,7 +132,7 @@ def admit(
             return _admit_once(settings, store, argv, resuming, line, take)  # type: ignore[arg-type]
 
         if wait:
-            return retry(attempt, timeout, on_blocked, pause=_lock_pause(settings))
+            return retry(attempt, timeout, on_blocked, pause=_lock_pause(settings, line))
         result = attempt(False)
         # Not waiting, it still gives an earlier waiter that could take the lock now its grace to do so.
         deadline = time.monotonic() + HEAD_GRACE + 0.25

@@ -32,6 +32,13 @@ def _ahead(me: Ticket, tickets: Sequence[Ticket]) -> list[Ticket]:
     return [t for t in tickets if (t.arrival, t.pid) < (me.arrival, me.pid) and t.pid != me.pid]
 
 
+def first_for_lock(me: Ticket, tickets: Sequence[Ticket],
+                   passed_over: frozenset[tuple[int, float]] = frozenset()) -> bool:
+    """Whether no earlier waiter for *me*'s lock is in line (passed-over ones aside): in_line then lets no one
+    else take it first."""
+    return not any(t.lock == me.lock and (t.pid, t.start_time) not in passed_over for t in _ahead(me, tickets))
+
+
 def _waited(t: Ticket, now: float) -> str:
     return format_duration(max(0.0, now - t.arrival / 1e9))
 

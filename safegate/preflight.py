@@ -36,12 +36,21 @@ from safegate.policy import (
 from safegate.probes.gpu import gpu_backend, read_gpus
 from safegate.probes.memory import read_memory
 from safegate.probes.pids import ancestry
-from safegate.probes.processes import read_processes, user_name
+from safegate.probes.processes import descendants, process_alive, read_processes, still_running, user_name
 from safegate.probes.thermal import read_thermal
 from safegate.records import dataclass, replace
-from safegate.results import CheckResult, Verdict
+from safegate.results import CheckResult, CompetingValues, Verdict
 from safegate.settings import effective_resume_temp
-from safegate.snapshots import GpuSnapshot, LegacyState, ProcessSnapshot, Removal, Selection, ThermalSnapshot, Ticket
+from safegate.snapshots import (
+    GpuSnapshot,
+    LegacyState,
+    LockState,
+    ProcessSnapshot,
+    Removal,
+    Selection,
+    ThermalSnapshot,
+    Ticket,
+)
 from safegate.units import Size, validate_lock_name
 
 
@@ -218,15 +227,20 @@ class Machine:
     gpus: GpuSnapshot
     selection: Selection
     competing: CheckResult
+    processes: ProcessSnapshot  # what the competing check judged
 
 
 def read_machine(settings: Settings) -> Machine:
     # Removed files are gone, so only live or unreadable legacy files are left to judge.
     legacy = tuple(s for s in (read_legacy(p) for p in settings.legacy_lock_files) if s.alive or s.note)
     gpus = read_gpus(settings.gpu_backend)
+    store = LockStore(settings.lock_dir)
+    # Another safegate is left out only for what the lock dir shows of it. Tickets before locks: a safegate takes
+    # its lock before it drops its ticket, so one seen in the process table is found in one or the other.
+    procs = read_processes(accounted=lambda: {t.pid for t in read_tickets(store.directory)} | store.lockers())
     return Machine(legacy=legacy, thermal=read_thermal(settings.thermal), gpus=gpus,
                    selection=select_gpus(gpus, settings.gpu, os.environ.get("CUDA_VISIBLE_DEVICES")),
-                   competing=_competing(read_processes(), settings.rules, total_ram()))
+                   competing=_competing(procs, settings.rules, total_ram()), processes=procs)
 
 
 def evaluate(
@@ -268,7 +282,7 @@ def evaluate(
         check_thermal(machine.thermal, limit, require=settings.thermal.require, resuming=resuming,
                       gpus=selection.gpus),
         check_lock(lock_state, list(machine.legacy), family=family),
-        machine.competing,
+        _besides_the_lock(machine, lock_state, settings.rules),
     ]
     checks[1] = blame_holder(checks[1], lock_state, holders, mem, need, margin)
     if line is not None:
@@ -282,6 +296,26 @@ def _competing(procs: ProcessSnapshot, rules: tuple[CompetingRule, ...], total: 
     """The competing check, with the owners of what it names looked up (only those: a lookup is not free)."""
     matches = [replace(m, user=user_name(m.process.uid)) for m in match_competing(procs, rules, total)]
     return check_competing(matches, rules)
+
+
+def _besides_the_lock(machine: Machine, state: LockState | None, rules: tuple[CompetingRule, ...]) -> CheckResult:
+    """The competing check as of the lock's state, read after the process table: without the processes of
+    whoever holds the caller's lock (the flock's takers per /proc/locks, the job its holder record names, their
+    descendants), which the lock check names already, and without what has ended since the table was read (the
+    job whose end released the lock)."""
+    values = machine.competing.values
+    if not isinstance(values, CompetingValues) or not values.matches:
+        return machine.competing
+    jobs: set[int] = set()
+    if state is not None and state.held:
+        jobs = set(state.lockers)
+        holder = state.holder
+        if holder is not None and holder.job_pid is not None and process_alive(holder.job_pid,
+                                                                               holder.job_start_time):
+            jobs.add(holder.job_pid)  # also after its safegate is gone (the job keeps the flock it inherited)
+        jobs |= descendants(jobs, {p.pid: p.ppid for p in machine.processes.processes})
+    matches = [m for m in values.matches if m.process.pid not in jobs and still_running(m.process.pid)]
+    return machine.competing if len(matches) == len(values.matches) else check_competing(matches, rules)
 
 
 def total_ram() -> int:

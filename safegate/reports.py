@@ -94,10 +94,13 @@ class StatusReport:
 def collect_status(config: Config, lock_dir: Path, gpu_backend: str, top: int = 5) -> StatusReport:
     store = LockStore(lock_dir)
     swap = psutil.swap_memory()
-    procs = sorted(read_processes().processes, key=lambda p: -p.rss)[:top]
+    waiters = read_tickets(lock_dir)
+    # The heaviest processes, left out as the competing check leaves them out (safegate the lock dir accounts for).
+    procs = sorted(read_processes(accounted=lambda: {t.pid for t in waiters} | store.lockers()).processes,
+                   key=lambda p: -p.rss)[:top]
     return StatusReport(
         time=time.time(), memory=read_memory(), swap_total=int(swap.total), swap_used=int(swap.used),
         thermal=read_thermal(config.thermal), gpus=read_gpus(gpu_backend),
         locks=(list_locks(store) if lock_dir.is_dir() else []) + legacy_locks(config.legacy_lock_files), top=procs,
-        lock_dir=lock_dir, waiters=read_tickets(lock_dir),
+        lock_dir=lock_dir, waiters=waiters,
     )

@@ -160,6 +160,9 @@ class LockState:
     holder: HolderRecord | None  # metadata, when present and readable
     holder_alive: bool
     note: str = ""  # e.g. unreadable metadata
+    # The pids /proc/locks names as the flock's takers (empty: free, or no /proc/locks): the kernel's word, which
+    # no file in the lock dir can change. A job safegate started is their descendant, holding the same flock.
+    lockers: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,16 +19,17 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from support import PY, TIMEOUT, Procs, Run, cmdline, descendants, neutral_config, wait_until
+from support import PY, TIMEOUT, Procs, Run, cmdline, descendants, job_pid, neutral_config, wait_until
 
+from safegate import preflight
 from safegate.config import CompetingRule
 from safegate.configfile import build_config
 from safegate.errors import ConfigError
 from safegate.exitcodes import ExitCode
 from safegate.policy import check_competing, match_competing
 from safegate.probes.processes import program_of
-from safegate.results import Status
-from safegate.snapshots import ProcessInfo, ProcessSnapshot
+from safegate.results import CompetingMatch, CompetingValues, Status
+from safegate.snapshots import GpuSnapshot, ProcessInfo, ProcessSnapshot, Selection, ThermalSnapshot
 
 GiB = 1024**3
 SLEEPER = "import time\ntime.sleep(600)\n"
@@ -339,3 +341,104 @@ def test_an_unmanaged_job_still_blocks_a_launched_waiter(run: Run, tmp_path: Pat
     pids = [m["pid"] for m in _competing(result)["matches"]]
     assert job.pid not in pids and len(pids) == 1  # the job, not its shell
     assert token in str(_competing(result)["matches"][0]["cmdline"])
+
+
+# --- who counts as safegate: what the lock dir accounts for, not a name (issue 22.9) ---------------------------
+
+
+def _builtin_rules_config(config: Path, tmp_path: Path) -> Path:
+    cfg = tmp_path / "builtin-rules.toml"
+    cfg.write_text(config.read_text().replace("competing = []\n", ""))
+    return cfg
+
+
+def _matched_pids(result: subprocess.CompletedProcess[str]) -> list[int]:
+    return [int(str(m["pid"])) for m in _competing(result)["matches"]]
+
+
+def test_a_heavy_process_that_calls_itself_safegate_competes(run: Run, config: Path, sensor: Path, procs: Procs,
+                                                            tmp_path: Path) -> None:
+    token = f"sgtest{os.getpid()}{tmp_path.name}"
+    # `exec -a safegate`: argv[0] says safegate, the rest is the job (a whole-command-line rule sees it).
+    pattern_cfg = tmp_path / "pattern.toml"
+    pattern_cfg.write_text(neutral_config(sensor, f"[profiles.whisper-large-v3]\ncompeting = [{{ pattern = "
+                                                  f"'whisper --model large-v3 {token}', action = \"block\" }}]\n"))
+    dressed = procs.spawn(["bash", "-c", f"exec -a safegate {PY} -c 'import time; time.sleep(600)' "
+                                         f"whisper --model large-v3 {token}"])
+    # The program is whisper, its first argument a script named safegate (as `python3 /venv/bin/safegate` reads):
+    # the built-in program rule matches it.
+    fake = _script(tmp_path, "safegate")
+    named = procs.spawn(["bash", "-c", f"exec -a whisper {PY} {fake} --model large-v3 {token}"])
+    wait_until(lambda: cmdline(dressed.pid).startswith("safegate ") and cmdline(named.pid).startswith("whisper "),
+               what="the processes dressed up as safegate")
+    result = run("check", "--config", str(pattern_cfg), "-p", "whisper-large-v3", "--mem", "0", "--json")
+    assert result.returncode == ExitCode.COMPETING, result.stdout
+    assert dressed.pid in _matched_pids(result)
+    result = run("check", "--config", str(_builtin_rules_config(config, tmp_path)), "-p", "whisper-large-v3",
+                 "--mem", "0", "--json")
+    assert result.returncode == ExitCode.COMPETING, result.stdout
+    assert named.pid in _matched_pids(result)
+
+
+def test_a_child_named_safegate_does_not_make_its_parent_a_launcher(run: Run, config: Path, procs: Procs,
+                                                                    tmp_path: Path) -> None:
+    # A whisper that starts a child calling itself safegate (holding no lock, no ticket) is not its launcher.
+    whisper = _script(tmp_path, "whisper", "import subprocess, time\n"
+                      "subprocess.Popen(['bash', '-c', 'exec -a safegate sleep 600'])\ntime.sleep(600)\n")
+    job = procs.spawn([PY, str(whisper), "--model", "large-v3", f"sgtest{tmp_path.name}"])
+    wait_until(lambda: any(cmdline(p).startswith("safegate") for p in descendants([job.pid])),
+               what="the child named safegate")
+    result = run("check", "--config", str(_builtin_rules_config(config, tmp_path)), "-p", "whisper-large-v3",
+                 "--mem", "0", "--json")
+    assert result.returncode == ExitCode.COMPETING, result.stdout
+    assert job.pid in _matched_pids(result)
+
+
+# --- one report per cause: the lock's own job is the lock's (issue 23.5) --------------------------------------
+
+
+def test_the_job_holding_the_callers_lock_is_reported_under_the_lock_only(run: Run, sensor: Path, procs: Procs,
+                                                                         tmp_path: Path, lock_dir: Path,
+                                                                         env: dict[str, str]) -> None:
+    token = f"sgtest{os.getpid()}{tmp_path.name}"
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(neutral_config(sensor, f"[profiles.whisper-large-v3]\nmemory = \"0\"\ncompeting = [{{ program = "
+                                          f"'whisper', args = 'large-v3 {token}' }}]\n"))
+    whisper = _script(tmp_path, "whisper")
+    gate = procs.spawn([PY, "-m", "safegate", "exec", "--config", str(cfg), "-p", "whisper-large-v3", "-q", "--",
+                        PY, str(whisper), "--model", "large-v3", token], env=env)
+    job = wait_until(lambda: job_pid(lock_dir, "whisper-large"), what="the job under the lock")
+    wait_until(lambda: token in cmdline(job), what="the job's command line")
+    result = run("check", "--config", str(cfg), "-p", "whisper-large-v3", "--json")
+    assert result.returncode == ExitCode.LOCKED, result.stdout
+    checks = {c["name"]: c for c in json.loads(result.stdout)["checks"]}
+    assert checks["lock"]["status"] == "fail"
+    holder = checks["lock"]["values"]["holder"]
+    assert holder["pid"] == gate.pid and holder["job_pid"] == job
+    assert checks["competing"]["status"] == "pass" and checks["competing"]["values"]["matches"] == []
+    text = run("check", "--config", str(cfg), "-p", "whisper-large-v3")
+    assert text.returncode == ExitCode.LOCKED
+    assert len(re.findall(rf"\b{job}\b", text.stdout)) == 1, text.stdout
+    # An unmanaged whisper beside it is still a competing process of its own.
+    other = procs.spawn([PY, str(whisper), "--model", "large-v3", token])
+    wait_until(lambda: token in cmdline(other.pid), what="the unmanaged job")
+    result = run("check", "--config", str(cfg), "-p", "whisper-large-v3", "--json")
+    assert _matched_pids(result) == [other.pid], result.stdout
+
+
+def test_a_match_that_ended_before_the_lock_was_read_no_longer_competes(procs: Procs) -> None:
+    # The process table is read before the admission lock, the lock after: the job whose end released the lock
+    # was seen running. Seen by a waiter woken by that release, it would send it back to sleep.
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    running = procs.spawn(["sleep", "600"])
+    rules = (CompetingRule("x", "block"),)
+    seen = [CompetingMatch(info(pid, ["whisper", "--model", "large-v3"]), rules[0], "x")
+            for pid in (ended.pid, running.pid)]
+    machine = preflight.Machine(legacy=(), thermal=ThermalSnapshot(()), gpus=GpuSnapshot("none", "none"),
+                                selection=Selection((), False), competing=check_competing(seen, rules),
+                                processes=ProcessSnapshot((), frozenset()))
+    result = preflight._besides_the_lock(machine, None, rules)
+    assert isinstance(result.values, CompetingValues)
+    assert [m.process.pid for m in result.values.matches] == [running.pid]
+    assert result.status is Status.FAIL and f"pid {ended.pid} " not in result.reason

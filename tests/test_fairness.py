@@ -4,12 +4,14 @@ dir (safegate.locks.queue): only with its first judgement, saying whether memory
 from __future__ import annotations
 
 import getpass
+import itertools
 import json
 import os
 import signal
+import subprocess
 from pathlib import Path
 
-from support import PY, TIMEOUT, Procs, Run, meminfo_available, neutral_config, post_ticket, wait_until
+from support import PY, TIMEOUT, Procs, Run, job_pid, meminfo_available, neutral_config, post_ticket, wait_until
 
 from safegate.exitcodes import ExitCode
 from safegate.fairness import QUEUE, blocked_by, in_line, waits_only_for_memory
@@ -132,3 +134,49 @@ def test_a_later_small_job_waits_for_a_big_waiter_held_back_in_line(run: Run, tm
     os.kill(sleeper.pid, signal.SIGKILL)
     assert waiter.wait(timeout=TIMEOUT) == 0
     assert run("check", *gate, "--mem", str(small), "-q").returncode == 0
+
+
+HANDOVER_JOB = """import os, sys, time
+spans, index, fifo = sys.argv[-3:]
+if index == "0":
+    with open(fifo) as fh:  # the first job runs until the test has lined every waiter up
+        fh.read()
+start = time.monotonic()
+time.sleep(0.05)
+fd = os.open(spans, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+os.write(fd, f"{index} {start} {time.monotonic()}\\n".encode())
+"""
+
+
+def test_waiters_for_a_lock_whose_job_competes_all_run_one_at_a_time_in_arrival_order(
+        tmp_path: Path, sensor: Path, lock_dir: Path, procs: Procs, env: dict[str, str]) -> None:
+    # Each job's command line matches its profile's own competing rule, so a waiter sees the running job as the
+    # lock's holder (and, before issue 23.5, as a competing process too). Woken by each release rather than by
+    # its backoff, only the first in line may go: the others keep their places.
+    token = f"sgtest{os.getpid()}{tmp_path.name}"
+    config = tmp_path / "config.toml"
+    config.write_text(neutral_config(sensor, f"[profiles.whisper-large-v3]\nmemory = \"0\"\ncompeting = [{{ program "
+                                             f"= 'whisper', args = 'large-v3 {token}' }}]\n"))
+    whisper = tmp_path / "whisper"
+    whisper.write_text(HANDOVER_JOB)
+    fifo, spans = tmp_path / "go", tmp_path / "spans"
+    os.mkfifo(fifo)
+
+    def gate(index: int) -> subprocess.Popen[bytes]:
+        return procs.spawn([PY, "-m", "safegate", "exec", "--config", str(config), "-p", "whisper-large-v3",
+                            "--wait", "--timeout", f"{TIMEOUT:g}s", "-q", "--", PY, str(whisper), "--model",
+                            "large-v3", token, str(spans), str(index), str(fifo)], env=env)
+
+    first = gate(0)
+    wait_until(lambda: job_pid(lock_dir, "whisper-large"), what="the first job under the lock")
+    waiters = []
+    for index in range(1, 5):
+        waiters.append(gate(index))
+        wait_until(lambda n=index: len(read_tickets(lock_dir)) == n, what=f"waiter {index} in line")
+    with open(fifo, "w") as fh:
+        fh.write("go")
+    assert [p.wait(timeout=TIMEOUT) for p in (first, *waiters)] == [0] * 5
+    rows = sorted((float(start), float(end), int(index)) for index, start, end in
+                  (line.split() for line in spans.read_text().splitlines()))
+    assert [index for _, _, index in rows] == [0, 1, 2, 3, 4], rows
+    assert all(b[0] >= a[1] for a, b in itertools.pairwise(rows)), rows

@@ -8,16 +8,33 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
 import pytest
-from support import TIMEOUT, Nobody, Procs, hold_with_flock, hold_with_safegate, holder_files, wait_until
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from support import (
+    TIMEOUT,
+    Nobody,
+    Procs,
+    hold_with_flock,
+    hold_with_safegate,
+    holder_files,
+    post_ticket,
+    wait_until,
+)
 
 from safegate.errors import LockDirError
+from safegate.locks import watch
+from safegate.locks.flock import dir_lockers
 from safegate.locks.holders import Holder
 from safegate.locks.legacy import legacy_removable, read_legacy, remove_legacy
 from safegate.locks.store import LockStore
+from safegate.snapshots import Ticket
 
 
 def store_at(path: Path) -> LockStore:
@@ -328,3 +345,105 @@ def test_holder_json_round_trip() -> None:
     h = Holder.for_current_process("heavy", "default", ["a", "b c"])
     assert Holder.from_json(h.to_json()) == h
     assert json.loads(h.to_json())["pid"] == os.getpid()
+
+
+# --- who holds a flock in the lock dir (issue 22.9: what exempts a safegate process) ----------------------------
+
+
+def test_lockers_are_the_takers_of_flocks_on_files_in_the_lock_dir(tmp_path: Path, procs: Procs) -> None:
+    store = store_at(tmp_path / "locks")
+    inside = hold_with_flock(procs, store.lock_path("heavy"))
+    dotted = hold_with_flock(procs, store.directory / ".admission.lock")
+    outside = hold_with_flock(procs, tmp_path / "elsewhere.lock")
+    found = store.lockers()
+    assert {inside.pid, dotted.pid} <= found and outside.pid not in found
+    assert LockStore(tmp_path / "absent").lockers() == set()
+
+
+_KINDS = st.sampled_from(["file", "dir", "symlink", "fifo"])
+
+
+@settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(entries=st.lists(st.tuples(_KINDS, st.sampled_from(["held", "other device", "free"])), max_size=8),
+       noise=st.dictionaries(st.tuples(st.integers(0, 2**32), st.integers(0, 2**40)),
+                             st.sets(st.integers(1, 2**22), min_size=1, max_size=3), max_size=6))
+def test_dir_lockers_names_exactly_the_takers_of_what_is_in_the_dir(
+        entries: list[tuple[str, str]], noise: dict[tuple[int, int], set[int]],
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    # Whatever others plant (directories, symlinks, FIFOs) and whatever /proc/locks holds besides: the pids are
+    # those whose (device, inode) is that of an entry of the lock dir, no more.
+    directory = tmp_path_factory.mktemp("locks")
+    table = {key: set(pids) for key, pids in noise.items()}
+    for i, (kind, state) in enumerate(entries):
+        path = directory / f"e{i}.lock"
+        if kind == "file":
+            path.write_text("")
+        elif kind == "dir":
+            path.mkdir()
+        elif kind == "symlink":
+            path.symlink_to("/etc/passwd")
+        else:
+            os.mkfifo(path)
+        st_ = os.lstat(path)
+        if state == "held":
+            table.setdefault((st_.st_dev, st_.st_ino), set()).add(10_000_000 + i)
+        elif state == "other device":
+            table.setdefault((st_.st_dev + 1, st_.st_ino), set()).add(20_000_000 + i)
+    expected: set[int] = set()
+    for name in os.listdir(directory):
+        st_ = os.lstat(directory / name)
+        expected |= table.get((st_.st_dev, st_.st_ino), set())
+    assert dir_lockers(directory, table) == expected
+    assert dir_lockers(directory, None) == set() and dir_lockers(directory / "absent", table) == set()
+
+
+# --- a waiter's turn at its lock (issue 23.3: woken by the release, not by a backoff) ---------------------------
+
+
+def _me(lock: str = "heavy") -> Ticket:
+    return Ticket(pid=os.getpid(), start_time=psutil.Process().create_time(), user="me", lock=lock, profile="p",
+                  need=0, arrival=time.time_ns())
+
+
+def _in_thread(call: Callable[[], bool]) -> Callable[[], bool | None]:
+    """Run *call* in a thread; the returned function joins it (at the suite's deadline) and gives its result."""
+    result: list[bool] = []
+    thread = threading.Thread(target=lambda: result.append(call()), daemon=True)
+    thread.start()
+
+    def join() -> bool | None:
+        thread.join(TIMEOUT)
+        return result[0] if result else None
+
+    return join
+
+
+@pytest.mark.parametrize("inotify", [True, False], ids=["inotify", "no-inotify"])
+def test_a_waiter_is_woken_by_the_release_of_its_lock(tmp_path: Path, procs: Procs, inotify: bool,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    if not inotify:
+        def refused(directory: Path) -> None:
+            raise OSError(24, "inotify_init1")
+        monkeypatch.setattr(watch, "DirWatch", refused)
+    store = store_at(tmp_path / "locks")
+    holder = hold_with_flock(procs, store.lock_path("heavy"))  # flock(1) opens it read-only: a close-nowrite
+    me = _me()
+    assert watch.wait_turn(store.directory, "heavy", me, 0.2) is False  # held all along: the deadline
+    join = _in_thread(lambda: watch.wait_turn(store.directory, "heavy", me, TIMEOUT))
+    os.killpg(holder.pid, signal.SIGKILL)
+    holder.wait()
+    assert join() is True
+
+
+def test_a_released_lock_is_not_a_waiters_turn_while_an_earlier_waiter_for_it_is_in_line(
+        tmp_path: Path, procs: Procs) -> None:
+    store = store_at(tmp_path / "locks")
+    earlier = procs.spawn(["sleep", "600"])
+    path = post_ticket(store.directory, earlier.pid, need=0, lock="heavy")
+    other_lock = _me("other")
+    assert watch.wait_turn(store.directory, "other", other_lock, TIMEOUT) is True  # another lock's line: free now
+    me = _me()
+    assert watch.wait_turn(store.directory, "heavy", me, 0.2) is False  # free, but the earlier waiter goes first
+    join = _in_thread(lambda: watch.wait_turn(store.directory, "heavy", me, TIMEOUT))
+    path.unlink()  # admitted or gone: its ticket leaves the line
+    assert join() is True

@@ -17,6 +17,7 @@ import pytest
 from support import PY, Procs, Run, Shared, holder_files, meminfo_available, neutral_config, wait_until
 
 from safegate.exitcodes import ExitCode
+from safegate.locks.queue import read_tickets
 
 TIB = 1024**4
 
@@ -317,3 +318,51 @@ def test_per_job_lock_of_a_killed_exec_is_cleaned(shared: Shared, procs: Procs) 
     assert result.returncode == 0 and "stale per-job lock" in result.stdout, result.stdout + result.stderr
     assert not list(shared.dir.glob("job-*"))
     assert json.loads(shared.as_nobody("locks", "--json").stdout) == []
+
+
+# --- issue 22.9: another user's process is left out as safegate only for what the lock dir shows ---------------
+
+
+def test_another_users_process_dressed_up_as_safegate_competes_and_their_real_waiter_does_not(
+        shared: Shared, procs: Procs) -> None:
+    token = _token()
+    shared.config.write_text(shared.config.read_text() + "[profiles.night]\nlock = \"night\"\ncompeting = [{ pattern "
+                             f"= 'whisper --model large-v3 {token}', action = \"block\" }}]\n")
+    # nobody's heavy process, argv[0] 'safegate', its command line naming the job.
+    dressed = procs.spawn(["runuser", "-u", "nobody", "--", "bash", "-c",
+                           f"exec -a safegate bash -c 'sleep 600; exit' whisper --model large-v3 {token}"])
+    # And nobody's real safegate, waiting in line (a ticket in the lock dir) to start the same kind of job.
+    holder = procs.spawn(["flock", str(shared.dir / "night.lock"), "sleep", "600"])
+    env = {"PYTHONPATH": shared.nobody.pythonpath, "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+           "HOME": str(shared.nobody.workdir), "SAFEGATE_LOCK_DIR": str(shared.dir), "SAFEGATE_GPU": "none"}
+    waiter = procs.spawn(["runuser", "-u", "nobody", "--", "env", *[f"{k}={v}" for k, v in env.items()],
+                          shared.nobody.python, "-m", "safegate", "exec", "--config", str(shared.config), "-p", "night",
+                          "--wait", "-q", "--", "sh", "-c", "sleep 600", "whisper", "--model", "large-v3", token])
+
+    def nobodys(prefix: str, root: int) -> int:
+        """The pid of nobody's process below *root* whose command line starts with *prefix* (0: none yet)."""
+        try:
+            found = psutil.Process(root).children(recursive=True)
+        except psutil.Error:
+            return 0
+        for proc in found:
+            try:
+                if proc.uids().real != 0 and " ".join(proc.cmdline()).startswith(prefix):
+                    return proc.pid
+            except psutil.Error:
+                continue
+        return 0
+
+    fake = wait_until(lambda: nobodys("safegate -c", dressed.pid), what="nobody's process dressed up as safegate")
+    gate = wait_until(lambda: nobodys(shared.nobody.python, waiter.pid), what="nobody's waiting safegate")
+    wait_until(lambda: any(t.pid == gate for t in read_tickets(shared.dir)), what="nobody's ticket")
+    assert holder.poll() is None
+    result = shared.root("check", "-p", "night", "--lock", "other", "--mem", "0", "--json")
+    assert result.returncode == ExitCode.COMPETING, result.stdout + result.stderr
+    competing = next(c for c in json.loads(result.stdout)["checks"] if c["name"] == "competing")
+    matched = {m["pid"]: m for m in competing["values"]["matches"]}
+    assert fake in matched and matched[fake]["user"] == "nobody", result.stdout
+    # runuser's command line names the job too: no launcher of an accounted safegate, it competes as well.
+    assert set(matched) == {fake, dressed.pid}, result.stdout
+    # The waiter and its launcher (runuser, env: the same command line) are left out.
+    assert gate not in matched and waiter.pid not in matched

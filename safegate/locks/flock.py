@@ -1,4 +1,4 @@
-"""flock(2) on lock files: open, probe, take, wait for a release, and the machine-wide admission lock."""
+"""flock(2) on lock files: open, probe, take, who holds them (/proc/locks), and the machine-wide admission lock."""
 
 from __future__ import annotations
 
@@ -18,8 +18,7 @@ ADMISSION_TIMEOUT = 30.0
 # tells the two apart, so two safegates probing at once do not see each other as holders.
 CONTENTION_GRACE = 0.05
 CONTENTION = Backoff(first=0.005)
-# A waiter blocked only by the lock then starts within ~10 ms of its release instead of at its next
-# backoff, which keeps a queue of waiting execs moving; each poll is one non-blocking flock call.
+# Watching a lock for its release where inotify cannot be had (locks.watch): one non-blocking flock call a step.
 RELEASE_WATCH = Backoff(first=0.01)
 # Waiting for the admission lock: its holder's work is bounded (milliseconds), so a short, slowly growing step.
 ADMISSION_WAIT = Backoff(first=0.002, factor=1.5, cap=0.05)
@@ -95,24 +94,6 @@ def is_held(path: Path) -> bool:
         os.close(fd)
 
 
-def _free_now(fd: int) -> bool:
-    if not flock_nb(fd):
-        return False
-    funlock(fd)
-    return True
-
-
-def wait_free(path: Path, seconds: float, watch: Backoff = RELEASE_WATCH) -> bool:
-    """Watch the flock for up to *seconds*; True as soon as it is free."""
-    fd = open_lock_file(path, create=False)
-    if fd is None:
-        return True
-    try:
-        return poll(lambda: _free_now(fd), seconds, watch)
-    finally:
-        os.close(fd)
-
-
 @contextmanager
 def admission(directory: Path, timeout: float = ADMISSION_TIMEOUT) -> Iterator[None]:
     """The machine-wide admission lock: one safegate at a time checks and claims its lock.
@@ -177,6 +158,31 @@ def lockers() -> dict[tuple[int, int], set[int]] | None:
             found.setdefault(key, set()).add(int(parts[4]))
         except ValueError:
             continue
+    return found
+
+
+def dir_lockers(directory: Path, table: dict[tuple[int, int], set[int]] | None) -> set[int]:
+    """The pids holding a flock on a file in *directory*, per *table* (lockers()).
+
+    One pass over the directory: a file's inode number comes with its entry, so only the files someone has
+    locked are looked at closer (an lstat, for the device), however many files others plant there.
+    """
+    if not table:
+        return set()
+    inodes = {ino for _, ino in table}
+    found: set[int] = set()
+    try:
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if entry.inode() not in inodes:
+                    continue
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                found |= table.get((st.st_dev, st.st_ino), set())
+    except OSError:
+        return found
     return found
 
 

@@ -83,7 +83,7 @@ class HeldLock:
 
 
 class LockStore:
-    """The locks in one lock dir. Reading (names, state, reservations, is_held, wait_free) never writes."""
+    """The locks in one lock dir. Reading (names, state, reservations, lockers, is_held) never writes."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
@@ -105,9 +105,6 @@ class LockStore:
 
     def is_held(self, name: str) -> bool:
         return flock.is_held(self.lock_path(name))
-
-    def wait_free(self, name: str, seconds: float) -> bool:
-        return flock.wait_free(self.lock_path(name), seconds)
 
     def admission(self, timeout: float = flock.ADMISSION_TIMEOUT) -> contextlib.AbstractContextManager[None]:
         return flock.admission(self.directory, timeout)
@@ -174,7 +171,12 @@ class LockStore:
         files, unread = self._holder_files(name, pids, names)
         holder = holders.current_holder(files, name, pids)
         return LockState(name=name, path=self.lock_path(name), held=True, holder=holder,
-                         holder_alive=holder is not None, note=_note(files, holder, unread))
+                         holder_alive=holder is not None, note=_note(files, holder, unread),
+                         lockers=frozenset(pids or ()))
+
+    def lockers(self) -> set[int]:
+        """The pids holding a flock on any file of the lock dir (/proc/locks; none where it cannot be read)."""
+        return flock.dir_lockers(self.directory, flock.lockers())
 
     def reservations(self, names: list[str] | None = None) -> list[Holder]:
         return stale.reservations(self.directory, names)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Collection, Iterable
 
 from safegate.snapshots import ProcessInfo, ProcessSnapshot
 
@@ -48,11 +48,10 @@ def _parse_stat(raw: bytes) -> tuple[str, int, int] | None:
 
 
 def is_safegate(argv: list[str]) -> bool:
-    """A safegate process (the console script, or python -m safegate), whatever job it gates.
+    """Whether a command line reads as a safegate process (the console script, or python -m safegate).
 
-    Another safegate waiting to start the same kind of job carries that job's command line in its own;
-    matching it as a competitor would make waiting safegates block each other forever. Its job, once
-    started, is a process of its own and is matched as usual.
+    Only a claim: anyone can set argv[0] (`exec -a safegate whisper ...`). read_processes() leaves a process out
+    for it only where the lock dir accounts for the process (a lock it holds, a ticket it waits with).
     """
     if not argv:
         return False
@@ -194,13 +193,22 @@ def descendants(roots: Iterable[int], parents: dict[int, int]) -> set[int]:
     return found
 
 
-def read_processes(started: Iterable[int] = (), proc_root: str = "/proc") -> ProcessSnapshot:
-    """All processes except safegate itself, its ancestors and descendants, *started* with theirs, other
-    safegate processes (not their jobs), and their launchers.
+def read_processes(started: Iterable[int] = (), proc_root: str = "/proc",
+                   accounted: Callable[[], Collection[int]] | None = None) -> ProcessSnapshot:
+    """All processes except safegate itself, its ancestors and descendants, *started* with theirs, the other
+    safegate processes whose job the lock dir accounts for (not their jobs), and their launchers.
 
-    A launcher is any ancestor of a safegate process: cron and pueue run each line as `sh -c LINE`, and the
-    shell stays alive as the parent of `safegate exec --wait ... -- whisper ...`, its command line naming the
-    job. Counting it as that job made every waiter block on the others' shells, none ever starting.
+    Another safegate waiting to start the same kind of job carries that job's command line in its own; matching
+    it as a competitor would make waiting safegates block each other forever. But a command line is anyone's to
+    write, so a process that reads as safegate is left out only where *accounted()* (the pids holding a flock on
+    a file in the lock dir, or waiting there with a live ticket: what every user can read and only the process
+    itself can make) names it. It is called only when such a process runs outside our own family. Without it,
+    no other safegate process is left out.
+
+    A launcher is any ancestor of such a safegate: cron and pueue run each line as `sh -c LINE`, and the shell
+    stays alive as the parent of `safegate exec --wait ... -- whisper ...`, its command line naming the job.
+    Counting it as that job made every waiter block on the others' shells, none ever starting. The parent of a
+    child that only calls itself safegate (holding nothing) is no launcher: it competes.
     """
     if sys.platform.startswith("linux") and os.path.isdir(proc_root):
         procs = _linux_processes(proc_root)
@@ -212,14 +220,18 @@ def read_processes(started: Iterable[int] = (), proc_root: str = "/proc") -> Pro
         # Our own cmdline is always readable, but keep the chain walk working if it was not.
         parents[me] = os.getppid()
     roots = {me, *started}
-    gates = {p.pid for p in procs if p.safegate}
+    family = roots | ancestors(me, parents) | descendants(roots, parents)
+    claims = {p.pid for p in procs if p.safegate and p.pid not in family}
+    gates: set[int] = set()
+    if claims and accounted is not None:
+        # Read after the scan: a safegate takes its lock before it drops its ticket, so one seen in the scan is
+        # found holding one or the other.
+        gates = claims & set(accounted())
     launchers: set[int] = set()
     for pid in gates:
         if pid not in launchers:
             launchers |= ancestors(pid, parents)
-    excluded = frozenset(
-        roots | ancestors(me, parents) | descendants(roots, parents) | gates | launchers
-    )
+    excluded = frozenset(family | gates | launchers)
     kept = tuple(p for p in procs if p.pid not in excluded)
     return ProcessSnapshot(processes=kept, excluded=excluded)
 
@@ -239,6 +251,16 @@ def user_name(uid: int) -> str:
         except KeyError:
             _USERS[uid] = str(uid)
     return _USERS[uid]
+
+
+def still_running(pid: int, proc_root: str = "/proc") -> bool:
+    """Whether *pid* still runs (neither gone nor a zombie): one read of its stat. True where there is no /proc
+    to tell (the caller keeps what it saw)."""
+    if not os.path.isdir(f"{proc_root}/self"):
+        return True
+    raw = read_small(f"{proc_root}/{pid}/stat")
+    parsed = _parse_stat(raw) if raw else None
+    return parsed is not None and parsed[0] not in ("Z", "X")
 
 
 def process_alive(pid: int, start_time: float | None) -> bool:

@@ -110,7 +110,7 @@ def test_deadlines_use_the_monotonic_clock() -> None:
 
     root = Path(gate_module.__file__).parent
     for name in ("preflight.py", "admission.py", "grant.py", "locks/queue.py", "supervisor.py", "backoff.py",
-                 "locks/flock.py", "locks/holders.py", "locks/store.py",
+                 "locks/flock.py", "locks/holders.py", "locks/store.py", "locks/watch.py",
                  "limits.py", "watchers.py", "sampler.py", "job.py", "outcome.py", "api.py", "jobrun.py"):
         tree = ast.parse((root / name).read_text())
         for node in ast.walk(tree):
