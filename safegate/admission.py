@@ -12,7 +12,7 @@ from typing import TypeVar
 
 from safegate.backoff import RECHECK, poll
 from safegate.exitcodes import ExitCode
-from safegate.grant import GRANT_LEASE, spawn_keeper
+from safegate.grant import GRANT_LEASE, owner_idle, spawn_keeper
 from safegate.locks.queue import HEAD_GRACE, Line
 from safegate.locks.store import HeldLock, LockStore
 from safegate.policy import encloses
@@ -168,7 +168,7 @@ def enclosing_hold(store: LockStore, settings: Settings) -> HolderRecord | None:
     family = ancestry()
     if settings.lock is not None:
         holder = store.state(settings.lock).holder
-        return holder if encloses(holder, family) else None
+        return holder if encloses(holder, family, owner_idle(holder, family)) else None
     return next((h for h in store.reservations() if h.owner is not None and encloses(h, family)), None)
 
 

@@ -20,11 +20,12 @@ import contextlib
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from safegate.locks.flock import waiting_on
 from safegate.locks.store import HeldLock, LockStore
 from safegate.probes.pids import Identity, age, children, cmdline, identity
+from safegate.snapshots import HolderRecord
 
 GRANT_LEASE = 1.5  # seconds the owner has, after check exits, to start its job
 BIND_POLL = 0.002  # while binding: a shell forks its next command within a millisecond or two
@@ -187,6 +188,19 @@ def _is_check(argv: bytes) -> bool:
     names = [a.rsplit(b"/", 1)[-1] for a in args[:4]]
     safegate = any(n == b"safegate" or a.endswith(b"safegate/__main__.py") for n, a in zip(names, args, strict=False))
     return any(n.startswith(b"safegate-parallel-limit") for n in names) or (b"check" in args and safegate)
+
+
+def owner_idle(holder: HolderRecord | None, family: Collection[int]) -> bool:
+    """For a grant not yet bound whose owner is among *family* (the caller and its ancestors): the owner has
+    started no process since the grant but the caller's own line (policy.encloses). Its next one is the job the
+    grant waits for: once there is one, a caller beside it is not inside the grant, it is a second job."""
+    if holder is None or holder.owner is None or holder.job_pid is not None or holder.owner not in family:
+        return False
+    keeper = identity(holder.pid)
+    if keeper is None:
+        return False
+    return not [pid for pid in children(holder.owner) - set(family)
+                if (who := identity(pid)) is not None and who.start >= keeper.start]
 
 
 def _same(who: Identity) -> bool:

@@ -241,27 +241,28 @@ def _describe_holder(state: LockState, now: float) -> str:
     return f"lock {state.name!r} is held by {who}, profile {holder.profile}, for {since}"
 
 
-def encloses(holder: HolderRecord | None, family: Collection[int]) -> bool:
+def encloses(holder: HolderRecord | None, family: Collection[int], owner_idle: bool = False) -> bool:
     """*holder* holds its lock for the caller: it is the caller or one of its ancestors (a hold() in this process,
     an exec this runs under), or its job is (a grant's keeper, whose bound job this runs in), or it is a grant not
-    yet bound whose owner is an ancestor (the owner asking again, as GNU parallel re-runs its --limit command, or
-    its job starting before the keeper has seen it). A caller never waits on a hold it runs inside."""
+    yet bound whose owner is an ancestor and has started nothing else since (*owner_idle*: the owner asking
+    again, as GNU parallel re-runs its --limit command, or its job starting before the keeper has seen it). A
+    caller never waits on a hold it runs inside."""
     if holder is None:
         return False
     if holder.pid in family or (holder.job_pid is not None and holder.job_pid in family):
         return True
-    return holder.owner is not None and holder.job_pid is None and holder.owner in family
+    return owner_idle and holder.owner is not None and holder.job_pid is None and holder.owner in family
 
 
 def check_lock(state: LockState | None, legacy: Sequence[LegacyState], now: float | None = None,
-               family: Collection[int] = ()) -> CheckResult:
+               family: Collection[int] = (), owner_idle: bool = False) -> CheckResult:
     """The lock: free, held by someone else, or held by a hold the caller runs inside (*family*: the caller and
     its ancestors), which passes: the lock is re-entrant for the job that holds it."""
     now = time.time() if now is None else now
     values = LockValues(lock=state.name if state else None, path=str(state.path) if state else None,
                         held=state.held if state else False, holder=state.holder if state else None,
                         holder_alive=state.holder_alive if state else False, legacy=tuple(legacy))
-    if state is not None and state.held and encloses(state.holder, family):
+    if state is not None and state.held and encloses(state.holder, family, owner_idle):
         assert state.holder is not None
         who = state.holder.job_pid or state.holder.pid
         return CheckResult("lock", Status.PASS, f"inside the job that holds {state.name!r} (pid {who}): runs within "

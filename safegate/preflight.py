@@ -16,6 +16,7 @@ from typing import Any
 
 from safegate.config import CompetingRule, Config, Profile, ThermalConfig
 from safegate.fairness import QUEUE, head_waiting, in_line
+from safegate.grant import owner_idle
 from safegate.locks.directory import names_in, resolve_lock_dir
 from safegate.locks.legacy import legacy_removable, read_legacy, remove_legacy
 from safegate.locks.queue import HEAD_GRACE, Line, read_tickets, waiting_in_line
@@ -281,7 +282,8 @@ def evaluate(
         check_gpu(machine.gpus, selection, gpu_need, settings.gpu_margin, gpu_reserved),
         check_thermal(machine.thermal, limit, require=settings.thermal.require, resuming=resuming,
                       gpus=selection.gpus),
-        check_lock(lock_state, list(machine.legacy), family=family),
+        check_lock(lock_state, list(machine.legacy), family=family,
+                   owner_idle=owner_idle(lock_state.holder if lock_state else None, family)),
         _besides_the_lock(machine, lock_state, settings.rules),
     ]
     checks[1] = blame_holder(checks[1], lock_state, holders, mem, need, margin)
