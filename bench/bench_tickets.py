@@ -23,6 +23,7 @@ up to 64 per call in the new code), untimed, so each call faces the same files; 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import shutil
@@ -145,9 +146,33 @@ class Planter:
         return self._ask({"op": "refill", "dir": str(d)})
 
 
+# Each call in a shell of its own, as users run check: a passing check grants the lock to its parent's next
+# process (issue 23), and a shell that starts nothing after it ends the grant by exiting. Between calls
+# (untimed), the previous call's grant is let go: the lock must be free before the next call starts.
+ALONE = ["sh", "-c", '"$@"; exit $?', "sh"]
+
+
+def lock_free(path: Path) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
 def timed(argv: list[str], env: dict[str, str], cwd: Path) -> float:
+    lock = Path(env["SAFEGATE_LOCK_DIR"]) / "night.lock"
+    deadline = time.monotonic() + 30
+    while not lock_free(lock) and time.monotonic() < deadline:
+        time.sleep(0.002)
     start = time.perf_counter()
-    result = subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True, timeout=600,
+    result = subprocess.run([*ALONE, *argv], env=env, cwd=cwd, capture_output=True, text=True, timeout=600,
                             stdin=subprocess.DEVNULL)
     elapsed = time.perf_counter() - start
     if result.returncode != 0:
