@@ -76,15 +76,13 @@ class Holder(HolderRecord):
     def for_current_process(
         cls, lock: str, profile: str, cmdline: Sequence[str] | None = None, need: int = 0
     ) -> Holder:
-        import socket
-
         me = identity(os.getpid())
         assert me is not None, "/proc/self/stat must be readable"
         return cls(
             pid=me.pid,
             start_time=me.start_time,  # what psutil's create_time gives, without importing psutil
             user=_bounded(_user_name()),
-            host=_bounded(socket.gethostname()),
+            host=_bounded(os.uname().nodename),  # what socket.gethostname() returns, without importing socket
             cmdline=bounded_cmdline(list(cmdline) if cmdline is not None else list(sys.argv)),
             started_at=time.time(),
             profile=_bounded(profile),
@@ -153,19 +151,15 @@ class HolderFile:
 
 
 def new_holder_path(directory: Path, name: str, pid: int) -> Path:
-    import secrets
-
     who = identity(pid)
     start = who.start if who is not None else 0
-    return directory / f"{validate_lock_name(name)}.holder-{pid}.{start}-{secrets.token_hex(8)}.json"
+    return directory / f"{validate_lock_name(name)}.holder-{pid}.{start}-{os.urandom(8).hex()}.json"
 
 
 def write_holder(directory: Path, holder: Holder, path: Path | None = None) -> Path:
     """Write *holder* atomically to *path* (a new file of its own when None); the path written."""
     final = path if path is not None else new_holder_path(directory, holder.lock, holder.pid)
-    import secrets
-
-    tmp = directory / f".{holder.lock}.{secrets.token_hex(8)}.tmp"
+    tmp = directory / f".{holder.lock}.{os.urandom(8).hex()}.tmp"  # os.urandom: what secrets uses, unimported
     fd = open_nofollow(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
