@@ -98,12 +98,17 @@ def pids_with(marker: str, roots: Iterable[int] | None = None) -> list[int]:
     return found
 
 
+def meminfo(key: str) -> int:
+    """A /proc/meminfo figure (MemTotal, MemAvailable, ...) now, in bytes."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith(f"{key}:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no {key} in /proc/meminfo")
+
+
 def meminfo_available() -> int:
     """MemAvailable now, in bytes. Read it at the moment a test sizes something, and leave wide margins."""
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no MemAvailable in /proc/meminfo")
+    return meminfo("MemAvailable")
 
 
 # --- locks -----------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support import PY, TIMEOUT, Procs, Shared, hold_with_flock, wait_until
+from support import PY, TIMEOUT, Procs, Shared, hold_with_flock, meminfo, wait_until
 
 from safegate.exitcodes import ExitCode
 
@@ -132,15 +132,8 @@ def test_a_sleeping_ticket_at_the_head_of_a_free_lock_loses_its_place(shared: Sh
 # --- finding 4: a need that can never fit is told so at once and holds back no one --------------------------
 
 
-def _mem_total() -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemTotal:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no MemTotal")
-
-
 def test_a_need_that_can_never_fit_is_exit_10_at_once(shared: Shared) -> None:
-    need = _mem_total() - 2 * 1024**3  # fits the machine, not with the 4G margin
+    need = meminfo("MemTotal") - 2 * 1024**3  # fits the machine, not with the 4G margin
     for command in (["check"], ["exec"]):
         args = [*command, "--mem", str(need), "--margin", "4G", "--wait"]
         result = shared.root(*args, *(["--", "true"] if command == ["exec"] else []))
@@ -151,7 +144,7 @@ def test_a_need_that_can_never_fit_is_exit_10_at_once(shared: Shared) -> None:
 
 def test_an_impossible_waiter_holds_back_no_one(shared: Shared, procs: Procs) -> None:
     pid = _sleeper(procs)
-    need = _mem_total() - 1024**2  # fits MemTotal alone; never with any margin
+    need = meminfo("MemTotal") - 1024**2  # fits MemTotal alone; never with any margin
     _plant_ticket(shared, pid, json.dumps(_old_style(pid, None, profile="huge", need=need, blocked_by="memory",
                                                      memory_only=True)),
                   state=json.dumps({"blocked_by": "memory", "reason": "memory: short", "memory_only": True}))
