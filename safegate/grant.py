@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import sys
 import time
 from collections.abc import Collection, Sequence
@@ -29,7 +30,8 @@ from safegate.snapshots import HolderRecord
 
 GRANT_LEASE = 1.5  # seconds the owner has, after check exits, to start its job
 BIND_POLL = 0.002  # while binding: a shell forks its next command within a millisecond or two
-WATCH_POLL = 0.05  # while the job runs: its end, a flock(1) waiting, its memory
+WATCH_POLL = 0.05  # while the job runs: a flock(1) of its waiting, its memory (its end wakes the keeper at once)
+WATCH_CAP = 1.0
 # Owners that take no job after a check: a service manager (PID 1, or the user's systemd), whose
 # ExecStartPre= check is followed by ExecStart= in another process it starts much later.
 _MANAGERS = frozenset({"systemd", "init"})
@@ -110,14 +112,28 @@ def keep(held: HeldLock, owner: Identity, check_pid: int, lease: float = GRANT_L
     held.update_holder(job_pid=job.pid, job_start_time=job.start_time)
     lock_path = held.store.lock_path(held.name)
     need = held.holder.need if held.holder is not None else 0
-    while _same(job):
-        if held.fd >= 0 and waiting_on(lock_path) & _tree(job.pid):
-            held.step_aside()  # the job takes the lock itself: the record now names its holder
-        if need and held.holder is not None and held.holder.used < need:
-            used = min(need, _rss(_tree(job.pid)))
-            if used > held.holder.used:
-                held.update_holder(used=used)
-        time.sleep(WATCH_POLL)
+    try:
+        ended: int | None = os.pidfd_open(job.pid)  # readable once the job exits: its end wakes the keeper at once
+    except (OSError, AttributeError):
+        ended = None
+    pause = WATCH_POLL
+    try:
+        while _same(job):
+            if held.fd >= 0 and waiting_on(lock_path) & _tree(job.pid):
+                held.step_aside()  # the job takes the lock itself: the record now names its holder
+            if need and held.holder is not None and held.holder.used < need:
+                used = min(need, _rss(_tree(job.pid)))
+                if used > held.holder.used:
+                    held.update_holder(used=used)
+            if ended is not None:
+                select.select([ended], [], [], pause)
+            else:
+                time.sleep(pause)
+            # A job takes its lock or its memory mostly at its start: look often then, rarely later.
+            pause = min(pause * 1.5, WATCH_CAP)
+    finally:
+        if ended is not None:
+            os.close(ended)
 
 
 def bind(owner: Identity, check_pid: int, lease: float = GRANT_LEASE) -> Identity | None:
