@@ -50,7 +50,8 @@ def cleanup(directory: Path, names: list[str] | None = None) -> Iterator[Removal
         return starts[named[0]] != named[1]
 
     stale = [(name, f) for name, entry in entries.items() for f in entry.holders if gone(f)]
-    for name, filename in random.sample(stale, min(len(stale), SWEEP_MAX)):
+    # Which ones at random when there are more (so planted ones cannot always come first); in name order.
+    for name, filename in sorted(random.sample(stale, min(len(stale), SWEEP_MAX))):
         if not _mine(directory / filename, me):
             continue
         found = read_file(directory / filename)
