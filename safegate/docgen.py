@@ -54,6 +54,39 @@ def signal_paragraphs() -> list[str]:
     ]
 
 
+def grant_paragraphs() -> list[str]:
+    """What a passing check reserves, for whom and until when: README's grants block and the man page's section."""
+    from safegate.grant import GRANT_LEASE
+
+    return [
+        "A passing check reserves what it checked (the profile's lock and its memory need; nothing when it has "
+        "neither) for the job that follows, decided under the same machine-wide admission lock as exec, so two "
+        "checks at once are never both granted what fits once. Four copies of `safegate check -q -p X && job` "
+        "started together run one job; with --wait, all four, one at a time.",
+        "Who gets it: check's parent, or --grant-to PID. The job is the first process that parent starts after "
+        "check exits (not another safegate check), or the parent itself when it execs the job in place (bash does "
+        f"for the last command of sh -c). It must start within {GRANT_LEASE:g} s. In a script, `safegate check || "
+        "exit` grants to the next command the script runs. Under GNU parallel's --limit (the adapter passes "
+        "parallel's pid), the job is parallel's next job process, not its helpers or its next --limit probe.",
+        "How it is held: check leaves a keeper process (its own session, stdio on /dev/null, none of the caller's "
+        "descriptors: x=$(safegate check --json) and cron's mail never wait for it) that holds the lock and the "
+        "need; locks, status and check show it as granted to the parent's job. It ends when the job exits, when "
+        f"the parent exits before starting one, or after {GRANT_LEASE:g} s without one: nothing stays held after "
+        "an interactive `check && job`.",
+        "Who may use it: only the job and its descendants (and the parent asking again before it has started the "
+        "job): `check && safegate exec ...` runs exec inside the grant, and `check && flock LOCKFILE job` works "
+        "(the keeper sees the job waiting for the lock and hands it over). Everyone else sees the lock held (13). "
+        "The need counts for others until the job's own memory has reached it.",
+        "No grant, with a note, when the parent is PID 1 or a service manager (a systemd ExecStartPre= check would "
+        "grant nothing: run the job with safegate exec), or another user. --no-grant (reserve=False in Python) only "
+        "asks, for monitoring and dashboards.",
+        "A lock is re-entrant for the job that holds it: a check, exec or hold whose lock is held by a safegate job "
+        "or grant among its own ancestors (or, for hold, by the same process) runs inside that hold (\"inside the "
+        "job that holds X\"), takes no second lock, and that hold's reservation is not counted against it. Nested "
+        "exec and nested hold never wait on themselves.",
+    ]
+
+
 COMPLETIONS = {"bash": "safegate.bash", "zsh": "_safegate", "fish": "safegate.fish"}
 
 ENVIRONMENT = [
@@ -191,6 +224,9 @@ def man_page() -> str:
     ]
     for name, cmd in commands:
         lines += _command_section(name, cmd)
+    lines.append(".SH A PASSING CHECK IS A GRANT")
+    for paragraph in grant_paragraphs():
+        lines += [".PP", _roff(paragraph)]
     lines.append(".SH SIGNALS AND THE TERMINAL")
     for paragraph in signal_paragraphs():
         lines += [".PP", _roff(paragraph)]

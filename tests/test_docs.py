@@ -152,6 +152,15 @@ def test_readme_signal_section_is_the_generated_text() -> None:
     assert ".SH SIGNALS AND THE TERMINAL" in man and "SIGRTMIN to SIGRTMAX" in man
 
 
+def test_readme_grant_section_is_the_generated_text() -> None:
+    from safegate.docgen import grant_paragraphs
+
+    block = README.split("<!-- grants:", 1)[1].split("-->\n", 1)[1].split("\n<!-- /grants -->", 1)[0]
+    assert block == "\n\n".join(grant_paragraphs())
+    man = (REPO / "man" / "safegate.1").read_text()
+    assert ".SH A PASSING CHECK IS A GRANT" in man and "re\\-entrant" in man
+
+
 def test_man_page_stands_alone() -> None:
     # Installed without the README: the config file, its keys, the files and the environment are in it.
     from safegate.settings import SETTINGS
