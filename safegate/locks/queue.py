@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from safegate.fairness import blocked_by, head_waiting, waits_only_for_memory
+from safegate.fairness import blocked_by, waits_only_for_memory
 from safegate.locks.directory import O_NOFOLLOW, O_NONBLOCK
 from safegate.probes.pids import Identity, identity, live_pids
 from safegate.records import replace
@@ -281,6 +281,3 @@ def _user() -> str:
         return getpass.getuser()
     except (KeyError, OSError):
         return str(os.getuid())
-
-
-__all__ = ["HEAD_GRACE", "Line", "drop_ticket", "head_waiting", "read_tickets", "take_ticket", "waiting_in_line"]
