@@ -24,6 +24,7 @@ ConfigError for a bad config; all are SafegateError.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import sys
 import time
@@ -38,7 +39,6 @@ from safegate.exitcodes import ExitCode
 from safegate.locks.store import HeldLock, LockStore
 from safegate.preflight import Overrides, Settings, clean_and_evaluate, evaluate, resolve
 from safegate.probes.memory import read_memory
-from safegate.records import dataclass, field
 from safegate.results import GpuValues, MemoryValues, Status, Verdict
 from safegate.units import Size, parse_gpu_option, parse_size, parse_temp, validate_lock_name
 
@@ -77,13 +77,12 @@ def _settings(
     return resolve(load_config(config), profile, overrides)
 
 
-@dataclass(frozen=True)
-class CheckVerdict(Verdict):
+class CheckVerdict(Verdict, frozen=True):
     """check()'s verdict. On a pass that reserves (the profile has a lock or a need), what was checked stays
     held for the calling process, as the command line's check grants it to the next job: until release(), the
     end of a with-block, a hold() of the same lock in this process (which takes it over), or the process's exit."""
 
-    held: HeldLock | None = field(default=None, repr=False)
+    held: HeldLock | None = None
 
     def release(self) -> None:
         if self.held is not None:
@@ -182,7 +181,7 @@ def count_slots(settings: Settings, verdict: Verdict, cap: int | None) -> int:
     return 1 if count == math.inf else int(count)
 
 
-@dataclass
+@dataclasses.dataclass  # a mutable public class: start-up does not matter here
 class Gate:
     """Admit coroutines one by one, each only when memory allows, instead of a fixed concurrency limit.
 
@@ -200,8 +199,8 @@ class Gate:
     poll: float = 0.2
     timeout: float | None = None
     config: str | None = None
-    _entered: dict[asyncio.Task[object] | None, float] = field(default_factory=dict, init=False, repr=False)
-    _lock: asyncio.Lock | None = field(default=None, init=False, repr=False)
+    _entered: dict[asyncio.Task[object] | None, float] = dataclasses.field(default_factory=dict, init=False, repr=False)
+    _lock: asyncio.Lock | None = dataclasses.field(default=None, init=False, repr=False)
 
     def _need(self) -> int:
         size = _size("mem", self.mem)

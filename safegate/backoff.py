@@ -10,11 +10,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 
-from safegate.records import dataclass
+import msgspec
 
 
-@dataclass(frozen=True)
-class Backoff:
+class Backoff(msgspec.Struct, frozen=True):
     """Pauses between attempts: *first*, then each *factor* times the one before, never above *cap*."""
 
     first: float

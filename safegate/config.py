@@ -12,8 +12,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
+import msgspec
+from msgspec import field
+
 from safegate.errors import ConfigError
-from safegate.records import dataclass, field
 from safegate.regex import compiled
 from safegate.settings import effective_resume_temp
 from safegate.units import (
@@ -50,8 +52,7 @@ DEFAULT_MIN_AVAILABLE_FRACTION = 0.10
 Action = Literal["block", "warn"]
 
 
-@dataclass(frozen=True)
-class CompetingRule:
+class CompetingRule(msgspec.Struct, frozen=True):
     """A process competes when it matches: `program` (a regex over the whole program name, see
     probes.processes.program_of) and `args` (searched in its arguments), or `pattern` (searched in the whole
     command line, as pgrep -f does)."""
@@ -69,8 +70,7 @@ class CompetingRule:
         return f"program {self.program!r}" + (f" args {self.args!r}" if self.args is not None else "")
 
 
-@dataclass(frozen=True)
-class Profile:
+class Profile(msgspec.Struct, frozen=True):
     """One profile: a job's needs, limits and manners, from the built-ins or the config file."""
 
     name: str
@@ -111,8 +111,7 @@ class Profile:
         return effective_resume_temp(self.max_temp, self.resume_temp)
 
 
-@dataclass(frozen=True)
-class ThermalConfig:
+class ThermalConfig(msgspec.Struct, frozen=True):
     """Where temperatures come from: psutil sensors (by pattern) and raw sysfs files."""
 
     sensors: tuple[str, ...] = DEFAULT_CPU_SENSORS
@@ -121,8 +120,7 @@ class ThermalConfig:
     require: bool = False
 
 
-@dataclass(frozen=True)
-class Config:
+class Config(msgspec.Struct, frozen=True):
     """The whole config file, validated, with the built-in profiles."""
 
     path: Path | None

@@ -17,7 +17,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from safegate.records import asdict, dataclass
+import msgspec
+from msgspec.structs import asdict
+
 from safegate.units import printable
 
 KEEP = 50
@@ -28,8 +30,7 @@ AUTO_FALLBACK = 4 * 1024**3  # a profile with memory = "auto" and fewer than MIN
 AUTO_HEADROOM = 1.10
 
 
-@dataclass(frozen=True)
-class Run:
+class Run(msgspec.Struct, frozen=True):
     time: float
     peak_memory: int
     peak_gpu_memory: int | None

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from enum import Enum
 
+import msgspec
+
 from safegate.config import ThermalConfig
-from safegate.records import dataclass
 from safegate.units import Size
 
 CEILING = 1.0  # far from every limit: one sample a second
@@ -22,8 +23,7 @@ WARN_FRACTION = 0.9
 REARM_FRACTION = 0.85
 
 
-@dataclass(frozen=True)
-class WatchLimits:
+class WatchLimits(msgspec.Struct, frozen=True):
     max_mem: int | None  # job memory (bytes) that is a breach
     min_available: int | None  # system MemAvailable at or below which is a breach
     max_temp: float
@@ -56,8 +56,7 @@ class Level(str, Enum):
     BREACH = "breach"
 
 
-@dataclass(frozen=True)
-class GpuLimits:
+class GpuLimits(msgspec.Struct, frozen=True):
     backend: str
     indexes: tuple[int, ...]  # the GPUs the job was given
     max_job: int | None  # the job's own VRAM (bytes) that is a breach

@@ -6,20 +6,20 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import msgspec
+from msgspec import field
+
 from safegate.probes.gpu import GpuInfo
-from safegate.records import dataclass, field
 
 
-@dataclass(frozen=True)
-class Event:
+class Event(msgspec.Struct, frozen=True):
     kind: str  # admitted, warning, paused, resumed, breach, signal, exit, summary, ...
     message: str
     data: Mapping[str, Any] = field(default_factory=dict)
     time: float = field(default_factory=time.time)
 
 
-@dataclass(frozen=True)
-class JobStats:
+class JobStats(msgspec.Struct, frozen=True):
     duration: float  # seconds, to the millisecond
     peak_job_mem: int  # bytes: the highest sample, or the kernel's peak RSS of a process if higher
     lowest_available: int | None  # MemAvailable; None before the first sample
@@ -88,8 +88,7 @@ def _highest(current: float | None, value: float) -> float:
     return value if current is None else max(current, value)
 
 
-@dataclass(frozen=True)
-class Outcome:
+class Outcome(msgspec.Struct, frozen=True):
     exit_code: int
     reason: str  # exited, signalled, memory, thermal, gpu
     status: int | None  # the job's exit status, when it exited

@@ -5,9 +5,10 @@ from __future__ import annotations
 import time
 from collections.abc import Collection, Mapping, Sequence
 
+from msgspec.structs import replace
+
 from safegate.competing import check_competing, match_competing
 from safegate.exitcodes import ExitCode
-from safegate.records import replace
 from safegate.results import (
     CheckResult,
     CompetingMatch,

@@ -14,6 +14,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import msgspec
+from msgspec.structs import replace
+
 from safegate.config import CompetingRule, Config, Profile, ThermalConfig
 from safegate.fairness import QUEUE, head_waiting, in_line
 from safegate.grant import owner_idle
@@ -39,7 +42,6 @@ from safegate.probes.memory import read_memory
 from safegate.probes.pids import ancestry
 from safegate.probes.processes import descendants, process_alive, read_processes, still_running, user_name
 from safegate.probes.thermal import read_thermal
-from safegate.records import dataclass, replace
 from safegate.results import CheckResult, CompetingValues, Verdict
 from safegate.settings import effective_resume_temp
 from safegate.snapshots import (
@@ -55,8 +57,7 @@ from safegate.snapshots import (
 from safegate.units import Size, validate_lock_name
 
 
-@dataclass(frozen=True)
-class Overrides:
+class Overrides(msgspec.Struct, frozen=True):
     """What the caller asked for explicitly (command line or API), one field per option of the settings table
     (safegate.settings), named by its key; None means 'from the profile'."""
 
@@ -83,8 +84,7 @@ class Overrides:
     explicit_gpu: bool = False  # --gpu was given (auto included): overrides the profile's gpu
 
 
-@dataclass(frozen=True)
-class Settings:
+class Settings(msgspec.Struct, frozen=True):
     """Everything one evaluation needs, resolved from overrides > environment > config > built-ins."""
 
     profile: Profile
@@ -218,8 +218,7 @@ def walk_in(settings: Settings) -> Ticket:
                   need=settings.memory.resolve(total_ram()), arrival=time.time_ns())
 
 
-@dataclass(frozen=True)
-class Machine:
+class Machine(msgspec.Struct, frozen=True):
     """What an evaluation reads of the machine outside the admission lock: the slow part (the process table
     matched against the rules, sensors, NVML). Memory, the lock dir and the line are read under it."""
 

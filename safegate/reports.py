@@ -6,6 +6,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import msgspec
 import psutil
 
 from safegate.config import Config
@@ -17,12 +18,10 @@ from safegate.probes.gpu import read_gpus
 from safegate.probes.memory import read_memory
 from safegate.probes.processes import read_processes
 from safegate.probes.thermal import read_thermal
-from safegate.records import dataclass
 from safegate.snapshots import GpuSnapshot, HolderRecord, MemorySnapshot, ProcessInfo, ThermalSnapshot, Ticket
 
 
-@dataclass(frozen=True)
-class LockInfo:
+class LockInfo(msgspec.Struct, frozen=True):
     name: str  # a lock name, or for an old shell gate's pid file its path
     held: bool
     holder: HolderRecord | None
@@ -77,8 +76,7 @@ def unlock(store: LockStore, name: str) -> list[str]:
     return removed
 
 
-@dataclass(frozen=True)
-class StatusReport:
+class StatusReport(msgspec.Struct, frozen=True):
     time: float
     memory: MemorySnapshot
     swap_total: int

@@ -10,9 +10,11 @@ from collections.abc import Mapping
 from enum import Enum
 from typing import Any, TypeVar
 
+import msgspec
+from msgspec import field
+
 from safegate.config import CompetingRule
 from safegate.exitcodes import ExitCode
-from safegate.records import dataclass, field
 from safegate.snapshots import GpuInfo, HolderRecord, LegacyState, ProcessInfo, Removal
 
 
@@ -35,8 +37,7 @@ class _Keyed:
             raise KeyError(key) from None
 
 
-@dataclass(frozen=True)
-class MemoryValues(_Keyed):
+class MemoryValues(_Keyed, msgspec.Struct, frozen=True):
     """The memory check's figures, in bytes."""
 
     available: int
@@ -46,23 +47,20 @@ class MemoryValues(_Keyed):
     left_after_start: int
 
 
-@dataclass(frozen=True)
-class PressureValues(_Keyed):
+class PressureValues(_Keyed, msgspec.Struct, frozen=True):
     """The pressure check's figure: PSI memory 'some avg10', in percent."""
 
     some_avg10: float | None
 
 
-@dataclass(frozen=True)
-class GpuTemp:
+class GpuTemp(msgspec.Struct, frozen=True):
     """One GPU's temperature and the limit it was judged by."""
 
     temp: float
     limit: float
 
 
-@dataclass(frozen=True)
-class ThermalValues(_Keyed):
+class ThermalValues(_Keyed, msgspec.Struct, frozen=True):
     """The thermal check's figures: the hottest reading, every sensor's, the GPUs'."""
 
     hottest: float | None
@@ -72,8 +70,7 @@ class ThermalValues(_Keyed):
     notes: tuple[str, ...]
 
 
-@dataclass(frozen=True)
-class GpuValues(_Keyed):
+class GpuValues(_Keyed, msgspec.Struct, frozen=True):
     """The GPU check's figures: what NVML reported and which GPUs the job may use."""
 
     backend: str
@@ -86,8 +83,7 @@ class GpuValues(_Keyed):
     notes: tuple[str, ...]
 
 
-@dataclass(frozen=True)
-class LockValues(_Keyed):
+class LockValues(_Keyed, msgspec.Struct, frozen=True):
     """The lock check's figures: the lock, its holder, the legacy PID files."""
 
     lock: str | None
@@ -98,8 +94,7 @@ class LockValues(_Keyed):
     legacy: tuple[LegacyState, ...]
 
 
-@dataclass(frozen=True)
-class CompetingMatch:
+class CompetingMatch(msgspec.Struct, frozen=True):
     """A process a competing rule matched, and what it matched."""
 
     process: ProcessInfo
@@ -108,15 +103,13 @@ class CompetingMatch:
     user: str = ""  # the process's owner; "" until the caller looked it up
 
 
-@dataclass(frozen=True)
-class CompetingValues(_Keyed):
+class CompetingValues(_Keyed, msgspec.Struct, frozen=True):
     """The competing check's figures: the matches."""
 
     matches: tuple[CompetingMatch, ...]  # blocking first, then by RSS
 
 
-@dataclass(frozen=True)
-class StaleValues(_Keyed):
+class StaleValues(_Keyed, msgspec.Struct, frozen=True):
     """The stale check's figures: what cleanup removed."""
 
     removed: tuple[Removal, ...]
@@ -127,8 +120,7 @@ CheckValues = (MemoryValues | PressureValues | ThermalValues | GpuValues | LockV
 V = TypeVar("V", MemoryValues, PressureValues, ThermalValues, GpuValues, LockValues, CompetingValues, StaleValues)
 
 
-@dataclass(frozen=True)
-class CheckResult:
+class CheckResult(msgspec.Struct, frozen=True):
     """One check's outcome: passed, warned or failed, why, with its figures and thresholds."""
 
     name: str
@@ -148,8 +140,7 @@ class CheckResult:
         return self.status is Status.FAIL
 
 
-@dataclass(frozen=True)
-class Verdict:
+class Verdict(msgspec.Struct, frozen=True):
     """Every check of one evaluation, and the exit code they make."""
 
     profile: str

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
+import msgspec
+
 from safegate.config import ThermalConfig
 from safegate.exitcodes import ExitCode
 from safegate.job import Job
@@ -18,7 +20,6 @@ from safegate.probes.gpu import GpuInfo, GpuSnapshot, host_pid_map, read_gpus
 from safegate.probes.jobtree import read_available
 from safegate.probes.memory import read_pressure
 from safegate.probes.thermal import read_thermal
-from safegate.records import dataclass
 from safegate.snapshots import ThermalSnapshot
 from safegate.units import format_bytes
 from safegate.watchers import NOTHING, Action, FloorWatch, GpuWatch, JobMemoryWatch, ThermalWatch, breach, to_take
@@ -28,8 +29,7 @@ THERMAL_EVERY = 1.0  # temperatures change slowly; reading sensors costs more th
 GPU_EVERY = 0.1  # NVML calls cost more than /proc reads; a tenth of a second still catches a spike
 
 
-@dataclass(frozen=True)
-class Probes:
+class Probes(msgspec.Struct, frozen=True):
     """What a sample reads of the machine (the job's own figures come from its Job). Replaceable in tests."""
 
     available: Callable[[], int] = read_available
@@ -39,8 +39,7 @@ class Probes:
     pressure: Callable[[], float | None] = read_pressure
 
 
-@dataclass(frozen=True)
-class Hooks:
+class Hooks(msgspec.Struct, frozen=True):
     """Who else hears of a sample: the job's memory and VRAM (for its reservation), --log's timeline, and the
     user (a warning about the job itself, told at once: the job may be being stopped, when no watcher is asked)."""
 
@@ -52,8 +51,7 @@ class Hooks:
 
 NO_HOOKS = Hooks()
 
-@dataclass(frozen=True)
-class MemorySample:
+class MemorySample(msgspec.Struct, frozen=True):
     job_mem: int  # bytes
     available: int  # the machine's MemAvailable
 

@@ -16,8 +16,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
+
 from safegate.errors import ValueParseError
-from safegate.records import dataclass
 from safegate.units import (
     parse_cgroup,
     parse_command,
@@ -41,8 +42,7 @@ INTERVAL_MIN, INTERVAL_MAX = 0.001, 1.0
 RESUME_BELOW = 5.0
 
 
-@dataclass(frozen=True)
-class Setting:
+class Setting(msgspec.Struct, frozen=True):
     """One setting: its profile key, kind, command-line option and help."""
 
     key: str

@@ -13,9 +13,10 @@ import socket
 import subprocess
 from collections.abc import Mapping, Sequence
 
+import msgspec
+
 from safegate.errors import LicenseMissing, SlurmError
 from safegate.exitcodes import ExitCode
-from safegate.records import dataclass
 from safegate.results import Verdict
 
 DEFAULT_PREFIX = "safegate:"
@@ -24,8 +25,7 @@ NODE_CHECKS = ("memory", "memory_pressure", "gpu", "thermal", "competing")
 MEM_HEADROOM = 0.95  # exec's default --max-mem inside a job: a little below the allocation
 
 
-@dataclass(frozen=True)
-class NodeState:
+class NodeState(msgspec.Struct, frozen=True):
     name: str
     state: str  # e.g. IDLE, MIXED+DRAIN
     reason: str
@@ -91,8 +91,7 @@ def node_code(verdict: Verdict) -> ExitCode:
     return min((c.code for c in verdict.checks if c.name in NODE_CHECKS and c.blocks), default=ExitCode.OK)
 
 
-@dataclass(frozen=True)
-class HealthAction:
+class HealthAction(msgspec.Struct, frozen=True):
     command: list[str] | None  # the scontrol update to run, if any
     message: str
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from safegate.records import dataclass, field
+import msgspec
+from msgspec import field
 
 
-@dataclass(frozen=True)
-class MemorySnapshot:
+class MemorySnapshot(msgspec.Struct, frozen=True):
     """RAM as /proc/meminfo and PSI report it."""
 
     total: int
@@ -17,8 +17,7 @@ class MemorySnapshot:
     pressure_some_avg10: float | None  # PSI "some avg10" in percent; None where /proc/pressure is absent
 
 
-@dataclass(frozen=True)
-class SensorReading:
+class SensorReading(msgspec.Struct, frozen=True):
     """One temperature sensor's reading."""
 
     chip: str
@@ -31,8 +30,7 @@ class SensorReading:
         return f"{self.chip}:{self.label}"
 
 
-@dataclass(frozen=True)
-class ThermalSnapshot:
+class ThermalSnapshot(msgspec.Struct, frozen=True):
     """Every temperature read, and what could not be."""
 
     readings: tuple[SensorReading, ...]
@@ -43,8 +41,7 @@ class ThermalSnapshot:
         return max(self.readings, key=lambda r: r.celsius, default=None)
 
 
-@dataclass(frozen=True)
-class ProcessInfo:
+class ProcessInfo(msgspec.Struct, frozen=True):
     """One process of the process table."""
 
     pid: int
@@ -57,16 +54,14 @@ class ProcessInfo:
     args: str = ""  # the program's own arguments, joined by spaces
 
 
-@dataclass(frozen=True)
-class ProcessSnapshot:
+class ProcessSnapshot(msgspec.Struct, frozen=True):
     """The process table, and the pids left out of judging."""
 
     processes: tuple[ProcessInfo, ...]
     excluded: frozenset[int]  # safegate itself, its ancestors, and what it started
 
 
-@dataclass(frozen=True)
-class GpuProcess:
+class GpuProcess(msgspec.Struct, frozen=True):
     """A process using a GPU, and how much of its memory."""
 
     pid: int
@@ -74,8 +69,7 @@ class GpuProcess:
     kind: str  # compute, graphics, or both
 
 
-@dataclass(frozen=True)
-class GpuInfo:
+class GpuInfo(msgspec.Struct, frozen=True):
     """One GPU as NVML reports it."""
 
     index: int
@@ -95,8 +89,7 @@ class GpuInfo:
         return self.error is None and self.total is None
 
 
-@dataclass(frozen=True)
-class GpuSnapshot:
+class GpuSnapshot(msgspec.Struct, frozen=True):
     """Every GPU, or why there are none to check."""
 
     backend: str  # the backend asked for: auto, nvml, none
@@ -106,8 +99,7 @@ class GpuSnapshot:
     notes: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
-class Selection:
+class Selection(msgspec.Struct, frozen=True):
     """The GPUs a job may use, and the CUDA_VISIBLE_DEVICES value that gives it exactly those."""
 
     gpus: tuple[GpuInfo, ...]
@@ -116,8 +108,7 @@ class Selection:
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
-@dataclass(frozen=True)
-class HolderRecord:
+class HolderRecord(msgspec.Struct, frozen=True):
     """Who holds a lock, as the holder recorded it (the lock store's Holder adds reading and liveness)."""
 
     pid: int
@@ -150,8 +141,7 @@ class HolderRecord:
         return max(0, self.need - self.used)
 
 
-@dataclass(frozen=True)
-class LockState:
+class LockState(msgspec.Struct, frozen=True):
     """One lock as the lock dir shows it: held or not, and by whom."""
 
     name: str
@@ -165,8 +155,7 @@ class LockState:
     lockers: frozenset[int] = frozenset()
 
 
-@dataclass(frozen=True)
-class LegacyState:
+class LegacyState(msgspec.Struct, frozen=True):
     """An old shell gate's PID file, read and judged."""
 
     path: Path
@@ -178,8 +167,7 @@ class LegacyState:
     safegate: bool = False
 
 
-@dataclass(frozen=True)
-class Removal:
+class Removal(msgspec.Struct, frozen=True):
     """One stale record that cleanup removed, or tried to."""
 
     path: Path
@@ -188,8 +176,7 @@ class Removal:
     error: str = ""
 
 
-@dataclass(frozen=True)
-class Ticket:
+class Ticket(msgspec.Struct, frozen=True):
     """A waiter's place in line (locks.queue): taken at arrival, served in arrival order."""
 
     pid: int

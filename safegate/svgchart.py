@@ -10,7 +10,8 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timezone
 
-from safegate.records import dataclass
+import msgspec
+
 from safegate.units import printable
 
 WIDTH = 1200  # the SVG's own units; it scales to the page's width
@@ -24,23 +25,20 @@ def esc(text: object) -> str:
     return html.escape(printable(str(text)), quote=True)
 
 
-@dataclass(frozen=True)
-class Line:
+class Line(msgspec.Struct, frozen=True):
     points: Sequence[tuple[float, float]]
     colour: str
     label: str
     dashed: bool = False
 
 
-@dataclass(frozen=True)
-class Mark:
+class Mark(msgspec.Struct, frozen=True):
     time: float
     kind: str  # a key of MARK_COLOURS
     label: str
 
 
-@dataclass(frozen=True)
-class Frame:
+class Frame(msgspec.Struct, frozen=True):
     """Maps (time, value) onto the plot area of a chart *height* units high."""
 
     t0: float

@@ -19,6 +19,8 @@ import time
 from array import array
 from collections.abc import Iterable, Sequence
 
+import msgspec
+
 from safegate.errors import LogError
 from safegate.logschema import (
     Admitted,
@@ -34,7 +36,6 @@ from safegate.logschema import (
     SignalSent,
     Summary,
 )
-from safegate.records import dataclass
 
 Series = tuple[tuple[float, float], ...]  # (Unix time, value), in time order
 MAX_POINTS = 1200  # per series: more than a chart's pixel columns, as min and max of each slice of time
@@ -45,15 +46,13 @@ MAX_TEXT = 2_000  # characters kept of a message; the page shows them in full
 MAX_COMMAND = 10_000  # characters kept of a command line (ARG_MAX allows megabytes)
 
 
-@dataclass(frozen=True)
-class Marker:
+class Marker(msgspec.Struct, frozen=True):
     time: float
     kind: str  # warning, paused, resumed, breach
     message: str
 
 
-@dataclass(frozen=True)
-class Job:
+class Job(msgspec.Struct, frozen=True):
     source: str  # the log, as named on the command line
     line: int  # where its first event is
     command: str  # the command line, shell-quoted (unescaped: the renderer escapes it)
@@ -85,15 +84,13 @@ class Job:
         return max(0.0, self.end - self.start)
 
 
-@dataclass(frozen=True)
-class Night:
+class Night(msgspec.Struct, frozen=True):
     start: float
     end: float
     jobs: tuple[Job, ...]
 
 
-@dataclass(frozen=True)
-class MorningReport:
+class MorningReport(msgspec.Struct, frozen=True):
     nights: tuple[Night, ...]
     sources: tuple[tuple[str, int], ...]  # each log and how many jobs it held
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 import math
 import re
 
+import msgspec
+
 from safegate.errors import ValueParseError
-from safegate.records import dataclass
 
 _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?|\.[0-9]+)\s*([A-Za-z]*)\s*$")
 _BINARY = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4, "p": 1024**5}
@@ -25,8 +26,7 @@ LOCK_NAME_MAX = 64
 LOCK_NAME_MAX_BYTES = 128
 
 
-@dataclass(frozen=True)
-class Size:
+class Size(msgspec.Struct, frozen=True):
     """A size in bytes, or a percentage of total RAM resolved later against the machine."""
 
     bytes: int | None = None

@@ -12,6 +12,9 @@ from collections.abc import Mapping, Sequence, Set
 from enum import Enum
 from typing import Any
 
+import msgspec
+from msgspec import field
+
 from safegate.exitcodes import ExitCode
 from safegate.limits import (
     GpuLimits,
@@ -24,7 +27,6 @@ from safegate.limits import (
 )
 from safegate.policy import gpu_temp_limit
 from safegate.probes.gpu import GpuInfo
-from safegate.records import dataclass, field
 from safegate.snapshots import SensorReading
 from safegate.units import format_bytes
 
@@ -37,8 +39,7 @@ class Kind(str, Enum):
     BREACH = "breach"
 
 
-@dataclass(frozen=True)
-class Action:
+class Action(msgspec.Struct, frozen=True):
     kind: Kind
     message: str = ""
     data: Mapping[str, Any] = field(default_factory=dict)
@@ -191,8 +192,7 @@ class GpuWatch:
         return memory_warning(message, {"job_gpu_memory": job_vram})
 
 
-@dataclass(frozen=True)
-class Reading:
+class Reading(msgspec.Struct, frozen=True):
     """One temperature against its own limits (a GPU's may be below max_temp: see policy.gpu_temp_limit)."""
 
     key: str

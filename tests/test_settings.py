@@ -9,7 +9,7 @@ import pytest
 from safegate.config import Profile, load_config
 from safegate.errors import ValueParseError
 from safegate.preflight import Overrides, Settings
-from safegate.records import fields
+from msgspec.structs import fields
 from safegate.settings import BY_KEY, OPTION_KEYS, PROFILE_KEYS, SETTINGS, effective_resume_temp, parse_option
 
 

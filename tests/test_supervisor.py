@@ -17,7 +17,7 @@ from safegate.limits import GpuLimits, WatchLimits
 from safegate.outcome import Event
 from safegate.probes.gpu import GpuInfo, GpuSnapshot
 from safegate.probes.jobtree import JobTree
-from safegate.records import replace
+from msgspec.structs import replace
 from safegate.sampler import Probes
 from safegate.snapshots import SensorReading, ThermalSnapshot
 from safegate.supervisor import State, Supervisor

@@ -16,7 +16,7 @@ from safegate.limits import (
     next_interval,
 )
 from safegate.probes.gpu import GpuInfo, GpuProcess
-from safegate.records import replace
+from msgspec.structs import replace
 from safegate.snapshots import SensorReading
 from safegate.units import Size
 from safegate.watchers import (

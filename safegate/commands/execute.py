@@ -6,6 +6,8 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 
+from msgspec.structs import replace
+
 from safegate.config import load_config
 from safegate.errors import SpawnError, UsageError
 from safegate.eventlog import EventLog, check_log_path
@@ -13,7 +15,6 @@ from safegate.jobrun import run_exec
 from safegate.notify import Notifier
 from safegate.outcome import Event, Outcome
 from safegate.preflight import Overrides, Settings, resolve
-from safegate.records import replace
 from safegate.render import blocking_summary
 from safegate.results import Verdict
 from safegate.units import Size

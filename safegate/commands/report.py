@@ -9,16 +9,16 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
+import msgspec
+
 from safegate.errors import LogError, UsageError
 from safegate.logschema import MAX_LINE
-from safegate.records import dataclass
 from safegate.timeline import Job, build_report, jobs_from_lines
 
 STDOUT = "-"
 
 
-@dataclass(frozen=True)
-class Written:
+class Written(msgspec.Struct, frozen=True):
     path: str  # "-" for stdout
     jobs: int
     nights: int

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import os
 
+import msgspec
+
 from safegate.config import DEFAULT_PROFILE, load_config
 from safegate.errors import SlurmError
 from safegate.exitcodes import ExitCode
 from safegate.preflight import Overrides, evaluate, resolve
-from safegate.records import dataclass
 from safegate.slurm import HealthAction
 from safegate.units import Size
 
 
-@dataclass(frozen=True)
-class HealthResult:
+class HealthResult(msgspec.Struct, frozen=True):
     notes: tuple[str, ...]  # for stderr: what was decided, and why the node state was assumed
     action: HealthAction
     dry_run: bool

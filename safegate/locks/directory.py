@@ -10,8 +10,10 @@ import stat
 from collections.abc import Mapping
 from pathlib import Path
 
+import msgspec
+from msgspec import field
+
 from safegate.errors import LockDirError, UsageError
-from safegate.records import dataclass, field
 from safegate.units import validate_lock_name
 
 LOCK_SUFFIX = ".lock"
@@ -137,8 +139,7 @@ def holder_file_pid(filename: str) -> tuple[int, int] | None:
     return (int(match.group("pid")), int(match.group("start"))) if match and match.group("pid") else None
 
 
-@dataclass
-class Entry:
+class Entry(msgspec.Struct):
     """What one scan of the lock dir found for one lock name."""
 
     lock_file: bool = False  # <name>.lock exists (whatever it is)

@@ -18,6 +18,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import msgspec
+from msgspec.structs import asdict
+
 from safegate.errors import LockDirError
 from safegate.locks.directory import (
     HOLDER_SUFFIX,
@@ -29,7 +32,6 @@ from safegate.locks.directory import (
 )
 from safegate.probes.pids import identity
 from safegate.probes.processes import process_alive
-from safegate.records import asdict, dataclass
 from safegate.snapshots import HolderRecord
 from safegate.units import printable, validate_lock_name
 
@@ -41,7 +43,7 @@ CMDLINE_MAX_JSON = 16 * 1024
 FIELD_MAX = 256
 
 
-class Holder(HolderRecord):
+class Holder(HolderRecord, frozen=True):
     """A holder record as the lock store reads and writes it: with its JSON form and a liveness test."""
 
     def job_alive(self) -> bool:
@@ -135,8 +137,7 @@ def _user_name() -> str:
         return str(os.getuid())
 
 
-@dataclass(frozen=True)
-class HolderFile:
+class HolderFile(msgspec.Struct, frozen=True):
     """One holder file as read: its record (None when unusable, with a note why) and the user who owns it."""
 
     path: Path

@@ -25,10 +25,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from msgspec.structs import replace
+
 from safegate.fairness import blocked_by, waits_only_for_memory
 from safegate.locks.directory import O_NOFOLLOW, O_NONBLOCK
 from safegate.probes.pids import Identity, identity, live_pids
-from safegate.records import replace
 from safegate.results import Verdict
 from safegate.snapshots import Ticket
 

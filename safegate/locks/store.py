@@ -11,12 +11,13 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from msgspec.structs import replace
+
 from safegate.errors import LockDirError
 from safegate.locks import cleanup as stale
 from safegate.locks import directory as lockdir
 from safegate.locks import flock, holders
 from safegate.locks.holders import Holder
-from safegate.records import replace
 from safegate.snapshots import LockState, Removal
 
 

@@ -7,11 +7,10 @@ from __future__ import annotations
 import functools
 import os
 
-from safegate.records import dataclass
+import msgspec
 
 
-@dataclass(frozen=True)
-class Identity:
+class Identity(msgspec.Struct, frozen=True):
     """One live process as the kernel names it: (pid, start) never names another process, even after reuse."""
 
     pid: int
