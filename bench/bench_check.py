@@ -45,9 +45,9 @@ DEFAULT_RUNS = 30
 QUICK_RUNS = 5
 DEFAULT_COUNTS = (100, 1000, 5000)
 QUICK_COUNTS = (100, 1000)
-# What a plain `safegate check` imports (safegate.fastpath's path), and the typer app's way to the same check.
-CHECK_IMPORTS = "import safegate.fastpath, safegate.cli_plain, safegate.commands.check, safegate.configfile"
-TYPER_MAIN = "import sys; from safegate.cli import main; sys.exit(main(sys.argv[1:]))"
+# What a plain `safegate check` imports (safegate.cli.fastpath's path), and the typer app's way to the same check.
+CHECK_IMPORTS = "import safegate.cli.fastpath, safegate.cli.plain, safegate.commands.check, safegate.config.file"
+TYPER_MAIN = "import sys; from safegate.cli.app import main; sys.exit(main(sys.argv[1:]))"
 TARGET_CHECK_MS = 60.0  # issue 14: GNU parallel's --limit and Slurm call check before every job
 TARGET_SCAN_RATIO = 2.0
 TARGET_SCAN_COUNT = 5000
@@ -200,7 +200,7 @@ def ok_pgrep(rc: int) -> bool:
 
 class Bed:
     def __init__(self, safegate_exe: str, *, bytecode: str, baseline: str | None = None) -> None:
-        from safegate.config import load_config  # the bench runs in safegate's environment
+        from safegate.config.file import load_config  # the bench runs in safegate's environment
 
         self.tmp = Path(tempfile.mkdtemp(prefix="safegate-bench-"))
         self.lock_dir = self.tmp / "locks"
@@ -380,12 +380,12 @@ def stop_crowd(crowd: Crowd, log: Callable[[str], None]) -> None:
 
 
 def worker(mode: str, runs: int, warmup: int) -> None:
-    from safegate.config import load_config
+    from safegate.config.file import load_config
 
     config_path = os.environ["SGBENCH_CONFIG"]
     out: dict[str, Any]
     if mode == "scan":
-        from safegate.policy import match_competing
+        from safegate.gate.policy import match_competing
         from safegate.probes.processes import read_processes
 
         profile = load_config(config_path).profile(PROFILE)
@@ -408,7 +408,7 @@ def worker(mode: str, runs: int, warmup: int) -> None:
         out = {"scan": scan, "read": read, "match": match, "scanned": len(snapshot.processes),
                "blocking": sum(1 for m in found if m.rule.action == "block")}
     else:  # evaluate: one whole pass of the checks, config loading included, as `safegate check` does it
-        from safegate.preflight import Overrides, clean_and_evaluate, resolve
+        from safegate.gate.preflight import Overrides, clean_and_evaluate, resolve
         from safegate.units import parse_size
 
         holder = Path(os.environ["SGBENCH_HOLDER"])
@@ -476,7 +476,8 @@ def bench_breakdown(bed: Bed, runs: int, warmup: int, *, bytecode: str) -> dict[
         "`python -S -c pass` (interpreter start-up, no site)": ([py, "-S", "-c", "pass"], bed.py_env),
         "`python -c pass` (interpreter start-up, site, .pth files)": ([py, "-c", "pass"], bed.py_env),
         "`python -c 'import <what check imports>'` (start-up + imports)": ([py, "-c", CHECK_IMPORTS], bed.py_env),
-        "`python -c 'import safegate.cli'` (start-up + the typer app)": ([py, "-c", "import safegate.cli"], bed.py_env),
+        "`python -c 'import safegate.cli.app'` (start-up + the typer app)": (
+            [py, "-c", "import safegate.cli.app"], bed.py_env),
         "whole check through the typer app (`cli.main`, as before the fast path)": (
             [py, "-c", TYPER_MAIN, *bed.safegate_argv[1:]], bed.py_env),
     }
@@ -661,7 +662,7 @@ def report(args: argparse.Namespace, facts: list[tuple[str, str]], results: dict
     out += [
         "",
         "The in-process row is one pass of the five checks, config loading included, in a Python that has "
-        "already imported safegate. A plain check is parsed by hand (safegate.fastpath) and imports no typer; "
+        "already imported safegate. A plain check is parsed by hand (safegate.cli.fastpath) and imports no typer; "
         "the typer row runs the same check through the typer app, as every check ran before. What a whole check "
         "costs beyond its imports and that pass is parsing, rendering and interpreter shutdown.",
         "",

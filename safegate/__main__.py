@@ -1,5 +1,5 @@
 import sys
 
-from safegate.fastpath import main
+from safegate.cli.fastpath import main
 
 sys.exit(main())

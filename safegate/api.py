@@ -25,21 +25,21 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import math
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from safegate.admission import admit, wait_until_clear
-from safegate.backoff import RECHECK, Backoff, pauses
-from safegate.config import DEFAULT_PROFILE, load_config
+from safegate.config.file import load_config
+from safegate.config.model import DEFAULT_PROFILE
 from safegate.errors import Blocked, SafegateError, UsageError, ValueParseError
 from safegate.exitcodes import ExitCode
+from safegate.gate.admission import admit, wait_until_clear
+from safegate.gate.preflight import Overrides, Settings, clean_and_evaluate, count_slots, evaluate, resolve
+from safegate.gate.results import Verdict
+from safegate.locks.backoff import RECHECK, Backoff, pauses
 from safegate.locks.store import HeldLock, LockStore
-from safegate.preflight import Overrides, Settings, clean_and_evaluate, evaluate, resolve
 from safegate.probes.memory import read_memory
-from safegate.results import GpuValues, MemoryValues, Status, Verdict
 from safegate.units import Size, parse_gpu_option, parse_size, parse_temp, validate_lock_name
 
 SizeLike = str | int
@@ -150,35 +150,6 @@ def slots(
     """How many jobs of the profile's size can start now (see count_slots); reads only."""
     settings = _settings(profile, config, mem, margin, max_temp, lock, gpu, gpu_mem)
     return count_slots(settings, evaluate(settings), max)
-
-
-def count_slots(settings: Settings, verdict: Verdict, cap: int | None) -> int:
-    """floor((available - reserved - margin) / need), and per GPU likewise, capped by *cap* and by the lock.
-
-    Any other blocking check (heat, a competing process, a held lock) means 0. A job of unknown size
-    (need 0) counts as one slot unless *cap* says more. A profile with a lock is a mutex: 0 or 1.
-    """
-    blocking = [c for c in verdict.failures if c.name not in ("memory",)]
-    if blocking:
-        return 0
-    memory = verdict.values(MemoryValues)
-    assert memory is not None
-    margin = settings.memory_margin.resolve(memory.total)
-    count = math.inf if memory.need <= 0 else max(0, (memory.available - memory.reserved - margin) // memory.need)
-    gpu = verdict.values(GpuValues)
-    gpu_result = verdict.result("gpu")
-    if gpu is not None and gpu_result is not None and gpu_result.status is Status.PASS and gpu.need > 0:
-        per_card = [
-            max(0, (g.free - gpu.reserved.get(g.index, 0) - settings.gpu_margin.resolve(g.total or 0)) // gpu.need)
-            for g in gpu.gpus if g.index in gpu.candidates and g.free is not None
-        ]
-        if per_card:
-            count = min(count, sum(per_card))
-    if settings.lock is not None:
-        count = min(count, 1)
-    if cap is not None:
-        count = min(count, cap)
-    return 1 if count == math.inf else int(count)
 
 
 @dataclasses.dataclass  # a mutable public class: start-up does not matter here

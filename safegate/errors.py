@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from safegate.exitcodes import ExitCode
 
 if TYPE_CHECKING:
-    from safegate.results import Verdict
+    from safegate.gate.results import Verdict
 
 
 class SafegateError(Exception):

@@ -109,7 +109,7 @@ def nobody() -> Iterator[Nobody]:
         last = ""
         for python in (os.path.realpath(sys.executable), f"/usr/bin/python{sys.version_info[0]}.{sys.version_info[1]}"):
             helper = Nobody(python, pythonpath, workdir)
-            probe = helper.run(["-c", "import safegate.cli"])
+            probe = helper.run(["-c", "import safegate.cli.app"])
             if probe.returncode == 0:
                 yield helper
                 return

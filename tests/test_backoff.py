@@ -1,4 +1,4 @@
-"""The one wait loop (safegate.backoff) on a fake clock: no test here sleeps for real."""
+"""The one wait loop (safegate.locks.backoff) on a fake clock: no test here sleeps for real."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 from support import TIMEOUT, set_temp
 
-from safegate import admission
-from safegate import preflight as gate
-from safegate.backoff import RECHECK, Backoff, pauses, poll
-from safegate.config import load_config
+from safegate.config.file import load_config
 from safegate.exitcodes import ExitCode
-from safegate.policy import CheckResult, Status, Verdict
+from safegate.gate import admission
+from safegate.gate import preflight as gate
+from safegate.gate.policy import CheckResult, Status, Verdict
+from safegate.locks.backoff import RECHECK, Backoff, pauses, poll
 from safegate.units import Size
 
 

@@ -21,15 +21,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from support import PY, TIMEOUT, Procs, Run, cmdline, descendants, job_pid, neutral_config, wait_until
 
-from safegate import preflight
-from safegate.config import CompetingRule
-from safegate.configfile import build_config
+from safegate.config.file import build_config
+from safegate.config.model import CompetingRule
 from safegate.errors import ConfigError
 from safegate.exitcodes import ExitCode
-from safegate.policy import check_competing, match_competing
+from safegate.gate import preflight
+from safegate.gate.policy import check_competing, match_competing
+from safegate.gate.results import CompetingMatch, CompetingValues, Status
 from safegate.probes.processes import program_of
-from safegate.results import CompetingMatch, CompetingValues, Status
-from safegate.snapshots import GpuSnapshot, ProcessInfo, ProcessSnapshot, Selection, ThermalSnapshot
+from safegate.probes.snapshots import GpuSnapshot, ProcessInfo, ProcessSnapshot, Selection, ThermalSnapshot
 
 GiB = 1024**3
 SLEEPER = "import time\ntime.sleep(600)\n"

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from support import TIMEOUT
 
-from safegate import config as config_module
-from safegate.config import DEFAULT_CPU_SENSORS, find_config_path, load_config
+from safegate.config import file as config_module
+from safegate.config.file import find_config_path, load_config
+from safegate.config.model import DEFAULT_CPU_SENSORS
 from safegate.errors import ConfigError
 from safegate.regex import compiled
 
@@ -92,7 +93,7 @@ def _modules_after(code: str, env: dict[str, str]) -> set[str]:
 def test_re2_is_imported_only_for_a_pattern(tmp_path: Path, env: dict[str, str]) -> None:
     # A check with only the built-in profiles never pays for importing re2 (about 3 ms) until a rule is tried;
     # a config file's pattern is compiled when it is read, to refuse what RE2 cannot run.
-    load = "from safegate.config import load_config\nconfig = load_config({!r})"
+    load = "from safegate.config.file import load_config\nconfig = load_config({!r})"
     assert "re2" not in _modules_after(load.format(write(tmp_path, "")), env)
     with_rule = write(tmp_path, "[profiles.night]\ncompeting = [{ pattern = 'x' }]\n")
     assert "re2" in _modules_after(load.format(with_rule), env)

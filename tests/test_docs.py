@@ -82,9 +82,9 @@ def test_every_command_and_option_is_in_the_readme_and_the_man_page(run: Run) ->
 
 
 def test_generated_files_are_up_to_date() -> None:
-    result = subprocess.run([sys.executable, "-m", "safegate.docgen", "--check"], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "safegate.cli.docgen", "--check"], capture_output=True, text=True,
                             cwd=REPO)
-    assert result.returncode == 0, f"run python -m safegate.docgen: {result.stdout}"
+    assert result.returncode == 0, f"run python -m safegate.cli.docgen: {result.stdout}"
 
 
 def test_man_page_renders_without_warnings() -> None:
@@ -144,7 +144,7 @@ def test_every_command_help_has_an_example(run: Run) -> None:
 
 
 def test_readme_signal_section_is_the_generated_text() -> None:
-    from safegate.docgen import signal_paragraphs
+    from safegate.cli.docgen import signal_paragraphs
 
     block = README.split("<!-- signals:", 1)[1].split("-->\n", 1)[1].split("\n<!-- /signals -->", 1)[0]
     assert block == "\n\n".join(signal_paragraphs())
@@ -153,7 +153,7 @@ def test_readme_signal_section_is_the_generated_text() -> None:
 
 
 def test_readme_grant_section_is_the_generated_text() -> None:
-    from safegate.docgen import grant_paragraphs
+    from safegate.cli.docgen import grant_paragraphs
 
     block = README.split("<!-- grants:", 1)[1].split("-->\n", 1)[1].split("\n<!-- /grants -->", 1)[0]
     assert block == "\n\n".join(grant_paragraphs())

@@ -1,5 +1,5 @@
-"""Fair admission's rules at their boundaries (safegate.fairness, pure) and how a waiter's ticket reaches the lock
-dir (safegate.locks.queue): only with its first judgement, saying whether memory is all it waits for."""
+"""Fair admission's rules at their boundaries (safegate.gate.fairness, pure) and how a waiter's ticket reaches the lock
+dir (safegate.gate.queue): only with its first judgement, saying whether memory is all it waits for."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ from pathlib import Path
 from support import PY, TIMEOUT, Procs, Run, job_pid, meminfo_available, neutral_config, post_ticket, wait_until
 
 from safegate.exitcodes import ExitCode
-from safegate.fairness import QUEUE, blocked_by, in_line, waits_only_for_memory
-from safegate.locks.queue import Line, read_tickets, take_ticket
-from safegate.results import CheckResult, LockValues, MemoryValues, Status, Verdict
-from safegate.snapshots import Ticket
+from safegate.gate.fairness import QUEUE, blocked_by, in_line, waits_only_for_memory
+from safegate.gate.queue import Line, read_tickets, take_ticket
+from safegate.gate.results import CheckResult, LockValues, MemoryValues, Status, Verdict
+from safegate.probes.snapshots import Ticket
 
 GIB = 1 << 30
 TOTAL = 10 * GIB

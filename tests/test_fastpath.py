@@ -1,4 +1,4 @@
-"""`safegate check` without typer (safegate.fastpath) against the typer app: the same arguments, the same output and
+"""`safegate check` without typer (safegate.cli.fastpath) against the typer app: the same arguments, the same output and
 exit code, for good and bad input; and what the fast path leaves to typer."""
 
 from __future__ import annotations
@@ -12,10 +12,11 @@ from typing import Any
 import pytest
 from support import ALONE, PY, TIMEOUT, Procs, Run, hold_with_flock
 
-from safegate import cli, fastpath
-from safegate.fastpath import FLAGS, PROFILE_ENV, VALUE_OPTIONS, parse_check
+from safegate.cli import app as cli
+from safegate.cli import fastpath
+from safegate.cli.fastpath import FLAGS, PROFILE_ENV, VALUE_OPTIONS, parse_check
 
-TYPER_MAIN = "import sys; from safegate.cli import main; sys.exit(main(sys.argv[1:]))"
+TYPER_MAIN = "import sys; from safegate.cli.app import main; sys.exit(main(sys.argv[1:]))"
 
 EVERY_OPTION = ["--mem", "6G", "--margin", "10%", "--max-temp", "70", "--lock", "night", "--gpu", "auto",
                 "--gpu-mem", "1G", "--wait", "--timeout", "30m", "--json", "-q", "--config", "/nonexistent/c.toml"]
@@ -171,7 +172,7 @@ def test_a_blocked_check_prints_the_same(run: Run, config: Path, lock_dir: Path,
 def test_a_plain_check_imports_no_typer_no_psutil_and_no_dataclasses(run: Run, config: Path) -> None:
     # typer (click, the whole app) and dataclasses (exec() per class) were most of check's start-up: its records
     # are msgspec Structs, its parsing is fastpath's.
-    script = ("import sys; from safegate.fastpath import main; code = main(sys.argv[1:]); "
+    script = ("import sys; from safegate.cli.fastpath import main; code = main(sys.argv[1:]); "
               "print(sorted({m.split('.')[0] for m in sys.modules} & "
               "{'typer', 'click', 'rich', 'psutil', 'dataclasses'})); "
               "sys.exit(code)")

@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 from safegate.exitcodes import ExitCode
-from safegate.policy import Status, check_gpu, check_thermal, choose_gpu, gpu_temp_limit, select_gpus, visible_to_cuda
-from safegate.snapshots import GpuInfo, GpuSnapshot, ThermalSnapshot
+from safegate.gate.policy import (
+    Status,
+    check_gpu,
+    check_thermal,
+    choose_gpu,
+    gpu_temp_limit,
+    select_gpus,
+    visible_to_cuda,
+)
+from safegate.probes.snapshots import GpuInfo, GpuSnapshot, ThermalSnapshot
 from safegate.units import Size, parse_size
 
 GiB = 1024**3

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from support import TIMEOUT, Procs, Run, neutral_config
 
-from safegate import history
+from safegate.config import history
 
 HELPERS = Path(__file__).resolve().parent / "helpers"
 MiB = 1024**2
@@ -54,7 +54,7 @@ def test_unwritable_state_dir_does_not_fail_the_job(run: Run, config: Path, env:
 WRITER = """
 import sys, time
 from pathlib import Path
-from safegate import history
+from safegate.config import history
 for i in range(int(sys.argv[3])):
     history.record(Path(sys.argv[1]), sys.argv[2], history.Run(time.time(), i + 1, None, 0.1, "exited", 0))
 """

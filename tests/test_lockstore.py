@@ -34,7 +34,7 @@ from safegate.locks.flock import dir_lockers
 from safegate.locks.holders import Holder
 from safegate.locks.legacy import legacy_removable, read_legacy, remove_legacy
 from safegate.locks.store import LockStore
-from safegate.snapshots import Ticket
+from safegate.probes.snapshots import Ticket
 
 
 def store_at(path: Path) -> LockStore:

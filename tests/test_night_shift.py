@@ -269,8 +269,8 @@ def test_waiting_on_a_terminal_is_one_live_line(config: Path, lock_dir: Path, pr
 
 
 def test_off_a_terminal_an_unchanged_reason_is_said_once_a_minute(capsys: pytest.CaptureFixture[str]) -> None:
-    from safegate.cli_plain import Progress
-    from safegate.results import CheckResult, Status, Verdict
+    from safegate.cli.plain import Progress
+    from safegate.gate.results import CheckResult, Status, Verdict
 
     now = [0.0]
     shown = Progress(silent=False, clock=lambda: now[0], live=False)

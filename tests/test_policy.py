@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from safegate.config import CompetingRule
+from safegate.config.model import CompetingRule
 from safegate.exitcodes import ExitCode
-from safegate.locks.holders import Holder
-from safegate.policy import (
+from safegate.gate.policy import (
     CheckResult,
     Status,
     Verdict,
@@ -19,8 +18,9 @@ from safegate.policy import (
     check_thermal,
     match_competing,
 )
-from safegate.results import StaleValues
-from safegate.snapshots import (
+from safegate.gate.results import StaleValues
+from safegate.locks.holders import Holder
+from safegate.probes.snapshots import (
     LegacyState,
     LockState,
     MemorySnapshot,

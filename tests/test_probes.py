@@ -14,8 +14,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from support import Procs, hold_with_flock, proc_state, set_temp, wait_until
 
-from safegate.config import ThermalConfig
-from safegate.locks.queue import read_tickets
+from safegate.config.model import ThermalConfig
+from safegate.gate.queue import read_tickets
 from safegate.probes.jobtree import stopped
 from safegate.probes.memory import read_memory, read_pressure
 from safegate.probes.processes import _parse_stat, ancestors, descendants, is_safegate, read_processes

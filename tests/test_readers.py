@@ -13,10 +13,11 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from safegate import history, schema
+from safegate import schema
+from safegate.config import history
+from safegate.gate.queue import read_tickets, ticket_name
 from safegate.locks.holders import read_file
 from safegate.locks.legacy import read_legacy
-from safegate.locks.queue import read_tickets, ticket_name
 from safegate.probes.pids import identity
 
 HOSTILE_NUMBERS = st.sampled_from(["1e999", "-1e999", "9" * 400, "-" + "9" * 400, "NaN", "Infinity", "1e-999",

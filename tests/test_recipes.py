@@ -15,7 +15,7 @@ import pytest
 import typer
 from support import REPO, TIMEOUT, Procs, Run, hold_with_flock, neutral_config
 
-from safegate.cli import app
+from safegate.cli.app import app
 from safegate.exitcodes import ExitCode
 from safegate.units import parse_duration
 

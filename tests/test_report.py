@@ -18,7 +18,7 @@ import pytest
 from support import HELPERS, PY, TIMEOUT, OpenWatch, Procs, Run, job_pid, proc_state, set_temp, wait_until
 
 from safegate.exitcodes import ExitCode
-from safegate.timeline import _thin, jobs_from_lines
+from safegate.report.timeline import _thin, jobs_from_lines
 
 ODD = "<b>&"  # in a command line: must reach the page escaped
 

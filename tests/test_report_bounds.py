@@ -17,11 +17,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support import Run
 
-from safegate import timeline
 from safegate.errors import LogError
 from safegate.exitcodes import ExitCode
-from safegate.htmlreport import page
-from safegate.timeline import MAX_POINTS, build_report, jobs_from_lines
+from safegate.report import timeline
+from safegate.report.page import page
+from safegate.report.timeline import MAX_POINTS, build_report, jobs_from_lines
 
 BIG = "9" * 400
 NOW = time.time()

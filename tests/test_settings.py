@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from safegate.config import Profile, load_config
-from safegate.errors import ValueParseError
-from safegate.preflight import Overrides, Settings
 from msgspec.structs import fields
+
+from safegate.config.file import load_config
+from safegate.config.model import Profile
+from safegate.errors import ValueParseError
+from safegate.gate.preflight import Overrides, Settings
 from safegate.settings import BY_KEY, OPTION_KEYS, PROFILE_KEYS, SETTINGS, effective_resume_temp, parse_option
 
 
@@ -33,7 +34,7 @@ def test_every_exec_setting_reaches_the_resolved_settings() -> None:
 def test_every_option_is_in_the_help_of_its_commands() -> None:
     from typer.testing import CliRunner
 
-    from safegate.cli import app
+    from safegate.cli.app import app
 
     runner = CliRunner()
     for command in ("check", "exec", "slots"):

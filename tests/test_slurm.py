@@ -22,7 +22,7 @@ import pytest
 from helpers.private_slurm import SLURM_ENV_PREFIXES, PrivateSlurm, StartError, clean_environ
 from support import HELPERS, TIMEOUT, Run, neutral_config, set_temp, wait_until
 
-from safegate import slurm
+from safegate.commands import slurm
 from safegate.exitcodes import ExitCode
 
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]

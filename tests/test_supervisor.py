@@ -10,17 +10,17 @@ from collections.abc import Iterator, Set
 from dataclasses import dataclass, field
 
 import pytest
+from msgspec.structs import replace
 
-from safegate.config import ThermalConfig
-from safegate.job import ProcessTreeJob
-from safegate.limits import GpuLimits, WatchLimits
-from safegate.outcome import Event
+from safegate.config.model import ThermalConfig
 from safegate.probes.gpu import GpuInfo, GpuSnapshot
 from safegate.probes.jobtree import JobTree
-from msgspec.structs import replace
-from safegate.sampler import Probes
-from safegate.snapshots import SensorReading, ThermalSnapshot
-from safegate.supervisor import State, Supervisor
+from safegate.probes.snapshots import SensorReading, ThermalSnapshot
+from safegate.run.job import ProcessTreeJob
+from safegate.run.limits import GpuLimits, WatchLimits
+from safegate.run.outcome import Event
+from safegate.run.sampler import Probes
+from safegate.run.supervisor import State, Supervisor
 from safegate.units import Size
 
 MiB = 1024**2
@@ -303,7 +303,7 @@ def test_an_ending_signal_to_a_paused_job_continues_it(rig: Rig) -> None:
 
 
 def test_job_stats_take_the_kernel_peak_and_keep_the_summary_keys() -> None:
-    from safegate.outcome import StatsRecorder
+    from safegate.run.outcome import StatsRecorder
 
     stats = StatsRecorder(started=10.0)
     stats.memory(200 * MiB, 8 * GiB)

@@ -17,7 +17,7 @@ import pytest
 from support import PY, Procs, Run, Shared, holder_files, meminfo_available, neutral_config, wait_until
 
 from safegate.exitcodes import ExitCode
-from safegate.locks.queue import read_tickets
+from safegate.gate.queue import read_tickets
 
 TIB = 1024**4
 

@@ -29,9 +29,9 @@ WAIT_FOR = 'wait_for() { i=0; while ! eval "$1"; do i=$((i+1)); [ $i -gt 600 ] &
 NOT_APPLIED = """
 import os
 from safegate.cgroups.scope import ScopeCgroup
-from safegate.inbox import SignalInbox
-from safegate.launch import launch
-from safegate.terminal import Foreground
+from safegate.run.inbox import SignalInbox
+from safegate.run.launch import launch
+from safegate.run.terminal import Foreground
 
 class Changed(ScopeCgroup):
     def wrap(self, argv, env):

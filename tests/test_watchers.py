@@ -3,9 +3,13 @@ rules, the thermal hysteresis, the GPU card floor and job VRAM; and the pure sam
 
 from __future__ import annotations
 
-from safegate.config import ThermalConfig
+from msgspec.structs import replace
+
+from safegate.config.model import ThermalConfig
 from safegate.exitcodes import ExitCode
-from safegate.limits import (
+from safegate.probes.gpu import GpuInfo, GpuProcess
+from safegate.probes.snapshots import SensorReading
+from safegate.run.limits import (
     CEILING,
     FILL_RATE_DECAY,
     FillRate,
@@ -15,11 +19,7 @@ from safegate.limits import (
     WatchLimits,
     next_interval,
 )
-from safegate.probes.gpu import GpuInfo, GpuProcess
-from msgspec.structs import replace
-from safegate.snapshots import SensorReading
-from safegate.units import Size
-from safegate.watchers import (
+from safegate.run.watchers import (
     NOTHING,
     Action,
     FloorWatch,
@@ -32,6 +32,7 @@ from safegate.watchers import (
     memory_warning,
     to_take,
 )
+from safegate.units import Size
 
 MiB = 1024**2
 GiB = 1024**3

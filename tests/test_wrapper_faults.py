@@ -230,8 +230,8 @@ def test_faults_sent_by_another_process_are_forwarded(config: Path, env: dict[st
 
 OWN_FAULT = """
 import ctypes, resource, signal, sys
-from safegate.inbox import SignalInbox
-from safegate.procctl import FAULTS
+from safegate.run.inbox import SignalInbox
+from safegate.run.procctl import FAULTS
 resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 inbox = SignalInbox()
 inbox.open([signal.SIGCHLD], FAULTS)
@@ -256,7 +256,7 @@ def test_a_fault_of_safegates_own_still_ends_it(how: str) -> None:
 
 FOREIGN_THREAD = """
 import os, signal, threading, time
-from safegate.inbox import SignalInbox
+from safegate.run.inbox import SignalInbox
 threading.Thread(target=time.sleep, args=(600,), daemon=True).start()  # as a C library's, before the inbox
 inbox = SignalInbox()
 inbox.open([signal.SIGTERM, signal.SIGCHLD])

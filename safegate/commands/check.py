@@ -4,18 +4,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from safegate.admission import grant_check, wait_until_clear
-from safegate.config import DEFAULT_PROFILE, load_config
+from safegate.config.file import load_config
+from safegate.config.model import DEFAULT_PROFILE
 from safegate.exitcodes import ExitCode
-from safegate.grant import grant_owner
-from safegate.preflight import Overrides, clean_and_evaluate, evaluate, resolve, total_ram
-from safegate.results import Verdict
+from safegate.gate.admission import grant_check, wait_until_clear
+from safegate.gate.grant import grant_owner
+from safegate.gate.preflight import Overrides, clean_and_evaluate, count_slots, evaluate, resolve, total_ram
+from safegate.gate.results import Verdict
 
 
 def check(config: str | None, profile: str | None, overrides: Overrides, *, wait: bool, timeout: float | None,
           on_blocked: Callable[[Verdict], None] | None = None, grant: bool = True,
           grant_to: int | None = None) -> tuple[Verdict, str]:
-    """The verdict, and a note on the grant: what a pass reserved for the caller's next job (safegate.grant), or
+    """The verdict, and a note on the grant: what a pass reserved for the caller's next job (safegate.gate.grant), or
     why nothing was ("" when there is nothing to reserve, or with *grant* False: asking only)."""
     settings = resolve(load_config(config), DEFAULT_PROFILE if profile is None else profile, overrides)
     total = total_ram()
@@ -34,7 +35,6 @@ def slots(config: str | None, profile: str | None, overrides: Overrides, cap: in
 
     0 with exit 0 would be a lie to its callers: to `xargs -P` and `parallel -j`, 0 means "no limit".
     """
-    from safegate.api import count_slots
 
     settings = resolve(load_config(config), DEFAULT_PROFILE if profile is None else profile, overrides)
     verdict = evaluate(settings)

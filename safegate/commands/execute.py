@@ -8,15 +8,14 @@ from collections.abc import Callable, Mapping, Sequence
 
 from msgspec.structs import replace
 
-from safegate.config import load_config
+from safegate.config.file import load_config
 from safegate.errors import SpawnError, UsageError
-from safegate.eventlog import EventLog, check_log_path
-from safegate.jobrun import run_exec
-from safegate.notify import Notifier
-from safegate.outcome import Event, Outcome
-from safegate.preflight import Overrides, Settings, resolve
-from safegate.render import blocking_summary
-from safegate.results import Verdict
+from safegate.gate.preflight import Overrides, Settings, resolve
+from safegate.gate.results import Verdict, blocking_summary
+from safegate.run.eventlog import EventLog, check_log_path
+from safegate.run.jobrun import run_exec
+from safegate.run.notify import Notifier
+from safegate.run.outcome import Event, Outcome
 from safegate.units import Size
 
 
@@ -25,7 +24,7 @@ def slurm_job_limits(settings: Settings, env: Mapping[str, str]) -> Settings:
     job's memory allocation (the cgroup OOM killer would otherwise end it without a word)."""
     if not env.get("SLURM_JOB_ID"):
         return settings
-    from safegate import slurm
+    from safegate.commands import slurm
 
     if settings.profile.slurm_license:
         slurm.require_license(settings.profile.slurm_license, env)

@@ -7,18 +7,19 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from safegate.config import Profile, load_config
-from safegate.history import Run
+from safegate.commands.reports import LockInfo, StatusReport
+from safegate.config.file import load_config
+from safegate.config.history import Run
+from safegate.config.model import Profile
 from safegate.probes.gpu import gpu_backend
-from safegate.reports import LockInfo, StatusReport
-from safegate.snapshots import Ticket
+from safegate.probes.snapshots import Ticket
 
 
 def locks(config: str | None) -> tuple[Path, list[LockInfo]]:
     """The lock dir and its locks (none when the dir does not exist yet)."""
+    from safegate.commands.reports import legacy_locks, list_locks
     from safegate.locks.directory import resolve_lock_dir
     from safegate.locks.store import LockStore
-    from safegate.reports import legacy_locks, list_locks
 
     cfg = load_config(config)
     store = LockStore(resolve_lock_dir(cfg.lock_dir, os.environ))
@@ -28,24 +29,24 @@ def locks(config: str | None) -> tuple[Path, list[LockInfo]]:
 
 def queue(config: str | None) -> tuple[list[Ticket], float]:
     """The waiters in the lock dir, in arrival order (the order each lock serves them), and the time now."""
+    from safegate.gate.queue import read_tickets
     from safegate.locks.directory import resolve_lock_dir
-    from safegate.locks.queue import read_tickets
 
     return read_tickets(resolve_lock_dir(load_config(config).lock_dir, os.environ)), time.time()
 
 
 def unlock(config: str | None, name: str) -> list[str]:
     """What was removed of a free lock's leftovers; raises LockBusy while a live process holds it."""
+    from safegate.commands.reports import unlock as unlock_lock
     from safegate.locks.directory import resolve_lock_dir
     from safegate.locks.store import LockStore
-    from safegate.reports import unlock as unlock_lock
 
     return unlock_lock(LockStore(resolve_lock_dir(load_config(config).lock_dir, os.environ)), name)
 
 
 def profiles(config: str | None) -> list[tuple[Profile, list[Run]]]:
     """Every profile, with what history recorded of its runs."""
-    from safegate import history
+    from safegate.config import history
 
     cfg = load_config(config)
     recorded = history.load(history.history_path())
@@ -57,8 +58,8 @@ STATUS_REFRESH = 2.0  # seconds between screens of status --watch
 
 def status(config: str | None, watch: bool) -> Iterator[StatusReport]:
     """One report, or with *watch* a new one every STATUS_REFRESH seconds until interrupted."""
+    from safegate.commands.reports import collect_status
     from safegate.locks.directory import resolve_lock_dir
-    from safegate.reports import collect_status
 
     cfg = load_config(config)
     backend = gpu_backend(cfg.gpu_backend, os.environ)

@@ -6,16 +6,16 @@ import contextlib
 import os
 from pathlib import Path
 
-from safegate.config import load_config
+from safegate.config.file import load_config
 from safegate.errors import UsageError
 from safegate.probes.gpu import gpu_backend
 
 
 def metrics(config: str | None) -> str:
-    from safegate import history
+    from safegate.commands.prometheus import prometheus_text
+    from safegate.commands.reports import collect_status
+    from safegate.config import history
     from safegate.locks.directory import resolve_lock_dir
-    from safegate.metrics import prometheus_text
-    from safegate.reports import collect_status
 
     cfg = load_config(config)
     report = collect_status(cfg, resolve_lock_dir(cfg.lock_dir, os.environ), gpu_backend(cfg.gpu_backend, os.environ))

@@ -12,8 +12,8 @@ from typing import BinaryIO
 import msgspec
 
 from safegate.errors import LogError, UsageError
-from safegate.logschema import MAX_LINE
-from safegate.timeline import Job, build_report, jobs_from_lines
+from safegate.report.logschema import MAX_LINE
+from safegate.report.timeline import Job, build_report, jobs_from_lines
 
 STDOUT = "-"
 
@@ -60,7 +60,7 @@ def _lines(raw: BinaryIO) -> Iterator[bytes]:
 
 def report(logs: Sequence[str], target: str) -> Written:
     """The report of *logs*, written to *target* ("-": not written; the caller prints it)."""
-    from safegate.htmlreport import page_parts
+    from safegate.report.page import page_parts
 
     if not logs:
         raise UsageError("report: no log given; usage: safegate report LOG... [-o FILE]")

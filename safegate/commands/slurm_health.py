@@ -6,11 +6,12 @@ import os
 
 import msgspec
 
-from safegate.config import DEFAULT_PROFILE, load_config
+from safegate.commands.slurm import HealthAction
+from safegate.config.file import load_config
+from safegate.config.model import DEFAULT_PROFILE
 from safegate.errors import SlurmError
 from safegate.exitcodes import ExitCode
-from safegate.preflight import Overrides, evaluate, resolve
-from safegate.slurm import HealthAction
+from safegate.gate.preflight import Overrides, evaluate, resolve
 from safegate.units import Size
 
 
@@ -22,7 +23,7 @@ class HealthResult(msgspec.Struct, frozen=True):
 
 
 def health(config: str | None, node: str | None, reason_prefix: str, dry_run: bool) -> HealthResult:
-    from safegate import slurm
+    from safegate.commands import slurm
 
     settings = resolve(load_config(config), DEFAULT_PROFILE, Overrides(memory=Size(bytes=0)))
     verdict = evaluate(settings)
@@ -44,6 +45,6 @@ def health(config: str | None, node: str | None, reason_prefix: str, dry_run: bo
 
 def apply(result: HealthResult) -> str | None:
     """Carry out the decision (after it has been told); with --dry-run, the scontrol command instead."""
-    from safegate import slurm
+    from safegate.commands import slurm
 
     return slurm.apply(result.action, result.dry_run)

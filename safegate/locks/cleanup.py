@@ -15,7 +15,7 @@ from safegate.locks.flock import flock_nb, funlock, locker_of, lockers, open_loc
 from safegate.locks.holders import Holder, HolderFile, current_holder, read_file, read_files
 from safegate.probes.pids import identity, live_pids
 from safegate.probes.processes import process_alive
-from safegate.snapshots import Removal
+from safegate.probes.snapshots import Removal
 
 # The lock of one job of a profile without a mutex (preflight.admit): named after the safegate that took it.
 _JOB_LOCK = re.compile(r"^job-(?P<pid>[0-9]+)-[0-9]+$")

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from safegate.backoff import Backoff, poll
 from safegate.errors import AdmissionStuck, LockDirError
+from safegate.locks.backoff import Backoff, poll
 from safegate.locks.directory import ADMISSION_FILE, O_NONBLOCK, open_nofollow
 
 ADMISSION_TIMEOUT = 30.0

@@ -32,7 +32,7 @@ from safegate.locks.directory import (
 )
 from safegate.probes.pids import identity
 from safegate.probes.processes import process_alive
-from safegate.snapshots import HolderRecord
+from safegate.probes.snapshots import HolderRecord
 from safegate.units import printable, validate_lock_name
 
 HOLDER_MAX_BYTES = 64 * 1024

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from safegate.locks.directory import O_NOFOLLOW, O_NONBLOCK
 from safegate.probes.processes import is_safegate, process_alive, read_small
-from safegate.snapshots import LegacyState, Removal
+from safegate.probes.snapshots import LegacyState, Removal
 
 LEGACY_MAX_BYTES = 4096
 PID_MAX = 4_194_304  # PID_MAX_LIMIT on 64-bit Linux (as safegate.schema, which this reader needs not import)

@@ -18,7 +18,7 @@ from safegate.locks import cleanup as stale
 from safegate.locks import directory as lockdir
 from safegate.locks import flock, holders
 from safegate.locks.holders import Holder
-from safegate.snapshots import LockState, Removal
+from safegate.probes.snapshots import LockState, Removal
 
 
 class HeldLock:

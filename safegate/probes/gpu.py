@@ -15,11 +15,11 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from safegate.errors import UsageError
-from safegate.snapshots import GpuInfo, GpuProcess, GpuSnapshot
+from safegate.probes.snapshots import GpuInfo, GpuProcess, GpuSnapshot
 from safegate.units import BACKENDS
 
 LIBRARY = "libnvidia-ml.so.1"
-# The snapshot types live in safegate.snapshots (policy.py reads them without importing a probe); they are
+# The snapshot types live in safegate.probes.snapshots (policy.py reads them without importing a probe); they are
 # re-exported because read_gpus returns them and its callers name them.
 __all__ = ["LIBRARY", "GpuInfo", "GpuProcess", "GpuSnapshot", "gpu_backend", "host_pid_map", "read_gpus"]
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from safegate.snapshots import MemorySnapshot
+from safegate.probes.snapshots import MemorySnapshot
 
 PSI_MEMORY = "/proc/pressure/memory"
 MEMINFO = "/proc/meminfo"

@@ -11,7 +11,7 @@ import re
 import sys
 from collections.abc import Callable, Collection, Iterable
 
-from safegate.snapshots import ProcessInfo, ProcessSnapshot
+from safegate.probes.snapshots import ProcessInfo, ProcessSnapshot
 
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 # Whole: execve takes at most 6 MiB of arguments and environment together (3/4 of the kernel's _STK_LIM, whatever

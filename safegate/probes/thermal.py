@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from fnmatch import fnmatchcase
 
-from safegate.config import ThermalConfig
-from safegate.snapshots import SensorReading, ThermalSnapshot
+from safegate.config.model import ThermalConfig
+from safegate.probes.snapshots import SensorReading, ThermalSnapshot
 
 # Outside this range a sensor is broken or unconnected (e.g. -273 or 255 on some boards' spare inputs).
 PLAUSIBLE_MIN = -40.0

@@ -8,7 +8,7 @@ usage: exec_many.py CONFIG FIRST LAST
 import json
 import sys
 
-from safegate.cli import main
+from safegate.cli.app import main
 
 config, first, last = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 codes = [main(["exec", "--config", config, "--mem", "0", "--lock", f"code{code}", "-q", "--",

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 from support import TIMEOUT, Nobody, Procs, Run, hold_with_flock
 
-from safegate import admission
-from safegate import preflight as gate_module
-from safegate.config import ThermalConfig, load_config
+from safegate.config.file import load_config
+from safegate.config.model import ThermalConfig
+from safegate.gate import admission
+from safegate.gate import preflight as gate_module
 from safegate.probes.memory import read_pressure
 from safegate.probes.thermal import read_thermal
 

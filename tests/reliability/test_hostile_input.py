@@ -11,9 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from safegate.cli import main
-from safegate.config import load_config
-from safegate.configfile import build_config
+from safegate.cli.app import main
+from safegate.config.file import build_config, load_config
 from safegate.errors import ConfigError, ValueParseError
 from safegate.locks.store import LockStore
 from safegate.units import validate_lock_name

@@ -1,0 +1,391 @@
+"""The command line: parse, call the core, render. Every failure becomes its exit code in main()."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Annotated
+
+import typer
+
+from safegate import __version__
+from safegate.cli.fastpath import COMPLETE_VAR, check_command
+from safegate.cli.options import (
+    REPORT_DEFAULT,
+    ConfigOpt,
+    GpuMemOpt,
+    GpuOpt,
+    JsonOpt,
+    LockOpt,
+    MarginOpt,
+    MaxTempOpt,
+    MemOpt,
+    PlainUsage,
+    ProfileOpt,
+    TimeoutOpt,
+    WaitOpt,
+    complete_locks,
+    event_printer,
+    setting_option,
+    usage_failure,
+    version_text,
+)
+from safegate.cli.plain import (
+    echo,
+    failure_code,
+    fill_closed_stdio,
+    gate_overrides,
+    interrupted,
+    parse_overrides,
+    parsed,
+    progress,
+    reported,
+    safe_lines,
+    wait_timeout,
+)
+from safegate.cli.render import (
+    check_line,
+    lock_json,
+    profile_json,
+    profile_line,
+    queue_json,
+    queue_text,
+    render_lock,
+    status_json,
+    status_text,
+)
+from safegate.commands.slurm import DEFAULT_PREFIX
+from safegate.errors import SafegateError, UsageError
+from safegate.exitcodes import table_plain
+from safegate.gate.results import Verdict
+from safegate.units import printable, validate_lock_name
+
+# "\b" keeps click from re-wrapping the table into one paragraph.
+EXIT_CODES_EPILOG = "\b\nExit codes:\n" + table_plain()
+
+app = typer.Typer(
+    name="safegate",
+    help="Gate heavy ML jobs on memory, temperature, locks and competing processes.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        echo(version_text(__version__))
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help=(
+        "Print the version and where this install's man page and completions are, and exit."))] = False) -> None:
+    """Gate heavy ML jobs on memory, temperature, locks and competing processes."""
+
+
+@app.command(epilog=EXIT_CODES_EPILOG)
+def check(
+    profile: ProfileOpt = None,
+    mem: MemOpt = None,
+    margin: MarginOpt = None,
+    max_temp: MaxTempOpt = None,
+    lock: LockOpt = None,
+    gpu: GpuOpt = None,
+    gpu_mem: GpuMemOpt = None,
+    wait: WaitOpt = False,
+    timeout: TimeoutOpt = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object with every check.")] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="Print nothing on success; on a block, one line per failing check "
+                           "on stderr, and no waiting lines.")
+    ] = False,
+    config: ConfigOpt = None,
+    no_grant: Annotated[bool, typer.Option("--no-grant", help="Only ask: reserve nothing for a job that follows "
+                                           "(for monitoring, `watch safegate check` and dashboards).")] = False,
+    grant_to: Annotated[str | None, typer.Option(metavar="PID", help="Grant a pass to this process's next job "
+                                                 "instead of check's parent's (e.g. GNU parallel's pid).")] = None,
+) -> None:
+    """Is it safe to start this job now? Answer with the exit code.
+
+    Runs five checks: memory margin (and memory pressure), temperature, the profile's lock,
+    competing processes, and stale lock cleanup (and GPU memory where there are GPUs).
+
+    \b
+    Examples:
+      safegate check -p whisper-large-v3 -q && whisper --model large-v3 talk.mp3
+      safegate check --mem 6G --margin 10% --wait --timeout 30m --json
+    """
+    raise typer.Exit(check_command(profile=profile, mem=mem, margin=margin, max_temp=max_temp, lock=lock, gpu=gpu,
+                                   gpu_mem=gpu_mem, wait=wait, timeout=timeout, json_output=json_output, quiet=quiet,
+                                   config=config, no_grant=no_grant, grant_to=grant_to))
+
+
+@app.command("exec", short_help="Run a job under the gate, and watch it.", epilog=EXIT_CODES_EPILOG,
+             context_settings={"allow_interspersed_args": False})
+def exec_(
+    command: Annotated[
+        list[str] | None,
+        typer.Argument(metavar="-- CMD [ARGS]...", help="The job to run, after --.", show_default=False),
+    ] = None,
+    profile: ProfileOpt = None,
+    mem: MemOpt = None,
+    margin: MarginOpt = None,
+    max_temp: MaxTempOpt = None,
+    lock: LockOpt = None,
+    gpu: GpuOpt = None,
+    gpu_mem: GpuMemOpt = None,
+    wait: WaitOpt = False,
+    timeout: TimeoutOpt = None,
+    max_mem: Annotated[str | None, setting_option("max_mem")] = None,
+    min_available: Annotated[str | None, setting_option("min_available")] = None,
+    on_hot: Annotated[str | None, setting_option("on_hot")] = None,
+    grace: Annotated[str | None, setting_option("grace")] = None,
+    interval: Annotated[str | None, setting_option("interval")] = None,
+    warn_signal: Annotated[str | None, setting_option("warn_signal")] = None,
+    nice: Annotated[str | None, setting_option("nice")] = None,
+    max_gpu_mem: Annotated[str | None, setting_option("max_gpu_mem")] = None,
+    min_gpu_free: Annotated[str | None, setting_option("min_gpu_free")] = None,
+    log: Annotated[str | None, setting_option("log")] = None,
+    cgroup: Annotated[str | None, setting_option("cgroup")] = None,
+    max_swap: Annotated[str | None, setting_option("max_swap")] = None,
+    throttle: Annotated[str | None, setting_option("throttle")] = None,
+    notify: Annotated[str | None, setting_option("notify")] = None,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="Print only warnings, breaches and errors: no waiting, start, "
+                           "exit or summary lines.")
+    ] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Run a job under the gate: preflight checks, the lock for exactly the job's lifetime, and a watch on
+    memory and temperature that stops the job before it takes the machine down.
+
+    The exit status is the job's own, 128+N if it died of signal N, or safegate's codes below.
+
+    \b
+    Examples:
+      safegate exec --wait -- whisper --model large-v3 talk.mp3
+      safegate exec --max-mem 12G --log run.jsonl -- python train.py
+    """
+    # exec's machinery (ctypes, the supervisor) is imported here so `check` does not pay for it.
+    from safegate.commands.execute import execute
+
+    if not command:
+        raise UsageError("exec: no command given; usage: safegate exec [OPTIONS] -- CMD [ARGS]...")
+    overrides = parse_overrides(
+        memory=mem, memory_margin=margin, max_temp=max_temp, lock=lock, gpu=gpu, gpu_memory=gpu_mem,
+        max_mem=max_mem, min_available=min_available, on_hot=on_hot, grace=grace, interval=interval,
+        warn_signal=warn_signal, nice=nice, max_gpu_mem=max_gpu_mem, min_gpu_free=min_gpu_free, log=log,
+        cgroup=cgroup, max_swap=max_swap, throttle=throttle, notify=notify,
+    )
+    wait_for = wait_timeout(wait, timeout)
+    shown = progress(quiet)
+    result = execute(command, config=config, profile=profile, overrides=overrides, wait=wait, timeout=wait_for,
+                     on_event=event_printer(quiet, shown), on_blocked=shown,
+                     on_log_error=lambda msg: echo(f"safegate: warning: {printable(msg)}", err=True))
+    if isinstance(result, Verdict):
+        shown.finish(result, wait_for if wait else None)
+        for failure in result.failures:
+            echo(f"safegate: not started: {check_line(failure)}", err=True)
+        raise typer.Exit(int(result.exit_code))
+    raise typer.Exit(result.exit_code)
+
+
+@app.command(short_help="Print how many jobs of this size can start now.",
+             epilog="Example: n=$(safegate slots -p small-model --max 8) && xargs -P \"$n\" -n 1 small-model < list")
+def slots(
+    profile: ProfileOpt = None,
+    mem: MemOpt = None,
+    margin: MarginOpt = None,
+    max_temp: MaxTempOpt = None,
+    lock: LockOpt = None,
+    gpu: GpuOpt = None,
+    gpu_mem: GpuMemOpt = None,
+    max_slots: Annotated[int | None, typer.Option("--max", min=1, metavar="N", help="Never print more than N.")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Print how many jobs of this size can start now: floor((available - reserved - margin) / need).
+
+    At most 1 for a profile with a lock (a mutex). When none can start it prints 0 and exits with the code of
+    what blocks (10-14), never 0: to xargs -P and parallel -j, 0 means no limit.
+    """
+    from safegate.commands.check import slots as count_slots
+
+    count, code = count_slots(config, profile, gate_overrides(mem, margin, max_temp, lock, gpu, gpu_mem), max_slots)
+    echo(str(count))
+    if code:
+        raise typer.Exit(int(code))
+
+
+@app.command(epilog="Example: safegate locks --json")
+def locks(json_output: JsonOpt = False, config: ConfigOpt = None) -> None:
+    """List the locks in the lock dir, with their holders."""
+    from safegate.commands.inspect import locks as list_locks
+
+    directory, found = list_locks(config)
+    if json_output:
+        echo(json.dumps([lock_json(lock) for lock in found], indent=2))
+        return
+    if not found:
+        echo(f"no locks in {printable(str(directory))}")
+    for lock in found:
+        echo(render_lock(lock))
+
+
+@app.command(short_help="List the waiters in the order they are served.", epilog="Example: safegate queue --json")
+def queue(json_output: JsonOpt = False, config: ConfigOpt = None) -> None:
+    """List the waiters (exec --wait, check --wait) in the order they are served, and what each waits for."""
+    from safegate.commands.inspect import queue as list_queue
+
+    tickets, now = list_queue(config)
+    if json_output:
+        echo(json.dumps(queue_json(tickets, now), indent=2))
+        return
+    for line in queue_text(tickets, now) or ["nobody is waiting"]:
+        echo(line)
+
+
+@app.command(cls=PlainUsage, short_help="Remove a free lock's stale leftovers.",
+             epilog="Example: safegate unlock whisper-large")
+def unlock(
+    name: Annotated[str, typer.Argument(metavar="NAME", help="The lock to clean up.", autocompletion=complete_locks)],
+    config: ConfigOpt = None,
+) -> None:
+    """Remove a free lock's stale leftovers; refuses, naming the holder, while a live process holds it."""
+    from safegate.commands.inspect import unlock as unlock_lock
+
+    checked = parsed("NAME", validate_lock_name, name)
+    assert isinstance(checked, str)
+    removed = unlock_lock(config, checked)
+    for what in removed:
+        echo(f"removed {printable(what)}")
+    if not removed:
+        echo(f"lock {checked!r} is free; nothing to remove")
+
+
+@app.command(short_help="List built-in and configured profiles.", epilog="Example: safegate profiles --json")
+def profiles(json_output: JsonOpt = False, config: ConfigOpt = None) -> None:
+    """List built-in and configured profiles: where each comes from, and declared vs recorded memory."""
+    from safegate.commands.inspect import profiles as list_profiles
+
+    data = [profile_json(p, runs) for p, runs in list_profiles(config)]
+    if json_output:
+        echo(json.dumps(data, indent=2))
+        return
+    for p in data:
+        echo(profile_line(p))
+
+
+@app.command(short_help="One screen: RAM, heat, GPUs, locks, waiters.", epilog="Example: safegate status --watch")
+def status(
+    json_output: JsonOpt = False,
+    watch: Annotated[bool, typer.Option("--watch", help="Refresh every 2 s until Ctrl-C.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """One screen: RAM, pressure, swap, temperatures, GPUs, locks and their holders, the waiters, the largest
+    processes."""
+    from safegate.commands.inspect import status as reports
+
+    interactive = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    for report in reports(config, watch):
+        text = status_json(report) if json_output else status_text(report)
+        if watch and interactive:
+            echo("\x1b[H\x1b[2J" + safe_lines(text), controls=True)  # home + clear: redraw in place
+        else:
+            echo(text)
+
+
+@app.command(epilog="Example (cron, every minute): safegate metrics --textfile /var/lib/prometheus/node-exporter")
+def metrics(textfile: Annotated[str | None, typer.Option("--textfile", metavar="DIR", help=(
+        "Write DIR/safegate.prom whole (for node_exporter's textfile collector) instead of printing."))] = None,
+        config: ConfigOpt = None) -> None:
+    """Memory, pressure, heat, GPUs, locks and each profile's last run, in the Prometheus text format."""
+    from safegate.commands.metrics import metrics as collect
+    from safegate.commands.metrics import write_textfile
+
+    text = collect(config)
+    echo(text.rstrip("\n")) if textfile is None else write_textfile(textfile, text)
+
+
+@app.command(short_help="Turn exec --log files into one HTML report.",
+             epilog="Example: safegate report ~/night.jsonl ~/gpu-night.jsonl -o night.html")
+def report(
+    logs: Annotated[list[str] | None, typer.Argument(metavar="LOG...", show_default=False, help=(
+        "safegate exec --log files: one or more, each with one or more jobs."))] = None,
+    output: Annotated[str | None, typer.Option("--output", "-o", metavar="FILE", help=(
+        f"Write the report here (default {REPORT_DEFAULT} in the current directory; - for stdout); written "
+        "whole or not at all."))] = None,
+) -> None:
+    """The morning after: one self-contained HTML file (no script, font or URL; it opens from a file:// path
+    offline) with a timeline of every job, charts of job memory, MemAvailable, temperature and VRAM against their
+    limits with the warnings, pauses, resumes and breaches marked, and a table of the jobs. Times are UTC."""
+    from safegate.commands.report import report as make_report
+
+    written = make_report(logs or [], output or REPORT_DEFAULT)
+    echo(written.html.rstrip("\n") if written.path == "-" else f"wrote {written.path}: {written.summary}")
+
+
+slurm_app = typer.Typer(help="Safegate inside Slurm.", no_args_is_help=True)
+app.add_typer(slurm_app, name="slurm")
+
+
+@slurm_app.command("health", epilog=EXIT_CODES_EPILOG)
+def slurm_health(
+    node: Annotated[str | None, typer.Option(metavar="NAME", help="Node to drain or resume (default: "
+                                             "$SLURMD_NODENAME, else the short hostname).")] = None,
+    reason_prefix: Annotated[str, typer.Option("--reason-prefix", metavar="TEXT", help="Drain reasons start with "
+                                               "this; only such drains are ever resumed.")] = DEFAULT_PREFIX,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the scontrol command instead of running it.")]
+    = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Node health check for HealthCheckProgram= or NHC: drain the node when it is unsafe (too hot, memory
+    pressure or margin, a failed GPU, a blocking competing process), resume it when safe again if the drain
+    is safegate's own. Never touches running jobs. Exit 0 healthy, else the blocking code.
+
+    Example: HealthCheckProgram=/usr/local/bin/safegate-health (a wrapper running: safegate slurm health)
+    """
+    from safegate.commands.slurm_health import apply, health
+
+    result = health(config, node, reason_prefix, dry_run)
+    for note in result.notes:
+        echo(f"safegate: {printable(note)}", err=True)
+    command = apply(result)
+    if command is not None:
+        echo(command)
+    raise typer.Exit(int(result.exit_code))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; the one place where failures become exit codes and one-line messages."""
+    args = sys.argv[1:] if argv is None else argv
+    fill_closed_stdio()
+    if os.environ.get(COMPLETE_VAR):
+        # A shell asking for completions (completions/*): register typer's shell classes only then.
+        from typer import completion as typer_completion
+
+        # completion_init is how typer registers its bash/zsh/fish classes; it is not re-exported.
+        getattr(typer_completion, "completion_init")()  # noqa: B009
+    try:
+        result = app(args=args, prog_name="safegate", standalone_mode=False)
+    except SafegateError as exc:
+        return reported(exc)
+    except typer.Exit as exc:
+        return int(exc.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        return interrupted()
+    except typer.TyperException as exc:
+        return usage_failure(exc)
+    except Exception as exc:
+        code = failure_code(exc)
+        if code is None:
+            raise
+        return code
+    return int(result) if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

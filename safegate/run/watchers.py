@@ -1,0 +1,244 @@
+"""What each limit makes of a sample: nothing, a warning, a pause, a resume or a breach.
+
+One small object per limit, each owning its warned/rearm state. They read nothing, keep no clock and print
+nothing: the supervisor measures, hands them plain values or frozen snapshots, and carries out the Action.
+Once an Action is a breach the supervisor stops asking (the job is being stopped), so no watcher needs to
+know about termination.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence, Set
+from enum import Enum
+from typing import Any
+
+import msgspec
+from msgspec import field
+
+from safegate.exitcodes import ExitCode
+from safegate.gate.policy import gpu_temp_limit
+from safegate.probes.gpu import GpuInfo
+from safegate.probes.snapshots import SensorReading
+from safegate.run.limits import (
+    GpuLimits,
+    Level,
+    WatchLimits,
+    floor_level,
+    job_level,
+    rearmed_floor,
+    rearmed_job,
+)
+from safegate.units import format_bytes
+
+
+class Kind(str, Enum):
+    NONE = "none"
+    WARN = "warn"
+    PAUSE = "pause"
+    RESUME = "resume"
+    BREACH = "breach"
+
+
+class Action(msgspec.Struct, frozen=True):
+    kind: Kind
+    message: str = ""
+    data: Mapping[str, Any] = field(default_factory=dict)
+    code: ExitCode | None = None  # a breach: safegate's exit status
+    reason: str = ""  # a breach: memory, gpu or thermal
+    # A warning --warn-signal goes with: memory (RAM or VRAM) the job could shed. Heat is not the job's to shed.
+    warn_signal: bool = False
+
+
+NOTHING = Action(Kind.NONE)
+
+
+def breach(code: ExitCode, reason: str, message: str, data: Mapping[str, Any]) -> Action:
+    return Action(Kind.BREACH, message, data, code=code, reason=reason)
+
+
+def memory_warning(message: str, data: Mapping[str, Any]) -> Action:
+    return Action(Kind.WARN, message, data, warn_signal=True)
+
+
+def to_take(actions: Sequence[Action]) -> list[Action]:
+    """The actions of one sample to carry out: a breach alone (the first one), else every other, in order.
+
+    A breach stops the job, so a warning found in the same sample is not worth telling.
+    """
+    breaches = [a for a in actions if a.kind is Kind.BREACH]
+    if breaches:
+        return breaches[:1]
+    return [a for a in actions if a.kind is not Kind.NONE]
+
+
+class JobMemoryWatch:
+    """--max-mem: the job's own memory. A warning once from WARN_FRACTION, again only after falling below REARM."""
+
+    def __init__(self, limits: WatchLimits) -> None:
+        self.limits = limits
+        self.warned = False
+
+    def level(self, job_mem: int) -> Level:
+        return job_level(job_mem, self.limits)
+
+    def check(self, job_mem: int) -> Action:
+        limit = self.limits.max_mem
+        level = self.level(job_mem)
+        if level is Level.BREACH:
+            assert limit is not None
+            return breach(ExitCode.KILLED_MEMORY, "memory",
+                          f"job memory {format_bytes(job_mem)} >= --max-mem {format_bytes(limit)}",
+                          {"job_memory": job_mem, "max_mem": limit})
+        if level is Level.WARN and not self.warned:
+            assert limit is not None
+            self.warned = True
+            return memory_warning(f"job memory {format_bytes(job_mem)} is {job_mem / limit:.0%} of --max-mem "
+                                  f"{format_bytes(limit)}", {"job_memory": job_mem, "max_mem": limit})
+        if self.warned and rearmed_job(job_mem, self.limits):
+            self.warned = False
+        return NOTHING
+
+
+class FloorWatch:
+    """--min-available: the machine's MemAvailable, whoever uses the memory. Warned and rearmed like the job's."""
+
+    def __init__(self, limits: WatchLimits) -> None:
+        self.limits = limits
+        self.warned = False
+
+    def level(self, available: int) -> Level:
+        return floor_level(available, self.limits)
+
+    def check(self, available: int, job_mem: int) -> Action:
+        floor = self.limits.min_available
+        level = self.level(available)
+        if level is Level.BREACH:
+            assert floor is not None
+            return breach(ExitCode.KILLED_MEMORY, "memory",
+                          f"MemAvailable {format_bytes(available)} <= --min-available {format_bytes(floor)}",
+                          {"available": available, "min_available": floor, "job_memory": job_mem})
+        if level is Level.WARN and not self.warned:
+            assert floor is not None
+            self.warned = True
+            return memory_warning(f"MemAvailable {format_bytes(available)} is near --min-available "
+                                  f"{format_bytes(floor)}", {"available": available, "min_available": floor})
+        if self.warned and rearmed_floor(available, self.limits):
+            self.warned = False
+        return NOTHING
+
+
+def _measured(cards: Sequence[GpuInfo]) -> list[GpuInfo]:
+    """The cards whose memory NVML reports (a failed card or unified memory has none)."""
+    return [g for g in cards if g.used is not None and g.total is not None and g.free is not None]
+
+
+class GpuWatch:
+    """The job's GPUs: a failed card, the job's own VRAM (--max-gpu-mem) and each card's free memory
+    (--min-gpu-free). One warning for all of them, again once none is at a warning level."""
+
+    def __init__(self, limits: GpuLimits) -> None:
+        self.limits = limits
+        self.warned = False
+        self.baseline: dict[int, int] | None = None  # each card's used memory at the first sample
+
+    def job_vram(self, cards: Sequence[GpuInfo], job_pids: Set[int], pid_map: Mapping[int, int]) -> int:
+        """The job's VRAM: per-process usage where NVML gives it, else the cards' growth since the first sample.
+
+        *pid_map* turns NVML's host pids into ours (inside a PID namespace); the first call records the baseline.
+        """
+        measured = _measured(cards)
+        if self.baseline is None:
+            self.baseline = {g.index: g.used or 0 for g in measured}
+        procs = [p for g in measured for p in g.processes if pid_map.get(p.pid, p.pid) in job_pids]
+        if procs and all(p.used is not None for p in procs):
+            return sum(p.used or 0 for p in procs)
+        return sum(max(0, (g.used or 0) - self.baseline.get(g.index, 0)) for g in measured)
+
+    def check(self, cards: Sequence[GpuInfo], job_vram: int) -> Action:
+        gpu = self.limits
+        failed = [g for g in cards if g.error is not None]
+        if failed:
+            g = failed[0]
+            return breach(ExitCode.KILLED_GPU_MEMORY, "gpu", f"GPU {g.index} failed: {g.error}", {"gpu": g.index})
+        job = gpu.job_level(job_vram)
+        if job is Level.BREACH:
+            assert gpu.max_job is not None
+            return breach(ExitCode.KILLED_GPU_MEMORY, "gpu", f"job GPU memory {format_bytes(job_vram)} >= "
+                          f"--max-gpu-mem {format_bytes(gpu.max_job)}",
+                          {"job_gpu_memory": job_vram, "max_gpu_mem": gpu.max_job})
+        levels = [(g, gpu.card_level(g.free or 0, g.total or 0)) for g in _measured(cards)]
+        breached = [g for g, level in levels if level is Level.BREACH]
+        if breached:
+            g = breached[0]
+            assert gpu.min_free is not None and g.total is not None
+            floor = gpu.min_free.resolve(g.total)
+            return breach(ExitCode.KILLED_GPU_MEMORY, "gpu",
+                          f"GPU {g.index} free memory {format_bytes(g.free or 0)} <= {format_bytes(floor)}",
+                          {"gpu": g.index, "free": g.free, "min_gpu_free": floor})
+        card_warn = [g for g, level in levels if level is Level.WARN]
+        if job is not Level.WARN and not card_warn:
+            self.warned = False
+            return NOTHING
+        if self.warned:
+            return NOTHING
+        self.warned = True
+        if job is Level.WARN:
+            assert gpu.max_job is not None
+            message = (f"job GPU memory {format_bytes(job_vram)} is {job_vram / gpu.max_job:.0%} of "
+                       f"--max-gpu-mem {format_bytes(gpu.max_job)}")
+        else:
+            g = card_warn[0]
+            message = f"GPU {g.index}: {format_bytes(g.free or 0)} free of {format_bytes(g.total or 0)}"
+        return memory_warning(message, {"job_gpu_memory": job_vram})
+
+
+class Reading(msgspec.Struct, frozen=True):
+    """One temperature against its own limits (a GPU's may be below max_temp: see policy.gpu_temp_limit)."""
+
+    key: str
+    temp: float
+    hot_at: float
+    cool_at: float
+
+
+class ThermalWatch:
+    """max_temp and on_hot: at or above max_temp, pause (until every sensor is below resume_temp), kill, or warn
+    once (again after everything cooled below resume_temp)."""
+
+    def __init__(self, limits: WatchLimits) -> None:
+        self.limits = limits
+        self.warned = False
+
+    def readings(self, sensors: Sequence[SensorReading], gpus: Sequence[GpuInfo]) -> list[Reading]:
+        limits = self.limits
+        readings = [Reading(r.key, r.celsius, limits.max_temp, limits.resume_temp) for r in sensors]
+        readings += [Reading(f"GPU {g.index}", g.temp, gpu_temp_limit(g, limits.max_temp, resuming=False),
+                             gpu_temp_limit(g, limits.resume_temp, resuming=True))
+                     for g in gpus if g.temp is not None]
+        return readings
+
+    def check(self, readings: Sequence[Reading], *, paused: bool) -> Action:
+        """*paused*: the job is stopped for heat now (so a hot sample does not pause it twice)."""
+        if not readings:
+            return NOTHING
+        over = [r for r in readings if r.temp >= r.hot_at]
+        # Name the sensor that decides: the first one too hot, else the one closest to (or above) resume_temp.
+        r = over[0] if over else max(readings, key=lambda x: x.temp - x.cool_at)
+        data = {"sensor": r.key, "temp": r.temp, "max_temp": r.hot_at, "resume_temp": r.cool_at}
+        hot = f"{r.key} at {r.temp:g} C >= max_temp {r.hot_at:g} C"
+        on_hot = self.limits.on_hot
+        if over:
+            if on_hot == "kill":
+                return breach(ExitCode.KILLED_HOT, "thermal", hot, data)
+            if on_hot == "pause" and not paused:
+                return Action(Kind.PAUSE, f"{hot}; pausing the job until below {r.cool_at:g} C", data)
+            if on_hot == "warn" and not self.warned:
+                self.warned = True
+                return Action(Kind.WARN, hot, data)
+            return NOTHING
+        if all(x.temp < x.cool_at for x in readings):
+            self.warned = False
+            if paused:
+                return Action(Kind.RESUME, f"{r.key} at {r.temp:g} C < resume_temp {r.cool_at:g} C; resuming the job",
+                              data)
+        return NOTHING
