@@ -408,12 +408,12 @@ def worker(mode: str, runs: int, warmup: int) -> None:
         out = {"scan": scan, "read": read, "match": match, "scanned": len(snapshot.processes),
                "blocking": sum(1 for m in found if m.rule.action == "block")}
     else:  # evaluate: one whole pass of the checks, config loading included, as `safegate check` does it
-        from safegate.gate.preflight import Overrides, clean_and_evaluate, resolve
+        from safegate.gate.preflight import clean_and_evaluate, resolve
         from safegate.units import parse_size
 
         holder = Path(os.environ["SGBENCH_HOLDER"])
         holder_text = holder.read_text(encoding="utf-8") if holder.exists() else None
-        overrides = Overrides(memory=parse_size("0"), memory_margin=parse_size("0"))
+        overrides = {"memory": parse_size("0"), "memory_margin": parse_size("0")}
         times, codes = [], set()
         for i in range(warmup + runs):
             if holder_text is not None and not holder.exists():

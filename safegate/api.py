@@ -27,54 +27,28 @@ import asyncio
 import dataclasses
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 from safegate.config.file import load_config
-from safegate.config.model import DEFAULT_PROFILE
-from safegate.errors import Blocked, SafegateError, UsageError, ValueParseError
+from safegate.config.model import DEFAULT_PROFILE, parse_overrides
+from safegate.errors import Blocked, SafegateError
 from safegate.exitcodes import ExitCode
 from safegate.gate.admission import admit, wait_until_clear
-from safegate.gate.preflight import Overrides, Settings, clean_and_evaluate, count_slots, evaluate, resolve
+from safegate.gate.preflight import Settings, clean_and_evaluate, count_slots, evaluate, reserves, resolve
 from safegate.gate.results import Verdict
 from safegate.locks.backoff import RECHECK, Backoff, pauses
 from safegate.locks.store import HeldLock, LockStore
 from safegate.probes.memory import read_memory
-from safegate.units import Size, parse_gpu_option, parse_size, parse_temp, validate_lock_name
+from safegate.units import Size
 
-SizeLike = str | int
-
-
-def _size(name: str, value: SizeLike | None) -> Size | None:
-    if value is None:
-        return None
-    if isinstance(value, int) and not isinstance(value, bool):
-        if value < 0:
-            raise UsageError(f"{name}: must not be negative, got {value}")
-        return Size(bytes=value)
-    try:
-        return parse_size(str(value))
-    except ValueParseError as exc:
-        raise UsageError(f"{name}: {exc}") from None
+# A setting's value, by its option's Python name (mem, margin, max_temp, lock, gpu, gpu_mem): text as on the command
+# line, a size also as bytes (int), a temperature also as a number. The settings table says which exist.
+Option = str | int | float | None
 
 
-def _settings(
-    profile: str, config: str | None, mem: SizeLike | None, margin: SizeLike | None, max_temp: float | str | None,
-    lock: str | None, gpu: str | None, gpu_mem: SizeLike | None,
-) -> Settings:
-    try:
-        overrides = Overrides(
-            memory=_size("mem", mem),
-            memory_margin=_size("margin", margin),
-            max_temp=parse_temp(max_temp) if max_temp is not None else None,
-            lock=validate_lock_name(lock) if lock is not None else None,
-            gpu=parse_gpu_option(gpu) if gpu is not None else None,
-            gpu_memory=_size("gpu_mem", gpu_mem),
-            explicit_gpu=gpu is not None,
-        )
-    except ValueParseError as exc:
-        raise UsageError(str(exc)) from None
-    return resolve(load_config(config), profile, overrides)
+def _settings(profile: str, config: str | None, command: str, options: Mapping[str, Option]) -> Settings:
+    return resolve(load_config(config), profile, parse_overrides(options, command=command, api=True))
 
 
 class CheckVerdict(Verdict, frozen=True):
@@ -100,20 +74,16 @@ _GRANTS: dict[str, HeldLock] = {}  # this process's check() grants, by lock: a h
 
 
 def check(
-    profile: str = DEFAULT_PROFILE, *, mem: SizeLike | None = None, margin: SizeLike | None = None,
-    max_temp: float | str | None = None, lock: str | None = None, gpu: str | None = None,
-    gpu_mem: SizeLike | None = None, config: str | None = None, wait: bool = False, timeout: float | None = None,
-    reserve: bool = True,
+    profile: str = DEFAULT_PROFILE, *, config: str | None = None, wait: bool = False, timeout: float | None = None,
+    reserve: bool = True, **options: Option,
 ) -> CheckVerdict:
     """Run the checks once (or, with wait, until they pass or timeout seconds run out); never raises Blocked.
 
     Like `safegate check`, each pass first removes stale lock files and reports them as stale_locks, and a pass
     holds what it checked (see CheckVerdict) unless *reserve* is False (monitoring, dashboards: only asking).
     """
-    settings = _settings(profile, config, mem, margin, max_temp, lock, gpu, gpu_mem)
-    total = read_memory().total
-    reserves = settings.lock is not None or settings.memory.resolve(total) > 0 or settings.gpu_memory.resolve(total)
-    if not (reserve and reserves):
+    settings = _settings(profile, config, "check", options)
+    if not (reserve and reserves(settings)):
         verdict = wait_until_clear(settings, timeout) if wait else clean_and_evaluate(settings)
         return CheckVerdict(verdict.profile, verdict.checks)
     verdict, held = admit(settings, sys.argv, wait=wait, timeout=timeout)
@@ -125,12 +95,12 @@ def check(
 @contextmanager
 def hold(
     lock: str | None = None, *, profile: str = DEFAULT_PROFILE, wait: bool = True, timeout: float | None = None,
-    mem: SizeLike | None = None, margin: SizeLike | None = None, max_temp: float | str | None = None,
-    gpu: str | None = None, gpu_mem: SizeLike | None = None, config: str | None = None,
+    config: str | None = None, **options: Option,
 ) -> Iterator[HeldLock]:
-    """Pass admission and hold the lock (default: the profile's) for the with-block; Blocked if it cannot."""
-    settings = _settings(profile, config, mem, margin, max_temp, lock, gpu, gpu_mem)
-    granted = _GRANTS.pop(settings.lock, None) if settings.lock is not None else None
+    """Pass admission and hold the lock (default: the profile's) for the with-block; Blocked if it cannot.
+    *options*: check()'s."""
+    settings = _settings(profile, config, "check", {**options, "lock": lock})
+    granted = _GRANTS.pop(settings.profile.lock, None) if settings.profile.lock is not None else None
     if granted is not None:
         with granted:  # this process's check() passed and holds it: the hold takes it over, and ends it
             yield granted
@@ -143,12 +113,10 @@ def hold(
 
 
 def slots(
-    profile: str = DEFAULT_PROFILE, *, max: int | None = None, mem: SizeLike | None = None,
-    margin: SizeLike | None = None, max_temp: float | str | None = None, lock: str | None = None,
-    gpu: str | None = None, gpu_mem: SizeLike | None = None, config: str | None = None,
+    profile: str = DEFAULT_PROFILE, *, max: int | None = None, config: str | None = None, **options: Option,
 ) -> int:
-    """How many jobs of the profile's size can start now (see count_slots); reads only."""
-    settings = _settings(profile, config, mem, margin, max_temp, lock, gpu, gpu_mem)
+    """How many jobs of the profile's size can start now (see count_slots); reads only. *options*: check()'s."""
+    settings = _settings(profile, config, "slots", options)
     return count_slots(settings, evaluate(settings), max)
 
 
@@ -162,9 +130,9 @@ class Gate:
     checks only read: polling never writes to the lock dir.
     """
 
-    mem: SizeLike
+    mem: str | int
     profile: str = DEFAULT_PROFILE
-    margin: SizeLike | None = None
+    margin: str | int | None = None
     max_concurrent: int | None = None
     settle: float = 5.0
     poll: float = 0.2
@@ -174,15 +142,14 @@ class Gate:
     _lock: asyncio.Lock | None = dataclasses.field(default=None, init=False, repr=False)
 
     def _need(self) -> int:
-        size = _size("mem", self.mem)
-        assert size is not None
+        size: Size = parse_overrides({"mem": self.mem}, command="check", api=True)["memory"]
         return size.resolve(read_memory().total)
 
     def _admissible(self) -> Verdict:
         now = time.monotonic()
         loading = sum(1 for t in self._entered.values() if now - t < self.settle)
         need = self._need()
-        settings = _settings(self.profile, self.config, need * (1 + loading), self.margin, None, None, None, None)
+        settings = _settings(self.profile, self.config, "check", {"mem": need * (1 + loading), "margin": self.margin})
         return evaluate(settings)
 
     async def __aenter__(self) -> Gate:

@@ -130,7 +130,7 @@ def test_wait_until_clear_sleeps_through_the_injected_sleep(config: Path, sensor
         offset[0] += seconds
 
     set_temp(sensor, 99)  # too hot: thermal blocks every re-check (a need that can never fit would not wait)
-    settings = gate.resolve(load_config(str(config)), "default", gate.Overrides(memory=Size(bytes=0)))
+    settings = gate.resolve(load_config(str(config)), "default", {"memory": Size(bytes=0)})
     result: list[object] = []
     waiter = threading.Thread(target=lambda: result.append(
         admission.wait_until_clear(settings, 3.0, clock=lambda: offset[0], sleep=sleep)), daemon=True)

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from support import REPO, Run
 
+from safegate.config.model import PROFILE_KEYS as _PROFILE_KEYS
 from safegate.exitcodes import ExitCode, table_markdown, table_plain
-from safegate.settings import PROFILE_KEYS as _PROFILE_KEYS
 
 README = (REPO / "README.md").read_text()
 
@@ -163,7 +163,7 @@ def test_readme_grant_section_is_the_generated_text() -> None:
 
 def test_man_page_stands_alone() -> None:
     # Installed without the README: the config file, its keys, the files and the environment are in it.
-    from safegate.settings import SETTINGS
+    from safegate.config.model import SETTINGS
 
     man = (REPO / "man" / "safegate.1").read_text().replace("\\-", "-").replace("\\fB", "").replace("\\fR", "")
     assert "README" not in man

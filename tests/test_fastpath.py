@@ -13,8 +13,8 @@ import pytest
 from support import ALONE, PY, TIMEOUT, Procs, Run, hold_with_flock
 
 from safegate.cli import app as cli
-from safegate.cli import fastpath
-from safegate.cli.fastpath import FLAGS, PROFILE_ENV, VALUE_OPTIONS, parse_check
+from safegate.cli import plain
+from safegate.cli.fastpath import FLAGS, PROFILE_ENV, SETTING_OPTIONS, VALUE_OPTIONS, parse_check
 
 TYPER_MAIN = "import sys; from safegate.cli.app import main; sys.exit(main(sys.argv[1:]))"
 
@@ -60,7 +60,7 @@ def test_the_fast_path_parses_as_typer_does(args: list[str], profile_env: str | 
         monkeypatch.setenv(PROFILE_ENV, profile_env)
     parsed = parse_check(["check", *args])
     assert parsed is not None
-    defaults = {name: p.default for name, p in inspect.signature(fastpath.check_command).parameters.items()}
+    defaults = {name: p.default for name, p in inspect.signature(plain.check_command).parameters.items()}
     assert {**defaults, **parsed} == _typer_arguments(args, monkeypatch)
 
 
@@ -72,7 +72,7 @@ def test_anything_unusual_is_left_to_typer(args: list[str]) -> None:
 
 
 def test_a_shell_asking_for_completions_is_left_to_typer(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(fastpath.COMPLETE_VAR, "bash_complete")
+    monkeypatch.setenv(plain.COMPLETE_VAR, "bash_complete")
     assert parse_check(["check", "-q"]) is None
 
 
@@ -86,9 +86,9 @@ def test_the_fast_path_knows_exactly_the_options_of_the_typer_command() -> None:
     options = [p for p in check.params if isinstance(p, TyperOption)]
     assert len(options) == len(check.params)  # no arguments
     names = {name for p in options for name in (*p.opts, *p.secondary_opts)}
-    assert names == set(VALUE_OPTIONS) | set(FLAGS)
+    assert names == set(VALUE_OPTIONS) | set(SETTING_OPTIONS) | set(FLAGS)
     for p in options:
-        assert {FLAGS.get(n) or VALUE_OPTIONS.get(n) for n in p.opts} == {p.name}, p.opts
+        assert {FLAGS.get(n) or VALUE_OPTIONS.get(n) or SETTING_OPTIONS.get(n) for n in p.opts} == {p.name}, p.opts
         assert p.is_flag == all(n in FLAGS for n in p.opts) and not p.secondary_opts and not p.multiple
         assert not p.count and p.nargs == 1 and p.callback is None
         assert p.envvar == (PROFILE_ENV if p.name == "profile" else None)

@@ -1,4 +1,4 @@
-"""The command line: parse, call the core, render. Every failure becomes its exit code in main()."""
+"""The command line: parse, call a command, render. Every failure becomes its exit code in cli.plain.exit_status."""
 
 from __future__ import annotations
 
@@ -10,37 +10,27 @@ from typing import Annotated
 import typer
 
 from safegate import __version__
-from safegate.cli.fastpath import COMPLETE_VAR, check_command
 from safegate.cli.options import (
     REPORT_DEFAULT,
     ConfigOpt,
-    GpuMemOpt,
-    GpuOpt,
     JsonOpt,
-    LockOpt,
-    MarginOpt,
-    MaxTempOpt,
-    MemOpt,
     PlainUsage,
     ProfileOpt,
     TimeoutOpt,
     WaitOpt,
     complete_locks,
     event_printer,
-    setting_option,
-    usage_failure,
     version_text,
+    with_settings,
 )
 from safegate.cli.plain import (
+    COMPLETE_VAR,
+    check_command,
     echo,
-    failure_code,
+    exit_status,
     fill_closed_stdio,
-    gate_overrides,
-    interrupted,
-    parse_overrides,
     parsed,
     progress,
-    reported,
     safe_lines,
     wait_timeout,
 )
@@ -56,7 +46,8 @@ from safegate.cli.render import (
     status_text,
 )
 from safegate.commands.slurm import DEFAULT_PREFIX
-from safegate.errors import SafegateError, UsageError
+from safegate.config.model import parse_overrides
+from safegate.errors import UsageError
 from safegate.exitcodes import table_plain
 from safegate.gate.results import Verdict
 from safegate.units import printable, validate_lock_name
@@ -88,14 +79,9 @@ def _root(version: Annotated[bool, typer.Option("--version", callback=_version, 
 
 
 @app.command(epilog=EXIT_CODES_EPILOG)
+@with_settings("check")
 def check(
     profile: ProfileOpt = None,
-    mem: MemOpt = None,
-    margin: MarginOpt = None,
-    max_temp: MaxTempOpt = None,
-    lock: LockOpt = None,
-    gpu: GpuOpt = None,
-    gpu_mem: GpuMemOpt = None,
     wait: WaitOpt = False,
     timeout: TimeoutOpt = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object with every check.")] = False,
@@ -108,6 +94,7 @@ def check(
                                            "(for monitoring, `watch safegate check` and dashboards).")] = False,
     grant_to: Annotated[str | None, typer.Option(metavar="PID", help="Grant a pass to this process's next job "
                                                  "instead of check's parent's (e.g. GNU parallel's pid).")] = None,
+    **given: str | None,
 ) -> None:
     """Is it safe to start this job now? Answer with the exit code.
 
@@ -119,46 +106,27 @@ def check(
       safegate check -p whisper-large-v3 -q && whisper --model large-v3 talk.mp3
       safegate check --mem 6G --margin 10% --wait --timeout 30m --json
     """
-    raise typer.Exit(check_command(profile=profile, mem=mem, margin=margin, max_temp=max_temp, lock=lock, gpu=gpu,
-                                   gpu_mem=gpu_mem, wait=wait, timeout=timeout, json_output=json_output, quiet=quiet,
-                                   config=config, no_grant=no_grant, grant_to=grant_to))
+    raise typer.Exit(check_command(profile=profile, wait=wait, timeout=timeout, json_output=json_output, quiet=quiet,
+                                   config=config, no_grant=no_grant, grant_to=grant_to, given=_given(given)))
 
 
 @app.command("exec", short_help="Run a job under the gate, and watch it.", epilog=EXIT_CODES_EPILOG,
              context_settings={"allow_interspersed_args": False})
+@with_settings("exec")
 def exec_(
     command: Annotated[
         list[str] | None,
         typer.Argument(metavar="-- CMD [ARGS]...", help="The job to run, after --.", show_default=False),
     ] = None,
     profile: ProfileOpt = None,
-    mem: MemOpt = None,
-    margin: MarginOpt = None,
-    max_temp: MaxTempOpt = None,
-    lock: LockOpt = None,
-    gpu: GpuOpt = None,
-    gpu_mem: GpuMemOpt = None,
     wait: WaitOpt = False,
     timeout: TimeoutOpt = None,
-    max_mem: Annotated[str | None, setting_option("max_mem")] = None,
-    min_available: Annotated[str | None, setting_option("min_available")] = None,
-    on_hot: Annotated[str | None, setting_option("on_hot")] = None,
-    grace: Annotated[str | None, setting_option("grace")] = None,
-    interval: Annotated[str | None, setting_option("interval")] = None,
-    warn_signal: Annotated[str | None, setting_option("warn_signal")] = None,
-    nice: Annotated[str | None, setting_option("nice")] = None,
-    max_gpu_mem: Annotated[str | None, setting_option("max_gpu_mem")] = None,
-    min_gpu_free: Annotated[str | None, setting_option("min_gpu_free")] = None,
-    log: Annotated[str | None, setting_option("log")] = None,
-    cgroup: Annotated[str | None, setting_option("cgroup")] = None,
-    max_swap: Annotated[str | None, setting_option("max_swap")] = None,
-    throttle: Annotated[str | None, setting_option("throttle")] = None,
-    notify: Annotated[str | None, setting_option("notify")] = None,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="Print only warnings, breaches and errors: no waiting, start, "
                            "exit or summary lines.")
     ] = False,
     config: ConfigOpt = None,
+    **given: str | None,
 ) -> None:
     """Run a job under the gate: preflight checks, the lock for exactly the job's lifetime, and a watch on
     memory and temperature that stops the job before it takes the machine down.
@@ -175,12 +143,7 @@ def exec_(
 
     if not command:
         raise UsageError("exec: no command given; usage: safegate exec [OPTIONS] -- CMD [ARGS]...")
-    overrides = parse_overrides(
-        memory=mem, memory_margin=margin, max_temp=max_temp, lock=lock, gpu=gpu, gpu_memory=gpu_mem,
-        max_mem=max_mem, min_available=min_available, on_hot=on_hot, grace=grace, interval=interval,
-        warn_signal=warn_signal, nice=nice, max_gpu_mem=max_gpu_mem, min_gpu_free=min_gpu_free, log=log,
-        cgroup=cgroup, max_swap=max_swap, throttle=throttle, notify=notify,
-    )
+    overrides = parse_overrides(given, command="exec")
     wait_for = wait_timeout(wait, timeout)
     shown = progress(quiet)
     result = execute(command, config=config, profile=profile, overrides=overrides, wait=wait, timeout=wait_for,
@@ -196,16 +159,12 @@ def exec_(
 
 @app.command(short_help="Print how many jobs of this size can start now.",
              epilog="Example: n=$(safegate slots -p small-model --max 8) && xargs -P \"$n\" -n 1 small-model < list")
+@with_settings("slots")
 def slots(
     profile: ProfileOpt = None,
-    mem: MemOpt = None,
-    margin: MarginOpt = None,
-    max_temp: MaxTempOpt = None,
-    lock: LockOpt = None,
-    gpu: GpuOpt = None,
-    gpu_mem: GpuMemOpt = None,
     max_slots: Annotated[int | None, typer.Option("--max", min=1, metavar="N", help="Never print more than N.")] = None,
     config: ConfigOpt = None,
+    **given: str | None,
 ) -> None:
     """Print how many jobs of this size can start now: floor((available - reserved - margin) / need).
 
@@ -214,7 +173,7 @@ def slots(
     """
     from safegate.commands.check import slots as count_slots
 
-    count, code = count_slots(config, profile, gate_overrides(mem, margin, max_temp, lock, gpu, gpu_mem), max_slots)
+    count, code = count_slots(config, profile, parse_overrides(given, command="slots"), max_slots)
     echo(str(count))
     if code:
         raise typer.Exit(int(code))
@@ -359,8 +318,13 @@ def slurm_health(
     raise typer.Exit(int(result.exit_code))
 
 
+def _given(given: dict[str, str | None]) -> dict[str, str]:
+    """The setting options given, as the plain check's parser hands them over (None: not given)."""
+    return {name: value for name, value in given.items() if value is not None}
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; the one place where failures become exit codes and one-line messages."""
+    """Run the typer app; failures become exit codes in cli.plain.exit_status, as for the plain check."""
     args = sys.argv[1:] if argv is None else argv
     fill_closed_stdio()
     if os.environ.get(COMPLETE_VAR):
@@ -369,22 +333,7 @@ def main(argv: list[str] | None = None) -> int:
 
         # completion_init is how typer registers its bash/zsh/fish classes; it is not re-exported.
         getattr(typer_completion, "completion_init")()  # noqa: B009
-    try:
-        result = app(args=args, prog_name="safegate", standalone_mode=False)
-    except SafegateError as exc:
-        return reported(exc)
-    except typer.Exit as exc:
-        return int(exc.exit_code)
-    except (typer.Abort, KeyboardInterrupt):
-        return interrupted()
-    except typer.TyperException as exc:
-        return usage_failure(exc)
-    except Exception as exc:
-        code = failure_code(exc)
-        if code is None:
-            raise
-        return code
-    return int(result) if isinstance(result, int) else 0
+    return exit_status(lambda: app(args=args, prog_name="safegate", standalone_mode=False))
 
 
 if __name__ == "__main__":  # pragma: no cover

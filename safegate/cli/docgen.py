@@ -17,10 +17,10 @@ import typer
 
 from safegate import __version__
 from safegate.cli.app import app
-from safegate.cli.fastpath import COMPLETE_VAR
+from safegate.cli.plain import COMPLETE_VAR
+from safegate.config.model import SETTINGS
 from safegate.exitcodes import ExitCode
 from safegate.run.procctl import FAULTS, FORWARDED
-from safegate.settings import SETTINGS
 
 
 def signal_paragraphs() -> list[str]:
@@ -195,7 +195,7 @@ def _configuration() -> list[str]:
     lines += [".SS Profile keys"]
     for setting in SETTINGS:
         where = f" (option {setting.option})" if setting.option else ""
-        lines += [".TP", f"\\fB{_roff(setting.key)}\\fR ({_roff(setting.kind)})", _roff(setting.help + where)]
+        lines += [".TP", f"\\fB{_roff(setting.key)}\\fR ({_roff(setting.kind)})", _roff(setting.help_text + where)]
     lines += [".PP", _roff(RULE_KEYS), ".PP", _roff(VALUES)]
     return lines
 

@@ -1,21 +1,24 @@
-"""The command line's shared typer options: part of the CLI layer (cli.py declares the commands). Each setting's
-option name, metavar and help come from the settings table; how their values become overrides is in cli_plain."""
+"""The command line's shared typer options: part of the CLI layer (cli.app declares the commands). The setting
+options of check, exec and slots are not written out: with_settings() adds one per setting of the settings table
+(config.model.SETTINGS) that the command takes, its name, metavar, help and completion from there."""
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import sys
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 from typer.core import TyperCommand
 
 from safegate.cli.plain import echo
 from safegate.config.file import load_config
+from safegate.config.model import SETTINGS
 from safegate.errors import SafegateError
-from safegate.settings import BY_KEY
+from safegate.settings import Setting
 from safegate.units import printable
 
 
@@ -52,12 +55,6 @@ def version_text(version: str) -> str:
     return "\n".join(lines)
 
 
-def setting_option(key: str, **extra: Any) -> Any:
-    """The option of setting *key*, its name, metavar and help from the settings table."""
-    setting = BY_KEY[key]
-    return typer.Option(setting.option, metavar=setting.metavar, help=setting.help, **extra)
-
-
 def complete_profiles(incomplete: str) -> list[str]:
     """Profile names for shell completion (from the config in effect; nothing when it is broken)."""
     try:
@@ -78,17 +75,41 @@ def complete_locks(incomplete: str) -> list[str]:
     return [n for n in store.names() if n.startswith(incomplete)]
 
 
+Command = TypeVar("Command", bound=Callable[..., Any])
+
+
+def with_settings(command: str) -> Callable[[Command], Command]:
+    """Give a typer command function one option per setting *command* takes, after its --profile: typer reads
+    the signature, and hands their values (None: not given) to the function's `**given` by the options' Python
+    names."""
+
+    def wrap(func: Command) -> Command:
+        own = inspect.signature(func, eval_str=True)
+        params: list[inspect.Parameter] = []
+        for param in own.parameters.values():
+            if param.kind is not inspect.Parameter.VAR_KEYWORD:
+                params.append(param.replace(kind=inspect.Parameter.POSITIONAL_OR_KEYWORD))
+            if param.name == "profile":
+                params += [_parameter(s) for s in SETTINGS if command in s.commands]
+        func.__signature__ = own.replace(parameters=params)  # type: ignore[attr-defined]
+        return func
+
+    return wrap
+
+
+def _parameter(setting: Setting) -> inspect.Parameter:
+    assert setting.option is not None
+    completion = {"lock": complete_locks}.get(setting.kind)
+    option = typer.Option(setting.option, metavar=setting.metavar, help=setting.help_text, autocompletion=completion)
+    return inspect.Parameter(setting.param, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
+                             annotation=Annotated[str | None, option])
+
+
 ProfileOpt = Annotated[
     str | None,
     typer.Option("--profile", "-p", envvar="SAFEGATE_PROFILE", metavar="PROFILE", autocompletion=complete_profiles,
                  help="Profile to use (default: default; exec: the profile whose match fits the command)."),
 ]
-MemOpt = Annotated[str | None, setting_option("memory")]
-MarginOpt = Annotated[str | None, setting_option("memory_margin")]
-MaxTempOpt = Annotated[str | None, setting_option("max_temp")]
-LockOpt = Annotated[str | None, setting_option("lock", autocompletion=complete_locks)]
-GpuOpt = Annotated[str | None, setting_option("gpu")]
-GpuMemOpt = Annotated[str | None, setting_option("gpu_memory")]
 WaitOpt = Annotated[bool, typer.Option("--wait", help="Re-check until every check passes.")]
 TimeoutOpt = Annotated[
     str | None,
@@ -117,18 +138,3 @@ def event_printer(quiet: bool, shown: Any) -> Callable[[Any], None]:
             echo(f"safegate: {prefix}{printable(event.message)}", err=True)
 
     return on_event
-
-
-def usage_failure(exc: Exception) -> int:
-    """click's usage errors (unknown option, missing value, no command) as one line, exit 2; no arguments at all
-    prints the help."""
-    from safegate.exitcodes import ExitCode
-
-    message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
-    ctx = getattr(exc, "ctx", None)
-    if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:
-        echo(ctx.get_help(), err=True, controls=True)
-        return int(ExitCode.USAGE)
-    hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-    echo(f"safegate: {printable(' '.join(message.split()))}{hint}", err=True)
-    return int(ExitCode.USAGE)

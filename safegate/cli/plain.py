@@ -1,23 +1,22 @@
-"""The command line's typer-free half, shared by the typer app (cli.py) and check's fast path (fastpath.py): lines
-out, option values into overrides, what waiting shows, and failures into exit codes. Importing it costs no typer:
-`safegate check` is called before every job start by GNU parallel's --limit and on every Slurm node."""
+"""The command line's typer-free half, shared by the typer app (cli.app) and check's fast path (cli.fastpath): the
+check command itself, lines out, what waiting shows, and the one place where failures become exit codes. Importing
+it costs no typer: `safegate check` is called before every job start by GNU parallel's --limit and on every Slurm
+node."""
 
 from __future__ import annotations
 
 import codecs
+import errno
 import io
 import os
 import signal
 import sys
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
 
 from safegate.errors import SafegateError, UsageError, ValueParseError
 from safegate.exitcodes import ExitCode
-from safegate.gate.preflight import Overrides
 from safegate.gate.results import Verdict, blocking_summary
-from safegate.settings import BY_KEY, parse_option
 from safegate.units import format_duration, parse_duration, printable
 
 
@@ -33,13 +32,7 @@ def echo(message: str, err: bool = False, *, controls: bool = False) -> None:
     try:
         _write_line(message, err, controls)
     except OSError:
-        stream = sys.stderr if err else sys.stdout
-        try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, stream.fileno())
-            os.close(devnull)
-        except (OSError, ValueError, AttributeError):
-            pass
+        _to_devnull(sys.stderr if err else sys.stdout)
 
 
 def safe_lines(message: str) -> str:
@@ -56,21 +49,31 @@ def parsed(option: str, parse: object, value: str | None) -> object:
         raise UsageError(f"{option}: {exc}") from None
 
 
-def parse_overrides(**values: str | None) -> Overrides:
-    """Parse each given option by its setting's kind; a bad value is a usage error naming the option."""
-    parsed: dict[str, Any] = {}
-    for key, text in values.items():
-        if text is not None:
-            try:
-                parsed[key] = parse_option(key, text)
-            except ValueParseError as exc:
-                raise UsageError(f"{BY_KEY[key].option}: {exc}") from None
-    return Overrides(**parsed, explicit_gpu=values.get("gpu") is not None)
+def check_command(*, profile: str | None = None, wait: bool = False, timeout: str | None = None,
+                  json_output: bool = False, quiet: bool = False, config: str | None = None, no_grant: bool = False,
+                  grant_to: str | None = None, given: Mapping[str, str] | None = None) -> int:
+    """`safegate check`, parsed (*given*: its setting options by Python name, as typed): evaluate (or wait),
+    render, and the exit code. Both the plain path and the typer command call it."""
+    from safegate.cli.render import check_line, verdict_json, verdict_text
+    from safegate.commands.check import check as run_check
+    from safegate.config.model import parse_overrides
 
-
-def gate_overrides(mem: str | None, margin: str | None, max_temp: str | None, lock: str | None, gpu: str | None,
-                    gpu_mem: str | None) -> Overrides:
-    return parse_overrides(memory=mem, memory_margin=margin, max_temp=max_temp, lock=lock, gpu=gpu, gpu_memory=gpu_mem)
+    overrides = parse_overrides(given or {}, command="check")
+    shown = progress(quiet or json_output)
+    wait_for = wait_timeout(wait, timeout)
+    verdict, note = run_check(config, profile, overrides, wait=wait, timeout=wait_for, on_blocked=shown,
+                              grant=not no_grant, grant_to=grant_pid(grant_to))
+    shown.finish(verdict, wait_for if wait else None)
+    if note and verdict.ok and not quiet:
+        echo(f"safegate: {note}", err=True)
+    if json_output:
+        echo(verdict_json(verdict))
+    elif quiet:
+        for failure in verdict.failures:
+            echo(f"safegate: {check_line(failure)}", err=True)
+    else:
+        echo(verdict_text(verdict))
+    return int(verdict.exit_code)
 
 
 def _write_line(message: str, err: bool, controls: bool) -> None:
@@ -110,6 +113,7 @@ def grant_pid(value: str | None) -> int | None:
     return int(value)
 
 
+COMPLETE_VAR = "_SAFEGATE_COMPLETE"  # set by a shell asking for completions (cli.app answers it)
 REMIND_EVERY = 60.0  # seconds: off a terminal, an unchanged reason is said again this often
 
 
@@ -190,6 +194,56 @@ def fill_closed_stdio() -> None:
             os.set_inheritable(fd, True)  # os.open is close-on-exec: the job must keep its 0/1/2
 
 
+def exit_status(command: Callable[[], object]) -> int:
+    """Run *command* (the plain check, or the typer app): the one place where failures become exit codes and
+    one-line messages. A command's own result is its code (None: 0)."""
+    try:
+        result = command()
+    except SafegateError as exc:
+        return reported(exc)
+    except KeyboardInterrupt:
+        return ExitCode.for_signal(signal.SIGINT)  # as click's Exit(130): nothing more to say
+    except EOFError:
+        echo("", err=True)  # click's Abort: an empty line, then our word
+        return interrupted()
+    except Exception as exc:
+        code = _click_code(exc) if "typer" in sys.modules else None  # typer's exceptions exist only once loaded
+        if code is not None:
+            return code
+        if isinstance(exc, OSError) and exc.errno == errno.EPIPE:
+            # The reader went away (`safegate status | head`): nothing more can be said, and Python's flush at
+            # exit must not fail either.
+            _to_devnull(sys.stdout)
+            _to_devnull(sys.stderr)
+            return 1
+        code = failure_code(exc)
+        if code is None:
+            raise
+        return code
+    return int(result) if isinstance(result, int) else 0
+
+
+def _click_code(exc: Exception) -> int | None:
+    import typer
+
+    if isinstance(exc, typer.Exit):
+        return int(exc.exit_code)
+    if isinstance(exc, typer.Abort):
+        return interrupted()
+    if isinstance(exc, typer.TyperException):
+        return usage_failure(exc)
+    return None
+
+
+def _to_devnull(stream: object) -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())  # type: ignore[attr-defined]
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
 def reported(exc: SafegateError) -> int:
     echo(f"safegate: {printable(str(exc))}", err=True)  # the last word; unwritable, the code still tells
     return int(exc.exit_code)
@@ -209,3 +263,16 @@ def failure_code(exc: BaseException) -> int | None:
 def interrupted() -> int:
     echo("safegate: interrupted", err=True)
     return ExitCode.for_signal(signal.SIGINT)
+
+
+def usage_failure(exc: Exception) -> int:
+    """click's usage errors (unknown option, missing value, no command) as one line, exit 2; no arguments at all
+    prints the help."""
+    message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+    ctx = getattr(exc, "ctx", None)
+    if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:
+        echo(ctx.get_help(), err=True, controls=True)
+        return int(ExitCode.USAGE)
+    hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+    echo(f"safegate: {printable(' '.join(message.split()))}{hint}", err=True)
+    return int(ExitCode.USAGE)

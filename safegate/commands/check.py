@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from safegate.config.file import load_config
-from safegate.config.model import DEFAULT_PROFILE
+from safegate.config.model import DEFAULT_PROFILE, Overrides
 from safegate.exitcodes import ExitCode
 from safegate.gate.admission import grant_check, wait_until_clear
 from safegate.gate.grant import grant_owner
-from safegate.gate.preflight import Overrides, clean_and_evaluate, count_slots, evaluate, resolve, total_ram
+from safegate.gate.preflight import clean_and_evaluate, count_slots, evaluate, reserves, resolve
 from safegate.gate.results import Verdict
 
 
@@ -19,9 +19,7 @@ def check(config: str | None, profile: str | None, overrides: Overrides, *, wait
     """The verdict, and a note on the grant: what a pass reserved for the caller's next job (safegate.gate.grant), or
     why nothing was ("" when there is nothing to reserve, or with *grant* False: asking only)."""
     settings = resolve(load_config(config), DEFAULT_PROFILE if profile is None else profile, overrides)
-    total = total_ram()
-    reserves = settings.lock is not None or settings.memory.resolve(total) > 0 or settings.gpu_memory.resolve(total) > 0
-    owner, note = grant_owner(grant_to) if grant and reserves else (None, "")
+    owner, note = grant_owner(grant_to) if grant and reserves(settings) else (None, "")
     if owner is not None:
         return grant_check(settings, owner, wait=wait, timeout=timeout, on_blocked=on_blocked)
     # check is the step that cleans up stale lock files (and says so); slots only reads.

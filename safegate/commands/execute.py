@@ -9,8 +9,9 @@ from collections.abc import Callable, Mapping, Sequence
 from msgspec.structs import replace
 
 from safegate.config.file import load_config
+from safegate.config.model import Overrides
 from safegate.errors import SpawnError, UsageError
-from safegate.gate.preflight import Overrides, Settings, resolve
+from safegate.gate.preflight import Settings, resolve
 from safegate.gate.results import Verdict, blocking_summary
 from safegate.run.eventlog import EventLog, check_log_path
 from safegate.run.jobrun import run_exec
@@ -28,10 +29,10 @@ def slurm_job_limits(settings: Settings, env: Mapping[str, str]) -> Settings:
 
     if settings.profile.slurm_license:
         slurm.require_license(settings.profile.slurm_license, env)
-    if settings.max_mem is None:
+    if settings.profile.max_mem is None:
         job_limit = slurm.default_max_mem(env)
         if job_limit is not None:
-            return replace(settings, max_mem=Size(bytes=job_limit))
+            return replace(settings, profile=replace(settings.profile, max_mem=Size(bytes=job_limit)))
     return settings
 
 
@@ -48,9 +49,9 @@ def execute(
     cfg = load_config(config)
     settings = resolve(cfg, cfg.profile_for_command(list(command)).name if profile is None else profile, overrides)
     settings = slurm_job_limits(settings, os.environ)
-    if settings.log:
-        check_log_path(settings.log)
-    event_log = EventLog(settings.log, on_log_error) if settings.log else None
+    if settings.profile.log:
+        check_log_path(settings.profile.log)
+    event_log = EventLog(settings.profile.log, on_log_error) if settings.profile.log else None
     notifier: Notifier | None = None
 
     def emit(event: Event) -> None:
@@ -60,9 +61,9 @@ def execute(
         if notifier is not None:
             notifier.notify(event)
 
-    if settings.notify:
+    if settings.profile.notify:
         # Started before the lock is taken and the job spawned: its runner holds neither.
-        notifier = Notifier(settings.notify, lambda text: emit(Event("warning", text)), clock=time.monotonic)
+        notifier = Notifier(settings.profile.notify, lambda text: emit(Event("warning", text)), clock=time.monotonic)
     try:
         result = run_exec(settings, command, wait=wait, timeout=timeout, on_event=emit, on_blocked=on_blocked)
     except SpawnError as exc:

@@ -11,7 +11,7 @@ from safegate.config.file import load_config
 from safegate.config.model import DEFAULT_PROFILE
 from safegate.errors import SlurmError
 from safegate.exitcodes import ExitCode
-from safegate.gate.preflight import Overrides, evaluate, resolve
+from safegate.gate.preflight import evaluate, resolve
 from safegate.units import Size
 
 
@@ -25,7 +25,7 @@ class HealthResult(msgspec.Struct, frozen=True):
 def health(config: str | None, node: str | None, reason_prefix: str, dry_run: bool) -> HealthResult:
     from safegate.commands import slurm
 
-    settings = resolve(load_config(config), DEFAULT_PROFILE, Overrides(memory=Size(bytes=0)))
+    settings = resolve(load_config(config), DEFAULT_PROFILE, {"memory": Size(bytes=0)})
     verdict = evaluate(settings)
     problems = slurm.node_problems(verdict)
     name = slurm.node_name(node, os.environ)

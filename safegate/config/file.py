@@ -1,7 +1,7 @@
 """Reading a config file and validating it in full: every table and key, with one-line errors naming the place.
 
-Which keys a profile may set, and their kinds, come from the settings table (safegate.settings); this module
-knows how each kind is written in TOML.
+Which keys a profile may set, and their kinds, come from the settings table (safegate.config.model.SETTINGS, read
+from Profile's fields); this module knows how each kind is written in TOML.
 """
 
 from __future__ import annotations
@@ -14,10 +14,19 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from safegate.config.model import CompetingRule, Config, Profile, ThermalConfig
+from safegate.config.model import (
+    BY_KEY,
+    PROFILE_KEYS,
+    SETTINGS,
+    CompetingRule,
+    Config,
+    Profile,
+    ThermalConfig,
+    initial_values,
+)
 from safegate.errors import ConfigError, ValueParseError
 from safegate.regex import SYNTAX_URL, compiled
-from safegate.settings import BY_KEY, CLI_PARSERS, PROFILE_KEYS, SETTINGS
+from safegate.settings import CLI_PARSERS
 from safegate.units import (
     BACKENDS,
     Size,
@@ -332,7 +341,7 @@ def build_config(data: Mapping[str, Any], source: str, path: Path | None) -> Con
 
     profiles: dict[str, Profile] = {}
     for name in [*builtin_tables, *(n for n in user_tables if n not in builtin_tables)]:
-        fields: dict[str, Any] = dict(defaults)
+        fields: dict[str, Any] = {**initial_values(), **defaults}
         src = "built-in"
         if name in builtin_tables:
             fields.update(_profile_fields(builtin_where, f"profiles.{name}.", builtin_tables[name]))

@@ -1,26 +1,23 @@
-"""Config and profiles: the dataclasses the rest of safegate reads, finding the config file, and loading it.
+"""The records of the config: every setting, declared once as a field of Profile; the settings table derived
+from those fields; overrides parsed into what they change; the whole file (Config).
 
-Precedence for every setting: command-line option > environment > config file > built-in default.
-The whole file is validated when it is loaded, every profile included, so a typo in a profile that is
-only used at night shows on the first run.
+Precedence for every setting: command-line option (or API keyword) > environment > config file > built-in
+default. config.file finds, reads and validates the file.
+
+No `from __future__ import annotations` here: the settings table is read from Profile's annotations as objects.
 """
-
-from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
-from msgspec import field
+from msgspec.structs import replace
 
-from safegate.errors import ConfigError
+from safegate.errors import ConfigError, UsageError, ValueParseError
 from safegate.regex import compiled
-from safegate.settings import effective_resume_temp
-from safegate.units import (
-    Size,
-    parse_size,
-)
+from safegate.settings import EXEC, GATE, Setting, effective_resume_temp
+from safegate.units import Size
 
 # The CPU sensors a machine usually has, as psutil names them; everything else (nvme, wifi, GPU, ...) is
 # not a CPU and is ignored unless [thermal] sensors names it.
@@ -37,15 +34,10 @@ DEFAULT_CPU_SENSORS: tuple[str, ...] = (
     "cpu*:*",
 )
 
-DEFAULT_MARGIN = "4G"
-DEFAULT_MAX_TEMP = 80.0
-DEFAULT_MAX_PRESSURE = 20.0
-DEFAULT_LOCK = "heavy"
 DEFAULT_PROFILE = "default"
 # exec's system floor when nothing sets min_available: the seeds' "emergency brake" at 2 GB free,
 # but never more than a tenth of RAM on a small machine.
 DEFAULT_MIN_AVAILABLE = "2G"
-DEFAULT_GPU_MARGIN = "10%"  # of the card
 DEFAULT_MIN_AVAILABLE_FRACTION = 0.10
 
 Action = Literal["block", "warn"]
@@ -69,41 +61,84 @@ class CompetingRule(msgspec.Struct, frozen=True):
         return f"program {self.program!r}" + (f" args {self.args!r}" if self.args is not None else "")
 
 
-class Profile(msgspec.Struct, frozen=True):
-    """One profile: a job's needs, limits and manners, from the built-ins or the config file."""
+class Profile(msgspec.Struct, frozen=True, kw_only=True):
+    """One profile: a job's needs, limits and manners, from the built-ins or the config file. Every field after
+    the first three is a setting, declared here once: its type, and as its Setting its kind, help, option, the
+    commands that take it, and its default. config.file builds a profile from every setting's initial value,
+    [defaults] and the profile's table; the caller's overrides replace fields of it (resolved())."""
 
     name: str
     source: str
-    description: str = ""
-    match: tuple[str, ...] = ()
-    memory: Size = field(default_factory=lambda: Size(bytes=0))
-    memory_auto: bool = False
-    lock: str | None = DEFAULT_LOCK  # None: no mutex
-    memory_margin: Size = field(default_factory=lambda: parse_size(DEFAULT_MARGIN))
-    max_temp: float = DEFAULT_MAX_TEMP
-    resume_temp: float | None = None
-    max_memory_pressure: float = DEFAULT_MAX_PRESSURE
-    competing: tuple[CompetingRule, ...] = ()
-    # exec: the supervisor's limits and manners
-    max_mem: Size | None = None
-    min_available: Size | None = None  # None: the built-in floor, DEFAULT_MIN_AVAILABLE
-    on_hot: str = "pause"
-    grace: float = 10.0
-    interval: float = 0.02
-    warn_signal: int | None = None
-    nice: int | None = None
-    log: str | None = None
-    cgroup: str = "auto"
-    max_swap: Size | None = None
-    throttle: bool = False
-    notify: str | None = None
-    # GPUs
-    gpu_memory: Size = field(default_factory=lambda: Size(bytes=0))
-    gpu_margin: Size = field(default_factory=lambda: parse_size(DEFAULT_GPU_MARGIN))
-    gpu: tuple[int, ...] | None = None  # None: auto
-    max_gpu_mem: Size | None = None
-    min_gpu_free: Size | None = None  # a percentage is of the card
-    slurm_license: str | None = None  # inside a Slurm job, exec requires the job to hold this license
+    memory_auto: bool = False  # memory = "auto": learned from recorded runs (config.history)
+
+    description: Annotated[str, Setting("text", "What the profile is for, shown by `safegate profiles`.")]
+    match: Annotated[tuple[str, ...], Setting(
+        "regexes", "exec picks this profile when one of these regular expressions (RE2 syntax) finds the command.",
+        per_profile=True)]
+    memory: Annotated[Size, Setting("memory", "Memory the job needs (default: the profile's memory).", "--mem",
+                                    "SIZE", GATE, per_profile=True, default="0")]
+    lock: Annotated[str | None, Setting("lock", "Lock that must be free (default: the profile's lock).", "--lock",
+                                        "NAME", GATE, per_profile=True, default="heavy")]  # None: no mutex
+    memory_margin: Annotated[Size, Setting(
+        "size", "RAM that must stay free after the job's need, e.g. 4G or 10% (default {default}).", "--margin",
+        "SIZE", GATE, default="4G")]
+    max_temp: Annotated[float, Setting("temp", "Block at or above this temperature (default {default}).",
+                                       "--max-temp", "C", GATE, default="80")]
+    resume_temp: Annotated[float | None, Setting(
+        "temp", "A paused or waiting job resumes below this (default: max_temp - 5).")]
+    max_memory_pressure: Annotated[float, Setting(
+        "percent", "Block while PSI memory some avg10 is above this percentage.", default="20")]
+    competing: Annotated[tuple[CompetingRule, ...], Setting(
+        "rules", "Processes that block (or only warn) while they run.")]
+    max_mem: Annotated[Size | None, Setting(
+        "size", "Stop the job when its own memory (PSS of its process tree) reaches this.", "--max-mem", "SIZE",
+        EXEC)]
+    min_available: Annotated[Size | None, Setting(
+        "size", "Stop the job when MemAvailable falls to this (default: 2G or 10% of RAM, whichever is smaller).",
+        "--min-available", "SIZE", EXEC)]  # None: DEFAULT_MIN_AVAILABLE, at most DEFAULT_MIN_AVAILABLE_FRACTION
+    on_hot: Annotated[str, Setting(
+        "on_hot", "Above max-temp: pause the job until below resume_temp (default), stop it (exit 22), or only "
+        "warn.", "--on-hot", "pause|kill|warn", EXEC, default="pause")]
+    grace: Annotated[float, Setting("duration", "SIGKILL this long after SIGTERM (default {default}).", "--grace",
+                                    "DURATION", EXEC, default="10s")]
+    interval: Annotated[float, Setting(
+        "interval", "Shortest sampling interval, used near a limit (default {default}; far from every limit, 1s).",
+        "--interval", "DURATION", EXEC, default="20ms")]
+    warn_signal: Annotated[int | None, Setting(
+        "signal", "Send this signal to the job at 90% of a memory limit, e.g. SIGUSR1.", "--warn-signal", "SIG",
+        EXEC)]
+    nice: Annotated[int | None, Setting(
+        "nice", "Run the job at this niceness (0-19), with idle or best-effort I/O priority.", "--nice", "N", EXEC)]
+    log: Annotated[str | None, Setting("path", "Append every event as a JSON line to FILE.", "--log", "FILE", EXEC)]
+    cgroup: Annotated[str, Setting(
+        "cgroup", "Run the job in a cgroup of its own, where the kernel caps its memory at --max-mem and stops every "
+        "process: auto (when available; default), on (else exit 3) or off.", "--cgroup", "auto|on|off", EXEC,
+        default="auto")]
+    max_swap: Annotated[Size | None, Setting(
+        "size", "With the job's cgroup (v2), let the job use at most this much swap, e.g. 0 or 1G (default: as "
+        "without safegate).", "--max-swap", "SIZE", EXEC)]
+    throttle: Annotated[bool, Setting(
+        "switch", "With the job's cgroup (v2), have the kernel slow the job down at 90% of --max-mem (memory.high) "
+        "instead of letting it race on: on or off (default).", "--throttle", "on|off", EXEC, default="off")]
+    notify: Annotated[str | None, Setting(
+        "command", "Run this shell command on a breach, a pause (at most once a minute each) and the end of the "
+        "job, with SAFEGATE_EVENT, SAFEGATE_EXIT_CODE, SAFEGATE_REASON, ... in its environment.", "--notify", "CMD",
+        EXEC)]
+    gpu_memory: Annotated[Size, Setting(
+        "size", "GPU memory the job needs (default: the profile's gpu_memory).", "--gpu-mem", "SIZE", GATE,
+        default="0")]
+    gpu_margin: Annotated[Size, Setting(
+        "size", "VRAM that must stay free on the card after the job's need (default {default}).", default="10%")]
+    gpu: Annotated[tuple[int, ...] | None, Setting(
+        "gpu", "GPUs the job may use: auto (any one that fits; default) or indexes, all of which must fit.", "--gpu",
+        "auto|INDEX[,INDEX]", GATE)]  # None: auto
+    max_gpu_mem: Annotated[Size | None, Setting(
+        "size", "Stop the job (exit 21) when its own GPU memory reaches this.", "--max-gpu-mem", "SIZE", EXEC)]
+    min_gpu_free: Annotated[Size | None, Setting(
+        "size", "Stop the job (exit 21) when its GPU's free memory falls to this; a percentage is of the card "
+        "(default with a gpu_memory profile: 5%, warning at 20%).", "--min-gpu-free", "SIZE", EXEC)]
+    slurm_license: Annotated[str | None, Setting(
+        "license", "Inside a Slurm job, exec requires the job to hold this license.")]
 
     @property
     def effective_resume_temp(self) -> float:
@@ -146,3 +181,51 @@ class Config(msgspec.Struct, frozen=True):
             if any(compiled(pattern).search(command) is not None for pattern in profile.match):
                 return profile
         return self.profile(DEFAULT_PROFILE)
+
+
+# What the caller asked for explicitly, by setting key (parse_overrides()).
+Overrides = Mapping[str, Any]
+
+
+def _table() -> tuple[Setting, ...]:
+    """Profile's settings, in field order, each with its key."""
+    rows = []
+    for key, hint in Profile.__annotations__.items():
+        rows += [replace(meta, key=key) for meta in getattr(hint, "__metadata__", ()) if isinstance(meta, Setting)]
+    return tuple(rows)
+
+
+SETTINGS: tuple[Setting, ...] = _table()
+BY_KEY: dict[str, Setting] = {s.key: s for s in SETTINGS}
+BY_PARAM: dict[str, Setting] = {s.param: s for s in SETTINGS if s.option is not None}
+PROFILE_KEYS: frozenset[str] = frozenset(BY_KEY)
+
+
+def initial_values() -> dict[str, Any]:
+    """Every setting's value when nothing sets it: what a profile starts from."""
+    return {s.key: s.initial() for s in SETTINGS}
+
+
+def parse_overrides(given: Mapping[str, object], *, command: str, api: bool = False) -> dict[str, Any]:
+    """What the caller asked for explicitly, by setting key: the one parser of the command line (typer's and the
+    plain check's) and the API. *given* maps an option's Python name (mem, max_mem: typer's parameter, the API's
+    keyword) to its value as given: text from a command line; the API also takes numbers (an int size is bytes).
+    None is "not given". A bad value is a UsageError naming the option (the keyword, for the API)."""
+    out: dict[str, Any] = {}
+    for param, value in given.items():
+        setting = BY_PARAM.get(param)
+        if setting is None or command not in setting.commands:
+            raise TypeError(f"{command}() got an unexpected keyword argument {param!r}")
+        if value is None or (setting.kind == "path" and value == ""):
+            continue  # an empty --log falls back to the profile's, as it always has
+        label = param if api else setting.option
+        if isinstance(value, int) and not isinstance(value, bool) and setting.kind in ("memory", "size"):
+            if value < 0:
+                raise UsageError(f"{label}: must not be negative, got {value}")
+            out[setting.key] = Size(bytes=value)
+            continue
+        try:
+            out[setting.key] = setting.parse(str(value))
+        except ValueParseError as exc:
+            raise UsageError(f"{label}: {exc}") from None
+    return out

@@ -62,7 +62,7 @@ def _lock_pause(settings: Settings, line: Line,
     for this waiter's turn at it (locks.watch) instead of sleeping blind."""
     from safegate.gate.watch import turn_pause  # only waiters need it: not on a plain check's path
 
-    return turn_pause(settings.lock_dir, settings.lock, line, sleep)
+    return turn_pause(settings.lock_dir, settings.profile.lock, line, sleep)
 
 
 T = TypeVar("T")
@@ -157,7 +157,7 @@ def _admit_once(settings: Settings, store: LockStore, argv: Sequence[str], resum
         if claimed is None:
             # Taken by something outside safegate (flock(1)) since the check. Never answer "ok" without
             # a lock: the caller would start nothing and report success.
-            name = settings.lock or "of the job"
+            name = settings.profile.lock or "of the job"
             return _lock_lost(evaluate(settings, resuming=resuming, removals=removals, machine=machine), name), None
         return verdict, claimed
 
@@ -166,8 +166,8 @@ def enclosing_hold(store: LockStore, settings: Settings) -> HolderRecord | None:
     """The hold this caller runs inside, if any: its lock's holder is it or an ancestor (or that holder's job
     is), or, for a profile without a lock, a grant whose job it runs in. It takes no second lock."""
     family = ancestry()
-    if settings.lock is not None:
-        holder = store.state(settings.lock).holder
+    if settings.profile.lock is not None:
+        holder = store.state(settings.profile.lock).holder
         return holder if encloses(holder, family, owner_idle(holder, family)) else None
     return next((h for h in store.reservations() if h.owner is not None and encloses(h, family)), None)
 
@@ -176,18 +176,18 @@ def _take_lock(settings: Settings, store: LockStore, verdict: Verdict, argv: Seq
     """exec's and hold()'s claim: the lock, with the job's need in its record (nothing inside a hold)."""
     total = total_ram()
     if enclosing_hold(store, settings) is not None:
-        return HeldLock(store, settings.lock or "", -1, None)  # re-entrant: the outer hold covers this job
+        return HeldLock(store, settings.profile.lock or "", -1, None)  # re-entrant: the outer hold covers this job
     gpu = verdict.values(GpuValues)
     chosen = gpu.chosen if gpu is not None else None
     # A profile without a mutex still gets a lock of its own job: its holder metadata carries the
     # reservation that later admissions count. The name is unique to this claim.
-    name = settings.lock if settings.lock is not None else f"job-{os.getpid()}-{time.monotonic_ns()}"
+    name = settings.profile.lock if settings.profile.lock is not None else f"job-{os.getpid()}-{time.monotonic_ns()}"
     held = store.try_acquire(
-        name, settings.profile.name, list(argv), need=settings.memory.resolve(total),
-        gpu_index=chosen, gpu_need=settings.gpu_memory.resolve(total) if chosen is not None else 0,
+        name, settings.profile.name, list(argv), need=settings.profile.memory.resolve(total),
+        gpu_index=chosen, gpu_need=settings.profile.gpu_memory.resolve(total) if chosen is not None else 0,
     )
     if held is not None:
-        held.unlink_after = settings.lock is None
+        held.unlink_after = settings.profile.lock is None
     return held
 
 
@@ -203,13 +203,14 @@ def grant_check(settings: Settings, owner: Identity, *, wait: bool, timeout: flo
         total = total_ram()
         gpu = verdict.values(GpuValues)
         chosen = gpu.chosen if gpu is not None else None
-        name = settings.lock if settings.lock is not None else f"job-{os.getpid()}-{time.monotonic_ns()}"
-        need = settings.memory.resolve(total)
-        keeper = spawn_keeper(store, name, settings.profile.name, argv, need=need, gpu_index=chosen,
-                              gpu_need=settings.gpu_memory.resolve(total) if chosen is not None else 0, owner=owner)
+        job = settings.profile
+        name = job.lock if job.lock is not None else f"job-{os.getpid()}-{time.monotonic_ns()}"
+        need = job.memory.resolve(total)
+        keeper = spawn_keeper(store, name, job.name, argv, need=need, gpu_index=chosen,
+                              gpu_need=job.gpu_memory.resolve(total) if chosen is not None else 0, owner=owner)
         if keeper is None:
             return None
-        what = f"lock {name!r}" if settings.lock is not None else f"{format_bytes(need)} of memory"
+        what = f"lock {name!r}" if settings.profile.lock is not None else f"{format_bytes(need)} of memory"
         return (f"granted {what} to pid {owner.pid}'s next job (keeper pid {keeper}; released when that job ends, "
                 f"or in {GRANT_LEASE:g}s if none starts)")
 

@@ -54,113 +54,41 @@ from safegate.probes.snapshots import (
     Ticket,
 )
 from safegate.probes.thermal import read_thermal
-from safegate.settings import effective_resume_temp
-from safegate.units import Size, validate_lock_name
-
-
-class Overrides(msgspec.Struct, frozen=True):
-    """What the caller asked for explicitly (command line or API), one field per option of the settings table
-    (safegate.settings), named by its key; None means 'from the profile'."""
-
-    memory: Size | None = None
-    lock: str | None = None
-    memory_margin: Size | None = None
-    max_temp: float | None = None
-    max_mem: Size | None = None
-    min_available: Size | None = None
-    on_hot: str | None = None
-    grace: float | None = None
-    interval: float | None = None
-    warn_signal: int | None = None
-    nice: int | None = None
-    log: str | None = None
-    cgroup: str | None = None
-    max_swap: Size | None = None
-    throttle: bool | None = None
-    notify: str | None = None
-    gpu_memory: Size | None = None
-    gpu: tuple[int, ...] | None = None
-    max_gpu_mem: Size | None = None
-    min_gpu_free: Size | None = None
-    explicit_gpu: bool = False  # --gpu was given (auto included): overrides the profile's gpu
+from safegate.units import Size
 
 
 class Settings(msgspec.Struct, frozen=True):
-    """Everything one evaluation needs, resolved from overrides > environment > config > built-ins."""
+    """Everything one evaluation needs: the profile as this caller runs it (its overrides applied, a learned
+    memory need filled in), and what the config and the machine add."""
 
     profile: Profile
-    memory: Size  # the job's memory need
-    memory_margin: Size
-    max_temp: float
-    resume_temp: float
-    max_pressure: float
-    lock: str | None  # None: the profile has no mutex
-    rules: tuple[CompetingRule, ...]
     thermal: ThermalConfig
     legacy_lock_files: tuple[Path, ...]
     lock_dir: Path
     gpu_backend: str
-    gpu: tuple[int, ...] | None  # None: auto
-    gpu_memory: Size  # the job's GPU memory need
-    gpu_margin: Size
-    # exec's limits and manners (safegate.run.jobrun turns them into the supervisor's limits)
-    max_mem: Size | None
-    min_available: Size | None  # None: the built-in floor
-    on_hot: str
-    grace: float
-    interval: float
-    warn_signal: int | None
-    nice: int | None
-    log: str | None
-    cgroup: str
-    max_swap: Size | None
-    throttle: bool
-    notify: str | None
-    max_gpu_mem: Size | None
-    min_gpu_free: Size | None
 
 
-def resolve(config: Config, profile_name: str, overrides: Overrides, env: Mapping[str, str] | None = None) -> Settings:
+def resolve(config: Config, profile_name: str, overrides: Mapping[str, Any],
+            env: Mapping[str, str] | None = None) -> Settings:
+    """*overrides*: config.model.parse_overrides(), by setting key (command line > environment > config >
+    built-in)."""
     env = os.environ if env is None else env
     profile = config.profile(profile_name)
-    def pick(key: str) -> Any:
-        """The caller's value for *key*, else the profile's (command line > environment > config > built-in)."""
-        value = getattr(overrides, key)
-        return value if value is not None else getattr(profile, key)
-
-    max_temp = pick("max_temp")
-    lock = validate_lock_name(overrides.lock) if overrides.lock is not None else profile.lock
+    if "memory" not in overrides and profile.memory_auto:
+        overrides = {**overrides, "memory": _profile_need(profile, env)}
     return Settings(
-        profile=profile,
-        memory=overrides.memory if overrides.memory is not None else _profile_need(profile, env),
-        memory_margin=pick("memory_margin"),
-        max_temp=max_temp,
-        resume_temp=effective_resume_temp(max_temp, profile.resume_temp),
-        max_pressure=profile.max_memory_pressure,
-        lock=lock,
-        rules=profile.competing,
+        profile=replace(profile, **overrides),
         thermal=config.thermal,
         legacy_lock_files=config.legacy_lock_files,
         lock_dir=resolve_lock_dir(config.lock_dir, env),
         gpu_backend=gpu_backend(config.gpu_backend, env),
-        gpu=overrides.gpu if overrides.explicit_gpu else profile.gpu,
-        gpu_memory=pick("gpu_memory"),
-        gpu_margin=profile.gpu_margin,
-        max_mem=pick("max_mem"),
-        min_available=pick("min_available"),
-        on_hot=pick("on_hot"),
-        grace=pick("grace"),
-        interval=pick("interval"),
-        warn_signal=pick("warn_signal"),
-        nice=pick("nice"),
-        log=overrides.log or profile.log,  # an empty --log falls back to the profile's, as it always has
-        cgroup=pick("cgroup"),
-        max_swap=pick("max_swap"),
-        throttle=pick("throttle"),
-        notify=pick("notify"),
-        max_gpu_mem=pick("max_gpu_mem"),
-        min_gpu_free=pick("min_gpu_free"),
     )
+
+
+def reserves(settings: Settings) -> bool:
+    """A pass has something to hold for the job: a lock, or a memory or GPU memory need."""
+    job, total = settings.profile, total_ram()
+    return job.lock is not None or job.memory.resolve(total) > 0 or job.gpu_memory.resolve(total) > 0
 
 
 def _profile_need(profile: Profile, env: Mapping[str, str]) -> Size:
@@ -209,14 +137,14 @@ def behind_head(verdict: Verdict, line: Line) -> bool:
 def in_line_for(settings: Settings) -> contextlib.AbstractContextManager[Line]:
     """A ticket taken at arrival in the lock dir (created if missing), dropped when the wait ends."""
     LockStore(settings.lock_dir).ensure_directory()
-    return waiting_in_line(settings.lock_dir, settings.lock, settings.profile.name,
-                           settings.memory.resolve(total_ram()))
+    return waiting_in_line(settings.lock_dir, settings.profile.lock, settings.profile.name,
+                           settings.profile.memory.resolve(total_ram()))
 
 
 def walk_in(settings: Settings) -> Ticket:
     """The place in line of a caller that does not wait: behind every waiter there is now."""
-    return Ticket(pid=os.getpid(), start_time=0.0, user="", lock=settings.lock, profile=settings.profile.name,
-                  need=settings.memory.resolve(total_ram()), arrival=time.time_ns())
+    return Ticket(pid=os.getpid(), start_time=0.0, user="", lock=settings.profile.lock, profile=settings.profile.name,
+                  need=settings.profile.memory.resolve(total_ram()), arrival=time.time_ns())
 
 
 class Machine(msgspec.Struct, frozen=True):
@@ -240,8 +168,8 @@ def read_machine(settings: Settings) -> Machine:
     # its lock before it drops its ticket, so one seen in the process table is found in one or the other.
     procs = read_processes(accounted=lambda: {t.pid for t in read_tickets(store.directory)} | store.lockers())
     return Machine(legacy=legacy, thermal=read_thermal(settings.thermal), gpus=gpus,
-                   selection=select_gpus(gpus, settings.gpu, os.environ.get("CUDA_VISIBLE_DEVICES")),
-                   competing=_competing(procs, settings.rules, total_ram()), processes=procs)
+                   selection=select_gpus(gpus, settings.profile.gpu, os.environ.get("CUDA_VISIBLE_DEVICES")),
+                   competing=_competing(procs, settings.profile.competing, total_ram()), processes=procs)
 
 
 def evaluate(
@@ -266,25 +194,25 @@ def evaluate(
         if h.gpu_index is not None:
             gpu_reserved[h.gpu_index] = gpu_reserved.get(h.gpu_index, 0) + h.gpu_reservation
     mem = read_memory()
-    lock_state = store.state(settings.lock, names) if settings.lock is not None else None
+    lock_state = store.state(settings.profile.lock, names) if settings.profile.lock is not None else None
 
-    need = settings.memory.resolve(mem.total)
-    gpu_need = settings.gpu_memory.resolve(mem.total)
+    need = settings.profile.memory.resolve(mem.total)
+    gpu_need = settings.profile.gpu_memory.resolve(mem.total)
     selection = machine.selection
     if gpu_need and selection.gpus and all(g.unified_memory for g in selection.gpus):
         need += gpu_need  # the card shares system RAM (Jetson): its need is a RAM need
-    limit = settings.resume_temp if resuming else settings.max_temp
-    margin = settings.memory_margin.resolve(mem.total)
+    limit = settings.profile.effective_resume_temp if resuming else settings.profile.max_temp
+    margin = settings.profile.memory_margin.resolve(mem.total)
     checks: list[CheckResult] = [
         check_stale(removals),
         check_memory(mem, need, margin, reserved),
-        check_pressure(mem, settings.max_pressure),
-        check_gpu(machine.gpus, selection, gpu_need, settings.gpu_margin, gpu_reserved),
+        check_pressure(mem, settings.profile.max_memory_pressure),
+        check_gpu(machine.gpus, selection, gpu_need, settings.profile.gpu_margin, gpu_reserved),
         check_thermal(machine.thermal, limit, require=settings.thermal.require, resuming=resuming,
                       gpus=selection.gpus),
         check_lock(lock_state, list(machine.legacy), family=family,
                    owner_idle=owner_idle(lock_state.holder if lock_state else None, family)),
-        _besides_the_lock(machine, lock_state, settings.rules),
+        _besides_the_lock(machine, lock_state, settings.profile.competing),
     ]
     checks[1] = blame_holder(checks[1], lock_state, holders, mem, need, margin)
     if line is not None:
@@ -335,18 +263,19 @@ def count_slots(settings: Settings, verdict: Verdict, cap: int | None) -> int:
         return 0
     memory = verdict.values(MemoryValues)
     assert memory is not None
-    margin = settings.memory_margin.resolve(memory.total)
+    margin = settings.profile.memory_margin.resolve(memory.total)
     count = math.inf if memory.need <= 0 else max(0, (memory.available - memory.reserved - margin) // memory.need)
     gpu = verdict.values(GpuValues)
     gpu_result = verdict.result("gpu")
     if gpu is not None and gpu_result is not None and gpu_result.status is Status.PASS and gpu.need > 0:
         per_card = [
-            max(0, (g.free - gpu.reserved.get(g.index, 0) - settings.gpu_margin.resolve(g.total or 0)) // gpu.need)
+            max(0, (g.free - gpu.reserved.get(g.index, 0) - settings.profile.gpu_margin.resolve(g.total or 0))
+                // gpu.need)
             for g in gpu.gpus if g.index in gpu.candidates and g.free is not None
         ]
         if per_card:
             count = min(count, sum(per_card))
-    if settings.lock is not None:
+    if settings.profile.lock is not None:
         count = min(count, 1)
     if cap is not None:
         count = min(count, cap)

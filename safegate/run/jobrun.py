@@ -38,12 +38,12 @@ DEFAULT_GPU_WARN_FREE = Size(percent=20.0)
 def gpu_limits(settings: Settings, gpu_indexes: tuple[int, ...], total_ram: int) -> GpuLimits | None:
     if not gpu_indexes:
         return None
-    max_job, min_free = settings.max_gpu_mem, settings.min_gpu_free
+    max_job, min_free = settings.profile.max_gpu_mem, settings.profile.min_gpu_free
     warn_free: Size | None = None
     if min_free is not None:
         warn_free = Size(percent=min_free.percent / WARN_FRACTION) if min_free.percent is not None else (
             Size(bytes=int((min_free.bytes or 0) / WARN_FRACTION)))
-    elif max_job is None and settings.gpu_memory.resolve(total_ram) > 0:
+    elif max_job is None and settings.profile.gpu_memory.resolve(total_ram) > 0:
         min_free, warn_free = DEFAULT_GPU_BREACH_FREE, DEFAULT_GPU_WARN_FREE
     return GpuLimits(
         backend=settings.gpu_backend, indexes=gpu_indexes,
@@ -53,7 +53,7 @@ def gpu_limits(settings: Settings, gpu_indexes: tuple[int, ...], total_ram: int)
 
 
 def watch_limits(settings: Settings, total_ram: int, gpu_indexes: tuple[int, ...] = ()) -> WatchLimits:
-    max_mem, floor = settings.max_mem, settings.min_available
+    max_mem, floor = settings.profile.max_mem, settings.profile.min_available
     if floor is None:
         min_available = min(parse_size(DEFAULT_MIN_AVAILABLE).resolve(total_ram),
                             int(total_ram * DEFAULT_MIN_AVAILABLE_FRACTION))
@@ -62,12 +62,12 @@ def watch_limits(settings: Settings, total_ram: int, gpu_indexes: tuple[int, ...
     return WatchLimits(
         max_mem=max_mem.resolve(total_ram) if max_mem is not None else None,
         min_available=min_available if min_available > 0 else None,
-        max_temp=settings.max_temp,
-        resume_temp=settings.resume_temp,
-        on_hot=settings.on_hot,
-        grace=settings.grace,
-        interval=settings.interval,
-        warn_signal=settings.warn_signal,
+        max_temp=settings.profile.max_temp,
+        resume_temp=settings.profile.effective_resume_temp,
+        on_hot=settings.profile.on_hot,
+        grace=settings.profile.grace,
+        interval=settings.profile.interval,
+        warn_signal=settings.profile.warn_signal,
         thermal=settings.thermal,
         gpu=gpu_limits(settings, gpu_indexes, total_ram),
     )
@@ -108,7 +108,7 @@ def job_gpus(settings: Settings, verdict: Verdict, held: HeldLock) -> tuple[tupl
     candidates = gpu.candidates if gpu is not None else ()
     # The GPU the claim recorded; inside an outer hold (no record of its own) the one this verdict chose.
     chosen = held.holder.gpu_index if held.holder is not None else gpu.chosen if gpu is not None else None
-    if settings.gpu is not None:
+    if settings.profile.gpu is not None:
         given = candidates
     elif chosen is not None:
         given = (chosen,)
@@ -146,7 +146,7 @@ def run_exec(
     on_blocked: Callable[[Verdict], None] | None = None,
 ) -> Verdict | Outcome:
     """The blocking verdict when preflight fails, else the job's outcome."""
-    if settings.cgroup == "on" and (reason := cgroups.available()) is not None:
+    if settings.profile.cgroup == "on" and (reason := cgroups.available()) is not None:
         raise CgroupError(f"--cgroup on: no cgroup for the job: {reason}")  # before waiting in line for nothing
     verdict, held = admit(settings, argv, wait=wait, timeout=timeout, on_blocked=on_blocked)
     if held is None:
@@ -157,7 +157,7 @@ def run_exec(
     owners = [os.getpid()]
     try:
         with held, _job_cgroup(settings, on_event) as cgroup:
-            if settings.lock is not None:
+            if settings.profile.lock is not None:
                 legacy += claim_legacy(settings.legacy_lock_files, os.getpid())
             outcome = _supervise(settings, argv, verdict, held, on_event, legacy, owners, cgroup)
     finally:
@@ -174,23 +174,24 @@ def run_exec(
 def _job_cgroup(settings: Settings, on_event: Callable[[Event], None]) -> Iterator[cgroups.JobCgroup | None]:
     """The job's own cgroup (`--cgroup auto` when one can be had, `on`), removed once the job has ended."""
     cgroup = None
-    if settings.cgroup != "off":
+    if settings.profile.cgroup != "off":
         reason = cgroups.available()
         if reason is None:
-            max_swap = settings.max_swap.resolve(read_memory().total) if settings.max_swap is not None else None
+            swap = settings.profile.max_swap
+            max_swap = swap.resolve(read_memory().total) if swap is not None else None
             try:
-                cgroup = cgroups.create(required=settings.cgroup == "on", max_swap=max_swap,
-                                        throttle=settings.throttle)
+                cgroup = cgroups.create(required=settings.profile.cgroup == "on", max_swap=max_swap,
+                                        throttle=settings.profile.throttle)
             except CgroupError as exc:
-                if settings.cgroup == "on":
+                if settings.profile.cgroup == "on":
                     raise
                 reason = str(exc)
-        elif settings.cgroup == "on":
+        elif settings.profile.cgroup == "on":
             raise CgroupError(f"--cgroup on: no cgroup for the job: {reason}")
         if cgroup is None:
             on_event(Event("notice", f"no cgroup for the job ({reason}); watching its process tree instead",
                            {"cgroup": None, "reason": reason}))
-        elif cgroup.version == 1 and (settings.throttle or settings.max_swap is not None):
+        elif cgroup.version == 1 and (settings.profile.throttle or settings.profile.max_swap is not None):
             on_event(Event("notice", "--throttle and --max-swap need cgroup v2; this job's cgroup is v1",
                            {"cgroup": cgroup.path, "reason": "cgroup v1"}))
     try:
@@ -209,10 +210,10 @@ def _supervise(settings: Settings, argv: Sequence[str], verdict: Verdict, held: 
     if cgroup is not None:
         cgroup.configure(limits.max_mem)
     supervisor = Supervisor(
-        argv, limits, on_event, pass_fds=[held.fd] if held.fd >= 0 else [], nice=settings.nice,
+        argv, limits, on_event, pass_fds=[held.fd] if held.fd >= 0 else [], nice=settings.profile.nice,
         on_sample=_UsedReporter(held),
         on_gpu_sample=_UsedReporter(held, gpu=True), env={**caller_environment(), **gpu_env}, cgroup=cgroup,
-        timeline=bool(settings.log),
+        timeline=bool(settings.profile.log),
     )
     pid = supervisor.start()
     owners.append(pid)
@@ -223,7 +224,7 @@ def _supervise(settings: Settings, argv: Sequence[str], verdict: Verdict, held: 
         start_time = None
     held.update_holder(job_pid=pid, job_start_time=start_time)
     gpu_note = f" on GPU {gpu_env['CUDA_VISIBLE_DEVICES']}" if "CUDA_VISIBLE_DEVICES" in gpu_env else ""
-    lock = settings.lock or held.name
+    lock = settings.profile.lock or held.name
     on_event(Event("admitted", f"started pid {pid} (profile {settings.profile.name}, lock {lock}): "
                                f"{printable_command(argv)}{gpu_note}",
                    {"pid": pid, "profile": settings.profile.name, "lock": lock, "argv": list(argv),

@@ -86,7 +86,7 @@ def test_wall_clock_jumps_do_not_break_waits(monkeypatch: pytest.MonkeyPatch, co
     real_time = time.time
     jumps = iter([0.0, 3.2e7, -3.2e7, 86400.0, -1e9] * 1000)
     monkeypatch.setattr(time, "time", lambda: real_time() + next(jumps))  # the wall clock jumps back and forth
-    settings = gate_module.resolve(load_config(str(config)), "default", gate_module.Overrides())
+    settings = gate_module.resolve(load_config(str(config)), "default", {})
     outcome: list[tuple[bool, float]] = []
 
     def wait() -> None:

@@ -46,7 +46,7 @@ TOML_VALUES = st.recursive(
     max_leaves=12,
 )
 KEYS = st.sampled_from(["lock_dir", "legacy_lock_files", "defaults", "thermal", "gpu", "profiles", "x", ""])
-PROFILE_KEYS = st.sampled_from(sorted(__import__("safegate.settings", fromlist=["PROFILE_KEYS"]).PROFILE_KEYS))
+PROFILE_KEYS = st.sampled_from(sorted(__import__("safegate.config.model", fromlist=["PROFILE_KEYS"]).PROFILE_KEYS))
 
 
 @FAST
