@@ -307,12 +307,12 @@ def slurm_health(
 
     Example: HealthCheckProgram=/usr/local/bin/safegate-health (a wrapper running: safegate slurm health)
     """
-    from safegate.commands.slurm_health import apply, health
+    from safegate.commands.slurm import apply_health, health
 
     result = health(config, node, reason_prefix, dry_run)
     for note in result.notes:
         echo(f"safegate: {printable(note)}", err=True)
-    command = apply(result)
+    command = apply_health(result)
     if command is not None:
         echo(command)
     raise typer.Exit(int(result.exit_code))

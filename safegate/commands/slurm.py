@@ -8,6 +8,7 @@ cgroup OOM killer.
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -15,9 +16,13 @@ from collections.abc import Mapping, Sequence
 
 import msgspec
 
+from safegate.config.file import load_config
+from safegate.config.model import DEFAULT_PROFILE
 from safegate.errors import LicenseMissing, SlurmError
 from safegate.exitcodes import ExitCode
+from safegate.gate.preflight import evaluate, resolve
 from safegate.gate.results import Verdict
+from safegate.units import Size
 
 DEFAULT_PREFIX = "safegate:"
 # Checks that describe the node, not one job: the per-job lock and memory need do not belong in a health check.
@@ -178,3 +183,36 @@ def default_max_mem(env: Mapping[str, str]) -> int | None:
     limit = job_memory_limit(env)
     return int(limit * MEM_HEADROOM) if limit else None
 
+
+# slurm health: drain the node when it is unsafe, resume it when safe again if the drain is safegate's own.
+
+
+class HealthResult(msgspec.Struct, frozen=True):
+    notes: tuple[str, ...]  # for stderr: what was decided, and why the node state was assumed
+    action: HealthAction
+    dry_run: bool
+    exit_code: ExitCode
+
+
+def health(config: str | None, node: str | None, reason_prefix: str, dry_run: bool) -> HealthResult:
+    settings = resolve(load_config(config), DEFAULT_PROFILE, {"memory": Size(bytes=0)})
+    verdict = evaluate(settings)
+    problems = node_problems(verdict)
+    name = node_name(node, os.environ)
+    notes: list[str] = []
+    try:
+        state = read_node(name)
+    except SlurmError as exc:
+        if not dry_run:
+            raise
+        # A dry run still says what it would do, from a node state it could not read.
+        notes.append(f"{exc}; assuming node {name} is not drained")
+        state = NodeState(name, "", "")
+    action = decide(state, problems, reason_prefix)
+    notes.append(action.message)
+    return HealthResult(tuple(notes), action, dry_run, node_code(verdict))
+
+
+def apply_health(result: HealthResult) -> str | None:
+    """Carry out the decision (after it has been told); with --dry-run, the scontrol command instead."""
+    return apply(result.action, result.dry_run)
