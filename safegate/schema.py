@@ -1,5 +1,5 @@
 """One schema for what safegate reads from files others can write: tickets, holder records (grants are
-holder records too), history.
+holder records too), history (whose runs decode straight into config.history.Run, with the types here).
 
 Every field has a type and a range, checked by msgspec while it decodes the JSON (in C, no intermediate
 dict): pids and sizes are bounded non-negative integers, times finite numbers between the epoch and now
@@ -21,7 +21,7 @@ import msgspec
 from safegate.errors import BadRecord
 from safegate.units import validate_lock_name
 
-__all__ = ["BadRecord", "HolderWire", "RunWire", "TicketStateWire", "TicketWire", "decode", "encode"]
+__all__ = ["BadRecord", "HolderWire", "TicketStateWire", "TicketWire", "decode", "encode", "not_future"]
 
 PID_MAX = 4_194_304  # PID_MAX_LIMIT on 64-bit Linux: no process has a larger pid
 SIZE_MAX = 2**53  # bytes (8 PiB): past any machine, and every such size is exact as a float too
@@ -39,7 +39,7 @@ ExitStatus = Annotated[int, msgspec.Meta(ge=-255, le=255 + 128)]
 GpuIndex = Annotated[int, msgspec.Meta(ge=0, le=1023)]
 
 
-def _not_future(*times: float | None) -> None:
+def not_future(*times: float | None) -> None:
     limit = time.time() + TIME_SKEW
     for t in times:
         if t is not None and t > limit:
@@ -74,7 +74,7 @@ class HolderWire(msgspec.Struct, forbid_unknown_fields=False):
 
     def __post_init__(self) -> None:
         _lock_name(self.lock)
-        _not_future(self.start_time, self.started_at, self.job_start_time, self.owner_start)
+        not_future(self.start_time, self.started_at, self.job_start_time, self.owner_start)
 
 
 class TicketWire(msgspec.Struct):
@@ -96,20 +96,6 @@ class TicketStateWire(msgspec.Struct):
     blocked_by: Text = ""
     reason: Text = ""
     memory_only: bool = False
-
-
-class RunWire(msgspec.Struct):
-    """One recorded exec run in the history file."""
-
-    time: Timestamp
-    peak_memory: Size
-    peak_gpu_memory: Size | None
-    duration: Seconds
-    reason: Text
-    exit_code: ExitStatus
-
-    def __post_init__(self) -> None:
-        _not_future(self.time)
 
 
 # The history file: each run decoded on its own (msgspec.Raw), so a bad one costs that run, not the file.

@@ -20,6 +20,7 @@ from typing import Any
 import msgspec
 from msgspec.structs import asdict
 
+from safegate import schema
 from safegate.units import printable
 
 KEEP = 50
@@ -31,12 +32,17 @@ AUTO_HEADROOM = 1.10
 
 
 class Run(msgspec.Struct, frozen=True):
-    time: float
-    peak_memory: int
-    peak_gpu_memory: int | None
-    duration: float
-    reason: str
-    exit_code: int
+    """One recorded exec run: also how the history file's runs decode, every field typed and bounded."""
+
+    time: schema.Timestamp
+    peak_memory: schema.Size
+    peak_gpu_memory: schema.Size | None
+    duration: schema.Seconds
+    reason: schema.Text
+    exit_code: schema.ExitStatus
+
+    def __post_init__(self) -> None:
+        schema.not_future(self.time)
 
 
 def history_path(env: Mapping[str, str] | None = None) -> Path:
@@ -69,7 +75,6 @@ def read(path: Path) -> tuple[dict[str, list[Run]], str]:
         os.close(fd)
     if len(raw) > HISTORY_MAX_BYTES:
         return {}, f"larger than {HISTORY_MAX_BYTES // 1024**2} MiB"
-    from safegate import schema
 
     try:
         data = schema.decode(raw, schema.HistoryWire)
@@ -83,11 +88,9 @@ def read(path: Path) -> tuple[dict[str, list[Run]], str]:
             # Every field typed and bounded (a 400-digit peak, a time in year 9999, a wrong type): that run is
             # unusable, the others count, and the next record() sets the file aside, carrying the good ones over.
             try:
-                r = schema.decode(item, schema.RunWire)
+                kept.append(schema.decode(item, Run))
             except schema.BadRecord as exc:
                 bad.append(printable(str(exc))[:200])
-                continue
-            kept.append(Run(r.time, r.peak_memory, r.peak_gpu_memory, r.duration, r.reason, r.exit_code))
     return runs, (f"{len(bad)} unusable run(s) ignored (first: {bad[0]})" if bad else "")
 
 
