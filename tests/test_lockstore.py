@@ -17,6 +17,7 @@ import psutil
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from msgspec.structs import replace
 from support import (
     TIMEOUT,
     Nobody,
@@ -29,7 +30,7 @@ from support import (
 )
 
 from safegate.errors import LockDirError
-from safegate.locks import watch
+from safegate.gate import watch
 from safegate.locks.flock import dir_lockers
 from safegate.locks.holders import Holder
 from safegate.locks.legacy import legacy_removable, read_legacy, remove_legacy
@@ -142,7 +143,7 @@ def test_reused_pid_is_not_taken_for_the_holder(tmp_path: Path) -> None:
     fake = Holder.for_current_process("heavy", "p")
     start = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
     store.ensure_directory()
-    store.write_holder(Holder(**{**fake.__dict__, "start_time": fake.start_time - 1000}),
+    store.write_holder(replace(fake, start_time=fake.start_time - 1000),
                        store.directory / f"heavy.holder-{fake.pid}.{start + 1}-{'0' * 16}.json")
     removals = list(store.cleanup())
     assert len(removals) == 1 and removals[0].removed
@@ -173,7 +174,7 @@ def test_metadata_of_a_held_lock_is_kept_while_a_job_that_inherited_it_lives(tmp
     written = store.read_holder("heavy")[0]
     assert written is not None
     # The writer records its job as exec does.
-    store.write_holder(Holder(**{**written.__dict__, "job_pid": child.pid, "job_start_time": child.create_time()}),
+    store.write_holder(replace(written, job_pid=child.pid, job_start_time=child.create_time()),
                        holder_files(lock_dir)[0])
     os.kill(writer.pid, signal.SIGKILL)
     writer.wait()
