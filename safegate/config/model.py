@@ -16,7 +16,7 @@ from msgspec.structs import replace
 
 from safegate.errors import ConfigError, UsageError, ValueParseError
 from safegate.regex import compiled
-from safegate.settings import EXEC, GATE, Setting, effective_resume_temp
+from safegate.settings import EXEC, GATE, RESUME_BELOW, Setting, effective_resume_temp
 from safegate.units import Size
 
 # The CPU sensors a machine usually has, as psutil names them; everything else (nvme, wifi, GPU, ...) is
@@ -39,6 +39,9 @@ DEFAULT_PROFILE = "default"
 # but never more than a tenth of RAM on a small machine.
 DEFAULT_MIN_AVAILABLE = "2G"
 DEFAULT_MIN_AVAILABLE_FRACTION = 0.10
+# A profile that declares gpu_memory but no GPU limit: the seeds' anchors, warn at 80% and stop at 95% of the card.
+DEFAULT_GPU_BREACH_FREE = Size(percent=5.0)
+DEFAULT_GPU_WARN_FREE = Size(percent=20.0)
 
 Action = Literal["block", "warn"]
 
@@ -85,7 +88,7 @@ class Profile(msgspec.Struct, frozen=True, kw_only=True):
     max_temp: Annotated[float, Setting("temp", "Block at or above this temperature (default {default}).",
                                        "--max-temp", "C", GATE, default="80")]
     resume_temp: Annotated[float | None, Setting(
-        "temp", "A paused or waiting job resumes below this (default: max_temp - 5).")]
+        "temp", f"A paused or waiting job resumes below this (default: max_temp - {RESUME_BELOW:g}).")]
     max_memory_pressure: Annotated[float, Setting(
         "percent", "Block while PSI memory some avg10 is above this percentage.", default="20")]
     competing: Annotated[tuple[CompetingRule, ...], Setting(
@@ -94,8 +97,8 @@ class Profile(msgspec.Struct, frozen=True, kw_only=True):
         "size", "Stop the job when its own memory (PSS of its process tree) reaches this.", "--max-mem", "SIZE",
         EXEC)]
     min_available: Annotated[Size | None, Setting(
-        "size", "Stop the job when MemAvailable falls to this (default: 2G or 10% of RAM, whichever is smaller).",
-        "--min-available", "SIZE", EXEC)]  # None: DEFAULT_MIN_AVAILABLE, at most DEFAULT_MIN_AVAILABLE_FRACTION
+        "size", f"Stop the job when MemAvailable falls to this (default: {DEFAULT_MIN_AVAILABLE} or "
+        f"{DEFAULT_MIN_AVAILABLE_FRACTION:.0%} of RAM, whichever is smaller).", "--min-available", "SIZE", EXEC)]
     on_hot: Annotated[str, Setting(
         "on_hot", "Above max-temp: pause the job until below resume_temp (default), stop it (exit 22), or only "
         "warn.", "--on-hot", "pause|kill|warn", EXEC, default="pause")]
@@ -136,7 +139,8 @@ class Profile(msgspec.Struct, frozen=True, kw_only=True):
         "size", "Stop the job (exit 21) when its own GPU memory reaches this.", "--max-gpu-mem", "SIZE", EXEC)]
     min_gpu_free: Annotated[Size | None, Setting(
         "size", "Stop the job (exit 21) when its GPU's free memory falls to this; a percentage is of the card "
-        "(default with a gpu_memory profile: 5%, warning at 20%).", "--min-gpu-free", "SIZE", EXEC)]
+        f"(default with a gpu_memory profile: {DEFAULT_GPU_BREACH_FREE}, warning at {DEFAULT_GPU_WARN_FREE}).",
+        "--min-gpu-free", "SIZE", EXEC)]
     slurm_license: Annotated[str | None, Setting(
         "license", "Inside a Slurm job, exec requires the job to hold this license.")]
 

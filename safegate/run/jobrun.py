@@ -12,7 +12,12 @@ from pathlib import Path
 import psutil
 
 from safegate import cgroups
-from safegate.config.model import DEFAULT_MIN_AVAILABLE, DEFAULT_MIN_AVAILABLE_FRACTION
+from safegate.config.model import (
+    DEFAULT_GPU_BREACH_FREE,
+    DEFAULT_GPU_WARN_FREE,
+    DEFAULT_MIN_AVAILABLE,
+    DEFAULT_MIN_AVAILABLE_FRACTION,
+)
 from safegate.errors import CgroupError
 from safegate.gate.admission import admit
 from safegate.gate.preflight import Settings
@@ -30,9 +35,6 @@ USED_UPDATE_EVERY = 0.5
 USED_UPDATE_STEP = 64 * 1024**2
 
 
-# A profile that declares gpu_memory but no GPU limit: the seeds' anchors, warn at 80% and stop at 95% of the card.
-DEFAULT_GPU_BREACH_FREE = Size(percent=5.0)
-DEFAULT_GPU_WARN_FREE = Size(percent=20.0)
 
 
 def gpu_limits(settings: Settings, gpu_indexes: tuple[int, ...], total_ram: int) -> GpuLimits | None:
