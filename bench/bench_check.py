@@ -21,19 +21,43 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import re
 import shutil
-import signal
 import socket
-import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Container, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from common import (
+    BenchError,
+    DeferredStop,
+    bench_env,
+    bench_parser,
+    count_proc,
+    find_safegate,
+    first_line,
+    interrupt_on_signals,
+    loadavg,
+    log,
+    machine_facts,
+    machine_section,
+    md_row,
+    md_table,
+    median,
+    meminfo,
+    publish,
+    quick_defaults,
+    read_text,
+    safegate_missing,
+    signals_ignored,
+    stamp,
+    summarize,
+    timed_run,
+    workdir,
+)
 
 HERE = Path(__file__).resolve().parent
 BASH_GATE = HERE / "bash_gate.sh"
@@ -69,48 +93,12 @@ FAKE_COMMANDS = (
 )
 
 
-class BenchError(Exception):
-    pass
-
-
 # --- small helpers -----------------------------------------------------------------------------------
-
-
-def summarize(samples: Sequence[float]) -> dict[str, float]:
-    xs = sorted(samples)
-    if len(xs) >= 2:
-        deciles = statistics.quantiles(xs, n=10, method="inclusive")
-        p10, p90 = deciles[0], deciles[-1]
-    else:
-        p10 = p90 = xs[0]
-    return {"n": len(xs), "median": statistics.median(xs), "p10": p10, "p90": p90, "min": xs[0], "max": xs[-1]}
 
 
 def ms(seconds: float) -> str:
     value = seconds * 1000
     return f"{value:.1f}" if value >= 10 else f"{value:.2f}"
-
-
-def read_text(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as fh:
-            return fh.read()
-    except OSError:
-        return ""
-
-
-def meminfo(key: str) -> int:
-    """A /proc/meminfo value in bytes (0 when absent)."""
-    for line in read_text("/proc/meminfo").splitlines():
-        name, _, rest = line.partition(":")
-        if name == key:
-            fields = rest.split()
-            return int(fields[0]) * (1024 if len(fields) > 1 and fields[1] == "kB" else 1)
-    return 0
-
-
-def count_proc() -> int:
-    return sum(1 for name in os.listdir("/proc") if name.isdigit())
 
 
 def pid_alive(pid: int) -> bool:
@@ -127,82 +115,18 @@ def dead_pid() -> int:
     raise BenchError("could not find a dead pid")
 
 
-def first_line(argv: list[str]) -> str:
-    try:
-        out = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return "not found"
-    lines = (out.stdout or out.stderr).strip().splitlines()
-    return lines[0] if lines else ""
-
-
-def loadavg() -> str:
-    return " ".join(read_text("/proc/loadavg").split()[:3]) or "?"
-
-
-# Each command in a shell of its own, as users run check: since issue 23 a passing check grants its lock to its
-# parent's next process, and a shell that starts nothing after it ends the grant by exiting. Before each call
-# (untimed) the previous call's grant is let go: every lock of the bench's lock dir is free again.
-ALONE = ["sh", "-c", '"$@"; exit $?', "sh"]
-
-
-def _locks_free(env: Mapping[str, str] | None, deadline: float = 30.0) -> None:
-    import fcntl
-
-    directory = (env or {}).get("SAFEGATE_LOCK_DIR")
-    if not directory:
-        return
-    end = time.monotonic() + deadline
-    for path in Path(directory).glob("*.lock"):
-        while time.monotonic() < end:
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except OSError:
-                break
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                time.sleep(0.002)
-            finally:
-                os.close(fd)
-
-
-def run_timed(argv: list[str], env: Mapping[str, str] | None, expect: Callable[[int], bool]) -> tuple[float, int]:
-    """(wall time, exit code) of one whole command, from spawn to exit; its output is discarded."""
-    _locks_free(env)
-    argv = [*ALONE, *argv]
-    t0 = time.perf_counter()
-    proc = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL, check=False)
-    elapsed = time.perf_counter() - t0
-    if not expect(proc.returncode):
-        # Run it again with its output, to say why.
-        again = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                               check=False)
-        raise BenchError(
-            f"{' '.join(argv)} exited {proc.returncode} (again: {again.returncode}); "
-            f"stderr: {again.stderr.strip()[:500]!r}"
-        )
-    return elapsed, proc.returncode
-
-
-def ok_zero(rc: int) -> bool:
-    return rc == 0
-
-
-def ok_pgrep(rc: int) -> bool:
-    return rc in (0, 1)  # 1: nothing matched
+OK = (0,)
+OK_PGREP = (0, 1)  # 1: nothing matched
 
 
 # --- the test bed: temp lock dir, config, temperature file, stale records ------------------------------
 
 
 class Bed:
-    def __init__(self, safegate_exe: str, *, bytecode: str, baseline: str | None = None) -> None:
+    def __init__(self, tmp: Path, safegate_exe: str, *, bytecode: str, baseline: str | None = None) -> None:
         from safegate.config.file import load_config  # the bench runs in safegate's environment
 
-        self.tmp = Path(tempfile.mkdtemp(prefix="safegate-bench-"))
+        self.tmp = tmp
         self.lock_dir = self.tmp / "locks"
         self.lock_dir.mkdir(mode=0o700)
         self.temp_file = self.tmp / "temp1_input"
@@ -224,14 +148,9 @@ class Bed:
 
         # Python children: with --bytecode cached (default), bytecode is cached in a temp tree, as an
         # installed package has it, whatever PYTHONDONTWRITEBYTECODE says; as-is: the caller's environment.
-        base = dict(os.environ)
-        for var in ("SAFEGATE_CONFIG", "SAFEGATE_PROFILE", "SAFEGATE_DEBUG", "SAFEGATE_LOCK_DIR"):
-            base.pop(var, None)
-        base["SAFEGATE_LOCK_DIR"] = str(self.lock_dir)
-        self.asis_env = dict(base)
-        if bytecode == "cached":
-            base.pop("PYTHONDONTWRITEBYTECODE", None)
-            base["PYTHONPYCACHEPREFIX"] = str(self.tmp / "pycache")
+        self.asis_env = bench_env(SAFEGATE_LOCK_DIR=str(self.lock_dir))
+        base = bench_env(pycache=self.tmp / "pycache" if bytecode == "cached" else None,
+                         SAFEGATE_LOCK_DIR=str(self.lock_dir))
         self.py_env = base
         self.worker_env = dict(base, SGBENCH_CONFIG=str(self.config), SGBENCH_HOLDER=str(self.holder_file))
         self.safegate_argv = [safegate_exe, "check", "-p", PROFILE, "--mem", "0", "--margin", "0", "-q",
@@ -243,7 +162,7 @@ class Bed:
         self.bash_env = dict(
             os.environ,
             SG_LOCK_DIR=str(self.lock_dir),
-            SG_LOCK_NAME=self.lock_name,
+            SG_LOCK_NAME=str(self.lock_name),
             SG_TEMP_FILE=str(self.temp_file),
             SG_PID_FILE=str(self.pid_file),
             SG_NEED_BYTES="0",
@@ -270,40 +189,8 @@ class Bed:
         if not self.pid_file.exists():
             self.pid_file.write_text(f"{self.dead}\n", encoding="ascii")
 
-    def cleanup(self) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
-
 
 # --- the extra processes -------------------------------------------------------------------------------
-
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-class DeferredStop:
-    """Hold Ctrl-C/SIGTERM/SIGHUP while a process is started and recorded, so none escapes the record."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self.old: dict[int, Any] = {}
-
-    def __enter__(self) -> DeferredStop:
-        self.old = {s: signal.signal(s, self._note) for s in STOP_SIGNALS}
-        return self
-
-    def _note(self, signum: int, _frame: object) -> None:
-        self.signum = signum
-
-    def check(self) -> None:
-        if self.signum is not None:
-            raise KeyboardInterrupt(f"signal {self.signum}")
-
-    def __exit__(self, *exc: object) -> None:
-        for s, handler in self.old.items():
-            signal.signal(s, handler)
-        if exc[0] is None:
-            self.check()
-
-
 
 class Crowd:
     """Extra `sleep 600` processes; kill_all() ends every one of them (stop_crowd runs it in finally)."""
@@ -364,12 +251,8 @@ class Crowd:
 
 def stop_crowd(crowd: Crowd, log: Callable[[str], None]) -> None:
     """Kill every extra process; a second Ctrl-C (or SIGTERM) meanwhile must not cut this short."""
-    old = {s: signal.signal(s, signal.SIG_IGN) for s in STOP_SIGNALS}
-    try:
+    with signals_ignored():
         left = crowd.kill_all()
-    finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
     if left:
         log(f"WARNING: {left} extra processes could not be reaped")
 
@@ -446,7 +329,7 @@ def run_worker(bed: Bed, mode: str, runs: int, warmup: int) -> dict[str, Any]:
 
 def bench_gates(bed: Bed, runs: int, warmup: int, log: Callable[[str], None]) -> dict[str, list[float]]:
     """safegate check and the bash gate (and --baseline's safegate), alternating run by run, each first in turn."""
-    gates = {
+    gates: dict[str, tuple[list[str], Mapping[str, str], Path]] = {
         "safegate": (bed.safegate_argv, bed.py_env, bed.holder_file),
         "bash": (bed.bash_argv, bed.bash_env, bed.pid_file),
     }
@@ -459,7 +342,7 @@ def bench_gates(bed: Bed, runs: int, warmup: int, log: Callable[[str], None]) ->
         for name in order:
             argv, env, stale = gates[name]
             bed.plant()
-            elapsed, _ = run_timed(argv, env, ok_zero)
+            elapsed, _ = timed_run(argv, env, ok=OK)
             if stale.exists():
                 raise BenchError(f"{name} gate did not remove the stale record {stale}")
             if i >= warmup:
@@ -488,7 +371,7 @@ def bench_breakdown(bed: Bed, runs: int, warmup: int, *, bytecode: str) -> dict[
     for i in range(warmup + runs):
         for name, (argv, env) in steps.items():
             bed.plant()
-            elapsed, _ = run_timed(argv, env, ok_zero)
+            elapsed, _ = timed_run(argv, env, ok=OK)
             if i >= warmup:
                 samples[name].append(elapsed)
     samples["load_config + resolve + evaluate, in-process"] = run_worker(bed, "evaluate", runs, warmup)["evaluate"]
@@ -519,10 +402,10 @@ def bench_crowd(bed: Bed, crowd: Crowd, counts: Sequence[int], *, runs: int, war
         scan = run_worker(bed, "scan", runs, warmup)
         evaluate = run_worker(bed, "evaluate", runs, warmup)["evaluate"]
 
-        commands: dict[str, tuple[list[str], Mapping[str, str] | None, Callable[[int], bool]]] = {
-            "pgrep": (["pgrep", "-f", PATTERN], None, ok_pgrep),
-            "safegate": (bed.safegate_argv, bed.py_env, ok_zero),
-            "bash": (bed.bash_argv, bed.bash_env, ok_zero),
+        commands: dict[str, tuple[list[str], Mapping[str, str] | None, Container[int]]] = {
+            "pgrep": (["pgrep", "-f", PATTERN], None, OK_PGREP),
+            "safegate": (bed.safegate_argv, bed.py_env, OK),
+            "bash": (bed.bash_argv, bed.bash_env, OK),
         }
         samples: dict[str, list[float]] = {name: [] for name in commands}
         pgrep_codes = set()
@@ -531,7 +414,7 @@ def bench_crowd(bed: Bed, crowd: Crowd, counts: Sequence[int], *, runs: int, war
             for name in names:
                 argv, env, expect = commands[name]
                 bed.plant()
-                elapsed, rc = run_timed(argv, env, expect)
+                elapsed, rc = timed_run(argv, env, ok=expect)
                 if name == "pgrep":
                     pgrep_codes.add(rc)
                 if i >= warmup:
@@ -559,29 +442,9 @@ def bytecode_fact(bytecode: str) -> str:
     return f"as the calling environment has it (--bytecode as-is): {asis}"
 
 
-def machine_facts(bytecode: str) -> list[tuple[str, str]]:
-    import safegate
-
-    cpu = "?"
-    for line in read_text("/proc/cpuinfo").splitlines():
-        if line.startswith(("model name", "Model", "Hardware")):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        usable = os.cpu_count() or 0
-    repo = str(HERE.parent)
-    commit = first_line(["git", "-C", repo, "rev-parse", "--short", "HEAD"]) or "?"
-    dirty = first_line(["git", "-C", repo, "status", "--porcelain", "--", "safegate"])
-    if dirty and dirty != "not found":
-        commit += " + uncommitted changes in safegate/"
+def bench_facts(bytecode: str) -> list[tuple[str, str]]:
     return [
-        ("nproc", f"{usable} (os.cpu_count {os.cpu_count()})"),
-        ("CPU", cpu),
-        ("kernel", f"{platform.system()} {platform.release()}"),
-        ("Python", f"{platform.python_version()} ({sys.executable})"),
-        ("safegate", f"{safegate.__version__} ({Path(safegate.__file__).parent}), commit {commit}"),
+        *machine_facts(),
         ("bytecode", bytecode_fact(bytecode)),
         ("RAM", f"{meminfo('MemTotal') / 2**30:.1f} GiB total, {meminfo('MemAvailable') / 2**30:.1f} GiB available"),
         ("tools", f"{first_line(['pgrep', '--version'])}; {first_line(['flock', '--version'])}; "
@@ -591,18 +454,17 @@ def machine_facts(bytecode: str) -> list[tuple[str, str]]:
     ]
 
 
-def stat_cells(samples: Sequence[float]) -> str:
+STAT_HEAD = ["runs", "median", "p10", "p90", "min", "max"]
+
+
+def stat_cells(samples: Sequence[float]) -> list[str]:
     s = summarize(samples)
-    return f"{ms(s['median'])} | {ms(s['p10'])} | {ms(s['p90'])} | {ms(s['min'])} | {ms(s['max'])}"
+    return [ms(s[k]) for k in ("median", "p10", "p90", "min", "max")]
 
 
 def brief(samples: Sequence[float]) -> str:
     s = summarize(samples)
     return f"{ms(s['median'])} ({ms(s['p10'])}-{ms(s['p90'])})"
-
-
-def median(samples: Sequence[float]) -> float:
-    return statistics.median(samples)
 
 
 def baseline_lines(args: argparse.Namespace, gates: dict[str, list[float]]) -> list[str]:
@@ -618,14 +480,12 @@ def report(args: argparse.Namespace, facts: list[tuple[str, str]], results: dict
     gates, breakdown, crowd_rows = results["gates"], results["breakdown"], results["crowd"]
     notes: list[str] = list(results["notes"])
     out = ["# safegate check benchmark", ""]
-    out.append(f"Run {time.strftime('%Y-%m-%d %H:%M:%S %Z')}: `{' '.join(['python', *sys.argv])}`; "
-               f"{args.runs} timed runs per figure after {args.warmup} warm-up run{'' if args.warmup == 1 else 's'}"
+    out.append(f"{stamp()}; {args.runs} timed runs per figure after {args.warmup} warm-up "
+               f"run{'' if args.warmup == 1 else 's'}"
                + (" (**--quick: a smoke test, not a measurement**)" if args.quick else "") + ".")
     if args.runs < 20:
         out += ["", f"**Only {args.runs} runs per figure: too few to judge the targets (>= 20 wanted).**"]
-    out += ["", "## Machine", "", "| | |", "|---|---|"]
-    out += [f"| {k} | {v} |" for k, v in facts]
-    out.append(f"| load average (1, 5, 15 min) | start {results['load'][0]}; end {results['load'][1]} |")
+    out += machine_section(facts, results["load"])
 
     sg, bash = summarize(gates["safegate"]), summarize(gates["bash"])
     out += [
@@ -639,10 +499,8 @@ def report(args: argparse.Namespace, facts: list[tuple[str, str]], results: dict
         "for the bash gate); every run must remove it and exit 0. They alternate run by run. "
         "Wall time from spawn to exit, in ms.",
         "",
-        "| gate | runs | median | p10 | p90 | min | max |",
-        "|---|---|---|---|---|---|---|",
-        f"| safegate check | {sg['n']} | {stat_cells(gates['safegate'])} |",
-        f"| bash gate | {bash['n']} | {stat_cells(gates['bash'])} |",
+        *md_table(["gate", *STAT_HEAD], [["safegate check", sg["n"], *stat_cells(gates["safegate"])],
+                                         ["bash gate", bash["n"], *stat_cells(gates["bash"])]]),
         "",
         f"Ratio safegate/bash: **{sg['median'] / bash['median']:.2f}x** at the median "
         f"(p10 {sg['p10'] / bash['p10']:.2f}x, p90 {sg['p90'] / bash['p90']:.2f}x).",
@@ -653,12 +511,10 @@ def report(args: argparse.Namespace, facts: list[tuple[str, str]], results: dict
         "",
         "### Where safegate's time goes",
         "",
-        "| step | runs | median | p10 | p90 | min | max |",
-        "|---|---|---|---|---|---|---|",
+        *md_table(["step", *STAT_HEAD], [[name, len(samples), *stat_cells(samples)]
+                                         for name, samples in breakdown.items()]),
+        md_row("whole `safegate check` (table above)", sg["n"], *stat_cells(gates["safegate"])),
     ]
-    for name, samples in breakdown.items():
-        out.append(f"| {name} | {len(samples)} | {stat_cells(samples)} |")
-    out.append(f"| whole `safegate check` (table above) | {sg['n']} | {stat_cells(gates['safegate'])} |")
     out += [
         "",
         "The in-process row is one pass of the five checks, config loading included, in a Python that has "
@@ -674,22 +530,19 @@ def report(args: argparse.Namespace, facts: list[tuple[str, str]], results: dict
         f"processes). pgrep: the whole `pgrep -f '{PATTERN}'` process, spawn to exit. "
         "ms, median (p10-p90).",
         "",
-        "| extra processes | in /proc | safegate scan | pgrep -f | scan/pgrep | whole safegate check "
-        "| check/pgrep | bash gate |",
-        "|---|---|---|---|---|---|---|---|",
+        *md_table(["extra processes", "in /proc", "safegate scan", "pgrep -f", "scan/pgrep", "whole safegate check",
+                   "check/pgrep", "bash gate"]),
     ]
     target_ratio = None
     done = [r for r in crowd_rows if "skipped" not in r]
     for row in crowd_rows:
         if "skipped" in row:
-            out.append(f"| {row['count']} | skipped: {row['skipped']} | | | | | | |")
+            out.append(md_row(row["count"], f"skipped: {row['skipped']}", *[""] * 6))
             continue
         ratio = median(row["scan"]) / median(row["pgrep"])
-        out.append(
-            f"| {row['count']} | {row['in_proc']} | {brief(row['scan'])} | {brief(row['pgrep'])} "
-            f"| **{ratio:.2f}x** | {brief(row['safegate'])} "
-            f"| {median(row['safegate']) / median(row['pgrep']):.2f}x | {brief(row['bash'])} |"
-        )
+        out.append(md_row(row["count"], row["in_proc"], brief(row["scan"]), brief(row["pgrep"]), f"**{ratio:.2f}x**",
+                          brief(row["safegate"]), f"{median(row['safegate']) / median(row['pgrep']):.2f}x",
+                          brief(row["bash"])))
         if row["count"] == TARGET_SCAN_COUNT:
             target_ratio = ratio
         if row["blocking"] or row["pgrep_matched"]:
@@ -707,15 +560,11 @@ def report(args: argparse.Namespace, facts: list[tuple[str, str]], results: dict
             "",
             "Details (ms, medians; each scan part timed on its own):",
             "",
-            "| extra processes | processes scanned | read_processes | match_competing "
-            "| load_config + resolve + evaluate, in-process | MemAvailable used by the extra processes |",
-            "|---|---|---|---|---|---|",
+            *md_table(["extra processes", "processes scanned", "read_processes", "match_competing",
+                       "load_config + resolve + evaluate, in-process", "MemAvailable used by the extra processes"],
+                      [[row["count"], row["scanned"], ms(median(row["read"])), ms(median(row["match"])),
+                        ms(median(row["evaluate"])), f"{row['mem_used'] / 2**20:.0f} MiB"] for row in done]),
         ]
-        for row in done:
-            out.append(
-                f"| {row['count']} | {row['scanned']} | {ms(median(row['read']))} | {ms(median(row['match']))} "
-                f"| {ms(median(row['evaluate']))} | {row['mem_used'] / 2**20:.0f} MiB |"
-            )
         out += ["", "Runs per figure: " + ", ".join(f"{r['count']}: {len(r['scan'])}" for r in done) + "."]
     if notes:
         out += ["", "## Notes", ""] + [f"- {n}" for n in notes]
@@ -725,32 +574,16 @@ def report(args: argparse.Namespace, facts: list[tuple[str, str]], results: dict
 # --- main ----------------------------------------------------------------------------------------------
 
 
-def find_safegate(explicit: str | None) -> str:
-    if explicit:
-        return explicit
-    beside = Path(sys.executable).parent / "safegate"
-    if beside.is_file() and os.access(beside, os.X_OK):
-        return str(beside)
-    found = shutil.which("safegate")
-    if found:
-        return found
-    raise BenchError("no safegate executable found (use --safegate PATH, or run with the venv's python)")
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=None,
-                        help=f"timed runs per figure (default {DEFAULT_RUNS}; {QUICK_RUNS} with --quick)")
-    parser.add_argument("--quick", action="store_true",
-                        help=f"smoke test: {QUICK_RUNS} runs, 1 warm-up run, "
-                             f"{' and '.join(map(str, QUICK_COUNTS))} extra processes")
+    parser = bench_parser(__doc__, runs=DEFAULT_RUNS, raw=True,
+                          runs_help=f"timed runs per figure (default {DEFAULT_RUNS}; {QUICK_RUNS} with --quick)",
+                          quick=f"smoke test: {QUICK_RUNS} runs, 1 warm-up run, "
+                                f"{' and '.join(map(str, QUICK_COUNTS))} extra processes")
     parser.add_argument("--counts", default=None,
                         help=f"extra process counts, comma-separated (default {','.join(map(str, DEFAULT_COUNTS))})")
     parser.add_argument("--bytecode", choices=("cached", "as-is"), default="cached",
                         help="cached (default): Python children cache bytecode in a temp dir, as an installed "
                              "safegate has it; as-is: leave PYTHONDONTWRITEBYTECODE etc. as they are")
-    parser.add_argument("--out", metavar="FILE", help="also write the Markdown report here")
-    parser.add_argument("--raw", metavar="FILE", help="write every sample (seconds) as JSON here")
     parser.add_argument("--safegate", metavar="PATH", help="the safegate executable (default: beside this python)")
     parser.add_argument("--baseline", metavar="PATH",
                         help="another safegate executable (say, an install of an older commit) timed in turn with "
@@ -758,10 +591,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--worker", choices=("scan", "evaluate"), help=argparse.SUPPRESS)
     parser.add_argument("--warmup", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.runs is None:
-        args.runs = QUICK_RUNS if args.quick else DEFAULT_RUNS
-    if args.warmup is None:
-        args.warmup = 1 if args.quick else WARMUP
+    quick_defaults(args, runs=(DEFAULT_RUNS, QUICK_RUNS), warmup=(WARMUP, 1))
     if args.runs < 2:
         parser.error("--runs must be at least 2")
     try:
@@ -775,11 +605,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def preflight() -> str | None:
     if not sys.platform.startswith("linux"):
         return "Linux only (/proc, flock, pgrep)"
-    try:
-        import safegate  # noqa: F401
-    except ImportError:
-        return (f"safegate is not importable by {sys.executable}; "
-                "run this with the venv's python (e.g. . /tmp/sgenv/bin/activate)")
+    missing = safegate_missing()
+    if missing:
+        return missing
     for tool in ("bash", "pgrep", "flock", "free", "awk", "sleep", "cat", "rm"):
         if shutil.which(tool) is None:
             return f"{tool} not found"
@@ -793,62 +621,47 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     problem = preflight()
     if problem:
-        print(f"bench_check.py: {problem}", file=sys.stderr)
+        log(f"bench_check.py: {problem}")
         return 2
-
-    def log(message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
-
-    # SIGTERM and SIGHUP end the run as Ctrl-C does, so the finally blocks kill the extra processes.
-    def interrupted(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, interrupted)
-    signal.signal(signal.SIGHUP, interrupted)
-
-    try:
-        crowd = Crowd()
-        bed = Bed(find_safegate(args.safegate), bytecode=args.bytecode, baseline=args.baseline)
-    except BenchError as exc:
-        log(f"bench_check.py: {exc}")
-        return 1
-    args.safegate_display = bed.safegate_argv[1:-2]  # without --config <temp path>
-    results: dict[str, Any] = {"notes": []}
-    try:
-        # The profile matches programs (program + args), pgrep -f the whole command line: pgrep's pattern is the
-        # shell gate's usual one, which also matches mere mentions; both read every process's command line.
-        results["notes"].append(f"profile {PROFILE} blocks on {', '.join(bed.block_rules)}; "
-                                f"pgrep gets {PATTERN!r}")
-        facts = machine_facts(args.bytecode)
-        load_start = loadavg()
-        log(f"a. safegate check vs bash gate ({args.runs} runs each)")
-        results["gates"] = bench_gates(bed, args.runs, args.warmup, log)
-        log("   where safegate's time goes")
-        results["breakdown"] = bench_breakdown(bed, args.runs, args.warmup, bytecode=args.bytecode)
-        log(f"b. scan vs pgrep at {', '.join(map(str, args.counts))} extra processes")
+    interrupt_on_signals()
+    with workdir("safegate-bench-") as tmp:
         try:
-            results["crowd"] = bench_crowd(bed, crowd, args.counts, runs=args.runs, warmup=args.warmup, log=log)
+            crowd = Crowd()
+            bed = Bed(tmp, find_safegate(args.safegate), bytecode=args.bytecode, baseline=args.baseline)
+        except BenchError as exc:
+            log(f"bench_check.py: {exc}")
+            return 1
+        args.safegate_display = bed.safegate_argv[1:-2]  # without --config <temp path>
+        results: dict[str, Any] = {"notes": []}
+        try:
+            # The profile matches programs (program + args), pgrep -f the whole command line: pgrep's pattern is
+            # the shell gate's usual one, which also matches mere mentions; both read every process's command line.
+            results["notes"].append(f"profile {PROFILE} blocks on {', '.join(bed.block_rules)}; "
+                                    f"pgrep gets {PATTERN!r}")
+            facts = bench_facts(args.bytecode)
+            load_start = loadavg()
+            log(f"a. safegate check vs bash gate ({args.runs} runs each)")
+            results["gates"] = bench_gates(bed, args.runs, args.warmup, log)
+            log("   where safegate's time goes")
+            results["breakdown"] = bench_breakdown(bed, args.runs, args.warmup, bytecode=args.bytecode)
+            log(f"b. scan vs pgrep at {', '.join(map(str, args.counts))} extra processes")
+            try:
+                results["crowd"] = bench_crowd(bed, crowd, args.counts, runs=args.runs, warmup=args.warmup, log=log)
+            finally:
+                stop_crowd(crowd, log)
+            log(f"   extra processes killed; {count_proc()} processes in /proc")
+            results["load"] = (load_start, loadavg())
+            text = report(args, facts, results)
+        except BenchError as exc:
+            log(f"bench_check.py: {exc}")
+            return 1
+        except KeyboardInterrupt:
+            log("bench_check.py: interrupted")
+            return 130
         finally:
-            stop_crowd(crowd, log)
-        log(f"   extra processes killed; {count_proc()} processes in /proc")
-        results["load"] = (load_start, loadavg())
-        text = report(args, facts, results)
-    except BenchError as exc:
-        log(f"bench_check.py: {exc}")
-        return 1
-    except KeyboardInterrupt:
-        log("bench_check.py: interrupted")
-        return 130
-    finally:
-        if crowd.procs:  # interrupted before bench_crowd's own clean-up
-            stop_crowd(crowd, log)
-        bed.cleanup()
-
-    sys.stdout.write(text)
-    if args.out:
-        Path(args.out).write_text(text, encoding="utf-8")
-    if args.raw:
-        Path(args.raw).write_text(json.dumps(results, indent=1), encoding="utf-8")
+            if crowd.procs:  # interrupted before bench_crowd's own clean-up
+                stop_crowd(crowd, log)
+    publish(text, args.out, args.raw, results)
     return 0
 
 

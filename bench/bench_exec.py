@@ -27,15 +27,12 @@ import glob
 import json
 import math
 import os
-import platform
 import re
 import select
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -43,10 +40,39 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from common import (
+    AVOID_ALL_BUT_HOG,
+    BenchError,
+    DeferredStop,
+    available,
+    bench_env,
+    bench_parser,
+    compile_c,
+    find_safegate,
+    first_line,
+    interrupt_on_signals,
+    loadavg,
+    log,
+    machine_facts,
+    machine_section,
+    md_row,
+    md_table,
+    median,
+    meminfo,
+    publish,
+    quick_defaults,
+    read_text,
+    safegate_missing,
+    settle,
+    signals_ignored,
+    stamp,
+    summarize,
+    workdir,
+)
+
 if TYPE_CHECKING:
     from safegate.probes.jobtree import JobTree
 
-HERE = Path(__file__).resolve().parent
 MIB = 1 << 20
 GIB = 1 << 30
 MB = 10**6  # overshoots are reported in MB (10^6 bytes) and rates in GB/s (10^9 bytes/s)
@@ -77,8 +103,6 @@ QUICK_CALLS = 20
 TARGET_OVERSHOOT_MS = 50.0
 TARGET_OVERHEAD_PCT = 1.0
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-# earlyoom's --avoid: every process name except exactly "hog" (POSIX ERE has no negative look-ahead).
-AVOID_ALL_BUT_HOG = "^([^h].*|h|h[^o].*|ho|ho[^g].*|hog.+)$"
 
 HOG_C = r"""
 /* bench_exec.py's memory hog: malloc 64 MiB chunks and memset them, up to argv[1] MiB, then sleep. */
@@ -135,25 +159,7 @@ finally:
 """
 
 
-class BenchError(Exception):
-    pass
-
-
 # --- small helpers -----------------------------------------------------------------------------------
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def summarize(samples: Sequence[float]) -> dict[str, float]:
-    xs = sorted(samples)
-    if len(xs) >= 2:
-        deciles = statistics.quantiles(xs, n=10, method="inclusive")
-        p10, p90 = deciles[0], deciles[-1]
-    else:
-        p10 = p90 = xs[0]
-    return {"n": len(xs), "median": statistics.median(xs), "p10": p10, "p90": p90, "min": xs[0], "max": xs[-1]}
 
 
 def num(value: float) -> str:
@@ -168,39 +174,12 @@ def num(value: float) -> str:
 def stat_row(label: str, samples: Sequence[float], scale: float = 1.0) -> str:
     """| label | n | median | p10 | p90 | min | max |, each value multiplied by *scale*."""
     if not samples:
-        return f"| {label} | 0 | | | | | |"
+        return md_row(label, 0, *[""] * 5)
     s = summarize([x * scale for x in samples])
-    return (f"| {label} | {s['n']:.0f} | **{num(s['median'])}** | {num(s['p10'])} | {num(s['p90'])} "
-            f"| {num(s['min'])} | {num(s['max'])} |")
+    return md_row(label, f"{s['n']:.0f}", f"**{num(s['median'])}**", *(num(s[k]) for k in ("p10", "p90", "min", "max")))
 
 
-STAT_HEAD = ["| measure | n | median | p10 | p90 | min | max |", "|---|---|---|---|---|---|---|"]
-
-
-def median(samples: Sequence[float]) -> float:
-    return statistics.median(samples)
-
-
-def read_text(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as fh:
-            return fh.read()
-    except OSError:
-        return ""
-
-
-def meminfo(key: str) -> int:
-    """A /proc/meminfo value in bytes (0 when absent)."""
-    for line in read_text("/proc/meminfo").splitlines():
-        name, _, rest = line.partition(":")
-        if name == key:
-            fields = rest.split()
-            return int(fields[0]) * (1024 if len(fields) > 1 and fields[1] == "kB" else 1)
-    return 0
-
-
-def available() -> int:
-    return meminfo("MemAvailable")
+STAT_HEAD = md_table(["measure", "n", "median", "p10", "p90", "min", "max"])
 
 
 def stat_fields(pid: int) -> list[str] | None:
@@ -283,29 +262,6 @@ def wait_exit(proc: subprocess.Popen[Any], timeout: float) -> float | None:
     return None
 
 
-def first_line(argv: list[str]) -> str:
-    try:
-        out = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return "not found"
-    lines = (out.stdout or out.stderr).strip().splitlines()
-    return lines[0] if lines else ""
-
-
-def loadavg() -> str:
-    return " ".join(read_text("/proc/loadavg").split()[:3]) or "?"
-
-
-def settle(baseline: int, timeout: float = 10.0) -> int:
-    """Wait until MemAvailable is back within 64 MiB of *baseline* (or *timeout*); MemAvailable then."""
-    deadline = time.monotonic() + timeout
-    while True:
-        now = available()
-        if now >= baseline - 64 * MIB or time.monotonic() > deadline:
-            return now
-        time.sleep(0.05)
-
-
 def steady_available(timeout: float = 5.0) -> int:
     """MemAvailable once two readings 100 ms apart differ by less than 8 MiB (or after *timeout*)."""
     deadline = time.monotonic() + timeout
@@ -338,30 +294,6 @@ def event(events: list[dict[str, Any]], kind: str) -> dict[str, Any] | None:
 
 # --- the processes the bench starts ---------------------------------------------------------------------
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-class DeferredStop:
-    """Hold Ctrl-C/SIGTERM/SIGHUP while a process is started and recorded, so none escapes the record."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self.old: dict[int, Any] = {}
-
-    def __enter__(self) -> DeferredStop:
-        self.old = {s: signal.signal(s, self._note) for s in STOP_SIGNALS}
-        return self
-
-    def _note(self, signum: int, _frame: object) -> None:
-        self.signum = signum
-
-    def __exit__(self, *exc: object) -> None:
-        for s, handler in self.old.items():
-            signal.signal(s, handler)
-        if exc[0] is None and self.signum is not None:
-            raise KeyboardInterrupt(f"signal {self.signum}")
-
-
 class Procs:
     """Every process the bench starts, by kind; stop() ends one with everything below it, stop_all() the rest.
 
@@ -380,14 +312,10 @@ class Procs:
 
     def stop(self, proc: subprocess.Popen[Any]) -> None:
         """End *proc* and what runs below it, reap it, forget it. Signals wait until this is done."""
-        old = {s: signal.signal(s, signal.SIG_IGN) for s in STOP_SIGNALS}
-        try:
+        with signals_ignored():
             kind = next((k for k, p in self.items if p is proc), "")
             self._end(kind, proc)
             self.items = [(k, p) for k, p in self.items if p is not proc]
-        finally:
-            for s, handler in old.items():
-                signal.signal(s, handler)
 
     def _end(self, kind: str, proc: subprocess.Popen[Any]) -> None:
         if kind == "spawner" and proc.poll() is None:
@@ -436,29 +364,21 @@ class Procs:
 
 
 class Bed:
-    def __init__(self, safegate_exe: str, *, cc: str | None) -> None:
-        self.tmp = Path(tempfile.mkdtemp(prefix="safegate-bench-exec-"))
+    def __init__(self, tmp: Path, safegate_exe: str, *, cc: str | None) -> None:
+        self.tmp = tmp
         self.safegate = safegate_exe
         (self.tmp / "locks").mkdir(mode=0o700)
         (self.tmp / "logs").mkdir()
         self.config = self.tmp / "config.toml"
         self.config.write_text('[defaults]\nmemory_margin = "0"\nmax_memory_pressure = 100\n'
                                "[thermal]\nsensors = []\n", encoding="utf-8")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SAFEGATE_")}
-        env["SAFEGATE_LOCK_DIR"] = str(self.tmp / "locks")
-        env["XDG_STATE_HOME"] = str(self.tmp / "state")  # exec records each run's history there
-        env.pop("PYTHONDONTWRITEBYTECODE", None)  # bytecode cached in a temp tree, as an installed safegate has it
-        env["PYTHONPYCACHEPREFIX"] = str(self.tmp / "pycache")
-        self.env = env
+        # exec records each run's history in XDG_STATE_HOME.
+        self.env = bench_env(pycache=self.tmp / "pycache", SAFEGATE_LOCK_DIR=str(self.tmp / "locks"),
+                             XDG_STATE_HOME=str(self.tmp / "state"))
         self.hog = self.tmp / "hog"
         self.cc_version = ""
         if cc is not None:
-            source = self.tmp / "hog.c"
-            source.write_text(HOG_C, encoding="ascii")
-            out = subprocess.run([cc, "-O2", "-o", str(self.hog), str(source)], capture_output=True, text=True,
-                                 check=False)
-            if out.returncode != 0:
-                raise BenchError(f"{cc} could not compile the hog: {out.stderr.strip()[:500]}")
+            compile_c(cc, HOG_C, self.hog)
             self.cc_version = first_line([cc, "--version"])
         self.runs = 0
 
@@ -471,9 +391,6 @@ class Bed:
         if log_file is not None:
             argv += ["--log", str(log_file)]
         return [*argv, "--", *job]
-
-    def cleanup(self) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def run_safegate(bed: Bed, procs: Procs, options: list[str], job: list[str], name: str,
@@ -923,32 +840,11 @@ def page_reporting() -> str:
     return "no virtio balloon"
 
 
-def machine_facts(bed: Bed, earlyoom: str | None) -> list[tuple[str, str]]:
-    import safegate
-
-    cpu = "?"
-    for line in read_text("/proc/cpuinfo").splitlines():
-        if line.startswith(("model name", "Model", "Hardware")):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        usable = os.cpu_count() or 0
-    repo = str(HERE.parent)
-    commit = first_line(["git", "-C", repo, "rev-parse", "--short", "HEAD"]) or "?"
-    dirty = first_line(["git", "-C", repo, "status", "--porcelain", "--", "safegate"])
-    if dirty and dirty != "not found":
-        commit += " + uncommitted changes in safegate/"
+def bench_facts(bed: Bed, earlyoom: str | None) -> list[tuple[str, str]]:
     thp = read_text("/sys/kernel/mm/transparent_hugepage/enabled").strip() or "?"
     others = [line for line in first_lines(["pgrep", "-a", "-x", "earlyoom"]) if line]
     return [
-        ("nproc", f"{usable} (os.cpu_count {os.cpu_count()})"),
-        ("CPU", cpu),
-        ("kernel", f"{platform.system()} {platform.release()}"),
-        ("Python", f"{platform.python_version()} ({sys.executable})"),
-        ("safegate", f"{safegate.__version__} ({Path(safegate.__file__).parent}), commit {commit}; "
-                     "bytecode cached in a temp PYTHONPYCACHEPREFIX"),
+        *machine_facts("; bytecode cached in a temp PYTHONPYCACHEPREFIX"),
         ("RAM", f"{meminfo('MemTotal') / GIB:.1f} GiB total, {available() / GIB:.1f} GiB available at start; "
                 f"swap {meminfo('SwapTotal') / GIB:.1f} GiB; vm.overcommit_memory "
                 f"{read_text('/proc/sys/vm/overcommit_memory').strip() or '?'}"),
@@ -1000,11 +896,8 @@ def fill_regime_note(results: dict[str, Any]) -> str:
 def report(args: argparse.Namespace, facts: list[tuple[str, str]], results: dict[str, Any]) -> str:
     notes: list[str] = list(results["notes"])
     out = ["# safegate exec benchmark", ""]
-    out.append(f"Run {time.strftime('%Y-%m-%d %H:%M:%S %Z')}: `{' '.join(['python', *sys.argv])}`"
-               + (" (**--quick: a smoke test, not a measurement**)" if args.quick else "") + ".")
-    out += ["", "## Machine", "", "| | |", "|---|---|"]
-    out += [f"| {k} | {v} |" for k, v in facts]
-    out.append(f"| load average (1, 5, 15 min) | start {results['load'][0]}; end {results['load'][1]} |")
+    out.append(stamp() + (" (**--quick: a smoke test, not a measurement**)" if args.quick else "") + ".")
+    out += machine_section(facts, results["load"])
     out += ["", f"Every hog run (parts 1 to 3) starts after a pause of {args.gap:g} s (`--gap`)."]
 
     rate = results.get("rate")
@@ -1084,7 +977,7 @@ def report(args: argparse.Namespace, facts: list[tuple[str, str]], results: dict
             "pair; earlyoom is started for each of its runs and stopped after it. Own rate: safegate "
             "`job_memory` / (breach - admitted); earlyoom the victim's VmRSS it printed / (its kill line - hog "
             "spawn).", "",
-            "| measure | tool | n | median | p10 | p90 | min | max |", "|---|---|---|---|---|---|---|---|",
+            *md_table(["measure", "tool", "n", "median", "p10", "p90", "min", "max"]),
         ]
 
         def both(label: str, get: Callable[[dict[str, Any]], float], scale: float, own: bool = False) -> None:
@@ -1181,9 +1074,8 @@ def report(args: argparse.Namespace, facts: list[tuple[str, str]], results: dict
             "`read_available()` (a sample far from a limit); act = `refresh(force_scan=True)` + "
             "`memory(precise=True)` + `read_available()` (the re-check before acting). "
             "`rescan()` reads every /proc/PID/stat on the machine, so it also grows with the other processes.", "",
-            "| processes in the job | in /proc | n | rescan() | refresh() | memory(precise=False) "
-            "| memory(precise=True) | read_available() | sample | act |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            *md_table(["processes in the job", "in /proc", "n", "rescan()", "refresh()", "memory(precise=False)",
+                       "memory(precise=True)", "read_available()", "sample", "act"]),
         ]
 
         def us(samples: Sequence[float] | None) -> str:
@@ -1194,14 +1086,12 @@ def report(args: argparse.Namespace, facts: list[tuple[str, str]], results: dict
 
         for row in jt:
             if "skipped" in row:
-                out.append(f"| {row['count']} | skipped: {row['skipped']} | | | | | | | | |")
+                out.append(md_row(row["count"], f"skipped: {row['skipped']}", *[""] * 8))
                 continue
             calls = len(row["rss"])
-            out.append(
-                f"| {row.get('label', row['count'])} | {row['in_proc'] if row['in_proc'] is not None else ''} "
-                f"| {calls} | {us(row.get('rescan'))} | {us(row.get('refresh'))} | {us(row['rss'])} "
-                f"| {us(row['pss'])} | {us(row.get('available'))} | {us(row.get('sample'))} | {us(row.get('act'))} |"
-            )
+            out.append(md_row(row.get("label", row["count"]), "" if row["in_proc"] is None else row["in_proc"], calls,
+                              *(us(row.get(k)) for k in ("rescan", "refresh", "rss", "pss", "available", "sample",
+                                                        "act"))))
 
     if rate:
         notes.append(fill_regime_note(results))
@@ -1214,25 +1104,12 @@ def report(args: argparse.Namespace, facts: list[tuple[str, str]], results: dict
 # --- main ------------------------------------------------------------------------------------------------------
 
 
-def find_safegate(explicit: str | None) -> str:
-    if explicit:
-        return explicit
-    beside = Path(sys.executable).parent / "safegate"
-    if beside.is_file() and os.access(beside, os.X_OK):
-        return str(beside)
-    found = shutil.which("safegate")
-    if found:
-        return found
-    raise BenchError("no safegate executable found (use --safegate PATH, or run with the venv's python)")
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help=f"smoke test: {QUICK_RUNS} runs, {QUICK_OVERHEAD_SECONDS} s overhead run, "
-                             f"{','.join(map(str, QUICK_COUNTS))} processes; its figures are not measurements")
-    parser.add_argument("--runs", type=int, default=None,
-                        help=f"runs for parts 2 and 3, each tool (default {DEFAULT_RUNS}; {QUICK_RUNS} with --quick)")
+    parser = bench_parser(__doc__, runs=DEFAULT_RUNS, raw=True,
+                          runs_help=f"runs for parts 2 and 3, each tool (default {DEFAULT_RUNS}; {QUICK_RUNS} with "
+                                    "--quick)",
+                          quick=f"smoke test: {QUICK_RUNS} runs, {QUICK_OVERHEAD_SECONDS} s overhead run, "
+                                f"{','.join(map(str, QUICK_COUNTS))} processes; its figures are not measurements")
     parser.add_argument("--rate-runs", type=int, default=None,
                         help=f"timed fill-rate runs for part 1 (default {DEFAULT_RATE_RUNS})")
     parser.add_argument("--gap", type=float, default=DEFAULT_GAP,
@@ -1250,26 +1127,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--parts", default="1,2,3,4,5", help="which parts to run (default 1,2,3,4,5; 2 and 3 "
                                                              "need 1, which runs whenever they do)")
     parser.add_argument("--no-install", action="store_true", help="never apt-get install earlyoom")
-    parser.add_argument("--out", metavar="FILE", help="also write the Markdown report here")
-    parser.add_argument("--raw", metavar="FILE", help="write every measurement as JSON here")
     parser.add_argument("--safegate", metavar="PATH", help="the safegate executable (default: beside this python)")
     args = parser.parse_args(argv)
-    q = args.quick
-    if args.runs is None:
-        args.runs = QUICK_RUNS if q else DEFAULT_RUNS
-    if args.rate_runs is None:
-        args.rate_runs = QUICK_RATE_RUNS if q else DEFAULT_RATE_RUNS
-    if args.overhead_runs is None:
-        args.overhead_runs = QUICK_OVERHEAD_RUNS if q else DEFAULT_OVERHEAD_RUNS
-    if args.overhead_seconds is None:
-        args.overhead_seconds = QUICK_OVERHEAD_SECONDS if q else DEFAULT_OVERHEAD_SECONDS
-    if args.startup_runs is None:
-        args.startup_runs = QUICK_STARTUP_RUNS if q else DEFAULT_STARTUP_RUNS
-    if args.calls is None:
-        args.calls = QUICK_CALLS if q else DEFAULT_CALLS
+    quick_defaults(args, runs=(DEFAULT_RUNS, QUICK_RUNS), rate_runs=(DEFAULT_RATE_RUNS, QUICK_RATE_RUNS),
+                   overhead_runs=(DEFAULT_OVERHEAD_RUNS, QUICK_OVERHEAD_RUNS),
+                   overhead_seconds=(DEFAULT_OVERHEAD_SECONDS, QUICK_OVERHEAD_SECONDS),
+                   startup_runs=(DEFAULT_STARTUP_RUNS, QUICK_STARTUP_RUNS), calls=(DEFAULT_CALLS, QUICK_CALLS))
     try:
         args.counts = (tuple(int(c) for c in args.counts.split(",")) if args.counts
-                       else QUICK_COUNTS if q else DEFAULT_COUNTS)
+                       else QUICK_COUNTS if args.quick else DEFAULT_COUNTS)
         args.parts = {int(p) for p in args.parts.split(",")}
     except ValueError:
         parser.error("--counts and --parts take numbers like 1,10,100")
@@ -1287,11 +1153,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def preflight(args: argparse.Namespace) -> str | None:
     if not sys.platform.startswith("linux"):
         return "Linux only (/proc, pidfd, earlyoom)"
-    try:
-        import safegate  # noqa: F401
-    except ImportError:
-        return (f"safegate is not importable by {sys.executable}; "
-                "run this with the venv's python (e.g. . /tmp/sgenv/bin/activate)")
+    missing = safegate_missing()
+    if missing:
+        return missing
     for tool in ("sleep", "true"):
         if shutil.which(tool) is None:
             return f"{tool} not found"
@@ -1304,71 +1168,63 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         log(f"bench_exec.py: {problem}")
         return 2
-
-    # SIGTERM and SIGHUP end the run as Ctrl-C does, so the finally blocks stop every process.
-    def interrupted(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, interrupted)
-    signal.signal(signal.SIGHUP, interrupted)
-
+    interrupt_on_signals()
     cc = shutil.which("gcc") or shutil.which("cc")
     if cc is None and args.parts & {1, 2, 3}:
         log("bench_exec.py: parts 1 to 3 need gcc (or cc) to build the hog")
         return 2
-    try:
-        bed = Bed(find_safegate(args.safegate), cc=cc if args.parts & {1, 2, 3, 5} else None)
-    except BenchError as exc:
-        log(f"bench_exec.py: {exc}")
-        return 1
-    procs = Procs(bed.hog)
-    results: dict[str, Any] = {"notes": [], "left": []}
-    text = ""
-    try:
-        eo_exe = find_earlyoom(not args.no_install, results["notes"]) if 3 in args.parts else None
-        facts = machine_facts(bed, eo_exe)
-        load_start = loadavg()
-        if args.parts & {2, 3} and available() < 6 * GIB:
-            raise BenchError(f"parts 2 and 3 need 6 GiB available (hogs of up to {MAX_MEM_HOG_MIB} MiB, and "
-                             f"safegate's default 2G floor); {available() / GIB:.1f} GiB is")
-        if 1 in args.parts:
-            log(f"1. fill rate: the hog alone to {RATE_CAP_MIB} MiB, {args.rate_runs} runs after a warm-up")
-            results["rate"] = bench_rate(bed, procs, args.rate_runs, args.gap)
-        if 2 in args.parts:
-            log(f"2. --max-mem {MAX_MEM}: {args.runs} runs")
-            results["max_mem"] = bench_max_mem(bed, procs, args.runs, args.gap, results["rate"]["rate"])
-        if 3 in args.parts:
-            log(f"3. --min-available vs earlyoom: {args.runs} pairs")
-            results["floor"] = bench_floor(bed, procs, eo_exe, args.runs, args.gap)
-        if 4 in args.parts:
-            log(f"4. overhead: {args.startup_runs} start-up runs, {args.overhead_runs} idle runs of "
-                f"{args.overhead_seconds} s")
-            results["overhead"] = bench_overhead(bed, procs, args.startup_runs, args.overhead_runs,
-                                                 args.overhead_seconds)
-        if 5 in args.parts:
-            log(f"5. cost of a sample with {', '.join(map(str, args.counts))} processes in the job")
-            results["jobtree"] = bench_jobtree(bed, procs, args.counts, args.calls, results["notes"])
-        results["load"] = (load_start, loadavg())
-        results["left"] = procs.stop_all()
-        text = report(args, facts, results)
-    except BenchError as exc:
-        log(f"bench_exec.py: {exc}")
-        return 1
-    except KeyboardInterrupt:
-        log("bench_exec.py: interrupted")
-        return 130
-    finally:
-        left = procs.stop_all()
-        if left:
-            log(f"bench_exec.py: stopped at the end: {', '.join(left)}")
-        bed.cleanup()
-
-    sys.stdout.write(text)
-    if args.out:
-        Path(args.out).write_text(text, encoding="utf-8")
-    if args.raw:
-        Path(args.raw).write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
+    with workdir("safegate-bench-exec-") as tmp:
+        try:
+            bed = Bed(tmp, find_safegate(args.safegate), cc=cc if args.parts & {1, 2, 3, 5} else None)
+        except BenchError as exc:
+            log(f"bench_exec.py: {exc}")
+            return 1
+        procs = Procs(bed.hog)
+        results: dict[str, Any] = {"notes": [], "left": []}
+        try:
+            text = run_parts(args, bed, procs, results)
+        except BenchError as exc:
+            log(f"bench_exec.py: {exc}")
+            return 1
+        except KeyboardInterrupt:
+            log("bench_exec.py: interrupted")
+            return 130
+        finally:
+            left = procs.stop_all()
+            if left:
+                log(f"bench_exec.py: stopped at the end: {', '.join(left)}")
+    publish(text, args.out, args.raw, results)
     return 0
+
+
+def run_parts(args: argparse.Namespace, bed: Bed, procs: Procs, results: dict[str, Any]) -> str:
+    """The parts asked for, and the report on them."""
+    eo_exe = find_earlyoom(not args.no_install, results["notes"]) if 3 in args.parts else None
+    facts = bench_facts(bed, eo_exe)
+    load_start = loadavg()
+    if args.parts & {2, 3} and available() < 6 * GIB:
+        raise BenchError(f"parts 2 and 3 need 6 GiB available (hogs of up to {MAX_MEM_HOG_MIB} MiB, and "
+                         f"safegate's default 2G floor); {available() / GIB:.1f} GiB is")
+    if 1 in args.parts:
+        log(f"1. fill rate: the hog alone to {RATE_CAP_MIB} MiB, {args.rate_runs} runs after a warm-up")
+        results["rate"] = bench_rate(bed, procs, args.rate_runs, args.gap)
+    if 2 in args.parts:
+        log(f"2. --max-mem {MAX_MEM}: {args.runs} runs")
+        results["max_mem"] = bench_max_mem(bed, procs, args.runs, args.gap, results["rate"]["rate"])
+    if 3 in args.parts:
+        log(f"3. --min-available vs earlyoom: {args.runs} pairs")
+        results["floor"] = bench_floor(bed, procs, eo_exe, args.runs, args.gap)
+    if 4 in args.parts:
+        log(f"4. overhead: {args.startup_runs} start-up runs, {args.overhead_runs} idle runs of "
+            f"{args.overhead_seconds} s")
+        results["overhead"] = bench_overhead(bed, procs, args.startup_runs, args.overhead_runs,
+                                             args.overhead_seconds)
+    if 5 in args.parts:
+        log(f"5. cost of a sample with {', '.join(map(str, args.counts))} processes in the job")
+        results["jobtree"] = bench_jobtree(bed, procs, args.counts, args.calls, results["notes"])
+    results["load"] = (load_start, loadavg())
+    results["left"] = procs.stop_all()
+    return report(args, facts, results)
 
 
 if __name__ == "__main__":

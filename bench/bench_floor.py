@@ -16,23 +16,31 @@ Standard library only; every figure is measured on the spot. Every process start
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from pathlib import Path
+
+from common import (
+    AVOID_ALL_BUT_HOG,
+    available,
+    bench_env,
+    bench_parser,
+    compile_c,
+    md_table,
+    median,
+    publish,
+    settle,
+    workdir,
+)
 
 MIB = 1 << 20
 HEADROOM = 1 << 30
 HOG_MIB = 4096
 CAP_MIB = 300
-AVOID_ALL_BUT_HOG = "^([^h].*|h|h[^o].*|ho|ho[^g].*|hog.+)$"  # earlyoom's --avoid: all but exactly "hog"
 HOG_C = r"""
 #include <signal.h>
 #include <stdlib.h>
@@ -55,14 +63,6 @@ int main(int argc, char **argv) {
     for (;;) pause();
 }
 """
-
-
-def available() -> int:
-    with open("/proc/meminfo", "rb") as fh:
-        for line in fh:
-            if line.startswith(b"MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no MemAvailable")
 
 
 def rss_anon(pid: int) -> int:
@@ -132,18 +132,8 @@ def run(argv: list[str], env: dict[str, str], watch_rss: bool = False) -> tuple[
     return proc.returncode, sampler.lowest, sampler.largest
 
 
-def settle(baseline: int) -> None:
-    deadline = time.monotonic() + 20
-    while available() < baseline - 64 * MIB and time.monotonic() < deadline:
-        time.sleep(0.1)
-    time.sleep(0.5)
-
-
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=15)
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
+    args = bench_parser(__doc__, runs=15).parse_args()
     if os.geteuid() != 0:
         print("bench_floor: run as root (the job cgroup and earlyoom need it)", file=sys.stderr)
         return 2
@@ -151,19 +141,18 @@ def main() -> int:
     if cc is None or earlyoom is None:
         print("bench_floor: needs a C compiler and earlyoom (apt-get install gcc earlyoom)", file=sys.stderr)
         return 2
-    work = Path(tempfile.mkdtemp(prefix="bench-floor-"))
-    hog = work / "hog"
-    (work / "hog.c").write_text(HOG_C)
-    subprocess.run([cc, "-O2", "-o", str(hog), str(work / "hog.c")], check=True)
-    (work / "config.toml").write_text('[defaults]\nmemory_margin = "0"\nmax_memory_pressure = 100\ncompeting = []\n')
-    env = {**os.environ, "SAFEGATE_LOCK_DIR": str(work / "locks"), "XDG_STATE_HOME": str(work / "state"),
-           "SAFEGATE_GPU": "none", "SAFEGATE_CONFIG": str(work / "config.toml")}
-    safegate = [sys.executable, "-m", "safegate", "exec", "-q", "--mem", "0"]
     tools = ["safegate --cgroup on", "safegate --cgroup off", "earlyoom 1.7"]
     overshoot: dict[str, list[int]] = {t: [] for t in tools}
     shown = subprocess.run([earlyoom, "-h"], capture_output=True, text=True)
     version = (shown.stdout + shown.stderr).splitlines()[0:1]
-    try:
+    with workdir("bench-floor-") as work:
+        hog = work / "hog"
+        compile_c(cc, HOG_C, hog)
+        (work / "config.toml").write_text('[defaults]\nmemory_margin = "0"\nmax_memory_pressure = 100\n'
+                                          'competing = []\n')
+        env = bench_env(SAFEGATE_LOCK_DIR=str(work / "locks"), XDG_STATE_HOME=str(work / "state"),
+                        SAFEGATE_GPU="none", SAFEGATE_CONFIG=str(work / "config.toml"))
+        safegate = [sys.executable, "-m", "safegate", "exec", "-q", "--mem", "0"]
         for i in range(args.runs):
             for tool in tools[i % 3:] + tools[: i % 3]:
                 baseline = available()
@@ -183,15 +172,14 @@ def main() -> int:
                         eo.kill()
                         eo.wait()
                 overshoot[tool].append(floor - lowest)
-                settle(baseline)
+                settle(baseline, timeout=20)
+                time.sleep(0.5)
         caps = []
         for _ in range(args.runs):
             _, _, largest = run([*safegate, "--cgroup", "on", "--max-mem", f"{CAP_MIB}M", "--", str(hog), "1024",
                                  "1"], env, watch_rss=True)
             caps.append(largest - CAP_MIB * MIB)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    med = {t: statistics.median(v) for t, v in overshoot.items()}
+    med = {t: median(v) for t, v in overshoot.items()}
     lines = [
         "## The true overshoot below a floor (bench/bench_floor.py)",
         "",
@@ -199,21 +187,17 @@ def main() -> int:
         f"sampled every 1 ms by the bench; {args.runs} runs per tool, rotating order. {' '.join(version)}. "
         f"Kernel {os.uname().release}, cgroup v1.",
         "",
-        "| tool | median overshoot | min | max |",
-        "|---|---|---|---|",
-        *(f"| {t} | {med[t] / MIB:.1f} MB | {min(v) / MIB:.1f} MB | {max(v) / MIB:.1f} MB |"
-          for t, v in overshoot.items()),
+        *md_table(["tool", "median overshoot", "min", "max"],
+                  [(t, f"{med[t] / MIB:.1f} MB", f"{min(v) / MIB:.1f} MB", f"{max(v) / MIB:.1f} MB")
+                   for t, v in overshoot.items()]),
         "",
         f"safegate with the cgroup against earlyoom in the same runs: {med[tools[0]] / MIB:.1f} MB vs "
         f"{med[tools[2]] / MIB:.1f} MB. Negative: MemAvailable stayed above the floor.",
         "",
         f"`--max-mem {CAP_MIB}M` with the cgroup, the hog's largest RssAnon seen minus the cap, {args.runs} runs: "
-        f"median {statistics.median(caps) / MIB:.1f} MB, max {max(caps) / MIB:.1f} MB.",
+        f"median {median(caps) / MIB:.1f} MB, max {max(caps) / MIB:.1f} MB.",
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    publish("\n".join(lines) + "\n", args.out)
     return 0
 
 

@@ -21,20 +21,18 @@ command line matches the rule blocks every waiter: on a shared machine run the b
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import os
 import resource
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from common import REPO, bench_env, bench_parser, md_row, md_table, median, publish, summarize, workdir
 
 JOB = """import os, sys, time
 start = time.monotonic()
@@ -62,10 +60,8 @@ def one_round(src: Path, base: Path, waiters: int, job_seconds: float, pycache: 
     job = work / "whisper"
     job.write_text(JOB)
     spans = work / "spans"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SAFEGATE_") and k != "PYTHONDONTWRITEBYTECODE"}
-    env.update(PYTHONPATH=str(src), SAFEGATE_LOCK_DIR=str(work / "locks"), SAFEGATE_GPU="none",
-               HOME=str(work), XDG_STATE_HOME=str(work / "state"), XDG_CONFIG_HOME=str(work / "config"),
-               PYTHONPYCACHEPREFIX=str(pycache))
+    env = bench_env(pycache=pycache, PYTHONPATH=str(src), SAFEGATE_LOCK_DIR=str(work / "locks"), SAFEGATE_GPU="none",
+                    HOME=str(work), XDG_STATE_HOME=str(work / "state"), XDG_CONFIG_HOME=str(work / "config"))
     argv = [sys.executable, "-m", "safegate", "exec", "--wait", "--timeout", "600s", "-q", "--config", str(cfg),
             "-p", "whisper-large-v3", "--", sys.executable, "-S", str(job), "--model", "large-v3", str(spans),
             str(job_seconds)]
@@ -95,29 +91,22 @@ def one_round(src: Path, base: Path, waiters: int, job_seconds: float, pycache: 
     return gaps, cpu
 
 
-def ms(values: list[float], q: float) -> str:
-    ordered = sorted(values)
-    return f"{ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000:.0f}"
-
-
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_parser(__doc__)
     parser.add_argument("--rounds", type=int, default=4, help="rounds per variant (default 4)")
     parser.add_argument("--waiters", type=int, default=8)
     parser.add_argument("--job", type=float, default=0.5, help="seconds each job runs (default 0.5)")
     parser.add_argument("--src", default=str(REPO), help="the source tree measured (default: this checkout)")
     parser.add_argument("--baseline-src", help="another source tree, measured in turn with --src")
-    parser.add_argument("--out", help="also write the Markdown report to FILE")
     args = parser.parse_args()
     variants = {"this tree": Path(args.src)}
     if args.baseline_src:
         variants = {"baseline": Path(args.baseline_src), **variants}
-    base = Path(tempfile.mkdtemp(prefix="safegate-handover-"))
-    pycache = base / "pycache"
     gaps: dict[str, list[float]] = {name: [] for name in variants}
     cpu: dict[str, list[float]] = {name: [] for name in variants}
     load = os.getloadavg()[0]
-    try:
+    with workdir("safegate-handover-") as base:
+        pycache = base / "pycache"
         order = list(variants)
         for name in order:  # one warm-up round each: bytecode compiled, page cache warm
             one_round(variants[name], base, 2, 0.05, pycache)
@@ -127,24 +116,19 @@ def main() -> int:
                 gaps[name] += got
                 cpu[name].append(used)
                 print(f"round {r + 1} {name}: gaps ms {[round(g * 1000) for g in got]}", file=sys.stderr, flush=True)
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
     lines = [
         f"{args.rounds} rounds per variant of {args.waiters} waiters of a {args.job:g} s job (so "
         f"{args.waiters - 1} hand-overs a round), alternating; load average {load:.2f} at start, "
         f"{os.getloadavg()[0]:.2f} at the end; {len(os.listdir('/proc'))} entries in /proc at the end.",
         "",
-        "| variant | source | hand-overs | median gap | p10 | p90 | max | CPU per round (all processes) |",
-        "|---|---|---|---|---|---|---|---|",
+        *md_table(["variant", "source", "hand-overs", "median gap", "p10", "p90", "max",
+                   "CPU per round (all processes)"]),
     ]
     for name, src in variants.items():
-        g = gaps[name]
-        lines.append(f"| {name} | `{src}` | {len(g)} | **{statistics.median(g) * 1000:.0f} ms** | {ms(g, 0.1)} | "
-                     f"{ms(g, 0.9)} | {max(g) * 1000:.0f} | {statistics.median(cpu[name]):.2f} s |")
-    report = "\n".join(lines) + "\n"
-    print(report)
-    if args.out:
-        Path(args.out).write_text(report)
+        s = summarize(gaps[name])
+        lines.append(md_row(name, f"`{src}`", s["n"], f"**{s['median'] * 1000:.0f} ms**", f"{s['p10'] * 1000:.0f}",
+                            f"{s['p90'] * 1000:.0f}", f"{s['max'] * 1000:.0f}", f"{median(cpu[name]):.2f} s"))
+    publish("\n".join(lines) + "\n", args.out)
     return 0
 
 

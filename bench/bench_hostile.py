@@ -19,16 +19,14 @@ issue 14's; see docs/benchmarks.md).
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from common import bench_env, bench_parser, md_row, md_table, median, publish, stamp, timed_run, tree, workdir
 
 PLANT = r"""
 import json, os, secrets, sys
@@ -57,103 +55,74 @@ with open(os.path.join(d, "big.holder.json"), "xb") as fh:
 
 
 def median_ms(samples: list[float]) -> str:
-    return f"{statistics.median(samples) * 1000:.1f}"
-
-
-def timed(argv: list[str], env: dict[str, str]) -> float:
-    start = time.perf_counter()
-    result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
-    elapsed = time.perf_counter() - start
-    if result.returncode != 0:
-        raise SystemExit(f"check exited {result.returncode}: {result.stdout}{result.stderr}")
-    return elapsed
+    return f"{median(samples) * 1000:.1f}"
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=20)
-    parser.add_argument("--out")
-    args = parser.parse_args()
+    args = bench_parser(__doc__, runs=20).parse_args()
     if os.geteuid() != 0 or shutil.which("runuser") is None:
         raise SystemExit("run as root with runuser: the hostile user is nobody")
-    base = Path(tempfile.mkdtemp(prefix="safegate-hostile-"))
-    os.chmod(base, 0o755)
     procs: list[subprocess.Popen[bytes]] = []
-    try:
-        sensor = base / "temp"
-        sensor.write_text("45000\n")
-        config = base / "config.toml"
-        config.write_text(f'[thermal]\nsensors = []\nfiles = ["{sensor}"]\n')
-        clean, hostile = base / "clean", base / "hostile"
-        for d in (clean, hostile):
-            d.mkdir()
-            os.chmod(d, 0o1777)
-        # The planting needs only the standard library: the system Python, which nobody may run.
-        subprocess.run(["runuser", "-u", "nobody", "--", "/usr/bin/python3", "-c", PLANT,
-                        str(hostile)], check=True)
-        paths = [f"/srv/audio/2026/interview-{i:05d}-with-a-guest.mp3" for i in range(30000)]
-        argv, size = [], 0
-        for p in paths:
-            if size >= 1024 * 1024:
-                break
-            argv.append(p)
-            size += len(p) + 1
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("SAFEGATE_", "SLURM_"))}
-        env["SAFEGATE_GPU"] = "none"
-        results: dict[str, dict[str, list[float]]] = {}
-        for profile in ("default", "whisper-large-v3"):
-            check = [sys.executable, "-m", "safegate", "check", "-p", profile, "--mem", "0", "--margin", "0", "-q",
-                     "--config", str(config)]
-            runs: dict[str, list[float]] = {"clean": [], "planted": [], "hostile": []}
-            for i in range(args.runs + 2):
-                first = timed(check, {**env, "SAFEGATE_LOCK_DIR": str(clean)})
-                planted = timed(check, {**env, "SAFEGATE_LOCK_DIR": str(hostile)})
-                long_cmd = subprocess.Popen(["runuser", "-u", "nobody", "--", "bash", "-c", "sleep 600; :", *argv],
-                                            stdin=subprocess.DEVNULL, start_new_session=True)
-                procs.append(long_cmd)
-                deadline = time.monotonic() + 30
-                while not any(_cmdline_size(p) >= 1024 * 1024 for p in _children(long_cmd.pid)):
-                    if time.monotonic() > deadline:
-                        raise SystemExit("the 1 MiB command line did not appear")
-                    time.sleep(0.01)
-                second = timed(check, {**env, "SAFEGATE_LOCK_DIR": str(hostile)})
-                os.killpg(long_cmd.pid, 9)
-                long_cmd.wait()
-                if i >= 2:  # two warm-up rounds
-                    runs["clean"].append(first)
-                    runs["planted"].append(planted)
-                    runs["hostile"].append(second)
-            results[profile] = runs
-        lines = [f"Run {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}: `python bench/bench_hostile.py "
-                 f"--runs {args.runs}`; load average at the end {os.getloadavg()[0]:.2f}.", "",
-                 "| profile | clean machine | planted lock dir | planted lock dir + 1 MiB command line |",
-                 "|---|---|---|---|"]
-        for profile, runs in results.items():
-            base = statistics.median(runs["clean"])
-            cells = [f"{median_ms(runs[k])} ms ({statistics.median(runs[k]) / base:.2f}x)"
-                     for k in ("planted", "hostile")]
-            lines.append(f"| {profile} | {median_ms(runs['clean'])} ms | {cells[0]} | {cells[1]} |")
-        text = "\n".join(lines) + "\n"
-        print(text)
-        if args.out:
-            Path(args.out).write_text(text)
-            Path(args.out).with_suffix(".json").write_text(json.dumps(results))
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, 9)
-                proc.wait()
-        shutil.rmtree(base, ignore_errors=True)
+    with workdir("safegate-hostile-", mode=0o755) as base:
+        try:
+            sensor = base / "temp"
+            sensor.write_text("45000\n")
+            config = base / "config.toml"
+            config.write_text(f'[thermal]\nsensors = []\nfiles = ["{sensor}"]\n')
+            clean, hostile = base / "clean", base / "hostile"
+            for d in (clean, hostile):
+                d.mkdir()
+                os.chmod(d, 0o1777)
+            # The planting needs only the standard library: the system Python, which nobody may run.
+            subprocess.run(["runuser", "-u", "nobody", "--", "/usr/bin/python3", "-c", PLANT,
+                            str(hostile)], check=True)
+            paths = [f"/srv/audio/2026/interview-{i:05d}-with-a-guest.mp3" for i in range(30000)]
+            argv, size = [], 0
+            for p in paths:
+                if size >= 1024 * 1024:
+                    break
+                argv.append(p)
+                size += len(p) + 1
+            env = bench_env(SAFEGATE_GPU="none")
+            results: dict[str, dict[str, list[float]]] = {}
+            for profile in ("default", "whisper-large-v3"):
+                check = [sys.executable, "-m", "safegate", "check", "-p", profile, "--mem", "0", "--margin", "0",
+                         "-q", "--config", str(config)]
+                runs: dict[str, list[float]] = {"clean": [], "planted": [], "hostile": []}
+                for i in range(args.runs + 2):
+                    first, _ = timed_run(check, {**env, "SAFEGATE_LOCK_DIR": str(clean)}, timeout=120)
+                    planted, _ = timed_run(check, {**env, "SAFEGATE_LOCK_DIR": str(hostile)}, timeout=120)
+                    long_cmd = subprocess.Popen(["runuser", "-u", "nobody", "--", "bash", "-c", "sleep 600; :",
+                                                 *argv], stdin=subprocess.DEVNULL, start_new_session=True)
+                    procs.append(long_cmd)
+                    deadline = time.monotonic() + 30
+                    while not any(_cmdline_size(p) >= 1024 * 1024 for p in tree(long_cmd.pid)):
+                        if time.monotonic() > deadline:
+                            raise SystemExit("the 1 MiB command line did not appear")
+                        time.sleep(0.01)
+                    second, _ = timed_run(check, {**env, "SAFEGATE_LOCK_DIR": str(hostile)}, timeout=120)
+                    os.killpg(long_cmd.pid, 9)
+                    long_cmd.wait()
+                    if i >= 2:  # two warm-up rounds
+                        runs["clean"].append(first)
+                        runs["planted"].append(planted)
+                        runs["hostile"].append(second)
+                results[profile] = runs
+            lines = [f"{stamp()}; load average at the end {os.getloadavg()[0]:.2f}.", "",
+                     *md_table(["profile", "clean machine", "planted lock dir",
+                                "planted lock dir + 1 MiB command line"])]
+            for profile, runs in results.items():
+                clean_ms = median(runs["clean"])
+                cells = [f"{median_ms(runs[k])} ms ({median(runs[k]) / clean_ms:.2f}x)" for k in ("planted", "hostile")]
+                lines.append(md_row(profile, f"{median_ms(runs['clean'])} ms", *cells))
+            publish("\n".join(lines) + "\n", args.out, Path(args.out).with_suffix(".json") if args.out else None,
+                    results)
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, 9)
+                    proc.wait()
     return 0
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        found = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        return []
-    kids = [int(p) for p in found]
-    return [pid, *kids, *[g for k in kids for g in _children(k)]]
 
 
 def _cmdline_size(pid: int) -> int:

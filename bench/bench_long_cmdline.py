@@ -15,17 +15,16 @@ of the whole command, spawn to exit. Standard library only; every figure is meas
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from common import bench_env, bench_parser, loadavg, md_table, median, publish, stamp, timed_run, tree, workdir
 
 WARMUP = 3
 SLEEPER = "import time\ntime.sleep(600)\n"
@@ -40,7 +39,7 @@ def foreign_process(bindir: Path) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        for pid in [proc.pid, *children(proc.pid)]:
+        for pid in tree(proc.pid):
             try:
                 started = len(Path(f"/proc/{pid}/cmdline").read_bytes()) > 1 << 20
                 # Asleep in time.sleep(): its start-up no longer competes for the CPU with the check timed.
@@ -52,19 +51,12 @@ def foreign_process(bindir: Path) -> subprocess.Popen[bytes]:
     raise SystemExit("the foreign process did not start")
 
 
-def children(pid: int) -> list[int]:
-    try:
-        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-
-
 def stop(proc: subprocess.Popen[bytes]) -> None:
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
-    for pid in children(proc.pid):
+    for pid in tree(proc.pid)[1:]:
         try:
             os.kill(pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
@@ -72,41 +64,27 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
 
 
-def timed(argv: list[str], env: dict[str, str]) -> float:
-    t0 = time.perf_counter()
-    done = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False)
-    elapsed = time.perf_counter() - t0
-    # 14: someone else's whisper large job runs on this machine (a test suite's, say); the check did all its work.
-    if done.returncode not in (0, 14):
-        raise SystemExit(f"{' '.join(argv)} exited {done.returncode}: {done.stdout[-400:]} {done.stderr[-400:]}")
-    return elapsed
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=30)
-    parser.add_argument("--out")
-    opts = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="safegate-bench-"))
-    work.chmod(0o755)
-    bindir = work / "bin"
-    bindir.mkdir(mode=0o755)
-    (bindir / "whisper").write_text(SLEEPER)
-    (bindir / "whisper").chmod(0o755)
-    temp = work / "temp1_input"
-    temp.write_text("45000\n")
-    neutral = ('[defaults]\nmemory_margin = "0"\nmax_memory_pressure = 100\n'
-               f'[thermal]\nsensors = []\nfiles = ["{temp}"]\n')
-    configs = {
-        "built-in rule (program whisper, args large)": neutral,
-        "pattern 'whisper.*large'": neutral + "[profiles.whisper-large-v3]\n"
-                                              "competing = [{ pattern = 'whisper.*large', action = \"block\" }]\n",
-    }
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SAFEGATE_", "SLURM_"))}
-    env.update(HOME=str(work), XDG_STATE_HOME=str(work / "state"), SAFEGATE_LOCK_DIR=str(work / "locks"),
-               SAFEGATE_GPU="none")
-    rows = []
-    try:
+    opts = bench_parser(__doc__, runs=30).parse_args()
+    rows: list[tuple[str, float, float, float]] = []
+    with workdir("safegate-bench-", mode=0o755) as work:
+        bindir = work / "bin"
+        bindir.mkdir(mode=0o755)
+        (bindir / "whisper").write_text(SLEEPER)
+        (bindir / "whisper").chmod(0o755)
+        temp = work / "temp1_input"
+        temp.write_text("45000\n")
+        neutral = ('[defaults]\nmemory_margin = "0"\nmax_memory_pressure = 100\n'
+                   f'[thermal]\nsensors = []\nfiles = ["{temp}"]\n')
+        configs = {
+            "built-in rule (program whisper, args large)": neutral,
+            "pattern 'whisper.*large'": neutral + "[profiles.whisper-large-v3]\n"
+                                                  "competing = [{ pattern = 'whisper.*large', action = \"block\" }]\n",
+        }
+        env = bench_env(HOME=str(work), XDG_STATE_HOME=str(work / "state"), SAFEGATE_LOCK_DIR=str(work / "locks"),
+                        SAFEGATE_GPU="none")
+        # 14: someone else's whisper large job runs on this machine (a test suite's, say); the check did all its work.
+        ok = (0, 14)
         for label, text in configs.items():
             cfg = work / f"config-{len(rows)}.toml"
             cfg.write_text(text)
@@ -115,33 +93,26 @@ def main() -> None:
             clean: list[float] = []
             foreign: list[float] = []
             for i in range(WARMUP + opts.runs):
-                c = timed(argv, env)
+                c, _ = timed_run(argv, env, ok=ok)
                 proc = foreign_process(bindir)
                 try:
-                    f = timed(argv, env)
+                    f, _ = timed_run(argv, env, ok=ok)
                 finally:
                     stop(proc)
                 if i >= WARMUP:
                     clean.append(c)
                     foreign.append(f)
                 print(f"{label}: run {i + 1}: clean {c * 1000:.1f} ms, foreign {f * 1000:.1f} ms", file=sys.stderr)
-            rows.append((label, statistics.median(clean), statistics.median(foreign), max(foreign)))
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+            rows.append((label, median(clean), median(foreign), max(foreign)))
     lines = [
-        f"Run {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}: `python bench/bench_long_cmdline.py "
-        f"--runs {opts.runs}`; {opts.runs} timed runs per figure after {WARMUP} warm-up runs, clean and foreign "
+        f"{stamp()}; {opts.runs} timed runs per figure after {WARMUP} warm-up runs, clean and foreign "
         f"alternating; {os.cpu_count()} cores, Python {platform.python_version()}, load average "
-        f"{' '.join(Path('/proc/loadavg').read_text().split()[:3])} at the end.",
+        f"{loadavg()} at the end.",
         "",
-        "| rule | clean, median ms | foreign 1 MiB command line, median ms | foreign, max ms |",
-        "|---|---|---|---|",
-        *(f"| {label} | {c * 1000:.1f} | {f * 1000:.1f} | {m * 1000:.1f} |" for label, c, f, m in rows),
+        *md_table(["rule", "clean, median ms", "foreign 1 MiB command line, median ms", "foreign, max ms"],
+                  [(label, f"{c * 1000:.1f}", f"{f * 1000:.1f}", f"{m * 1000:.1f}") for label, c, f, m in rows]),
     ]
-    report = "\n".join(lines) + "\n"
-    print(report)
-    if opts.out:
-        Path(opts.out).write_text(report)
+    publish("\n".join(lines) + "\n", opts.out)
 
 
 if __name__ == "__main__":

@@ -13,18 +13,17 @@ jobs into nights. Standard library only; every figure is measured on the spot.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+
+from common import BenchError, bench_parser, find_safegate, md_row, md_table, median, publish, workdir
 
 
 def _stamp(moment: float) -> str:
@@ -103,21 +102,18 @@ def run_once(safegate: str, log: Path, out: Path, timeout: float) -> tuple[float
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench_parser(__doc__, runs=3, runs_help="timed runs per log and safegate (default 3)")
     parser.add_argument("--jobs", type=int, default=32_000, help="jobs in the first log (default 32,000)")
     parser.add_argument("--size-mb", type=float, default=100.0, help="size of the second log in MB (default 100)")
-    parser.add_argument("--runs", type=int, default=3, help="timed runs per log and safegate (default 3)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds before a run is killed")
-    parser.add_argument("--safegate", default=str(Path(sys.executable).with_name("safegate")))
+    parser.add_argument("--safegate", help="the safegate to time (default: the one beside this python)")
     parser.add_argument("--baseline", help="another safegate to time in the same run, alternating")
-    parser.add_argument("--out", help="also write the Markdown report here")
     args = parser.parse_args()
-    tools = [("now", args.safegate)] + ([("baseline", args.baseline)] if args.baseline else [])
+    tools = [("now", find_safegate(args.safegate))] + ([("baseline", args.baseline)] if args.baseline else [])
     for _, path in tools:
         if shutil.which(path) is None:
-            raise SystemExit(f"no safegate at {path}")
-    work = Path(tempfile.mkdtemp(prefix="safegate-bench-report-"))
-    try:
+            raise BenchError(f"no safegate at {path}")
+    with workdir("safegate-bench-report-") as work:
         logs = []
         small = work / "small.jsonl"
         count = write_log(small, jobs=args.jobs)
@@ -140,24 +136,19 @@ def main() -> int:
                     results.setdefault((label, name), []).append((elapsed, rss))
                     if run == 0 and code == 0:
                         notes.append(f"{name} on {label}: {first}; page {out.stat().st_size / 1e6:.1f} MB")
-        lines = [f"`bench/bench_report.py --jobs {args.jobs} --size-mb {args.size_mb:g} --runs {args.runs}`, "
-                 f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.node()}, {os.cpu_count()} CPUs, "
-                 f"Python {platform.python_version()}; medians of {args.runs} runs, wall time spawn to exit, "
-                 "peak RSS of the report process.", "",
-                 "| log | safegate | wall time | peak RSS |", "|---|---|---|---|"]
-        for label, _ in logs:
-            for name, _ in tools:
-                samples = results[(label, name)]
-                wall = statistics.median(s[0] for s in samples)
-                rss = statistics.median(s[1] for s in samples)
-                lines.append(f"| {label} | {name} | {wall:.2f} s | {rss / 2**20:.0f} MiB |")
-        lines += ["", *[f"- {note}" for note in notes]]
-        report = "\n".join(lines) + "\n"
-        print(report)
-        if args.out:
-            Path(args.out).write_text(report)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    lines = [f"`bench/bench_report.py --jobs {args.jobs} --size-mb {args.size_mb:g} --runs {args.runs}`, "
+             f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.node()}, {os.cpu_count()} CPUs, "
+             f"Python {platform.python_version()}; medians of {args.runs} runs, wall time spawn to exit, "
+             "peak RSS of the report process.", "",
+             *md_table(["log", "safegate", "wall time", "peak RSS"])]
+    for label, _ in logs:
+        for name, _ in tools:
+            samples = results[(label, name)]
+            wall = median(s[0] for s in samples)
+            peak = median(s[1] for s in samples)
+            lines.append(md_row(label, name, f"{wall:.2f} s", f"{peak / 2**20:.0f} MiB"))
+    lines += ["", *[f"- {note}" for note in notes]]
+    publish("\n".join(lines) + "\n", args.out)
     return 0
 
 

@@ -23,18 +23,31 @@ up to 64 per call in the new code), untimed, so each call faces the same files; 
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from common import (
+    REPO,
+    bench_env,
+    bench_parser,
+    commit,
+    count_proc,
+    md_row,
+    md_table,
+    median,
+    publish,
+    stamp,
+    summarize,
+    timed_run,
+    tree,
+    workdir,
+)
+
 COMMANDS = ("check", "exec")
 PID_NEVER = 4_194_304  # 2**22: past every pid_max, so no process ever has it (or the pids above it)
 
@@ -74,7 +87,7 @@ class Sleeper:
                                      start_new_session=True)
         deadline = time.monotonic() + 30
         while True:
-            found = [p for p in _tree(self.proc.pid) if _comm(p) == "sleep"]
+            found = [p for p in tree(self.proc.pid) if _comm(p) == "sleep"]
             if found:
                 self.pid = found[0]
                 break
@@ -146,55 +159,17 @@ class Planter:
         return self._ask({"op": "refill", "dir": str(d)})
 
 
-# Each call in a shell of its own, as users run check: a passing check grants the lock to its parent's next
-# process (issue 23), and a shell that starts nothing after it ends the grant by exiting. Between calls
-# (untimed), the previous call's grant is let go: the lock must be free before the next call starts.
-ALONE = ["sh", "-c", '"$@"; exit $?', "sh"]
-
-
-def lock_free(path: Path) -> bool:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return True
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    finally:
-        os.close(fd)
-    return True
-
-
 def timed(argv: list[str], env: dict[str, str], cwd: Path) -> float:
-    lock = Path(env["SAFEGATE_LOCK_DIR"]) / "night.lock"
-    deadline = time.monotonic() + 30
-    while not lock_free(lock) and time.monotonic() < deadline:
-        time.sleep(0.002)
-    start = time.perf_counter()
-    result = subprocess.run([*ALONE, *argv], env=env, cwd=cwd, capture_output=True, text=True, timeout=600,
-                            stdin=subprocess.DEVNULL)
-    elapsed = time.perf_counter() - start
-    if result.returncode != 0:
-        raise SystemExit(f"{argv[3:]} exited {result.returncode} (lock dir {env['SAFEGATE_LOCK_DIR']}):\n"
-                         f"{result.stdout}{result.stderr}")
-    return elapsed
-
-
-def pct(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+    """Each call in a shell of its own, once the previous call's grant of the lock is let go (common.ALONE)."""
+    return timed_run(argv, env, cwd=cwd, timeout=600, locks=[Path(env["SAFEGATE_LOCK_DIR"]) / "night.lock"])[0]
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=20, help="timed rounds (default 20), after --warmup rounds")
+    parser = bench_parser(__doc__, runs=20, runs_help="timed rounds (default 20), after --warmup rounds", raw=True)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--counts", default="1000,50000", help="forged tickets per flood lock dir")
     parser.add_argument("--old", help="a checkout of the code before issue 22 (e.g. `git worktree add T 1451ed1`)")
     parser.add_argument("--new", default=str(REPO), help="the checkout timed as the new code (default: this one)")
-    parser.add_argument("--out", help="also write the Markdown report to FILE")
-    parser.add_argument("--raw", help="every sample (seconds) and what each call removed, as JSON")
     args = parser.parse_args()
     if os.geteuid() != 0 or shutil.which("runuser") is None:
         raise SystemExit("run as root with runuser: the hostile user is nobody")
@@ -203,10 +178,15 @@ def main() -> int:
     if args.old:
         trees["old"] = Path(args.old).resolve()
     load_start = os.getloadavg()
-    procs_start = sum(1 for p in os.listdir("/proc") if p.isdigit())
+    procs_start = count_proc()
     started = time.gmtime()
-    base = Path(tempfile.mkdtemp(prefix="safegate-tickets-"))
-    os.chmod(base, 0o755)
+    with workdir("safegate-tickets-", mode=0o755) as base:
+        run(args, base, trees, counts, started, load_start, procs_start)
+    return 0
+
+
+def run(args: argparse.Namespace, base: Path, trees: dict[str, Path], counts: list[int], started: time.struct_time,
+        load_start: tuple[float, float, float], procs_start: int) -> None:
     sleeper = planter = None
     try:
         sensor = base / "temp"
@@ -216,10 +196,6 @@ def main() -> int:
         config.write_text('[defaults]\nmemory_margin = "0"\ncgroup = "off"\nmin_available = "0"\n'
                           f'max_memory_pressure = 100\ncompeting = []\n[thermal]\nsensors = []\nfiles = ["{sensor}"]\n')
         sleeper, planter = Sleeper(), Planter()
-        env0 = {k: v for k, v in os.environ.items()
-                if not k.startswith(("SAFEGATE_", "SLURM_")) and k not in ("PYTHONDONTWRITEBYTECODE", "PYTHONPATH")}
-        env0["SAFEGATE_GPU"] = "none"
-        env0["XDG_STATE_HOME"] = str(base / "state")  # exec records its runs there, not in root's history
         dirs: dict[tuple[str, str], Path] = {}
         planted: dict[tuple[str, str], int] = {}
         configs = ["empty", "real", *[str(n) for n in counts]]
@@ -239,8 +215,9 @@ def main() -> int:
                       file=sys.stderr)
 
         def env_for(code: str, conf: str) -> dict[str, str]:
-            return {**env0, "PYTHONPATH": str(trees[code]), "PYTHONPYCACHEPREFIX": str(base / f"pycache-{code}"),
-                    "SAFEGATE_LOCK_DIR": str(dirs[code, conf])}
+            # exec records its runs in XDG_STATE_HOME, not in root's history.
+            return bench_env(pycache=base / f"pycache-{code}", SAFEGATE_GPU="none", XDG_STATE_HOME=str(base / "state"),
+                             PYTHONPATH=str(trees[code]), SAFEGATE_LOCK_DIR=str(dirs[code, conf]))
 
         def argv(command: str) -> list[str]:
             if command == "check":
@@ -284,19 +261,13 @@ def main() -> int:
         load_end = os.getloadavg()
         text = report(args, trees, configs, planted, seen, samples, removed, started, load_start, load_end,
                       procs_start)
-        print(text)
-        if args.out:
-            Path(args.out).write_text(text)
-        if args.raw:
-            Path(args.raw).write_text(json.dumps({"samples": samples, "removed": removed, "planted": {
-                "/".join(k): v for k, v in planted.items()}, "queue": {"/".join(k): v for k, v in seen.items()}}))
+        publish(text, args.out, args.raw, {"samples": samples, "removed": removed, "planted": {
+            "/".join(k): v for k, v in planted.items()}, "queue": {"/".join(k): v for k, v in seen.items()}})
     finally:
         for holder in (planter, sleeper):
             if holder is not None and holder.proc.poll() is None:
                 os.killpg(holder.proc.pid, 9)
                 holder.proc.wait()
-        shutil.rmtree(base, ignore_errors=True)
-    return 0
 
 
 def report(args: argparse.Namespace, trees: dict[str, Path], configs: list[str], planted: dict[tuple[str, str], int],
@@ -304,65 +275,41 @@ def report(args: argparse.Namespace, trees: dict[str, Path], configs: list[str],
            started: time.struct_time, load_start: tuple[float, float, float], load_end: tuple[float, float, float],
            procs_start: int) -> str:
     def med(key: str) -> float:
-        return statistics.median(samples[key])
+        return median(samples[key])
 
     def label(conf: str) -> str:
         names = {"empty": "empty lock dir", "real": "1 real ticket"}
         return names[conf] if conf in names else f"{int(conf):,} forged + 1 real"
 
-    lines = [f"Run {time.strftime('%Y-%m-%d %H:%M UTC', started)}: `python bench/bench_tickets.py --runs {args.runs} "
-             f"--counts {args.counts}{' --old ' + str(trees['old']) if 'old' in trees else ''}`; {args.runs} timed "
-             f"rounds after {args.warmup} warm-up rounds; load average (1, 5, 15 min) "
-             f"{' / '.join(f'{x:.2f}' for x in load_start)} at the start, "
+    lines = [f"{stamp(started)}; {args.runs} timed rounds after {args.warmup} warm-up rounds; load average "
+             f"(1, 5, 15 min) {' / '.join(f'{x:.2f}' for x in load_start)} at the start, "
              f"{' / '.join(f'{x:.2f}' for x in load_end)} at the end; {procs_start} processes in /proc at the start; "
              f"{os.cpu_count()} CPUs; Python {sys.version.split()[0]}.", "",
              "Median wall time per call (ratio to the empty lock dir of the same code and command, same run); "
              "p10-p90 below each.", "",
-             "| command | code | " + " | ".join(label(c) for c in configs) + " |",
-             "|---|---|" + "---|" * len(configs)]
+             *md_table(["command", "code", *(label(c) for c in configs)])]
     for command in COMMANDS:
         for code in trees:
             empty = med(f"{code}/empty/{command}")
             cells = []
             for conf in configs:
-                key = f"{code}/{conf}/{command}"
-                ms = med(key) * 1000
+                s = summarize(samples[f"{code}/{conf}/{command}"])
+                ms = s["median"] * 1000
                 figure = f"{ms:.1f} ms" if ms < 1000 else f"{ms / 1000:.2f} s"
-                cells.append(f"{figure} ({med(key) / empty:.2f}x)<br>{pct(samples[key], 0.1) * 1000:.0f}-"
-                             f"{pct(samples[key], 0.9) * 1000:.0f}")
-            lines.append(f"| {command} | {code} | " + " | ".join(cells) + " |")
+                cells.append(f"{figure} ({s['median'] / empty:.2f}x)<br>{s['p10'] * 1000:.0f}-{s['p90'] * 1000:.0f}")
+            lines.append(md_row(command, code, *cells))
     if "old" in trees:
         lines += ["", "old/new (medians, same run): " + "; ".join(
             f"{command} {label(conf)} {med(f'old/{conf}/{command}') / med(f'new/{conf}/{command}'):.1f}x"
             for command in COMMANDS for conf in configs if conf != "empty") + "."]
-    lines += ["", "| code | lock dir | files planted by nobody | `queue --json` (untimed, before) | files each call "
-              "removed (median, max; put back untimed) |", "|---|---|---|---|---|"]
-    for code, tree in trees.items():
+    lines += ["", *md_table(["code", "lock dir", "files planted by nobody", "`queue --json` (untimed, before)",
+                             "files each call removed (median, max; put back untimed)"])]
+    for code, checkout in trees.items():
         for conf in configs:
             gone = [n for command in COMMANDS for n in removed[f"{code}/{conf}/{command}"]]
-            lines.append(f"| {code} ({tree}, {_commit(tree)}) | {label(conf)} | {planted[code, conf]:,} | "
-                         f"{seen[code, conf]} | {statistics.median(gone):g}, {max(gone)} |")
+            lines.append(md_row(f"{code} ({checkout}, {commit(checkout)})", label(conf), f"{planted[code, conf]:,}",
+                                seen[code, conf], f"{median(gone):g}, {max(gone)}"))
     return "\n".join(lines) + "\n"
-
-
-def _commit(tree: Path) -> str:
-    """The tree's commit (and whether its safegate/ has uncommitted changes), for the report."""
-    try:
-        head = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(tree), "status", "--porcelain", "--", "safegate"],
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "not a git checkout"
-    return f"{head}{' + changes' if dirty else ''}"
-
-
-def _tree(pid: int) -> list[int]:
-    try:
-        kids = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return [pid]
-    return [pid, *[g for k in kids for g in _tree(k)]]
 
 
 def _comm(pid: int) -> str:

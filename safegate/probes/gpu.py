@@ -5,20 +5,22 @@
   included) and otherwise reports no GPUs, silently; "nvml" always uses it and says why it cannot.
 - A device that errors (GPU is lost, unknown error) is reported as failed: the policy blocks on it.
 - A function the driver lacks is noted once per process and its older sibling used instead
-  (nvmlDeviceGetMemoryInfo_v2 -> v1, nvmlDeviceGetTemperatureV -> nvmlDeviceGetTemperature).
+  (nvmlDeviceGetMemoryInfo_v2 -> v1, nvmlDeviceGetTemperatureV -> nvmlDeviceGetTemperature, the v3 process
+  lists -> v2), all through one funnel (_newest).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 from safegate.errors import UsageError
 from safegate.probes.snapshots import GpuInfo, GpuProcess, GpuSnapshot
 from safegate.units import BACKENDS
 
 LIBRARY = "libnvidia-ml.so.1"
+T = TypeVar("T")
 # The snapshot types live in safegate.probes.snapshots (policy.py reads them without importing a probe); they are
 # re-exported because read_gpus returns them and its callers name them.
 __all__ = ["LIBRARY", "GpuInfo", "GpuProcess", "GpuSnapshot", "gpu_backend", "host_pid_map", "read_gpus"]
@@ -143,63 +145,62 @@ def _optional(nvml: Any, call: Callable[[], Any]) -> Any:
         return None
 
 
-def _memory(nvml: Any, session: _Nvml, handle: Any) -> dict[str, int | None]:
-    none: dict[str, int | None] = {"total": None, "used": None, "free": None}
-    if "nvmlDeviceGetMemoryInfo_v2" not in session.missing:
+def _newest(nvml: Any, session: _Nvml, forms: Sequence[tuple[str, Callable[[], T]]], unsupported: T, *,
+            none_is_unsupported: bool = False) -> T:
+    """The first of *forms* (an NVML function's name, its call), newest first, that the driver has.
+
+    A function the driver (or the installed pynvml) lacks is noted once per process and skipped from then on,
+    however it shows: NVMLError_FunctionNotFound, NVMLLibraryMismatchError (what pynvml's unversioned wrappers raise
+    for a missing symbol, and not an NVMLError) or a pynvml without the binding (AttributeError). NotSupported
+    gives *unsupported*. A driver with none of the forms gives *unsupported* too where *none_is_unsupported*,
+    else the last form's error (its oldest form is one every driver has: lacking it, the device fails).
+    """
+    missing = (nvml.NVMLError_FunctionNotFound, nvml.NVMLLibraryMismatchError, AttributeError)
+    for position, (name, call) in enumerate(forms, 1):
+        if name in session.missing:
+            continue
         try:
-            # v2 reports driver-reserved memory apart; v1's `used` includes it on R510+ drivers.
-            mem = nvml.nvmlDeviceGetMemoryInfo(handle, version=nvml.nvmlMemory_v2)
-            return {"total": int(mem.total), "used": int(mem.used), "free": int(mem.free)}
-        except nvml.NVMLError_FunctionNotFound:
-            session.note_missing("nvmlDeviceGetMemoryInfo_v2")
+            return call()
         except nvml.NVMLError_NotSupported:
-            return none  # unified memory (e.g. Jetson)
-    try:
-        mem = nvml.nvmlDeviceGetMemoryInfo(handle)
-    except nvml.NVMLError_NotSupported:
-        return none
+            return unsupported
+        except missing:
+            if position == len(forms) and not none_is_unsupported:
+                raise
+            session.note_missing(name)
+    return unsupported
+
+
+def _memory(nvml: Any, session: _Nvml, handle: Any) -> dict[str, int | None]:
+    mem = _newest(nvml, session, [
+        # v2 reports driver-reserved memory apart; v1's `used` includes it on R510+ drivers.
+        ("nvmlDeviceGetMemoryInfo_v2", lambda: nvml.nvmlDeviceGetMemoryInfo(handle, version=nvml.nvmlMemory_v2)),
+        ("nvmlDeviceGetMemoryInfo", lambda: nvml.nvmlDeviceGetMemoryInfo(handle)),
+    ], None)  # NotSupported: unified memory (e.g. Jetson)
+    if mem is None:
+        return {"total": None, "used": None, "free": None}
     return {"total": int(mem.total), "used": int(mem.used), "free": int(mem.free)}
 
 
 def _temperature(nvml: Any, session: _Nvml, handle: Any) -> float | None:
-    if "nvmlDeviceGetTemperatureV" not in session.missing:
-        try:
-            return float(nvml.nvmlDeviceGetTemperatureV(handle, nvml.NVML_TEMPERATURE_GPU))
-        except nvml.NVMLError_FunctionNotFound:
-            session.note_missing("nvmlDeviceGetTemperatureV")
-        except nvml.NVMLError_NotSupported:
-            return None
-    try:
-        return float(nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU))
-    except nvml.NVMLError_NotSupported:
-        return None
+    celsius = _newest(nvml, session, [
+        ("nvmlDeviceGetTemperatureV", lambda: nvml.nvmlDeviceGetTemperatureV(handle, nvml.NVML_TEMPERATURE_GPU)),
+        ("nvmlDeviceGetTemperature", lambda: nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU)),
+    ], None)
+    return float(celsius) if celsius is not None else None
 
 
 def _process_list(nvml: Any, session: _Nvml, kind: str, handle: Any) -> list[Any]:
-    """One process list, from the newest form the driver has (v3, else v2)."""
+    """One process list, from the newest form the driver has (v3, else v2); none if it has neither."""
     name = "Compute" if kind == "compute" else "Graphics"
-    if f"{kind}_v3" not in session.missing:
-        try:
-            return list(getattr(nvml, f"nvmlDeviceGet{name}RunningProcesses_v3")(handle))
-        except (nvml.NVMLError_FunctionNotFound, nvml.NVMLLibraryMismatchError):
-            # pynvml raises NVMLLibraryMismatchError (not an NVMLError) when the driver lacks the v3 symbol.
-            session.note_missing(f"nvmlDeviceGet{name}RunningProcesses_v3")
-            session.missing.add(f"{kind}_v3")
-    try:
-        return list(getattr(nvml, f"nvmlDeviceGet{name}RunningProcesses_v2")(handle))
-    except (nvml.NVMLError_FunctionNotFound, nvml.NVMLLibraryMismatchError):
-        session.note_missing(f"nvmlDeviceGet{name}RunningProcesses_v2")
-        return []
+    v3, v2 = f"nvmlDeviceGet{name}RunningProcesses_v3", f"nvmlDeviceGet{name}RunningProcesses_v2"
+    return _newest(nvml, session, [(v3, lambda: list(getattr(nvml, v3)(handle))),
+                                   (v2, lambda: list(getattr(nvml, v2)(handle)))], [], none_is_unsupported=True)
 
 
 def _processes(nvml: Any, session: _Nvml, handle: Any) -> tuple[GpuProcess, ...]:
     merged: dict[int, GpuProcess] = {}
     for kind in ("compute", "graphics"):
-        try:
-            entries = _process_list(nvml, session, kind, handle)
-        except nvml.NVMLError_NotSupported:
-            continue
-        for entry in entries:
+        for entry in _process_list(nvml, session, kind, handle):
             pid = int(entry.pid)
             used = entry.usedGpuMemory
             used = int(used) if used is not None else None

@@ -8,7 +8,8 @@ know about termination.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence, Set
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence, Set
 from enum import Enum
 from typing import Any
 
@@ -71,60 +72,78 @@ def to_take(actions: Sequence[Action]) -> list[Action]:
     return [a for a in actions if a.kind is not Kind.NONE]
 
 
-class JobMemoryWatch:
-    """--max-mem: the job's own memory. A warning once from WARN_FRACTION, again only after falling below REARM."""
+class ThresholdWatch(ABC):
+    """One memory limit: a breach at its level; a warning once from WARN_FRACTION of it, and again only after the
+    value has come back past REARM_FRACTION (no warning every sample while it hovers at the threshold).
+
+    A subclass says what its level and its rearm point are; its check builds the breach and the warning (only
+    the one that is told is built) and hands them to judge.
+    """
 
     def __init__(self, limits: WatchLimits) -> None:
         self.limits = limits
         self.warned = False
 
-    def level(self, job_mem: int) -> Level:
-        return job_level(job_mem, self.limits)
+    @abstractmethod
+    def level(self, value: int) -> Level: ...
+
+    @abstractmethod
+    def rearmed(self, value: int) -> bool: ...
+
+    def judge(self, value: int, breach: Callable[[], Action], warning: Callable[[], Action]) -> Action:
+        level = self.level(value)
+        if level is Level.BREACH:
+            return breach()
+        if level is Level.WARN and not self.warned:
+            self.warned = True
+            return warning()
+        if self.warned and self.rearmed(value):
+            self.warned = False
+        return NOTHING
+
+
+class JobMemoryWatch(ThresholdWatch):
+    """--max-mem: the job's own memory."""
+
+    def level(self, value: int) -> Level:
+        return job_level(value, self.limits)
+
+    def rearmed(self, value: int) -> bool:
+        return rearmed_job(value, self.limits)
 
     def check(self, job_mem: int) -> Action:
         limit = self.limits.max_mem
-        level = self.level(job_mem)
-        if level is Level.BREACH:
-            assert limit is not None
-            return breach(ExitCode.KILLED_MEMORY, "memory",
-                          f"job memory {format_bytes(job_mem)} >= --max-mem {format_bytes(limit)}",
-                          {"job_memory": job_mem, "max_mem": limit})
-        if level is Level.WARN and not self.warned:
-            assert limit is not None
-            self.warned = True
-            return memory_warning(f"job memory {format_bytes(job_mem)} is {job_mem / limit:.0%} of --max-mem "
-                                  f"{format_bytes(limit)}", {"job_memory": job_mem, "max_mem": limit})
-        if self.warned and rearmed_job(job_mem, self.limits):
-            self.warned = False
-        return NOTHING
+        if limit is None:
+            return NOTHING
+        data = {"job_memory": job_mem, "max_mem": limit}
+        return self.judge(
+            job_mem,
+            lambda: breach(ExitCode.KILLED_MEMORY, "memory",
+                           f"job memory {format_bytes(job_mem)} >= --max-mem {format_bytes(limit)}", data),
+            lambda: memory_warning(f"job memory {format_bytes(job_mem)} is {job_mem / limit:.0%} of --max-mem "
+                                   f"{format_bytes(limit)}", data))
 
 
-class FloorWatch:
-    """--min-available: the machine's MemAvailable, whoever uses the memory. Warned and rearmed like the job's."""
+class FloorWatch(ThresholdWatch):
+    """--min-available: the machine's MemAvailable, whoever uses the memory."""
 
-    def __init__(self, limits: WatchLimits) -> None:
-        self.limits = limits
-        self.warned = False
+    def level(self, value: int) -> Level:
+        return floor_level(value, self.limits)
 
-    def level(self, available: int) -> Level:
-        return floor_level(available, self.limits)
+    def rearmed(self, value: int) -> bool:
+        return rearmed_floor(value, self.limits)
 
     def check(self, available: int, job_mem: int) -> Action:
         floor = self.limits.min_available
-        level = self.level(available)
-        if level is Level.BREACH:
-            assert floor is not None
-            return breach(ExitCode.KILLED_MEMORY, "memory",
-                          f"MemAvailable {format_bytes(available)} <= --min-available {format_bytes(floor)}",
-                          {"available": available, "min_available": floor, "job_memory": job_mem})
-        if level is Level.WARN and not self.warned:
-            assert floor is not None
-            self.warned = True
-            return memory_warning(f"MemAvailable {format_bytes(available)} is near --min-available "
-                                  f"{format_bytes(floor)}", {"available": available, "min_available": floor})
-        if self.warned and rearmed_floor(available, self.limits):
-            self.warned = False
-        return NOTHING
+        if floor is None:
+            return NOTHING
+        return self.judge(
+            available,
+            lambda: breach(ExitCode.KILLED_MEMORY, "memory",
+                           f"MemAvailable {format_bytes(available)} <= --min-available {format_bytes(floor)}",
+                           {"available": available, "min_available": floor, "job_memory": job_mem}),
+            lambda: memory_warning(f"MemAvailable {format_bytes(available)} is near --min-available "
+                                   f"{format_bytes(floor)}", {"available": available, "min_available": floor}))
 
 
 def _measured(cards: Sequence[GpuInfo]) -> list[GpuInfo]:
