@@ -31,16 +31,16 @@ from support import (
 
 from safegate.errors import LockDirError
 from safegate.gate import watch
-from safegate.locks.flock import dir_lockers
-from safegate.locks.holders import Holder
+from safegate.locks.files import dir_lockers, ensure_directory, holder_path, is_held, lock_path, lockers
+from safegate.locks.holders import Holder, cleanup, write_holder
 from safegate.locks.legacy import legacy_removable, read_legacy, remove_legacy
-from safegate.locks.store import LockStore
+from safegate.locks.store import LockStore, reservations
 from safegate.probes.snapshots import Ticket
 
 
 def store_at(path: Path) -> LockStore:
     store = LockStore(path)
-    store.ensure_directory()
+    ensure_directory(store.directory)
     return store
 
 
@@ -62,7 +62,7 @@ def test_lock_file_is_0666_whatever_the_umask(tmp_path: Path) -> None:
         os.umask(old)
     assert held is not None
     held.release()
-    assert stat.S_IMODE(os.stat(store.lock_path("heavy")).st_mode) == 0o666
+    assert stat.S_IMODE(os.stat(lock_path(store.directory, "heavy")).st_mode) == 0o666
 
 
 def test_acquire_writes_holder_and_release_removes_it(tmp_path: Path) -> None:
@@ -73,10 +73,10 @@ def test_acquire_writes_holder_and_release_removes_it(tmp_path: Path) -> None:
         assert note == "" and holder is not None
         assert holder.pid == os.getpid() and holder.profile == "whisper-large-v3"
         assert holder.cmdline == ["whisper", "x.mp3"]
-        assert store.is_held("heavy")
-    assert not store.is_held("heavy")
+        assert is_held(lock_path(store.directory, "heavy"))
+    assert not is_held(lock_path(store.directory, "heavy"))
     assert not holder_files(store.directory)
-    assert store.lock_path("heavy").exists()  # never unlinked: unlinking splits waiters across inodes
+    assert lock_path(store.directory, "heavy").exists()  # never unlinked: unlinking splits waiters across inodes
 
 
 def test_second_acquire_in_other_process_is_refused(tmp_path: Path, procs: Procs) -> None:
@@ -91,9 +91,9 @@ def test_second_acquire_in_other_process_is_refused(tmp_path: Path, procs: Procs
 HAMMER = """
 import sys
 from pathlib import Path
-from safegate.locks.store import LockStore
-store = LockStore(Path(sys.argv[1]))
-print(sum(store.is_held("heavy") for _ in range(int(sys.argv[2]))))
+from safegate.locks.files import is_held, lock_path
+directory = Path(sys.argv[1])
+print(sum(is_held(lock_path(directory, "heavy")) for _ in range(int(sys.argv[2]))))
 """
 
 
@@ -110,27 +110,27 @@ def test_probers_do_not_see_each_other_as_holders(tmp_path: Path, procs: Procs) 
 
 def test_flock1_holder_excludes(tmp_path: Path, procs: Procs) -> None:
     store = store_at(tmp_path / "locks")
-    holder = hold_with_flock(procs, store.lock_path("heavy"))
-    assert store.is_held("heavy")
+    holder = hold_with_flock(procs, lock_path(store.directory, "heavy"))
+    assert is_held(lock_path(store.directory, "heavy"))
     assert store.try_acquire("heavy", "p") is None
     os.killpg(holder.pid, signal.SIGKILL)  # flock and its sleep child, which shares the open lock file
     holder.wait()
     held = wait_until(lambda: store.try_acquire("heavy", "p"), what="the lock to become free")
     # And safegate's hold excludes flock(1) in turn.
-    assert subprocess.run(["flock", "-n", str(store.lock_path("heavy")), "true"]).returncode != 0
+    assert subprocess.run(["flock", "-n", str(lock_path(store.directory, "heavy")), "true"]).returncode != 0
     held.release()
-    assert subprocess.run(["flock", "-n", str(store.lock_path("heavy")), "true"]).returncode == 0
+    assert subprocess.run(["flock", "-n", str(lock_path(store.directory, "heavy")), "true"]).returncode == 0
 
 
 def test_killed_holder_leaves_stale_metadata_that_cleanup_removes(tmp_path: Path, procs: Procs) -> None:
     lock_dir = tmp_path / "locks"
     holder = hold_with_safegate(procs, lock_dir, "whisper-large")
     store = store_at(lock_dir)
-    assert list(store.cleanup()) == []  # alive: nothing to remove
+    assert list(cleanup(store.directory)) == []  # alive: nothing to remove
     os.kill(holder.pid, signal.SIGKILL)
     holder.wait()
     assert holder_files(lock_dir, "whisper-large")
-    removals = list(store.cleanup())
+    removals = list(cleanup(store.directory))
     assert len(removals) == 1 and removals[0].removed
     assert f"pid {holder.pid}" in removals[0].what
     assert not holder_files(lock_dir, "whisper-large")
@@ -142,10 +142,10 @@ def test_reused_pid_is_not_taken_for_the_holder(tmp_path: Path) -> None:
     # is gone. Its file's name says so (pid and start), and so does the record.
     fake = Holder.for_current_process("heavy", "p")
     start = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-    store.ensure_directory()
-    store.write_holder(replace(fake, start_time=fake.start_time - 1000),
+    ensure_directory(store.directory)
+    write_holder(store.directory, replace(fake, start_time=fake.start_time - 1000),
                        store.directory / f"heavy.holder-{fake.pid}.{start + 1}-{'0' * 16}.json")
-    removals = list(store.cleanup())
+    removals = list(cleanup(store.directory))
     assert len(removals) == 1 and removals[0].removed
 
 
@@ -174,42 +174,42 @@ def test_metadata_of_a_held_lock_is_kept_while_a_job_that_inherited_it_lives(tmp
     written = store.read_holder("heavy")[0]
     assert written is not None
     # The writer records its job as exec does.
-    store.write_holder(replace(written, job_pid=child.pid, job_start_time=child.create_time()),
+    write_holder(store.directory, replace(written, job_pid=child.pid, job_start_time=child.create_time()),
                        holder_files(lock_dir)[0])
     os.kill(writer.pid, signal.SIGKILL)
     writer.wait()
-    assert store.is_held("heavy")
-    assert list(store.cleanup()) == []
+    assert is_held(lock_path(store.directory, "heavy"))
+    assert list(cleanup(store.directory)) == []
     state = store.state("heavy")
     assert state.holder is not None and state.holder.pid == writer.pid and state.holder.job_pid == child.pid
-    assert [h.pid for h in store.reservations()] == [writer.pid]
+    assert [h.pid for h in reservations(store.directory)] == [writer.pid]
 
 
 def test_dead_record_beside_a_lock_someone_else_holds_is_not_its_holder(tmp_path: Path, procs: Procs) -> None:
     store = store_at(tmp_path / "locks")
     dead = Holder(pid=2**22 + 7, start_time=1.0, user="u", host="h", cmdline=["x"], started_at=1.0,
                   profile="p", lock="heavy", need=2**40)
-    store.write_holder(dead)
-    hold_with_flock(procs, store.lock_path("heavy"))
+    write_holder(store.directory, dead)
+    hold_with_flock(procs, lock_path(store.directory, "heavy"))
     state = store.state("heavy")
     assert state.held and state.holder is None
-    assert store.reservations() == []
-    assert [r.removed for r in store.cleanup()] == [True]
+    assert reservations(store.directory) == []
+    assert [r.removed for r in cleanup(store.directory)] == [True]
 
 
 @pytest.mark.parametrize("content", [b"", b"{trunc", b"not json at all", b"[1,2]", b'{"pid": "x"}', b"\xff\xfe"])
 def test_corrupt_metadata_is_reported_and_removed_when_free(tmp_path: Path, content: bytes) -> None:
     store = store_at(tmp_path / "locks")
-    store.holder_path("heavy").write_bytes(content)
+    holder_path(store.directory, "heavy").write_bytes(content)
     holder, note = store.read_holder("heavy")
     assert holder is None and "corrupt" in note
-    removals = list(store.cleanup())
+    removals = list(cleanup(store.directory))
     assert len(removals) == 1 and removals[0].removed and "unusable" in removals[0].what
 
 
 def test_huge_metadata_is_not_read_whole(tmp_path: Path) -> None:
     store = store_at(tmp_path / "locks")
-    store.holder_path("heavy").write_bytes(b" " * (10 * 1024 * 1024))
+    holder_path(store.directory, "heavy").write_bytes(b" " * (10 * 1024 * 1024))
     holder, note = store.read_holder("heavy")
     assert holder is None and "larger than" in note
 
@@ -219,7 +219,7 @@ def test_symlinked_lock_dir_is_refused(tmp_path: Path) -> None:
     real.mkdir()
     (tmp_path / "link").symlink_to(real)
     with pytest.raises(LockDirError, match="symlink"):
-        LockStore(tmp_path / "link").ensure_directory()
+        ensure_directory(tmp_path / "link")
 
 
 def test_world_writable_dir_without_sticky_is_refused(tmp_path: Path) -> None:
@@ -227,27 +227,27 @@ def test_world_writable_dir_without_sticky_is_refused(tmp_path: Path) -> None:
     d.mkdir()
     os.chmod(d, 0o777)
     with pytest.raises(LockDirError, match="chmod \\+t"):
-        LockStore(d).ensure_directory()
+        ensure_directory(d)
 
 
 def test_lock_dir_that_is_a_file_is_refused(tmp_path: Path) -> None:
     f = tmp_path / "file"
     f.write_text("x")
     with pytest.raises(LockDirError, match="not a directory"):
-        LockStore(f).ensure_directory()
+        ensure_directory(f)
     with pytest.raises(LockDirError, match="Not a directory"):
-        LockStore(f / "sub").ensure_directory()
+        ensure_directory(f / "sub")
 
 
 def test_symlink_at_lock_path_is_refused_and_target_untouched(tmp_path: Path) -> None:
     store = store_at(tmp_path / "locks")
     victim = tmp_path / "victim"
     victim.write_text("precious")
-    store.lock_path("heavy").symlink_to(victim)
+    lock_path(store.directory, "heavy").symlink_to(victim)
     with pytest.raises(LockDirError, match="symlink"):
         store.try_acquire("heavy", "p")
     with pytest.raises(LockDirError, match="symlink"):
-        store.is_held("heavy")
+        is_held(lock_path(store.directory, "heavy"))
     assert victim.read_text() == "precious"
 
 
@@ -255,7 +255,7 @@ def test_symlink_at_holder_path_is_not_followed(tmp_path: Path) -> None:
     store = store_at(tmp_path / "locks")
     victim = tmp_path / "victim"
     victim.write_text("precious")
-    store.holder_path("heavy").symlink_to(victim)
+    holder_path(store.directory, "heavy").symlink_to(victim)
     assert store.read_holder("heavy")[0] is None  # reading refuses to follow it
     held = store.try_acquire("heavy", "p")
     assert held is not None and held.holder is not None and held.metadata_path is not None
@@ -295,7 +295,7 @@ def test_unwritable_lock_dir_as_normal_user(tmp_path: Path) -> None:
     d.mkdir()
     os.chmod(d, 0o555)
     with pytest.raises(LockDirError, match="not writable"):
-        LockStore(d).ensure_directory()
+        ensure_directory(d)
 
 
 def test_unwritable_lock_dir_as_nobody(nobody: Nobody) -> None:
@@ -303,9 +303,9 @@ def test_unwritable_lock_dir_as_nobody(nobody: Nobody) -> None:
     d.mkdir()
     os.chmod(d, 0o755)
     code = (
-        "import sys; from pathlib import Path; from safegate.locks.store import LockStore\n"
+        "import sys; from pathlib import Path; from safegate.locks.files import ensure_directory\n"
         "from safegate.errors import LockDirError\n"
-        "try:\n    LockStore(Path(sys.argv[1])).ensure_directory()\n"
+        "try:\n    ensure_directory(Path(sys.argv[1]))\n"
         "except LockDirError as e:\n    print(e)\n"
     )
     out = nobody.run(["-c", code, str(d)])
@@ -353,12 +353,12 @@ def test_holder_json_round_trip() -> None:
 
 def test_lockers_are_the_takers_of_flocks_on_files_in_the_lock_dir(tmp_path: Path, procs: Procs) -> None:
     store = store_at(tmp_path / "locks")
-    inside = hold_with_flock(procs, store.lock_path("heavy"))
+    inside = hold_with_flock(procs, lock_path(store.directory, "heavy"))
     dotted = hold_with_flock(procs, store.directory / ".admission.lock")
     outside = hold_with_flock(procs, tmp_path / "elsewhere.lock")
-    found = store.lockers()
+    found = dir_lockers(store.directory, lockers())
     assert {inside.pid, dotted.pid} <= found and outside.pid not in found
-    assert LockStore(tmp_path / "absent").lockers() == set()
+    assert dir_lockers(tmp_path / "absent", lockers()) == set()
 
 
 _KINDS = st.sampled_from(["file", "dir", "symlink", "fifo"])
@@ -427,7 +427,8 @@ def test_a_waiter_is_woken_by_the_release_of_its_lock(tmp_path: Path, procs: Pro
             raise OSError(24, "inotify_init1")
         monkeypatch.setattr(watch, "DirWatch", refused)
     store = store_at(tmp_path / "locks")
-    holder = hold_with_flock(procs, store.lock_path("heavy"))  # flock(1) opens it read-only: a close-nowrite
+    # flock(1) opens it read-only: a close-nowrite
+    holder = hold_with_flock(procs, lock_path(store.directory, "heavy"))
     me = _me()
     assert watch.wait_turn(store.directory, "heavy", me, 0.2) is False  # held all along: the deadline
     join = _in_thread(lambda: watch.wait_turn(store.directory, "heavy", me, TIMEOUT))
