@@ -19,6 +19,8 @@ from typing import Any
 
 import pytest
 
+from safegate.locks.files import ensure_directory
+from safegate.locks.store import LockStore
 from safegate.probes.processes import descendants as _descendants_of
 
 REPO = Path(__file__).resolve().parent.parent
@@ -231,6 +233,13 @@ def hold_with_flock(procs: Procs, path: Path) -> subprocess.Popen[bytes]:
     proc = procs.spawn(["flock", str(path), "sleep", "600"])
     wait_until(lambda: not lock_free(path), what="flock holder")
     return proc
+
+
+def store_at(path: Path) -> LockStore:
+    """The lock store in *path*, the directory made as safegate makes it (1777)."""
+    store = LockStore(path)
+    ensure_directory(store.directory)
+    return store
 
 
 HOLDER_SCRIPT = """

@@ -13,13 +13,11 @@ from support import PY, TIMEOUT, Procs, Run, wait_until
 
 from safegate.errors import AdmissionStuck
 from safegate.exitcodes import ExitCode
-from safegate.locks.directory import ADMISSION_FILE
-from safegate.locks.flock import admission
-from safegate.locks.store import LockStore
+from safegate.locks.files import ADMISSION_FILE, admission, ensure_directory
 
 
 def _hold_admission(procs: Procs, lock_dir: Path) -> subprocess.Popen[bytes]:
-    LockStore(lock_dir).ensure_directory()
+    ensure_directory(lock_dir)
     path = lock_dir / ADMISSION_FILE
     holder = procs.spawn(["flock", str(path), "sleep", "600"])
     wait_until(lambda: subprocess.run(["flock", "-n", str(path), "true"]).returncode != 0, what="admission held")

@@ -11,6 +11,7 @@ from pathlib import Path
 from support import TIMEOUT, Procs, Run, neutral_config
 
 from safegate.exitcodes import ExitCode
+from safegate.locks.files import ensure_directory
 from safegate.locks.store import LockStore
 
 
@@ -70,7 +71,7 @@ def test_lockless_profile_runs_side_by_side_and_cleans_up(run: Run, tmp_path: Pa
 
 def test_terminal_escapes_in_holders_are_not_printed(run: Run, config: Path, lock_dir: Path) -> None:
     store = LockStore(lock_dir)
-    store.ensure_directory()
+    ensure_directory(store.directory)
     with store.try_acquire("evil", "p", ["\x1b[2J"]) as held:  # this test's process is the holder
         assert held is not None
         held.update_holder(user="u\x1b]0;pwned\x07")

@@ -16,7 +16,8 @@ from support import Run, neutral_config
 
 import safegate
 from safegate.api import Blocked
-from safegate.locks.holders import Holder
+from safegate.locks.files import ensure_directory, holder_path, lock_path
+from safegate.locks.holders import Holder, write_holder
 from safegate.locks.store import LockStore
 
 DEAD_PID = 2**22  # pid_max is at most 2**22, so pids end below it: no process has this one
@@ -57,13 +58,13 @@ def cfg(tmp_path: Path, sensor: Path, legacy: Path) -> Path:
 def stale(lock_dir: Path) -> LockStore:
     """A lock dir holding what check would remove: a dead holder's metadata and corrupt metadata."""
     store = LockStore(lock_dir)
-    store.ensure_directory()
+    ensure_directory(store.directory)
     held = store.try_acquire("heavy", "p")
     assert held is not None
     held.release()
-    store.write_holder(Holder(pid=DEAD_PID, start_time=1.0, user="u", host="h", cmdline=["whisper"],
-                              started_at=1.0, profile="p", lock="heavy"))
-    store.holder_path("junk").write_bytes(b"{trunc")
+    write_holder(store.directory, Holder(pid=DEAD_PID, start_time=1.0, user="u", host="h", cmdline=["whisper"],
+                                         started_at=1.0, profile="p", lock="heavy"))
+    holder_path(store.directory, "junk").write_bytes(b"{trunc")
     return store
 
 
@@ -164,9 +165,9 @@ def test_check_cleans_what_read_only_commands_left(run: Run, cfg: Path, stale: L
     assert f"removed stale holder of lock 'heavy': pid {DEAD_PID}" in result.stdout
     assert "unusable holder metadata of lock 'junk'" in result.stdout
     assert "stale legacy lock file" in result.stdout
-    assert not stale.holder_path("heavy").exists() and not stale.holder_path("junk").exists()
+    assert not holder_path(stale.directory, "heavy").exists() and not holder_path(stale.directory, "junk").exists()
     assert not legacy.exists()
-    assert stale.lock_path("heavy").exists()  # never the lock file itself
+    assert lock_path(stale.directory, "heavy").exists()  # never the lock file itself
 
 
 def test_api_check_cleans_and_reports(monkeypatch: pytest.MonkeyPatch, cfg: Path, stale: LockStore,
@@ -176,7 +177,7 @@ def test_api_check_cleans_and_reports(monkeypatch: pytest.MonkeyPatch, cfg: Path
     stale_locks = verdict.result("stale_locks")
     assert verdict.ok and stale_locks is not None
     assert sorted(r.removed for r in stale_locks.values.removed) == [True, True, True]
-    assert not stale.holder_path("heavy").exists() and not legacy.exists()
+    assert not holder_path(stale.directory, "heavy").exists() and not legacy.exists()
 
 
 def test_check_creates_an_absent_lock_dir(monkeypatch: pytest.MonkeyPatch, cfg: Path, lock_dir: Path) -> None:

@@ -65,14 +65,13 @@ def complete_profiles(incomplete: str) -> list[str]:
 
 
 def complete_locks(incomplete: str) -> list[str]:
-    from safegate.locks.directory import resolve_lock_dir
-    from safegate.locks.store import LockStore
+    from safegate.locks.files import lock_names, resolve_lock_dir
 
     try:
-        store = LockStore(resolve_lock_dir(load_config().lock_dir, os.environ))
+        lock_dir = resolve_lock_dir(load_config().lock_dir, os.environ)
     except SafegateError:
         return []
-    return [n for n in store.names() if n.startswith(incomplete)]
+    return [n for n in lock_names(lock_dir) if n.startswith(incomplete)]
 
 
 Command = TypeVar("Command", bound=Callable[..., Any])

@@ -18,7 +18,7 @@ from safegate.probes.snapshots import Ticket
 def locks(config: str | None) -> tuple[Path, list[LockInfo]]:
     """The lock dir and its locks (none when the dir does not exist yet)."""
     from safegate.commands.reports import legacy_locks, list_locks
-    from safegate.locks.directory import resolve_lock_dir
+    from safegate.locks.files import resolve_lock_dir
     from safegate.locks.store import LockStore
 
     cfg = load_config(config)
@@ -30,7 +30,7 @@ def locks(config: str | None) -> tuple[Path, list[LockInfo]]:
 def queue(config: str | None) -> tuple[list[Ticket], float]:
     """The waiters in the lock dir, in arrival order (the order each lock serves them), and the time now."""
     from safegate.gate.queue import read_tickets
-    from safegate.locks.directory import resolve_lock_dir
+    from safegate.locks.files import resolve_lock_dir
 
     return read_tickets(resolve_lock_dir(load_config(config).lock_dir, os.environ)), time.time()
 
@@ -38,7 +38,7 @@ def queue(config: str | None) -> tuple[list[Ticket], float]:
 def unlock(config: str | None, name: str) -> list[str]:
     """What was removed of a free lock's leftovers; raises LockBusy while a live process holds it."""
     from safegate.commands.reports import unlock as unlock_lock
-    from safegate.locks.directory import resolve_lock_dir
+    from safegate.locks.files import resolve_lock_dir
     from safegate.locks.store import LockStore
 
     return unlock_lock(LockStore(resolve_lock_dir(load_config(config).lock_dir, os.environ)), name)
@@ -59,7 +59,7 @@ STATUS_REFRESH = 2.0  # seconds between screens of status --watch
 def status(config: str | None, watch: bool) -> Iterator[StatusReport]:
     """One report, or with *watch* a new one every STATUS_REFRESH seconds until interrupted."""
     from safegate.commands.reports import collect_status
-    from safegate.locks.directory import resolve_lock_dir
+    from safegate.locks.files import resolve_lock_dir
 
     cfg = load_config(config)
     backend = gpu_backend(cfg.gpu_backend, os.environ)

@@ -21,7 +21,7 @@ from safegate.units import printable
 def metrics(config: str | None) -> str:
     from safegate.commands.reports import collect_status
     from safegate.config import history
-    from safegate.locks.directory import resolve_lock_dir
+    from safegate.locks.files import resolve_lock_dir
 
     cfg = load_config(config)
     report = collect_status(cfg, resolve_lock_dir(cfg.lock_dir, os.environ), gpu_backend(cfg.gpu_backend, os.environ))

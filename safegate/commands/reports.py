@@ -12,6 +12,8 @@ import psutil
 from safegate.config.model import Config
 from safegate.errors import LockBusy, LockDirError
 from safegate.gate.queue import read_tickets
+from safegate.locks.files import dir_lockers, ensure_directory, lock_names, lockers
+from safegate.locks.holders import cleanup, holder_files, remove_metadata_if_free
 from safegate.locks.legacy import read_legacy
 from safegate.locks.store import LockStore
 from safegate.probes.gpu import read_gpus
@@ -43,7 +45,7 @@ def legacy_locks(paths: Sequence[Path]) -> list[LockInfo]:
 
 def list_locks(store: LockStore) -> list[LockInfo]:
     out = []
-    for name in store.names():
+    for name in lock_names(store.directory):
         try:
             state = store.state(name)
         except ValueError:
@@ -62,15 +64,15 @@ def unlock(store: LockStore, name: str) -> list[str]:
 
     The lock file itself stays: unlinking it would split waiters across two inodes.
     """
-    store.ensure_directory()
+    ensure_directory(store.directory)
     state = store.state(name)
     if state.held:
         h = state.holder
         who = f"pid {h.job_pid or h.pid} ({h.user}: {' '.join(h.cmdline)[:80]})" if h else "a process without metadata"
         raise LockBusy(f"lock {name!r} is held by {who}; stop that job instead (there is no force)")
-    mine = {f.path for f in store.holder_files(name, None)}
-    removed = [r.what for r in store.cleanup() if r.removed and r.path in mine]
-    leftover = store.remove_metadata_if_free(name)
+    mine = {f.path for f in holder_files(store.directory, name, None)[0]}
+    removed = [r.what for r in cleanup(store.directory) if r.removed and r.path in mine]
+    leftover = remove_metadata_if_free(store.directory, name)
     if leftover:
         removed.append(f"holder metadata of lock {name!r} (its process no longer holds the lock)")
     return removed
@@ -94,8 +96,9 @@ def collect_status(config: Config, lock_dir: Path, gpu_backend: str, top: int = 
     swap = psutil.swap_memory()
     waiters = read_tickets(lock_dir)
     # The heaviest processes, left out as the competing check leaves them out (safegate the lock dir accounts for).
-    procs = sorted(read_processes(accounted=lambda: {t.pid for t in waiters} | store.lockers()).processes,
-                   key=lambda p: -p.rss)[:top]
+    procs = sorted(
+        read_processes(accounted=lambda: {t.pid for t in waiters} | dir_lockers(lock_dir, lockers())).processes,
+        key=lambda p: -p.rss)[:top]
     return StatusReport(
         time=time.time(), memory=read_memory(), swap_total=int(swap.total), swap_used=int(swap.used),
         thermal=read_thermal(config.thermal), gpus=read_gpus(gpu_backend),

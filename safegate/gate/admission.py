@@ -26,7 +26,8 @@ from safegate.gate.preflight import (
 from safegate.gate.queue import HEAD_GRACE, Line
 from safegate.gate.results import CheckResult, GpuValues, LockValues, Status, Verdict
 from safegate.locks.backoff import RECHECK, poll
-from safegate.locks.store import HeldLock, LockStore
+from safegate.locks.files import admission, ensure_directory
+from safegate.locks.store import HeldLock, LockStore, reservations
 from safegate.probes.pids import Identity, ancestry
 from safegate.probes.snapshots import HolderRecord
 from safegate.units import format_bytes
@@ -48,7 +49,7 @@ def wait_until_clear(
             removals = cleanup_stale(settings)
             machine = read_machine(settings)
             # Arriving is posting, as in admission: no job is admitted between the two (queue.Line).
-            with contextlib.nullcontext() if line.arrived else LockStore(settings.lock_dir).admission():
+            with contextlib.nullcontext() if line.arrived else admission(settings.lock_dir):
                 line.arrive()
                 return line.judged(evaluate(settings, resuming=resuming, removals=removals, line=line,
                                             machine=machine)), None
@@ -125,7 +126,7 @@ def admit(
     """
     take = claim if claim is not None else _take_lock
     store = LockStore(settings.lock_dir)
-    store.ensure_directory()
+    ensure_directory(store.directory)
     with in_line_for(settings) if wait else contextlib.nullcontext(Line(walk_in(settings))) as line:
 
         def attempt(resuming: bool) -> tuple[Verdict, T | None]:
@@ -148,7 +149,7 @@ def _admit_once(settings: Settings, store: LockStore, argv: Sequence[str], resum
     # before the admission lock: it is held only for the lock dir, memory and the claim, whatever others run.
     removals = cleanup_stale(settings)
     machine = read_machine(settings)
-    with store.admission():
+    with admission(store.directory):
         line.arrive()
         verdict = line.judged(evaluate(settings, resuming=resuming, removals=removals, line=line, machine=machine))
         if not verdict.ok:
@@ -169,7 +170,7 @@ def enclosing_hold(store: LockStore, settings: Settings) -> HolderRecord | None:
     if settings.profile.lock is not None:
         holder = store.state(settings.profile.lock).holder
         return holder if encloses(holder, family, owner_idle(holder, family)) else None
-    return next((h for h in store.reservations() if h.owner is not None and encloses(h, family)), None)
+    return next((h for h in reservations(store.directory) if h.owner is not None and encloses(h, family)), None)
 
 
 def _take_lock(settings: Settings, store: LockStore, verdict: Verdict, argv: Sequence[str]) -> HeldLock | None:

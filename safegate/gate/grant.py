@@ -23,7 +23,8 @@ import sys
 import time
 from collections.abc import Collection, Sequence
 
-from safegate.locks.flock import waiting_on
+from safegate.locks.files import lock_path as lock_file_path
+from safegate.locks.files import waiting_on
 from safegate.locks.store import HeldLock, LockStore
 from safegate.probes.pids import Identity, age, children, cmdline, identity
 from safegate.probes.snapshots import HolderRecord
@@ -110,7 +111,7 @@ def keep(held: HeldLock, owner: Identity, check_pid: int, lease: float = GRANT_L
     if job is None:
         return
     held.update_holder(job_pid=job.pid, job_start_time=job.start_time)
-    lock_path = held.store.lock_path(held.name)
+    lock_path = lock_file_path(held.store.directory, held.name)
     need = held.holder.need if held.holder is not None else 0
     try:
         ended: int | None = os.pidfd_open(job.pid)  # readable once the job exits: its end wakes the keeper at once

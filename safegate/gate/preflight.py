@@ -36,9 +36,10 @@ from safegate.gate.policy import (
 )
 from safegate.gate.queue import HEAD_GRACE, Line, read_tickets, waiting_in_line
 from safegate.gate.results import CheckResult, CompetingValues, GpuValues, MemoryValues, Status, Verdict
-from safegate.locks.directory import names_in, resolve_lock_dir
+from safegate.locks.files import check_directory, dir_lockers, ensure_directory, lockers, names_in, resolve_lock_dir
+from safegate.locks.holders import cleanup
 from safegate.locks.legacy import legacy_removable, read_legacy, remove_legacy
-from safegate.locks.store import LockStore
+from safegate.locks.store import LockStore, reservations
 from safegate.probes.gpu import gpu_backend, read_gpus
 from safegate.probes.memory import read_memory
 from safegate.probes.pids import ancestry
@@ -104,11 +105,10 @@ def _profile_need(profile: Profile, env: Mapping[str, str]) -> Size:
 def cleanup_stale(settings: Settings) -> list[Removal]:
     """Create the lock dir if missing, then remove stale holder metadata, dead waiters' tickets and dead legacy
     PID files."""
-    store = LockStore(settings.lock_dir)
-    store.ensure_directory()
-    names = names_in(store.directory)  # one listing for every reader: others' files may number in thousands
-    removals = list(store.cleanup(names))
-    read_tickets(store.directory, sweep=True, names=names)
+    ensure_directory(settings.lock_dir)
+    names = names_in(settings.lock_dir)  # one listing for every reader: others' files may number in thousands
+    removals = list(cleanup(settings.lock_dir, names))
+    read_tickets(settings.lock_dir, sweep=True, names=names)
     legacy = [read_legacy(p) for p in settings.legacy_lock_files]
     return removals + [remove_legacy(s) for s in legacy if legacy_removable(s)]
 
@@ -136,7 +136,7 @@ def behind_head(verdict: Verdict, line: Line) -> bool:
 
 def in_line_for(settings: Settings) -> contextlib.AbstractContextManager[Line]:
     """A ticket taken at arrival in the lock dir (created if missing), dropped when the wait ends."""
-    LockStore(settings.lock_dir).ensure_directory()
+    ensure_directory(settings.lock_dir)
     return waiting_in_line(settings.lock_dir, settings.profile.lock, settings.profile.name,
                            settings.profile.memory.resolve(total_ram()))
 
@@ -163,10 +163,10 @@ def read_machine(settings: Settings) -> Machine:
     # Removed files are gone, so only live or unreadable legacy files are left to judge.
     legacy = tuple(s for s in (read_legacy(p) for p in settings.legacy_lock_files) if s.alive or s.note)
     gpus = read_gpus(settings.gpu_backend)
-    store = LockStore(settings.lock_dir)
+    lock_dir = settings.lock_dir
     # Another safegate is left out only for what the lock dir shows of it. Tickets before locks: a safegate takes
     # its lock before it drops its ticket, so one seen in the process table is found in one or the other.
-    procs = read_processes(accounted=lambda: {t.pid for t in read_tickets(store.directory)} | store.lockers())
+    procs = read_processes(accounted=lambda: {t.pid for t in read_tickets(lock_dir)} | dir_lockers(lock_dir, lockers()))
     return Machine(legacy=legacy, thermal=read_thermal(settings.thermal), gpus=gpus,
                    selection=select_gpus(gpus, settings.profile.gpu, os.environ.get("CUDA_VISIBLE_DEVICES")),
                    competing=_competing(procs, settings.profile.competing, total_ram()), processes=procs)
@@ -183,11 +183,11 @@ def evaluate(
     machine = read_machine(settings) if machine is None else machine
     store = LockStore(settings.lock_dir)
     # An absent lock dir holds no locks; an unsafe one is refused as check refuses it.
-    store.check_directory()
+    check_directory(store.directory)
     family = ancestry()
     names = names_in(store.directory)  # one listing for every reader of this evaluation
     # The reservation of a hold this caller runs inside is its own: never counted against it.
-    holders = [h for h in store.reservations(names) if not encloses(h, family)]
+    holders = [h for h in reservations(store.directory, names) if not encloses(h, family)]
     reserved = sum(h.reservation for h in holders)
     gpu_reserved: dict[int, int] = {}
     for h in holders:

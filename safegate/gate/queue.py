@@ -29,7 +29,7 @@ from msgspec.structs import replace
 
 from safegate.gate.fairness import blocked_by, waits_only_for_memory
 from safegate.gate.results import Verdict
-from safegate.locks.directory import O_NOFOLLOW, O_NONBLOCK
+from safegate.locks.files import O_NOFOLLOW, O_NONBLOCK
 from safegate.probes.pids import Identity, identity, live_pids
 from safegate.probes.snapshots import Ticket
 

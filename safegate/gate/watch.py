@@ -20,8 +20,7 @@ from safegate.gate.fairness import QUEUE, first_for_lock
 from safegate.gate.queue import TICKET_PREFIX, TICKET_SUFFIX, Line, read_tickets
 from safegate.gate.results import LockValues, Verdict
 from safegate.locks.backoff import RECHECK, Backoff, poll
-from safegate.locks.directory import lock_path
-from safegate.locks.flock import RELEASE_WATCH, flock_nb, funlock, open_lock_file
+from safegate.locks.files import RELEASE_WATCH, flock_nb, funlock, lock_path, open_lock_file
 from safegate.probes.snapshots import Ticket
 
 _IN_CLOSE_WRITE = 0x008

@@ -12,12 +12,11 @@ writer holds the flock (per /proc/locks) and the file belongs to that writer's u
 cleanup removes the ones whose process is gone, where it may.
 
 The modules, one job each:
-  directory  where the lock dir is, whether it is safe, its paths and names; the O_NOFOLLOW open
-  flock      flock(2) primitives, opening lock files, probing, who holds them (/proc/locks), the admission lock
-  holders    holder metadata: the Holder record, its JSON, reading, writing, removing it
-  cleanup    stale metadata removal and the reservations of running jobs
-  legacy     old-style PID lock files, as shell gates write them
-  store      LockStore and HeldLock: the facade the rest of safegate calls
-  watch      a waiter's turn at its lock: inotify on the lock dir, woken by a release or a change in line
+  files    the lock dir (where, whether safe, its names), the O_NOFOLLOW open, flock(2) primitives, probing,
+           who holds a lock (/proc/locks), the admission lock
+  holders  holder metadata: the Holder record, its JSON, reading, writing, removing it; stale files' cleanup
+  legacy   old-style PID lock files, as shell gates write them
+  store    LockStore (taking a lock, reading its holder and state), HeldLock, the reservations of held locks
+  backoff  the one wait loop (attempt, pause, until a deadline)
 Reading never writes: only ensure_directory, taking a lock, and the cleanup functions change the lock dir.
 """

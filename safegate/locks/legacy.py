@@ -9,7 +9,7 @@ import stat
 from collections.abc import Sequence
 from pathlib import Path
 
-from safegate.locks.directory import O_NOFOLLOW, O_NONBLOCK
+from safegate.locks.files import O_NOFOLLOW, O_NONBLOCK
 from safegate.probes.processes import is_safegate, process_alive, read_small
 from safegate.probes.snapshots import LegacyState, Removal
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from safegate.cli.app import main
 from safegate.config.file import build_config, load_config
 from safegate.errors import ConfigError, ValueParseError
-from safegate.locks.store import LockStore
+from safegate.locks.files import lock_path
 from safegate.units import validate_lock_name
 
 # derandomize: CI runs the same 150 examples every time (a failure is reproducible, never a flake).
@@ -96,15 +96,15 @@ def test_deep_nesting_and_wrong_types(tmp_path: Path) -> None:
 @FAST
 @given(name=st.text(max_size=80))
 def test_any_lock_name_is_safe_or_refused(name: str, tmp_path_factory: pytest.TempPathFactory) -> None:
-    store = LockStore(tmp_path_factory.mktemp("l"))
+    directory = tmp_path_factory.mktemp("l")
     try:
         validate_lock_name(name)
     except ValueParseError:
         with pytest.raises(ValueParseError):
-            store.lock_path(name)
+            lock_path(directory, name)
         return
-    path = store.lock_path(name)
-    assert path.parent == store.directory  # never outside the lock dir
+    path = lock_path(directory, name)
+    assert path.parent == directory  # never outside the lock dir
 
 
 def test_unicode_newlines_and_100kb_of_arguments_reach_the_job(tmp_path: Path) -> None:
