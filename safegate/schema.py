@@ -1,5 +1,6 @@
 """One schema for what safegate reads from files others can write: tickets, holder records (grants are
-holder records too), history (whose runs decode straight into config.history.Run, with the types here).
+holder records too), history. Holder records and history runs decode straight into their own records
+(probes.snapshots.HolderRecord, config.history.Run), typed with the bounded types here.
 
 Every field has a type and a range, checked by msgspec while it decodes the JSON (in C, no intermediate
 dict): pids and sizes are bounded non-negative integers, times finite numbers between the epoch and now
@@ -7,8 +8,8 @@ dict): pids and sizes are bounded non-negative integers, times finite numbers be
 not fit raises nothing but `BadRecord`, which every reader turns into "ignored" (another user's file) or "set
 aside" (the user's own); no number another user wrote can overflow, and no value is trusted by its type alone.
 
-msgspec is imported with this module, and this module only where a file is actually read, so a check in an
-empty lock dir pays nothing for it.
+Records everywhere in safegate are msgspec Structs, so these checks cost no second library: the decoder of each
+kind is built on its first use.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import msgspec
 from safegate.errors import BadRecord
 from safegate.units import validate_lock_name
 
-__all__ = ["BadRecord", "HolderWire", "TicketStateWire", "TicketWire", "decode", "encode", "not_future"]
+__all__ = ["BadRecord", "TicketStateWire", "TicketWire", "decode", "encode", "lock_name", "not_future"]
 
 PID_MAX = 4_194_304  # PID_MAX_LIMIT on 64-bit Linux: no process has a larger pid
 SIZE_MAX = 2**53  # bytes (8 PiB): past any machine, and every such size is exact as a float too
@@ -37,6 +38,7 @@ Timestamp = Annotated[float, msgspec.Meta(ge=0.0)]
 Text = Annotated[str, msgspec.Meta(max_length=TEXT_MAX)]
 ExitStatus = Annotated[int, msgspec.Meta(ge=-255, le=255 + 128)]
 GpuIndex = Annotated[int, msgspec.Meta(ge=0, le=1023)]
+Cmdline = Annotated[list[str], msgspec.Meta(max_length=CMDLINE_MAX)]
 
 
 def not_future(*times: float | None) -> None:
@@ -46,35 +48,9 @@ def not_future(*times: float | None) -> None:
             raise ValueError(f"time {t!r} is in the future")
 
 
-def _lock_name(name: str | None) -> None:
+def lock_name(name: str | None) -> None:
     if name is not None:
         validate_lock_name(name)  # a ValueError: msgspec reports it as a validation error of the record
-
-
-class HolderWire(msgspec.Struct, forbid_unknown_fields=False):
-    """A holder record (<name>.holder-<token>.json), as written by the process that holds the lock."""
-
-    pid: Pid
-    start_time: Timestamp
-    user: Text
-    host: Text
-    cmdline: Annotated[list[str], msgspec.Meta(max_length=CMDLINE_MAX)]
-    started_at: Timestamp
-    profile: Text
-    lock: str
-    job_pid: Pid | None = None
-    job_start_time: Timestamp | None = None
-    need: Size = 0
-    used: Size = 0
-    gpu_index: GpuIndex | None = None
-    gpu_need: Size = 0
-    gpu_used: Size = 0
-    owner: Pid | None = None  # a grant's: the process its check granted to
-    owner_start: Timestamp | None = None
-
-    def __post_init__(self) -> None:
-        _lock_name(self.lock)
-        not_future(self.start_time, self.started_at, self.job_start_time, self.owner_start)
 
 
 class TicketWire(msgspec.Struct):
@@ -87,7 +63,7 @@ class TicketWire(msgspec.Struct):
     need: Size
 
     def __post_init__(self) -> None:
-        _lock_name(self.lock)
+        lock_name(self.lock)
 
 
 class TicketStateWire(msgspec.Struct):

@@ -78,12 +78,8 @@ class Holder(HolderRecord, frozen=True):
         range."""
         from safegate import schema
 
-        wire = schema.decode(raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw,
-                             schema.HolderWire)
-        return cls(pid=wire.pid, start_time=wire.start_time, user=wire.user, host=wire.host, cmdline=wire.cmdline,
-                   started_at=wire.started_at, profile=wire.profile, lock=wire.lock, job_pid=wire.job_pid,
-                   job_start_time=wire.job_start_time, need=wire.need, used=wire.used, gpu_index=wire.gpu_index,
-                   gpu_need=wire.gpu_need, gpu_used=wire.gpu_used, owner=wire.owner, owner_start=wire.owner_start)
+        holder: Holder = schema.decode(raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw, cls)
+        return holder
 
     @classmethod
     def for_current_process(

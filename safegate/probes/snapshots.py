@@ -8,6 +8,8 @@ from pathlib import Path
 import msgspec
 from msgspec import field
 
+from safegate import schema
+
 
 class MemorySnapshot(msgspec.Struct, frozen=True):
     """RAM as /proc/meminfo and PSI report it."""
@@ -109,28 +111,33 @@ class Selection(msgspec.Struct, frozen=True):
 
 
 class HolderRecord(msgspec.Struct, frozen=True):
-    """Who holds a lock, as the holder recorded it (the lock store's Holder adds reading and liveness)."""
+    """Who holds a lock, as the holder recorded it (<name>.holder-<token>.json; the lock store's Holder adds
+    reading and liveness). A file another user wrote decodes straight into it: every field typed and bounded."""
 
-    pid: int
-    start_time: float  # psutil create_time of pid: together they name one process, even after pid reuse
-    user: str
-    host: str
-    cmdline: list[str]
-    started_at: float  # wall-clock time the lock was taken
-    profile: str
+    pid: schema.Pid
+    start_time: schema.Timestamp  # create_time of pid: together they name one process, even after pid reuse
+    user: schema.Text
+    host: schema.Text
+    cmdline: schema.Cmdline
+    started_at: schema.Timestamp  # wall-clock time the lock was taken
+    profile: schema.Text
     lock: str
     # Set by exec: the job it started, the memory the job declared it needs, and what it used when last
     # recorded. need - used is memory the job will still take: admission reserves it for the job.
-    job_pid: int | None = None
-    job_start_time: float | None = None
-    need: int = 0
-    used: int = 0
-    gpu_index: int | None = None
-    gpu_need: int = 0
-    gpu_used: int = 0
+    job_pid: schema.Pid | None = None
+    job_start_time: schema.Timestamp | None = None
+    need: schema.Size = 0
+    used: schema.Size = 0
+    gpu_index: schema.GpuIndex | None = None
+    gpu_need: schema.Size = 0
+    gpu_used: schema.Size = 0
     # A grant (a passing check's keeper): the process the check granted to, until it has started its job.
-    owner: int | None = None
-    owner_start: float | None = None
+    owner: schema.Pid | None = None
+    owner_start: schema.Timestamp | None = None
+
+    def __post_init__(self) -> None:
+        schema.lock_name(self.lock)
+        schema.not_future(self.start_time, self.started_at, self.job_start_time, self.owner_start)
 
     @property
     def gpu_reservation(self) -> int:
