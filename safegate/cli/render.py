@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -92,6 +91,8 @@ def verdict_json(verdict: Verdict) -> str:
             for c in verdict.checks
         ],
     }
+    import json  # only for --json: a plain check prints text
+
     return json.dumps(data, indent=2, sort_keys=False, default=str)
 
 
@@ -191,6 +192,8 @@ def status_json(r: StatusReport) -> str:
         "waiters": queue_json(r.waiters, r.time),
         "top_processes": [{"pid": p.pid, "rss": p.rss, "cmdline": p.cmdline} for p in r.top],
     }
+    import json
+
     return json.dumps(data, indent=2)
 
 

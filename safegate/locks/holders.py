@@ -13,9 +13,7 @@ safegates that are gone.
 
 from __future__ import annotations
 
-import json
 import os
-import random
 import re
 import stat
 import sys
@@ -70,6 +68,8 @@ class Holder(HolderRecord, frozen=True):
             self.job_pid is not None and _runs_as(self.job_pid, self.job_start_time, uid))
 
     def to_json(self) -> str:
+        import json  # only where a record is written: a plain check in an empty lock dir writes none
+
         return json.dumps(asdict(self), sort_keys=True, allow_nan=False)
 
     @classmethod
@@ -106,6 +106,8 @@ def _bounded(text: str) -> str:
 
 def bounded_cmdline(argv: list[str], budget: int = CMDLINE_MAX_JSON) -> list[str]:
     """*argv* as stored: whole while it fits *budget* JSON bytes, else cut, with a marker saying how much."""
+    import json
+
     kept: list[str] = []
     used = 0
     for i, arg in enumerate(argv):
@@ -309,8 +311,11 @@ def cleanup(directory: Path, names: list[str] | None = None) -> Iterator[Removal
         return starts[named[0]] != named[1]
 
     stale = [(name, f) for name, entry in entries.items() for f in entry.holders if gone(f)]
-    # Which ones at random when there are more (so planted ones cannot always come first); in name order.
-    for name, filename in sorted(random.sample(stale, min(len(stale), SWEEP_MAX))):
+    if len(stale) > SWEEP_MAX:
+        import random  # only with more than a sweep's worth: the usual cleanup has a few files, or none
+
+        stale = random.sample(stale, SWEEP_MAX)  # so planted ones cannot always come first
+    for name, filename in sorted(stale):  # in name order
         if not _mine(directory / filename, me):
             continue
         found = read_file(directory / filename)
