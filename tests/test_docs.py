@@ -152,6 +152,13 @@ def test_readme_signal_section_is_the_generated_text() -> None:
     assert ".SH SIGNALS AND THE TERMINAL" in man and "SIGRTMIN to SIGRTMAX" in man
 
 
+def test_readme_api_keywords_are_the_generated_text() -> None:
+    from safegate.cli.docgen import api_keywords
+
+    block = README.split("<!-- api-keywords:", 1)[1].split("-->\n", 1)[1].split("\n<!-- /api-keywords -->", 1)[0]
+    assert block == api_keywords()
+
+
 def test_readme_grant_section_is_the_generated_text() -> None:
     from safegate.cli.docgen import grant_paragraphs
 

@@ -54,6 +54,16 @@ def signal_paragraphs() -> list[str]:
     ]
 
 
+def api_keywords() -> str:
+    """The Python API's setting keywords, from the settings table: README's api-keywords block."""
+    from safegate.config.model import SETTINGS
+
+    names = ", ".join(f"`{s.param}`" for s in SETTINGS if "check" in s.commands)
+    return (f"`check`, `hold` and `slots` take the settings `safegate check` takes, as keywords named like its "
+            f"options: {names}. A value is what the option takes (`\"6G\"`, `\"10%\"`, `\"auto\"`); a size may "
+            "also be an int of bytes, a temperature a number. Any other keyword is a `TypeError`.")
+
+
 def grant_paragraphs() -> list[str]:
     """What a passing check reserves, for whom and until when: README's grants block and the man page's section."""
     from safegate.gate.grant import GRANT_LEASE
