@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 
 import msgspec
 
@@ -108,6 +109,39 @@ def parse_temp(text: str | float) -> float:
 
 SIGNAL_ACCEPTED = "a signal name or number like SIGUSR1, USR1 or 10"
 ON_HOT_CHOICES = ("pause", "kill", "warn")
+# Longer than any choice by this much, a word is not a typo of one: difflib is not even asked (hostile input).
+_TYPO_SLACK = 8
+_TYPO_CUTOFF = 0.6  # difflib.get_close_matches' own
+
+
+def did_you_mean(given: str, choices: Iterable[str]) -> str:
+    """The one wording of a suggestion for a mistyped name: "; did you mean 'max_mem'?" when some of *choices*
+    are close to *given* (difflib's ratio; the same letters swapped count as close), else "". Appended to the
+    message that names the value and what is accepted. Only the best match is named, or the two that tie for
+    best (SIGUSR: SIGUSR1 or SIGUSR2): a shared prefix such as SIG makes many names look alike."""
+    names = list(dict.fromkeys(choices))
+    if not names or len(given) > max(map(len, names)) + _TYPO_SLACK:
+        return ""
+    import difflib  # only on the way to an error message
+
+    def score(name: str) -> float:
+        swapped = len(name) == len(given) and sorted(name) == sorted(given)
+        return max(difflib.SequenceMatcher(None, given, name).ratio(), 0.9 if swapped else 0.0)
+
+    scores = {name: score(name) for name in names}
+    best = max(scores.values())
+    if best < _TYPO_CUTOFF:
+        return ""
+    close = [name for name in names if scores[name] >= best - 0.02][:2]
+    return f"; did you mean {' or '.join(repr(c) for c in close)}?"
+
+
+def signal_names() -> tuple[str, ...]:
+    """The signals --warn-signal takes by name, as parse_signal reads them (SIGUSR1), for completion and
+    suggestions."""
+    import signal
+
+    return tuple(s.name for s in signal.Signals)
 
 
 def parse_signal(text: str | int) -> int:
@@ -125,7 +159,8 @@ def parse_signal(text: str | int) -> int:
         name = "SIG" + name
     value = getattr(signal.Signals, name, None) if name.isidentifier() else None
     if value is None:
-        raise ValueParseError(f"invalid signal {raw!r}: expected {SIGNAL_ACCEPTED}")
+        hint = did_you_mean(name, signal_names()) if name.isidentifier() else ""
+        raise ValueParseError(f"invalid signal {raw!r}: expected {SIGNAL_ACCEPTED}{hint}")
     return int(value)
 
 
@@ -144,7 +179,8 @@ def signal_name(signum: int) -> str:
 def parse_on_hot(text: str) -> str:
     value = str(text).strip().lower()
     if value not in ON_HOT_CHOICES:
-        raise ValueParseError(f"invalid --on-hot value {text!r}: expected one of pause, kill, warn")
+        raise ValueParseError(f"invalid --on-hot value {text!r}: expected one of pause, kill, warn"
+                              f"{did_you_mean(value, ON_HOT_CHOICES)}")
     return value
 
 
@@ -162,15 +198,22 @@ CGROUP_CHOICES = ("auto", "on", "off")
 def parse_cgroup(text: str) -> str:
     value = str(text).strip().lower()
     if value not in CGROUP_CHOICES:
-        raise ValueParseError(f"invalid --cgroup value {text!r}: expected one of auto, on, off")
+        raise ValueParseError(f"invalid --cgroup value {text!r}: expected one of auto, on, off"
+                              f"{did_you_mean(value, CGROUP_CHOICES)}")
     return value
+
+
+SWITCH_CHOICES = ("on", "off")  # what completion offers; true and false are read too (TOML's own spelling)
 
 
 def parse_switch(text: str) -> bool:
     value = str(text).strip().lower()
-    if value not in ("on", "off", "true", "false"):
-        raise ValueParseError(f"invalid value {text!r}: expected on or off")
+    if value not in (*SWITCH_CHOICES, "true", "false"):
+        raise ValueParseError(f"invalid value {text!r}: expected on or off{did_you_mean(value, SWITCH_CHOICES)}")
     return value in ("on", "true")
+
+
+NICE_RANGE = range(20)  # what --nice takes, and what completion offers
 
 
 def parse_nice(text: str | int) -> int:
@@ -179,19 +222,23 @@ def parse_nice(text: str | int) -> int:
         value = int(raw)
     except ValueError:
         raise ValueParseError(f"invalid nice value {raw!r}: expected an integer from 0 to 19") from None
-    if not 0 <= value <= 19:
+    if value not in NICE_RANGE:
         raise ValueParseError(f"invalid nice value {raw!r}: expected an integer from 0 to 19")
     return value
+
+
+GPU_AUTO = "auto"
 
 
 def parse_gpu_option(text: str) -> tuple[int, ...] | None:
     """'auto' -> None; '0' or '0,2' -> indexes. ValueParseError otherwise."""
     value = text.strip().lower()
-    if value == "auto":
+    if value == GPU_AUTO:
         return None
     parts = [p.strip() for p in value.split(",")]
     if not parts or not all(p.isascii() and p.isdigit() for p in parts):
-        raise ValueParseError(f"invalid GPU selection {text!r}: expected auto or indexes like 0 or 0,2")
+        hint = did_you_mean(value, (GPU_AUTO,))
+        raise ValueParseError(f"invalid GPU selection {text!r}: expected auto or indexes like 0 or 0,2{hint}")
     return tuple(int(p) for p in parts)
 
 

@@ -269,6 +269,28 @@ def test_bad_input_is_one_line_and_documented_code(run: Run, args: list[str], co
     no_traceback(result)
 
 
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["check", "-p", "whsiper-large-v3"], 3, "unknown profile 'whsiper-large-v3'"),  # the plain check
+        (["slots", "-p", "whsiper-large-v3"], 3, "unknown profile 'whsiper-large-v3'"),  # through typer
+        (["check", "--gpu", "atuo"], 2, "--gpu: invalid GPU selection 'atuo'"),
+        (["exec", "--on-hot", "paus", "--", "true"], 2, "--on-hot: invalid --on-hot value 'paus'"),
+        (["exec", "--cgroup", "of", "--", "true"], 2, "--cgroup: invalid --cgroup value 'of'"),
+        (["exec", "--throttle", "onn", "--", "true"], 2, "--throttle: invalid value 'onn'"),
+        (["exec", "--warn-signal", "SIGTREM", "--", "true"], 2, "--warn-signal: invalid signal 'SIGTREM'"),
+    ],
+)
+def test_a_typo_gets_the_closest_value(run: Run, config: Path, args: list[str], code: int, message: str) -> None:
+    result = run(*args[:1], "--config", str(config), *args[1:])
+    expected = {"whsiper-large-v3": "whisper-large-v3", "atuo": "auto", "paus": "pause", "of": "off",
+                "onn": "on", "SIGTREM": "SIGTERM"}[message.rsplit("'", 2)[1]]
+    assert result.returncode == code, result.stderr
+    assert message in result.stderr and result.stderr.endswith(f"; did you mean {expected!r}?\n"), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    no_traceback(result)
+
+
 def test_bad_config_content_is_exit_3(run: Run, tmp_path: Path) -> None:
     cfg = tmp_path / "bad.toml"
     cfg.write_text('[profiles.night]\nmemory = "10GG"\n')

@@ -12,7 +12,7 @@ from support import TIMEOUT
 
 from safegate.config import file as config_module
 from safegate.config.file import find_config_path, load_config
-from safegate.config.model import DEFAULT_CPU_SENSORS
+from safegate.config.model import DEFAULT_CPU_SENSORS, PROFILE_KEYS, SETTINGS
 from safegate.errors import ConfigError
 from safegate.regex import compiled
 
@@ -169,6 +169,62 @@ def test_every_mistake_is_one_clear_line(tmp_path: Path, text: str, message: str
     assert message in text_of
     assert "\n" not in text_of.strip() or "invalid TOML" in text_of
     assert "config.toml" in text_of
+
+
+@pytest.mark.parametrize(
+    ("text", "place", "suggestion"),
+    [
+        ('[defaults]\nmax_memm = "1G"', "defaults.max_memm: unknown key", "max_mem"),
+        ('[profiles.night]\nmemroy = "1G"', "profiles.night.memroy: unknown key", "memory"),
+        ('[profiles.night]\non_hto = "kill"', "profiles.night.on_hto: unknown key", "on_hot"),
+        ('[default]\nmax_temp = 70', "default: unknown key", "defaults"),
+        ('[profile.night]\nmemory = "1G"', "profile: unknown key", "profiles"),
+        ('[thermal]\nsensor = ["coretemp:*"]', "thermal.sensor: unknown key", "sensors"),
+        ('[gpu]\nbackedn = "nvml"', "gpu.backedn: unknown key", "backend"),
+        ('[gpu]\nbackend = "nvlm"', "invalid GPU backend 'nvlm'", "nvml"),
+        ("[[profiles.night.competing]]\npatern = 'x'", "competing[0].patern: unknown key", "pattern"),
+        ("[[profiles.night.competing]]\npattern = 'x'\naction = \"blok\"", "invalid action 'blok'", "block"),
+        ('[profiles.night]\non_hot = "paus"', "invalid --on-hot value 'paus'", "pause"),
+        ('[profiles.night]\ncgroup = "atuo"', "invalid --cgroup value 'atuo'", "auto"),
+        ('[profiles.night]\nthrottle = "of"', "invalid value 'of'", "off"),
+        ('[profiles.night]\nwarn_signal = "SIGTREM"', "invalid signal 'SIGTREM'", "SIGTERM"),
+    ],
+)
+def test_a_typo_gets_the_closest_name(tmp_path: Path, text: str, place: str, suggestion: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    message = str(info.value)
+    assert place in message and message.endswith(f"; did you mean {suggestion!r}?"), message
+
+
+def test_a_far_miss_gets_no_suggestion(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, '[defaults]\nzzzzzz = 1'))
+    assert "did you mean" not in str(info.value)
+
+
+def test_each_table_lists_only_the_keys_it_accepts(tmp_path: Path) -> None:
+    # [defaults] refuses the per-profile keys, so it must not offer them; a profile's table accepts them all.
+    def accepted(text: str) -> set[str]:
+        with pytest.raises(ConfigError) as info:
+            load_config(write(tmp_path, text))
+        listed = str(info.value).split("accepted keys: ", 1)[1].split(";", 1)[0]
+        return set(listed.split(", "))
+
+    per_profile = {s.key for s in SETTINGS if s.per_profile}
+    assert per_profile >= {"lock", "match", "memory"}
+    assert accepted("[defaults]\nbogus = 1") == set(PROFILE_KEYS) - per_profile
+    assert accepted("[profiles.night]\nbogus = 1") == set(PROFILE_KEYS)
+    with pytest.raises(ConfigError, match=r"defaults\.lock: is per profile"):
+        load_config(write(tmp_path, '[defaults]\nlock = "x"\nbogus = 1'))
+
+
+def test_a_mistyped_profile_gets_the_closest_name(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, '[profiles.llm-70b]\nmemory = "40G"\n'))
+    with pytest.raises(ConfigError) as info:
+        config.profile("whsiper-large-v3")
+    assert str(info.value) == ("unknown profile 'whsiper-large-v3': known profiles are default, llm-70b, "
+                               "whisper-large-v3; did you mean 'whisper-large-v3'?")
 
 
 def test_a_mistake_in_an_unused_profile_shows_on_first_load(tmp_path: Path) -> None:

@@ -7,7 +7,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from safegate.errors import ValueParseError
-from safegate.units import Size, format_bytes, parse_duration, parse_size, parse_temp, validate_lock_name
+from safegate.units import (
+    Size,
+    did_you_mean,
+    format_bytes,
+    parse_duration,
+    parse_size,
+    parse_temp,
+    validate_lock_name,
+)
 
 GiB = 1024**3
 
@@ -146,3 +154,28 @@ def test_format_bytes() -> None:
     assert format_bytes(0) == "0 B"
     assert format_bytes(10 * GiB) == "10.0 GiB"
     assert format_bytes(-1536) == "-1.5 KiB"
+
+
+@pytest.mark.parametrize(
+    ("given", "choices", "expected"),
+    [
+        ("max_memm", ["max_mem", "max_temp", "memory"], "; did you mean 'max_mem'?"),
+        ("atuo", ["auto", "on", "off"], "; did you mean 'auto'?"),  # letters swapped
+        ("SIGUSR", ["SIGTERM", "SIGUSR1", "SIGURG", "SIGUSR2"], "; did you mean 'SIGUSR1' or 'SIGUSR2'?"),
+        ("explode", ["pause", "kill", "warn"], ""),
+        ("x" * 10_000, ["pause"], ""),
+        ("anything", [], ""),
+    ],
+)
+def test_did_you_mean(given: str, choices: list[str], expected: str) -> None:
+    assert did_you_mean(given, choices) == expected
+
+
+@given(st.text(max_size=200), st.lists(st.text(min_size=1, max_size=20), max_size=30))
+def test_did_you_mean_names_only_choices_on_one_line(given_text: str, choices: list[str]) -> None:
+    # The given text is another user's (a config key, a command line): never echoed, never a crash.
+    hint = did_you_mean(given_text, choices)
+    forms = {f"; did you mean {a!r}?" for a in choices} | {
+        f"; did you mean {a!r} or {b!r}?" for i, a in enumerate(choices) for b in choices[i + 1:]}
+    assert hint == "" or hint in forms
+    assert hint.isprintable()

@@ -30,6 +30,7 @@ from safegate.settings import CLI_PARSERS
 from safegate.units import (
     BACKENDS,
     Size,
+    did_you_mean,
     parse_gpu_option,
     parse_size,
     parse_temp,
@@ -44,6 +45,8 @@ else:  # pragma: no cover - exercised on 3.10 only
 
 # Keys a profile may set come from the settings table; [defaults] may set the same ones, but per-profile ones.
 _PROFILE_KEYS = set(PROFILE_KEYS)
+_PER_PROFILE = {s.key for s in SETTINGS if s.per_profile}
+_DEFAULTS_KEYS = _PROFILE_KEYS - _PER_PROFILE
 _TOP_KEYS = {"lock_dir", "legacy_lock_files", "defaults", "thermal", "gpu", "profiles"}
 _GPU_KEYS = {"backend"}
 _THERMAL_KEYS = {"sensors", "ignore", "files", "require"}
@@ -80,10 +83,12 @@ def _string_list(where: _Where, key: str, value: Any) -> tuple[str, ...]:
 
 
 def _unknown_keys(where: _Where, table: str, data: Mapping[str, Any], allowed: set[str]) -> None:
+    """Refuse a key *table* does not accept, listing the keys it does (only those) and the closest."""
     for key in data:
         if key not in allowed:
             accepted = ", ".join(sorted(allowed))
-            raise where.fail(f"{table}{key}" if table else key, f"unknown key; accepted keys: {accepted}")
+            raise where.fail(f"{table}{key}" if table else key,
+                              f"unknown key; accepted keys: {accepted}{did_you_mean(str(key), allowed)}")
 
 
 def _size(where: _Where, key: str, value: Any, *, allow_percent: bool = True) -> Size:
@@ -132,7 +137,8 @@ def _rules(where: _Where, key: str, value: Any) -> tuple[CompetingRule, ...]:
         found = {k: _regex(where, f"{item_key}.{k}", item[k]) for k in ("pattern", "program", "args") if k in item}
         action = item.get("action", "block")
         if action not in ("block", "warn"):
-            raise where.fail(f"{item_key}.action", f"invalid action {action!r}: expected 'block' or 'warn'")
+            hint = did_you_mean(action, ("block", "warn")) if isinstance(action, str) else ""
+            raise where.fail(f"{item_key}.action", f"invalid action {action!r}: expected 'block' or 'warn'{hint}")
         min_rss = _size(where, f"{item_key}.min_rss", item["min_rss"]) if "min_rss" in item else None
         rules.append(CompetingRule(pattern=found.get("pattern"), action=action, min_rss=min_rss,
                                    program=found.get("program"), args=found.get("args")))
@@ -141,7 +147,11 @@ def _rules(where: _Where, key: str, value: Any) -> tuple[CompetingRule, ...]:
 
 def _profile_fields(where: _Where, table: str, data: Mapping[str, Any]) -> dict[str, Any]:
     """Validate one [profiles.X] or [defaults] table into Profile constructor arguments."""
-    _unknown_keys(where, table, data, set(_PROFILE_KEYS))
+    if table == "defaults.":
+        for key in data:
+            if key in _PER_PROFILE:
+                raise where.fail(f"defaults.{key}", "is per profile; set it in [profiles.NAME]")
+    _unknown_keys(where, table, data, _DEFAULTS_KEYS if table == "defaults." else _PROFILE_KEYS)
     out: dict[str, Any] = {}
     for key, value in data.items():
         kind = BY_KEY[key].kind
@@ -324,7 +334,8 @@ def build_config(data: Mapping[str, Any], source: str, path: Path | None) -> Con
         if "backend" in gpu_table:
             backend = gpu_table["backend"]
             if backend not in BACKENDS:
-                raise where.fail("gpu.backend", f"invalid GPU backend {backend!r}: expected auto, nvml or none")
+                hint = did_you_mean(backend, BACKENDS) if isinstance(backend, str) else ""
+                raise where.fail("gpu.backend", f"invalid GPU backend {backend!r}: expected auto, nvml or none{hint}")
             gpu_backend = backend
 
     builtin_where = _Where("(built-in)", trusted=True)
@@ -332,9 +343,6 @@ def build_config(data: Mapping[str, Any], source: str, path: Path | None) -> Con
     defaults = _profile_fields(builtin_where, "defaults.", builtin.get("defaults", {}))
     user_defaults = _expect(where, "defaults", data.get("defaults", {}), dict, "a table")
     defaults.update(_profile_fields(where, "defaults.", user_defaults))
-    for key in (s.key for s in SETTINGS if s.per_profile):
-        if key in defaults:
-            raise where.fail(f"defaults.{key}", "is per profile; set it in [profiles.NAME]")
 
     builtin_tables: dict[str, Any] = builtin["profiles"]
     user_tables = _expect(where, "profiles", data.get("profiles", {}), dict, "a table of profiles")

@@ -17,7 +17,7 @@ from msgspec.structs import replace
 from safegate.errors import ConfigError, UsageError, ValueParseError
 from safegate.regex import compiled
 from safegate.settings import EXEC, GATE, RESUME_BELOW, Setting, effective_resume_temp
-from safegate.units import Size
+from safegate.units import Size, did_you_mean
 
 # The CPU sensors a machine usually has, as psutil names them; everything else (nvme, wifi, GPU, ...) is
 # not a CPU and is ignored unless [thermal] sensors names it.
@@ -173,7 +173,8 @@ class Config(msgspec.Struct, frozen=True):
             return self.profiles[name]
         except KeyError:
             known = ", ".join(sorted(self.profiles))
-            raise ConfigError(f"unknown profile {name!r}: known profiles are {known}") from None
+            hint = did_you_mean(name, sorted(self.profiles))
+            raise ConfigError(f"unknown profile {name!r}: known profiles are {known}{hint}") from None
 
 
     def profile_for_command(self, argv: list[str]) -> Profile:
