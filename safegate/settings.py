@@ -17,6 +17,11 @@ import msgspec
 
 from safegate.errors import ValueParseError
 from safegate.units import (
+    CGROUP_CHOICES,
+    GPU_AUTO,
+    NICE_RANGE,
+    ON_HOT_CHOICES,
+    SWITCH_CHOICES,
     parse_cgroup,
     parse_command,
     parse_duration,
@@ -27,6 +32,7 @@ from safegate.units import (
     parse_size,
     parse_switch,
     parse_temp,
+    signal_names,
     validate_lock_name,
 )
 
@@ -65,6 +71,11 @@ class Setting(msgspec.Struct, frozen=True):
         """A value from a command line (or the default's text); ValueParseError names what is accepted."""
         return CLI_PARSERS[self.kind](text)
 
+    def choices(self) -> tuple[str, ...]:
+        """The values of a kind that takes one of a fixed set, as its parser reads them (shell completion offers
+        them); () for any other kind."""
+        return CHOICES[self.kind]() if self.kind in CHOICES else ()
+
     def initial(self) -> Any:
         """The value when nothing sets it."""
         if self.default is None:
@@ -98,6 +109,16 @@ CLI_PARSERS: dict[str, Callable[[str], Any]] = {
     # Kinds only a config file sets: their defaults are parsed here too.
     "text": str,
     "percent": float,
+}
+# The kinds whose values come from a fixed set: the very tuples their parsers check against. A function each, so
+# nothing is computed (signal names) until a shell asks. gpu: auto, and the indexes the machine has (cli.options).
+CHOICES: dict[str, Callable[[], tuple[str, ...]]] = {
+    "on_hot": lambda: ON_HOT_CHOICES,
+    "cgroup": lambda: CGROUP_CHOICES,
+    "switch": lambda: SWITCH_CHOICES,
+    "signal": signal_names,
+    "nice": lambda: tuple(str(n) for n in NICE_RANGE),
+    "gpu": lambda: (GPU_AUTO,),
 }
 # What an unset setting of these kinds holds (any other kind: None).
 EMPTY: dict[str, Any] = {"regexes": (), "rules": (), "text": ""}

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from support import REPO, Run
+from support import REPO, Procs, Run, hold_with_safegate
 
 from safegate.config.model import PROFILE_KEYS as _PROFILE_KEYS
 from safegate.exitcodes import ExitCode, table_markdown, table_plain
@@ -135,6 +135,82 @@ def test_other_shells_load_and_complete(shell: str, env: dict[str, str]) -> None
     assert "check" in result.stdout, result.stdout
     if shell == "zsh":
         assert "_safegate_completion: function" in result.stdout
+
+
+# What each shell offers for an option's value: the fixed sets come from the settings table (settings.CHOICES),
+# profiles from the config, lock names from the lock dir (night-train is held by the test).
+VALUE_COMPLETIONS = [
+    ("exec --on-hot ", {"pause", "kill", "warn"}),
+    ("exec --cgroup ", {"auto", "on", "off"}),
+    ("exec --throttle ", {"on", "off"}),
+    ("check --gpu ", {"auto"}),  # no NVIDIA driver here: no indexes (tests/test_gpu.py has them)
+    ("exec --warn-signal SIGUS", {"SIGUSR1", "SIGUSR2"}),
+    ("exec --nice 1", {"1", *(str(n) for n in range(10, 20))}),
+    ("check -p whi", {"whisper-large-v3"}),
+    ("slots --lock night", {"night-train"}),
+]
+
+
+def _completion_script(shell: str) -> str:
+    """One script for *shell* that completes every VALUE_COMPLETIONS line as the shell's own completion would,
+    printing "== i" before the values offered for line i."""
+    lines = []
+    for i, (line, _) in enumerate(VALUE_COMPLETIONS):
+        words = ["safegate", *line.split()] + ([""] if line.endswith(" ") else [])
+        quoted = " ".join(f"'{w}'" for w in words)
+        lines.append(f"echo '== {i}'")
+        if shell == "bash":  # the function complete -F calls, with the words bash hands it
+            lines.append(f'COMP_WORDS=({quoted}); COMP_CWORD={len(words) - 1}; _safegate_completion safegate; '
+                         'printf "%s\\n" "${COMPREPLY[@]}"')
+        elif shell == "zsh":  # the function compdef registered, with the words zsh hands it; its _arguments caught
+            lines.append(f"words=({quoted}); CURRENT={len(words)}; _safegate_completion")
+        else:
+            lines.append(f"complete -C 'safegate {line}'")
+    name = {"bash": "safegate.bash", "zsh": "_safegate", "fish": "safegate.fish"}[shell]
+    setup = {"bash": "", "fish": "",
+             "zsh": "autoload -U compinit; compinit -u; _arguments() { print -r -- \"$@\" }\n"}[shell]
+    return setup + f"source {REPO / 'completions' / name}\n" + "\n".join(lines) + "\n"
+
+
+def _offered(shell: str, output: str) -> list[set[str]]:
+    blocks = re.split(r"^== \d+\n", output, flags=re.M)[1:]
+    if shell == "zsh":  # _arguments '*: :(("pause" "kill" "warn"))': the values are the quoted words
+        return [set(re.findall(r'"((?:[^"]|"")*)"', block)) for block in blocks]
+    return [{line.split("\t")[0] for line in block.splitlines() if line} for block in blocks]
+
+
+@pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
+def test_option_values_complete_in_real_shells(shell: str, env: dict[str, str], lock_dir: Path,
+                                               procs: Procs) -> None:
+    if shutil.which(shell) is None:
+        pytest.skip(f"{shell} is not installed here")
+    hold_with_safegate(procs, lock_dir, "night-train")
+    path = f"{Path(sys.executable).parent}:{env['PATH']}"
+    result = subprocess.run([shell, "-c", _completion_script(shell)], capture_output=True, text=True,
+                            env={**env, "PATH": path}, cwd=lock_dir)
+    assert result.returncode == 0, result.stderr
+    offered = _offered(shell, result.stdout)
+    assert len(offered) == len(VALUE_COMPLETIONS), result.stdout
+    for (line, expected), got in zip(VALUE_COMPLETIONS, offered, strict=True):
+        assert got == expected, f"{shell}: safegate {line}<TAB> offered {sorted(got)}"
+
+
+def test_every_command_summary_in_help_is_whole(run: Run) -> None:
+    # click cuts a summary that does not fit the 80 columns ("each profile's last..."); each must fit whole.
+    import typer.main
+    from typer.core import TyperGroup
+
+    from safegate.cli.app import app
+
+    group = typer.main.get_command(app)
+    assert isinstance(group, TyperGroup)
+    for path, cmd in [((), group), (("slurm",), group.commands["slurm"])]:
+        assert isinstance(cmd, TyperGroup)
+        out = run(*path, "--help", env={**run.env, "COLUMNS": "80"}).stdout
+        listed = dict(re.findall(r"^  (\S+) +(.+)$", out.split("Commands:", 1)[1], flags=re.M))
+        assert listed.keys() == cmd.commands.keys()
+        for name, sub in cmd.commands.items():
+            assert listed[name] == sub.get_short_help_str(limit=10_000), f"{' '.join(path)} {name}: {listed[name]}"
 
 
 def test_every_command_help_has_an_example(run: Run) -> None:

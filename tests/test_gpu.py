@@ -345,3 +345,22 @@ def test_a_gpu_need_that_can_never_fit_is_exit_11_at_once(run: Run, config: Path
     waited = run("check", "--config", str(config), "--mem", "0", "--gpu-mem", "8G", "--wait", "--timeout", "1s",
                  env=busy)
     assert waited.returncode == ExitCode.GPU_MEMORY and "timed out" in waited.stderr
+
+
+def test_gpu_completion_offers_the_drivers_cards(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The driver lists one directory per card under /proc/driver/nvidia/gpus; this machine has none, so a copy
+    # of that listing stands in. Completion reads it instead of starting NVML (seconds without persistence mode).
+    from safegate.cli import options
+    from safegate.probes import gpu
+
+    cards = tmp_path / "driver" / "nvidia" / "gpus"
+    assert gpu.gpu_indexes(str(tmp_path)) == ()
+    for bus in ("0000:17:00.0", "0000:65:00.0", "0000:ca:00.0"):
+        (cards / bus).mkdir(parents=True)
+    assert gpu.gpu_indexes(str(tmp_path)) == (0, 1, 2)
+    real = gpu.gpu_indexes
+    monkeypatch.setattr(gpu, "gpu_indexes", lambda: real(str(tmp_path)))
+    assert options.complete_gpus("") == ["auto", "0", "1", "2"]
+    assert options.complete_gpus("a") == ["auto"]
+    assert options.complete_gpus("0,") == ["0,1", "0,2"]
+    assert options.complete_gpus("2,0,") == ["2,0,1"]

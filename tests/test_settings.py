@@ -100,3 +100,14 @@ def test_resume_temperature_rule() -> None:
     assert effective_resume_temp(80, None) == 75
     assert effective_resume_temp(80, 70) == 70
     assert effective_resume_temp(60, 70) == 55  # a --max-temp below the profile's resume_temp
+
+
+def test_every_value_completion_offers_is_accepted() -> None:
+    # The choices are the parser's own: each option of a fixed set offers them, and each parses.
+    offered = {s.key: s.choices() for s in SETTINGS if s.choices()}
+    assert offered.keys() == {"on_hot", "cgroup", "throttle", "gpu", "warn_signal", "nice"}
+    assert offered["on_hot"] == ("pause", "kill", "warn") and offered["cgroup"] == ("auto", "on", "off")
+    for key, values in offered.items():
+        for value in values:
+            BY_KEY[key].parse(value)
+    assert all(s.option is not None for s in SETTINGS if s.choices())  # a config-only setting completes nothing

@@ -16,7 +16,7 @@ from typer.core import TyperCommand
 
 from safegate.cli.plain import echo
 from safegate.config.file import load_config
-from safegate.config.model import SETTINGS
+from safegate.config.model import BY_KEY, SETTINGS
 from safegate.errors import SafegateError
 from safegate.settings import Setting
 from safegate.units import printable
@@ -96,10 +96,34 @@ def with_settings(command: str) -> Callable[[Command], Command]:
     return wrap
 
 
+def complete_gpus(incomplete: str) -> list[str]:
+    """auto, and the machine's GPU indexes (cheaply, from the driver's /proc listing); after "0," the rest."""
+    from safegate.probes.gpu import gpu_indexes
+
+    head, comma, _ = incomplete.rpartition(",")
+    given = set(head.split(",")) if comma else set()
+    values = [f"{head}{comma}{i}" for i in gpu_indexes() if str(i) not in given]
+    if not comma:
+        values = [*BY_KEY["gpu"].choices(), *values]
+    return [v for v in values if v.startswith(incomplete)]
+
+
+def _completion(setting: Setting) -> Callable[[str], list[str]] | None:
+    """How a shell completes the setting's value: lock names and GPUs from the machine, a fixed set of values
+    from the kind's own choices (settings.CHOICES), anything else (sizes, durations, paths) not at all."""
+    if setting.kind == "lock":
+        return complete_locks
+    if setting.kind == "gpu":
+        return complete_gpus
+    if not setting.choices():
+        return None
+    return lambda incomplete: [c for c in setting.choices() if c.lower().startswith(incomplete.lower())]
+
+
 def _parameter(setting: Setting) -> inspect.Parameter:
     assert setting.option is not None
-    completion = {"lock": complete_locks}.get(setting.kind)
-    option = typer.Option(setting.option, metavar=setting.metavar, help=setting.help_text, autocompletion=completion)
+    option = typer.Option(setting.option, metavar=setting.metavar, help=setting.help_text,
+                          autocompletion=_completion(setting))
     return inspect.Parameter(setting.param, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None,
                              annotation=Annotated[str | None, option])
 

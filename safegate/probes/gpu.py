@@ -23,7 +23,7 @@ LIBRARY = "libnvidia-ml.so.1"
 T = TypeVar("T")
 # The snapshot types live in safegate.probes.snapshots (policy.py reads them without importing a probe); they are
 # re-exported because read_gpus returns them and its callers name them.
-__all__ = ["LIBRARY", "GpuInfo", "GpuProcess", "GpuSnapshot", "gpu_backend", "host_pid_map", "read_gpus"]
+__all__ = ["LIBRARY", "GpuInfo", "GpuProcess", "GpuSnapshot", "gpu_backend", "gpu_indexes", "host_pid_map", "read_gpus"]
 
 
 def gpu_backend(configured: str, env: Mapping[str, str]) -> str:
@@ -212,6 +212,19 @@ def _processes(nvml: Any, session: _Nvml, handle: Any) -> tuple[GpuProcess, ...]
             else:
                 merged[pid] = GpuProcess(pid, used, kind)
     return tuple(merged[p] for p in sorted(merged))
+
+
+def gpu_indexes(proc_root: str = "/proc") -> tuple[int, ...]:
+    """The NVIDIA GPUs' indexes as the driver lists them (one directory per card), without loading NVML, whose
+    start can take seconds: for shell completion. NVML numbers the same cards 0..n-1. () without the driver."""
+    from itertools import islice
+
+    try:
+        with os.scandir(os.path.join(proc_root, "driver", "nvidia", "gpus")) as entries:
+            count = sum(1 for _ in islice(entries, 64))  # a machine has a handful; a bound, whatever is there
+    except OSError:
+        return ()
+    return tuple(range(count))
 
 
 def host_pid_map(proc_root: str = "/proc") -> dict[int, int]:
