@@ -257,7 +257,8 @@ def status(
             echo(text)
 
 
-@app.command(epilog="Example (cron, every minute): safegate metrics --textfile /var/lib/prometheus/node-exporter")
+@app.command(short_help="Prometheus metrics: memory, heat, GPUs, locks, last runs.",
+             epilog="Example (cron, every minute): safegate metrics --textfile /var/lib/prometheus/node-exporter")
 def metrics(textfile: Annotated[str | None, typer.Option("--textfile", metavar="DIR", help=(
         "Write DIR/safegate.prom whole (for node_exporter's textfile collector) instead of printing."))] = None,
         config: ConfigOpt = None) -> None:
@@ -291,7 +292,8 @@ slurm_app = typer.Typer(help="Safegate inside Slurm.", no_args_is_help=True)
 app.add_typer(slurm_app, name="slurm")
 
 
-@slurm_app.command("health", epilog=EXIT_CODES_EPILOG)
+@slurm_app.command("health", short_help="Drain the node when unsafe, resume it when safe again.",
+                   epilog=EXIT_CODES_EPILOG)
 def slurm_health(
     node: Annotated[str | None, typer.Option(metavar="NAME", help="Node to drain or resume (default: "
                                              "$SLURMD_NODENAME, else the short hostname).")] = None,
