@@ -88,7 +88,7 @@ def _unknown_keys(where: _Where, table: str, data: Mapping[str, Any], allowed: s
         if key not in allowed:
             accepted = ", ".join(sorted(allowed))
             raise where.fail(f"{table}{key}" if table else key,
-                              f"unknown key; accepted keys: {accepted}{did_you_mean(str(key), allowed)}")
+                              f"unknown key; accepted keys: {accepted}{did_you_mean(str(key), sorted(allowed))}")
 
 
 def _size(where: _Where, key: str, value: Any, *, allow_percent: bool = True) -> Size:
