@@ -88,6 +88,9 @@ OTHERS = {
                                                                                     '"message"'), "NaN at column"),
     "Infinity in a signal": (_line("signal", START + 1).replace('"message"', '"available": -Infinity, "message"'),
                              "-Infinity at column"),
+    "a negative wait": (_line("blocked", START + 1, waited=-1), "waited is -1; expected float >= 0"),
+    "a wait of 1e300 seconds": (_line("blocked", START + 1, waited=1e300), "waited is 1e+300; expected float <= "),
+    "a check that is a number": (_line("waiting", START + 1, checks=["lock", 7]), "checks[1] is 7; expected str"),
     "a negative size": (_line("sample", START + 1, job_memory=-1, available=1), "job_memory is -1; expected int >= 0"),
     "exit code 256": (_line("exit", START + 1, exit_code=256), "exit_code is 256; expected int <= 255"),
     "pid past PID_MAX_LIMIT": (_line("exit", START + 1).replace("4242", "4194305"), "safegate_pid is 4194305"),
@@ -130,9 +133,9 @@ def test_an_unknown_event_is_skipped_and_a_line_longer_than_64_mib_refused(run: 
 FIELDS = ["job_memory", "available", "max_mem", "min_available", "max_temp", "max_gpu_mem", "peak_job_memory",
           "peak_job_gpu_memory", "highest_temp", "exit_code", "status", "signal", "reason", "safegate_pid", "pid",
           "temp", "pressure", "job_pressure", "gpus", "job_gpu_memory", "argv", "profile", "lock", "message",
-          "duration", "lowest_available", "pids", "sensor", "gpu", "free", "oom_kills", "cgroup"]
+          "duration", "lowest_available", "pids", "sensor", "gpu", "free", "oom_kills", "cgroup", "waited", "checks"]
 EVENTS = ["admitted", "sample", "notice", "warning", "breach", "paused", "resumed", "signal", "cleanup", "exit",
-          "summary", "blocked", "not_started"]
+          "summary", "blocked", "not_started", "waiting"]
 EDGES = st.sampled_from([0, 1, -1, 255, 256, 2**22, 2**22 + 1, 2**53, 2**53 + 1, 2**64, 10**400, -10**400, 0.5,
                          1e300, -1e300, float("nan"), float("inf"), float("-inf"), -273.15, 1000.0, True, None,
                          "", "memory", "\x1b[31m\u202e<b>&", "\ud800"])
@@ -157,11 +160,15 @@ EVENT = st.fixed_dictionaries(
 SIZE = st.sampled_from([0, 2**53]) | st.integers(0, 2**53)
 CELSIUS = st.sampled_from([-273.15, 1000.0]) | st.floats(-273.15, 1000.0)
 TEXT = st.text(max_size=30) | st.just("\x1b]0;x\x07\u202e<script>&amp;\n")
+WAITED = st.sampled_from([0, 1e10]) | st.floats(0.0, 1e10)
 MAYBE = {"safegate_pid": st.sampled_from([1, 7, 2**22]), "message": TEXT}
 VALID = st.one_of(  # the writer's own shapes, with values at the edges of what is accepted
     st.fixed_dictionaries({"event": st.just("admitted")}, optional={
         **MAYBE, "argv": st.lists(TEXT, max_size=3), "profile": TEXT, "lock": TEXT | st.none(), "max_mem": SIZE,
-        "min_available": SIZE, "max_temp": CELSIUS, "max_gpu_mem": SIZE, "pid": st.integers(1, 2**22)}),
+        "min_available": SIZE, "max_temp": CELSIUS, "max_gpu_mem": SIZE, "pid": st.integers(1, 2**22),
+        "waited": WAITED}),
+    st.fixed_dictionaries({"event": st.just("waiting")}, optional={
+        **MAYBE, "exit_code": st.integers(0, 255), "checks": st.lists(TEXT, max_size=3)}),
     st.fixed_dictionaries({"event": st.just("sample"), "job_memory": SIZE, "available": SIZE}, optional={
         **MAYBE, "temp": CELSIUS, "pressure": st.floats(0, 100), "job_gpu_memory": SIZE,
         "gpus": st.lists(st.fixed_dictionaries({}, optional={"index": st.integers(0, 63), "used": SIZE,
@@ -171,7 +178,7 @@ VALID = st.one_of(  # the writer's own shapes, with values at the edges of what 
         "reason": st.sampled_from(["memory", "gpu", "thermal"])}),
     st.fixed_dictionaries({"event": st.sampled_from(["exit", "summary", "blocked", "not_started"])}, optional={
         **MAYBE, "exit_code": st.integers(0, 255), "reason": st.sampled_from(["exited", "memory", "thermal"]),
-        "peak_job_memory": SIZE, "highest_temp": CELSIUS, "peak_job_gpu_memory": SIZE}),
+        "peak_job_memory": SIZE, "highest_temp": CELSIUS, "peak_job_gpu_memory": SIZE, "waited": WAITED}),
 ).flatmap(lambda event: st.floats(0.0, NOW).map(lambda moment: {**event, "time": _stamp(moment)}))
 
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 
 from safegate.errors import SafegateError, UsageError, ValueParseError
 from safegate.exitcodes import ExitCode
-from safegate.gate.results import Verdict, blocking_summary
+from safegate.gate.results import Cause, Verdict, blocking_cause, blocking_summary
 from safegate.units import format_duration, parse_duration, printable
 
 
@@ -114,20 +114,23 @@ def grant_pid(value: str | None) -> int | None:
 
 
 COMPLETE_VAR = "_SAFEGATE_COMPLETE"  # set by a shell asking for completions (cli.app answers it)
-REMIND_EVERY = 60.0  # seconds: off a terminal, an unchanged reason is said again this often
+REMIND_EVERY = 60.0  # seconds: off a terminal, an unchanged cause is said again this often
+LINE_MOST = 160  # characters of a waiting line off a terminal: cron mail and logs read at a glance
 
 
 class Progress:
     """What waiting shows on stderr. On a terminal: one live line (time waited, the reason, which says the place
     in line when that is what blocks), rewritten in place. Elsewhere (a log, cron's mail): a line each time the
-    reason changes, and one a minute while it does not. At the end, `timed out after D` when --timeout ran out."""
+    cause changes (which check, which lock, which holder: results.blocking_cause, never the running figures in
+    its words), and one a minute while it does not, each cut to LINE_MOST characters (the whole reason is in
+    `exec --log` and `safegate queue`). At the end, `timed out after D` when --timeout ran out."""
 
     def __init__(self, silent: bool, clock: Callable[[], float] = time.monotonic, live: bool | None = None) -> None:
         self.silent = silent
         self.clock = clock
         self.start = clock()
         self.live = _stderr_is_terminal() if live is None else live
-        self.shown = ""
+        self.cause: Cause | None = None
         self.shown_at = 0.0
         self.open_line = False
 
@@ -135,17 +138,21 @@ class Progress:
         if self.silent:
             return
         now = self.clock()
-        line = blocking_summary(verdict)
         waited = format_duration(now - self.start)
         if self.live:
             import shutil
 
             width = shutil.get_terminal_size((100, 24)).columns
-            _write_err(f"\r\x1b[Ksafegate: waiting {waited}: {line}"[: width + 4])
+            _write_err(f"\r\x1b[Ksafegate: waiting {waited}: {blocking_summary(verdict)}"[: width + 4])
             self.open_line = True
-        elif line != self.shown or now - self.shown_at >= REMIND_EVERY:
-            echo(f"safegate: waiting: {line}" + (f" (waited {waited})" if self.shown else ""), err=True)
-            self.shown, self.shown_at = line, now
+            return
+        cause = blocking_cause(verdict)
+        if cause != self.cause or now - self.shown_at >= REMIND_EVERY:
+            after = f" (waited {waited})" if self.cause is not None else ""
+            head = "safegate: waiting: "
+            parts = [f"{c.name}: {printable(c.reason)}" for c in verdict.failures]
+            echo(head + fitted(parts, LINE_MOST - len(head) - len(after)) + after, err=True)
+            self.cause, self.shown_at = cause, now
 
     def end_line(self) -> None:
         """Before any other line: the live line is finished, not overwritten."""
@@ -159,6 +166,17 @@ class Progress:
         if timeout is not None and not verdict.ok:
             echo(f"safegate: timed out after {format_duration(timeout)}, still blocked "
                  f"(exit {int(verdict.exit_code)})", err=True)
+
+
+def fitted(parts: list[str], most: int, sep: str = "; ") -> str:
+    """*parts* joined by *sep* in at most *most* characters: each keeps its start (every failing check is still
+    named), the longest are cut first, ending in "..."."""
+    room = most - len(sep) * max(0, len(parts) - 1)
+    share: dict[int, int] = {}
+    for left, i in enumerate(sorted(range(len(parts)), key=lambda i: len(parts[i]))):
+        share[i] = min(len(parts[i]), max(0, room) // (len(parts) - left))
+        room -= share[i]
+    return sep.join(p if share[i] >= len(p) else p[: max(0, share[i] - 3)] + "..." for i, p in enumerate(parts))
 
 
 def _stderr_is_terminal() -> bool:

@@ -12,7 +12,7 @@ from safegate.config.file import load_config
 from safegate.config.model import Overrides
 from safegate.errors import SpawnError, UsageError
 from safegate.gate.preflight import Settings, resolve
-from safegate.gate.results import Verdict, blocking_summary
+from safegate.gate.results import Cause, Verdict, blocking_cause, blocking_summary
 from safegate.run.eventlog import EventLog, check_log_path
 from safegate.run.jobrun import run_exec
 from safegate.run.notify import Notifier
@@ -64,8 +64,22 @@ def execute(
     if settings.profile.notify:
         # Started before the lock is taken and the job spawned: its runner holds neither.
         notifier = Notifier(settings.profile.notify, lambda text: emit(Event("warning", text)), clock=time.monotonic)
+    waiting: list[Cause] = []  # the cause the log last said
+
+    def blocked(verdict: Verdict) -> None:
+        # The log says when the wait starts and each time its cause changes, in full (stderr's lines are cut
+        # short); not on stderr (the waiting line says it) nor to --notify.
+        cause = blocking_cause(verdict)
+        if event_log is not None and waiting[-1:] != [cause]:
+            event_log.write(Event("waiting", blocking_summary(verdict), {
+                "exit_code": int(verdict.exit_code), "checks": [c.name for c in verdict.failures]}))
+            waiting[:] = [cause]
+        if on_blocked is not None:
+            on_blocked(verdict)
+
+    arrived = time.monotonic()
     try:
-        result = run_exec(settings, command, wait=wait, timeout=timeout, on_event=emit, on_blocked=on_blocked)
+        result = run_exec(settings, command, wait=wait, timeout=timeout, on_event=emit, on_blocked=blocked)
     except SpawnError as exc:
         # A night's log must say why nothing ran (a cron PATH without the job's command, say), not stay empty.
         if event_log is not None:
@@ -75,5 +89,6 @@ def execute(
         if notifier is not None:
             notifier.close()
     if isinstance(result, Verdict) and event_log is not None:
-        event_log.write(Event("blocked", blocking_summary(result), {"exit_code": int(result.exit_code)}))
+        event_log.write(Event("blocked", blocking_summary(result), {
+            "exit_code": int(result.exit_code), "waited": round(time.monotonic() - arrived, 3)}))
     return result

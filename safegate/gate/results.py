@@ -179,3 +179,29 @@ class Verdict(msgspec.Struct, frozen=True):
 def blocking_summary(verdict: Verdict) -> str:
     """One line naming what blocks, for -q and for progress while waiting."""
     return "; ".join(f"{c.name}: {printable(c.reason)}" for c in verdict.checks if c.status is Status.FAIL)
+
+
+Cause = tuple[tuple[str, int, str | None, object], ...]
+
+
+def blocking_cause(verdict: Verdict) -> Cause:
+    """What blocks, by identity only: each failing check's name, code and cause, and whom it waits for (the
+    lock and its holder, the competing pids). Never its running figures (how long held, bytes free, degrees):
+    those change at every look, and a waiter says a line when the cause changes, not when it is measured again."""
+    return tuple((c.name, int(c.code), c.caused_by, _identity(c)) for c in verdict.failures)
+
+
+def _identity(check: CheckResult) -> object:
+    values = check.values
+    if isinstance(values, LockValues):
+        holder = values.holder
+        # The holder's own process (pid and start time: one process, even after pid reuse) and its grant's owner;
+        # not its job pid, which the holder fills in once its job starts: the same hold.
+        who = None if holder is None else (holder.pid, holder.start_time, holder.owner)
+        legacy = tuple(sorted(s.pid for s in values.legacy if s.alive and not s.safegate and s.pid is not None))
+        return values.lock, values.held, who, values.holder_alive, legacy
+    if isinstance(values, CompetingValues):
+        return tuple(sorted(m.process.pid for m in values.matches if m.rule.action == "block"))
+    if values is None:
+        return check.reason  # no figures to tell apart: its words are all there is
+    return None  # memory, pressure, temperature, GPU: the check itself is the cause; its numbers are figures

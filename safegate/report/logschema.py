@@ -68,6 +68,15 @@ class Admitted(Tagged, tag="admitted", gc=False):
     max_temp: Celsius | None = None
     max_gpu_mem: Size | None = None
     cgroup: str | None = None
+    waited: Seconds | None = None  # from arrival to admission; None: a log from before the field
+
+
+class Waiting(Tagged, tag="waiting", gc=False):
+    """The wait starts, or what it waits for changes; the message says it in full."""
+
+    KIND = "waiting"
+    exit_code: Status | None = None
+    checks: list[str] = []
 
 
 class Gpu(msgspec.Struct, kw_only=True, gc=False):
@@ -167,6 +176,7 @@ class Summary(Tagged, tag="summary", gc=False):
 class NotAdmitted(Tagged, tag="blocked", gc=False):
     KIND = "blocked"
     exit_code: Status | None = None
+    waited: Seconds | None = None
 
 
 class NotStarted(Tagged, tag="not_started", gc=False):
@@ -174,8 +184,8 @@ class NotStarted(Tagged, tag="not_started", gc=False):
     exit_code: Status | None = None
 
 
-Event: TypeAlias = (Admitted | Sample | Notice | Warning_ | Breach | Paused | Resumed | SignalSent | Cleanup | Exit
-                    | Summary | NotAdmitted | NotStarted)
+Event: TypeAlias = (Admitted | Waiting | Sample | Notice | Warning_ | Breach | Paused | Resumed | SignalSent | Cleanup
+                    | Exit | Summary | NotAdmitted | NotStarted)
 _PATH = re.compile(r"(.*) - at `\$(.*)`$", re.DOTALL)
 _STEP = re.compile(r"\.(\w+)|\[(\d+)\]")
 _BYTE = re.compile(r"\(byte (\d+)\)")

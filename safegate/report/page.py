@@ -176,7 +176,7 @@ def _cell(value: str, css: str = "num") -> str:
 
 def table(jobs: Sequence[tuple[int, Job]]) -> Iterator[str]:
     """The table of the jobs, a row at a time."""
-    head = ("#", "command", "profile", "lock", "start (UTC)", "duration", "peak memory", "peak VRAM",
+    head = ("#", "command", "profile", "lock", "start (UTC)", "waited", "duration", "peak memory", "peak VRAM",
             "highest temp", "how it ended", "log")
     yield "<table class=\"jobs\"><thead><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr></thead><tbody>\n"
     for n, job in jobs:
@@ -185,6 +185,7 @@ def table(jobs: Sequence[tuple[int, Job]]) -> Iterator[str]:
             f'<tr class="{esc(job.outcome)}" data-job="{n}">' + _cell(f"#{n}")
             + f'<td class="command"><code>{esc(job.command or "(never ran)")}</code></td>'
             + _cell(job.profile or "-", "text") + _cell(job.lock or "-", "text") + _cell(start)
+            + _cell("-" if job.waited is None else format_duration(job.waited))
             + _cell(format_duration(job.duration))
             + _cell("-" if job.peak_memory is None else format_bytes(job.peak_memory))
             + _cell("-" if job.peak_vram is None else format_bytes(job.peak_vram))

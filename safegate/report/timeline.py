@@ -78,6 +78,7 @@ class Job(msgspec.Struct, frozen=True):
     peak_vram: int | None = None  # the job's own
     highest_temp: float | None = None
     left_out: int = 0  # markers and pauses past MAX_MARKS and MAX_PAUSES: counted, not drawn
+    waited: float | None = None  # seconds in line before it was admitted (or gave up); None: not in the log
 
     @property
     def duration(self) -> float:
@@ -155,7 +156,7 @@ class _Open:
 
     __slots__ = ("breach", "command", "counts", "exit", "last", "left_out", "line", "lock", "markers", "max_gpu_mem",
                  "max_mem", "max_temp", "min_available", "paused_at", "pauses", "profile", "series", "source",
-                 "start", "summary", "vram")
+                 "start", "summary", "vram", "waited")
 
     def __init__(self, source: str, line: int, start: float, admitted: Admitted) -> None:
         self.source, self.line, self.start, self.last = source, line, start, start
@@ -165,6 +166,7 @@ class _Open:
         self.lock = None if admitted.lock is None else _kept(admitted.lock, 200)
         self.max_mem, self.min_available = admitted.max_mem, admitted.min_available
         self.max_temp, self.max_gpu_mem = admitted.max_temp, admitted.max_gpu_mem
+        self.waited = admitted.waited
         self.series: dict[str, _Series] = {}  # made on the first point: a job is often only its admitted line
         self.vram: dict[int, _Series] = {}
         self.markers: list[Marker] = []
@@ -265,6 +267,7 @@ class _Open:
             peak_memory=whole(figure(None if summary is None else summary.peak_job_memory, "memory")),
             peak_vram=whole(figure(None if summary is None else summary.peak_job_gpu_memory, "job_vram")),
             highest_temp=figure(None if summary is None else summary.highest_temp, "temp"), left_out=self.left_out,
+            waited=self.waited,
         )
 
 
@@ -273,7 +276,8 @@ def _never_ran(source: str, line: int, moment: float, event: NotAdmitted | NotSt
     what = "blocked" if isinstance(event, NotAdmitted) else "not started"
     return Job(source=source, line=line, command="", profile="", lock=None, start=moment, end=moment,
                exit_code=code, outcome="not_started",
-               ended=f"{what}: {_kept(event.message)}" + ("" if code is None else f" (exit {code})"))
+               ended=f"{what}: {_kept(event.message)}" + ("" if code is None else f" (exit {code})"),
+               waited=event.waited if isinstance(event, NotAdmitted) else None)
 
 
 def jobs_from_lines(source: str, lines: Iterable[str | bytes], *, now: float | None = None) -> list[Job]:

@@ -150,7 +150,9 @@ def run_exec(
     """The blocking verdict when preflight fails, else the job's outcome."""
     if settings.profile.cgroup == "on" and (reason := cgroups.available()) is not None:
         raise CgroupError(f"--cgroup on: no cgroup for the job: {reason}")  # before waiting in line for nothing
+    arrived = time.monotonic()
     verdict, held = admit(settings, argv, wait=wait, timeout=timeout, on_blocked=on_blocked)
+    waited = time.monotonic() - arrived
     if held is None:
         return verdict
     # The old shell gates' pid files name this job while it runs (a profile with a lock: a lock-less one is
@@ -161,7 +163,7 @@ def run_exec(
         with held, _job_cgroup(settings, on_event) as cgroup:
             if settings.profile.lock is not None:
                 legacy += claim_legacy(settings.legacy_lock_files, os.getpid())
-            outcome = _supervise(settings, argv, verdict, held, on_event, legacy, owners, cgroup)
+            outcome = _supervise(settings, argv, verdict, held, on_event, legacy, owners, cgroup, waited)
     finally:
         release_legacy(legacy, owners)
     on_event(Event("exit", _exit_message(outcome), {"exit_code": outcome.exit_code, "reason": outcome.reason,
@@ -205,8 +207,9 @@ def _job_cgroup(settings: Settings, on_event: Callable[[Event], None]) -> Iterat
 
 def _supervise(settings: Settings, argv: Sequence[str], verdict: Verdict, held: HeldLock,
                on_event: Callable[[Event], None], legacy: list[Path], owners: list[int],
-               cgroup: cgroups.JobCgroup | None) -> Outcome:
-    """Spawn and watch the job under the held lock (in *cgroup*, when it has one)."""
+               cgroup: cgroups.JobCgroup | None, waited: float) -> Outcome:
+    """Spawn and watch the job under the held lock (in *cgroup*, when it has one); *waited*: seconds from
+    arrival to admission."""
     gpus, gpu_env = job_gpus(settings, verdict, held)
     limits = watch_limits(settings, read_memory().total, gpus)
     if cgroup is not None:
@@ -232,7 +235,8 @@ def _supervise(settings: Settings, argv: Sequence[str], verdict: Verdict, held: 
                    {"pid": pid, "profile": settings.profile.name, "lock": lock, "argv": list(argv),
                     "max_mem": limits.max_mem, "min_available": limits.min_available, "max_temp": limits.max_temp,
                     "max_gpu_mem": limits.gpu.max_job if limits.gpu is not None else None,
-                    "cgroup": supervisor.cgroup.path if supervisor.cgroup is not None else None, **gpu_env}))
+                    "cgroup": supervisor.cgroup.path if supervisor.cgroup is not None else None,
+                    "waited": round(waited, 3), **gpu_env}))
     if held.metadata_error:
         on_event(Event("warning", held.metadata_error))
     return supervisor.watch()
