@@ -11,13 +11,17 @@ import pytest
 import typer
 from hypothesis import given
 from hypothesis import strategies as st
-from support import Run
+from support import Procs, Run, hold_with_flock, meminfo
 
 from safegate.cli.app import app
 from safegate.cli.options import refuse_split_unit
+from safegate.commands.check import shortfall
+from safegate.config.file import build_config
 from safegate.config.model import parse_overrides
 from safegate.errors import UsageError, ValueParseError
 from safegate.exitcodes import ExitCode
+from safegate.gate.preflight import resolve
+from safegate.gate.results import CheckResult, MemoryValues, Status, Verdict
 from safegate.settings import LIMIT_FLOOR, parse_limit
 from safegate.units import Size
 
@@ -136,6 +140,35 @@ def test_a_space_inside_one_argument_is_the_same_size(run: Run, config: Path, tm
         assert code == 0, err
         admitted = next(json.loads(x) for x in log.read_text().splitlines() if '"admitted"' in x)
         assert admitted["max_mem"] == 12 * 10**9
+
+
+def test_slots_that_prints_0_says_why_as_check_q_does(run: Run, config: Path, lock_dir: Path,
+                                                      procs: Procs) -> None:
+    # Before: `slots --mem 30G` printed 0, exited 10 and said nothing on stderr.
+    never = ["--config", str(config), "--lock", "free-one", "--mem", str(meminfo("MemTotal") * 4)]
+    result = run("slots", *never)
+    assert (result.stdout, result.returncode) == ("0\n", ExitCode.MEMORY)
+    assert result.stderr == run("check", "-q", "--no-grant", *never).stderr
+    assert result.stderr.startswith("safegate: FAIL     memory ") and "it can never fit" in result.stderr
+
+    hold_with_flock(procs, lock_dir / "held-one.lock")
+    held = ["--config", str(config), "--lock", "held-one", "--mem", "0"]
+    result = run("slots", *held)
+    assert (result.stdout, result.returncode) == ("0\n", ExitCode.LOCKED)
+    assert result.stderr == run("check", "-q", "--no-grant", *held).stderr
+    assert result.stderr.startswith("safegate: FAIL     lock ")
+    assert run("slots", "--config", str(config), "--mem", "0", "--lock", "free-one").stderr == ""  # 1: silent
+
+
+def test_no_slot_with_nothing_failing_says_the_job_does_not_fit() -> None:
+    # count_slots and the memory check agree today; should they ever part (a margin resolved otherwise), the 0
+    # is still explained, with the figures it comes from.
+    settings = resolve(build_config({}, "(test)", None), "default",
+                       {"memory_margin": Size(bytes=4 << 30), "memory": Size(bytes=8 << 30)})
+    memory = MemoryValues(available=10 << 30, total=16 << 30, reserved=0, need=8 << 30, left_after_start=2 << 30)
+    verdict = Verdict("default", (CheckResult("memory", Status.PASS, "fits", ExitCode.MEMORY, memory),))
+    assert shortfall(settings, verdict) == ("a job of this size does not fit: available 10.0 GiB - reserved 0 B - "
+                                            "margin 4.0 GiB = 6.0 GiB < need 8.0 GiB")
 
 
 @given(st.text(max_size=40))

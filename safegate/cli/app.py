@@ -176,10 +176,15 @@ def slots(
     """
     from safegate.commands.check import slots as count_slots
 
-    count, code = count_slots(config, profile, parse_overrides(given, command="slots"), max_slots)
-    echo(str(count))
-    if code:
-        raise typer.Exit(int(code))
+    found = count_slots(config, profile, parse_overrides(given, command="slots"), max_slots)
+    echo(str(found.count))
+    # 0 is an answer a script acts on (starts nothing); why, for the person reading the log, as check -q says it.
+    for failure in found.failures:
+        echo(f"safegate: {check_line(failure)}", err=True)
+    if found.shortfall:
+        echo(f"safegate: {found.shortfall}", err=True)
+    if found.exit_code:
+        raise typer.Exit(int(found.exit_code))
 
 
 @app.command(epilog="Example: safegate locks --json")
