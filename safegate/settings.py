@@ -22,6 +22,8 @@ from safegate.units import (
     NICE_RANGE,
     ON_HOT_CHOICES,
     SWITCH_CHOICES,
+    Size,
+    format_bytes,
     parse_cgroup,
     parse_command,
     parse_duration,
@@ -49,7 +51,7 @@ class Setting(msgspec.Struct, frozen=True):
     """One setting, as metadata on its Profile field: `Annotated[Size, Setting("size", "help ...", "--margin",
     "SIZE", GATE, default="4G")]`. config.model fills in the key (the field's name)."""
 
-    kind: str  # memory, size, temp, percent, duration, interval, signal, nice, on_hot, gpu, lock, text, ...
+    kind: str  # memory, size, limit, temp, percent, duration, interval, signal, nice, on_hot, gpu, lock, text, ...
     help: str  # "{default}" in it is replaced by the default, so the value is written once
     option: str | None = None  # None: config file only
     metavar: str = ""
@@ -90,10 +92,35 @@ def parse_interval(text: str) -> float:
     return seconds
 
 
+# A memory limit (kind "limit": --max-mem, --max-gpu-mem) below this is a mistake, not a limit: `--max-mem 12`
+# (bytes) or a unit that went missing would stop every job at once. Needs, margins and floors may be 0.
+LIMIT_FLOOR = 1024**2
+
+
+def check_limit(size: Size, text: str | None = None) -> Size:
+    """*size* (written as *text*) as a memory limit: ValueParseError naming it and the floor when it is below
+    LIMIT_FLOOR. A percentage must be above 0%; a positive one is of RAM or the card, whatever it comes to."""
+    given = f"{text!r} ({size})" if text is not None and text.strip() != str(size) else str(size)
+    if size.percent is not None:
+        if size.percent <= 0:
+            raise ValueParseError(f"{given} is below the floor of a memory limit: a percentage must be above 0%")
+    elif size.bytes is not None and size.bytes < LIMIT_FLOOR:
+        number = text.strip() if text is not None and text.strip().isdigit() else None
+        hint = ("" if number is None else "; for no limit, leave it unset" if size.bytes == 0
+                else f": a number without a unit is bytes; did you mean {number}M or {number}G?")
+        raise ValueParseError(f"{given} is below the floor of a memory limit, {format_bytes(LIMIT_FLOOR)}{hint}")
+    return size
+
+
+def parse_limit(text: str) -> Size:
+    return check_limit(parse_size(text), text)
+
+
 # How a command-line string becomes a value, by kind (config.py reads TOML values of the same kinds).
 CLI_PARSERS: dict[str, Callable[[str], Any]] = {
     "memory": parse_size,
     "size": parse_size,
+    "limit": parse_limit,
     "temp": parse_temp,
     "duration": parse_duration,
     "interval": parse_interval,

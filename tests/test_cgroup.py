@@ -373,3 +373,19 @@ class _Placed(V1Cgroup):
 ])
 def test_a_process_is_held_in_the_job_cgroup_or_below_it(where: str | None, held: bool | None) -> None:
     assert _Placed(where).holds(1) is held
+
+
+@needs_cgroups
+def test_a_kernel_breach_names_only_the_limit_that_was_hit(config: Path, env: dict[str, str],
+                                                           tmp_path: Path) -> None:
+    # Issue 25: a --max-mem 600M OOM kill said "the kernel enforced --max-mem 600.0 MiB and --min-available 2.0 GiB"
+    # with 22 GiB free. With a floor of 1 MiB, far below what this machine has free, the cap is --max-mem's.
+    log = tmp_path / "log.jsonl"
+    result = _run(config, env, "--max-mem", "100M", "--min-available", "1M", "--interval", "1s", "--log", str(log),
+                  "--", "sh", "-c", f"{PY} -c \"{FILL}\"; sleep 0.5; exit 0")
+    assert result.returncode == ExitCode.KILLED_MEMORY, result.stderr
+    line = next(x for x in result.stderr.splitlines() if "the kernel enforced" in x)
+    assert "the kernel enforced --max-mem 100.0 MiB: the job's cgroup hit its cap and" in line, line
+    assert "--min-available" not in line, line
+    breach = next(json.loads(x) for x in log.read_text().splitlines() if '"enforced_by"' in x)
+    assert breach["limit"] == "max_mem", breach

@@ -261,3 +261,34 @@ def test_man_page_stands_alone() -> None:
         assert var in environment, var
     assert "history.json" in man.split(".SH FILES", 1)[1]
     assert '"$(safegate slots' not in man
+
+
+def test_readme_and_help_say_the_same_of_what_a_memory_limit_measures() -> None:
+    # Issue 25: exec --help said --max-mem measures PSS, the README RSS (PSS near the limit). Each row is the
+    # option's --help text, as the table writes it (lower case first, no final period).
+    import typer
+
+    from safegate.cli.app import app
+
+    exec_command = typer.main.get_command(app).commands["exec"]  # type: ignore[attr-defined]
+    helps = {p.opts[0]: p.help for p in exec_command.params if p.opts[0] in ("--max-mem", "--max-gpu-mem")}
+    assert set(helps) == {"--max-mem", "--max-gpu-mem"}
+    for option, text in helps.items():
+        meaning = text.rstrip(".")
+        assert f"| `{option} SIZE` | {meaning[:1].lower()}{meaning[1:]} |" in README.splitlines(), option
+    # What it measures is what safegate/run measures: the cgroup's figure, else RSS with PSS near the limit.
+    assert "PSS of its process tree" not in helps["--max-mem"]
+    assert "RSS" in helps["--max-mem"] and "PSS" in helps["--max-mem"] and "cgroup" in helps["--max-mem"]
+
+
+def test_sizes_and_units_are_documented_once(run: Run) -> None:
+    from safegate.cli.options import units_text
+
+    block = README.split("<!-- units:", 1)[1].split("-->\n", 1)[1].split("\n<!-- /units -->", 1)[0]
+    assert block == units_text()
+    man = (REPO / "man" / "safegate.1").read_text().replace("\\-", "-")
+    assert units_text() in man
+    for command in ("check", "exec", "slots"):
+        shown = " ".join(run(command, "--help").stdout.split())
+        assert units_text(command) in shown, command
+    assert "12GB is 12,000,000,000 bytes, 11.2 GiB" in units_text() and "at least 1.0 MiB" in units_text()

@@ -65,8 +65,9 @@ class FakeJob:
     def signal_all(self, signum: int) -> None:
         self.sent.append(("all", signum))
 
-    def cap(self, limits: object, available: int) -> None:
-        pass
+    def cap(self, limits: WatchLimits, available: int) -> int | None:
+        # As a cgroup's: the cap the kernel would hold until the next sample.
+        return limits.kernel_cap(self.mem[0], available)
 
     def pause(self) -> None:
         self.signal_all(STOP)
@@ -330,3 +331,27 @@ def test_the_leaders_status_is_taken_once_even_if_its_pid_is_reused(monkeypatch:
     monkeypatch.setattr(os, "wait4", lambda _pid, _flags: next(reaped))
     rig.sup._reap()
     assert rig.sup.leader_status == exit3
+
+
+def test_a_kernel_breach_names_the_limit_the_cap_stood_for() -> None:
+    # The cap is --max-mem, or lower where the headroom above --min-available is less: an OOM kill names the one
+    # the cap held when the kill happened (the cap in force until the sample that sees it), never both.
+    rig = make_rig(limits(max_mem=1000 * MiB, min_available=GiB), FakeJob(mem=[100 * MiB]))
+    rig.machine.available = GiB + 200 * MiB  # cap: 100 MiB used + 200 MiB of headroom, below --max-mem
+    rig.step(1000.0)
+    rig.job.ooms = 1
+    rig.step(1000.5)
+    breach = next(e for e in rig.events if e.kind == "breach")
+    assert breach.message.startswith("the kernel enforced --min-available 1.0 GiB: the job's cgroup hit its cap of "
+                                     "300.0 MiB"), breach.message
+    assert "--max-mem" not in breach.message and breach.data["limit"] == "min_available"
+
+    rig = make_rig(limits(max_mem=1000 * MiB, min_available=GiB), FakeJob(mem=[100 * MiB]))
+    rig.step(1000.0)  # 64 GiB free: the cap is --max-mem
+    rig.machine.available = GiB + 200 * MiB  # the cap is lowered at this sample, after the kill it sees
+    rig.job.ooms = 2
+    rig.step(1000.5)
+    breach = next(e for e in rig.events if e.kind == "breach")
+    assert breach.message.startswith("the kernel enforced --max-mem 1000.0 MiB: the job's cgroup hit its cap and 2 "
+                                     "process(es)"), breach.message
+    assert "--min-available" not in breach.message and breach.data["limit"] == "max_mem"

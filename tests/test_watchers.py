@@ -327,3 +327,13 @@ def test_the_kernel_cap_is_max_mem_and_the_headroom_above_the_floor() -> None:
     assert limits(min_available=8 * G).kernel_cap(1 * G, 10 * G) == 3 * G
     assert limits(max_mem=2 * G, min_available=8 * G).kernel_cap(1 * G, 10 * G) == 2 * G
     assert limits(min_available=8 * G).kernel_cap(1 * G, 7 * G) == 1 * G  # below the floor: not a byte more
+
+
+def test_a_cap_stands_for_one_limit() -> None:
+    G = 1 << 30
+    both = limits(max_mem=2 * G, min_available=8 * G)
+    assert both.capped_by(both.kernel_cap(1 * G, 20 * G)) == ("max_mem",)
+    assert both.capped_by(both.kernel_cap(1 * G, 8 * G + 1)) == ("min_available",)  # the headroom was lower
+    assert limits(min_available=8 * G).capped_by(3 * G) == ("min_available",)
+    assert limits(max_mem=2 * G).capped_by(2 * G) == ("max_mem",)
+    assert both.capped_by(None) == ("max_mem", "min_available")  # not known: both, as before

@@ -16,10 +16,12 @@ from safegate.cli.options import (
     JsonOpt,
     PlainUsage,
     ProfileOpt,
+    SettingsCommand,
     TimeoutOpt,
     WaitOpt,
     complete_locks,
     event_printer,
+    units_epilog,
     version_text,
     with_settings,
 )
@@ -78,7 +80,7 @@ def _root(version: Annotated[bool, typer.Option("--version", callback=_version, 
     """Gate heavy ML jobs on memory, temperature, locks and competing processes."""
 
 
-@app.command(epilog=EXIT_CODES_EPILOG)
+@app.command(cls=SettingsCommand, epilog=units_epilog("check") + EXIT_CODES_EPILOG)
 @with_settings("check")
 def check(
     profile: ProfileOpt = None,
@@ -110,8 +112,8 @@ def check(
                                    config=config, no_grant=no_grant, grant_to=grant_to, given=_given(given)))
 
 
-@app.command("exec", short_help="Run a job under the gate, and watch it.", epilog=EXIT_CODES_EPILOG,
-             context_settings={"allow_interspersed_args": False})
+@app.command("exec", cls=SettingsCommand, short_help="Run a job under the gate, and watch it.",
+             epilog=units_epilog("exec") + EXIT_CODES_EPILOG, context_settings={"allow_interspersed_args": False})
 @with_settings("exec")
 def exec_(
     command: Annotated[
@@ -157,8 +159,9 @@ def exec_(
     raise typer.Exit(result.exit_code)
 
 
-@app.command(short_help="Print how many jobs of this size can start now.",
-             epilog="Example: n=$(safegate slots -p small-model --max 8) && xargs -P \"$n\" -n 1 small-model < list")
+@app.command(cls=SettingsCommand, short_help="Print how many jobs of this size can start now.",
+             epilog=units_epilog("slots") + "Example: n=$(safegate slots -p small-model --max 8) && "
+             "xargs -P \"$n\" -n 1 small-model < list")
 @with_settings("slots")
 def slots(
     profile: ProfileOpt = None,
@@ -173,10 +176,15 @@ def slots(
     """
     from safegate.commands.check import slots as count_slots
 
-    count, code = count_slots(config, profile, parse_overrides(given, command="slots"), max_slots)
-    echo(str(count))
-    if code:
-        raise typer.Exit(int(code))
+    found = count_slots(config, profile, parse_overrides(given, command="slots"), max_slots)
+    echo(str(found.count))
+    # 0 is an answer a script acts on (starts nothing); why, for the person reading the log, as check -q says it.
+    for failure in found.failures:
+        echo(f"safegate: {check_line(failure)}", err=True)
+    if found.shortfall:
+        echo(f"safegate: {found.shortfall}", err=True)
+    if found.exit_code:
+        raise typer.Exit(int(found.exit_code))
 
 
 @app.command(epilog="Example: safegate locks --json")

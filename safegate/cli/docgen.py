@@ -17,6 +17,7 @@ import typer
 
 from safegate import __version__
 from safegate.cli.app import app
+from safegate.cli.options import units_text
 from safegate.cli.plain import COMPLETE_VAR
 from safegate.config.model import SETTINGS
 from safegate.exitcodes import ExitCode
@@ -62,6 +63,19 @@ def api_keywords() -> str:
     return (f"`check`, `hold` and `slots` take the settings `safegate check` takes, as keywords named like its "
             f"options: {names}. A value is what the option takes (`\"6G\"`, `\"10%\"`, `\"auto\"`); a size may "
             "also be an int of bytes, a temperature a number. Any other keyword is a `TypeError`.")
+
+
+# Options whose README row is the setting's help itself, so README and --help cannot disagree on what they do.
+README_ROWS = ("max_mem", "max_gpu_mem")
+
+
+def readme_option_row(key: str) -> str:
+    """*key*'s row of README's option table: its option and metavar, and its help as the table writes it."""
+    from safegate.config.model import BY_KEY
+
+    setting = BY_KEY[key]
+    text = setting.help_text.rstrip(".")
+    return f"| `{setting.option} {setting.metavar}` | {text[:1].lower()}{text[1:]} |"
 
 
 def grant_paragraphs() -> list[str]:
@@ -140,8 +154,7 @@ RULE_KEYS = ("competing rules: a list of tables with program (a regex over the w
              "basename, or an interpreter's script or -m module) and optional args (searched in its arguments), "
              "or pattern (searched in the whole command line); action block (default) or warn; optional min_rss. "
              "Regexes are RE2 syntax, matched in linear time; backreferences and lookaround are refused.")
-VALUES = ("Sizes: 512M, 10G, 10GiB (powers of 1024), 10GB (10^9), a bare number of bytes, 10% of RAM (of the "
-          "card for GPU keys). Durations: 30s, 14m, 2h, 1d, or bare seconds. Temperatures in degrees Celsius.")
+VALUES = "Temperatures are in degrees Celsius."
 EXAMPLES = [
     ("Start a job only when it is safe", "safegate check -p whisper-large-v3 -q && whisper --model large-v3 a.mp3"),
     ("Run a job under the gate, waiting for its turn", "safegate exec --wait -- whisper --model large-v3 a.mp3"),
@@ -175,8 +188,10 @@ def _command_section(name: str, cmd: Any) -> list[str]:
             continue
         opts, text = record
         lines += [".TP", "\\fB" + _roff(opts) + "\\fR", _roff(" ".join(text.split()))]
-    if cmd.epilog and "Exit codes" not in cmd.epilog:
-        lines += [".PP", _roff(cmd.epilog.strip())]
+    # The units paragraph of check's, exec's and slots' epilogs has a section of its own here.
+    epilog = [p for p in (cmd.epilog or "").split("\n\n") if p.strip() and not p.startswith("\b\nSizes:")]
+    if epilog and "Exit codes" not in cmd.epilog:
+        lines += [".PP", _roff(" ".join(epilog).strip())]
     return lines
 
 
@@ -206,7 +221,7 @@ def _configuration() -> list[str]:
     for setting in SETTINGS:
         where = f" (option {setting.option})" if setting.option else ""
         lines += [".TP", f"\\fB{_roff(setting.key)}\\fR ({_roff(setting.kind)})", _roff(setting.help_text + where)]
-    lines += [".PP", _roff(RULE_KEYS), ".PP", _roff(VALUES)]
+    lines += [".PP", _roff(RULE_KEYS), ".SS Sizes and durations", _roff(units_text()), ".PP", _roff(VALUES)]
     return lines
 
 

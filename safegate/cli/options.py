@@ -17,9 +17,9 @@ from typer.core import TyperCommand
 from safegate.cli.plain import echo
 from safegate.config.file import load_config
 from safegate.config.model import BY_KEY, SETTINGS
-from safegate.errors import SafegateError
-from safegate.settings import Setting
-from safegate.units import printable
+from safegate.errors import SafegateError, UsageError, ValueParseError
+from safegate.settings import LIMIT_FLOOR, Setting
+from safegate.units import format_bytes, parse_duration, parse_size, printable
 
 
 class PlainUsage(TyperCommand):
@@ -27,6 +27,92 @@ class PlainUsage(TyperCommand):
 
     def collect_usage_pieces(self, ctx: Any) -> list[str]:
         return [re.sub(r"^\{(.*)\}$", r"\1", piece) for piece in super().collect_usage_pieces(ctx)]
+
+
+# A value that is only a number, and the options whose values take a unit: sizes and durations, by their parser.
+_NUMBER = re.compile(r"\s*(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*")
+_UNIT_PARSERS: dict[str, Callable[[str], object]] = {"memory": parse_size, "size": parse_size, "limit": parse_size,
+                                                     "duration": parse_duration, "interval": parse_duration}
+
+
+class SettingsCommand(TyperCommand):
+    """check, exec and slots. A size or duration whose unit is a word of its own (`--max-mem 12 GB`) is refused
+    before click parses it, with the spelling that works: click would take `GB` for exec's command and run it."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        refuse_split_unit(self, args)
+        return list(super().parse_args(ctx, args))
+
+
+def refuse_split_unit(command: Any, args: list[str]) -> None:
+    """UsageError when the word after a number given to a size or duration option is a unit alone (GB, G, %, m),
+    where exec's command or an extra argument would begin. Options are read as click reads them, up to `--` or
+    the first word that is no option's."""
+    takes_value = {name for p in command.params if p.param_type_name == "option" and not p.is_flag and not p.count
+                   for name in (*p.opts, *p.secondary_opts)}
+    units = {s.option: _UNIT_PARSERS[s.kind] for s in SETTINGS if s.kind in _UNIT_PARSERS and s.option is not None}
+    units["--timeout"] = parse_duration
+    i = 0
+    while i < len(args) and args[i] != "--":
+        option, value, i = _option_at(args, i, takes_value)
+        if option is None:
+            if value is None:
+                continue  # a flag
+            return  # the first word that is no option's: the command (exec), or an extra argument
+        parse = units.get(option)
+        if parse is None or value is None or not _NUMBER.fullmatch(value) or i >= len(args):
+            continue
+        unit = args[i]
+        if unit[:1].isalpha() or unit == "%":
+            try:
+                parse(f"1{unit}")
+            except ValueParseError:
+                continue
+            given = printable(f"{option} {value} {unit}")
+            raise UsageError(f"{given}: the unit must be written with the number: "
+                             f"{printable(f'{option} {value.strip()}{unit.strip()}')}")
+
+
+def _option_at(args: list[str], i: int, takes_value: set[str]) -> tuple[str | None, str | None, int]:
+    """(option, its value, the index after them) for the word at *i*; (None, None, i+1) for a flag or an option
+    whose value is attached (-pNAME); (None, word, i) for a word that is no option's."""
+    arg = args[i]
+    if arg.startswith("--") and "=" in arg:
+        option, _, value = arg.partition("=")
+        return option, value, i + 1
+    if arg in takes_value:
+        return arg, args[i + 1] if i + 1 < len(args) else None, i + 2
+    if arg.startswith("-") and arg != "-":
+        return None, None, i + 1
+    return None, arg, i
+
+
+def units_text(command: str | None = None) -> str:
+    """How sizes and durations are written, said once: README's units block and the man page's section (every
+    option), and the --help of check, exec and slots (*command*: only the options it takes)."""
+    twelve = parse_size("12GB").bytes or 0
+    options = [s for s in SETTINGS if s.option is not None and (command is None or command in s.commands)]
+    limits = ", ".join(s.option for s in options if s.kind == "limit" and s.option is not None)
+    zero = ", ".join(s.option for s in options if s.kind in ("memory", "size") and s.option is not None)
+    limit = (f"A memory limit ({limits}, and the same keys in a profile) is at least {format_bytes(LIMIT_FLOOR)}, "
+             "or a percentage above 0%; needs, margins and floors" if limits else "Needs and margins")
+    return (
+        "Sizes: 512M, 1.5G, 10G and 10GiB count in powers of 1024 (K, M, G, T, P, alone or with i or iB); 10GB "
+        f"counts in powers of 1000 (kB, MB, GB, TB, PB), so 12GB is {twelve:,} bytes, {format_bytes(twelve)}. "
+        "Case does not matter (12gb is 12GB, 12g is 12G). A bare number is bytes; 10% is of total RAM (of the card "
+        "for the GPU options). The unit is part of the value: 12GB, or \"12 GB\" quoted as one argument, is the "
+        f"same size; --mem 12 GB, the unit a word of its own, is refused. {limit} ({zero}) may be 0. "
+        "Durations: 30 (seconds), 250ms, 90s, 5m, 2h, 1d."
+    )
+
+
+def units_epilog(command: str) -> str:
+    """units_text for *command*'s --help, wrapped here and marked for click to leave as it is: click would break
+    an option's name at its hyphens."""
+    import textwrap
+
+    lines = textwrap.wrap(units_text(command), 78, break_on_hyphens=False, break_long_words=False)
+    return "\b\n" + "\n".join(lines) + "\n\n"
 
 
 REPORT_DEFAULT = "safegate-report.html"  # `report` without -o writes this, in the current directory

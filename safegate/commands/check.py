@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import msgspec
+
 from safegate.config.file import load_config
 from safegate.config.model import DEFAULT_PROFILE, Overrides
 from safegate.exitcodes import ExitCode
 from safegate.gate.admission import grant_check, wait_until_clear
 from safegate.gate.grant import grant_owner
-from safegate.gate.preflight import clean_and_evaluate, count_slots, evaluate, reserves, resolve
-from safegate.gate.results import Verdict
+from safegate.gate.preflight import Settings, clean_and_evaluate, count_slots, evaluate, reserves, resolve
+from safegate.gate.results import CheckResult, GpuValues, MemoryValues, Verdict
+from safegate.units import format_bytes
 
 
 def check(config: str | None, profile: str | None, overrides: Overrides, *, wait: bool, timeout: float | None,
@@ -28,8 +31,18 @@ def check(config: str | None, profile: str | None, overrides: Overrides, *, wait
     return clean_and_evaluate(settings), note
 
 
-def slots(config: str | None, profile: str | None, overrides: Overrides, cap: int | None) -> tuple[int, ExitCode]:
-    """(how many jobs can start now, the exit code: 0, or when none can, the code of what blocks).
+class SlotCount(msgspec.Struct, frozen=True):
+    """What `slots` found: how many jobs can start now, the exit code (0, or when none can, the code of what
+    blocks), and when none can, why: the failing checks, or (none failing) the figures a job does not fit in."""
+
+    count: int
+    exit_code: ExitCode
+    failures: tuple[CheckResult, ...] = ()
+    shortfall: str = ""
+
+
+def slots(config: str | None, profile: str | None, overrides: Overrides, cap: int | None) -> SlotCount:
+    """How many jobs can start now, and when none can, the code of what blocks and why.
 
     0 with exit 0 would be a lie to its callers: to `xargs -P` and `parallel -j`, 0 means "no limit".
     """
@@ -37,4 +50,26 @@ def slots(config: str | None, profile: str | None, overrides: Overrides, cap: in
     settings = resolve(load_config(config), DEFAULT_PROFILE if profile is None else profile, overrides)
     verdict = evaluate(settings)
     count = count_slots(settings, verdict, cap)
-    return count, (ExitCode.OK if count > 0 else verdict.exit_code or ExitCode.MEMORY)
+    if count > 0:
+        return SlotCount(count, ExitCode.OK)
+    failures = verdict.failures
+    return SlotCount(0, verdict.exit_code or ExitCode.MEMORY, failures,
+                     "" if failures else shortfall(settings, verdict))
+
+
+def shortfall(settings: Settings, verdict: Verdict) -> str:
+    """Why no job of this size fits though no check fails: the memory left for jobs (or each GPU's), against the
+    need (count_slots' sums, in words)."""
+    memory = verdict.values(MemoryValues)
+    if memory is not None and memory.need > 0:
+        margin = settings.profile.memory_margin.resolve(memory.total)
+        left = memory.available - memory.reserved - margin
+        if left < memory.need:
+            return (f"a job of this size does not fit: available {format_bytes(memory.available)} - reserved "
+                    f"{format_bytes(memory.reserved)} - margin {format_bytes(margin)} = {format_bytes(left)} < need "
+                    f"{format_bytes(memory.need)}")
+    gpu = verdict.values(GpuValues)
+    if gpu is not None and gpu.need > 0:
+        return (f"a job of this size does not fit: no GPU it may use has {format_bytes(gpu.need)} free after its "
+                "margin and what admitted jobs still take")
+    return "a job of this size does not fit"

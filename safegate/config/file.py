@@ -237,7 +237,8 @@ _KINDS: dict[str, Any] = {
     "rules": _rules,
     "gpu": _gpu,
     "license": _license,
-    **{kind: _cli_kind(kind) for kind in ("duration", "interval", "signal", "nice", "on_hot", "cgroup", "command")},
+    **{kind: _cli_kind(kind) for kind in ("limit", "duration", "interval", "signal", "nice", "on_hot", "cgroup",
+                                          "command")},
     "switch": _switch,
 }
 

@@ -16,8 +16,8 @@ from msgspec.structs import replace
 
 from safegate.errors import ConfigError, UsageError, ValueParseError
 from safegate.regex import compiled
-from safegate.settings import EXEC, GATE, RESUME_BELOW, Setting, effective_resume_temp
-from safegate.units import Size, did_you_mean
+from safegate.settings import EXEC, GATE, LIMIT_FLOOR, RESUME_BELOW, Setting, check_limit, effective_resume_temp
+from safegate.units import Size, did_you_mean, format_bytes
 
 # The CPU sensors a machine usually has, as psutil names them; everything else (nvme, wifi, GPU, ...) is
 # not a CPU and is ignored unless [thermal] sensors names it.
@@ -94,8 +94,11 @@ class Profile(msgspec.Struct, frozen=True, kw_only=True):
     competing: Annotated[tuple[CompetingRule, ...], Setting(
         "rules", "Processes that block (or only warn) while they run.")]
     max_mem: Annotated[Size | None, Setting(
-        "size", "Stop the job when its own memory (PSS of its process tree) reaches this.", "--max-mem", "SIZE",
-        EXEC)]
+        "limit", "Stop the job (exit 20) when its own memory reaches this, at least "
+        f"{format_bytes(LIMIT_FLOOR)}. In the job's cgroup (--cgroup) its memory is the cgroup's usage less its "
+        "inactive file cache, and the kernel holds the job to the limit as its cap; without a cgroup it is the RSS "
+        "of the job's processes summed, or their PSS (shared pages counted once) from 90% of the limit when there "
+        "are several.", "--max-mem", "SIZE", EXEC)]
     min_available: Annotated[Size | None, Setting(
         "size", f"Stop the job when MemAvailable falls to this (default: {DEFAULT_MIN_AVAILABLE} or "
         f"{DEFAULT_MIN_AVAILABLE_FRACTION:.0%} of RAM, whichever is smaller).", "--min-available", "SIZE", EXEC)]
@@ -136,7 +139,8 @@ class Profile(msgspec.Struct, frozen=True, kw_only=True):
         "gpu", "GPUs the job may use: auto (any one that fits; default) or indexes, all of which must fit.", "--gpu",
         "auto|INDEX[,INDEX]", GATE)]  # None: auto
     max_gpu_mem: Annotated[Size | None, Setting(
-        "size", "Stop the job (exit 21) when its own GPU memory reaches this.", "--max-gpu-mem", "SIZE", EXEC)]
+        "limit", f"Stop the job (exit 21) when its own GPU memory reaches this, at least {format_bytes(LIMIT_FLOOR)}.",
+        "--max-gpu-mem", "SIZE", EXEC)]
     min_gpu_free: Annotated[Size | None, Setting(
         "size", "Stop the job (exit 21) when its GPU's free memory falls to this; a percentage is of the card "
         f"(default with a gpu_memory profile: {DEFAULT_GPU_BREACH_FREE}, warning at {DEFAULT_GPU_WARN_FREE}).",
@@ -224,12 +228,13 @@ def parse_overrides(given: Mapping[str, object], *, command: str, api: bool = Fa
         if value is None or (setting.kind == "path" and value == ""):
             continue  # an empty --log falls back to the profile's, as it always has
         label = param if api else setting.option
-        if isinstance(value, int) and not isinstance(value, bool) and setting.kind in ("memory", "size"):
-            if value < 0:
-                raise UsageError(f"{label}: must not be negative, got {value}")
-            out[setting.key] = Size(bytes=value)
-            continue
         try:
+            if isinstance(value, int) and not isinstance(value, bool) and setting.kind in ("memory", "size", "limit"):
+                if value < 0:
+                    raise UsageError(f"{label}: must not be negative, got {value}")
+                size = Size(bytes=value)
+                out[setting.key] = check_limit(size) if setting.kind == "limit" else size
+                continue
             out[setting.key] = setting.parse(str(value))
         except ValueParseError as exc:
             raise UsageError(f"{label}: {exc}") from None

@@ -73,8 +73,9 @@ class Job(Protocol):
         """With the main process reaped and children still left: none of them is the job's (a cgroup knows)."""
         ...
 
-    def cap(self, limits: WatchLimits, available: int) -> None:
-        """Have the kernel hold the job's memory limits until the next sample, where it can (a cgroup)."""
+    def cap(self, limits: WatchLimits, available: int) -> int | None:
+        """Have the kernel hold the job's memory limits until the next sample, where it can (a cgroup); the cap in
+        force from now on (None: none written)."""
         ...
 
     def terminate_all(self) -> None:
@@ -163,8 +164,8 @@ class ProcessTreeJob:
     def emptied(self) -> bool:
         return False  # as subreaper, every child left is the job's
 
-    def cap(self, limits: WatchLimits, available: int) -> None:
-        pass  # a process tree has no cap but the watch
+    def cap(self, limits: WatchLimits, available: int) -> int | None:
+        return None  # a process tree has no cap but the watch
 
     def left_cgroup(self) -> str | None:
         return None
@@ -302,11 +303,12 @@ class CgroupJob(ProcessTreeJob):
             self._outside = outside
         return not outside
 
-    def cap(self, limits: WatchLimits, available: int) -> None:
+    def cap(self, limits: WatchLimits, available: int) -> int | None:
         cap = limits.kernel_cap(self.cgroup.usage(), available)
         if cap is not None and cap != self._cap:
             self._cap = cap
             self.cgroup.limit_memory(cap, strict=False)
+        return self._cap
 
     def _group_alive(self) -> bool:
         return any(_pgid(pid) == self.leader for pid in self.members())

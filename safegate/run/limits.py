@@ -44,6 +44,13 @@ class WatchLimits(msgspec.Struct, frozen=True):
             caps.append(usage + max(0, available - self.min_available))
         return min(caps) if caps else None
 
+    def capped_by(self, cap: int | None) -> tuple[str, ...]:
+        """The limits a kernel cap of *cap* bytes (kernel_cap's) stood for: max_mem when it was the cap, else
+        min_available, whose headroom made it lower; both when the cap is not known."""
+        by_max = self.max_mem is not None and (cap is None or cap >= self.max_mem)
+        by_floor = bool(self.min_available) and (cap is None or self.max_mem is None or cap < self.max_mem)
+        return tuple(key for key, held in (("max_mem", by_max), ("min_available", by_floor)) if held)
+
     @property
     def hard_floor(self) -> int | None:
         """During the grace period, MemAvailable at or below this means SIGKILL at once."""

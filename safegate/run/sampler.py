@@ -84,6 +84,12 @@ class Sampler:
         self._job_vram: int | None = None  # the job's own VRAM at the last GPU read
         self._hottest: float | None = None
         self._gap, self._last_event = TIMELINE_EVERY[1], float("-inf")
+        # The job's kernel cap in force (jobrun configures the cgroup with --max-mem before the job starts), the
+        # OOM kills seen so far, and the limits the caps in force at those kills stood for.
+        self._cap: int | None = limits.max_mem
+        self._kills = 0
+        self._hit: tuple[str, ...] = ()
+        self._hit_cap: int | None = None
 
     def memory(self, now: float) -> MemorySample:
         job = self.job
@@ -97,7 +103,8 @@ class Sampler:
         if len(job.members()) > 1 and self._job_mem.level(job_mem) is not Level.OK:
             job_mem = job.memory(precise=True)
         sample = self._record(now, job_mem, self.probes.available())
-        job.cap(self.limits, sample.available)
+        self._note_kills()  # before the cap moves: a kill seen now happened under the cap in force until now
+        self._cap = job.cap(self.limits, sample.available)
         job_pressure = job.pressure()
         self.stats.job_pressure(job_pressure)
         if self.on_sample is not None:
@@ -149,22 +156,35 @@ class Sampler:
             job_mem = self.job.memory(precise=len(self.job.members()) > 1)
             sample = self._record(self.clock(), job_mem, self.probes.available())
         return to_take([self._job_mem.check(sample.job_mem), self._floor.check(sample.available, sample.job_mem),
-                        self.kernel_breach()])
+                        self.kernel_breach(read=False)])
 
-    def kernel_breach(self) -> Action:
-        """The kernel's cap on the job's cgroup (--max-mem, and the headroom above --min-available) OOM-killed a
-        process of the job: a memory breach the kernel enforced."""
+    def _note_kills(self) -> None:
+        """Read the job's OOM kills; new ones happened under the cap in force: note which limit it stood for."""
         kills = self.job.oom_kills()
-        limits = self.limits
-        held = [f"--max-mem {format_bytes(limits.max_mem)}"] if limits.max_mem is not None else []
-        if limits.min_available:
-            held.append(f"--min-available {format_bytes(limits.min_available)}")
+        if kills > self._kills:
+            self._kills, self._hit_cap = kills, self._cap
+            self._hit = tuple(dict.fromkeys((*self._hit, *self.limits.capped_by(self._cap))))
+
+    def kernel_breach(self, *, read: bool = True) -> Action:
+        """The kernel's cap on the job's cgroup (--max-mem, or lower, the headroom above --min-available)
+        OOM-killed a process of the job: a memory breach the kernel enforced, naming the limit the cap stood for
+        when it did. *read*: read the kills now (False: this sample's reading, in memory(), is the latest)."""
+        if read:
+            self._note_kills()
+        limits, kills = self.limits, self._kills
+        said = {"max_mem": f"--max-mem {format_bytes(limits.max_mem or 0)}",
+                "min_available": f"--min-available {format_bytes(limits.min_available or 0)}"}
+        held = [said[key] for key in self._hit]
         if not kills or not held:
             return NOTHING
+        cap = (f" of {format_bytes(self._hit_cap)} (what the job used plus MemAvailable's headroom above the floor)"
+               if self._hit == ("min_available",) and self._hit_cap is not None else "")
+        data = {"oom_kills": kills, "max_mem": limits.max_mem, "min_available": limits.min_available,
+                "enforced_by": "kernel"}
+        if len(self._hit) == 1:
+            data["limit"] = self._hit[0]
         return breach(ExitCode.KILLED_MEMORY, "memory", f"the kernel enforced {' and '.join(held)}: the job's "
-                      f"cgroup hit its cap and {kills} process(es) of the job were OOM-killed",
-                      {"oom_kills": kills, "max_mem": limits.max_mem, "min_available": limits.min_available,
-                       "enforced_by": "kernel"})
+                      f"cgroup hit its cap{cap} and {kills} process(es) of the job were OOM-killed", data)
 
     def interval(self, sample: MemorySample) -> float:
         seconds = next_interval(sample.job_mem, sample.available, self.limits, self._fill.rate)

@@ -48,7 +48,9 @@ JOBS = {
 @pytest.mark.parametrize("job", sorted(JOBS))
 def test_nothing_of_the_job_remains(run: Run, config: Path, procs: Procs, job: str, how: str) -> None:
     marker = f"sgorphan-{uuid.uuid4().hex[:12]}"
-    extra = ["--max-mem", "64K"] if how == "breach" else []  # any process is larger: a breach at once
+    # MemAvailable is always at or below all of RAM: a breach at the first sample, whatever the job holds (a
+    # --max-mem at its floor, 1 MiB, is more than a small job holds in a cgroup).
+    extra = ["--min-available", "100%"] if how == "breach" else []
     gate = procs.spawn([sys.executable, "-m", "safegate", "exec", "--config", str(config), "--mem", "0",
                         "--lock", marker, "--grace", "1s", "--interval", "50ms", *extra, "--",
                         "bash", "-c", JOBS[job]], env={**run.env, "M": marker}, stderr=subprocess.PIPE)
