@@ -25,12 +25,13 @@ PAD = 0.02  # of the night's length, before its first start and after its last e
 STYLE = f"""
 .common code {{ font-size: 12px; }}
 .tl {{ position: relative; margin: 6px 0 16px; font-size: 12px; }}
-.tl .row {{ display: grid; grid-template-columns: 20em minmax(0, 1fr) 10em; align-items: center; min-height: 22px;
+.tl .row {{ display: grid; grid-template-columns: 19em minmax(0, 1fr) 11.5em; align-items: center; min-height: 22px;
            border-top: 1px solid #f0f0f0; }}
 .tl .row > * {{ min-width: 0; }}
-.tl .who, .tl .end {{ overflow: hidden; white-space: nowrap; text-overflow: ellipsis; }}
-.tl .who {{ padding-right: 8px; }} .tl .end {{ padding-left: 8px; }}
-.tl .who code {{ font-size: 11px; }}
+.tl .who, .tl .end, .tl .who code {{ overflow: hidden; white-space: nowrap; text-overflow: ellipsis; }}
+.tl .who {{ padding-right: 8px; display: flex; align-items: baseline; }} .tl .end {{ padding-left: 8px; }}
+.tl .who code {{ font-size: 11px; min-width: 0; flex: 1 1 auto; }}
+.tl .who .num {{ flex: none; }}
 .tl .num {{ display: inline-block; min-width: 2.6em; padding: 0 3px; margin-right: 4px; border-radius: 3px;
            color: #fff; font-weight: 600; text-align: center; box-sizing: border-box; }}
 .tl .track {{ position: relative; height: 20px; }}

@@ -31,13 +31,13 @@ table { border-collapse: collapse; width: 100%; font-size: 13px; table-layout: f
 th, td { border: 1px solid #ddd; padding: 3px 5px; text-align: left; vertical-align: top; overflow: hidden;
          white-space: nowrap; text-overflow: ellipsis; }
 th { background: #f3f3f3; font-weight: 600; } td.num { text-align: right; }
-td code { font-size: 12px; }
+td code { font-size: 12px; display: block; overflow: hidden; text-overflow: ellipsis; }
 td details { white-space: nowrap; } td details summary { overflow: hidden; text-overflow: ellipsis; }
 td details[open] p { white-space: normal; overflow-wrap: anywhere; margin: 2px 0 0; color: #333; font-weight: 400; }
 .swatch { display: inline-block; width: 11px; height: 11px; border-radius: 2px; margin-right: 4px;
           vertical-align: -1px; }
 .legend span.item { margin-right: 14px; white-space: nowrap; font-size: 13px; }
-tr.stopped td.ended { color: #d0021b; font-weight: 600; } tr.failed td.ended { color: #8a6400; }
+tr.stopped td.ended { color: #d0021b; } tr.failed td.ended { color: #8a6400; }
 tr.unfinished td.ended { color: #7b4fc9; } tr.not_started td { color: #777; }
 """ + LANES_STYLE
 
@@ -125,13 +125,15 @@ def _against(value: float | None, limit: float | None, fmt: str) -> str:
     return show(value) + ("" if limit is None else f" / {show(limit)}")
 
 
-COLUMNS = (("#", "3.2em", "the job's number in the lanes and charts"), ("command", "", "the command line"),
-           ("profile", "7em", "its profile (the title: also its lock)"), ("start", "5.8em", "when it started, UTC"),
-           ("ran", "5em", "how long it ran"), ("waited", "5em", "how long it waited in line before it started"),
-           ("paused", "5em", "how long it was paused for heat, in all"),
-           ("memory / limit", "10em", "its peak memory / its --max-mem"), ("VRAM", "5.5em", "its peak VRAM"),
-           ("temp / max", "7.5em", "the hottest reading while it ran / its max-temp"),
-           ("how it ended", "14.5em", "how it ended (open for the whole reason)"), ("log", "6.5em", "log:line"))
+# Shares of the page's width, not ems: the table is never wider than the page, and a cell that does not fit
+# ends in an ellipsis with its whole text in its title.
+COLUMNS = (("#", "4%", "the job's number in the lanes and charts"), ("command", "", "the command line"),
+           ("profile", "7%", "its profile (the title: also its lock)"), ("start", "6%", "when it started, UTC"),
+           ("ran", "6%", "how long it ran"), ("waited", "5.5%", "how long it waited in line before it started"),
+           ("paused", "5.5%", "how long it was paused for heat, in all"),
+           ("memory / limit", "13%", "its peak memory / its --max-mem"), ("VRAM", "5%", "its peak VRAM"),
+           ("temp / max", "8.5%", "the hottest reading while it ran / its max-temp"),
+           ("how it ended", "17%", "how it ended (open for the whole reason)"), ("log", "6%", "log:line"))
 
 
 def table(jobs: Sequence[tuple[int, Job]]) -> Iterator[str]:
