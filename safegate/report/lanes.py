@@ -42,7 +42,7 @@ STYLE = f"""
              border: 1px solid #a04e00; }}
 .tl .mk {{ position: absolute; top: -1px; width: 0; height: 0; border-left: 4px solid transparent;
           border-right: 4px solid transparent; border-top: 7px solid; margin-left: -4px; }}
-.tl .axis {{ border-top: none; color: #666; font-size: 11px; }}
+.tl .axis {{ border-top: none; color: #666; font-size: 11px; position: sticky; top: 0; background: #fff; z-index: 1; }}
 .tl .axis .track {{ height: 16px; }}
 .tl .tick {{ position: absolute; top: 0; transform: translateX(-50%); white-space: nowrap; }}
 .tl .grid {{ position: absolute; inset: 0; pointer-events: none; border: none; }}
