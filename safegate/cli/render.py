@@ -207,10 +207,9 @@ def profile_line(p: dict[str, Any]) -> str:
     notes = []
     if rec.get("stopped_at_cap"):
         notes.append(f"{rec['stopped_at_cap']} stopped at a cap (left out of the p95: they needed more)")
-    over = rec.get("exceeds_need")
-    if over:
-        notes.append(f"recorded peak {format_bytes(over['peak'])} exceeds the declared memory "
-                     f"{format_bytes(over['need'])}")
+    if rec.get("exceeds_need"):
+        notes.append(f"recorded peak {format_bytes(rec['peak_memory_any'])} exceeds the declared memory "
+                     f"{printable(p['memory'])}")
     return (f"{printable(p['name']):<20} memory {printable(p['memory']):<10} lock {lock:<16} {seen:<32} "
             f"{printable(p['source'])}" + "".join(f"; {note}" for note in notes))
 
@@ -236,7 +235,8 @@ def profile_json(p: Profile, runs: list[Run] | None = None) -> dict[str, Any]:
     # What the runs used against what the profile declares: a whole run's peak, or the cap a run was stopped at
     # (it needed at least that), above the declared memory.
     used = max([*peaks, *stopped], default=0)
-    declared = None if p.memory_auto else p.memory.bytes  # a share of RAM (percent) is not compared
+    # Not compared: "auto", a share of RAM (percent), or 0 (no need declared).
+    declared = None if p.memory_auto else p.memory.bytes or None
     return {
         "name": p.name, "source": p.source, "description": p.description, "match": list(p.match),
         "memory": "auto" if p.memory_auto else str(p.memory), "lock": p.lock,
@@ -247,8 +247,8 @@ def profile_json(p: Profile, runs: list[Run] | None = None) -> dict[str, Any]:
             "learned_need": learned_need(runs),
             "peak_gpu_memory_max": max((r.peak_gpu_memory for r in runs if r.peak_gpu_memory), default=None),
             "stopped_at_cap": len(stopped),
-            "exceeds_need": ({"peak": used, "need": declared} if declared is not None and used > declared
-                             else None),
+            "peak_memory_any": used or None,
+            "exceeds_need": declared is not None and used > declared,
         }, "memory_margin": str(p.memory_margin), "max_temp": p.max_temp,
         "gpu_memory": str(p.gpu_memory), "max_mem": str(p.max_mem) if p.max_mem else None,
         "competing": [rule_json(r) for r in p.competing],
