@@ -184,11 +184,12 @@ def test_the_readings_that_decided_an_event_are_charted(tmp_path: Path) -> None:
     log.add(START + 100, "resumed", "resumed", temp=70.0, max_temp=85.0)
     log.add(START + 115, "breach", "hottest sensor 90 C >= max-temp 85 C", temp=90.0, max_temp=85.0,
             job_memory=2**21, reason="thermal")
+    log.add(START + 115.5, "signal", "sending SIGTERM", signal="SIGTERM", available=2**32, pids=[5])
     log.add(START + 116, "exit", "job killed", exit_code=21, reason="thermal")
     log.add(START + 116, "summary", "summary", reason="thermal", exit_code=21, highest_temp=90.0)
     (job,) = jobs_from_lines("hot", log.lines)
     assert job.temp == ((START + 60, 60.0), (START + 70, 87.0), (START + 100, 70.0), (START + 115, 90.0))
-    assert (START + 115, float(2**21)) in job.memory
+    assert (START + 115, float(2**21)) in job.memory and job.available[-1] == (START + 115.5, float(2**32))
     assert job.short == "stopped: thermal (exit 21)" and job.ended.startswith("stopped for thermal (exit 21): ")
 
 

@@ -190,6 +190,8 @@ class _Open:
             self._sample(moment, event)
         elif isinstance(event, Marked):
             self._mark(moment, event)
+        elif isinstance(event, SignalSent):
+            self._add("available", moment, event.available)  # the MemAvailable the signal was sent at
         elif isinstance(event, Exit):
             self.exit = event
         elif isinstance(event, Summary):
