@@ -34,10 +34,12 @@ MEASURE = """(() => {
                scripts: document.scripts.length};
   for (const e of document.querySelectorAll('body *')) {
     const b = r(e);
-    if (b.width > 0 && (b.right > width + 0.5 || b.left < -0.5)) out.wide.push(e.tagName + '.' + e.className);
+    if (b.width > 0 && (b.right > width + 0.5 || b.left < -0.5)) out.wide.push(e.tagName + '.' + e.getAttribute('class'));
   }
   for (const lane of document.querySelectorAll('.lane')) {
-    const row = r(lane), track = r(lane.querySelector('.track')), bar = lane.querySelector('.bar');
+    // Also measures the SVG lanes of earlier reports (a <g class="lane"> and its <rect>), for comparison.
+    const row = r(lane), track = r(lane.querySelector('.track') || lane.closest('svg'));
+    const bar = lane.querySelector('.bar, rect');
     out.bars.push([+lane.dataset.job, r(bar).width, inside(r(bar), track)]);
     out.colours.push(getComputedStyle(bar).backgroundColor);
     for (const p of lane.querySelectorAll('.pause')) out.pauses.push([+lane.dataset.job, r(p).width,
