@@ -22,6 +22,7 @@ from test_report import _night, _png_pixels
 
 from safegate.report import lanes, page
 from safegate.report.timeline import build_report, jobs_from_lines
+from safegate.units import format_duration
 
 # What the test measures in the page, in the browser: rectangles, not guesses about fonts.
 MEASURE = """(() => {
@@ -34,7 +35,8 @@ MEASURE = """(() => {
                scripts: document.scripts.length};
   for (const e of document.querySelectorAll('body *')) {
     const b = r(e);
-    if (b.width > 0 && (b.right > width + 0.5 || b.left < -0.5)) out.wide.push(e.tagName + '.' + e.getAttribute('class'));
+    if (b.width > 0 && (b.right > width + 0.5 || b.left < -0.5))
+      out.wide.push(e.tagName + '.' + e.getAttribute('class'));
   }
   for (const lane of document.querySelectorAll('.lane')) {
     // Also measures the SVG lanes of earlier reports (a <g class="lane"> and its <rect>), for comparison.
@@ -203,7 +205,12 @@ def test_the_summary_says_what_a_reader_asks_first(tmp_path: Path) -> None:
     ran = [j for _, j in jobs if j.outcome != "not_started"]
     stopped = sum(1 for j in ran if j.outcome == "stopped")
     assert f"<b>{len(ran)} jobs ran</b>" in text and f"<b>{stopped} stopped by safegate</b>" in text
-    assert "Waits: these logs do not record them." in text
+    waits = [(j.waited, n) for n, j in jobs if j.waited is not None and j.waited >= 1.0]
+    longest, n_longest = max(waits, key=lambda found: found[0])
+    assert (f"<b>{len(waits)} jobs waited</b> before starting; the longest wait: #{n_longest}, "
+            f"{format_duration(longest)}.") in text
+    assert "Waits: these logs do not record them." in page.summary([(n, msgspec.structs.replace(j, waited=None))
+                                                                    for n, j in jobs])
     share, n = max(((j.peak_memory / j.max_mem, n) for n, j in jobs if j.peak_memory is not None and j.max_mem),
                    key=lambda found: found[0])  # the first of equals
     assert f"Highest peak against its limit: <b>#{n}</b>" in text and f"({share:.0%})" in text
@@ -213,7 +220,7 @@ def test_the_summary_says_what_a_reader_asks_first(tmp_path: Path) -> None:
     assert "<b>40 jobs waited</b>" in text and "the longest wait: #40, 6m40s" in text
     row = "".join(page.table([waited[3]]))
     assert "<td class=\"num\" title=\"40s\">40s</td>" in row
-    assert "-</td>" in "".join(page.table(jobs[:1]))  # a log without waits: "-"
+    assert '"num" title="-">-</td>' in "".join(page.table([(1, msgspec.structs.replace(jobs[0][1], waited=None))]))
 
 
 @pytest.mark.parametrize("width", [1280])

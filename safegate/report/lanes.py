@@ -40,6 +40,7 @@ STYLE = f"""
 .tl .pause {{ position: absolute; top: 0; height: 20px; min-width: {MIN_PAUSE}px; box-sizing: border-box;
              background: repeating-linear-gradient(135deg, #e07000 0 3px, #ffd6a8 3px 5px);
              border: 1px solid #a04e00; }}
+.tl .wait {{ position: absolute; top: 9px; height: 2px; border-top: 2px dotted #999; box-sizing: border-box; }}
 .tl .mk {{ position: absolute; top: -1px; width: 0; height: 0; border-left: 4px solid transparent;
           border-right: 4px solid transparent; border-top: 7px solid; margin-left: -4px; }}
 .tl .axis {{ border-top: none; color: #666; font-size: 11px; position: sticky; top: 0; background: #fff; z-index: 1; }}
@@ -123,6 +124,9 @@ def lanes(night: Night, jobs: Sequence[tuple[int, Job]]) -> Iterator[str]:
                '<div class="track">',
                f'<span class="bar" style="{_box(left, right, MIN_BAR)};background:{colour(number)};'
                f'border-color:{OUTCOME_COLOURS.get(job.outcome, "#555")}"></span>']
+        if job.waited:  # the wait in line before it started, left of its bar (cut at the night's start)
+            row.append(f'<span class="wait" style="{_box(_at(job.start - job.waited, t0, t1), left, 0)}" '
+                       f'title="waited {format_duration(job.waited)} in line"></span>')
         for start, end in job.pauses:
             row.append(f'<span class="pause" style="{_box(_at(start, t0, t1), _at(end, t0, t1), MIN_PAUSE)}" '
                        f'title="paused for heat {clock(start, True)} to {clock(end, True)} '

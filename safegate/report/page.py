@@ -104,6 +104,8 @@ def _legend() -> str:
                     for kind, c in MARK_COLOURS.items())
     return (f'<p class="legend">{items}<span class="item"><span class="swatch" style="background:'
             'repeating-linear-gradient(135deg, #e07000 0 3px, #ffd6a8 3px 5px)"></span>paused for heat</span>'
+            '<span class="item"><span class="swatch" style="border-top: 2px dotted #999; height: 0; '
+            'vertical-align: 3px"></span>waiting in line</span>'
             "<span class=\"item\">Each job's number and colour are the same in the lanes, the charts and the "
             "table.</span></p>\n")
 
