@@ -220,6 +220,8 @@ def test_the_summary_says_what_a_reader_asks_first(tmp_path: Path) -> None:
     assert "<b>40 jobs waited</b>" in text and "the longest wait: #40, 6m40s" in text
     row = "".join(page.table([waited[3]]))
     assert "<td class=\"num\" title=\"40s\">40s</td>" in row
+    assert "No job waited before starting." in page.summary([(n, msgspec.structs.replace(j, waited=0.0))
+                                                             for n, j in jobs])
     assert '"num" title="-">-</td>' in "".join(page.table([(1, msgspec.structs.replace(jobs[0][1], waited=None))]))
 
 

@@ -186,9 +186,9 @@ def summary(jobs: Sequence[tuple[int, Job]]) -> str:
     if known:
         waited = [(n, j, w) for n, j, w in known if w >= 1.0]
         longest = max(waited, key=lambda x: x[2], default=None)
-        lines.append(f"<b>{_count(len(waited), 'job')} waited</b> before starting"
-                     + ("" if longest is None else f"; the longest wait: #{longest[0]}, "
-                        f"{esc(format_duration(longest[2]))}") + ".")
+        lines.append("No job waited before starting." if longest is None else
+                     f"<b>{_count(len(waited), 'job')} waited</b> before starting; the longest wait: "
+                     f"#{longest[0]}, {esc(format_duration(longest[2]))}.")
     else:
         lines.append("Waits: these logs do not record them.")
     paused = [(n, j) for n, j in ran if j.pauses]
