@@ -151,7 +151,7 @@ def test_a_waiter_behind_a_running_holder_says_one_line_and_logs_the_wait(
     (job,) = jobs_from_lines(str(log), log.read_text().splitlines())
     assert job.waited == admitted["waited"]
     html = page(build_report([(str(log), [job])]))
-    assert "<th>waited</th>" in html
+    assert ">waited</th>" in html
     result = run("report", str(log), "-o", str(tmp_path / "night.html"))
     assert result.returncode == 0, result.stderr
 

@@ -103,3 +103,30 @@ def test_git_tracks_no_state(tmp_path: Path, run: Run, config: Path, env: dict[s
     status = subprocess.run(["git", "status", "--porcelain", "--ignored"], cwd=checkout, capture_output=True,
                             text=True, check=True)
     assert status.stdout == ""  # ...and nothing appeared in the checkout
+
+
+def test_runs_stopped_at_a_cap_stay_out_of_the_learned_peak() -> None:
+    # Two runs killed at a 1000-byte cap peaked at the cap: the need is learned from the three whole runs.
+    runs = [history.Run(0, peak, None, 1, "exited", 0) for peak in (100, 200, 300)]
+    capped = [history.Run(0, 1000, None, 1, reason, 20) for reason in ("memory", "gpu")]
+    assert history.learned_need(runs + capped) == int(300 * 1.10)
+    assert history.learned_need(runs[:2] + capped) is None  # two whole runs are not yet enough
+
+
+def test_profiles_marks_capped_runs_and_use_above_the_declared_need(run: Run, tmp_path: Path, sensor: Path) -> None:
+    cfg = tmp_path / "declared.toml"
+    cfg.write_text(neutral_config(sensor) + '[profiles.small]\nmemory = "40M"\nlock = "small"\n')
+    for _ in range(3):  # each uses ~60 MiB, more than the 40 MiB the profile declares
+        result = run("exec", "--config", str(cfg), "-p", "small", "-q", "--", sys.executable, "-c",
+                     "import time; b = b'x' * (60 << 20); time.sleep(0.4)")
+        assert result.returncode == 0, result.stderr
+    hog = run("exec", "--config", str(cfg), "-p", "small", "-q", "--max-mem", "120M", "--grace", "5s", "--",
+              sys.executable, str(HELPERS / "hog.py"), "1000", "8", "0.05")
+    assert hog.returncode == 20, hog.stderr  # stopped at --max-mem: its peak is the cap
+    shown = json.loads(run("profiles", "--json", "--config", str(cfg)).stdout)
+    rec = next(p for p in shown if p["name"] == "small")["recorded"]
+    assert rec["runs"] == 4 and rec["stopped_at_cap"] == 1
+    assert 60 * MiB <= rec["peak_memory_p95"] < 110 * MiB  # the whole runs only, not the ~120 MiB cap
+    assert rec["exceeds_need"] is True and rec["peak_memory_any"] >= 110 * MiB
+    line = next(x for x in run("profiles", "--config", str(cfg)).stdout.splitlines() if x.startswith("small "))
+    assert "1 stopped at a cap (left out of the p95" in line and "exceeds the declared memory 40" in line

@@ -145,20 +145,25 @@ def test_a_night_of_three_jobs_becomes_one_self_contained_page(run: Run, config:
             assert name not in attrs, (tag, attrs)
     assert "@import" not in text and "url(" not in text
 
-    lanes = page.having("g", "lane")
+    lanes = page.having("div", "lane")
     assert len(lanes) == 3 and {a["data-job"] for a in lanes} == {"1", "2", "3"}
-    assert [a["class"].split()[1] for a in lanes] == ["finished", "stopped", "finished"]
+    assert [a["class"].split()[2] for a in lanes] == ["finished", "stopped", "finished"]
     rows = [a for t, a in page.tags if t == "tr" and "data-job" in a]
     assert [r["class"] for r in rows] == ["finished", "stopped", "finished"]
     assert len(page.having("svg", "chart")) >= 3  # memory, MemAvailable, temperature
-    kinds = {a["class"].split()[1] for a in page.having("g", "mark")}
+    kinds = {a["class"].split()[1] for a in page.having("g", "mark")} | {a["class"].split()[1]
+                                                                         for a in page.having("span", "mk")}
     assert {"warning", "breach", "paused", "resumed"} <= kinds, kinds
 
     # The command line is escaped in the source, and reads back as typed.
     assert ODD not in text and "&lt;b&gt;&amp;" in text
     commands = page.text["code"]
     assert commands[0] == f"sh -c 'sleep 2.5' '{ODD}'"
-    cells = " ".join(page.text["td"])
+    # How each job ended: one short line, the whole reason in the cell's title and its <details>.
+    ended = page.having("td", "ended")
+    assert len(ended) == 3 and all(a["title"] for a in ended)
+    cells = " ".join(page.text["td"] + page.text["summary"] + [a["title"] for a in ended])
+    assert "stopped: memory (exit 20)" in page.text["summary"]
     assert "stopped for memory (exit 20): job memory" in cells and ">= --max-mem 200.0 MiB" in cells
     assert "exited 0" in cells
     assert "85 \u00b0C" in cells and "default" in cells
@@ -214,7 +219,7 @@ def test_a_blocked_job_is_listed_as_never_run(run: Run, config: Path, sensor: Pa
     page = Page()
     page.feed(result.stdout)
     assert [a["class"] for t, a in page.tags if t == "tr" and "data-job" in a] == ["not_started", "failed"]
-    cells = " ".join(page.text["td"])
+    cells = " ".join(page.text["td"] + page.text.get("summary", []))
     assert "blocked: thermal" in cells and "(exit 12)" in cells and "exited 3" in cells
 
 
@@ -306,4 +311,4 @@ def test_jobs_logging_to_one_file_at_once_are_told_apart(run: Run, config: Path,
     for job in jobs:
         assert len(job.memory) >= 2 and all(job.start <= t <= job.end for t, _ in job.memory)
     result = run("report", str(log), "-o", "-")
-    assert result.returncode == 0 and result.stdout.count('class="lane ') == 2
+    assert result.returncode == 0 and result.stdout.count('class="row lane ') == 2

@@ -121,7 +121,7 @@ def test_an_unknown_event_is_skipped_and_a_line_longer_than_64_mib_refused(run: 
     log = tmp_path / "later.jsonl"
     log.write_text("".join(_job(START)) + _line("later_kind", START + 2, whatever=[1, {"x": None}]))
     result = run("report", str(log), "-o", "-")
-    assert result.returncode == 0 and result.stdout.count('class="lane ') == 1, result.stderr
+    assert result.returncode == 0 and result.stdout.count('class="row lane ') == 1, result.stderr
     huge = tmp_path / "huge.jsonl"
     with huge.open("w") as out:
         out.write(ADMITTED + '{"time": "' + "x" * (65 * 2**20))  # no newline: read no further than the limit
@@ -232,7 +232,7 @@ def test_values_at_the_edges_of_the_accepted_ranges_are_drawn(events: list[dict[
         assert "no job in it" in str(exc), exc
         return
     html = page(build_report([("edges.jsonl", jobs)]))
-    assert html.count('class="lane ') == len(jobs) and "\x1b" not in html and "<script>" not in html
+    assert html.count('class="row lane ') == len(jobs) and "\x1b" not in html and "<script>" not in html
 
 
 # --- scale -------------------------------------------------------------------------------------------------
@@ -249,7 +249,7 @@ def test_a_night_of_32000_small_jobs_is_read_and_drawn(run: Run, tmp_path: Path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"wrote {out_file}: 32000 jobs in 1 night from 1 log"
     text = out_file.read_text()
-    assert text.count('<g class="lane finished"') == 32_000 and text.count('<tr class="finished"') == 32_000
+    assert text.count('<div class="row lane finished"') == 32_000 and text.count('<tr class="finished"') == 32_000
     assert text.endswith("</body></html>\n")
 
 

@@ -201,9 +201,17 @@ def profile_line(p: dict[str, Any]) -> str:
     """One row of `safegate profiles`, from the profile's JSON form."""
     lock = printable(p["lock"] or "(none)")
     rec = p["recorded"]
-    seen = f"{rec['runs']} runs, p95 peak {format_bytes(rec['peak_memory_p95'])}" if rec["runs"] else "no runs recorded"
+    p95 = rec["peak_memory_p95"]
+    seen = (f"{rec['runs']} runs, p95 peak {format_bytes(p95)}" if p95 is not None
+            else f"{rec['runs']} runs, no whole run" if rec["runs"] else "no runs recorded")
+    notes = []
+    if rec.get("stopped_at_cap"):
+        notes.append(f"{rec['stopped_at_cap']} stopped at a cap (left out of the p95: they needed more)")
+    if rec.get("exceeds_need"):
+        notes.append(f"recorded peak {format_bytes(rec['peak_memory_any'])} exceeds the declared memory "
+                     f"{printable(p['memory'])}")
     return (f"{printable(p['name']):<20} memory {printable(p['memory']):<10} lock {lock:<16} {seen:<32} "
-            f"{printable(p['source'])}")
+            f"{printable(p['source'])}" + "".join(f"; {note}" for note in notes))
 
 
 def lock_json(lock: LockInfo) -> dict[str, Any]:
@@ -219,10 +227,16 @@ def lock_json(lock: LockInfo) -> dict[str, Any]:
 
 
 def profile_json(p: Profile, runs: list[Run] | None = None) -> dict[str, Any]:
-    from safegate.config.history import learned_need, percentile
+    from safegate.config.history import capped, learned_need, percentile, whole_runs
 
     runs = runs or []
-    peaks = [r.peak_memory for r in runs]
+    peaks = [r.peak_memory for r in whole_runs(runs)]  # a run stopped at a cap peaked at the cap
+    stopped = [r.peak_memory for r in runs if capped(r)]
+    # What the runs used against what the profile declares: a whole run's peak, or the cap a run was stopped at
+    # (it needed at least that), above the declared memory.
+    used = max([*peaks, *stopped], default=0)
+    # Not compared: "auto", a share of RAM (percent), or 0 (no need declared).
+    declared = None if p.memory_auto else p.memory.bytes or None
     return {
         "name": p.name, "source": p.source, "description": p.description, "match": list(p.match),
         "memory": "auto" if p.memory_auto else str(p.memory), "lock": p.lock,
@@ -232,6 +246,9 @@ def profile_json(p: Profile, runs: list[Run] | None = None) -> dict[str, Any]:
             "peak_memory_max": max(peaks) if peaks else None,
             "learned_need": learned_need(runs),
             "peak_gpu_memory_max": max((r.peak_gpu_memory for r in runs if r.peak_gpu_memory), default=None),
+            "stopped_at_cap": len(stopped),
+            "peak_memory_any": used or None,
+            "exceeds_need": declared is not None and used > declared,
         }, "memory_margin": str(p.memory_margin), "max_temp": p.max_temp,
         "gpu_memory": str(p.gpu_memory), "max_mem": str(p.max_mem) if p.max_mem else None,
         "competing": [rule_json(r) for r in p.competing],

@@ -133,9 +133,24 @@ def percentile(values: list[int], q: float) -> int:
     return ordered[rank - 1]
 
 
+# A run stopped at a memory or VRAM cap peaked at the cap, not at what it needed: its peak is a floor of the
+# need, never the need itself, so it is kept out of the learned peak (and counted, so `profiles` can say so).
+CAPPED = ("memory", "gpu")
+
+
+def capped(run: Run) -> bool:
+    return run.reason in CAPPED
+
+
+def whole_runs(runs: list[Run]) -> list[Run]:
+    """The runs whose peak is what the job used: not stopped at a cap, and with a peak recorded."""
+    return [r for r in runs if r.peak_memory > 0 and not capped(r)]
+
+
 def learned_need(runs: list[Run]) -> int | None:
-    """The 95th percentile of recorded peaks plus 10%; None until MIN_RUNS runs exist."""
-    peaks = [r.peak_memory for r in runs if r.peak_memory > 0]
+    """The 95th percentile of the peaks of runs not stopped at a cap, plus 10%; None until MIN_RUNS such runs
+    exist."""
+    peaks = [r.peak_memory for r in whole_runs(runs)]
     if len(peaks) < MIN_RUNS:
         return None
     return int(percentile(peaks, 95) * AUTO_HEADROOM)

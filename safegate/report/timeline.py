@@ -63,6 +63,7 @@ class Job(msgspec.Struct, frozen=True):
     exit_code: int | None  # None: the log ends before the job does
     outcome: str  # finished, failed, stopped, not_started, unfinished
     ended: str  # how it ended, in words, with the exit code
+    short: str = ""  # the same in a few words: what a table cell shows on one line
     max_mem: int | None = None
     min_available: int | None = None
     max_temp: float | None = None
@@ -79,6 +80,10 @@ class Job(msgspec.Struct, frozen=True):
     highest_temp: float | None = None
     left_out: int = 0  # markers and pauses past MAX_MARKS and MAX_PAUSES: counted, not drawn
     waited: float | None = None  # seconds in line before it was admitted (or gave up); None: not in the log
+
+    @property
+    def paused(self) -> float:
+        return sum(max(0.0, end - start) for start, end in self.pauses)
 
     @property
     def duration(self) -> float:
@@ -185,6 +190,8 @@ class _Open:
             self._sample(moment, event)
         elif isinstance(event, Marked):
             self._mark(moment, event)
+        elif isinstance(event, SignalSent):
+            self._add("available", moment, event.available)  # the MemAvailable the signal was sent at
         elif isinstance(event, Exit):
             self.exit = event
         elif isinstance(event, Summary):
@@ -208,6 +215,12 @@ class _Open:
 
     def _mark(self, moment: float, event: Marked) -> None:
         kind = event.KIND
+        # The reading the event was decided on is a point of its series: the 90 C that stopped a job, or the
+        # first reading after a resume, is drawn even when no sample was logged near it.
+        self._add("memory", moment, event.job_memory)
+        self._add("available", moment, event.available)
+        self._add("temp", moment, event.temp)
+        self._add("job_vram", moment, event.job_gpu_memory)
         if kind == "breach" and not self.breach:
             self.breach = _kept(event.message)
         if self.counts[kind] < MAX_MARKS:
@@ -228,21 +241,24 @@ class _Open:
         self.min_available = event.min_available if self.min_available is None else self.min_available
         self.max_temp = event.max_temp if self.max_temp is None else self.max_temp
 
-    def _ended(self) -> tuple[int | None, str, str]:
-        """(exit code, outcome, how it ended in words)."""
+    def _ended(self) -> tuple[int | None, str, str, str]:
+        """(exit code, outcome, how it ended in words, the same in a few words)."""
         info = self.exit if self.exit is not None else self.summary
         if info is None:
-            return None, "unfinished", "no end in the log (safegate was stopped, or the log was cut)"
+            return None, "unfinished", "no end in the log (safegate was stopped, or the log was cut)", "no end in log"
         code, reason = info.exit_code, info.reason
         if reason in ("memory", "gpu", "thermal"):
             why = self.breach.split("; sending", 1)[0]
-            return code, "stopped", f"stopped for {reason} (exit {code})" + (f": {why}" if why else "")
+            return (code, "stopped", f"stopped for {reason} (exit {code})" + (f": {why}" if why else ""),
+                    f"stopped: {reason} (exit {code})")
         message = self.exit.message if self.exit is not None else ""
         words = _kept(message).removeprefix("job ") if message else f"exited {code}"
-        return code, "finished" if code == 0 else "failed", words
+        signal = self.exit.signal if self.exit is not None else None
+        short = f"signal {signal} (exit {code})" if reason == "signalled" and signal else f"exited {code}"
+        return code, "finished" if code == 0 else "failed", words, short
 
     def close(self, end: float) -> Job:
-        code, outcome, ended = self._ended()
+        code, outcome, ended, short = self._ended()
         pauses = self.pauses if self.paused_at is None else [*self.pauses, (self.paused_at, end)]
         summary = self.summary
         series = self.series
@@ -258,7 +274,7 @@ class _Open:
 
         return Job(
             source=self.source, line=self.line, command=self.command, profile=self.profile, lock=self.lock,
-            start=self.start, end=max(end, self.start), exit_code=code, outcome=outcome, ended=ended,
+            start=self.start, end=max(end, self.start), exit_code=code, outcome=outcome, ended=ended, short=short,
             max_mem=self.max_mem, min_available=self.min_available,
             max_temp=None if self.max_temp is None else float(self.max_temp), max_gpu_mem=self.max_gpu_mem,
             memory=thinned("memory"), available=thinned("available"), temp=thinned("temp"),
@@ -274,10 +290,12 @@ class _Open:
 def _never_ran(source: str, line: int, moment: float, event: NotAdmitted | NotStarted) -> Job:
     code = event.exit_code
     what = "blocked" if isinstance(event, NotAdmitted) else "not started"
+    exit_code = "" if code is None else f" (exit {code})"
+    cause = event.message.split(":", 1)[0].strip()  # "thermal: 90 C >= ...": the check that refused it
+    short = f"{what}: {cause}" if cause and len(cause) <= 24 and cause != event.message else what
     return Job(source=source, line=line, command="", profile="", lock=None, start=moment, end=moment,
-               exit_code=code, outcome="not_started",
-               ended=f"{what}: {_kept(event.message)}" + ("" if code is None else f" (exit {code})"),
-               waited=event.waited if isinstance(event, NotAdmitted) else None)
+               exit_code=code, outcome="not_started", ended=f"{what}: {_kept(event.message)}{exit_code}",
+               short=short + exit_code, waited=event.waited if isinstance(event, NotAdmitted) else None)
 
 
 def jobs_from_lines(source: str, lines: Iterable[str | bytes], *, now: float | None = None) -> list[Job]:
