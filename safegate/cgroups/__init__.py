@@ -1,8 +1,9 @@
 """A cgroup of the job's own, so the kernel holds its memory cap, counts every byte and stops every process.
 
 Which one, in this order: cgroup v1 (one per hierarchy below ours: safegate.cgroups.v1); cgroup v2 below ours
-where our cgroup hands the memory controller down (safegate.cgroups.v2); a transient systemd scope, system or in
-the user's instance, delegated and checked (safegate.cgroups.scope). None of these: the job is watched as its
+where our cgroup hands the memory controller down, or inside the systemd unit that delegated its cgroup to us
+(Delegate=yes: safegate.cgroups.v2); a transient systemd scope, system or in the user's instance, delegated and
+checked (safegate.cgroups.scope). None of these: the job is watched as its
 process tree, and `available()` says why.
 """
 

@@ -2,7 +2,10 @@
 
 v2 lets a cgroup hand memory to its children only while it holds no process itself, so a child of the cgroup
 safegate runs in gets the memory controller only where that cgroup already distributes it (the root cgroup, or
-one delegated that way). Elsewhere (a systemd machine) the job gets a scope: safegate.cgroups.scope.
+one delegated that way). A systemd service with `Delegate=yes` owns its cgroup's subtree: there safegate first
+moves itself (and whatever else runs in the service's own cgroup) into a leaf `supervisor`, then hands memory
+down and makes the job's cgroup beside it, inside the service, where the unit's MemoryMax=, accounting and
+final SIGKILL reach the job. Elsewhere (a systemd machine) the job gets a scope: safegate.cgroups.scope.
 The files: memory.max (the cap), memory.high (throttling), memory.swap.max, memory.current/peak/stat/events,
 memory.pressure, cgroup.freeze/events (pausing), cgroup.kill (kernel >= 5.14).
 """
@@ -10,6 +13,7 @@ memory.pressure, cgroup.freeze/events (pausing), cgroup.kill (kernel >= 5.14).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import time
 
@@ -30,6 +34,10 @@ from safegate.cgroups.base import (
 from safegate.errors import CgroupError
 
 KILL_ROUNDS = 200
+MOVE_ROUNDS = 100
+SUPERVISOR = "supervisor"  # safegate's own leaf in a delegated cgroup
+# The cgroups systemd makes for units; a subgroup named otherwise is one made inside a delegated unit.
+UNIT_SUFFIXES = (".service", ".scope", ".slice", ".socket", ".mount", ".swap")
 
 
 def own_path(proc_cgroup: str = "/proc/self/cgroup") -> str | None:
@@ -54,7 +62,62 @@ def direct_base() -> str | None:
     base = f"{ROOT}{own.rstrip('/')}"
     if "memory" in controllers(base, "cgroup.subtree_control") and os.access(base, os.W_OK):
         return base
-    return None
+    return delegated_base(base)
+
+
+def delegated(path: str) -> bool:
+    """Whether systemd delegated *path* to its unit (Delegate=yes): systemd marks such a cgroup with the xattr
+    user.delegate (readable by anyone) and trusted.delegate. Without the mark the cgroup is systemd's to
+    manage, even where root could write to it."""
+    for name in ("user.delegate", "trusted.delegate"):
+        try:
+            if os.getxattr(path, name) == b"1":
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def delegated_base(own: str) -> str | None:
+    """The delegated cgroup safegate runs in (a unit with Delegate=yes), or in a subgroup of (its `supervisor`
+    leaf, or systemd's DelegateSubgroup=), when it can hand the memory controller down; else None.
+    Only a subgroup that is no unit of its own counts: a unit below a delegated one (the user's services below
+    user@UID.service) belongs to that manager, not to safegate."""
+    parent, name = os.path.split(own)
+    if delegated(own):
+        base = own
+    elif ROOT not in (own, parent) and not name.endswith(UNIT_SUFFIXES) and delegated(parent):
+        base = parent
+    else:
+        return None
+    if "memory" not in controllers(base) or not os.access(f"{base}/cgroup.subtree_control", os.W_OK):
+        return None
+    return base
+
+
+def hand_memory_down(base: str) -> None:
+    """Make *base* (a delegated cgroup) hand the memory controller to its children: v2 allows that only while it
+    holds no process, so every process in it (safegate, and the service's other processes) first moves into its
+    leaf `supervisor`. A no-op when another safegate (or systemd's DelegateSubgroup=) did it before."""
+    if "memory" in controllers(base, "cgroup.subtree_control"):
+        return
+    leaf = f"{base}/{SUPERVISOR}"
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(leaf, 0o755)
+    for _ in range(MOVE_ROUNDS):
+        for pid in read(f"{base}/cgroup.procs").split():
+            try:
+                write(f"{leaf}/cgroup.procs", pid)
+            except OSError as exc:
+                if exc.errno != errno.ESRCH:
+                    raise
+        try:
+            write(f"{base}/cgroup.subtree_control", "+memory")
+            return
+        except OSError as exc:
+            if exc.errno != errno.EBUSY:  # a process forked into it meanwhile: move that one too
+                raise
+    raise OSError(errno.EBUSY, "the delegated cgroup kept gaining processes")
 
 
 class V2Cgroup(JobCgroup):
@@ -73,6 +136,7 @@ class V2Cgroup(JobCgroup):
         sweep(base)
         path = f"{base}/{job_name()}"
         try:
+            hand_memory_down(base)
             os.mkdir(path, 0o755)
         except OSError as exc:
             raise CgroupError(f"cannot create the job's cgroup: {exc.strerror} ({path})") from None
