@@ -27,6 +27,7 @@ from safegate.locks.store import HeldLock
 from safegate.probes.memory import read_memory
 from safegate.run.limits import WARN_FRACTION, GpuLimits, WatchLimits
 from safegate.run.outcome import Event, Outcome
+from safegate.run.ready import service_ready
 from safegate.run.supervisor import Supervisor
 from safegate.units import Size, format_bytes, format_duration, parse_size, printable, signal_name
 
@@ -239,6 +240,9 @@ def _supervise(settings: Settings, argv: Sequence[str], verdict: Verdict, held: 
                     "waited": round(waited, 3), **gpu_env}))
     if held.metadata_error:
         on_event(Event("warning", held.metadata_error))
+    # Type=notify: the unit was "activating" while safegate waited in line; it is up now that the job runs.
+    if (not_ready := service_ready(f"running pid {pid} (profile {settings.profile.name}, lock {lock})")) is not None:
+        on_event(Event("warning", not_ready))
     return supervisor.watch()
 
 
