@@ -196,13 +196,31 @@ def test_cron_recipe_in_crons_environment(tmp_path: Path, sensor: Path) -> None:
     assert kinds[1:] == ["admitted", "exit", "summary"], kinds
 
 
+def systemd_unit() -> str:
+    """The systemd recipe's unit, verbatim, between its markers (tests/test_vm_cgroup.py runs it under systemd)."""
+    block = RECIPES.split("<!-- systemd-unit:", 1)[1].split("<!-- /systemd-unit -->", 1)[0]
+    return block.split("```ini\n", 1)[1].split("```", 1)[0]
+
+
 def test_systemd_recipe_has_one_bounded_gate() -> None:
-    block = RECIPES.split("## systemd:", 1)[1].split("```ini\n", 1)[1].split("```", 1)[0]
-    unit = dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
+    unit = dict(line.split("=", 1) for line in systemd_unit().splitlines() if "=" in line)
     # An ExecStartPre= check would grant nothing (its caller is PID 1): exec alone gates, its wait bounded.
     assert "ExecStartPre" not in unit
     start = unit["ExecStart"]
     assert start.startswith("/usr/local/bin/safegate exec ") and "--wait" in start
     timeout = re.search(r"--timeout (\S+)", start)
     assert timeout is not None and parse_duration(timeout.group(1)) > 0
+    # The wait is the unit's start (safegate says READY=1 once the job runs), so the start timeout covers it,
+    # and safegate's own --timeout gives up first, with an exit status that says why.
+    assert unit["Type"] == "notify"
+    assert parse_duration(unit["TimeoutStartSec"]) > parse_duration(timeout.group(1))
+    # The job in the service's own cgroup: its MemoryMax=, accounting and kill reach it.
+    assert unit["Delegate"] == "yes" and unit["KillMode"] == "mixed"
+
+
+def test_systemd_recipe_says_what_each_line_does_and_what_happens_without_delegation() -> None:
+    text = " ".join(RECIPES.split("<!-- /systemd-unit -->", 1)[1].split("\n## ", 1)[0].split())
+    for said in ("ExecStartPre=safegate check` would grant nothing", "`TimeoutStartSec=` covers the wait",
+                 "`<service>/supervisor`", "Without `Delegate=yes`", "outside the unit", "`--cgroup off`"):
+        assert said in text, said
     assert "/usr/local/bin/safegate" in RECIPES.split("## systemd:", 1)[1].split("## ", 1)[0].split("```")[2]

@@ -1,6 +1,7 @@
 """The job's cgroup on cgroup v2 with systemd as PID 1 (issue 15), in the test VM (tests/vm/): a normal user's job
 in a delegated scope of their own systemd instance, root's in a system scope or directly below the root cgroup,
-the kernel holding --max-mem, a pause as cgroup.freeze, the fallbacks, and docs/recipes.md's systemd unit for real.
+the kernel holding --max-mem, a pause as cgroup.freeze, the fallbacks (docs/recipes.md's systemd unit:
+tests/test_vm_systemd.py).
 
 All scenarios run in ONE boot (a boot costs 20-60 s under TCG); each test reads its scenario's result. Opt-in like
 tests/test_vm.py (SAFEGATE_VM_TESTS=1), skipped with the reason where the VM cannot be had.
@@ -50,12 +51,6 @@ print([e.message for e in events])
 """
 
 
-def _recipe_unit() -> str:
-    """The systemd recipe's unit, as docs/recipes.md gives it."""
-    section = RECIPES.split("## systemd:", 1)[1]
-    return re.search(r"```ini\n(.*?)```", section, re.S).group(1)  # type: ignore[union-attr]
-
-
 def _scenarios(sg: str, env: dict[str, str]) -> dict[str, Scenario]:
     python = sg.split(maxsplit=1)[0]
     # 400 MB in one go, sampled once a second at most (--interval 1s): the kernel's cap acts, not safegate's watch.
@@ -84,31 +79,6 @@ def _scenarios(sg: str, env: dict[str, str]) -> dict[str, Scenario]:
         f"{sg} exec --margin 0 --cgroup on --grace 2 -- sh -c 'python3 {HELPERS}/fork_chain.py /tmp/chain 0.01 & "
         "sleep 1; exit 0'; echo rc=$?\n"
         "wait_for '! grep -qs fork_chai[n] /proc/[0-9]*/cmdline' && echo chain=gone\n"  # no pgrep in minbase
-    )
-    recipe = WAIT_FOR + (
-        f"printf '#!/bin/sh\\nPYTHONPATH={REPO} PYTHONDONTWRITEBYTECODE=1 exec {python} -m safegate \"$@\"\\n'"
-        " > /usr/local/bin/safegate && chmod 755 /usr/local/bin/safegate\n"
-        "mkdir -p /opt/whisper && printf '#!/bin/sh\\ncut -d: -f3 /proc/self/cgroup > /tmp/recipe-cgroup\\nsleep 2\\n'"
-        " > /opt/whisper/run.sh && chmod 755 /opt/whisper/run.sh\n"
-        "printf '[defaults]\\nmemory_margin = \"0\"\\n[profiles.whisper-large-v3]\\nmemory = \"100M\"\\n' "
-        "> /etc/safegate.toml\n"
-        "export SAFEGATE_CONFIG=/etc/safegate.toml\n"
-        f"cat > /etc/systemd/system/sg-recipe.service <<'UNIT'\n{_recipe_unit()}"
-        "Environment=SAFEGATE_CONFIG=/etc/safegate.toml\nUNIT\n"
-        "systemctl daemon-reload\n"
-        "safegate exec -p whisper-large-v3 --log /tmp/holder.jsonl -- sleep 15 & holder=$!\n"
-        "wait_for 'grep -q admitted /tmp/holder.jsonl 2>/dev/null'\n"
-        "systemctl start --no-block sg-recipe.service\n"
-        "wait_for '[ \"$(systemctl show -p ActiveState --value sg-recipe)\" = active ]'\n"
-        "sleep 3; echo \"while held: $(systemctl show -p ActiveState --value sg-recipe) "
-        "started=$([ -e /tmp/recipe-cgroup ] && echo yes || echo no) holder=$(kill -0 $holder && echo alive)\"\n"
-        "wait $holder\n"
-        "wait_for '[ -s /tmp/recipe-cgroup ]'\n"
-        "wait_for '[ \"$(systemctl show -p ActiveState --value sg-recipe)\" = inactive ]'\n"
-        "echo \"after: $(systemctl show -p Result --value sg-recipe) "
-        "status=$(systemctl show -p ExecMainStatus --value sg-recipe)\"\n"
-        "echo \"job cgroup: $(cat /tmp/recipe-cgroup)\"\n"
-        "grep -v '\"sample\"' /var/log/whisper.jsonl\n"
     )
     # A root job that moves itself out of its cgroup (to the nearest ancestor v2 lets it into), then holds 150 MB.
     def escape(name: str) -> str:
@@ -140,7 +110,6 @@ def _scenarios(sg: str, env: dict[str, str]) -> dict[str, Scenario]:
         "root_scope": Scenario(cap, **root),
         "root_direct": Scenario(f"echo $$ > /sys/fs/cgroup/cgroup.procs && {cap.replace('cap.jsonl', 'direct.jsonl')}"
                                 "; ls /sys/fs/cgroup | grep safegate- || echo clean", **root),
-        "recipe": Scenario(recipe, **root),
         "root_escape_scope": Scenario(escape("escape-scope"), **root),
         "root_escape_direct": Scenario(f"echo $$ > /sys/fs/cgroup/cgroup.procs && {escape('escape-direct')}"
                                        "ls /sys/fs/cgroup | grep safegate- || echo clean", **root),
@@ -247,17 +216,6 @@ def test_below_a_cgroup_that_hands_memory_down_the_job_gets_one_directly(vm: tup
     assert re.fullmatch(r"/sys/fs/cgroup/safegate-\d+-\d+", events["admitted"]["cgroup"]), events["admitted"]
     assert events["breach"]["enforced_by"] == "kernel"
     assert r.stdout.rstrip().endswith("clean")  # removed once the job ended
-
-
-def test_the_systemd_recipe_runs(vm: tuple[Boot, dict[str, Result]]) -> None:
-    """docs/recipes.md's unit: ExecStart's exec waits while the lock is held, then runs the job."""
-    r = vm[1]["recipe"].check()
-    held = next(line for line in r.stdout.splitlines() if line.startswith("while held:"))
-    assert held == "while held: active started=no holder=alive", r.stdout
-    assert "after: success status=0" in r.stdout, r.stdout
-    assert re.search(r"job cgroup: /system\.slice/safegate-\d+-\d+-\d+\.scope/job", r.stdout), r.stdout
-    events = _events(r.stdout)
-    assert events["exit"]["exit_code"] == 0 and events["admitted"]["profile"] == "whisper-large-v3"
 
 
 def test_a_limit_systemd_did_not_apply_is_found_and_the_job_runs_once_without(
