@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from support import REPO
-from vm.harness import Boot, Result, Scenario, boot, guest_venv, require_vm
+from vm.harness import TESTER, Boot, Result, Scenario, boot, guest_venv, require_vm
 
 RECIPES = (REPO / "docs" / "recipes.md").read_text()
 # Waits on a condition with a deadline (120 s of guest time), as the host's tests do.
@@ -116,9 +116,35 @@ def _scenarios(python: str) -> dict[str, Scenario]:
         f"state={_state('sg-timeout')} started=$([ -e /tmp/job ] && echo yes || echo no)\"\n"
         "touch /tmp/release; wait $holder\n"
     )
+    # A shell as the unit's main process, two safegates after each other: the first moves the shell into the
+    # supervisor leaf with itself, the second finds memory handed down already.
+    shell = setup + (
+        "printf '#!/bin/sh\\nexec > /tmp/shell-out\\n"
+        "safegate exec -p whisper-large-v3 -- cut -d: -f3 /proc/self/cgroup\\n"
+        "echo \"sh $(cut -d: -f3 /proc/$$/cgroup)\"\\n"
+        "safegate exec -p whisper-large-v3 -- cut -d: -f3 /proc/self/cgroup\\n' > /tmp/two.sh\n"
+        "printf '[Service]\\nType=oneshot\\nDelegate=yes\\nEnvironment=SAFEGATE_CONFIG=/etc/safegate.toml\\n"
+        "ExecStart=/bin/sh /tmp/two.sh\\n' > /etc/systemd/system/sg-shell.service\n"
+        "systemctl daemon-reload; systemctl start sg-shell.service; echo \"start rc=$?\"\n"
+        "cat /tmp/shell-out\n"
+    )
+    # A normal user's own service with Delegate=yes, in their systemd instance.
+    user = WAIT_FOR + (
+        "mkdir -p ~/.config/systemd/user\n"
+        "printf '[Service]\\nType=notify\\nDelegate=yes\\nEnvironment=SAFEGATE_CONFIG=/etc/safegate.toml\\n"
+        "ExecStart=/usr/local/bin/safegate exec --cgroup on -p whisper-large-v3 --max-mem 50M -- "
+        "/bin/sh -c \"cut -d: -f3 /proc/self/cgroup > /tmp/user-job\"\\n' > ~/.config/systemd/user/sg-user.service\n"
+        "systemctl --user daemon-reload; systemctl --user start sg-user.service; echo \"start rc=$?\"\n"
+        "python3 -c 'import os, sys\ntry: print(\"mark\", os.getxattr(sys.argv[1], \"user.delegate\").decode())\n"
+        "except OSError: print(\"mark none\")' /sys/fs/cgroup$(systemctl --user show -p ControlGroup --value sg-user)\n"
+        "wait_for '[ -s /tmp/user-job ]'; echo \"job $(cat /tmp/user-job)\"\n"  # start returns once it runs
+        "wait_for '[ \"$(systemctl --user show -p ActiveState --value sg-user)\" = inactive ]'\n"
+        "systemctl --user show -p Result,ExecMainStatus sg-user.service\n"
+    )
     root = {"timeout": 400}
     return {"recipe": Scenario(recipe, **root), "no_delegate": Scenario(plain, **root),
-            "start_timeout": Scenario(timeout, **root)}
+            "start_timeout": Scenario(timeout, **root), "shell": Scenario(shell, **root),
+            "user_service": Scenario(user, user=TESTER, timeout=300)}
 
 
 @pytest.fixture(scope="module")
@@ -194,3 +220,31 @@ def test_the_units_start_timeout_ends_a_wait_in_line(vm: tuple[Boot, dict[str, R
     assert "verbatim" in out.splitlines(), out
     assert "start rc=1" in out, out
     assert "after: timeout state=failed started=no" in out, out
+
+
+def test_a_shell_as_the_units_main_process_moves_to_the_supervisor_leaf_and_each_job_gets_its_own(
+        vm: tuple[Boot, dict[str, Result]]) -> None:
+    r = vm[1]["shell"].check()
+    out = r.stdout
+    assert "start rc=0" in out, out
+    unit = "/system.slice/sg-shell.service"
+    first, shell, second = out.splitlines()[-3:]
+    assert re.fullmatch(re.escape(unit) + r"/safegate-\d+-\d+", first), out
+    assert shell == f"sh {unit}/supervisor", out
+    assert re.fullmatch(re.escape(unit) + r"/safegate-\d+-\d+", second) and second != first, out
+
+
+def test_a_users_own_service_with_delegate_runs_the_job_inside_it_where_systemd_marks_the_delegation(
+        vm: tuple[Boot, dict[str, Result]]) -> None:
+    """safegate knows a delegated cgroup by systemd's user.delegate mark. The user manager of Debian 12's systemd
+    252 sets none on its units (checked here, so a newer guest shows the other branch): there the job gets a
+    scope of the user's instance, as without Delegate=yes, as the recipe says."""
+    r = vm[1]["user_service"].check()
+    out = r.stdout
+    assert "start rc=0" in out and "Result=success" in out and "ExecMainStatus=0" in out, out
+    slice_ = r"/user\.slice/user-1500\.slice/user@1500\.service/app\.slice/"
+    if "mark 1" in out.splitlines():
+        assert re.search(rf"^job {slice_}sg-user\.service/safegate-\d+-\d+$", out, re.M), out
+    else:
+        assert "mark none" in out.splitlines(), out
+        assert re.search(rf"^job {slice_}safegate-\d+-\d+-\d+\.scope/job$", out, re.M), out
