@@ -80,6 +80,21 @@ def test_no_ready_when_safegate_gives_up_in_line(config: Path, env: dict[str, st
     assert _received(sock) == []  # the unit fails with 13, as systemd sees it
 
 
+def test_only_the_process_systemd_started_says_ready(config: Path, env: dict[str, str],
+                                                    notify: tuple[socket.socket, str]) -> None:
+    """SYSTEMD_EXEC_PID names the process systemd started. A safegate run by the unit's own script (a child of
+    it) says nothing: the script decides when the unit is up. The same safegate exec'd by it (same pid) tells."""
+    sock, path = notify
+    gate = f'{PY} -m safegate exec --config "{config}" --mem 0 -- true'
+    for how, script, told in (("child", f"export SYSTEMD_EXEC_PID=$$; {gate}; :", False),
+                              ("exec", f"export SYSTEMD_EXEC_PID=$$; exec {gate}", True)):
+        done = subprocess.run(["sh", "-c", script], env={**env, "NOTIFY_SOCKET": path}, capture_output=True,
+                              text=True, timeout=TIMEOUT)
+        assert done.returncode == 0, done.stderr
+        got = _received(sock)
+        assert [m.split("\n")[0] for m in got] == (["READY=1"] if told else []), (how, got)
+
+
 def test_an_abstract_notify_socket_is_reached(config: Path, env: dict[str, str]) -> None:
     name = f"safegate-test-{os.getpid()}"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:

@@ -5,6 +5,7 @@ and TimeoutStartSec= bounds it; with Type=simple or exec the unit is active at o
 wait but safegate's own --timeout. Sent once, after the job was started under the lock; never when safegate gave
 up in line or the job could not start (the unit then fails with safegate's exit status). The job's environment
 is left as the caller's: with systemd's default NotifyAccess=main only safegate, the main process, is heard.
+A safegate that is not the process systemd started ($SYSTEMD_EXEC_PID) sends nothing.
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ def service_ready(status: str, env: Mapping[str, str] | None = None) -> str | No
     env = os.environ if env is None else env
     given = env.get("NOTIFY_SOCKET", "")
     if not given:
+        return None
+    # systemd (248 and later) names the process it started; a safegate that is not it (run by the unit's own
+    # script, say) says nothing: the unit's main process decides when the unit is up.
+    started = env.get("SYSTEMD_EXEC_PID", "")
+    if started and started != str(os.getpid()):
         return None
     if given.startswith("@"):  # the abstract namespace
         address = "\0" + given[1:]
