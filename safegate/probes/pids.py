@@ -60,6 +60,29 @@ def identity(pid: int) -> Identity | None:
         return None
 
 
+PF_EXITING = 0x4  # the kernel's flag on a task in do_exit(): from then on /proc/<pid>/cgroup may read "/"
+
+
+def exiting(pid: int) -> bool:
+    """*pid* is gone, a zombie, or on its way out (PF_EXITING in /proc/<pid>/stat's flags)."""
+    try:
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return True
+    try:
+        raw = os.read(fd, 4096)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    fields = raw[raw.rfind(b")") + 2:].split()
+    # After comm: state(0) ppid(1) pgrp(2) session(3) tty_nr(4) tpgid(5) flags(6)
+    try:
+        return fields[0] in (b"Z", b"X") or bool(int(fields[6]) & PF_EXITING)
+    except (IndexError, ValueError):
+        return True
+
+
 @functools.cache
 def clock_ticks() -> int:
     return os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100

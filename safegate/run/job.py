@@ -15,6 +15,7 @@ from typing import Protocol
 
 from safegate.cgroups import JobCgroup
 from safegate.probes.jobtree import JobTree, processes_memory, stopped
+from safegate.probes.pids import exiting
 from safegate.run.limits import WatchLimits
 
 SIGNAL_ROUNDS = 200  # scans per signalling; each costs one pass over /proc
@@ -232,7 +233,9 @@ class CgroupJob(ProcessTreeJob):
 
     def left_cgroup(self) -> str | None:
         # The main process only while it runs: once reaped, its number may name someone else's process.
-        if self._outside is None and not self._leader_ended and self.cgroup.holds(self.leader) is False:
+        # A process on its way out reads as in the root cgroup: it left nothing, it is ending.
+        if (self._outside is None and not self._leader_ended and self.cgroup.holds(self.leader) is False
+                and not exiting(self.leader)):
             self._outside = set()
             self.refresh(now=True)
         if self._outside is None or self._told:
