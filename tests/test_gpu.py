@@ -330,7 +330,8 @@ def test_report_charts_vram_per_gpu_and_the_jobs_own(run: Run, config: Path, loc
     page = result.stdout
     assert 'aria-label="VRAM used on GPU 0 (the whole card, while each job ran)"' in page
     assert "The job&#x27;s own VRAM (dashed: its --max-gpu-mem)" in page
-    assert "stopped for gpu (exit 21)" in page and ">5.0 GiB</td>" in page
+    # The table's VRAM cell: the job's peak against its --max-gpu-mem (one line per job since issue 25).
+    assert "stopped for gpu (exit 21)" in page and ">5.0 GiB / 4.0 GiB</td>" in page
 
 
 def test_a_gpu_need_that_can_never_fit_is_exit_11_at_once(run: Run, config: Path,
@@ -364,3 +365,4 @@ def test_gpu_completion_offers_the_drivers_cards(tmp_path: Path, monkeypatch: py
     assert options.complete_gpus("a") == ["auto"]
     assert options.complete_gpus("0,") == ["0,1", "0,2"]
     assert options.complete_gpus("2,0,") == ["2,0,1"]
+
