@@ -12,20 +12,18 @@ When the job ends, systemd removes the scope (--collect), with the leaf.
 
 from __future__ import annotations
 
-import errno
 import itertools
 import os
 import shutil
 import time
 from collections.abc import Mapping, Sequence
 
-from safegate.cgroups.base import ROOT, job_name, read, to_int, write
-from safegate.cgroups.v2 import V2Cgroup, controllers, own_path, page_rounded
+from safegate.cgroups.base import ROOT, job_name, read, to_int
+from safegate.cgroups.v2 import V2Cgroup, controllers, empty_into, own_path, page_rounded
 from safegate.errors import CgroupError, SpawnError
 from safegate.exitcodes import ExitCode
 
 LAND_TIMEOUT = 60.0  # for systemd to create the scope and move the job (slow on a loaded or emulated machine)
-MOVE_ROUNDS = 100
 _serial = itertools.count(1)
 
 
@@ -153,20 +151,7 @@ class ScopeCgroup(V2Cgroup):
         """The job into the leaf and the anchor beside it (nothing else is in the scope: the job waits on the
         gate), then the scope hands memory (and pids) down: v2 refuses that while it holds a process itself."""
         wanted = " ".join(f"+{c}" for c in ("memory", "pids") if c in controllers(scope))
-        for _ in range(MOVE_ROUNDS):
-            for pid in read(f"{scope}/cgroup.procs").split():
-                try:
-                    write(f"{leaf if int(pid) == job else scope + '/anchor'}/cgroup.procs", pid)
-                except OSError as exc:
-                    if exc.errno != errno.ESRCH:
-                        raise
-            try:
-                write(f"{scope}/cgroup.subtree_control", wanted)
-                return
-            except OSError as exc:
-                if exc.errno != errno.EBUSY:
-                    raise
-        raise OSError(errno.EBUSY, "the scope kept gaining processes")
+        empty_into(scope, lambda pid: leaf if pid == job else f"{scope}/anchor", wanted, "the scope")
 
     def holds(self, pid: int) -> bool | None:
         # The anchor is not the job's, but it is where it belongs: it did not leave.

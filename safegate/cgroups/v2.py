@@ -16,6 +16,7 @@ import contextlib
 import errno
 import os
 import time
+from collections.abc import Callable
 
 from safegate.cgroups.base import (
     PAGE,
@@ -104,20 +105,27 @@ def hand_memory_down(base: str) -> None:
     leaf = f"{base}/{SUPERVISOR}"
     with contextlib.suppress(FileExistsError):
         os.mkdir(leaf, 0o755)
+    empty_into(base, lambda pid: leaf, "+memory", "the delegated cgroup")
+
+
+def empty_into(base: str, where: Callable[[int], str], wanted: str, what: str) -> None:
+    """Move every process of *base* into the cgroup where(pid) says, then have *base* hand the *wanted*
+    controllers down: v2 allows that only while it holds no process. A process forked into it meanwhile is moved
+    too (subtree_control says EBUSY, and the round repeats)."""
     for _ in range(MOVE_ROUNDS):
         for pid in read(f"{base}/cgroup.procs").split():
             try:
-                write(f"{leaf}/cgroup.procs", pid)
+                write(f"{where(int(pid))}/cgroup.procs", pid)
             except OSError as exc:
                 if exc.errno != errno.ESRCH:
                     raise
         try:
-            write(f"{base}/cgroup.subtree_control", "+memory")
+            write(f"{base}/cgroup.subtree_control", wanted)
             return
         except OSError as exc:
-            if exc.errno != errno.EBUSY:  # a process forked into it meanwhile: move that one too
+            if exc.errno != errno.EBUSY:
                 raise
-    raise OSError(errno.EBUSY, "the delegated cgroup kept gaining processes")
+    raise OSError(errno.EBUSY, f"{what} kept gaining processes")
 
 
 class V2Cgroup(JobCgroup):

@@ -36,10 +36,10 @@ def live_pids(proc_root: str = "/proc") -> set[int]:
         return set()
 
 
-def identity(pid: int) -> Identity | None:
-    """*pid*'s owner and start, or None when it is gone, a zombie, or hidden from us."""
+def _stat_fields(pid: int) -> list[bytes] | None:
+    """/proc/<pid>/stat's fields after the command name: state(0) ppid(1) pgrp(2) session(3) tty_nr(4) tpgid(5)
+    flags(6) ... starttime(19); None when it cannot be read (gone, or hidden from us)."""
     try:
-        uid = os.stat(f"/proc/{pid}").st_uid
         fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
@@ -50,9 +50,17 @@ def identity(pid: int) -> Identity | None:
     finally:
         os.close(fd)
     end = raw.rfind(b")")
-    fields = raw[end + 2:].split() if end >= 0 else []
-    # After comm: state(0) ppid(1) ... starttime(19)
-    if len(fields) < 20 or fields[0] in (b"Z", b"X"):
+    return raw[end + 2:].split() if end >= 0 else []
+
+
+def identity(pid: int) -> Identity | None:
+    """*pid*'s owner and start, or None when it is gone, a zombie, or hidden from us."""
+    try:
+        uid = os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        return None
+    fields = _stat_fields(pid)
+    if fields is None or len(fields) < 20 or fields[0] in (b"Z", b"X"):
         return None
     try:
         return Identity(pid=pid, uid=uid, start=int(fields[19]), ppid=int(fields[1]))
@@ -65,20 +73,9 @@ PF_EXITING = 0x4  # the kernel's flag on a task in do_exit(): from then on /proc
 
 def exiting(pid: int) -> bool:
     """*pid* is gone, a zombie, or on its way out (PF_EXITING in /proc/<pid>/stat's flags)."""
+    fields = _stat_fields(pid)
     try:
-        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return True
-    try:
-        raw = os.read(fd, 4096)
-    except OSError:
-        return True
-    finally:
-        os.close(fd)
-    fields = raw[raw.rfind(b")") + 2:].split()
-    # After comm: state(0) ppid(1) pgrp(2) session(3) tty_nr(4) tpgid(5) flags(6)
-    try:
-        return fields[0] in (b"Z", b"X") or bool(int(fields[6]) & PF_EXITING)
+        return fields is None or fields[0] in (b"Z", b"X") or bool(int(fields[6]) & PF_EXITING)
     except (IndexError, ValueError):
         return True
 
