@@ -33,6 +33,9 @@ def gpu_json(g: GpuInfo) -> dict[str, Any]:
         "index": g.index, "name": g.name, "uuid": g.uuid, "total": g.total, "used": g.used, "free": g.free,
         "temp": g.temp, "slowdown": g.slowdown, "mig_mode": g.mig_mode, "error": g.error,
         "processes": [{"pid": p.pid, "used": p.used, "kind": p.kind} for p in g.processes],
+        "vendor": g.vendor, "vendor_index": g.index if g.vendor_index is None else g.vendor_index,
+        "bus_id": g.bus_id,
+        "hotspots": [{"label": h.label, "temp": h.celsius, "crit": h.crit} for h in g.hotspots],
     }
 
 
@@ -164,8 +167,11 @@ def status_text(r: StatusReport) -> str:
         for g in r.gpus.gpus:
             mem = f"{format_bytes(g.used or 0)} used of {format_bytes(g.total)}" if g.total else "unified memory"
             temp = f", {g.temp:g} C" if g.temp is not None else ""
-            lines.append(f"GPU {g.index}    {printable(g.name)}: {printable(g.error or mem)}{temp}, "
-                         f"{len(g.processes)} process(es)")
+            temp += "".join(f", {printable(h.label)} {h.celsius:g} C" + (f" (crit {h.crit:g})" if h.crit else "")
+                            for h in g.hotspots)
+            # DRM cards list no processes here (fdinfo is read for a job's own processes only)
+            procs = f", {len(g.processes)} process(es)" if g.vendor == "nvidia" else f" ({g.vendor})"
+            lines.append(f"GPU {g.index}    {printable(g.name)}: {printable(g.error or mem)}{temp}{procs}")
     else:
         lines.append(f"GPUs     none ({r.gpus.backend})")
     where = printable(str(r.lock_dir))

@@ -336,7 +336,8 @@ def build_config(data: Mapping[str, Any], source: str, path: Path | None) -> Con
             backend = gpu_table["backend"]
             if backend not in BACKENDS:
                 hint = did_you_mean(backend, BACKENDS) if isinstance(backend, str) else ""
-                raise where.fail("gpu.backend", f"invalid GPU backend {backend!r}: expected auto, nvml or none{hint}")
+                raise where.fail("gpu.backend",
+                                 f"invalid GPU backend {backend!r}: expected auto, nvml, drm or none{hint}")
             gpu_backend = backend
 
     builtin_where = _Where("(built-in)", trusted=True)

@@ -136,7 +136,8 @@ class Profile(msgspec.Struct, frozen=True, kw_only=True):
     gpu_margin: Annotated[Size, Setting(
         "size", "VRAM that must stay free on the card after the job's need (default {default}).", default="10%")]
     gpu: Annotated[tuple[int, ...] | None, Setting(
-        "gpu", "GPUs the job may use: auto (any one that fits; default) or indexes, all of which must fit.", "--gpu",
+        "gpu", "GPUs the job may use: auto (any one that fits; default) or indexes, all of which must fit "
+        "(NVIDIA's first in NVML order, then AMD and Intel cards by DRM card number).", "--gpu",
         "auto|INDEX[,INDEX]", GATE)]  # None: auto
     max_gpu_mem: Annotated[Size | None, Setting(
         "limit", f"Stop the job (exit 21) when its own GPU memory reaches this, at least {format_bytes(LIMIT_FLOOR)}.",

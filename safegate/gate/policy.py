@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 from msgspec.structs import replace
 
@@ -24,6 +24,7 @@ from safegate.gate.results import (
 )
 from safegate.probes.snapshots import (
     GpuInfo,
+    GpuSensor,
     GpuSnapshot,
     HolderRecord,
     LegacyState,
@@ -75,6 +76,28 @@ def check_pressure(mem: MemorySnapshot, max_pressure: float) -> CheckResult:
                        ExitCode.MEMORY, values, thresholds)
 
 
+# An AMD junction or memory sensor (an Intel vram sensor) blocks this far below the card's own critical limit
+# (temp*_crit), 2x that while resuming: junctions run at 90-105 C under normal load, so max_temp does not apply.
+GPU_CRIT_MARGIN = 5.0
+
+
+def hotspot_limit(sensor: GpuSensor, *, resuming: bool) -> float | None:
+    """Where a GPU's hot spot blocks: GPU_CRIT_MARGIN below its crit (twice that while resuming); None: no crit."""
+    if sensor.crit is None:
+        return None
+    return sensor.crit - GPU_CRIT_MARGIN * (2 if resuming else 1)
+
+
+def hot_spot(gpus: Sequence[GpuInfo], *, resuming: bool) -> tuple[GpuInfo, GpuSensor, float] | None:
+    """The first GPU sensor at or above its hotspot_limit, with that limit."""
+    for g in gpus:
+        for sensor in g.hotspots:
+            at = hotspot_limit(sensor, resuming=resuming)
+            if at is not None and sensor.celsius >= at:
+                return g, sensor, at
+    return None
+
+
 def gpu_temp_limit(gpu: GpuInfo, limit: float, *, resuming: bool) -> float:
     """A GPU blocks at *limit* or 5 C below its own slowdown threshold, whichever is lower (10 C while resuming)."""
     if gpu.slowdown is None:
@@ -103,6 +126,15 @@ def check_thermal(
         values = ThermalValues(hottest=max(g.temp, hottest_cpu.celsius if hottest_cpu else g.temp),
                                sensor=f"gpu{g.index}", sensors=sensors, gpus=gpu_values, notes=notes)
         return CheckResult("thermal", Status.FAIL, f"GPU {g.index} ({g.name}) at {g.temp:g} C >= {gl:g} C ({why})",
+                           ExitCode.THERMAL, values, thresholds)
+    spot = hot_spot(gpus, resuming=resuming)
+    if spot is not None:
+        g, sensor, at = spot
+        hottest_cpu = thermal.hottest
+        values = ThermalValues(hottest=max(sensor.celsius, hottest_cpu.celsius if hottest_cpu else sensor.celsius),
+                               sensor=f"gpu{g.index}:{sensor.label}", sensors=sensors, gpus=gpu_values, notes=notes)
+        return CheckResult("thermal", Status.FAIL, f"GPU {g.index} ({g.name}) {sensor.label} at {sensor.celsius:g} C "
+                           f">= {at:g} C (its critical {sensor.crit or 0:g} C minus {(sensor.crit or 0) - at:g} C)",
                            ExitCode.THERMAL, values, thresholds)
     hottest = thermal.hottest
     if hottest is None and gpu_values:
@@ -136,24 +168,47 @@ def gpu_fits(g: GpuInfo, need: int, margin: Size, reserved: Mapping[int, int]) -
     return free is not None and g.total is not None and free - need >= margin.resolve(g.total)
 
 
-def visible_to_cuda(gpus: tuple[GpuInfo, ...], cuda_visible: str | None) -> tuple[GpuInfo, ...]:
-    """The GPUs a preset CUDA_VISIBLE_DEVICES (indexes or UUIDs, as Slurm and users set it) leaves."""
-    if cuda_visible is None:
-        return gpus
-    chosen = []
-    for item in (p.strip() for p in cuda_visible.split(",")):
+def _visible(gpus: Sequence[GpuInfo], preset: str, number: Callable[[GpuInfo], int]) -> list[GpuInfo]:
+    """The *gpus* a preset list (indexes as *number* counts them, or UUIDs or their prefixes) names, in its order."""
+    chosen: list[GpuInfo] = []
+    for item in (p.strip() for p in preset.split(",")):
         if not item:
             continue
         if item.isascii() and item.isdigit():  # isdigit alone accepts '²', which int() refuses
-            chosen += [g for g in gpus if g.index == int(item)]
+            chosen += [g for g in gpus if number(g) == int(item)]
         else:
             chosen += [g for g in gpus if g.uuid and (g.uuid == item or g.uuid.startswith(item))]
-    return tuple(dict.fromkeys(chosen))
+    return list(dict.fromkeys(chosen))
 
 
-def select_gpus(snapshot: GpuSnapshot, requested: tuple[int, ...] | None, cuda_visible: str | None) -> Selection:
-    """The GPUs a job may use: those a preset CUDA_VISIBLE_DEVICES leaves, narrowed by --gpu."""
-    base = visible_to_cuda(snapshot.gpus, cuda_visible)
+def visible_to_cuda(gpus: tuple[GpuInfo, ...], cuda_visible: str | None) -> tuple[GpuInfo, ...]:
+    """The GPUs a preset CUDA_VISIBLE_DEVICES (indexes or UUIDs, as Slurm and users set it) leaves: of the NVIDIA
+    cards; other vendors' cards are left as they are."""
+    if cuda_visible is None:
+        return gpus
+    nvidia = _visible([g for g in gpus if g.vendor == "nvidia"], cuda_visible, lambda g: g.index)
+    return (*nvidia, *(g for g in gpus if g.vendor != "nvidia"))  # NVIDIA's in the preset's order, as before
+
+
+def visible_to_rocm(gpus: tuple[GpuInfo, ...], rocr_visible: str | None, hip_visible: str | None,
+                    ) -> tuple[GpuInfo, ...]:
+    """The GPUs a preset ROCR_VISIBLE_DEVICES, then HIP_VISIBLE_DEVICES, leaves of the AMD cards (as ROCm applies
+    them: ROCR's indexes count the AMD cards, HIP's count what ROCR left); other cards are left as they are."""
+    amd = [g for g in gpus if g.vendor == "amd"]
+    if rocr_visible is not None:
+        amd = _visible(amd, rocr_visible, lambda g: g.vendor_index if g.vendor_index is not None else g.index)
+    if hip_visible is not None:
+        place = {g.index: i for i, g in enumerate(amd)}
+        amd = _visible(amd, hip_visible, lambda g: place[g.index])
+    return (*(g for g in gpus if g.vendor != "amd"), *amd)
+
+
+def select_gpus(snapshot: GpuSnapshot, requested: tuple[int, ...] | None, cuda_visible: str | None,
+                rocm_visible: tuple[str | None, str | None] = (None, None)) -> Selection:
+    """The GPUs a job may use: those a preset CUDA_VISIBLE_DEVICES (NVIDIA) and ROCR_VISIBLE_DEVICES,
+    HIP_VISIBLE_DEVICES (AMD: *rocm_visible*) leave, narrowed by --gpu (indexes across vendors: NVIDIA's in NVML
+    order, then the DRM cards in card order)."""
+    base = visible_to_rocm(visible_to_cuda(snapshot.gpus, cuda_visible), *rocm_visible)
     if requested is None:
         return Selection(base, explicit=False)
     chosen = tuple(g for g in base if g.index in requested)
@@ -183,7 +238,7 @@ def check_gpu(
     if selection.explicit and selection.notes:
         return CheckResult("gpu", Status.FAIL, "; ".join(selection.notes), code, values, thresholds)
     if not selection.gpus:
-        why = "no NVIDIA GPU" if snapshot.status == "none" else "no GPU left by the selection"
+        why = "no GPU" if snapshot.status == "none" else "no GPU left by the selection"
         return CheckResult("gpu", Status.NONE, why, code, values, thresholds)
     failed = [g for g in selection.gpus if g.error is not None]
     if failed:
@@ -194,7 +249,10 @@ def check_gpu(
                            code, values, thresholds)
     unified = [g for g in selection.gpus if g.unified_memory]
     if unified and len(unified) == len(selection.gpus):
-        return CheckResult("gpu", Status.PASS, f"GPU {unified[0].index} shares system RAM (unified memory): "
+        g = unified[0]
+        # The kernel reports no VRAM use of an Intel card (i915, xe): its need is counted against RAM too.
+        how = "reports no memory use (Intel)" if g.vendor == "intel" else "shares system RAM (unified memory)"
+        return CheckResult("gpu", Status.PASS, f"GPU {g.index} {how}: "
                            f"the need of {format_bytes(need)} is counted against RAM", code, values, thresholds)
     sized = [g for g in selection.gpus if g.total is not None]
     could = [g for g in sized if need + margin.resolve(g.total or 0) <= (g.total or 0)]

@@ -168,7 +168,9 @@ def read_machine(settings: Settings) -> Machine:
     # its lock before it drops its ticket, so one seen in the process table is found in one or the other.
     procs = read_processes(accounted=lambda: {t.pid for t in read_tickets(lock_dir)} | dir_lockers(lock_dir, lockers()))
     return Machine(legacy=legacy, thermal=read_thermal(settings.thermal), gpus=gpus,
-                   selection=select_gpus(gpus, settings.profile.gpu, os.environ.get("CUDA_VISIBLE_DEVICES")),
+                   selection=select_gpus(gpus, settings.profile.gpu, os.environ.get("CUDA_VISIBLE_DEVICES"),
+                                         (os.environ.get("ROCR_VISIBLE_DEVICES"),
+                                          os.environ.get("HIP_VISIBLE_DEVICES"))),
                    competing=_competing(procs, settings.profile.competing, total_ram()), processes=procs)
 
 

@@ -15,7 +15,10 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
+import msgspec
+
 from safegate.errors import UsageError
+from safegate.probes import drm
 from safegate.probes.snapshots import GpuInfo, GpuProcess, GpuSnapshot
 from safegate.units import BACKENDS
 
@@ -30,7 +33,7 @@ def gpu_backend(configured: str, env: Mapping[str, str]) -> str:
     """The GPU backend in effect: SAFEGATE_GPU beats [gpu] backend; its bad values are usage errors."""
     value = (env.get("SAFEGATE_GPU") or configured).strip().lower()
     if value not in BACKENDS:
-        raise UsageError(f"SAFEGATE_GPU: invalid GPU backend {value!r}: expected auto, nvml or none")
+        raise UsageError(f"SAFEGATE_GPU: invalid GPU backend {value!r}: expected auto, nvml, drm or none")
     return value
 
 
@@ -95,10 +98,22 @@ def _text(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
-def read_gpus(backend: str) -> GpuSnapshot:
-    """Every GPU NVML reports, or why there are none."""
+def read_gpus(backend: str, drm_root: str = drm.SYSFS_ROOT) -> GpuSnapshot:
+    """Every GPU, or why there are none: NVML's (backend auto or nvml), then the AMD and Intel cards of the
+    kernel's DRM sysfs (backend auto or drm), numbered after NVIDIA's in card order (the documented --gpu order)."""
     if backend == "none":
         return GpuSnapshot(backend, "none", notes=("GPU backend is none",))
+    nvidia = _read_nvml(backend) if backend != "drm" else GpuSnapshot(backend, "none")
+    if backend == "nvml" or nvidia.status == "error":
+        return nvidia
+    cards, notes = drm.read_cards(drm_root, first_index=len(nvidia.gpus))
+    if not cards:
+        return msgspec.structs.replace(nvidia, notes=nvidia.notes + notes)
+    return GpuSnapshot(backend, "ok", nvidia.gpus + cards, nvidia.driver, nvidia.notes + notes)
+
+
+def _read_nvml(backend: str) -> GpuSnapshot:
+    """Every GPU NVML reports, or why there are none."""
     session = _session
     if not session.start():
         assert session.failure is not None
@@ -223,8 +238,8 @@ def gpu_indexes(proc_root: str = "/proc") -> tuple[int, ...]:
         with os.scandir(os.path.join(proc_root, "driver", "nvidia", "gpus")) as entries:
             count = sum(1 for _ in islice(entries, 64))  # a machine has a handful; a bound, whatever is there
     except OSError:
-        return ()
-    return tuple(range(count))
+        count = 0
+    return tuple(range(count + len(drm.card_numbers())))  # DRM cards after NVIDIA's (AMD/Intel or not: a hint)
 
 
 def host_pid_map(proc_root: str = "/proc") -> dict[int, int]:

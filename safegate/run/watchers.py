@@ -17,7 +17,8 @@ import msgspec
 from msgspec import field
 
 from safegate.exitcodes import ExitCode
-from safegate.gate.policy import gpu_temp_limit
+from safegate.gate.policy import gpu_temp_limit, hotspot_limit
+from safegate.probes.drm import DrmUsage
 from safegate.probes.gpu import GpuInfo
 from safegate.probes.snapshots import SensorReading
 from safegate.run.limits import (
@@ -160,18 +161,41 @@ class GpuWatch:
         self.warned = False
         self.baseline: dict[int, int] | None = None  # each card's used memory at the first sample
 
-    def job_vram(self, cards: Sequence[GpuInfo], job_pids: Set[int], pid_map: Mapping[int, int]) -> int:
-        """The job's VRAM: per-process usage where NVML gives it, else the cards' growth since the first sample.
+    def job_vram(self, cards: Sequence[GpuInfo], job_pids: Set[int], pid_map: Mapping[int, int],
+                 drm: DrmUsage | None = None) -> int:
+        """The job's VRAM: on NVIDIA cards, per-process usage where NVML gives it; on AMD and Intel cards, what
+        the job's DRM fdinfo records say (*drm*: probes.drm.read_usage of the job's processes, by PCI device);
+        else the cards' growth since the first sample.
 
         *pid_map* turns NVML's host pids into ours (inside a PID namespace); the first call records the baseline.
         """
         measured = _measured(cards)
         if self.baseline is None:
             self.baseline = {g.index: g.used or 0 for g in measured}
-        procs = [p for g in measured for p in g.processes if pid_map.get(p.pid, p.pid) in job_pids]
+        nvidia = [g for g in measured if g.vendor == "nvidia"]
+        others = [g for g in measured if g.vendor != "nvidia"]
+        return self._nvidia_vram(nvidia, job_pids, pid_map) + self._drm_vram(others, drm)
+
+    def _growth(self, cards: Sequence[GpuInfo]) -> int:
+        baseline = self.baseline or {}
+        return sum(max(0, (g.used or 0) - baseline.get(g.index, 0)) for g in cards)
+
+    def _nvidia_vram(self, cards: Sequence[GpuInfo], job_pids: Set[int], pid_map: Mapping[int, int]) -> int:
+        procs = [p for g in cards for p in g.processes if pid_map.get(p.pid, p.pid) in job_pids]
         if procs and all(p.used is not None for p in procs):
             return sum(p.used or 0 for p in procs)
-        return sum(max(0, (g.used or 0) - self.baseline.get(g.index, 0)) for g in measured)
+        return self._growth(cards)
+
+    def _drm_vram(self, cards: Sequence[GpuInfo], drm: DrmUsage | None) -> int:
+        """fdinfo's figure where the job's fds could be read and every DRM client of the job reports its VRAM
+        (a record without drm-pdev counts for the only card, if one); else the cards' growth."""
+        if not cards:
+            return 0
+        if drm is None or not drm.readable or drm.unmeasured:
+            return self._growth(cards)
+        buses = {g.bus_id for g in cards if g.bus_id}
+        unnamed = drm.vram.get("", 0) if len(cards) == 1 else 0
+        return unnamed + sum(used for pdev, used in drm.vram.items() if pdev in buses)
 
     def check(self, cards: Sequence[GpuInfo], job_vram: int) -> Action:
         gpu = self.limits
@@ -234,6 +258,13 @@ class ThermalWatch:
         readings += [Reading(f"GPU {g.index}", g.temp, gpu_temp_limit(g, limits.max_temp, resuming=False),
                              gpu_temp_limit(g, limits.resume_temp, resuming=True))
                      for g in gpus if g.temp is not None]
+        # A junction or memory sensor against its own crit (policy.hotspot_limit); one without crit is not judged.
+        for g in gpus:
+            for sensor in g.hotspots:
+                hot_at = hotspot_limit(sensor, resuming=False)
+                cool_at = hotspot_limit(sensor, resuming=True)
+                if hot_at is not None and cool_at is not None:
+                    readings.append(Reading(f"GPU {g.index} {sensor.label}", sensor.celsius, hot_at, cool_at))
         return readings
 
     def check(self, readings: Sequence[Reading], *, paused: bool) -> Action:
