@@ -347,3 +347,29 @@ def test_an_intel_card_without_memory_figures_counts_its_need_against_ram() -> N
     snap = GpuSnapshot("drm", "ok", (intel,))
     result = check_gpu(snap, select_gpus(snap, None, None), 8 * GiB, MARGIN)
     assert result.status is Status.PASS and "reports no memory use (Intel)" in result.reason
+
+
+def test_completion_offers_the_drm_cards_after_nvidias(tmp_path: Path) -> None:
+    from safegate.probes.gpu import gpu_indexes
+
+    (tmp_path / "proc" / "driver" / "nvidia" / "gpus" / "0000:01:00.0").mkdir(parents=True)
+    root = tree(tmp_path, FakeCard(number=0, driver="nvidia", bus="0000:01:00.0", hwmon=1),  # NVML's card
+                FakeCard(number=1, bus="0000:03:00.0"))
+    assert gpu_indexes(str(tmp_path / "proc"), root) == (0, 1)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.dictionaries(st.sampled_from(["uevent", "mem_info_vram_total", "mem_info_vram_used", "unique_id",
+                                        "product_name", "hwmon/hwmon3/temp1_input", "hwmon/hwmon3/temp1_label",
+                                        "hwmon/hwmon3/temp2_input", "hwmon/hwmon3/temp2_crit"]),
+                       st.binary(max_size=200), max_size=9))
+def test_any_file_contents_are_read_without_error(tmp_path_factory: pytest.TempPathFactory,
+                                                  files: dict[str, bytes]) -> None:
+    base = tmp_path_factory.mktemp("sys")
+    root = str(build_sysfs(base, [FakeCard()]) / "class" / "drm")
+    for name, content in files.items():
+        (device_dir(base, FakeCard()) / name).write_bytes(content)
+    gpus, notes = read_cards(root)
+    for g in gpus:
+        assert g.free is None or 0 <= g.free <= (g.total or 0)
+        assert all(s.label.isprintable() for s in g.hotspots) and all(n.isprintable() for n in notes)

@@ -229,9 +229,9 @@ def _processes(nvml: Any, session: _Nvml, handle: Any) -> tuple[GpuProcess, ...]
     return tuple(merged[p] for p in sorted(merged))
 
 
-def gpu_indexes(proc_root: str = "/proc") -> tuple[int, ...]:
-    """The NVIDIA GPUs' indexes as the driver lists them (one directory per card), without loading NVML, whose
-    start can take seconds: for shell completion. NVML numbers the same cards 0..n-1. () without the driver."""
+def gpu_indexes(proc_root: str = "/proc", drm_root: str = drm.SYSFS_ROOT) -> tuple[int, ...]:
+    """The GPUs' indexes for shell completion: NVIDIA's as the driver lists them (one directory per card), without
+    loading NVML, whose start can take seconds (NVML numbers the same cards 0..n-1), then the AMD and Intel cards."""
     from itertools import islice
 
     try:
@@ -239,7 +239,7 @@ def gpu_indexes(proc_root: str = "/proc") -> tuple[int, ...]:
             count = sum(1 for _ in islice(entries, 64))  # a machine has a handful; a bound, whatever is there
     except OSError:
         count = 0
-    return tuple(range(count + len(drm.card_numbers())))  # DRM cards after NVIDIA's (AMD/Intel or not: a hint)
+    return tuple(range(count + len(drm.read_cards(drm_root)[0])))  # the AMD and Intel cards come after NVIDIA's
 
 
 def host_pid_map(proc_root: str = "/proc") -> dict[int, int]:
