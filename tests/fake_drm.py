@@ -127,7 +127,7 @@ def write_fdinfo(proc: Path, pid: int, fd: int, record: str, target: str = "/dev
 
 
 def amdgpu_record(client: int, vram_kib: int, pdev: str = "0000:03:00.0", *, newer: bool = True) -> str:
-    """An amdgpu fdinfo record as the kernel writes it (drm-memory-* since 5.19; drm-total/resident-* since 6.13)."""
+    """An amdgpu fdinfo record in the kernel's format: the older drm-memory-* keys, and (newer) drm-total/resident-*."""
     text = (f"pos:\t0\nflags:\t02100002\nmnt_id:\t26\nino:\t1085\ndrm-driver:\tamdgpu\ndrm-client-id:\t{client}\n"
             f"drm-pdev:\t{pdev}\npasid:\t32771\ndrm-memory-vram:\t{vram_kib} KiB\ndrm-memory-gtt: \t2048 KiB\n"
             f"drm-memory-cpu: \t0 KiB\n")
