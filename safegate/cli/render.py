@@ -36,6 +36,7 @@ def gpu_json(g: GpuInfo) -> dict[str, Any]:
         "vendor": g.vendor, "vendor_index": g.index if g.vendor_index is None else g.vendor_index,
         "bus_id": g.bus_id,
         "hotspots": [{"label": h.label, "temp": h.celsius, "crit": h.crit} for h in g.hotspots],
+        "clock_reasons": None if g.clock_reasons is None else list(g.clock_reasons),
     }
 
 
@@ -171,7 +172,8 @@ def status_text(r: StatusReport) -> str:
                             for h in g.hotspots)
             # DRM cards list no processes here (fdinfo is read for a job's own processes only)
             procs = f", {len(g.processes)} process(es)" if g.vendor == "nvidia" else f" ({g.vendor})"
-            lines.append(f"GPU {g.index}    {printable(g.name)}: {printable(g.error or mem)}{temp}{procs}")
+            lines.append(f"GPU {g.index}    {printable(g.name)}: {printable(g.error or mem)}{temp}{procs}"
+                         + _clocks_held(g))
     else:
         lines.append(f"GPUs     none ({r.gpus.backend})")
     where = printable(str(r.lock_dir))
@@ -182,6 +184,12 @@ def status_text(r: StatusReport) -> str:
     lines.append("largest processes:")
     lines += [f"  {p.pid:>7} {format_bytes(p.rss):>10}  {printable(p.cmdline)[:90]}" for p in r.top]
     return "\n".join(lines)
+
+
+def _clocks_held(g: GpuInfo) -> str:
+    """Why the card holds its clocks down (NVML's clock-event reasons), where it does; idle is not news."""
+    reasons = [r for r in g.clock_reasons or () if r != "GpuIdle"]
+    return f", clocks held down: {', '.join(reasons)}" if reasons else ""
 
 
 def status_json(r: StatusReport) -> str:

@@ -158,6 +158,38 @@ def check_thermal(
                        ExitCode.THERMAL, values, thresholds)
 
 
+# NVIDIA's clock-event reasons (GpuInfo.clock_reasons): a card holding its clocks down in hardware is in trouble
+# below any fixed temperature (HW slowdown: thermal or power alarm, an external signal; HW thermal slowdown; the
+# power brake), so it blocks like heat. SW thermal slowdown is a consumer card at its temperature target, normal
+# under load: a warning. The others (idle, power cap, application clocks, ...) are how a card runs.
+CLOCKS_BLOCK = {"HwSlowdown": "HW slowdown", "HwThermalSlowdown": "HW thermal slowdown",
+                "HwPowerBrakeSlowdown": "HW power brake"}
+CLOCKS_WARN = {"SwThermalSlowdown": "SW thermal slowdown"}
+
+
+def clock_trouble(gpu: GpuInfo, table: Mapping[str, str]) -> str | None:
+    """The card's reasons that *table* (CLOCKS_BLOCK or CLOCKS_WARN) names, as words naming the card; None: none."""
+    words = [table[r] for r in gpu.clock_reasons or () if r in table]
+    return f"GPU {gpu.index} ({gpu.name}): {', '.join(words)}" if words else None
+
+
+def with_clock_reasons(thermal: CheckResult, gpus: Sequence[GpuInfo]) -> CheckResult:
+    """The thermal check, judged also by the clock-event reasons of the GPUs the job may use: a HW reason blocks
+    (12), SW thermal slowdown warns."""
+    hw = [t for t in (clock_trouble(g, CLOCKS_BLOCK) for g in gpus) if t]
+    sw = [t for t in (clock_trouble(g, CLOCKS_WARN) for g in gpus) if t]
+    if hw:
+        why = "; ".join(f"{t} (the card is throttling itself)" for t in hw)
+        if thermal.blocks:
+            return replace(thermal, reason=f"{thermal.reason}; {why}")
+        return replace(thermal, status=Status.FAIL, reason=why)
+    if sw:
+        why = "; ".join(f"{t} (at its temperature target: normal under load, not blocking)" for t in sw)
+        status = Status.WARN if thermal.status is Status.PASS else thermal.status
+        return replace(thermal, status=status, reason=f"{thermal.reason}; {why}")
+    return thermal
+
+
 def gpu_free(g: GpuInfo, reserved: Mapping[int, int]) -> int | None:
     """Free VRAM less what jobs safegate started on this card will still take."""
     return None if g.free is None else g.free - reserved.get(g.index, 0)

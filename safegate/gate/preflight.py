@@ -33,6 +33,7 @@ from safegate.gate.policy import (
     encloses,
     match_competing,
     select_gpus,
+    with_clock_reasons,
 )
 from safegate.gate.queue import HEAD_GRACE, Line, read_tickets, waiting_in_line
 from safegate.gate.results import CheckResult, CompetingValues, GpuValues, MemoryValues, Status, Verdict
@@ -217,6 +218,7 @@ def evaluate(
         _besides_the_lock(machine, lock_state, settings.profile.competing),
     ]
     checks[1] = blame_holder(checks[1], lock_state, holders, mem, need, margin)
+    checks = [with_clock_reasons(c, selection.gpus) if c.name == "thermal" else c for c in checks]
     if line is not None:
         tickets = read_tickets(store.directory, names=names)
         line.saw_head(*head_waiting(checks, line.ticket, tickets, line.passed_over()))

@@ -6,7 +6,8 @@
 - A device that errors (GPU is lost, unknown error) is reported as failed: the policy blocks on it.
 - A function the driver lacks is noted once per process and its older sibling used instead
   (nvmlDeviceGetMemoryInfo_v2 -> v1, nvmlDeviceGetTemperatureV -> nvmlDeviceGetTemperature, the v3 process
-  lists -> v2), all through one funnel (_newest).
+  lists -> v2, nvmlDeviceGetCurrentClocksEventReasons -> its old name ...ThrottleReasons), all through one
+  funnel (_newest).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class _Nvml:
         self.missing: set[str] = set()  # functions the driver lacks, noted once
         self.notes: list[str] = []
         self.driver: str | None = None
+        self.reason_bits: dict[int, str] | None = None  # pynvml's clock-event reason names by bit, once read
 
     def start(self) -> bool:
         if self.module is not None:
@@ -80,10 +82,10 @@ class _Nvml:
             self.driver = None
         return True
 
-    def note_missing(self, function: str) -> None:
+    def note_missing(self, function: str, *, older: bool = True) -> None:
         if function not in self.missing:
             self.missing.add(function)
-            self.notes.append(f"NVML has no {function}; using its older form")
+            self.notes.append(f"NVML has no {function}; " + ("using its older form" if older else "not read"))
 
 
 _session = _Nvml()
@@ -147,6 +149,7 @@ def _read_device(nvml: Any, session: _Nvml, index: int) -> GpuInfo:
         info["processes"] = _processes(nvml, session, handle)
         mig = _optional(nvml, lambda: nvml.nvmlDeviceGetMigMode(handle))
         info["mig_mode"] = int(mig[0]) if mig is not None else None
+        info["clock_reasons"] = _clock_reasons(nvml, session, handle)
     except (nvml.NVMLError, nvml.NVMLLibraryMismatchError) as exc:
         return GpuInfo(index, name, uuid, error=_message(exc))
     return GpuInfo(index, name, uuid, **info)
@@ -181,7 +184,7 @@ def _newest(nvml: Any, session: _Nvml, forms: Sequence[tuple[str, Callable[[], T
         except missing:
             if position == len(forms) and not none_is_unsupported:
                 raise
-            session.note_missing(name)
+            session.note_missing(name, older=position < len(forms))
     return unsupported
 
 
@@ -202,6 +205,46 @@ def _temperature(nvml: Any, session: _Nvml, handle: Any) -> float | None:
         ("nvmlDeviceGetTemperature", lambda: nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU)),
     ], None)
     return float(celsius) if celsius is not None else None
+
+
+def _clock_reasons(nvml: Any, session: _Nvml, handle: Any) -> tuple[str, ...] | None:
+    """Why the card holds its clocks down now, by name; None where it cannot say (NotSupported, or a driver with
+    neither the call nor its pre-R535 name)."""
+    mask = _newest(nvml, session, [
+        ("nvmlDeviceGetCurrentClocksEventReasons", lambda: nvml.nvmlDeviceGetCurrentClocksEventReasons(handle)),
+        ("nvmlDeviceGetCurrentClocksThrottleReasons",
+         lambda: nvml.nvmlDeviceGetCurrentClocksThrottleReasons(handle)),
+    ], None, none_is_unsupported=True)
+    if mask is None:
+        return None
+    if session.reason_bits is None:
+        session.reason_bits = reason_bits(nvml)
+    return decode_clock_reasons(int(mask), session.reason_bits)
+
+
+REASON_PREFIXES = ("nvmlClocksEventReason", "nvmlClocksThrottleReason")  # the new names first
+
+
+def reason_bits(nvml: Any) -> dict[int, str]:
+    """Each clock-event reason bit pynvml names, by its name less the prefix (0x40: "HwThermalSlowdown").
+
+    Taken from the module, not written out here: a newer pynvml's reasons are named without a change here. The
+    new names win over the old; of two names for one bit the first in sorted order ("ApplicationsClocksSetting",
+    not its deprecated alias "UserDefinedClocks"); None (0) and All (many bits) are not reasons."""
+    bits: dict[int, str] = {}
+    for prefix in REASON_PREFIXES:
+        for attr in sorted(a for a in dir(nvml) if a.startswith(prefix)):
+            value = getattr(nvml, attr)
+            if isinstance(value, int) and value > 0 and value & (value - 1) == 0:
+                bits.setdefault(value, attr[len(prefix):])
+    return bits
+
+
+def decode_clock_reasons(mask: int, bits: Mapping[int, str]) -> tuple[str, ...]:
+    """The reasons a mask (an unsigned 64-bit word) holds, lowest bit first; a bit *bits* does not name is kept,
+    as its hex value ("0x800"), so a reason newer than the installed pynvml still shows."""
+    mask &= (1 << 64) - 1
+    return tuple(bits.get(1 << b, f"0x{1 << b:x}") for b in range(64) if mask >> b & 1)
 
 
 def _process_list(nvml: Any, session: _Nvml, kind: str, handle: Any) -> list[Any]:

@@ -97,6 +97,9 @@ class GpuInfo(msgspec.Struct, frozen=True):
     vendor_index: int | None = None  # its place among its vendor's cards (ROCR_VISIBLE_DEVICES); None: = index
     bus_id: str | None = None  # PCI address (DRM cards): what fdinfo's drm-pdev names
     hotspots: tuple[GpuSensor, ...] = ()  # AMD junction/mem, Intel vram: judged against their own crit
+    # Why NVIDIA's card holds its clocks down now, by pynvml's name less its prefix (nvmlClocksEventReason
+    # HwThermalSlowdown: "HwThermalSlowdown"; a bit pynvml does not name as "0x800"); None: the driver cannot say.
+    clock_reasons: tuple[str, ...] | None = None
 
     @property
     def unified_memory(self) -> bool:

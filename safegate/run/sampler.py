@@ -150,7 +150,7 @@ class Sampler:
         if readings:
             self._hottest = max(r.temp for r in readings)
             self.stats.temperature(self._hottest)
-        return self._thermal.check(readings, paused=paused) if judge else NOTHING
+        return self._thermal.check(readings, paused=paused, gpus=self._cards) if judge else NOTHING
 
     def memory_actions(self, sample: MemorySample) -> list[Action]:
         """What the job's and the machine's memory watchers say; a breach is measured again before it counts."""

@@ -17,7 +17,7 @@ import msgspec
 from msgspec import field
 
 from safegate.exitcodes import ExitCode
-from safegate.gate.policy import gpu_temp_limit, hotspot_limit
+from safegate.gate.policy import CLOCKS_BLOCK, CLOCKS_WARN, clock_trouble, gpu_temp_limit, hotspot_limit
 from safegate.probes.drm import DrmUsage
 from safegate.probes.gpu import GpuInfo
 from safegate.probes.snapshots import SensorReading
@@ -246,11 +246,14 @@ class Reading(msgspec.Struct, frozen=True):
 
 class ThermalWatch:
     """max_temp and on_hot: at or above max_temp, pause (until every sensor is below resume_temp), kill, or warn
-    once (again after everything cooled below resume_temp)."""
+    once (again after everything cooled below resume_temp). A HW clock-event reason on one of the job's GPUs
+    (policy.CLOCKS_BLOCK) is heat too, until the card clears it; SW thermal slowdown warns once while it lasts."""
 
     def __init__(self, limits: WatchLimits) -> None:
         self.limits = limits
         self.warned = False
+        self.soft_warned = False  # SW thermal slowdown told, until it clears
+        self.held: str | None = None  # the card ("GPU 0") whose HW reason was last seen, until it clears
 
     def readings(self, sensors: Sequence[SensorReading], gpus: Sequence[GpuInfo]) -> list[Reading]:
         limits = self.limits
@@ -267,28 +270,64 @@ class ThermalWatch:
                     readings.append(Reading(f"GPU {g.index} {sensor.label}", sensor.celsius, hot_at, cool_at))
         return readings
 
-    def check(self, readings: Sequence[Reading], *, paused: bool) -> Action:
-        """*paused*: the job is stopped for heat now (so a hot sample does not pause it twice)."""
-        if not readings:
-            return NOTHING
+    def check(self, readings: Sequence[Reading], *, paused: bool, gpus: Sequence[GpuInfo] = ()) -> Action:
+        """*paused*: the job is stopped for heat now (so a hot sample does not pause it twice). *gpus*: the job's
+        cards at the last GPU sample, for their clock-event reasons."""
+        action = self._heat(readings, [(g, why) for g in gpus if (why := clock_trouble(g, CLOCKS_BLOCK))],
+                            paused=paused)
+        soft = [(g, why) for g in gpus if (why := clock_trouble(g, CLOCKS_WARN))]
+        if not soft:
+            self.soft_warned = False
+        elif action.kind is Kind.NONE and not self.soft_warned:
+            self.soft_warned = True
+            g, why = soft[0]
+            return Action(Kind.WARN, f"{why} (at its temperature target: normal under load; the job runs on)",
+                          _clock_data(g))
+        return action
+
+    def _heat(self, readings: Sequence[Reading], hw: Sequence[tuple[GpuInfo, str]], *, paused: bool) -> Action:
         over = [r for r in readings if r.temp >= r.hot_at]
-        # Name the sensor that decides: the first one too hot, else the one closest to (or above) resume_temp.
-        r = over[0] if over else max(readings, key=lambda x: x.temp - x.cool_at)
-        data = {"sensor": r.key, "temp": r.temp, "max_temp": r.hot_at, "resume_temp": r.cool_at}
-        hot = f"{r.key} at {r.temp:g} C >= max_temp {r.hot_at:g} C"
         on_hot = self.limits.on_hot
-        if over:
+        if over or hw:
+            if over:
+                # Name the sensor that decides: the first one too hot.
+                r = over[0]
+                data: dict[str, Any] = {"sensor": r.key, "temp": r.temp, "max_temp": r.hot_at,
+                                        "resume_temp": r.cool_at}
+                hot, until = f"{r.key} at {r.temp:g} C >= max_temp {r.hot_at:g} C", f"below {r.cool_at:g} C"
+            else:
+                g, why = hw[0]
+                data = _clock_data(g)
+                hot, until = f"{why} (the card is throttling itself)", "the card clears it"
+            if hw:
+                self.held = f"GPU {hw[0][0].index}"
             if on_hot == "kill":
                 return breach(ExitCode.KILLED_HOT, "thermal", hot, data)
             if on_hot == "pause" and not paused:
-                return Action(Kind.PAUSE, f"{hot}; pausing the job until below {r.cool_at:g} C", data)
+                return Action(Kind.PAUSE, f"{hot}; pausing the job until {until}", data)
             if on_hot == "warn" and not self.warned:
                 self.warned = True
                 return Action(Kind.WARN, hot, data)
             return NOTHING
-        if all(x.temp < x.cool_at for x in readings):
+        # No readings is not "cooled down"; a card's clearing reason is the end of its own episode.
+        if (readings or self.held) and all(x.temp < x.cool_at for x in readings):
             self.warned = False
+            held, self.held = self.held, None
             if paused:
-                return Action(Kind.RESUME, f"{r.key} at {r.temp:g} C < resume_temp {r.cool_at:g} C; resuming the job",
-                              data)
+                cleared = f"{held}: its clocks are no longer held down; " if held else ""
+                if not readings:
+                    return Action(Kind.RESUME, f"{cleared}resuming the job", {})
+                # Named: the sensor closest to its resume_temp.
+                r = max(readings, key=lambda x: x.temp - x.cool_at)
+                data = {"sensor": r.key, "temp": r.temp, "max_temp": r.hot_at, "resume_temp": r.cool_at}
+                return Action(Kind.RESUME, f"{cleared}{r.key} at {r.temp:g} C < resume_temp {r.cool_at:g} C; "
+                              "resuming the job", data)
         return NOTHING
+
+
+def _clock_data(g: GpuInfo) -> dict[str, Any]:
+    """An event's figures for a card's clock-event reasons."""
+    data: dict[str, Any] = {"sensor": f"GPU {g.index}", "gpu": g.index, "clock_reasons": list(g.clock_reasons or ())}
+    if g.temp is not None:
+        data["temp"] = g.temp
+    return data
