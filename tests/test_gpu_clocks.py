@@ -178,7 +178,7 @@ def exec_cmd(config: Path, *args: str) -> list[str]:
 
 
 def test_hw_thermal_slowdown_mid_job_pauses_it_until_it_clears(
-        config: Path, sensor: Path, tmp_path: Path, lock_dir: Path, procs: Procs, state: Path,
+        run: Run, config: Path, sensor: Path, tmp_path: Path, lock_dir: Path, procs: Procs, state: Path,
         gpu_env: Callable[..., dict[str, str]]) -> None:
     ticks, stop, log = tmp_path / "ticks", tmp_path / "stop", tmp_path / "events.jsonl"
     env = gpu_env([card(0)])
@@ -206,6 +206,8 @@ def test_hw_thermal_slowdown_mid_job_pauses_it_until_it_clears(
     paused = next(e for e in events if e["event"] == "paused")
     assert paused["clock_reasons"] == ["HwThermalSlowdown"] and paused["sensor"] == "GPU 0" and paused["gpu"] == 0
     assert any(e["event"] == "resumed" for e in events)
+    page = run("report", str(log), "-o", "-")  # the morning after: the pause is marked, its reason told
+    assert page.returncode == 0 and "HW thermal slowdown" in page.stdout, page.stderr
 
 
 def test_hw_slowdown_mid_job_with_on_hot_kill_stops_it_with_22(
