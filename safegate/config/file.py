@@ -238,7 +238,7 @@ _KINDS: dict[str, Any] = {
     "gpu": _gpu,
     "license": _license,
     **{kind: _cli_kind(kind) for kind in ("limit", "duration", "interval", "signal", "nice", "on_hot", "cgroup",
-                                          "command")},
+                                          "command", "oom_score_adj")},
     "switch": _switch,
 }
 

@@ -115,6 +115,11 @@ class Profile(msgspec.Struct, frozen=True, kw_only=True):
         EXEC)]
     nice: Annotated[int | None, Setting(
         "nice", "Run the job at this niceness (0-19), with idle or best-effort I/O priority.", "--nice", "N", EXEC)]
+    oom_score_adj: Annotated[int, Setting(
+        "oom_score_adj", "The job's oom_score_adj (-1000..1000; default {default}): the kernel's OOM killer and "
+        "earlyoom take the job before the desktop and before safegate. Never set below the caller's own (a job "
+        "started at a higher one keeps it): an unprivileged process may only raise it.", "--oom-score-adj", "N",
+        EXEC, default="500")]
     log: Annotated[str | None, Setting("path", "Append every event as a JSON line to FILE.", "--log", "FILE", EXEC)]
     cgroup: Annotated[str, Setting(
         "cgroup", "Run the job in a cgroup of its own, where the kernel caps its memory at --max-mem and stops every "

@@ -233,7 +233,7 @@ def _supervise(settings: Settings, argv: Sequence[str], verdict: Verdict, held: 
         cgroup.configure(limits.max_mem)
     supervisor = Supervisor(
         argv, limits, on_event, pass_fds=[held.fd] if held.fd >= 0 else [], nice=settings.profile.nice,
-        on_sample=_UsedReporter(held),
+        oom_score_adj=settings.profile.oom_score_adj, on_sample=_UsedReporter(held),
         on_gpu_sample=_UsedReporter(held, gpu=True), env={**caller_environment(), **gpu_env}, cgroup=cgroup,
         timeline=bool(settings.profile.log),
     )
