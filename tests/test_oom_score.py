@@ -17,9 +17,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from support import HELPERS, PY, REPO, TIMEOUT, Procs, Run, alive, descendants, neutral_config, stderr_of, wait_until
 
+from safegate.errors import ValueParseError
 from safegate.exitcodes import ExitCode
+from safegate.run.procctl import SUPERVISOR_FLOOR, supervisor_score
+from safegate.settings import parse_oom_score_adj
 
 # The job prints its own score and its parent's (safegate, which forked it: --cgroup off in the neutral config).
 SHOW = 'echo "job=$(cat /proc/$$/oom_score_adj) supervisor=$(cat /proc/$PPID/oom_score_adj)"'
@@ -124,6 +129,24 @@ def test_a_score_that_cannot_be_written_is_one_notice_and_the_job_runs(config: P
     notes = [line for line in result.stderr.splitlines() if "oom_score_adj" in line and "started pid" not in line]
     assert notes == [f"safegate: cannot raise the job's oom_score_adj to {max(500, _own())} (Read-only file system); "
                      f"it runs with safegate's, {_own()}"], result.stderr
+
+
+@given(st.one_of(st.text(max_size=12), st.integers(-3000, 3000).map(str)))
+def test_any_text_is_a_score_in_the_kernels_range_or_one_parse_error(text: str) -> None:
+    try:
+        value = parse_oom_score_adj(text)
+    except ValueParseError as exc:
+        assert str(exc).endswith("expected an integer from -1000 to 1000")
+        return
+    assert -1000 <= value <= 1000 and value == int(text)
+
+
+@given(st.integers(-1000, 1000))
+def test_the_supervisor_never_goes_above_the_caller_nor_to_unkillable(caller: int) -> None:
+    score = supervisor_score(caller)
+    assert score <= caller
+    assert score >= SUPERVISOR_FLOOR or score == caller  # -1000 only when the caller was there already
+    assert score == caller or score >= caller - 500
 
 
 # --- a real kernel OOM in one memory cgroup (v1, this machine's hierarchy) --------------------------------------
@@ -254,8 +277,8 @@ def test_earlyoom_would_take_the_job_never_safegate(config: Path, env: dict[str,
         f'until [ -e {ready} ]; do sleep 0.01; done\n'
         f'exec "$@"\n'
     )
-    inside = procs.spawn(["unshare", "--pid", "--fork", "--kill-child", "--mount-proc", "sh", "-c", script, "sh", earlyoom,
-                          *earlyoom_args(), *thresholds, "-r", "0", "-d", "--dryrun"],
+    inside = procs.spawn(["unshare", "--pid", "--fork", "--kill-child", "--mount-proc", "sh", "-c", script, "sh",
+                          earlyoom, *earlyoom_args(), *thresholds, "-r", "0", "-d", "--dryrun"],
                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert inside.stdout is not None
     pids = {}
@@ -290,6 +313,24 @@ def test_earlyoom_would_take_the_job_never_safegate(config: Path, env: dict[str,
     # The supervisor was a candidate each round, named safegate, and the recipe's --avoid took 300 off its score.
     badness = [int(b) for b in re.findall(rf"pid +{pids['supervisor']}: badness +(-?\d+) .*\"safegate\"", text)]
     assert len(badness) >= 3 and max(badness) <= oom_score - 290, (badness, oom_score, text)
+
+
+def test_the_jobs_scope_asks_systemd_for_what_the_recipe_says_and_no_oomd_preference() -> None:
+    """systemd-oomd must keep the job's scope a candidate: safegate asks for no ManagedOOM* property (no
+    ManagedOOMPreference=avoid or omit), only those the recipe names."""
+    if shutil.which("systemd-run") is None:
+        pytest.skip("no systemd-run here: the scope's command line cannot be made")
+    from safegate.cgroups.scope import ScopeCgroup
+
+    scope = ScopeCgroup(user=False)
+    scope.max_swap = 0
+    scope.configure(100 * MiB)
+    argv, _ = scope.wrap(["true"], None)
+    scope.release(go=False)
+    asked = {argv[i + 1].split("=", 1)[0] for i, word in enumerate(argv) if word == "-p"}
+    assert asked == {"Delegate", "MemoryMax", "MemorySwapMax"}
+    said = RECIPES.split("## earlyoom and systemd-oomd", 1)[1]
+    assert all(f"-p {name}=" in said for name in asked) and "safegate sets no `ManagedOOM*` property" in said
 
 
 def _ns_pid(pid: int) -> int | None:

@@ -67,8 +67,8 @@ def test_the_api_takes_the_options_check_takes_and_no_other() -> None:
 def test_every_key_is_accepted_in_a_profile(tmp_path: Path) -> None:
     samples = {"text": '"x"', "regexes": "['x']", "memory": '"1G"', "size": '"1G"', "limit": '"1G"', "lock": '"l"',
                "temp": "70", "percent": "50", "rules": "[]", "duration": '"1s"', "interval": '"50ms"',
-               "signal": '"USR1"', "nice": "5", "oom_score_adj": "300", "on_hot": '"warn"', "cgroup": '"off"', "command": '"true"',
-               "switch": "true", "path": '"/tmp/log"', "gpu": '"0"', "license": '"w"'}
+               "signal": '"USR1"', "nice": "5", "on_hot": '"warn"', "cgroup": '"off"', "command": '"true"',
+               "switch": "true", "path": '"/tmp/log"', "gpu": '"0"', "license": '"w"', "oom_score_adj": "300"}
     body = "\n".join(f"{s.key} = {samples[s.kind]}" for s in SETTINGS)
     path = tmp_path / "all.toml"
     path.write_text(f"[profiles.all]\n{body}\n")
