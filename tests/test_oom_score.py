@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -281,6 +282,9 @@ def test_earlyoom_would_take_the_job_never_safegate(config: Path, env: dict[str,
                           earlyoom, *earlyoom_args(), *thresholds, "-r", "0", "-d", "--dryrun"],
                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert inside.stdout is not None
+    deadline = threading.Timer(TIMEOUT, inside.kill)  # a silent earlyoom ends the reads below, not the suite
+    deadline.daemon = True
+    deadline.start()
     pids = {}
     for _ in range(2):
         name, pid = inside.stdout.readline().strip().split("=")
@@ -305,6 +309,7 @@ def test_earlyoom_would_take_the_job_never_safegate(config: Path, env: dict[str,
             if (sent := re.match(r"sending SIG\w+ to process (\d+) ", line)) is not None:
                 victims.append(int(sent.group(1)))
     finally:
+        deadline.cancel()
         inside.kill()  # unshare's --fork child is the namespace's init: its end takes every process in it
         inside.wait()
     text = "".join(seen)
