@@ -253,3 +253,32 @@ def profile_json(p: Profile, runs: list[Run] | None = None) -> dict[str, Any]:
         "gpu_memory": str(p.gpu_memory), "max_mem": str(p.max_mem) if p.max_mem else None,
         "competing": [rule_json(r) for r in p.competing],
     }
+
+
+def need_text(n: dict[str, Any]) -> str:
+    """`safegate need`, from its JSON form: the two figures and where each comes from, then the prediction and
+    what recorded runs used."""
+    tool = f"{n['tool']} (program {printable(n['program'])})" if n["tool"] else "no tool safegate knows"
+    lines = [f"profile     {printable(n['profile'])}", f"tool        {tool}"]
+    if n["signature"]:
+        lines.append(f"signature   {printable(n['signature'])}")
+    for label, key in (("RAM", "memory"), ("GPU memory", "gpu_memory")):
+        f = n[key]
+        lines.append(f"{label:<11} {format_bytes(f['bytes']):<10} from {f['source']}: {printable(f['detail'])}")
+    lock = n["lock"]
+    lines.append(f"lock        {printable(lock['name'] or '(none)')} ({printable(lock['source'])})")
+    p = n["predicted"]
+    lines.append("predicted   " + ("nothing" if p is None else f"RAM {format_bytes(p['memory'])}, GPU memory "
+                                   f"{format_bytes(p['gpu_memory'])} ({p['source']}; {', '.join(p['cites'])})"))
+    from safegate.config.history import MIN_RUNS
+
+    r = n["learned"]
+    if r is None:
+        lines.append("learned     no recorded runs of this command")
+    else:
+        got = (f"RAM {format_bytes(r['memory'])}" + (f", GPU memory {format_bytes(r['gpu_memory'])}"
+                                                    if r["gpu_memory"] is not None else "")
+               if r["memory"] is not None else f"not yet (fewer than {MIN_RUNS} whole runs)")
+        lines.append(f"learned     {got} from {r['runs']} recorded run(s)")
+    lines += [f"note: {printable(note)}" for note in n["notes"]]
+    return "\n".join(lines)
