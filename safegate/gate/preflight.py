@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 from msgspec.structs import replace
 
-from safegate.config.model import DEFAULT_PROFILE, CompetingRule, Config, ThermalConfig
+from safegate.config.model import DEFAULT_PROFILE, CompetingRule, Config, Profile, ThermalConfig
 from safegate.gate.fairness import QUEUE, head_waiting, in_line
 from safegate.gate.grant import owner_idle
 from safegate.gate.policy import (

@@ -47,6 +47,7 @@ def predict(argv: Sequence[str], gpu_present: Callable[[], bool]) -> Known:
     if not inv.family:
         return Known(None, inv.program, None, None, (*inv.notes, "no tool safegate knows (safegate need lists them)"))
     family = known.families[inv.family]
+    signature: str | None
     if family.engine is not None:
         device_gpu = _device_gpu(inv, family, gpu_present)
         signature = _signature(inv, family, device="cuda" if device_gpu else "cpu",
