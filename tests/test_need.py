@@ -12,6 +12,7 @@ import pytest
 from fake_nvml import FakeGpu, FakeNvmlUnavailable, build_fake_nvml, nvml_env, write_state
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from modelfiles import write_llama_gguf
 from support import Run
 
 from safegate.exitcodes import ExitCode
@@ -19,6 +20,7 @@ from safegate.need.command import MAX_ARGS, recognise
 from safegate.need.knowledge import knowledge
 
 GiB = 1024**3
+MiB = 1024**2
 WHISPER_README = "https://github.com/openai/whisper#available-models-and-languages"
 
 
@@ -248,3 +250,92 @@ def test_exec_check_and_need_agree(run: Run, config: Path, env: dict[str, str], 
     recorded = json.loads((Path(env["XDG_STATE_HOME"]) / "safegate" / "history.json").read_text())["default"]
     assert recorded[-1]["signature"] == predicted["signature"]
     assert recorded[-1]["predicted_memory"] == fig(predicted, "memory")["bytes"]
+
+
+# --- GGUF files ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A llama-architecture GGUF as the issue describes it: 32 blocks, embedding 4096, 32 heads, 8 KV heads (its
+    header written by the gguf package, its data sparse)."""
+    path = tmp_path_factory.mktemp("gguf") / "llama-8b-q4_k_m.gguf"
+    write_llama_gguf(path, blocks=32, embedding=4096, heads=32, kv_heads=8)
+    return path
+
+
+def _bytes(data: dict[str, object], key: str) -> int:
+    value = fig(data, key)["bytes"]
+    assert isinstance(value, int)
+    return value
+
+
+def test_a_gguf_context_and_offload_decide_where_its_need_goes(run: Run, llama: Path,
+                                                               gpu_env: Callable[[float], dict[str, str]]) -> None:
+    env = gpu_env(20)
+    at = {c: need(run, "llama-server", "-m", str(llama), "-c", c, "-ngl", "99", env=env) for c in ("4096", "8192")}
+    # The f16 KV cache of 32 layers x 8 KV heads x 128 x (K + V) x 2 bytes: 128 KiB a token, 512 MiB more for
+    # 4096 tokens more, all of it in GPU memory with every layer offloaded.
+    assert _bytes(at["8192"], "gpu_memory") - _bytes(at["4096"], "gpu_memory") == 512 * MiB
+    assert _bytes(at["8192"], "memory") == _bytes(at["4096"], "memory")
+    assert fig(at["8192"], "gpu_memory")["source"] == "file" and "llama-8b-q4_k_m.gguf" in str(
+        fig(at["8192"], "gpu_memory")["detail"])
+    assert at["8192"]["signature"] == "program=llama-server model=llama-8b-q4_k_m.gguf ctx=8192 ngl=33"
+    # -ngl 0: all of it in RAM, the same 512 MiB apart.
+    cpu = {c: need(run, "llama-server", "-m", str(llama), "-c", c, "-ngl", "0", env=env) for c in ("4096", "8192")}
+    assert _bytes(cpu["8192"], "gpu_memory") == 0
+    assert _bytes(cpu["8192"], "memory") - _bytes(cpu["4096"], "memory") == 512 * MiB
+    assert _bytes(cpu["8192"], "memory") > _bytes(at["8192"], "memory")
+    # Spelled the long way, after env and nice: the same need.
+    long = need(run, "env", "A=1", "nice", "llama-server", "--model", str(llama), "--ctx-size=8192",
+                "--n-gpu-layers", "99", env=env)
+    assert (fig(long, "memory"), fig(long, "gpu_memory")) == (fig(at["8192"], "memory"), fig(at["8192"], "gpu_memory"))
+    # No GPU here: llama.cpp keeps every layer in RAM whatever -ngl says.
+    alone = need(run, "llama-server", "-m", str(llama), "-c", "8192", "-ngl", "99")
+    assert _bytes(alone, "gpu_memory") == 0 and _bytes(alone, "memory") == _bytes(cpu["8192"], "memory")
+
+
+def test_llama_cpp_python_programs_get_its_defaults(run: Run, llama: Path, tmp_path: Path) -> None:
+    server = need(run, sys.executable, "-m", "llama_cpp.server", "--model", str(llama))
+    assert server["tool"] == "llama-cpp-python" and str(server["signature"]).endswith("ctx=2048 ngl=0")
+    script = need(run, "python3", str(tmp_path / "chat.py"), "--model", str(llama), "--n_ctx", "4096")
+    assert script["tool"] == "llama-cpp-python" and str(script["signature"]).endswith("ctx=4096 ngl=0")
+    assert _bytes(script, "memory") > _bytes(server, "memory")
+    other = need(run, "./my-chat", str(llama), "-c", "1024")
+    assert other["tool"] == "a GGUF model" and "ctx=1024" in str(other["signature"])
+
+
+@pytest.mark.parametrize("kind", ["truncated", "hostile"])
+def test_an_unreadable_gguf_is_one_note_and_no_prediction(run: Run, llama: Path, tmp_path: Path, config: Path,
+                                                          kind: str) -> None:
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(llama.read_bytes()[:1000] if kind == "truncated" else b"GGUF\x03\x00\x00\x00" + b"\xff" * 64)
+    data = need(run, "llama-server", "-m", str(bad), "-c", "4096", options=("--config", str(config)))
+    assert data["predicted"] is None and data["signature"] is None
+    assert fig(data, "memory") == {"bytes": 0, "source": "none", "detail": "nothing predicts it"}
+    notes = data["notes"]
+    assert isinstance(notes, list) and len(notes) == 1 and "bad.gguf" in notes[0] and "no prediction" in notes[0]
+    # Not a usage error: check goes on with no need.
+    assert run("check", "--config", str(config), "--no-grant", "-q", "--", "llama-server", "-m", str(bad)
+               ).returncode == 0
+
+
+def test_check_slots_and_exec_block_a_gguf_too_large_for_this_machine(run: Run, config: Path, tmp_path: Path) -> None:
+    huge = tmp_path / "huge.gguf"  # 9 TiB of weights in its header, larger than any machine's RAM; sparse on disk
+    write_llama_gguf(huge, blocks=64, embedding=131072, ff=524288, context=4096)
+    small = tmp_path / "small.gguf"
+    write_llama_gguf(small, blocks=1, embedding=256, heads=4, kv_heads=2, ff=512, vocab=1000, context=512)
+    options = ("--config", str(config), "--no-grant")
+    blocked = run("check", *options, "--json", "--", "llama-cli", "-m", str(huge), "-ngl", "0")
+    assert blocked.returncode == ExitCode.MEMORY, blocked.stderr
+    memory = next(c for c in json.loads(blocked.stdout)["checks"] if c["name"] == "memory")
+    assert memory["values"]["need"] > 8 * 1024 * GiB
+    assert run("check", *options, "--", "llama-cli", "-m", str(small), "-ngl", "0").returncode == 0
+    slots = run("slots", "--config", str(config), "--", "llama-cli", "-m", str(huge))
+    assert (slots.stdout.strip(), slots.returncode) == ("0", ExitCode.MEMORY)
+    assert run("slots", "--config", str(config), "--", "llama-cli", "-m", str(small)).stdout.strip() == "1"
+    marker = tmp_path / "ran"
+    result = run("exec", "--config", str(config), "--", "sh", "-c", f"touch {marker}", str(huge))
+    assert result.returncode == ExitCode.MEMORY and not marker.exists()
+    result = run("exec", "--config", str(config), "--", "sh", "-c", f"touch {marker}", str(small))
+    assert result.returncode == 0 and marker.exists()
