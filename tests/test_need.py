@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +17,8 @@ from modelfiles import write_llama_gguf
 from support import Run
 
 from safegate.exitcodes import ExitCode
-from safegate.need.command import MAX_ARGS, recognise
+from safegate.need.command import MAX_ARGS, SIGNATURE_MAX, recognise
+from safegate.need.predict import predict
 from safegate.need.knowledge import knowledge
 
 GiB = 1024**3
@@ -135,10 +137,14 @@ ARG = st.one_of(st.sampled_from(["whisper", "python3", "-m", "env", "uv", "run",
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(argv=st.lists(ARG, max_size=24))
-def test_the_recogniser_never_raises(argv: list[str]) -> None:
+def test_the_recogniser_and_the_prediction_never_raise(argv: list[str]) -> None:
     found = recognise(argv, knowledge())
     assert found.family == "" or found.family in knowledge().families
     assert all(len(v) <= 4096 for v in found.options.values())
+    known = predict(argv, lambda: True)
+    assert known.signature is None or len(known.signature) <= SIGNATURE_MAX
+    assert known.prediction is None or (known.prediction.ram >= 0 and known.prediction.gpu >= 0)
+    assert all("\n" not in note for note in known.notes)
 
 
 def test_a_huge_command_line_is_read_only_so_far() -> None:
@@ -146,6 +152,15 @@ def test_a_huge_command_line_is_read_only_so_far() -> None:
     found = recognise(argv, knowledge())
     assert found.notes == (f"only the first {MAX_ARGS} arguments were read",)
     assert found.program == "whisper"
+
+
+def test_a_plain_check_imports_none_of_it(env: dict[str, str], config: Path) -> None:
+    """check without -- CMD is on every job start's path: the need machinery is imported only for a command."""
+    code = ("import sys; from safegate.cli.fastpath import main; rc = main(sys.argv[1:]); "
+            "print([m for m in sys.modules if m.startswith('safegate.need')], file=sys.stderr)")
+    result = subprocess.run([sys.executable, "-c", code, "check", "--config", str(config), "--no-grant", "-q"],
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert result.stderr.strip().splitlines()[-1] == "[]"
 
 
 # --- which figure wins ------------------------------------------------------------------------------------------
