@@ -18,8 +18,8 @@ from support import Run
 
 from safegate.exitcodes import ExitCode
 from safegate.need.command import MAX_ARGS, SIGNATURE_MAX, recognise
-from safegate.need.predict import predict
 from safegate.need.knowledge import knowledge
+from safegate.need.predict import predict
 
 GiB = 1024**3
 MiB = 1024**2
