@@ -13,7 +13,7 @@ import pytest
 from fake_nvml import FakeGpu, FakeNvmlUnavailable, build_fake_nvml, nvml_env, write_state
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from modelfiles import write_llama_gguf
+from modelfiles import llama_config, llama_safetensors_tensors, write_llama_gguf, write_safetensors
 from support import Run
 
 from safegate.exitcodes import ExitCode
@@ -354,3 +354,27 @@ def test_check_slots_and_exec_block_a_gguf_too_large_for_this_machine(run: Run, 
     assert result.returncode == ExitCode.MEMORY and not marker.exists()
     result = run("exec", "--config", str(config), "--", "sh", "-c", f"touch {marker}", str(small))
     assert result.returncode == 0 and marker.exists()
+
+
+def test_a_safetensors_folder_goes_to_the_gpu_when_there_is_one(run: Run, tmp_path: Path,
+                                                                gpu_env: Callable[[float], dict[str, str]]) -> None:
+    folder = tmp_path / "llama-tiny"
+    folder.mkdir()
+    shape = {"blocks": 4, "embedding": 512, "heads": 8, "kv_heads": 2, "ff": 1024, "vocab": 32000}
+    weights, weight_map = 0, {}
+    for n, (first, last) in enumerate([(0, 2), (2, 4)], start=1):
+        shard = f"model-0000{n}-of-00002.safetensors"
+        tensors = llama_safetensors_tensors(**shape, first=first, last=last)
+        weights += write_safetensors(folder / shard, tensors)
+        weight_map.update(dict.fromkeys(tensors, shard))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": weights},
+                                                                      "weight_map": weight_map}))
+    (folder / "config.json").write_text(json.dumps(llama_config(4, 512, 8, 2)))
+    command = ("python3", "generate.py", "--model", str(folder))
+    on_gpu = need(run, *command, env=gpu_env(20))
+    assert on_gpu["tool"] == "a safetensors model" and fig(on_gpu, "gpu_memory")["source"] == "file"
+    assert _bytes(on_gpu, "gpu_memory") > weights
+    no_gpu = need(run, *command)
+    assert _bytes(no_gpu, "gpu_memory") == 0 and _bytes(no_gpu, "memory") > weights
+    told = need(run, *command, "--device", "cpu", env=gpu_env(20))
+    assert _bytes(told, "gpu_memory") == 0 and _bytes(told, "memory") == _bytes(no_gpu, "memory")
