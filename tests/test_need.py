@@ -115,10 +115,20 @@ def test_faster_whisper_int8_needs_less_than_float16(run: Run) -> None:
     ["python3", "-u", "-X", "dev", "-mwhisper"], ["uv", "run", "--with", "openai-whisper", "whisper"],
     ["env", "-u", "HOME", "CUDA_VISIBLE_DEVICES=1", "whisper"], ["nice", "-n", "10", "nohup", "whisper"],
     ["conda", "run", "-n", "asr", "--no-capture-output", "whisper"], ["OMP_NUM_THREADS=4", "whisper"],
+    ["timeout", "-s", "INT", "10h", "taskset", "-c", "0-3", "whisper"],
 ])
 def test_the_program_is_recognised_however_it_is_launched(argv: list[str]) -> None:
     found = recognise([*argv, "talk.wav", "--model=large-v3", "--device", "cpu"], knowledge())
     assert (found.family, found.model, found.options.get("--device")) == ("openai-whisper", "large-v3", "cpu")
+
+
+def test_a_shell_command_line_is_read_as_the_shell_splits_it() -> None:
+    found = recognise(["bash", "-c", "cd /data && OMP_NUM_THREADS=4 whisper --model 'large-v3' a.wav > log 2>&1"],
+                      knowledge())
+    assert (found.family, found.model) == ("openai-whisper", "large-v3")
+    # A model file handed to the script as $1 still counts; an unmatched quote is no command.
+    assert recognise(["sh", "-c", 'llama-cli -m "$1"', "sh", "m.gguf"], knowledge()).model == "m.gguf"
+    assert recognise(["sh", "-c", "whisper 'x"], knowledge()).family == ""
 
 
 def test_a_command_nothing_knows_needs_nothing(run: Run) -> None:
