@@ -192,6 +192,19 @@ def test_an_explicit_profile_or_option_beats_the_table(run: Run, tmp_path: Path,
     assert fig(data, "memory")["source"] == "table" and fig(data, "memory")["bytes"] != 10 * GiB
 
 
+def test_the_default_profile_takes_the_model_familys_lock(run: Run, tmp_path: Path, config: Path) -> None:
+    unmatched = tmp_path / "unmatched.toml"  # the built-in whisper-large-v3 profile matches no command here
+    unmatched.write_text(config.read_text() + "[profiles.whisper-large-v3]\nmatch = []\n")
+    for model in ("large-v2", "large-v3-turbo", "medium"):
+        data = need(run, "whisperx", "a.wav", "--model", model, options=("--config", str(unmatched)))
+        assert data["profile"] == "default"
+        large = model.startswith("large-v2")  # turbo is its own size, with no lock of its own
+        assert data["lock"] == ({"name": "whisper-large", "source": "table"} if large else
+                                {"name": "heavy", "source": "profile default"}), model
+    data = need(run, "whisperx", "a.wav", "--model", "large-v2", options=("--config", str(unmatched), "--lock", "x"))
+    assert data["lock"] == {"name": "x", "source": "option"}
+
+
 def _history(env: dict[str, str], runs: list[dict[str, object]]) -> Path:
     path = Path(env["XDG_STATE_HOME"]) / "safegate" / "history.json"
     path.parent.mkdir(parents=True, exist_ok=True)
