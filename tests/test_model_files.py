@@ -28,6 +28,7 @@ from modelfiles import (
     write_llama_gguf,
     write_safetensors,
 )
+from support import TIMEOUT
 
 from safegate.need import gguf as reader
 from safegate.need.modelfile import FileNeed, ModelFile, file_need, read_model
@@ -143,6 +144,24 @@ def test_defaults_context_cache_types_and_flash_attention(llama: tuple[Path, int
     fa, no_fa = file_need(model, context=4096, gpu_layers=99), file_need(
         model, context=4096, gpu_layers=99, flash_attention=False)
     assert no_fa.gpu - fa.gpu == 32 * 4096 * 512 * 4
+
+
+def test_per_layer_head_counts_and_sliding_windows_are_bounds_said_so(tmp_path: Path) -> None:
+    def more(writer: gguf.GGUFWriter) -> None:
+        writer.add_head_count_kv([2, 4, 4, 2])  # overwrites the scalar with a per-layer array
+        writer.add_sliding_window(1024)
+        writer.add_key_length(256)
+        writer.add_value_length(256)
+
+    written = write_llama_gguf(tmp_path / "swa.gguf", blocks=4, embedding=512, heads=8, kv_heads=2, ff=1024,
+                               vocab=32000, more=more)
+    model = _model(written.paths[0])
+    assert (model.head_count_kv, model.key_length, model.sliding_window) == (4, 256, 1024)
+    need = file_need(model, context=4096)
+    assert need.kv_cache == 4 * 4096 * 4 * (256 + 256) * 2
+    assert any("differs per layer" in line for line in need.notes)
+    assert any("1024 tokens only" in line for line in need.notes)
+    assert not any("tokens only" in line for line in file_need(model, context=1024).notes)
 
 
 def test_a_model_without_output_weight_copies_its_embeddings_to_the_gpu(tmp_path: Path) -> None:
@@ -268,6 +287,7 @@ HOSTILE = {
     "an alignment of 0": _gguf([ARCH, _kv_u32("general.alignment", 0)], [_tensor("t", [32])]),
     "a key not UTF-8": _gguf([_s(b"\xff\xfe") + struct.pack("<II", 4, 1)], []),
     "a split of 65535 parts": _gguf([ARCH, _s("split.count") + struct.pack("<IH", 2, 65535)], []),
+    "2**20 blocks": _gguf([ARCH, _kv_u32("llama.block_count", 1 << 20)], []),
     "a split without its name": _gguf([ARCH, _s("split.count") + struct.pack("<IH", 2, 3)], []),
 }
 
@@ -283,7 +303,13 @@ def test_what_is_not_a_model_file_is_one_note(tmp_path: Path) -> None:
     assert "cannot open" in _note(tmp_path / "absent.gguf")
     fifo = tmp_path / "fifo.gguf"
     os.mkfifo(fifo)
-    assert "not a regular file" in _note(fifo)  # no writer: a blocking open would never return
+    # No writer ever comes: a blocking open would never return, so it runs where a hang is a failure, not a hang.
+    found: list[str] = []
+    thread = threading.Thread(target=lambda: found.append(_note(fifo)), daemon=True)
+    thread.start()
+    thread.join(TIMEOUT)
+    assert not thread.is_alive(), "read_model blocked on a FIFO"
+    assert "not a regular file" in found[0]
     assert "not a regular file" in _note("/dev/zero")
     (tmp_path / "text").write_text("hello\n")
     assert "not a model file" in _note(tmp_path / "text")
@@ -464,6 +490,16 @@ def test_a_hostile_config_leaves_the_weights(tmp_path: Path, config: str) -> Non
     (tmp_path / "llama" / "config.json").write_text(config)
     model = _model(tmp_path / "llama")
     assert model.weights == total and file_need(model, context=4096).kv_cache == 0
+
+
+def test_a_vision_language_config_sizes_the_cache_from_its_text_model(tmp_path: Path) -> None:
+    _llama_folder(tmp_path / "llava")
+    text = llama_config(*LLAMA.values())
+    (tmp_path / "llava" / "config.json").write_text(json.dumps(
+        {"model_type": "llava", "vision_config": {"num_hidden_layers": 24}, "text_config": text}))
+    model = _model(tmp_path / "llava")
+    assert (model.block_count, model.head_count_kv) == (32, 8)
+    assert file_need(model, context=4096).kv_cache == 512 * MiB
 
 
 @FAST

@@ -61,7 +61,8 @@ _START = struct.Struct("<4sIQQ")
 # Keys kept: these, and "<arch>.<suffix>" for each suffix (the arch may come after its keys).
 _KEYS = {"general.architecture", "general.alignment", "split.no", "split.count", "split.tensors.count"}
 _SUFFIXES = {"block_count", "embedding_length", "context_length", "attention.head_count",
-             "attention.head_count_kv", "attention.key_length", "attention.value_length", "vocab_size"}
+             "attention.head_count_kv", "attention.key_length", "attention.value_length", "vocab_size",
+             "attention.sliding_window"}
 
 
 class _Budget:
@@ -143,7 +144,9 @@ def _model(first: _Part, paths: tuple[str, ...], tensors: dict[str, int]) -> Mod
         return value if isinstance(value, int) and 0 < value <= INT64_MAX else None
 
     blocks = number("block_count")
-    layers = [0] * blocks if blocks is not None and blocks <= MAX_LAYER_ARRAY else []
+    if blocks is not None and blocks > MAX_LAYER_ARRAY:
+        raise Unusable(f"{quoted(paths[0])}: {blocks} blocks (at most {MAX_LAYER_ARRAY} accepted)")
+    layers = [0] * (blocks or 0)
     input_weights = output_weights = 0
     for name, nbytes in tensors.items():
         block = block_of(name)
@@ -161,7 +164,8 @@ def _model(first: _Part, paths: tuple[str, ...], tensors: dict[str, int]) -> Mod
         head_count_kv=number("attention.head_count_kv"), key_length=number("attention.key_length"),
         value_length=number("attention.value_length"), context_length=number("context_length"), vocab_size=vocab,
         layer_weights=tuple(layers), input_weights=input_weights, output_weights=output_weights,
-        tied_output="output.weight" not in tensors and "token_embd.weight" in tensors, notes=tuple(notes))
+        tied_output="output.weight" not in tensors and "token_embd.weight" in tensors,
+        sliding_window=number("attention.sliding_window"), notes=tuple(notes))
 
 
 def _int(part: _Part, key: str, default: int) -> int:

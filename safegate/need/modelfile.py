@@ -207,4 +207,7 @@ def _kv(model: ModelFile, ctx: int, type_k: str, type_v: str, notes: list[str]) 
         described = f"cache type {type_k}" + ("" if type_v == type_k else f"/{type_v}")
     notes.append(f"KV cache {format_bytes(per_layer * blocks)}: {blocks} layers x {ctx} tokens x {kv_heads} KV "
                  f"heads x ({key} + {value}) for K and V, {described}")
+    if model.sliding_window and model.sliding_window < ctx:
+        notes.append(f"some layers attend to {model.sliding_window} tokens only and keep a smaller cache: the KV "
+                     "figure, for the whole context in every layer, is a bound")
     return per_layer * blocks, per_layer
