@@ -20,8 +20,8 @@ from safegate.units import Size
 
 
 def test_the_table_is_the_profile_fields() -> None:
-    assert {f.name for f in fields(Profile)} - {"name", "source", "memory_auto"} == set(PROFILE_KEYS)
-    assert [s.key for s in SETTINGS] == [f.name for f in fields(Profile)][3:]
+    assert {f.name for f in fields(Profile)} - {"name", "source", "memory_auto", "declared"} == set(PROFILE_KEYS)
+    assert [s.key for s in SETTINGS] == [f.name for f in fields(Profile)][4:]
 
 
 def test_a_profile_starts_from_every_initial_value() -> None:
