@@ -135,11 +135,13 @@ def file_need(model: ModelFile, *, context: int | None = None, gpu_layers: int |
     notes.append(f"weights {format_bytes(model.weights)}: every tensor's type and shape in {len(model.paths)} "
                  f"file(s); {format_bytes(gpu_weights)} on the GPU ({offloaded} of {slots} layers offloaded: "
                  f"{on_gpu_blocks} of {blocks} blocks{', and the output' if output_on_gpu else ''}), "
-                 f"{format_bytes(ram_weights)} in RAM")
+                 f"{format_bytes(ram_weights)} in RAM{' (mapped from the file)' if gguf else ''}")
 
     # Context and KV cache.
     if context is not None and context > 0:
         ctx = context
+        notes.append(f"context {ctx} tokens, as asked" + (f" (llama.cpp pads it to {CONTEXT_PAD})"
+                                                         if gguf and ctx % CONTEXT_PAD else ""))
     elif not gguf and context is None:
         ctx = 0
         notes.append("KV cache not predicted: transformers grows it with the text; give a context to size it")
@@ -152,13 +154,14 @@ def file_need(model: ModelFile, *, context: int | None = None, gpu_layers: int |
         notes.append(f"context {ctx}: the file does not say its trained context")
     if gguf and ctx:
         ctx = -(-ctx // CONTEXT_PAD) * CONTEXT_PAD
-    kv_cache, per_layer = _kv(model, ctx, cache_type, cache_type_v or cache_type, notes)
-    gpu_kv = per_layer * min(on_gpu_blocks, model.block_count or 0) if kv_offload else 0
+    kv_layers = _kv(model, ctx, cache_type, cache_type_v or cache_type, notes)
+    kv_cache = sum(kv_layers)
+    gpu_kv = sum(kv_layers[len(kv_layers) - min(on_gpu_blocks, len(kv_layers)):]) if kv_offload else 0
 
     # Overhead.
     vocab = model.vocab_size or 0
     embedding = model.embedding_length or 0
-    batch = min(ubatch, ctx) if ctx else ubatch
+    batch = max(1, min(ubatch, ctx) if ctx else ubatch)
     compute = 4 * batch * (vocab + ACTIVATIONS_PER_EMBEDDING * embedding)
     if not flash_attention:
         compute += 4 * batch * (model.head_count or 0) * ctx
@@ -180,34 +183,45 @@ def file_need(model: ModelFile, *, context: int | None = None, gpu_layers: int |
         gpu_overhead=gpu_overhead)
 
 
-def _kv(model: ModelFile, ctx: int, type_k: str, type_v: str, notes: list[str]) -> tuple[int, int]:
-    """(the whole KV cache, one layer's) in bytes at *ctx* tokens; 0s with a note where the file cannot size it."""
+def _kv(model: ModelFile, ctx: int, type_k: str, type_v: str, notes: list[str]) -> list[int]:
+    """Each block's KV cache in bytes at *ctx* tokens; none, with a note, where the file cannot size it."""
     blocks = model.block_count
     heads = model.head_count
     kv_heads = model.head_count_kv or heads
     key = model.key_length or (model.embedding_length // heads if model.embedding_length and heads else None)
     value = model.value_length or key
     if not ctx:
-        return 0, 0
+        return []
     if not (blocks and kv_heads and key and value):
         notes.append("KV cache not predicted: the file does not say its layers, heads and head size")
-        return 0, 0
-    if model.cache_element_bytes is not None:  # safetensors: the model's own dtype
-        per_layer = int((key + value) * kv_heads * ctx * model.cache_element_bytes)
+        return []
+    per_layer = model.head_count_kv_per_layer or (kv_heads,) * blocks
+    layers = [_layer_kv(n, key, value, ctx, model.cache_element_bytes, type_k, type_v) for n in per_layer]
+    if None in layers:
+        unknown = type_k if _row_bytes(1, type_k) is None else type_v
+        notes.append(f"KV cache type {quoted(unknown)} is unknown here: f16 assumed")
+        type_k = type_v = "f16"
+        layers = [_layer_kv(n, key, value, ctx, model.cache_element_bytes, "f16", "f16") for n in per_layer]
+    if model.cache_element_bytes is not None:
         described = f"{model.cache_element_bytes:g} bytes each (the model's dtype)"
     else:
-        k_bytes = _row_bytes(key * kv_heads * ctx, type_k)
-        v_bytes = _row_bytes(value * kv_heads * ctx, type_v)
-        if k_bytes is None or v_bytes is None:
-            unknown = type_k if k_bytes is None else type_v
-            notes.append(f"KV cache type {quoted(unknown)} is unknown here: f16 assumed")
-            k_bytes, v_bytes = 2 * key * kv_heads * ctx, 2 * value * kv_heads * ctx
-            type_k = type_v = "f16"
-        per_layer = k_bytes + v_bytes
         described = f"cache type {type_k}" + ("" if type_v == type_k else f"/{type_v}")
-    notes.append(f"KV cache {format_bytes(per_layer * blocks)}: {blocks} layers x {ctx} tokens x {kv_heads} KV "
-                 f"heads x ({key} + {value}) for K and V, {described}")
+    heads_said = f"{kv_heads} KV heads" if not model.head_count_kv_per_layer else \
+        f"{min(per_layer)}-{max(per_layer)} KV heads (per layer, {sum(per_layer)} in all)"
+    found = [n or 0 for n in layers]
+    notes.append(f"KV cache {format_bytes(sum(found))}: {blocks} layers x {ctx} tokens x {heads_said} x "
+                 f"({key} + {value}) for K and V, {described}")
     if model.sliding_window and model.sliding_window < ctx:
         notes.append(f"some layers attend to {model.sliding_window} tokens only and keep a smaller cache: the KV "
                      "figure, for the whole context in every layer, is a bound")
-    return per_layer * blocks, per_layer
+    return found
+
+
+def _layer_kv(kv_heads: int, key: int, value: int, ctx: int, element: float | None, type_k: str,
+              type_v: str) -> int | None:
+    """One layer's K and V bytes; None where a cache type is unknown."""
+    if element is not None:  # safetensors: the model's own dtype
+        return int((key + value) * kv_heads * ctx * element)
+    k_bytes = _row_bytes(key * kv_heads * ctx, type_k)
+    v_bytes = _row_bytes(value * kv_heads * ctx, type_v)
+    return None if k_bytes is None or v_bytes is None else k_bytes + v_bytes
