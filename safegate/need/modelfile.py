@@ -47,8 +47,11 @@ ACTIVATIONS_PER_EMBEDDING = 4
 # GPU memory a llama.cpp process takes beyond its buffers: the CUDA context, cuBLAS's workspace, and ggml-cuda's
 # pool (weights dequantised for large batches). 150-500 MiB by card and driver: the upper end, to be safe.
 GPU_RUNTIME = 512 * MiB
-# RAM of the process itself: program, libraries, vocabulary, graphs (a CPU build: ~50-100 MiB) ...
-PROCESS_RAM = 128 * MiB
+# RAM of the process itself: program or interpreter, libraries, vocabulary, graphs. Measured with
+# bench/bench_model_need.py (llama-cpp-python 0.3.36 on the CPU, a 1 GB F16 model, its context filled): peaks
+# 20-28 MiB above weights + KV cache + compute buffer (Python with llama_cpp imported: 41 MiB before loading);
+# with this constant the predictions were 3-6% above the peaks ...
+PROCESS_RAM = 64 * MiB
 # ... and with a GPU, the CUDA runtime's host side (driver state, pinned staging buffers).
 GPU_HOST_RAM = 256 * MiB
 # A PyTorch process (safetensors read by transformers): torch and its CUDA libraries resident, and its CUDA context.
