@@ -140,10 +140,14 @@ def test_defaults_context_cache_types_and_flash_attention(llama: tuple[Path, int
         f16 // 4 * 34 // 32 + f16 // 4 * 18 // 32)
     unknown = file_need(model, context=4096, cache_type="f13\x1b")
     assert unknown.kv_cache == f16 and any("f13\\x1b" in line and "f16 assumed" in line for line in unknown.notes)
-    # Without flash attention the compute buffer holds the attention scores: heads x context x batch x 4 bytes.
+    # The compute buffer: the logits (vocab x batch, f32; this file's tokenizer has 1000 tokens), or, without flash
+    # attention and where they are larger, the attention scores (heads x context x batch, f32).
     fa, no_fa = file_need(model, context=4096, gpu_layers=99), file_need(
         model, context=4096, gpu_layers=99, flash_attention=False)
-    assert no_fa.gpu - fa.gpu == 32 * 4096 * 512 * 4
+    logits = 4 * 512 * (1000 + 2 * 4096)
+    scores = (4 + 2) * 512 * 32 * 4096 + 4 * 512 * 6 * 4096 + 4 * 4096 * 8 * 128  # the scores in f32, then f16
+    assert no_fa.gpu - fa.gpu == scores - logits and no_fa.ram == fa.ram
+    assert file_need(model, context=16384).overhead == file_need(model, context=4096).overhead  # flash attention
 
 
 def test_per_layer_head_counts_are_summed_and_sliding_windows_are_bounds(tmp_path: Path) -> None:

@@ -40,17 +40,24 @@ DEFAULT_GPU_LAYERS = 0  # nothing offloaded: llama-cpp-python's default, and wha
 FALLBACK_CONTEXT = 4096  # the trained context unknown: llama.cpp's smallest context when fitting to free memory
 CONTEXT_PAD = 256  # llama-context.cpp: n_ctx = GGML_PAD(n_ctx, 256)
 DEFAULT_UBATCH = 512  # llama.cpp's -ub: the compute graph is reserved for a batch of this many tokens
-# The compute buffer holds one batch's activations: its logits (vocab x batch, f32) and a few embedding-wide
-# tensors (4 x embedding x batch, f32); without flash attention also the attention scores (heads x context x batch,
-# f32). llama.cpp reports 258 MiB for an 8B Llama 3 (128k vocab) with flash attention; this gives 282 MiB.
-ACTIVATIONS_PER_EMBEDDING = 4
+# The compute buffer: ggml's allocator reuses memory along the graph, so it is the larger of two moments. At the
+# end, the logits (vocab x batch, f32) and two embedding-wide tensors; without flash attention, in each layer, the
+# attention scores (heads x context x batch, f32), six embedding-wide tensors and K and V cast for the product
+# (context x KV width x 2 x 2 bytes). Fitted to llama.cpp's own figures for the bench's model (vocab 32000,
+# embedding 2048, 16 heads, 4 KV heads): 70.5 MiB with flash attention at any context; without, 90.0, 158.0 and
+# 294.0 MiB at 2048, 4096 and 8192 tokens; this gives 70.5, and 92, 160 and 296. Beside that buffer, the product
+# of the scores with V converts them to f16 (SCORE_COPY bytes each: the CPU backend's work buffer, ggml-cuda's
+# pool): measured in the peaks, not in llama.cpp's figure.
+LOGITS_ACTIVATIONS = 2
+ATTENTION_ACTIVATIONS = 6
+SCORE_COPY = 2
 # GPU memory a llama.cpp process takes beyond its buffers: the CUDA context, cuBLAS's workspace, and ggml-cuda's
 # pool (weights dequantised for large batches). 150-500 MiB by card and driver: the upper end, to be safe.
 GPU_RUNTIME = 512 * MiB
 # RAM of the process itself: program or interpreter, libraries, vocabulary, graphs. Measured with
 # bench/bench_model_need.py (llama-cpp-python 0.3.36 on the CPU, a 1 GB F16 model, its context filled): peaks
-# 20-28 MiB above weights + KV cache + compute buffer (Python with llama_cpp imported: 41 MiB before loading);
-# with this constant the predictions were 3-6% above the peaks ...
+# 20-40 MiB above weights + KV cache + compute buffer (Python with llama_cpp imported: 41 MiB before loading);
+# with this constant the predictions were 2-3% above the peaks at 1024-4096 tokens, flash attention on and off ...
 PROCESS_RAM = 64 * MiB
 # ... and with a GPU, the CUDA runtime's host side (driver state, pinned staging buffers).
 GPU_HOST_RAM = 256 * MiB
@@ -165,9 +172,13 @@ def file_need(model: ModelFile, *, context: int | None = None, gpu_layers: int |
     vocab = model.vocab_size or 0
     embedding = model.embedding_length or 0
     batch = max(1, min(ubatch, ctx) if ctx else ubatch)
-    compute = 4 * batch * (vocab + ACTIVATIONS_PER_EMBEDDING * embedding)
+    compute = 4 * batch * (vocab + LOGITS_ACTIVATIONS * embedding)
     if not flash_attention:
-        compute += 4 * batch * (model.head_count or 0) * ctx
+        kv_width = (model.head_count_kv or model.head_count or 0) * (model.key_length or (
+            embedding // model.head_count if model.head_count else 0))
+        attention = (4 + SCORE_COPY) * batch * (model.head_count or 0) * ctx
+        attention += 4 * batch * ATTENTION_ACTIVATIONS * embedding
+        compute = max(compute, attention + 4 * ctx * kv_width)
     if gguf:
         gpu_runtime, process = (GPU_RUNTIME, PROCESS_RAM + GPU_HOST_RAM) if offloaded else (0, PROCESS_RAM)
     else:
