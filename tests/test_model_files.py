@@ -432,6 +432,10 @@ def test_a_safetensors_folder_is_read_through_its_index_and_config(tmp_path: Pat
     assert long.gpu_weights == total
     cpu = file_need(model, context=4096)
     assert cpu.gpu == 0 and cpu.ram >= total + short.kv_cache
+    # device_map fills the GPU in the model's order: the embeddings and the first blocks.
+    first = file_need(model, context=4096, gpu_layers=4)
+    assert first.gpu_weights == model.input_weights + sum(model.layer_weights[:4])
+    assert first.gpu_kv_cache == short.kv_cache // 32 * 4
 
 
 def test_a_safetensors_file_written_by_the_reference_library_is_read(tmp_path: Path) -> None:

@@ -5,7 +5,8 @@ The arithmetic follows llama.cpp (src/llama-model.cpp, llama-context.cpp, llama-
 * -ngl N offloads the last N of the block_count + 1 "layers": the repeating blocks, then the output layer (so -ngl 1
   offloads the output layer alone, and -ngl >= block_count + 1 everything offloadable). The input layer (token
   embeddings) always stays on the CPU. A model without output.weight reuses token_embd as its output, and llama.cpp
-  copies it to the output layer's device.
+  copies it to the output layer's device. (For safetensors, transformers' device_map fills the GPU in the model's
+  order: gpu_layers counts the embeddings with the first block, then the blocks, the output layer last.)
 * The KV cache of a layer lives where the layer lives (unless --no-kv-offload): per layer and token, K holds
   key_length x head_count_kv elements and V value_length x head_count_kv (key_length defaults to
   embedding_length / head_count), in the cache type (-ctk/-ctv, f16 by default). The context is padded up to a
@@ -129,14 +130,18 @@ def file_need(model: ModelFile, *, context: int | None = None, gpu_layers: int |
     slots = blocks + 1  # the blocks, then the output layer
     offloaded = DEFAULT_GPU_LAYERS if gpu_layers is None else gpu_layers
     offloaded = slots if offloaded < 0 else min(offloaded, slots)
-    output_on_gpu = offloaded >= 1
+    # llama.cpp offloads the output layer first, then blocks from the last; transformers' device_map fills the GPU
+    # in the model's order: embeddings, blocks from the first, the output layer last.
+    output_on_gpu = offloaded >= 1 if gguf else offloaded == slots
+    on_gpu_blocks = min(blocks, max(0, offloaded - 1)) if gguf else min(blocks, offloaded)
+    gpu_blocks = range(blocks - on_gpu_blocks, blocks) if gguf else range(on_gpu_blocks)
     if layers:
-        on_gpu_blocks = max(0, offloaded - 1)  # the last ones
-        moved = sum(layers[blocks - on_gpu_blocks:]) + (model.output_weights if output_on_gpu else 0)
-        if not gguf and offloaded:  # transformers moves the whole model, embeddings included
+        moved = sum(layers[i] for i in gpu_blocks) + (model.output_weights if output_on_gpu else 0)
+        if not gguf and offloaded:
             moved += model.input_weights
     else:  # no block structure known: all or nothing
         on_gpu_blocks = blocks if offloaded else 0
+        gpu_blocks = range(on_gpu_blocks)
         moved = model.weights if offloaded else 0
     # A GGUF without output.weight: token_embd stays in RAM as the input and is copied to the GPU as the output.
     copied = model.input_weights if gguf and model.tied_output and output_on_gpu else 0
@@ -166,7 +171,7 @@ def file_need(model: ModelFile, *, context: int | None = None, gpu_layers: int |
         ctx = -(-ctx // CONTEXT_PAD) * CONTEXT_PAD
     kv_layers = _kv(model, ctx, cache_type, cache_type_v or cache_type, notes)
     kv_cache = sum(kv_layers)
-    gpu_kv = sum(kv_layers[len(kv_layers) - min(on_gpu_blocks, len(kv_layers)):]) if kv_offload else 0
+    gpu_kv = sum(kv_layers[i] for i in gpu_blocks if i < len(kv_layers)) if kv_offload else 0
 
     # Overhead.
     vocab = model.vocab_size or 0
