@@ -439,8 +439,9 @@ def test_a_safetensors_folder_is_read_through_its_index_and_config(tmp_path: Pat
 
 
 def test_a_safetensors_file_written_by_the_reference_library_is_read(tmp_path: Path) -> None:
-    numpy = pytest.importorskip("numpy")
-    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    import numpy
+    import safetensors.numpy as safetensors_numpy  # a test extra, as gguf (which brings numpy)
+
     arrays = {"a": numpy.zeros((3, 5), dtype=numpy.float16), "b": numpy.zeros((7,), dtype=numpy.int64),
               "model.layers.0.w": numpy.zeros((4, 4), dtype=numpy.float32)}
     safetensors_numpy.save_file(arrays, str(tmp_path / "ref.safetensors"))
