@@ -140,15 +140,19 @@ def test_defaults_context_cache_types_and_flash_attention(llama: tuple[Path, int
         f16 // 4 * 34 // 32 + f16 // 4 * 18 // 32)
     unknown = file_need(model, context=4096, cache_type="f13\x1b")
     assert unknown.kv_cache == f16 and any("f13\\x1b" in line and "f16 assumed" in line for line in unknown.notes)
-    # Without flash attention the compute buffer holds the attention scores: heads x context x batch x 4 bytes.
+    # The compute buffer: the logits (vocab x batch, f32; this file's tokenizer has 1000 tokens), or, without flash
+    # attention and where they are larger, the attention scores (heads x context x batch, f32).
     fa, no_fa = file_need(model, context=4096, gpu_layers=99), file_need(
         model, context=4096, gpu_layers=99, flash_attention=False)
-    assert no_fa.gpu - fa.gpu == 32 * 4096 * 512 * 4
+    logits = 4 * 512 * (1000 + 2 * 4096)
+    scores = (4 + 2) * 512 * 32 * 4096 + 4 * 512 * 6 * 4096 + 4 * 4096 * 8 * 128  # the scores in f32, then f16
+    assert no_fa.gpu - fa.gpu == scores - logits and no_fa.ram == fa.ram
+    assert file_need(model, context=16384).overhead == file_need(model, context=4096).overhead  # flash attention
 
 
-def test_per_layer_head_counts_and_sliding_windows_are_bounds_said_so(tmp_path: Path) -> None:
+def test_per_layer_head_counts_are_summed_and_sliding_windows_are_bounds(tmp_path: Path) -> None:
     def more(writer: gguf.GGUFWriter) -> None:
-        writer.add_head_count_kv([2, 4, 4, 2])  # overwrites the scalar with a per-layer array
+        writer.add_head_count_kv([2, 4, 4, 2])  # overwrites the scalar with a per-layer array, as OpenELM's
         writer.add_sliding_window(1024)
         writer.add_key_length(256)
         writer.add_value_length(256)
@@ -157,9 +161,11 @@ def test_per_layer_head_counts_and_sliding_windows_are_bounds_said_so(tmp_path: 
                                vocab=32000, more=more)
     model = _model(written.paths[0])
     assert (model.head_count_kv, model.key_length, model.sliding_window) == (4, 256, 1024)
+    assert model.head_count_kv_per_layer == (2, 4, 4, 2)
     need = file_need(model, context=4096)
-    assert need.kv_cache == 4 * 4096 * 4 * (256 + 256) * 2
-    assert any("differs per layer" in line for line in need.notes)
+    assert need.kv_cache == (2 + 4 + 4 + 2) * 4096 * (256 + 256) * 2
+    assert file_need(model, context=4096, gpu_layers=2).gpu_kv_cache == 2 * 4096 * (256 + 256) * 2
+    assert any("2-4 KV heads (per layer, 12 in all)" in line for line in need.notes)
     assert any("1024 tokens only" in line for line in need.notes)
     assert not any("tokens only" in line for line in file_need(model, context=1024).notes)
 
@@ -426,11 +432,16 @@ def test_a_safetensors_folder_is_read_through_its_index_and_config(tmp_path: Pat
     assert long.gpu_weights == total
     cpu = file_need(model, context=4096)
     assert cpu.gpu == 0 and cpu.ram >= total + short.kv_cache
+    # device_map fills the GPU in the model's order: the embeddings and the first blocks.
+    first = file_need(model, context=4096, gpu_layers=4)
+    assert first.gpu_weights == model.input_weights + sum(model.layer_weights[:4])
+    assert first.gpu_kv_cache == short.kv_cache // 32 * 4
 
 
 def test_a_safetensors_file_written_by_the_reference_library_is_read(tmp_path: Path) -> None:
-    numpy = pytest.importorskip("numpy")
-    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    import numpy
+    import safetensors.numpy as safetensors_numpy  # a test extra, as gguf (which brings numpy)
+
     arrays = {"a": numpy.zeros((3, 5), dtype=numpy.float16), "b": numpy.zeros((7,), dtype=numpy.int64),
               "model.layers.0.w": numpy.zeros((4, 4), dtype=numpy.float32)}
     safetensors_numpy.save_file(arrays, str(tmp_path / "ref.safetensors"))
@@ -522,9 +533,10 @@ def test_mutated_safetensors_headers_give_a_model_or_a_note(tmp_path: Path, data
     context_length=st.none() | st.integers(0, 1 << 24), vocab_size=st.none() | st.integers(0, 1 << 20),
     layer_weights=st.lists(st.integers(0, 1 << 40), max_size=8).map(tuple), tied_output=st.booleans()),
     context=st.none() | st.integers(-5, 1 << 24), layers=st.none() | st.integers(-5, 200),
-    cache=st.sampled_from(["f16", "q8_0", "nope", "F32"]))
-def test_the_arithmetic_never_raises(model: ModelFile, context: int | None, layers: int | None, cache: str) -> None:
-    need = file_need(model, context=context, gpu_layers=layers, cache_type=cache)
+    cache=st.sampled_from(["f16", "q8_0", "nope", "F32"]), ubatch=st.integers(-5, 1 << 16))
+def test_the_arithmetic_never_raises(model: ModelFile, context: int | None, layers: int | None, cache: str,
+                                     ubatch: int) -> None:
+    need = file_need(model, context=context, gpu_layers=layers, cache_type=cache, ubatch=ubatch)
     assert need.ram >= 0 and need.gpu >= 0 and need.kv_cache >= 0
     assert need.gpu_weights + need.gpu_kv_cache + need.gpu_overhead == need.gpu
 

@@ -133,15 +133,16 @@ def _model(first: _Part, paths: tuple[str, ...], tensors: dict[str, int]) -> Mod
     values = first.values
     arch = values.get("general.architecture")
     arch = arch if isinstance(arch, str) else None
-    notes: list[str] = []
 
     def number(suffix: str) -> int | None:
         value = values.get(f"{arch}.{suffix}") if arch else None
-        if isinstance(value, tuple):  # per layer (e.g. OpenELM's head counts): the largest, a bound
-            if value:
-                notes.append(f"{suffix} differs per layer: the largest ({max(value)}) used")
-            return max(value) if value else None
+        if isinstance(value, tuple):  # per layer (OpenELM's head counts; 0 for a hybrid's recurrent layers)
+            return max(value) if value and min(value) >= 0 and max(value) > 0 else None
         return value if isinstance(value, int) and 0 < value <= INT64_MAX else None
+
+    def per_layer(suffix: str) -> tuple[int, ...]:
+        value = values.get(f"{arch}.{suffix}") if arch else None
+        return value if isinstance(value, tuple) and len(value) == blocks and number(suffix) else ()
 
     blocks = number("block_count")
     if blocks is not None and blocks > MAX_LAYER_ARRAY:
@@ -165,7 +166,8 @@ def _model(first: _Part, paths: tuple[str, ...], tensors: dict[str, int]) -> Mod
         value_length=number("attention.value_length"), context_length=number("context_length"), vocab_size=vocab,
         layer_weights=tuple(layers), input_weights=input_weights, output_weights=output_weights,
         tied_output="output.weight" not in tensors and "token_embd.weight" in tensors,
-        sliding_window=number("attention.sliding_window"), notes=tuple(notes))
+        sliding_window=number("attention.sliding_window"), head_count_kv_per_layer=per_layer(
+            "attention.head_count_kv"))
 
 
 def _int(part: _Part, key: str, default: int) -> int:

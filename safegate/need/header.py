@@ -46,7 +46,7 @@ class ModelFile(msgspec.Struct, frozen=True):
     block_count: int | None = None
     embedding_length: int | None = None
     head_count: int | None = None
-    head_count_kv: int | None = None
+    head_count_kv: int | None = None  # the largest, where the file gives one per layer
     key_length: int | None = None  # per head, where the file says it (else embedding_length / head_count)
     value_length: int | None = None
     context_length: int | None = None  # the context the model was trained with
@@ -58,6 +58,8 @@ class ModelFile(msgspec.Struct, frozen=True):
     tied_output: bool = False
     # Some layers attend to a window of this many tokens only (Gemma 2 and 3, Mistral's SWA): their cache is smaller.
     sliding_window: int | None = None
+    # KV heads of each block where they differ (0: a recurrent layer of a hybrid model, without a KV cache).
+    head_count_kv_per_layer: tuple[int, ...] = ()
     # The bytes of one element of the KV cache where the file decides it (safetensors: config.json's dtype).
     cache_element_bytes: float | None = None
     notes: tuple[str, ...] = ()  # what the reader assumed or left out (e.g. no config.json beside it)
