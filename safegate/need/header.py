@@ -3,7 +3,7 @@
 A model file named on a command line is another user's file as much as the user's own: it may be truncated, a FIFO,
 a device, or written to make a reader hang or allocate. Every read here is of a regular file opened without
 blocking, through a cursor that never reads past the file's end and never allocates more than it was asked for;
-a problem is raised as `Unusable` with a one-line reason, which the readers turn into the note they return.
+a problem is raised as `BadModelFile` with a one-line reason, which the readers turn into the note they return.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import BinaryIO
 
 import msgspec
 
+from safegate.errors import BadModelFile
 from safegate.units import printable
 
 # The buffer the cursor reads through: small reads (a key, a length) cost no system call each.
@@ -24,10 +25,6 @@ BUFFER = 1 << 20
 NAME_IN_NOTE = 120
 _U64 = struct.Struct("<Q")
 _BLOCK = re.compile(r"^blk\.(\d+)\.")
-
-
-class Unusable(Exception):
-    """The file gives no prediction; str(exc) is the one-line reason."""
 
 
 class ModelFile(msgspec.Struct, frozen=True):
@@ -77,10 +74,10 @@ def open_regular(path: str) -> BinaryIO:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
-        raise Unusable(f"{quoted(path)}: cannot open ({exc.strerror or exc})") from None
+        raise BadModelFile(f"{quoted(path)}: cannot open ({exc.strerror or exc})") from None
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise Unusable(f"{quoted(path)}: not a regular file")
+            raise BadModelFile(f"{quoted(path)}: not a regular file")
         return os.fdopen(fd, "rb", buffering=BUFFER)
     except BaseException:
         os.close(fd)
@@ -97,13 +94,13 @@ class Cursor:
         self.size = os.fstat(fh.fileno()).st_size
         self.pos = 0
 
-    def truncated(self, what: str) -> Unusable:
-        return Unusable(f"{quoted(self.path)}: truncated ({what} runs past the end of its {self.size} bytes)")
+    def truncated(self, what: str) -> BadModelFile:
+        return BadModelFile(f"{quoted(self.path)}: truncated ({what} runs past the end of its {self.size} bytes)")
 
     def read(self, n: int, what: str, limit: int = 1 << 16) -> bytes:
         """*n* bytes, where the caller bounds n by *limit*: a length inside a 20 GB file may be 2**33."""
         if n > limit:
-            raise Unusable(f"{quoted(self.path)}: {what} of {n} bytes (at most {limit} accepted)")
+            raise BadModelFile(f"{quoted(self.path)}: {what} of {n} bytes (at most {limit} accepted)")
         if n < 0 or self.pos + n > self.size:
             raise self.truncated(what)
         data = self.fh.read(n)

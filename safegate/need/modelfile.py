@@ -22,8 +22,9 @@ import os
 
 import msgspec
 
+from safegate.errors import BadModelFile
 from safegate.need.gguf import TYPE_BY_NAME, read_gguf
-from safegate.need.header import ModelFile, Unusable, open_regular, quoted
+from safegate.need.header import ModelFile, open_regular, quoted
 from safegate.need.safetensors import read_safetensors
 from safegate.units import format_bytes
 
@@ -97,7 +98,7 @@ def read_model(path: str) -> ModelFile | str:
             return read_safetensors(path)
         with open_regular(path) as fh:
             start = fh.read(9)
-    except Unusable as exc:
+    except BadModelFile as exc:
         return str(exc)
     except OSError as exc:
         return f"{quoted(path)}: unreadable ({exc.strerror or exc})"
