@@ -401,3 +401,26 @@ def test_a_safetensors_folder_goes_to_the_gpu_when_there_is_one(run: Run, tmp_pa
     assert _bytes(no_gpu, "gpu_memory") == 0 and _bytes(no_gpu, "memory") > weights
     told = need(run, *command, "--device", "cpu", env=gpu_env(20))
     assert _bytes(told, "gpu_memory") == 0 and _bytes(told, "memory") == _bytes(no_gpu, "memory")
+
+
+def test_the_api_takes_the_command_as_check_and_slots_do(tmp_path: Path, config: Path, lock_dir: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """safegate.check(command=[...]) and slots(command=[...]) judge the need exec would predict for it."""
+    import safegate
+
+    monkeypatch.setenv("SAFEGATE_LOCK_DIR", str(lock_dir))
+    monkeypatch.setenv("SAFEGATE_CONFIG", str(config))
+    monkeypatch.setenv("SAFEGATE_GPU", "none")
+    huge = tmp_path / "huge.gguf"  # 9 TiB of weights in its header, larger than any machine's RAM; sparse on disk
+    write_llama_gguf(huge, blocks=64, embedding=131072, ff=524288, context=4096)
+    small = tmp_path / "small.gguf"
+    write_llama_gguf(small, blocks=1, embedding=256, heads=4, kv_heads=2, ff=512, vocab=1000, context=512)
+    verdict = safegate.check(command=["llama-cli", "-m", str(huge), "-ngl", "0"], reserve=False)
+    assert verdict.exit_code is ExitCode.MEMORY
+    memory = verdict.result("memory")
+    assert memory is not None and memory.values is not None and memory.values["need"] > 8 * 1024 * GiB
+    assert safegate.slots(command=["llama-cli", "-m", str(huge)]) == 0
+    assert safegate.check(command=["llama-cli", "-m", str(small), "-ngl", "0"], reserve=False).ok
+    assert safegate.slots(command=["llama-cli", "-m", str(small)]) == 1
+    with pytest.raises(TypeError, match="not one string"):
+        safegate.check(command="llama-cli -m x.gguf")  # type: ignore[arg-type]
