@@ -424,3 +424,23 @@ def test_the_api_takes_the_command_as_check_and_slots_do(tmp_path: Path, config:
     assert safegate.slots(command=["llama-cli", "-m", str(small)]) == 1
     with pytest.raises(TypeError, match="not one string"):
         safegate.check(command="llama-cli -m x.gguf")  # type: ignore[arg-type]
+
+
+def test_flash_attention_as_each_program_runs_it(run: Run, llama: Path, tmp_path: Path) -> None:
+    """llama-cpp-python runs without flash attention by default, llama.cpp's programs with it (-fa auto): without
+    it, the attention scores of a filled context are in the compute buffer (bench/bench_need_gguf.py measured the
+    prediction 29% under a filled 8K context before this was modelled)."""
+    from safegate.need.modelfile import file_need, read_model
+
+    model = read_model(str(llama))
+    assert not isinstance(model, str)
+    ram = {fa: file_need(model, context=8192, gpu_layers=0, flash_attention=fa).ram for fa in (True, False)}
+    assert ram[False] > ram[True]
+    script = need(run, "python3", str(tmp_path / "chat.py"), "--model", str(llama), "--n_ctx", "8192")
+    assert _bytes(script, "memory") == ram[False]
+    assert _bytes(need(run, "python3", str(tmp_path / "chat.py"), "--model", str(llama), "--n_ctx", "8192",
+                       "--flash-attn"), "memory") == ram[True]  # a bare flag at the end: on
+    server = ["llama-server", "-m", str(llama), "-c", "8192", "-ngl", "0"]
+    assert _bytes(need(run, *server), "memory") == ram[True]
+    assert _bytes(need(run, *server, "-fa", "off"), "memory") == ram[False]
+    assert _bytes(need(run, *server[:1], "-fa", *server[1:]), "memory") == ram[True]  # the older bare -fa

@@ -231,14 +231,15 @@ def _options(args: list[str], family: Family) -> dict[str, str]:
     """The values of the options *family* reads (`-c 8192`, `--ctx-size=8192`), each under the family's first
     spelling of it (-c for --ctx-size); the last one given wins, as in llama.cpp and argparse."""
     spelling = {name: group[0] for group in (family.model_options, family.device_options, family.compute_options,
-                                            family.context_options, family.gpu_layers_options, family.cache_options)
+                                            family.context_options, family.gpu_layers_options, family.cache_options,
+                                            family.flash_attention_options)
                 for name in group}
     found: dict[str, str] = {}
     for i, arg in enumerate(args):
         if arg == "--":
             break
-        if arg in spelling and i + 1 < len(args):
-            found[spelling[arg]] = args[i + 1]
+        if arg in spelling:
+            found[spelling[arg]] = args[i + 1] if i + 1 < len(args) else ""  # "": a flag at the end (-fa)
         elif arg.startswith("--") and "=" in arg:
             name, _, value = arg.partition("=")
             if name in spelling:

@@ -43,9 +43,13 @@ class Family(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     context_options: tuple[str, ...] = ()
     gpu_layers_options: tuple[str, ...] = ()
     cache_options: tuple[str, ...] = ()
+    flash_attention_options: tuple[str, ...] = ()  # on/off/auto, 1/0, true/false, or a bare flag (on)
     default_model: str | None = None
     default_context: str | None = None  # a number, or "trained": the model's own context length
     default_gpu_layers: str | None = None  # a number, "auto" (all with a GPU, else none) or "all"
+    # Without flash attention llama.cpp keeps each layer's attention scores (and their f16 copy) in its compute
+    # buffer: hundreds of MiB at a filled 8K context (bench/bench_need_gguf.py measured +29% without it modelled).
+    default_flash_attention: bool = True
     engine: str | None = None  # "pytorch" (openai-whisper) or "ctranslate2"
     ram_bytes_per_param: int = 0
     ram_overhead: str = "0"

@@ -133,6 +133,15 @@ def _number(text: str | None, low: int, high: int) -> int | None:
     return value if low <= value <= high else None
 
 
+def _flash_attention(inv: Invocation, family: Family) -> bool:
+    """Whether the program runs with flash attention: its option (on/off/auto, 1/0, true/false; a bare flag is
+    on; llama.cpp's auto is on, as on every CPU and recent GPU backend), else its default."""
+    given = inv.options.get(family.flash_attention_options[0]) if family.flash_attention_options else None
+    if given is None:
+        return family.default_flash_attention
+    return given.strip().lower() not in ("off", "0", "false", "no", "disabled")
+
+
 def _model_file(inv: Invocation, family: Family, known: Knowledge,
                 gpu_present: Callable[[], bool]) -> tuple[Prediction | None, list[str], str | None]:
     from safegate.need.modelfile import file_need, read_model
@@ -168,7 +177,8 @@ def _model_file(inv: Invocation, family: Family, known: Knowledge,
     model = read_model(inv.model)
     if isinstance(model, str):
         return None, [*notes, f"{model}; no prediction"], None
-    need = file_need(model, context=context, gpu_layers=layers, cache_type=cache)
+    need = file_need(model, context=context, gpu_layers=layers, cache_type=cache,
+                     flash_attention=_flash_attention(inv, family))
     signature = _signature(inv, family, ctx=need.context or None, ngl=need.gpu_layers,
                            cache=cache if cache != "f16" else None)
     where = os.path.basename(inv.model.rstrip("/"))
