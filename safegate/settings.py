@@ -40,6 +40,8 @@ from safegate.units import (
 
 GATE = frozenset({"check", "exec", "slots"})  # the commands that evaluate the gate
 EXEC = frozenset({"exec"})
+# The settings that are a job's need (and its lock): `need` takes them too, to show what they decide.
+NEED = GATE | {"need"}
 
 # exec samples at least this often, and never more often than INTERVAL_MIN.
 INTERVAL_MIN, INTERVAL_MAX = 0.001, 1.0

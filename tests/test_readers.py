@@ -28,6 +28,9 @@ JSON = st.recursive(SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=4)
                                                      st.dictionaries(st.text(max_size=12), inner, max_size=5)),
                     max_leaves=20)
 RUN = {"time": 1.7e9, "peak_memory": 1, "peak_gpu_memory": None, "duration": 1.0, "reason": "exited", "exit_code": 0}
+# A run as exec records it since issue 27: with its command's signature and what was predicted for it.
+SIGNED_RUN = {**RUN, "signature": "program=whisper model=tiny device=cpu", "predicted_memory": 1,
+              "predicted_gpu_memory": 0}
 
 
 def _contents(template: dict[str, object]) -> st.SearchStrategy[bytes]:
@@ -94,7 +97,7 @@ def test_holder_records(tmp_path: Path, content: bytes) -> None:
 
 
 @FAST
-@given(run=_contents(RUN), profile=st.text(max_size=20))
+@given(run=st.one_of(_contents(RUN), _contents(SIGNED_RUN)), profile=st.text(max_size=20))
 def test_history(tmp_path: Path, run: bytes, profile: str) -> None:
     path = tmp_path / "history.json"
     path.write_bytes(b'{' + json.dumps(profile).encode() + b': [' + run + b']}')
@@ -103,9 +106,23 @@ def test_history(tmp_path: Path, run: bytes, profile: str) -> None:
     for recorded in runs.values():
         for r in recorded:
             assert 0 <= r.peak_memory <= schema.SIZE_MAX and 0 <= r.time < 1e11 and r.duration == r.duration
-    # Learning from it never fails either.
+            assert r.signature is None or len(r.signature) <= schema.TEXT_MAX
+            assert all(n is None or 0 <= n <= schema.SIZE_MAX for n in (r.predicted_memory, r.predicted_gpu_memory))
+    # Learning from it never fails either, per profile or per command signature.
     for recorded in runs.values():
         history.learned_need(recorded)
+        history.learned_gpu_need(recorded)
+    history.of_signature(runs, SIGNED_RUN["signature"])
+
+
+def test_history_without_signatures_still_loads(tmp_path: Path) -> None:
+    """A file written before runs carried a signature: every run loads, signed and unsigned side by side."""
+    path = tmp_path / "history.json"
+    path.write_text(json.dumps({"default": [RUN, RUN, SIGNED_RUN]}))
+    runs, note = history.read(path)
+    assert note == "" and len(runs["default"]) == 3
+    assert [r.signature for r in runs["default"]] == [None, None, SIGNED_RUN["signature"]]
+    assert len(history.of_signature(runs, str(SIGNED_RUN["signature"]))) == 1
 
 
 @FAST

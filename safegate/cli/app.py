@@ -13,6 +13,7 @@ from safegate import __version__
 from safegate.cli.options import (
     REPORT_DEFAULT,
     ConfigOpt,
+    JobOpt,
     JsonOpt,
     PlainUsage,
     ProfileOpt,
@@ -80,9 +81,11 @@ def _root(version: Annotated[bool, typer.Option("--version", callback=_version, 
     """Gate heavy ML jobs on memory, temperature, locks and competing processes."""
 
 
-@app.command(cls=SettingsCommand, epilog=units_epilog("check") + EXIT_CODES_EPILOG)
+@app.command(cls=SettingsCommand, epilog=units_epilog("check") + EXIT_CODES_EPILOG,
+             context_settings={"allow_interspersed_args": False})
 @with_settings("check")
 def check(
+    command: JobOpt = None,
     profile: ProfileOpt = None,
     wait: WaitOpt = False,
     timeout: TimeoutOpt = None,
@@ -101,15 +104,18 @@ def check(
     """Is it safe to start this job now? Answer with the exit code.
 
     Runs five checks: memory margin (and memory pressure), temperature, the profile's lock,
-    competing processes, and stale lock cleanup (and GPU memory where there are GPUs).
+    competing processes, and stale lock cleanup (and GPU memory where there are GPUs). With
+    -- CMD, the profile and the need are the job's, as exec decides them (see safegate need).
 
     \b
     Examples:
       safegate check -p whisper-large-v3 -q && whisper --model large-v3 talk.mp3
       safegate check --mem 6G --margin 10% --wait --timeout 30m --json
+      safegate check -q -- llama-server -m model.gguf -c 8192 -ngl 99
     """
     raise typer.Exit(check_command(profile=profile, wait=wait, timeout=timeout, json_output=json_output, quiet=quiet,
-                                   config=config, no_grant=no_grant, grant_to=grant_to, given=_given(given)))
+                                   config=config, no_grant=no_grant, grant_to=grant_to, given=_given(given),
+                                   command=command or ()))
 
 
 @app.command("exec", cls=SettingsCommand, short_help="Run a job under the gate, and watch it.",
@@ -161,9 +167,10 @@ def exec_(
 
 @app.command(cls=SettingsCommand, short_help="Print how many jobs of this size can start now.",
              epilog=units_epilog("slots") + "Example: n=$(safegate slots -p small-model --max 8) && "
-             "xargs -P \"$n\" -n 1 small-model < list")
+             "xargs -P \"$n\" -n 1 small-model < list", context_settings={"allow_interspersed_args": False})
 @with_settings("slots")
 def slots(
+    command: JobOpt = None,
     profile: ProfileOpt = None,
     max_slots: Annotated[int | None, typer.Option("--max", min=1, metavar="N", help="Never print more than N.")] = None,
     config: ConfigOpt = None,
@@ -172,11 +179,12 @@ def slots(
     """Print how many jobs of this size can start now: floor((available - reserved - margin) / need).
 
     At most 1 for a profile with a lock (a mutex). When none can start it prints 0 and exits with the code of
-    what blocks (10-14), never 0: to xargs -P and parallel -j, 0 means no limit.
+    what blocks (10-14), never 0: to xargs -P and parallel -j, 0 means no limit. With -- CMD, the profile and
+    the need are that job's, as exec decides them.
     """
     from safegate.commands.check import slots as count_slots
 
-    found = count_slots(config, profile, parse_overrides(given, command="slots"), max_slots)
+    found = count_slots(config, profile, parse_overrides(given, command="slots"), max_slots, command or ())
     echo(str(found.count))
     # 0 is an answer a script acts on (starts nothing); why, for the person reading the log, as check -q says it.
     for failure in found.failures:
@@ -185,6 +193,30 @@ def slots(
         echo(f"safegate: {found.shortfall}", err=True)
     if found.exit_code:
         raise typer.Exit(int(found.exit_code))
+
+
+@app.command(cls=SettingsCommand, short_help="Print what a command will need, and where each figure comes from.",
+             epilog="Example: safegate need --json -- llama-server -m model.gguf -c 8192 -ngl 99",
+             context_settings={"allow_interspersed_args": False})
+@with_settings("need")
+def need(
+    command: JobOpt = None,
+    profile: ProfileOpt = None,
+    json_output: JsonOpt = False,
+    config: ConfigOpt = None,
+    **given: str | None,
+) -> None:
+    """Print what a command will need (RAM and GPU memory) and its lock, decided exactly as exec, check -- CMD
+    and slots -- CMD decide them, and where each figure comes from: an option, the profile, recorded runs of
+    the same command, the built-in table or the model file's header. The command is not run.
+
+    Exit 0 with the figures (0 and a note where nothing predicts them, e.g. an unreadable model file).
+    """
+    from safegate.cli.render import need_text
+    from safegate.commands.need import need as decide
+
+    found = decide(config, profile, parse_overrides(given, command="need"), command or [])
+    echo(json.dumps(found, indent=2) if json_output else need_text(found))
 
 
 @app.command(epilog="Example: safegate locks --json")

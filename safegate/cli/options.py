@@ -217,7 +217,8 @@ def _parameter(setting: Setting) -> inspect.Parameter:
 ProfileOpt = Annotated[
     str | None,
     typer.Option("--profile", "-p", envvar="SAFEGATE_PROFILE", metavar="PROFILE", autocompletion=complete_profiles,
-                 help="Profile to use (default: default; exec: the profile whose match fits the command)."),
+                 help="Profile to use (default: default; exec, and a command after --: the profile whose match fits "
+                 "the command)."),
 ]
 WaitOpt = Annotated[bool, typer.Option("--wait", help="Re-check until every check passes.")]
 TimeoutOpt = Annotated[
@@ -230,6 +231,9 @@ ConfigOpt = Annotated[
                  "/etc/safegate/config.toml)."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+JobOpt = Annotated[list[str] | None, typer.Argument(
+    metavar="[-- CMD [ARGS]...]", show_default=False,
+    help="The job, after --: its profile and need are decided as exec decides them; it is not run.")]
 
 
 def event_printer(quiet: bool, shown: Any) -> Callable[[Any], None]:

@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 from safegate.errors import SafegateError, UsageError, ValueParseError
 from safegate.exitcodes import ExitCode
@@ -51,9 +51,11 @@ def parsed(option: str, parse: object, value: str | None) -> object:
 
 def check_command(*, profile: str | None = None, wait: bool = False, timeout: str | None = None,
                   json_output: bool = False, quiet: bool = False, config: str | None = None, no_grant: bool = False,
-                  grant_to: str | None = None, given: Mapping[str, str] | None = None) -> int:
-    """`safegate check`, parsed (*given*: its setting options by Python name, as typed): evaluate (or wait),
-    render, and the exit code. Both the plain path and the typer command call it."""
+                  grant_to: str | None = None, given: Mapping[str, str] | None = None,
+                  command: Sequence[str] = ()) -> int:
+    """`safegate check`, parsed (*given*: its setting options by Python name, as typed; *command*: the job after
+    `--`, not run): evaluate (or wait), render, and the exit code. Both the plain path and the typer command call
+    it."""
     from safegate.cli.render import check_line, verdict_json, verdict_text
     from safegate.commands.check import check as run_check
     from safegate.config.model import parse_overrides
@@ -62,7 +64,7 @@ def check_command(*, profile: str | None = None, wait: bool = False, timeout: st
     shown = progress(quiet or json_output)
     wait_for = wait_timeout(wait, timeout)
     verdict, note = run_check(config, profile, overrides, wait=wait, timeout=wait_for, on_blocked=shown,
-                              grant=not no_grant, grant_to=grant_pid(grant_to))
+                              grant=not no_grant, grant_to=grant_pid(grant_to), command=command)
     shown.finish(verdict, wait_for if wait else None)
     if note and verdict.ok and not quiet:
         echo(f"safegate: {note}", err=True)

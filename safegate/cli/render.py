@@ -205,6 +205,16 @@ def profile_line(p: dict[str, Any]) -> str:
     seen = (f"{rec['runs']} runs, p95 peak {format_bytes(p95)}" if p95 is not None
             else f"{rec['runs']} runs, no whole run" if rec["runs"] else "no runs recorded")
     notes = []
+    for sig in p.get("signatures", []):
+        if sig["memory_off"] is not None or sig["gpu_memory_off"] is not None:
+            off = max(x for x in (sig["memory_off"], sig["gpu_memory_off"]) if x is not None)
+            notes.append(f"{printable(sig['signature'])}: predicted {format_bytes(sig['predicted_memory'] or 0)} RAM, "
+                         f"{format_bytes(sig['predicted_gpu_memory'] or 0)} GPU memory; learned "
+                         f"{format_bytes(sig['learned_memory'] or 0)}, {format_bytes(sig['learned_gpu_memory'] or 0)}"
+                         f" ({off:.0%} off: correct the table or set memory in a profile)")
+        elif sig["learned_memory"] is not None:
+            notes.append(f"{printable(sig['signature'])}: predicted {format_bytes(sig['predicted_memory'] or 0)}, "
+                         f"learned {format_bytes(sig['learned_memory'])} RAM")
     if rec.get("stopped_at_cap"):
         notes.append(f"{rec['stopped_at_cap']} stopped at a cap (left out of the p95: they needed more)")
     if rec.get("exceeds_need"):
@@ -249,7 +259,66 @@ def profile_json(p: Profile, runs: list[Run] | None = None) -> dict[str, Any]:
             "stopped_at_cap": len(stopped),
             "peak_memory_any": used or None,
             "exceeds_need": declared is not None and used > declared,
-        }, "memory_margin": str(p.memory_margin), "max_temp": p.max_temp,
+        }, "signatures": signatures_json(runs), "memory_margin": str(p.memory_margin), "max_temp": p.max_temp,
         "gpu_memory": str(p.gpu_memory), "max_mem": str(p.max_mem) if p.max_mem else None,
         "competing": [rule_json(r) for r in p.competing],
     }
+
+
+def need_text(n: dict[str, Any]) -> str:
+    """`safegate need`, from its JSON form: the two figures and where each comes from, then the prediction and
+    what recorded runs used."""
+    tool = f"{n['tool']} (program {printable(n['program'])})" if n["tool"] else "no tool safegate knows"
+    lines = [f"profile     {printable(n['profile'])}", f"tool        {tool}"]
+    if n["signature"]:
+        lines.append(f"signature   {printable(n['signature'])}")
+    for label, key in (("RAM", "memory"), ("GPU memory", "gpu_memory")):
+        f = n[key]
+        lines.append(f"{label:<11} {format_bytes(f['bytes']):<10} from {f['source']}: {printable(f['detail'])}")
+    lock = n["lock"]
+    lines.append(f"lock        {printable(lock['name'] or '(none)')} ({printable(lock['source'])})")
+    p = n["predicted"]
+    lines.append("predicted   " + ("nothing" if p is None else f"RAM {format_bytes(p['memory'])}, GPU memory "
+                                   f"{format_bytes(p['gpu_memory'])} ({p['source']}; {', '.join(p['cites'])})"))
+    from safegate.config.history import MIN_RUNS
+
+    r = n["learned"]
+    if r is None:
+        lines.append("learned     no recorded runs of this command")
+    else:
+        got = (f"RAM {format_bytes(r['memory'])}" + (f", GPU memory {format_bytes(r['gpu_memory'])}"
+                                                    if r["gpu_memory"] is not None else "")
+               if r["memory"] is not None else f"not yet (fewer than {MIN_RUNS} whole runs)")
+        lines.append(f"learned     {got} from {r['runs']} recorded run(s)")
+    lines += [f"note: {printable(note)}" for note in n["notes"]]
+    return "\n".join(lines)
+
+
+def signatures_json(runs: list[Run]) -> list[dict[str, Any]]:
+    """Per command signature among a profile's runs: what was predicted for it (at its last run) and what its runs
+    taught (safegate.need.settle's figures), and how far apart they are when that is far."""
+    from safegate.config.history import learned_gpu_need, learned_need, percentile, whole_runs
+    from safegate.need.settle import far_off
+
+    by: dict[str, list[Run]] = {}
+    for r in runs:
+        if r.signature is not None:
+            by.setdefault(r.signature, []).append(r)
+    out = []
+    for signature, rs in by.items():
+        whole = whole_runs(rs)
+        last = rs[-1]
+        peaks = [r.peak_memory for r in whole]
+        gpu_peaks = [r.peak_gpu_memory for r in whole if r.peak_gpu_memory]
+        learned = learned_need(rs)
+        used = percentile(peaks, 95) if peaks and learned is not None else None
+        gpu_used = percentile(gpu_peaks, 95) if gpu_peaks and learned_gpu_need(rs) is not None else None
+        out.append({
+            "signature": printable(signature), "runs": len(rs), "predicted_memory": last.predicted_memory,
+            "predicted_gpu_memory": last.predicted_gpu_memory, "learned_memory": learned,
+            "learned_gpu_memory": learned_gpu_need(rs),
+            "memory_off": None if last.predicted_memory is None else far_off(last.predicted_memory, used),
+            "gpu_memory_off": None if last.predicted_gpu_memory is None else far_off(last.predicted_gpu_memory,
+                                                                                     gpu_used),
+        })
+    return out

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import msgspec
 
 from safegate.config.file import load_config
-from safegate.config.model import DEFAULT_PROFILE, Overrides
+from safegate.config.model import Overrides
 from safegate.exitcodes import ExitCode
 from safegate.gate.admission import grant_check, wait_until_clear
 from safegate.gate.grant import grant_owner
@@ -18,10 +18,11 @@ from safegate.units import format_bytes
 
 def check(config: str | None, profile: str | None, overrides: Overrides, *, wait: bool, timeout: float | None,
           on_blocked: Callable[[Verdict], None] | None = None, grant: bool = True,
-          grant_to: int | None = None) -> tuple[Verdict, str]:
+          grant_to: int | None = None, command: Sequence[str] = ()) -> tuple[Verdict, str]:
     """The verdict, and a note on the grant: what a pass reserved for the caller's next job (safegate.gate.grant), or
-    why nothing was ("" when there is nothing to reserve, or with *grant* False: asking only)."""
-    settings = resolve(load_config(config), DEFAULT_PROFILE if profile is None else profile, overrides)
+    why nothing was ("" when there is nothing to reserve, or with *grant* False: asking only). *command*: the job
+    (not run), whose profile and need are decided as exec decides them."""
+    settings = resolve(load_config(config), profile, overrides, command=command)
     owner, note = grant_owner(grant_to) if grant and reserves(settings) else (None, "")
     if owner is not None:
         return grant_check(settings, owner, wait=wait, timeout=timeout, on_blocked=on_blocked)
@@ -41,13 +42,14 @@ class SlotCount(msgspec.Struct, frozen=True):
     shortfall: str = ""
 
 
-def slots(config: str | None, profile: str | None, overrides: Overrides, cap: int | None) -> SlotCount:
-    """How many jobs can start now, and when none can, the code of what blocks and why.
+def slots(config: str | None, profile: str | None, overrides: Overrides, cap: int | None,
+          command: Sequence[str] = ()) -> SlotCount:
+    """How many jobs can start now, and when none can, the code of what blocks and why. *command*: as check's.
 
     0 with exit 0 would be a lie to its callers: to `xargs -P` and `parallel -j`, 0 means "no limit".
     """
 
-    settings = resolve(load_config(config), DEFAULT_PROFILE if profile is None else profile, overrides)
+    settings = resolve(load_config(config), profile, overrides, command=command)
     verdict = evaluate(settings)
     count = count_slots(settings, verdict, cap)
     if count > 0:

@@ -47,7 +47,7 @@ def execute(
         # execvp("") fails with a bare EACCES or ENOENT; say what is wrong before anything starts.
         raise UsageError("exec: the command name is empty (''); expected a program to run, like: exec -- whisper ...")
     cfg = load_config(config)
-    settings = resolve(cfg, cfg.profile_for_command(list(command)).name if profile is None else profile, overrides)
+    settings = resolve(cfg, profile, overrides, command=command)
     settings = slurm_job_limits(settings, os.environ)
     if settings.profile.log:
         check_log_path(settings.profile.log)

@@ -309,6 +309,9 @@ def _builtin_data() -> dict[str, Any]:
     return tomllib.loads(text)
 
 
+_NEED_KEYS = frozenset({"memory", "gpu_memory"})
+
+
 def build_config(data: Mapping[str, Any], source: str, path: Path | None) -> Config:
     """Validate parsed TOML *data* (from *source*) on top of the built-in profiles."""
     where = _Where(source)
@@ -352,6 +355,7 @@ def build_config(data: Mapping[str, Any], source: str, path: Path | None) -> Con
     for name in [*builtin_tables, *(n for n in user_tables if n not in builtin_tables)]:
         fields: dict[str, Any] = {**initial_values(), **defaults}
         src = "built-in"
+        declared = _NEED_KEYS & set(user_defaults)
         if name in builtin_tables:
             fields.update(_profile_fields(builtin_where, f"profiles.{name}.", builtin_tables[name]))
         if name in user_tables:
@@ -360,7 +364,8 @@ def build_config(data: Mapping[str, Any], source: str, path: Path | None) -> Con
             table = _expect(where, f"profiles.{name}", user_tables[name], dict, "a table")
             fields.update(_profile_fields(where, f"profiles.{name}.", table))
             src = source
-        profile = Profile(name=name, source=src, **fields)
+            declared |= _NEED_KEYS & set(table)
+        profile = Profile(name=name, source=src, declared=frozenset(declared), **fields)
         if profile.resume_temp is not None and profile.resume_temp > profile.max_temp:
             raise where.fail(
                 f"profiles.{name}.resume_temp",

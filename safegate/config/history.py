@@ -40,6 +40,11 @@ class Run(msgspec.Struct, frozen=True):
     duration: schema.Seconds
     reason: schema.Text
     exit_code: schema.ExitStatus
+    # What the command was (safegate.need.command's signature: program, model, context, offload; never its full
+    # arguments) and what was predicted for it then. Absent in files written before they were recorded.
+    signature: schema.Text | None = None
+    predicted_memory: schema.Size | None = None
+    predicted_gpu_memory: schema.Size | None = None
 
     def __post_init__(self) -> None:
         schema.not_future(self.time)
@@ -154,3 +159,16 @@ def learned_need(runs: list[Run]) -> int | None:
     if len(peaks) < MIN_RUNS:
         return None
     return int(percentile(peaks, 95) * AUTO_HEADROOM)
+
+
+def learned_gpu_need(runs: list[Run]) -> int | None:
+    """As learned_need, of the GPU memory peaks (runs that recorded one)."""
+    peaks = [r.peak_gpu_memory for r in runs if r.peak_gpu_memory and not capped(r)]
+    if len(peaks) < MIN_RUNS:
+        return None
+    return int(percentile(peaks, 95) * AUTO_HEADROOM)
+
+
+def of_signature(data: Mapping[str, list[Run]], signature: str) -> list[Run]:
+    """Every recorded run of the command *signature*, under whichever profile it ran."""
+    return [r for runs in data.values() for r in runs if r.signature == signature]

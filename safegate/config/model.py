@@ -16,7 +16,7 @@ from msgspec.structs import replace
 
 from safegate.errors import ConfigError, UsageError, ValueParseError
 from safegate.regex import compiled
-from safegate.settings import EXEC, GATE, LIMIT_FLOOR, RESUME_BELOW, Setting, check_limit, effective_resume_temp
+from safegate.settings import EXEC, GATE, LIMIT_FLOOR, NEED, RESUME_BELOW, Setting, check_limit, effective_resume_temp
 from safegate.units import Size, did_you_mean, format_bytes
 
 # The CPU sensors a machine usually has, as psutil names them; everything else (nvme, wifi, GPU, ...) is
@@ -66,22 +66,25 @@ class CompetingRule(msgspec.Struct, frozen=True):
 
 class Profile(msgspec.Struct, frozen=True, kw_only=True):
     """One profile: a job's needs, limits and manners, from the built-ins or the config file. Every field after
-    the first three is a setting, declared here once: its type, and as its Setting its kind, help, option, the
+    the first four is a setting, declared here once: its type, and as its Setting its kind, help, option, the
     commands that take it, and its default. config.file builds a profile from every setting's initial value,
     [defaults] and the profile's table; the caller's overrides replace fields of it (resolved())."""
 
     name: str
     source: str
     memory_auto: bool = False  # memory = "auto": learned from recorded runs (config.history)
+    # The need settings (memory, gpu_memory) a config file sets, in this profile or its [defaults]: the user's word,
+    # which beats what safegate predicts from a command line (safegate.need); a built-in profile's figure does not.
+    declared: frozenset[str] = frozenset()
 
     description: Annotated[str, Setting("text", "What the profile is for, shown by `safegate profiles`.")]
     match: Annotated[tuple[str, ...], Setting(
         "regexes", "exec picks this profile when one of these regular expressions (RE2 syntax) finds the command.",
         per_profile=True)]
     memory: Annotated[Size, Setting("memory", "Memory the job needs (default: the profile's memory).", "--mem",
-                                    "SIZE", GATE, per_profile=True, default="0")]
+                                    "SIZE", NEED, per_profile=True, default="0")]
     lock: Annotated[str | None, Setting("lock", "Lock that must be free (default: the profile's lock).", "--lock",
-                                        "NAME", GATE, per_profile=True, default="heavy")]  # None: no mutex
+                                        "NAME", NEED, per_profile=True, default="heavy")]  # None: no mutex
     memory_margin: Annotated[Size, Setting(
         "size", "RAM that must stay free after the job's need, e.g. 4G or 10% (default {default}).", "--margin",
         "SIZE", GATE, default="4G")]
@@ -131,7 +134,7 @@ class Profile(msgspec.Struct, frozen=True, kw_only=True):
         "job, with SAFEGATE_EVENT, SAFEGATE_EXIT_CODE, SAFEGATE_REASON, ... in its environment.", "--notify", "CMD",
         EXEC)]
     gpu_memory: Annotated[Size, Setting(
-        "size", "GPU memory the job needs (default: the profile's gpu_memory).", "--gpu-mem", "SIZE", GATE,
+        "size", "GPU memory the job needs (default: the profile's gpu_memory).", "--gpu-mem", "SIZE", NEED,
         default="0")]
     gpu_margin: Annotated[Size, Setting(
         "size", "VRAM that must stay free on the card after the job's need (default {default}).", default="10%")]

@@ -13,12 +13,12 @@ import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 from msgspec.structs import replace
 
-from safegate.config.model import CompetingRule, Config, Profile, ThermalConfig
+from safegate.config.model import DEFAULT_PROFILE, CompetingRule, Config, ThermalConfig
 from safegate.gate.fairness import QUEUE, head_waiting, in_line
 from safegate.gate.grant import owner_idle
 from safegate.gate.policy import (
@@ -55,51 +55,62 @@ from safegate.probes.snapshots import (
     Ticket,
 )
 from safegate.probes.thermal import read_thermal
-from safegate.units import Size
+
+if TYPE_CHECKING:
+    from safegate.need.settle import Need
 
 
 class Settings(msgspec.Struct, frozen=True):
-    """Everything one evaluation needs: the profile as this caller runs it (its overrides applied, a learned
-    memory need filled in), and what the config and the machine add."""
+    """Everything one evaluation needs: the profile as this caller runs it (its overrides applied, its need
+    decided), and what the config and the machine add. *need*: how the need was decided (safegate.need.settle),
+    for a caller that named a command or a profile with memory = "auto"; None otherwise."""
 
     profile: Profile
     thermal: ThermalConfig
     legacy_lock_files: tuple[Path, ...]
     lock_dir: Path
     gpu_backend: str
+    need: Need | None = None  # safegate.need is imported only where it is used: a plain check stays fast
 
 
-def resolve(config: Config, profile_name: str, overrides: Mapping[str, Any],
-            env: Mapping[str, str] | None = None) -> Settings:
-    """*overrides*: config.model.parse_overrides(), by setting key (command line > environment > config >
-    built-in)."""
+def resolve(config: Config, profile_name: str | None, overrides: Mapping[str, Any],
+            env: Mapping[str, str] | None = None, *, command: Sequence[str] = ()) -> Settings:
+    """The one way from a caller's config, command, profile and options to what the gate judges: exec, check,
+    slots, need and the API all come here. *profile_name* None: the profile whose match finds *command* (as exec
+    picks it), else `default`. *command*: the job's command line, never run; its need is predicted from it
+    (safegate.need.settle says the precedence). *overrides*: config.model.parse_overrides(), by setting key
+    (command line > environment > config > built-in)."""
     env = os.environ if env is None else env
-    profile = config.profile(profile_name)
-    if "memory" not in overrides and profile.memory_auto:
-        overrides = {**overrides, "memory": _profile_need(profile, env)}
+    if profile_name is None:
+        profile = config.profile_for_command(list(command)) if command else config.profile(DEFAULT_PROFILE)
+    else:
+        profile = config.profile(profile_name)
+    backend = gpu_backend(config.gpu_backend, env)
+    need = None
+    if command or profile.memory_auto:
+        from safegate.need.settle import settle
+
+        need, changes = settle(profile, overrides, command, env=env, gpu_present=lambda: gpu_present(backend))
+        overrides = {**changes, **overrides}
     return Settings(
         profile=replace(profile, **overrides),
         thermal=config.thermal,
         legacy_lock_files=config.legacy_lock_files,
         lock_dir=resolve_lock_dir(config.lock_dir, env),
-        gpu_backend=gpu_backend(config.gpu_backend, env),
+        gpu_backend=backend,
+        need=need,
     )
+
+
+def gpu_present(backend: str) -> bool:
+    """A GPU this job could use: the tools people run put their model on it when there is one."""
+    return bool(read_gpus(backend).gpus)
 
 
 def reserves(settings: Settings) -> bool:
     """A pass has something to hold for the job: a lock, or a memory or GPU memory need."""
     job, total = settings.profile, total_ram()
     return job.lock is not None or job.memory.resolve(total) > 0 or job.gpu_memory.resolve(total) > 0
-
-
-def _profile_need(profile: Profile, env: Mapping[str, str]) -> Size:
-    """The profile's declared memory, or for memory = "auto" what past runs needed (history)."""
-    if not profile.memory_auto:
-        return profile.memory
-    from safegate.config import history
-
-    learned = history.learned_need(history.load(history.history_path(env)).get(profile.name, []))
-    return Size(bytes=learned if learned is not None else history.AUTO_FALLBACK)
 
 
 def cleanup_stale(settings: Settings) -> list[Removal]:

@@ -171,7 +171,7 @@ def run_exec(
                                                   "status": outcome.status, "signal": outcome.signal}))
     on_event(Event("summary", summary_line(outcome), {**outcome.stats.as_json(), "reason": outcome.reason,
                                                        "exit_code": outcome.exit_code}))
-    _record_history(settings.profile.name, outcome, on_event)
+    _record_history(settings, outcome, on_event)
     return outcome
 
 
@@ -246,15 +246,20 @@ def _supervise(settings: Settings, argv: Sequence[str], verdict: Verdict, held: 
     return supervisor.watch()
 
 
-def _record_history(profile: str, outcome: Outcome, on_event: Callable[[Event], None]) -> None:
+def _record_history(settings: Settings, outcome: Outcome, on_event: Callable[[Event], None]) -> None:
     from safegate.config import history
 
     s = outcome.stats
+    need = settings.need
+    predicted = need.prediction if need is not None else None
     run = history.Run(time=time.time(), peak_memory=s.peak_job_mem, peak_gpu_memory=s.peak_job_gpu_mem,
-                      duration=s.duration, reason=outcome.reason[:500], exit_code=outcome.exit_code)
+                      duration=s.duration, reason=outcome.reason[:500], exit_code=outcome.exit_code,
+                      signature=need.signature if need is not None else None,
+                      predicted_memory=predicted.ram if predicted is not None else None,
+                      predicted_gpu_memory=predicted.gpu if predicted is not None else None)
     path = history.history_path()
     try:
-        note = history.record(path, profile, run)
+        note = history.record(path, settings.profile.name, run)
     except OSError as exc:  # a full disk must never be what fails a job
         on_event(Event("warning", f"cannot record the run in {path}: {exc.strerror or exc}"))
         return

@@ -1,0 +1,250 @@
+"""safegate need, and check/slots/exec -- CMD: a job's need predicted from its own command line (issue 27)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from fake_nvml import FakeGpu, FakeNvmlUnavailable, build_fake_nvml, nvml_env, write_state
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from support import Run
+
+from safegate.exitcodes import ExitCode
+from safegate.need.command import MAX_ARGS, recognise
+from safegate.need.knowledge import knowledge
+
+GiB = 1024**3
+WHISPER_README = "https://github.com/openai/whisper#available-models-and-languages"
+
+
+def need(run: Run, *command: str, options: tuple[str, ...] = (), **kwargs: object) -> dict[str, object]:
+    result = run("need", "--json", *options, "--", *command, **kwargs)  # type: ignore[arg-type]
+    assert result.returncode == 0, result.stderr
+    data: dict[str, object] = json.loads(result.stdout)
+    return data
+
+
+def fig(data: dict[str, object], key: str) -> dict[str, object]:
+    value = data[key]
+    assert isinstance(value, dict)
+    return value
+
+
+@pytest.fixture(scope="module")
+def fake_lib(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    try:
+        return build_fake_nvml(tmp_path_factory.mktemp("nvml"))
+    except FakeNvmlUnavailable as exc:
+        pytest.skip(f"the fake NVML cannot be built here: {exc}")
+
+
+@pytest.fixture
+def gpu_env(env: dict[str, str], fake_lib: Path, tmp_path: Path) -> Callable[[float], dict[str, str]]:
+    """The environment of a machine with one 24 GiB GPU with *free_gib* free."""
+
+    def make(free_gib: float) -> dict[str, str]:
+        total = 24 * GiB
+        write_state(tmp_path / "nvml-state", [FakeGpu("Fake GPU", "GPU-0000", total=total,
+                                                      used=total - int(free_gib * GiB))])
+        return nvml_env(fake_lib, tmp_path / "nvml-state", base=env)
+
+    return make
+
+
+# --- the table ------------------------------------------------------------------------------------------------
+
+
+def test_whisper_large_v3_on_cpu_needs_ram_from_the_table(run: Run) -> None:
+    data = need(run, "whisper", "--model", "large-v3", "--device", "cpu", "talk.wav")
+    memory, gpu = fig(data, "memory"), fig(data, "gpu_memory")
+    assert isinstance(memory["bytes"], int) and 8 * GiB <= memory["bytes"] <= 14 * GiB
+    assert gpu["bytes"] == 0
+    assert memory["source"] == "table" and "openai-whisper large-v3" in str(memory["detail"])
+    assert WHISPER_README in fig(data, "predicted")["cites"]  # type: ignore[operator]
+    assert data["tool"] == "openai-whisper" and data["lock"] == {"name": "whisper-large",
+                                                                "source": "profile whisper-large-v3"}
+    text = run("need", "--", "whisper", "--model", "large-v3", "--device", "cpu", "talk.wav").stdout
+    assert "from table: openai-whisper large-v3" in text and WHISPER_README in text
+
+
+@pytest.mark.parametrize(("model", "vram"), [("medium", 5), ("turbo", 6), ("large-v2", 10), ("tiny.en", 1)])
+def test_each_whisper_size_gets_its_table_figure_on_the_gpu(run: Run, gpu_env: Callable[[float], dict[str, str]],
+                                                            model: str, vram: int) -> None:
+    on_gpu = need(run, "whisper", "--model", model, "talk.wav", env=gpu_env(20))
+    assert fig(on_gpu, "gpu_memory") == {**fig(on_gpu, "gpu_memory"), "bytes": vram * GiB, "source": "table"}
+    # Without a GPU, openai-whisper runs on the CPU: the same RAM (it builds the model on the CPU either way), no
+    # GPU memory.
+    on_cpu = need(run, "whisper", "--model", model, "talk.wav")
+    assert fig(on_cpu, "gpu_memory")["bytes"] == 0
+    assert fig(on_cpu, "memory")["bytes"] == fig(on_gpu, "memory")["bytes"] > 0
+
+
+def test_faster_whisper_int8_needs_less_than_float16(run: Run) -> None:
+    def gpu(*compute: str) -> int:
+        data = need(run, "whisper-ctranslate2", "--model", "large-v3", "--device", "cuda", *compute, "a.wav")
+        value = fig(data, "gpu_memory")["bytes"]
+        assert isinstance(value, int) and fig(data, "gpu_memory")["source"] == "table"
+        return value
+
+    assert 0 < gpu("--compute_type", "int8") < gpu("--compute_type", "float16") == gpu()
+
+    def ram(*args: str) -> int:
+        value = fig(need(run, *args), "memory")["bytes"]
+        assert isinstance(value, int)
+        return value
+
+    cpu = ("--device", "cpu", "--compute_type")
+    assert ram("whisperx", "a.wav", "--model", "large-v2", *cpu, "int8") < ram("whisperx", "a.wav", "--model",
+                                                                              "large-v2", *cpu, "float32")
+    # Both the CTranslate2 tools below openai-whisper's fp32 load, for the same model.
+    assert ram("whisperx", "a.wav", "--model", "large-v2", *cpu, "float32") < ram("whisper", "--model", "large-v2",
+                                                                                 "--device", "cpu", "a.wav")
+
+
+@pytest.mark.parametrize("argv", [
+    ["whisper"], ["/usr/local/bin/whisper"], [sys.executable, "/opt/venv/bin/whisper"], ["python3", "-m", "whisper"],
+    ["python3", "-u", "-X", "dev", "-mwhisper"], ["uv", "run", "--with", "openai-whisper", "whisper"],
+    ["env", "-u", "HOME", "CUDA_VISIBLE_DEVICES=1", "whisper"], ["nice", "-n", "10", "nohup", "whisper"],
+    ["conda", "run", "-n", "asr", "--no-capture-output", "whisper"], ["OMP_NUM_THREADS=4", "whisper"],
+])
+def test_the_program_is_recognised_however_it_is_launched(argv: list[str]) -> None:
+    found = recognise([*argv, "talk.wav", "--model=large-v3", "--device", "cpu"], knowledge())
+    assert (found.family, found.model, found.options.get("--device")) == ("openai-whisper", "large-v3", "cpu")
+
+
+def test_a_command_nothing_knows_needs_nothing(run: Run) -> None:
+    data = need(run, "sh", "-c", "exit 0")
+    assert fig(data, "memory")["source"] == "none" and fig(data, "memory")["bytes"] == 0
+    assert data["predicted"] is None and data["tool"] is None
+    missing = run("need", "--json")
+    assert missing.returncode == ExitCode.USAGE and missing.stderr.count("\n") == 1 and "CMD" in missing.stderr
+
+
+ARG = st.one_of(st.sampled_from(["whisper", "python3", "-m", "env", "uv", "run", "--model", "large-v3", "-c", "-ngl",
+                                 "99", "x.gguf", "--device=cpu", "--", "A=1", "llama-server", "-m", "whisperx",
+                                 "--compute_type", "int8", "nice", "-n", "conda", "/"]),
+                st.text(max_size=30))
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(argv=st.lists(ARG, max_size=24))
+def test_the_recogniser_never_raises(argv: list[str]) -> None:
+    found = recognise(argv, knowledge())
+    assert found.family == "" or found.family in knowledge().families
+    assert all(len(v) <= 4096 for v in found.options.values())
+
+
+def test_a_huge_command_line_is_read_only_so_far() -> None:
+    argv = ["env"] * 5 + ["whisper"] + ["x" * 100_000] * (MAX_ARGS * 4)
+    found = recognise(argv, knowledge())
+    assert found.notes == (f"only the first {MAX_ARGS} arguments were read",)
+    assert found.program == "whisper"
+
+
+# --- which figure wins ------------------------------------------------------------------------------------------
+
+
+def test_an_explicit_profile_or_option_beats_the_table(run: Run, tmp_path: Path, config: Path) -> None:
+    mine = tmp_path / "mine.toml"
+    mine.write_text(config.read_text() + '[profiles.mine]\nmatch = ["whisper"]\nmemory = "3G"\n')
+    data = need(run, "whisper", "--model", "large-v3", "a.wav", options=("--config", str(mine)))
+    assert data["profile"] == "mine"
+    assert fig(data, "memory") == {**fig(data, "memory"), "bytes": 3 * GiB, "source": "profile"}
+    assert fig(data, "predicted")["source"] == "table"  # still shown beside it
+    data = need(run, "whisper", "--model", "large-v3", "a.wav", options=("--config", str(mine), "--mem", "1G"))
+    assert fig(data, "memory") == {"bytes": GiB, "source": "option", "detail": "--mem"}
+    # The built-in whisper-large-v3's 10G: what a check without a command needs; with one, the table's figure.
+    no_command = json.loads(run("check", "--config", str(config), "-p", "whisper-large-v3", "--json").stdout)
+    assert next(c for c in no_command["checks"] if c["name"] == "memory")["values"]["need"] == 10 * GiB
+    data = need(run, "whisper", "--model", "large-v3", "a.wav", options=("--config", str(config)))
+    assert fig(data, "memory")["source"] == "table" and fig(data, "memory")["bytes"] != 10 * GiB
+
+
+def _history(env: dict[str, str], runs: list[dict[str, object]]) -> Path:
+    path = Path(env["XDG_STATE_HOME"]) / "safegate" / "history.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"default": runs}))
+    return path
+
+
+def _signed(signature: str, peak: int, predicted: int) -> dict[str, object]:
+    return {"time": 1.7e9, "peak_memory": peak, "peak_gpu_memory": None, "duration": 60.0, "reason": "exited",
+            "exit_code": 0, "signature": signature, "predicted_memory": predicted, "predicted_gpu_memory": 0}
+
+
+def test_recorded_runs_of_the_command_refine_the_prediction(run: Run, env: dict[str, str], config: Path) -> None:
+    command = ("whisper", "--model", "medium", "--device", "cpu", "a.wav")
+    first = need(run, *command, options=("--config", str(config)))
+    signature, predicted = first["signature"], fig(first, "memory")["bytes"]
+    assert signature == "program=whisper model=medium device=cpu" and isinstance(predicted, int)
+    # Two runs are not enough: the table still decides, and both figures are shown.
+    _history(env, [_signed(signature, 2 * GiB, predicted)] * 2)
+    data = need(run, *command, options=("--config", str(config)))
+    assert fig(data, "memory")["source"] == "table" and fig(data, "learned")["runs"] == 2
+    assert fig(data, "learned")["memory"] is None
+    # Three whole runs at 2 GiB: their p95 + 10% wins, and a table this far off is reported.
+    _history(env, [_signed(signature, 2 * GiB, predicted)] * 3)
+    data = need(run, *command, options=("--config", str(config)))
+    assert fig(data, "memory") == {**fig(data, "memory"), "bytes": int(2 * GiB * 1.1), "source": "history"}
+    assert fig(data, "predicted")["memory"] == predicted
+    off = [n for n in data["notes"] if "off what 3 recorded runs" in n]  # type: ignore[attr-defined]
+    assert len(off) == 1 and "knowledge.toml" in off[0]
+    text = run("need", "--config", str(config), "--", *command).stdout
+    assert "from history" in text and "learned     RAM 2.2 GiB from 3 recorded run(s)" in text and "off" in text
+    shown = json.loads(run("profiles", "--json", "--config", str(config)).stdout)
+    sig = next(p for p in shown if p["name"] == "default")["signatures"]
+    assert sig == [{"signature": signature, "runs": 3, "predicted_memory": predicted, "predicted_gpu_memory": 0,
+                    "learned_memory": int(2 * GiB * 1.1), "learned_gpu_memory": None,
+                    "memory_off": pytest.approx(abs(predicted - 2 * GiB) / (2 * GiB)), "gpu_memory_off": None}]
+    assert "off: correct the table" in run("profiles", "--config", str(config)).stdout
+    # Runs close to the prediction: learned wins, nothing reported.
+    _history(env, [_signed(signature, int(predicted * 0.9), predicted)] * 3)
+    data = need(run, *command, options=("--config", str(config)))
+    assert fig(data, "memory")["source"] == "history" and data["notes"] == []
+
+
+# --- check, slots and exec use the same need ------------------------------------------------------------------
+
+
+def test_check_and_slots_block_on_the_gpu_memory_a_command_needs(run: Run, config: Path,
+                                                                 gpu_env: Callable[[float], dict[str, str]]) -> None:
+    env = gpu_env(4)  # 4 GiB free: large (~10 GB) does not fit, tiny (~1 GB) does
+    large = ("--", "whisper", "--model", "large-v3", "a.wav")
+    tiny = ("--", "whisper", "--model", "tiny", "a.wav")
+    options = ("--config", str(config), "--no-grant")
+    blocked = run("check", *options, "--json", *large, env=env)
+    assert blocked.returncode == ExitCode.GPU_MEMORY, blocked.stdout + blocked.stderr
+    gpu = next(c for c in json.loads(blocked.stdout)["checks"] if c["name"] == "gpu")
+    assert gpu["values"]["need"] == 10 * GiB
+    assert run("check", *options, *tiny, env=env).returncode == 0
+    slots = run("slots", "--config", str(config), *large, env=env)
+    assert (slots.stdout.strip(), slots.returncode) == ("0", ExitCode.GPU_MEMORY)
+    slots = run("slots", "--config", str(config), *tiny, env=env)
+    assert (slots.stdout.strip(), slots.returncode) == ("1", 0)  # the default profile's lock: a mutex
+    # Without -- CMD, check is what it was: the default profile needs nothing.
+    assert run("check", *options, env=env).returncode == 0
+
+
+def test_exec_check_and_need_agree(run: Run, config: Path, env: dict[str, str], tmp_path: Path) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "whisper").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "whisper").chmod(0o755)
+    env = {**env, "PATH": f"{bin_dir}{os.pathsep}{env['PATH']}"}
+    command = ("whisper", "--model", "tiny", "--device", "cpu", "a.wav")
+    predicted = need(run, *command, options=("--config", str(config)), env=env)
+    checked = json.loads(run("check", "--config", str(config), "--no-grant", "--json", "--", *command,
+                             env=env).stdout)
+    assert checked["profile"] == predicted["profile"] == "default"
+    memory = next(c for c in checked["checks"] if c["name"] == "memory")["values"]["need"]
+    assert memory == fig(predicted, "memory")["bytes"] > 0
+    result = run("exec", "--config", str(config), "--", *command, env=env)
+    assert result.returncode == 0, result.stderr
+    recorded = json.loads((Path(env["XDG_STATE_HOME"]) / "safegate" / "history.json").read_text())["default"]
+    assert recorded[-1]["signature"] == predicted["signature"]
+    assert recorded[-1]["predicted_memory"] == fig(predicted, "memory")["bytes"]
