@@ -11,11 +11,14 @@ No weights are downloaded: need_whisper_make.py builds a random-weight checkpoin
 with openai-whisper's own classes (fp16, 2.9 GB, as OpenAI's large-v3.pt), kept in --work for the next run.
 
 Each run: `safegate exec --log LOG -- whisper AUDIO --model CHECKPOINT --device cpu --language en --fp16 False
---temperature_increment_on_fallback None --verbose False` on a few seconds of generated audio (a tone and noise):
-the real CLI, load_model() and transcribe(), one 30-second window, beam search 5 as by default; only the fallback to
-higher temperatures is off, so a random model's garbage does not decode six times. The checkpoint is either evicted
-from the page cache first (cold: the job's reads fill the page cache, charged to the job's cgroup, as at a first run
-after a reboot) or read by the bench first (warm: its pages are cached and charged elsewhere).
+--temperature_increment_on_fallback None --no_speech_threshold 0 --logprob_threshold 0 --verbose False` on a few
+seconds of generated audio (a tone and noise): the real CLI, load_model() and transcribe(), beam search 5 as by
+default, one 30-second window decoded in full (up to 224 tokens). The other options only bound the work a random
+model makes: no fallback to higher temperatures (a random model's garbage would decode six times), and the window
+is then skipped as silence (a random model's timestamp tokens would otherwise move the window a few frames at a
+time, decoding the same seconds over and over: a first try ran 10 minutes on 2 busy cores). The checkpoint is either
+evicted from the page cache first (cold: the job's reads fill the page cache, charged to the job's cgroup, as at a
+first run after a reboot) or read by the bench first (warm: its pages are cached and charged elsewhere).
 
 Measured: the `summary` event's peak_job_memory (what safegate records and learns from: the highest of its samples
 and of the kernel's own peak of the job's cgroup, page cache included) and, polled by the bench, the whisper
@@ -140,7 +143,8 @@ def main() -> int:
             named = ["whisper", "--model", "large-v3", "--device", "cpu", str(audio)]
             ram, how = predicted_ram(need_json(safegate, named, env))
             job = [str(whisper), str(audio), "--model", str(ckpt), "--device", "cpu", "--language", "en",
-                   "--fp16", "False", "--temperature_increment_on_fallback", "None", "--verbose", "False",
+                   "--fp16", "False", "--temperature_increment_on_fallback", "None", "--no_speech_threshold", "0",
+                   "--logprob_threshold", "0", "--verbose", "False",
                    "--output_dir", str(tmp / "out"), "--output_format", "txt"]
             ram_path, how_path = predicted_ram(need_json(safegate, job, env))
             log(f"predicted: {gib(ram)} GiB ({how}); for the command as run: {gib(ram_path)} GiB ({how_path})")
@@ -190,7 +194,8 @@ def main() -> int:
         f"For the command as run (the checkpoint's path as --model): {gib(ram_path)} GiB ({how_path}).",
         "",
         f"Job: `whisper AUDIO --model {CHECKPOINT} --device cpu --language en --fp16 False "
-        f"--temperature_increment_on_fallback None` on {args.audio_seconds:g} s of generated audio.",
+        "--temperature_increment_on_fallback None --no_speech_threshold 0 --logprob_threshold 0` on "
+        f"{args.audio_seconds:g} s of generated audio.",
         "",
         *md_table(head, rows),
         "",

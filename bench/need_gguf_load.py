@@ -6,7 +6,8 @@ usage: python bench/need_gguf_load.py MODEL.gguf [-c N_CTX] [-ngl N_GPU_LAYERS] 
 
 Its options are spelled as llama.cpp's (-c, -ngl), so that `safegate need -- python bench/need_gguf_load.py
 MODEL.gguf -c 8192 -ngl 0` reads the same context and offload as the job uses. The prompt is N random token ids
-(default 512: one full micro-batch, the largest graph llama.cpp computes at once). At the end it prints one JSON
+(default 512: one full micro-batch, the largest graph llama.cpp computes at once; 0: fill the context, so that the
+attention's buffers are used at the full context's size). At the end it prints one JSON
 line starting with `need_gguf_load ` on stdout: the process's own memory (/proc/self/status VmHWM, VmRSS, RssAnon,
 RssFile, in bytes) after the load and after the prompt. llama.cpp's own log (the buffer sizes it allocated) goes
 to stderr.
@@ -53,7 +54,8 @@ def main() -> int:
     load_s = time.monotonic() - start
     rng = random.Random(1)
     # Ids past the control and byte tokens: plain pieces, whatever the vocabulary holds.
-    prompt = [llm.token_bos()] + [rng.randrange(259, llm.n_vocab()) for _ in range(args.prompt_tokens - 1)]
+    size = args.prompt_tokens if args.prompt_tokens > 0 else llm.n_ctx() - 1
+    prompt = [llm.token_bos()] + [rng.randrange(259, llm.n_vocab()) for _ in range(size - 1)]
     llm.eval(prompt)
     evaluated = status()
     print("need_gguf_load " + json.dumps({
