@@ -198,6 +198,9 @@ def main() -> int:
                         r["buffers"] = buffers(read_text(r["stderr"]))
                         r["job"] = job_report(read_text(r["stdout"]))
                         results[(ctx, mode)].append(r)
+                        if args.raw:  # each run as it ends: a bench stopped halfway keeps what it measured
+                            with open(f"{args.raw}.runs.jsonl", "a", encoding="utf-8") as fh:
+                                fh.write(json.dumps({"run": i, "n_ctx": ctx, "mode": mode, **r}) + "\n")
                         log(f"run {i} n_ctx {ctx} {mode}: safegate peak {mib(r['peak_job_memory'])} MiB, VmHWM "
                             f"{mib(r['job'].get('after_eval', {}).get('VmHWM'))} MiB, {r['wall_s']:.0f} s")
                         time.sleep(1)

@@ -29,6 +29,7 @@ target (issue 27): the median peak within 25% of the prediction.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -118,6 +119,9 @@ def main() -> int:
     parser.add_argument("--work", default="/var/tmp/safegate-bench-need",
                         help="where the checkpoint is built and kept (3 GB; default /var/tmp/safegate-bench-need)")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoint for the next run")
+    parser.add_argument("--beam-size", type=int, default=5,
+                        help="the CLI's --beam_size (default 5, the CLI's own; the peak is at load_model(), and a "
+                             "smaller beam only shortens the random model's decode)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds one run may take (default 1800)")
     parser.add_argument("--safegate", help="the safegate executable (default: beside this Python)")
     args = parser.parse_args()
@@ -144,7 +148,7 @@ def main() -> int:
             ram, how = predicted_ram(need_json(safegate, named, env))
             job = [str(whisper), str(audio), "--model", str(ckpt), "--device", "cpu", "--language", "en",
                    "--fp16", "False", "--temperature_increment_on_fallback", "None", "--no_speech_threshold", "0",
-                   "--logprob_threshold", "0", "--verbose", "False",
+                   "--logprob_threshold", "0", "--beam_size", str(args.beam_size), "--verbose", "False",
                    "--output_dir", str(tmp / "out"), "--output_format", "txt"]
             ram_path, how_path = predicted_ram(need_json(safegate, job, env))
             log(f"predicted: {gib(ram)} GiB ({how}); for the command as run: {gib(ram_path)} GiB ({how_path})")
@@ -162,6 +166,9 @@ def main() -> int:
                         raise BenchError(f"run {i} ({mode}): safegate exec exited {r['status']}: "
                                          f"{Path(r['stderr']).read_text(errors='replace')[-800:]}")
                     results[mode].append(r)
+                    if args.raw:  # each run as it ends: a bench stopped halfway keeps what it measured
+                        with open(f"{args.raw}.runs.jsonl", "a", encoding="utf-8") as fh:
+                            fh.write(json.dumps({"run": i, "mode": mode, **r}) + "\n")
                     log(f"run {i} {mode}: safegate peak {gib(r['peak_job_memory'])} GiB, VmHWM "
                         f"{gib(r['polled'].get('VmHWM'))} GiB, {r['wall_s']:.0f} s")
     finally:
@@ -194,6 +201,7 @@ def main() -> int:
         f"For the command as run (the checkpoint's path as --model): {gib(ram_path)} GiB ({how_path}).",
         "",
         f"Job: `whisper AUDIO --model {CHECKPOINT} --device cpu --language en --fp16 False "
+        f"--beam_size {args.beam_size} "
         "--temperature_increment_on_fallback None --no_speech_threshold 0 --logprob_threshold 0` on "
         f"{args.audio_seconds:g} s of generated audio.",
         "",

@@ -353,10 +353,10 @@ def exec_with_peak(safegate: str, argv: Sequence[str], env: Mapping[str, str], w
     lowest_available = start_available
     pid: int | None = None
     start = time.monotonic()
-    with open(out_file, "wb") as out, open(err_file, "wb") as err, DeferredStop() as stop:
-        proc = subprocess.Popen([safegate, "exec", "--log", str(log_file), *exec_options, "--", *argv], env=env,
-                                stdin=subprocess.DEVNULL, stdout=out, stderr=err)
-        stop.check()
+    with open(out_file, "wb") as out, open(err_file, "wb") as err:
+        with DeferredStop():  # only while starting it: once it runs, Ctrl-C lands in the loop and stops it
+            proc = subprocess.Popen([safegate, "exec", "--log", str(log_file), *exec_options, "--", *argv],
+                                    env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err)
         try:
             while proc.poll() is None:
                 if timeout is not None and time.monotonic() - start > timeout:
