@@ -2,7 +2,8 @@
 `safegate need` predicts from the file's header.
 
 usage: python bench/bench_need_gguf.py --bench-python /work/benchenv/bin/python [--runs 3] [--contexts 2048,8192]
-                                       [--type f16] [--modes mmap-cold,mmap-warm,read-cold] [--prompt-tokens 512]
+                                       [--type f16] [--layers 16] [--modes mmap-cold,mmap-warm,read-cold]
+                                       [--prompt-tokens 512]
                                        [--work DIR] [--keep] [--out FILE] [--raw FILE]
 
 Run it with the Python that has safegate installed (the project's venv). --bench-python is a Python with
@@ -78,8 +79,8 @@ LOAD = REPO / "bench" / "need_gguf_load.py"
 BUFFER = re.compile(r"^\w+:\s+(\S+)\s+(model|KV|compute|output)\s+buffer size =\s+([\d.]+) MiB", re.MULTILINE)
 
 
-def model_file(bench_python: str, work: Path, qtype: str) -> tuple[Path, dict[str, Any]]:
-    path = work / f"random-llama-1b-{qtype}.gguf"
+def model_file(bench_python: str, work: Path, qtype: str, layers: int) -> tuple[Path, dict[str, Any]]:
+    path = work / f"random-llama-1b-{qtype}.gguf" if layers == 16 else work / f"random-llama-{layers}l-{qtype}.gguf"
     meta = path.with_suffix(".json")
     if path.is_file() and meta.is_file():
         facts = json.loads(meta.read_text())
@@ -87,7 +88,8 @@ def model_file(bench_python: str, work: Path, qtype: str) -> tuple[Path, dict[st
             log(f"reusing {path} ({path.stat().st_size / GiB:.2f} GiB)")
             return path, facts
     log(f"writing {path} with {bench_python} (random weights)")
-    done = subprocess.run([bench_python, str(REPO / "bench" / "need_gguf_make.py"), str(path), "--type", qtype],
+    done = subprocess.run([bench_python, str(REPO / "bench" / "need_gguf_make.py"), str(path), "--type", qtype,
+                           "--layers", str(layers)],
                           capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise BenchError(f"need_gguf_make.py exited {done.returncode}: {done.stderr.strip()[-800:]}")
@@ -147,6 +149,11 @@ def main() -> int:
     parser.add_argument("--bench-python", required=True, help="a Python with llama-cpp-python, gguf and numpy")
     parser.add_argument("--contexts", default="2048,8192", help="n_ctx values, comma-separated (default 2048,8192)")
     parser.add_argument("--type", default="f16", choices=("f16", "q8_0", "q4_0"), help="the weights' type")
+    parser.add_argument("--flash-attn", action="store_true",
+                        help="the job runs with flash attention (-fa; llama-cpp-python's default is off)")
+    parser.add_argument("--layers", type=int, default=16,
+                        help="blocks (default 16; fewer make a small model whose context fills fast, with the same "
+                             "KV cache per layer and the same compute buffer)")
     parser.add_argument("--modes", default="mmap-cold,mmap-warm,read-cold",
                         help=f"comma-separated, of {', '.join(MODES)} (default mmap-cold,mmap-warm,read-cold)")
     parser.add_argument("--prompt-tokens", type=int, default=512,
@@ -166,7 +173,7 @@ def main() -> int:
     load_start = loadavg()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    model, facts = model_file(args.bench_python, work, args.type)
+    model, facts = model_file(args.bench_python, work, args.type, args.layers)
     results: dict[tuple[int, str], list[dict[str, Any]]] = {(c, m): [] for c in contexts for m in modes}
     predictions: dict[int, tuple[int | None, str]] = {}
     parts: dict[int, dict[str, Any] | str] = {}
@@ -175,7 +182,8 @@ def main() -> int:
             env = bench_env(pycache=tmp / "pycache", SAFEGATE_LOCK_DIR=str(tmp / "locks"),
                             XDG_STATE_HOME=str(tmp / "state"))
             for ctx in contexts:
-                job = [args.bench_python, str(LOAD), str(model), "-c", str(ctx), "-ngl", "0"]
+                job = [args.bench_python, str(LOAD), str(model), "-c", str(ctx), "-ngl", "0",
+                       *(["-fa"] if args.flash_attn else [])]
                 predictions[ctx] = predicted_ram(need_json(safegate, job, env))
                 parts[ctx] = file_need_parts(model, ctx)
                 log(f"n_ctx {ctx}: predicted {mib(predictions[ctx][0])} MiB ({predictions[ctx][1]})")
@@ -189,7 +197,8 @@ def main() -> int:
                             warm(model)
                         cached = file_cached(model)
                         job = [args.bench_python, str(LOAD), str(model), "-c", str(ctx), "-ngl", "0",
-                               "--prompt-tokens", str(args.prompt_tokens), *([] if use_mmap else ["--no-mmap"])]
+                               "--prompt-tokens", str(args.prompt_tokens), *([] if use_mmap else ["--no-mmap"]),
+                               *(["-fa"] if args.flash_attn else [])]
                         r = exec_with_peak(safegate, job, env, tmp, f"run{i}-{ctx}-{mode}", timeout=args.timeout)
                         if r["status"] != 0:
                             raise BenchError(f"run {i} (n_ctx {ctx}, {mode}): safegate exec exited {r['status']}: "
@@ -251,9 +260,9 @@ def main() -> int:
     lines = [
         stamp(),
         "",
-        f"Job: `python bench/need_gguf_load.py MODEL -c N_CTX -ngl 0 --prompt-tokens {args.prompt_tokens}` "
-        "(`--no-mmap` in the read-* modes). Predicted: `safegate need --json -- python bench/need_gguf_load.py "
-        "MODEL -c N_CTX -ngl 0`.",
+        f"Job: `python bench/need_gguf_load.py MODEL -c N_CTX -ngl 0 --prompt-tokens {args.prompt_tokens}"
+        f"{' -fa' if args.flash_attn else ''}` (`--no-mmap` in the read-* modes; --prompt-tokens 0 fills the "
+        "context). Predicted: `safegate need --json --` the same command without --prompt-tokens and --no-mmap.",
         "",
         *md_table(head, rows),
         "",

@@ -2,7 +2,7 @@
 llama-cpp-python, as a chat program does, and evaluates one prompt, so that the KV cache and the compute buffers
 are allocated and used.
 
-usage: python bench/need_gguf_load.py MODEL.gguf [-c N_CTX] [-ngl N_GPU_LAYERS] [--prompt-tokens N] [--no-mmap]
+usage: python bench/need_gguf_load.py MODEL.gguf [-c N_CTX] [-ngl N_GPU_LAYERS] [--prompt-tokens N] [--no-mmap] [-fa]
 
 Its options are spelled as llama.cpp's (-c, -ngl), so that `safegate need -- python bench/need_gguf_load.py
 MODEL.gguf -c 8192 -ngl 0` reads the same context and offload as the job uses. The prompt is N random token ids
@@ -44,12 +44,14 @@ def main() -> int:
     parser.add_argument("-ngl", "--n-gpu-layers", dest="n_gpu_layers", type=int, default=0)
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--no-mmap", action="store_true", help="read the weights into memory (use_mmap=False)")
+    parser.add_argument("-fa", "--flash-attn", action="store_true",
+                        help="flash attention (llama-cpp-python's default is off; llama.cpp's programs' is auto)")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
 
     start = time.monotonic()
     llm = Llama(model_path=args.model, n_ctx=args.n_ctx, n_gpu_layers=args.n_gpu_layers,
-                use_mmap=not args.no_mmap, n_threads=args.threads, verbose=True)
+                use_mmap=not args.no_mmap, n_threads=args.threads, flash_attn=args.flash_attn, verbose=True)
     loaded = status()
     load_s = time.monotonic() - start
     rng = random.Random(1)
@@ -60,6 +62,7 @@ def main() -> int:
     evaluated = status()
     print("need_gguf_load " + json.dumps({
         "n_ctx": llm.n_ctx(), "n_batch": llm.n_batch, "prompt_tokens": len(prompt), "use_mmap": not args.no_mmap,
+        "flash_attn": args.flash_attn,
         "load_s": round(load_s, 2), "eval_s": round(time.monotonic() - start - load_s, 2),
         "after_load": loaded, "after_eval": evaluated,
     }), flush=True)
