@@ -11,6 +11,7 @@ from typing import Any
 
 from safegate.errors import (
     AdmissionStuck,
+    BadModelFile,
     BadRecord,
     Blocked,
     CgroupError,
@@ -31,6 +32,7 @@ __version__ = "0.1.0"
 _API = ("Gate", "check", "hold", "slots")
 __all__ = [
     "AdmissionStuck",
+    "BadModelFile",
     "BadRecord",
     "Blocked",
     "CgroupError",

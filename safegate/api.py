@@ -27,7 +27,7 @@ import asyncio
 import dataclasses
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 from safegate.config.file import load_config
@@ -47,8 +47,16 @@ from safegate.units import Size
 Option = str | int | float | None
 
 
-def _settings(profile: str, config: str | None, command: str, options: Mapping[str, Option]) -> Settings:
-    return resolve(load_config(config), profile, parse_overrides(options, command=command, api=True))
+def _settings(profile: str | None, config: str | None, kind: str, options: Mapping[str, Option],
+              command: Sequence[str] = ()) -> Settings:
+    """*command*: the job's command line (never run), as `safegate check -- CMD` takes it: the profile (where
+    *profile* is None) and the need are the ones exec would pick for it."""
+    if isinstance(command, (str, bytes)):
+        raise TypeError("command: a list of arguments, e.g. ['whisper', '--model', 'large-v3'], not one string")
+    if not all(isinstance(arg, str) for arg in command):
+        raise TypeError("command: every argument must be a str")
+    return resolve(load_config(config), profile, parse_overrides(options, command=kind, api=True),
+                   command=tuple(command))
 
 
 class CheckVerdict(Verdict, frozen=True):
@@ -74,15 +82,17 @@ _GRANTS: dict[str, HeldLock] = {}  # this process's check() grants, by lock: a h
 
 
 def check(
-    profile: str = DEFAULT_PROFILE, *, config: str | None = None, wait: bool = False, timeout: float | None = None,
-    reserve: bool = True, **options: Option,
+    profile: str | None = None, *, config: str | None = None, wait: bool = False, timeout: float | None = None,
+    reserve: bool = True, command: Sequence[str] = (), **options: Option,
 ) -> CheckVerdict:
     """Run the checks once (or, with wait, until they pass or timeout seconds run out); never raises Blocked.
 
     Like `safegate check`, each pass first removes stale lock files and reports them as stale_locks, and a pass
     holds what it checked (see CheckVerdict) unless *reserve* is False (monitoring, dashboards: only asking).
+    *command*: the job's command line, never run: the profile (when none is named; else `default`) and the need
+    are those exec would pick for it (`safegate check -- CMD`).
     """
-    settings = _settings(profile, config, "check", options)
+    settings = _settings(profile, config, "check", options, command)
     if not (reserve and reserves(settings)):
         verdict = wait_until_clear(settings, timeout) if wait else clean_and_evaluate(settings)
         return CheckVerdict(verdict.profile, verdict.checks)
@@ -94,12 +104,12 @@ def check(
 
 @contextmanager
 def hold(
-    lock: str | None = None, *, profile: str = DEFAULT_PROFILE, wait: bool = True, timeout: float | None = None,
-    config: str | None = None, **options: Option,
+    lock: str | None = None, *, profile: str | None = None, wait: bool = True, timeout: float | None = None,
+    config: str | None = None, command: Sequence[str] = (), **options: Option,
 ) -> Iterator[HeldLock]:
     """Pass admission and hold the lock (default: the profile's) for the with-block; Blocked if it cannot.
-    *options*: check()'s."""
-    settings = _settings(profile, config, "check", {**options, "lock": lock})
+    *command*, *options*: check()'s."""
+    settings = _settings(profile, config, "check", {**options, "lock": lock}, command)
     granted = _GRANTS.pop(settings.profile.lock, None) if settings.profile.lock is not None else None
     if granted is not None:
         with granted:  # this process's check() passed and holds it: the hold takes it over, and ends it
@@ -113,10 +123,12 @@ def hold(
 
 
 def slots(
-    profile: str = DEFAULT_PROFILE, *, max: int | None = None, config: str | None = None, **options: Option,
+    profile: str | None = None, *, max: int | None = None, config: str | None = None, command: Sequence[str] = (),
+    **options: Option,
 ) -> int:
-    """How many jobs of the profile's size can start now (see count_slots); reads only. *options*: check()'s."""
-    settings = _settings(profile, config, "slots", options)
+    """How many jobs of the profile's size can start now (see count_slots); reads only. *command*, *options*:
+    check()'s."""
+    settings = _settings(profile, config, "slots", options, command)
     return count_slots(settings, evaluate(settings), max)
 
 

@@ -69,6 +69,11 @@ class BadRecord(ValueError):
     names the field and the fault. Readers turn it into "ignored" or "set aside", never a failure."""
 
 
+class BadModelFile(ValueError):
+    """A model file (GGUF, safetensors, an index or config.json beside them) gives no prediction; the message is
+    the one-line reason. safegate.need turns it into a note and no prediction, never a failure."""
+
+
 class SpawnError(SafegateError):
     """The command could not be started: 127 not found, 126 not executable."""
 

@@ -10,6 +10,7 @@ memory_margin, --gpu-mem for gpu_memory), and --json calls the resolved memory n
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -118,6 +119,17 @@ def parse_limit(text: str) -> Size:
     return check_limit(parse_size(text), text)
 
 
+OOM_SCORE_ADJ_RANGE = range(-1000, 1001)  # the kernel's: -1000 is never chosen, 1000 always first
+
+
+def parse_oom_score_adj(text: str) -> int:
+    raw = str(text).strip()
+    value = int(raw) if re.fullmatch(r"[-+]?[0-9]{1,5}", raw) else None
+    if value is None or value not in OOM_SCORE_ADJ_RANGE:
+        raise ValueParseError(f"invalid oom_score_adj {raw!r}: expected an integer from -1000 to 1000")
+    return value
+
+
 # How a command-line string becomes a value, by kind (config.py reads TOML values of the same kinds).
 CLI_PARSERS: dict[str, Callable[[str], Any]] = {
     "memory": parse_size,
@@ -128,6 +140,7 @@ CLI_PARSERS: dict[str, Callable[[str], Any]] = {
     "interval": parse_interval,
     "signal": parse_signal,
     "nice": parse_nice,
+    "oom_score_adj": parse_oom_score_adj,
     "on_hot": parse_on_hot,
     "cgroup": parse_cgroup,
     "switch": parse_switch,

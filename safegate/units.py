@@ -242,7 +242,7 @@ def parse_gpu_option(text: str) -> tuple[int, ...] | None:
     return tuple(int(p) for p in parts)
 
 
-BACKENDS = ("auto", "nvml", "none")
+BACKENDS = ("auto", "nvml", "drm", "none")
 
 
 def validate_lock_name(name: str) -> str:

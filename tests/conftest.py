@@ -19,7 +19,8 @@ from support import REPO, Nobody, Procs, Run, Shared, neutral_config
 # Variables from the caller's environment that would change what safegate sees: its own settings, a Slurm job
 # the suite may run inside, a GPU selection, colour. Every test starts without them.
 _FOREIGN_PREFIXES = ("SAFEGATE_", "SLURM_", "SLURMD_")
-_FOREIGN = ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "NO_COLOR", "MUNGE_SOCKET")
+_FOREIGN = ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "NO_COLOR",
+            "MUNGE_SOCKET")
 
 
 @pytest.fixture(autouse=True)

@@ -77,6 +77,8 @@ class FakeGpu:
     handle_ret: int = 0  # nvmlDeviceGetHandleByIndex(_v2) for this index
     mig: int = 0  # nvmlDeviceGetMigMode current and pending; -1: NVML_ERROR_NOT_SUPPORTED (no MIG support)
     procs_ret: int = 0  # the compute and graphics process lists (every version)
+    clocks: int = 0  # the clock-event reasons mask (nvmlClocksEventReason* bits), under the new and the old call
+    clocks_ret: int = 0  # both clock-event reasons calls return this instead, when not 0
 
 
 @dataclass(frozen=True)
@@ -151,6 +153,12 @@ def _ret(value: int, what: str) -> int:
     return value
 
 
+def _mask(value: int) -> str:
+    if not 0 <= value < 1 << 64:
+        raise ValueError(f"clocks={value}: the clock-event reasons are an unsigned 64-bit mask")
+    return hex(value)
+
+
 def state_text(gpus: Iterable[FakeGpu], procs: Iterable[FakeProc] = (), init_error: int = 0,
                driver: str = DEFAULT_DRIVER) -> str:
     """The state file's contents for these GPUs and processes."""
@@ -168,7 +176,7 @@ def state_text(gpus: Iterable[FakeGpu], procs: Iterable[FakeProc] = (), init_err
             f"shutdown={gpu.shutdown} mem_ret={_ret(gpu.mem_ret, 'mem_ret')} "
             f"mem_v2_ret={_ret(mem_v2_ret, 'mem_v2_ret')} temp_ret={_ret(gpu.temp_ret, 'temp_ret')} "
             f"handle_ret={_ret(gpu.handle_ret, 'handle_ret')} procs_ret={_ret(gpu.procs_ret, 'procs_ret')} "
-            f"mig={gpu.mig}")
+            f"mig={gpu.mig} clocks={_mask(gpu.clocks)} clocks_ret={_ret(gpu.clocks_ret, 'clocks_ret')}")
     for proc in procs:
         if proc.kind not in ("compute", "graphics"):
             raise ValueError(f"process kind {proc.kind!r}: expected compute or graphics")

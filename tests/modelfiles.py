@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import gguf
@@ -42,10 +42,11 @@ class Written:
 
 def write_llama_gguf(path: Path, *, blocks: int = 32, embedding: int = 4096, heads: int = 32, kv_heads: int = 8,
                      ff: int = 14336, vocab: int = 128256, tokens: int = 1000, context: int = 8192,
-                     tied: bool = False, parts: int = 1) -> Written:
+                     tied: bool = False, parts: int = 1, merges: int | None = None,
+                     more: Callable[[gguf.GGUFWriter], None] | None = None) -> Written:
     """A llama-architecture GGUF with a Q4_K_M-like mix of types, its header written by GGUFWriter and its data
     left sparse. *tokens* strings (and as many merges) stand in for the tokenizer; *parts* > 1 splits it as
-    gguf-split does (name-00001-of-0000N.gguf)."""
+    gguf-split does (name-00001-of-0000N.gguf); *more* adds metadata."""
     per_block = 9
     total_tensors = 1 + blocks * per_block + 1 + (0 if tied else 1)
     split = -(-total_tensors // parts) if parts > 1 else 0
@@ -54,12 +55,14 @@ def write_llama_gguf(path: Path, *, blocks: int = 32, embedding: int = 4096, hea
     writer.add_embedding_length(embedding)
     writer.add_head_count(heads)
     writer.add_head_count_kv(kv_heads)
+    if more is not None:
+        more(writer)
     writer.add_context_length(context)
     writer.add_feed_forward_length(ff)
     writer.add_rope_freq_base(500000.0)
     writer.add_tokenizer_model("gpt2")
     writer.add_token_list([f"tok{i}" for i in range(tokens)])
-    writer.add_token_merges([f"a{i} b{i}" for i in range(tokens)])
+    writer.add_token_merges([f"a{i} b{i}" for i in range(tokens if merges is None else merges)])
     writer.add_token_types([1] * tokens)
     writer.add_chat_template("{% for m in messages %}{{ m.content }}{% endfor %}")
     tensors: dict[str, int] = {}

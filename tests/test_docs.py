@@ -67,8 +67,8 @@ def test_ci_runs_exactly_the_readme_test_command() -> None:
 
 
 def _all_options(run: Run) -> dict[str, set[str]]:
-    commands = ["check", "exec", "slots", "locks", "queue", "unlock", "profiles", "status", "report", "metrics",
-                "slurm health"]
+    commands = ["check", "exec", "slots", "need", "locks", "queue", "unlock", "profiles", "status", "report",
+                "metrics", "slurm health"]
     return {c: _help_options(run, *c.split()) for c in commands}
 
 

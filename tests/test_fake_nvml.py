@@ -433,6 +433,66 @@ def test_mig_mode(lib: Path, state: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Clock-event reasons
+
+
+def test_clock_event_reasons_under_the_new_and_the_old_name(lib: Path, state: Path) -> None:
+    hw = 0x8 | 0x40 | 1 << 63  # HW slowdown, HW thermal slowdown and a bit no pynvml names: the whole 64-bit word
+    write_state(state, [A100, replace(RTX, clocks=hw), replace(A100, clocks=0x20, clocks_ret=NOT_SUPPORTED)])
+    got = run_nvml('''
+        pynvml.nvmlInit()
+        rows = []
+        for i in range(3):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            row = []
+            for call in (pynvml.nvmlDeviceGetCurrentClocksEventReasons,
+                         pynvml.nvmlDeviceGetCurrentClocksThrottleReasons):
+                try:
+                    row.append(call(h))
+                except pynvml.NVMLError as exc:
+                    row.append(type(exc).__name__)
+            rows.append(row)
+        out(rows)
+    ''', lib, state)
+    assert got == [[0, 0], [hw, hw], ["NVMLError_NotSupported", "NVMLError_NotSupported"]]
+
+
+def test_a_driver_without_the_clock_event_reasons(tmp_path_factory: pytest.TempPathFactory, state: Path) -> None:
+    lib = _build(tmp_path_factory, "fake-nvml-no-clocks", omit=["nvmlDeviceGetCurrentClocksEventReasons",
+                                                                 "nvmlDeviceGetCurrentClocksThrottleReasons"])
+    write_state(state, [replace(A100, clocks=0x8)])
+    got = run_nvml('''
+        pynvml.nvmlInit()
+        h = pynvml.nvmlDeviceGetHandleByIndex(0)
+        out([error(pynvml.nvmlDeviceGetCurrentClocksEventReasons, h),
+             error(pynvml.nvmlDeviceGetCurrentClocksThrottleReasons, h)])
+    ''', lib, state)
+    assert got == ["NVMLError_FunctionNotFound", "NVMLError_FunctionNotFound"]
+
+
+@pytest.mark.parametrize(("token", "message"), [
+    ("clocks=-1", "clocks=-1"),
+    ("clocks=0xZZ", "clocks=0xZZ"),
+    ("clocks=0x10000000000000000", "clocks=0x10000000000000000"),
+    ("clocks_ret=-3", "clocks_ret=-3"),
+])
+def test_a_bad_clocks_value_fails_loudly(lib: Path, state: Path, token: str, message: str) -> None:
+    state.write_text(f"device name=x uuid=y total=10 used=0 {token}\n", encoding="utf-8")
+    proc = run_snippet('''
+        out(error(pynvml.nvmlInit))
+    ''', nvml_env(lib, state))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == "NVMLError_Unknown" and message in proc.stderr
+
+
+@pytest.mark.parametrize("clocks", [-1, 1 << 64])
+def test_write_state_refuses_a_mask_past_64_bits(tmp_path: Path, clocks: int) -> None:
+    with pytest.raises(ValueError, match="64-bit"):
+        write_state(tmp_path / "state", [replace(A100, clocks=clocks)])
+    assert state_text([replace(A100, clocks=0x48)]).count(" clocks=0x48 clocks_ret=0") == 1
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Initialisation, handles, errors
 
 

@@ -103,6 +103,13 @@ def test_profiles_json_matches(run: Run, config: Path) -> None:
         assert flatten(item, "", stops) == set(doc), item["name"]
 
 
+def test_need_json_matches(run: Run, config: Path) -> None:
+    doc = documented_paths(section("safegate need --json"))
+    for command in (["whisper", "--model", "large-v3", "--device", "cpu", "a.wav"], ["sh", "-c", "exit 0"]):
+        data = json.loads(run("need", "--json", "--config", str(config), "--", *command).stdout)
+        assert_same(doc, data)
+
+
 def test_exec_log_events_are_documented(run: Run, config: Path, tmp_path: Path) -> None:
     log = tmp_path / "events.jsonl"
     run("exec", "--config", str(config), "--mem", "0", "--log", str(log), "--max-mem", "50M", "--grace", "1s",

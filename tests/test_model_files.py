@@ -28,6 +28,7 @@ from modelfiles import (
     write_llama_gguf,
     write_safetensors,
 )
+from support import TIMEOUT
 
 from safegate.need import gguf as reader
 from safegate.need.modelfile import FileNeed, ModelFile, file_need, read_model
@@ -139,10 +140,34 @@ def test_defaults_context_cache_types_and_flash_attention(llama: tuple[Path, int
         f16 // 4 * 34 // 32 + f16 // 4 * 18 // 32)
     unknown = file_need(model, context=4096, cache_type="f13\x1b")
     assert unknown.kv_cache == f16 and any("f13\\x1b" in line and "f16 assumed" in line for line in unknown.notes)
-    # Without flash attention the compute buffer holds the attention scores: heads x context x batch x 4 bytes.
+    # The compute buffer: the logits (vocab x batch, f32; this file's tokenizer has 1000 tokens), or, without flash
+    # attention and where they are larger, the attention scores (heads x context x batch, f32).
     fa, no_fa = file_need(model, context=4096, gpu_layers=99), file_need(
         model, context=4096, gpu_layers=99, flash_attention=False)
-    assert no_fa.gpu - fa.gpu == 32 * 4096 * 512 * 4
+    logits = 4 * 512 * (1000 + 2 * 4096)
+    scores = (4 + 2) * 512 * 32 * 4096 + 4 * 512 * 6 * 4096 + 4 * 4096 * 8 * 128  # the scores in f32, then f16
+    assert no_fa.gpu - fa.gpu == scores - logits and no_fa.ram == fa.ram
+    assert file_need(model, context=16384).overhead == file_need(model, context=4096).overhead  # flash attention
+
+
+def test_per_layer_head_counts_are_summed_and_sliding_windows_are_bounds(tmp_path: Path) -> None:
+    def more(writer: gguf.GGUFWriter) -> None:
+        writer.add_head_count_kv([2, 4, 4, 2])  # overwrites the scalar with a per-layer array, as OpenELM's
+        writer.add_sliding_window(1024)
+        writer.add_key_length(256)
+        writer.add_value_length(256)
+
+    written = write_llama_gguf(tmp_path / "swa.gguf", blocks=4, embedding=512, heads=8, kv_heads=2, ff=1024,
+                               vocab=32000, more=more)
+    model = _model(written.paths[0])
+    assert (model.head_count_kv, model.key_length, model.sliding_window) == (4, 256, 1024)
+    assert model.head_count_kv_per_layer == (2, 4, 4, 2)
+    need = file_need(model, context=4096)
+    assert need.kv_cache == (2 + 4 + 4 + 2) * 4096 * (256 + 256) * 2
+    assert file_need(model, context=4096, gpu_layers=2).gpu_kv_cache == 2 * 4096 * (256 + 256) * 2
+    assert any("2-4 KV heads (per layer, 12 in all)" in line for line in need.notes)
+    assert any("1024 tokens only" in line for line in need.notes)
+    assert not any("tokens only" in line for line in file_need(model, context=1024).notes)
 
 
 def test_a_model_without_output_weight_copies_its_embeddings_to_the_gpu(tmp_path: Path) -> None:
@@ -268,6 +293,7 @@ HOSTILE = {
     "an alignment of 0": _gguf([ARCH, _kv_u32("general.alignment", 0)], [_tensor("t", [32])]),
     "a key not UTF-8": _gguf([_s(b"\xff\xfe") + struct.pack("<II", 4, 1)], []),
     "a split of 65535 parts": _gguf([ARCH, _s("split.count") + struct.pack("<IH", 2, 65535)], []),
+    "2**20 blocks": _gguf([ARCH, _kv_u32("llama.block_count", 1 << 20)], []),
     "a split without its name": _gguf([ARCH, _s("split.count") + struct.pack("<IH", 2, 3)], []),
 }
 
@@ -283,7 +309,13 @@ def test_what_is_not_a_model_file_is_one_note(tmp_path: Path) -> None:
     assert "cannot open" in _note(tmp_path / "absent.gguf")
     fifo = tmp_path / "fifo.gguf"
     os.mkfifo(fifo)
-    assert "not a regular file" in _note(fifo)  # no writer: a blocking open would never return
+    # No writer ever comes: a blocking open would never return, so it runs where a hang is a failure, not a hang.
+    found: list[str] = []
+    thread = threading.Thread(target=lambda: found.append(_note(fifo)), daemon=True)
+    thread.start()
+    thread.join(TIMEOUT)
+    assert not thread.is_alive(), "read_model blocked on a FIFO"
+    assert "not a regular file" in found[0]
     assert "not a regular file" in _note("/dev/zero")
     (tmp_path / "text").write_text("hello\n")
     assert "not a model file" in _note(tmp_path / "text")
@@ -400,11 +432,16 @@ def test_a_safetensors_folder_is_read_through_its_index_and_config(tmp_path: Pat
     assert long.gpu_weights == total
     cpu = file_need(model, context=4096)
     assert cpu.gpu == 0 and cpu.ram >= total + short.kv_cache
+    # device_map fills the GPU in the model's order: the embeddings and the first blocks.
+    first = file_need(model, context=4096, gpu_layers=4)
+    assert first.gpu_weights == model.input_weights + sum(model.layer_weights[:4])
+    assert first.gpu_kv_cache == short.kv_cache // 32 * 4
 
 
 def test_a_safetensors_file_written_by_the_reference_library_is_read(tmp_path: Path) -> None:
-    numpy = pytest.importorskip("numpy")
-    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    import numpy
+    import safetensors.numpy as safetensors_numpy  # a test extra, as gguf (which brings numpy)
+
     arrays = {"a": numpy.zeros((3, 5), dtype=numpy.float16), "b": numpy.zeros((7,), dtype=numpy.int64),
               "model.layers.0.w": numpy.zeros((4, 4), dtype=numpy.float32)}
     safetensors_numpy.save_file(arrays, str(tmp_path / "ref.safetensors"))
@@ -466,6 +503,16 @@ def test_a_hostile_config_leaves_the_weights(tmp_path: Path, config: str) -> Non
     assert model.weights == total and file_need(model, context=4096).kv_cache == 0
 
 
+def test_a_vision_language_config_sizes_the_cache_from_its_text_model(tmp_path: Path) -> None:
+    _llama_folder(tmp_path / "llava")
+    text = llama_config(*LLAMA.values())
+    (tmp_path / "llava" / "config.json").write_text(json.dumps(
+        {"model_type": "llava", "vision_config": {"num_hidden_layers": 24}, "text_config": text}))
+    model = _model(tmp_path / "llava")
+    assert (model.block_count, model.head_count_kv) == (32, 8)
+    assert file_need(model, context=4096).kv_cache == 512 * MiB
+
+
 @FAST
 @given(data=st.data())
 def test_mutated_safetensors_headers_give_a_model_or_a_note(tmp_path: Path, data: st.DataObject) -> None:
@@ -486,9 +533,10 @@ def test_mutated_safetensors_headers_give_a_model_or_a_note(tmp_path: Path, data
     context_length=st.none() | st.integers(0, 1 << 24), vocab_size=st.none() | st.integers(0, 1 << 20),
     layer_weights=st.lists(st.integers(0, 1 << 40), max_size=8).map(tuple), tied_output=st.booleans()),
     context=st.none() | st.integers(-5, 1 << 24), layers=st.none() | st.integers(-5, 200),
-    cache=st.sampled_from(["f16", "q8_0", "nope", "F32"]))
-def test_the_arithmetic_never_raises(model: ModelFile, context: int | None, layers: int | None, cache: str) -> None:
-    need = file_need(model, context=context, gpu_layers=layers, cache_type=cache)
+    cache=st.sampled_from(["f16", "q8_0", "nope", "F32"]), ubatch=st.integers(-5, 1 << 16))
+def test_the_arithmetic_never_raises(model: ModelFile, context: int | None, layers: int | None, cache: str,
+                                     ubatch: int) -> None:
+    need = file_need(model, context=context, gpu_layers=layers, cache_type=cache, ubatch=ubatch)
     assert need.ram >= 0 and need.gpu >= 0 and need.kv_cache >= 0
     assert need.gpu_weights + need.gpu_kv_cache + need.gpu_overhead == need.gpu
 

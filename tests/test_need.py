@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -12,13 +13,16 @@ import pytest
 from fake_nvml import FakeGpu, FakeNvmlUnavailable, build_fake_nvml, nvml_env, write_state
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from modelfiles import llama_config, llama_safetensors_tensors, write_llama_gguf, write_safetensors
 from support import Run
 
 from safegate.exitcodes import ExitCode
-from safegate.need.command import MAX_ARGS, recognise
+from safegate.need.command import MAX_ARGS, SIGNATURE_MAX, recognise
 from safegate.need.knowledge import knowledge
+from safegate.need.predict import predict
 
 GiB = 1024**3
+MiB = 1024**2
 WHISPER_README = "https://github.com/openai/whisper#available-models-and-languages"
 
 
@@ -111,10 +115,20 @@ def test_faster_whisper_int8_needs_less_than_float16(run: Run) -> None:
     ["python3", "-u", "-X", "dev", "-mwhisper"], ["uv", "run", "--with", "openai-whisper", "whisper"],
     ["env", "-u", "HOME", "CUDA_VISIBLE_DEVICES=1", "whisper"], ["nice", "-n", "10", "nohup", "whisper"],
     ["conda", "run", "-n", "asr", "--no-capture-output", "whisper"], ["OMP_NUM_THREADS=4", "whisper"],
+    ["timeout", "-s", "INT", "10h", "taskset", "-c", "0-3", "whisper"],
 ])
 def test_the_program_is_recognised_however_it_is_launched(argv: list[str]) -> None:
     found = recognise([*argv, "talk.wav", "--model=large-v3", "--device", "cpu"], knowledge())
     assert (found.family, found.model, found.options.get("--device")) == ("openai-whisper", "large-v3", "cpu")
+
+
+def test_a_shell_command_line_is_read_as_the_shell_splits_it() -> None:
+    found = recognise(["bash", "-c", "cd /data && OMP_NUM_THREADS=4 whisper --model 'large-v3' a.wav > log 2>&1"],
+                      knowledge())
+    assert (found.family, found.model) == ("openai-whisper", "large-v3")
+    # A model file handed to the script as $1 still counts; an unmatched quote is no command.
+    assert recognise(["sh", "-c", 'llama-cli -m "$1"', "sh", "m.gguf"], knowledge()).model == "m.gguf"
+    assert recognise(["sh", "-c", "whisper 'x"], knowledge()).family == ""
 
 
 def test_a_command_nothing_knows_needs_nothing(run: Run) -> None:
@@ -133,10 +147,14 @@ ARG = st.one_of(st.sampled_from(["whisper", "python3", "-m", "env", "uv", "run",
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(argv=st.lists(ARG, max_size=24))
-def test_the_recogniser_never_raises(argv: list[str]) -> None:
+def test_the_recogniser_and_the_prediction_never_raise(argv: list[str]) -> None:
     found = recognise(argv, knowledge())
     assert found.family == "" or found.family in knowledge().families
     assert all(len(v) <= 4096 for v in found.options.values())
+    known = predict(argv, lambda: True)
+    assert known.signature is None or len(known.signature) <= SIGNATURE_MAX
+    assert known.prediction is None or (known.prediction.ram >= 0 and known.prediction.gpu >= 0)
+    assert all("\n" not in note for note in known.notes)
 
 
 def test_a_huge_command_line_is_read_only_so_far() -> None:
@@ -144,6 +162,15 @@ def test_a_huge_command_line_is_read_only_so_far() -> None:
     found = recognise(argv, knowledge())
     assert found.notes == (f"only the first {MAX_ARGS} arguments were read",)
     assert found.program == "whisper"
+
+
+def test_a_plain_check_imports_none_of_it(env: dict[str, str], config: Path) -> None:
+    """check without -- CMD is on every job start's path: the need machinery is imported only for a command."""
+    code = ("import sys; from safegate.cli.fastpath import main; rc = main(sys.argv[1:]); "
+            "print([m for m in sys.modules if m.startswith('safegate.need')], file=sys.stderr)")
+    result = subprocess.run([sys.executable, "-c", code, "check", "--config", str(config), "--no-grant", "-q"],
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert result.stderr.strip().splitlines()[-1] == "[]"
 
 
 # --- which figure wins ------------------------------------------------------------------------------------------
@@ -163,6 +190,19 @@ def test_an_explicit_profile_or_option_beats_the_table(run: Run, tmp_path: Path,
     assert next(c for c in no_command["checks"] if c["name"] == "memory")["values"]["need"] == 10 * GiB
     data = need(run, "whisper", "--model", "large-v3", "a.wav", options=("--config", str(config)))
     assert fig(data, "memory")["source"] == "table" and fig(data, "memory")["bytes"] != 10 * GiB
+
+
+def test_the_default_profile_takes_the_model_familys_lock(run: Run, tmp_path: Path, config: Path) -> None:
+    unmatched = tmp_path / "unmatched.toml"  # the built-in whisper-large-v3 profile matches no command here
+    unmatched.write_text(config.read_text() + "[profiles.whisper-large-v3]\nmatch = []\n")
+    for model in ("large-v2", "large-v3-turbo", "medium"):
+        data = need(run, "whisperx", "a.wav", "--model", model, options=("--config", str(unmatched)))
+        assert data["profile"] == "default"
+        large = model.startswith("large-v2")  # turbo is its own size, with no lock of its own
+        assert data["lock"] == ({"name": "whisper-large", "source": "table"} if large else
+                                {"name": "heavy", "source": "profile default"}), model
+    data = need(run, "whisperx", "a.wav", "--model", "large-v2", options=("--config", str(unmatched), "--lock", "x"))
+    assert data["lock"] == {"name": "x", "source": "option"}
 
 
 def _history(env: dict[str, str], runs: list[dict[str, object]]) -> Path:
@@ -248,3 +288,139 @@ def test_exec_check_and_need_agree(run: Run, config: Path, env: dict[str, str], 
     recorded = json.loads((Path(env["XDG_STATE_HOME"]) / "safegate" / "history.json").read_text())["default"]
     assert recorded[-1]["signature"] == predicted["signature"]
     assert recorded[-1]["predicted_memory"] == fig(predicted, "memory")["bytes"]
+
+
+# --- GGUF files ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A llama-architecture GGUF as the issue describes it: 32 blocks, embedding 4096, 32 heads, 8 KV heads (its
+    header written by the gguf package, its data sparse)."""
+    path = tmp_path_factory.mktemp("gguf") / "llama-8b-q4_k_m.gguf"
+    write_llama_gguf(path, blocks=32, embedding=4096, heads=32, kv_heads=8)
+    return path
+
+
+def _bytes(data: dict[str, object], key: str) -> int:
+    value = fig(data, key)["bytes"]
+    assert isinstance(value, int)
+    return value
+
+
+def test_a_gguf_context_and_offload_decide_where_its_need_goes(run: Run, llama: Path,
+                                                               gpu_env: Callable[[float], dict[str, str]]) -> None:
+    env = gpu_env(20)
+    at = {c: need(run, "llama-server", "-m", str(llama), "-c", c, "-ngl", "99", env=env) for c in ("4096", "8192")}
+    # The f16 KV cache of 32 layers x 8 KV heads x 128 x (K + V) x 2 bytes: 128 KiB a token, 512 MiB more for
+    # 4096 tokens more, all of it in GPU memory with every layer offloaded.
+    assert _bytes(at["8192"], "gpu_memory") - _bytes(at["4096"], "gpu_memory") == 512 * MiB
+    assert _bytes(at["8192"], "memory") == _bytes(at["4096"], "memory")
+    assert fig(at["8192"], "gpu_memory")["source"] == "file" and "llama-8b-q4_k_m.gguf" in str(
+        fig(at["8192"], "gpu_memory")["detail"])
+    assert at["8192"]["signature"] == "program=llama-server model=llama-8b-q4_k_m.gguf ctx=8192 ngl=33"
+    # -ngl 0: all of it in RAM, the same 512 MiB apart.
+    cpu = {c: need(run, "llama-server", "-m", str(llama), "-c", c, "-ngl", "0", env=env) for c in ("4096", "8192")}
+    assert _bytes(cpu["8192"], "gpu_memory") == 0
+    assert _bytes(cpu["8192"], "memory") - _bytes(cpu["4096"], "memory") == 512 * MiB
+    assert _bytes(cpu["8192"], "memory") > _bytes(at["8192"], "memory")
+    # Spelled the long way, after env and nice: the same need.
+    long = need(run, "env", "A=1", "nice", "llama-server", "--model", str(llama), "--ctx-size=8192",
+                "--n-gpu-layers", "99", env=env)
+    assert (fig(long, "memory"), fig(long, "gpu_memory")) == (fig(at["8192"], "memory"), fig(at["8192"], "gpu_memory"))
+    # No GPU here: llama.cpp keeps every layer in RAM whatever -ngl says.
+    alone = need(run, "llama-server", "-m", str(llama), "-c", "8192", "-ngl", "99")
+    assert _bytes(alone, "gpu_memory") == 0 and _bytes(alone, "memory") == _bytes(cpu["8192"], "memory")
+
+
+def test_llama_cpp_python_programs_get_its_defaults(run: Run, llama: Path, tmp_path: Path) -> None:
+    server = need(run, sys.executable, "-m", "llama_cpp.server", "--model", str(llama))
+    assert server["tool"] == "llama-cpp-python" and str(server["signature"]).endswith("ctx=2048 ngl=0")
+    script = need(run, "python3", str(tmp_path / "chat.py"), "--model", str(llama), "--n_ctx", "4096")
+    assert script["tool"] == "llama-cpp-python" and str(script["signature"]).endswith("ctx=4096 ngl=0")
+    assert _bytes(script, "memory") > _bytes(server, "memory")
+    other = need(run, "./my-chat", str(llama), "-c", "1024")
+    assert other["tool"] == "a GGUF model" and "ctx=1024" in str(other["signature"])
+
+
+@pytest.mark.parametrize("kind", ["truncated", "hostile"])
+def test_an_unreadable_gguf_is_one_note_and_no_prediction(run: Run, llama: Path, tmp_path: Path, config: Path,
+                                                          kind: str) -> None:
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(llama.read_bytes()[:1000] if kind == "truncated" else b"GGUF\x03\x00\x00\x00" + b"\xff" * 64)
+    data = need(run, "llama-server", "-m", str(bad), "-c", "4096", options=("--config", str(config)))
+    assert data["predicted"] is None and data["signature"] is None
+    assert fig(data, "memory") == {"bytes": 0, "source": "none", "detail": "nothing predicts it"}
+    notes = data["notes"]
+    assert isinstance(notes, list) and len(notes) == 1 and "bad.gguf" in notes[0] and "no prediction" in notes[0]
+    # Not a usage error: check goes on with no need.
+    assert run("check", "--config", str(config), "--no-grant", "-q", "--", "llama-server", "-m", str(bad)
+               ).returncode == 0
+
+
+def test_check_slots_and_exec_block_a_gguf_too_large_for_this_machine(run: Run, config: Path, tmp_path: Path) -> None:
+    huge = tmp_path / "huge.gguf"  # 9 TiB of weights in its header, larger than any machine's RAM; sparse on disk
+    write_llama_gguf(huge, blocks=64, embedding=131072, ff=524288, context=4096)
+    small = tmp_path / "small.gguf"
+    write_llama_gguf(small, blocks=1, embedding=256, heads=4, kv_heads=2, ff=512, vocab=1000, context=512)
+    options = ("--config", str(config), "--no-grant")
+    blocked = run("check", *options, "--json", "--", "llama-cli", "-m", str(huge), "-ngl", "0")
+    assert blocked.returncode == ExitCode.MEMORY, blocked.stderr
+    memory = next(c for c in json.loads(blocked.stdout)["checks"] if c["name"] == "memory")
+    assert memory["values"]["need"] > 8 * 1024 * GiB
+    assert run("check", *options, "--", "llama-cli", "-m", str(small), "-ngl", "0").returncode == 0
+    slots = run("slots", "--config", str(config), "--", "llama-cli", "-m", str(huge))
+    assert (slots.stdout.strip(), slots.returncode) == ("0", ExitCode.MEMORY)
+    assert run("slots", "--config", str(config), "--", "llama-cli", "-m", str(small)).stdout.strip() == "1"
+    marker = tmp_path / "ran"
+    result = run("exec", "--config", str(config), "--", "sh", "-c", f"touch {marker}", str(huge))
+    assert result.returncode == ExitCode.MEMORY and not marker.exists()
+    result = run("exec", "--config", str(config), "--", "sh", "-c", f"touch {marker}", str(small))
+    assert result.returncode == 0 and marker.exists()
+
+
+def test_a_safetensors_folder_goes_to_the_gpu_when_there_is_one(run: Run, tmp_path: Path,
+                                                                gpu_env: Callable[[float], dict[str, str]]) -> None:
+    folder = tmp_path / "llama-tiny"
+    folder.mkdir()
+    shape = {"blocks": 4, "embedding": 512, "heads": 8, "kv_heads": 2, "ff": 1024, "vocab": 32000}
+    weights, weight_map = 0, {}
+    for n, (first, last) in enumerate([(0, 2), (2, 4)], start=1):
+        shard = f"model-0000{n}-of-00002.safetensors"
+        tensors = llama_safetensors_tensors(**shape, first=first, last=last)
+        weights += write_safetensors(folder / shard, tensors)
+        weight_map.update(dict.fromkeys(tensors, shard))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": weights},
+                                                                      "weight_map": weight_map}))
+    (folder / "config.json").write_text(json.dumps(llama_config(4, 512, 8, 2)))
+    command = ("python3", "generate.py", "--model", str(folder))
+    on_gpu = need(run, *command, env=gpu_env(20))
+    assert on_gpu["tool"] == "a safetensors model" and fig(on_gpu, "gpu_memory")["source"] == "file"
+    assert _bytes(on_gpu, "gpu_memory") > weights
+    no_gpu = need(run, *command)
+    assert _bytes(no_gpu, "gpu_memory") == 0 and _bytes(no_gpu, "memory") > weights
+    told = need(run, *command, "--device", "cpu", env=gpu_env(20))
+    assert _bytes(told, "gpu_memory") == 0 and _bytes(told, "memory") == _bytes(no_gpu, "memory")
+
+
+def test_the_api_takes_the_command_as_check_and_slots_do(tmp_path: Path, config: Path, lock_dir: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """safegate.check(command=[...]) and slots(command=[...]) judge the need exec would predict for it."""
+    import safegate
+
+    monkeypatch.setenv("SAFEGATE_LOCK_DIR", str(lock_dir))
+    monkeypatch.setenv("SAFEGATE_CONFIG", str(config))
+    monkeypatch.setenv("SAFEGATE_GPU", "none")
+    huge = tmp_path / "huge.gguf"  # 9 TiB of weights in its header, larger than any machine's RAM; sparse on disk
+    write_llama_gguf(huge, blocks=64, embedding=131072, ff=524288, context=4096)
+    small = tmp_path / "small.gguf"
+    write_llama_gguf(small, blocks=1, embedding=256, heads=4, kv_heads=2, ff=512, vocab=1000, context=512)
+    verdict = safegate.check(command=["llama-cli", "-m", str(huge), "-ngl", "0"], reserve=False)
+    assert verdict.exit_code is ExitCode.MEMORY
+    memory = verdict.result("memory")
+    assert memory is not None and memory.values is not None and memory.values["need"] > 8 * 1024 * GiB
+    assert safegate.slots(command=["llama-cli", "-m", str(huge)]) == 0
+    assert safegate.check(command=["llama-cli", "-m", str(small), "-ngl", "0"], reserve=False).ok
+    assert safegate.slots(command=["llama-cli", "-m", str(small)]) == 1
+    with pytest.raises(TypeError, match="not one string"):
+        safegate.check(command="llama-cli -m x.gguf")  # type: ignore[arg-type]

@@ -20,8 +20,8 @@ from safegate.units import Size
 
 
 def test_the_table_is_the_profile_fields() -> None:
-    assert {f.name for f in fields(Profile)} - {"name", "source", "memory_auto"} == set(PROFILE_KEYS)
-    assert [s.key for s in SETTINGS] == [f.name for f in fields(Profile)][3:]
+    assert {f.name for f in fields(Profile)} - {"name", "source", "memory_auto", "declared"} == set(PROFILE_KEYS)
+    assert [s.key for s in SETTINGS] == [f.name for f in fields(Profile)][4:]
 
 
 def test_a_profile_starts_from_every_initial_value() -> None:
@@ -68,7 +68,7 @@ def test_every_key_is_accepted_in_a_profile(tmp_path: Path) -> None:
     samples = {"text": '"x"', "regexes": "['x']", "memory": '"1G"', "size": '"1G"', "limit": '"1G"', "lock": '"l"',
                "temp": "70", "percent": "50", "rules": "[]", "duration": '"1s"', "interval": '"50ms"',
                "signal": '"USR1"', "nice": "5", "on_hot": '"warn"', "cgroup": '"off"', "command": '"true"',
-               "switch": "true", "path": '"/tmp/log"', "gpu": '"0"', "license": '"w"'}
+               "switch": "true", "path": '"/tmp/log"', "gpu": '"0"', "license": '"w"', "oom_score_adj": "300"}
     body = "\n".join(f"{s.key} = {samples[s.kind]}" for s in SETTINGS)
     path = tmp_path / "all.toml"
     path.write_text(f"[profiles.all]\n{body}\n")

@@ -90,6 +90,10 @@ def _scenarios(sg: str, env: dict[str, str]) -> dict[str, Scenario]:
             f"grep -v '\"sample\"' /tmp/{name}.jsonl\n"
         )
 
+    # The job's and safegate's oom_score_adj (issue 26): the job in its scope, forked by safegate (its $PPID).
+    scores = ("echo \"caller=$(cat /proc/self/oom_score_adj)\"; cd /tmp && "
+              f"{sg} exec --margin 0 -- sh -c 'echo \"job=$(cat /proc/$$/oom_score_adj) "
+              "supervisor=$(cat /proc/$PPID/oom_score_adj) cgroup=$(cut -d: -f3 /proc/self/cgroup)\"'")
     user = {"user": TESTER, "env": env, "timeout": 300}
     root = {"env": env, "timeout": 300}
     return {
@@ -113,6 +117,8 @@ def _scenarios(sg: str, env: dict[str, str]) -> dict[str, Scenario]:
         "root_escape_scope": Scenario(escape("escape-scope"), **root),
         "root_escape_direct": Scenario(f"echo $$ > /sys/fs/cgroup/cgroup.procs && {escape('escape-direct')}"
                                        "ls /sys/fs/cgroup | grep safegate- || echo clean", **root),
+        "root_oom_score": Scenario(scores, **root),
+        "user_oom_score": Scenario(scores, **user),
         "user_limit_not_applied": Scenario(f"cd /tmp && {python} -c {shlex.quote(NOT_APPLIED)}", **user),
     }
 
@@ -245,3 +251,28 @@ def test_a_root_job_that_leaves_its_cgroup_is_still_held_to_max_mem(vm: tuple[Bo
     assert events["exit"]["reason"] == "memory" and events["summary"]["peak_job_memory"] >= 64 << 20, events
     if scenario == "root_escape_direct":
         assert r.stdout.rstrip().endswith("clean")  # its emptied cgroup removed
+
+
+def _oom_scores(stdout: str) -> dict[str, str]:
+    return dict(pair.split("=", 1) for pair in stdout.split())
+
+
+def test_root_with_cap_sys_resource_lowers_safegate_and_raises_the_job(vm: tuple[Boot, dict[str, Result]]) -> None:
+    """As root with CAP_SYS_RESOURCE: the job (in its system scope) at 500, safegate 500 below the caller."""
+    scores = _oom_scores(vm[1]["root_oom_score"].check().stdout)
+    caller = int(scores["caller"])
+    assert scores["cgroup"].endswith(".scope/job"), scores
+    assert int(scores["job"]) == max(500, caller), scores
+    assert int(scores["supervisor"]) == max(caller - 500, -999) < caller, scores
+
+
+def test_a_normal_user_keeps_safegate_at_the_callers_and_raises_the_job(vm: tuple[Boot, dict[str, Result]]) -> None:
+    """As a normal user (no CAP_SYS_RESOURCE, started at the lowest score allowed): safegate stays at the caller's
+    (lowering it is refused, quietly), the job in the user's scope is raised all the same."""
+    r = vm[1]["user_oom_score"].check()
+    scores = _oom_scores(r.stdout)
+    assert "/user@1500.service/" in scores["cgroup"] and scores["cgroup"].endswith(".scope/job"), scores
+    assert int(scores["job"]) == max(500, int(scores["caller"])), scores
+    assert scores["supervisor"] == scores["caller"], scores
+    said = [line for line in r.stderr.splitlines() if "oom_score_adj" in line and "started pid" not in line]
+    assert not said, r.stderr  # the refused lowering is not a message

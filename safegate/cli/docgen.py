@@ -117,12 +117,14 @@ ENVIRONMENT = [
     ("SAFEGATE_CONFIG", "Config file to use."),
     ("SAFEGATE_PROFILE", "Profile when -p is not given (for exec, instead of choosing by match)."),
     ("SAFEGATE_LOCK_DIR", "Lock directory, an absolute path; beats lock_dir in the config."),
-    ("SAFEGATE_GPU", "GPU backend: auto, nvml or none."),
+    ("SAFEGATE_GPU", "GPU backend: auto (NVML and DRM), nvml, drm or none."),
     ("SAFEGATE_DEBUG", "Show a traceback for an internal error (exit 125)."),
     ("XDG_CONFIG_HOME", "Where the per-user config is looked for."),
     ("XDG_STATE_HOME", "Where the history of exec runs is kept (default ~/.local/state)."),
     ("NO_COLOR", "When set, status --watch prints plain successive reports instead of redrawing."),
-    ("CUDA_VISIBLE_DEVICES", "When set, exec leaves it alone and only those GPUs are considered."),
+    ("CUDA_VISIBLE_DEVICES", "When set, exec leaves it alone and only those NVIDIA GPUs are considered."),
+    ("ROCR_VISIBLE_DEVICES, HIP_VISIBLE_DEVICES", "When either is set, exec leaves both alone and only those AMD "
+     "GPUs are considered (ROCR's indexes count the AMD cards, HIP's what ROCR leaves)."),
     ("SLURM_JOB_ID", "Inside a Slurm job: exec applies the job's memory allocation as max_mem (unless set) and "
                      "requires a profile's slurm_license."),
     ("SLURM_MEM_PER_NODE, SLURM_MEM_PER_CPU, SLURM_CPUS_ON_NODE, SLURM_JOB_CPUS_PER_NODE",
@@ -147,7 +149,7 @@ CONFIG_KEYS = [
     ("[defaults]", "Profile keys every profile inherits unless it sets them (not match, lock, memory)."),
     ("[thermal] sensors, ignore, files, require", "chip:label globs of CPU sensors to use and to ignore, raw "
      "sysfs files in millidegrees, and whether no readable sensor blocks."),
-    ("[gpu] backend", "auto, nvml or none (SAFEGATE_GPU beats it)."),
+    ("[gpu] backend", "auto (NVML where loadable, and the DRM cards), nvml, drm or none (SAFEGATE_GPU beats it)."),
     ("[profiles.NAME]", "A profile: the keys below. A built-in profile's name overrides it key by key."),
 ]
 RULE_KEYS = ("competing rules: a list of tables with program (a regex over the whole program name: argv[0]'s "

@@ -33,6 +33,10 @@ def gpu_json(g: GpuInfo) -> dict[str, Any]:
         "index": g.index, "name": g.name, "uuid": g.uuid, "total": g.total, "used": g.used, "free": g.free,
         "temp": g.temp, "slowdown": g.slowdown, "mig_mode": g.mig_mode, "error": g.error,
         "processes": [{"pid": p.pid, "used": p.used, "kind": p.kind} for p in g.processes],
+        "vendor": g.vendor, "vendor_index": g.index if g.vendor_index is None else g.vendor_index,
+        "bus_id": g.bus_id,
+        "hotspots": [{"label": h.label, "temp": h.celsius, "crit": h.crit} for h in g.hotspots],
+        "clock_reasons": None if g.clock_reasons is None else list(g.clock_reasons),
     }
 
 
@@ -164,8 +168,12 @@ def status_text(r: StatusReport) -> str:
         for g in r.gpus.gpus:
             mem = f"{format_bytes(g.used or 0)} used of {format_bytes(g.total)}" if g.total else "unified memory"
             temp = f", {g.temp:g} C" if g.temp is not None else ""
-            lines.append(f"GPU {g.index}    {printable(g.name)}: {printable(g.error or mem)}{temp}, "
-                         f"{len(g.processes)} process(es)")
+            temp += "".join(f", {printable(h.label)} {h.celsius:g} C" + (f" (crit {h.crit:g})" if h.crit else "")
+                            for h in g.hotspots)
+            # DRM cards list no processes here (fdinfo is read for a job's own processes only)
+            procs = f", {len(g.processes)} process(es)" if g.vendor == "nvidia" else f" ({g.vendor})"
+            lines.append(f"GPU {g.index}    {printable(g.name)}: {printable(g.error or mem)}{temp}{procs}"
+                         + _clocks_held(g))
     else:
         lines.append(f"GPUs     none ({r.gpus.backend})")
     where = printable(str(r.lock_dir))
@@ -176,6 +184,12 @@ def status_text(r: StatusReport) -> str:
     lines.append("largest processes:")
     lines += [f"  {p.pid:>7} {format_bytes(p.rss):>10}  {printable(p.cmdline)[:90]}" for p in r.top]
     return "\n".join(lines)
+
+
+def _clocks_held(g: GpuInfo) -> str:
+    """Why the card holds its clocks down (NVML's clock-event reasons), where it does; idle is not news."""
+    reasons = [r for r in g.clock_reasons or () if r != "GpuIdle"]
+    return f", clocks held down: {', '.join(reasons)}" if reasons else ""
 
 
 def status_json(r: StatusReport) -> str:

@@ -238,7 +238,7 @@ _KINDS: dict[str, Any] = {
     "gpu": _gpu,
     "license": _license,
     **{kind: _cli_kind(kind) for kind in ("limit", "duration", "interval", "signal", "nice", "on_hot", "cgroup",
-                                          "command")},
+                                          "command", "oom_score_adj")},
     "switch": _switch,
 }
 
@@ -339,7 +339,8 @@ def build_config(data: Mapping[str, Any], source: str, path: Path | None) -> Con
             backend = gpu_table["backend"]
             if backend not in BACKENDS:
                 hint = did_you_mean(backend, BACKENDS) if isinstance(backend, str) else ""
-                raise where.fail("gpu.backend", f"invalid GPU backend {backend!r}: expected auto, nvml or none{hint}")
+                raise where.fail("gpu.backend",
+                                 f"invalid GPU backend {backend!r}: expected auto, nvml, drm or none{hint}")
             gpu_backend = backend
 
     builtin_where = _Where("(built-in)", trusted=True)

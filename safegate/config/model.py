@@ -118,6 +118,11 @@ class Profile(msgspec.Struct, frozen=True, kw_only=True):
         EXEC)]
     nice: Annotated[int | None, Setting(
         "nice", "Run the job at this niceness (0-19), with idle or best-effort I/O priority.", "--nice", "N", EXEC)]
+    oom_score_adj: Annotated[int, Setting(
+        "oom_score_adj", "The job's oom_score_adj (-1000..1000; default {default}): the kernel's OOM killer and "
+        "earlyoom take the job before the desktop and before safegate. Never set below the caller's own (a job "
+        "started at a higher one keeps it): an unprivileged process may only raise it.", "--oom-score-adj", "N",
+        EXEC, default="500")]
     log: Annotated[str | None, Setting("path", "Append every event as a JSON line to FILE.", "--log", "FILE", EXEC)]
     cgroup: Annotated[str, Setting(
         "cgroup", "Run the job in a cgroup of its own, where the kernel caps its memory at --max-mem and stops every "
@@ -139,7 +144,8 @@ class Profile(msgspec.Struct, frozen=True, kw_only=True):
     gpu_margin: Annotated[Size, Setting(
         "size", "VRAM that must stay free on the card after the job's need (default {default}).", default="10%")]
     gpu: Annotated[tuple[int, ...] | None, Setting(
-        "gpu", "GPUs the job may use: auto (any one that fits; default) or indexes, all of which must fit.", "--gpu",
+        "gpu", "GPUs the job may use: auto (any one that fits; default) or indexes, all of which must fit "
+        "(NVIDIA's first in NVML order, then AMD and Intel cards by DRM card number).", "--gpu",
         "auto|INDEX[,INDEX]", GATE)]  # None: auto
     max_gpu_mem: Annotated[Size | None, Setting(
         "limit", f"Stop the job (exit 21) when its own GPU memory reaches this, at least {format_bytes(LIMIT_FLOOR)}.",

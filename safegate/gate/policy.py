@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 from msgspec.structs import replace
 
@@ -24,6 +24,7 @@ from safegate.gate.results import (
 )
 from safegate.probes.snapshots import (
     GpuInfo,
+    GpuSensor,
     GpuSnapshot,
     HolderRecord,
     LegacyState,
@@ -75,6 +76,28 @@ def check_pressure(mem: MemorySnapshot, max_pressure: float) -> CheckResult:
                        ExitCode.MEMORY, values, thresholds)
 
 
+# An AMD junction or memory sensor (an Intel vram sensor) blocks this far below the card's own critical limit
+# (temp*_crit), 2x that while resuming: junctions run at 90-105 C under normal load, so max_temp does not apply.
+GPU_CRIT_MARGIN = 5.0
+
+
+def hotspot_limit(sensor: GpuSensor, *, resuming: bool) -> float | None:
+    """Where a GPU's hot spot blocks: GPU_CRIT_MARGIN below its crit (twice that while resuming); None: no crit."""
+    if sensor.crit is None:
+        return None
+    return sensor.crit - GPU_CRIT_MARGIN * (2 if resuming else 1)
+
+
+def hot_spot(gpus: Sequence[GpuInfo], *, resuming: bool) -> tuple[GpuInfo, GpuSensor, float] | None:
+    """The first GPU sensor at or above its hotspot_limit, with that limit."""
+    for g in gpus:
+        for sensor in g.hotspots:
+            at = hotspot_limit(sensor, resuming=resuming)
+            if at is not None and sensor.celsius >= at:
+                return g, sensor, at
+    return None
+
+
 def gpu_temp_limit(gpu: GpuInfo, limit: float, *, resuming: bool) -> float:
     """A GPU blocks at *limit* or 5 C below its own slowdown threshold, whichever is lower (10 C while resuming)."""
     if gpu.slowdown is None:
@@ -104,6 +127,15 @@ def check_thermal(
                                sensor=f"gpu{g.index}", sensors=sensors, gpus=gpu_values, notes=notes)
         return CheckResult("thermal", Status.FAIL, f"GPU {g.index} ({g.name}) at {g.temp:g} C >= {gl:g} C ({why})",
                            ExitCode.THERMAL, values, thresholds)
+    spot = hot_spot(gpus, resuming=resuming)
+    if spot is not None:
+        g, sensor, at = spot
+        hottest_cpu = thermal.hottest
+        values = ThermalValues(hottest=max(sensor.celsius, hottest_cpu.celsius if hottest_cpu else sensor.celsius),
+                               sensor=f"gpu{g.index}:{sensor.label}", sensors=sensors, gpus=gpu_values, notes=notes)
+        return CheckResult("thermal", Status.FAIL, f"GPU {g.index} ({g.name}) {sensor.label} at {sensor.celsius:g} C "
+                           f">= {at:g} C (its critical {sensor.crit or 0:g} C minus {(sensor.crit or 0) - at:g} C)",
+                           ExitCode.THERMAL, values, thresholds)
     hottest = thermal.hottest
     if hottest is None and gpu_values:
         g = max((g for g in gpus if g.temp is not None), key=lambda g: g.temp or 0.0)
@@ -126,6 +158,38 @@ def check_thermal(
                        ExitCode.THERMAL, values, thresholds)
 
 
+# NVIDIA's clock-event reasons (GpuInfo.clock_reasons): a card holding its clocks down in hardware is in trouble
+# below any fixed temperature (HW slowdown: thermal or power alarm, an external signal; HW thermal slowdown; the
+# power brake), so it blocks like heat. SW thermal slowdown is a consumer card at its temperature target, normal
+# under load: a warning. The others (idle, power cap, application clocks, ...) are how a card runs.
+CLOCKS_BLOCK = {"HwSlowdown": "HW slowdown", "HwThermalSlowdown": "HW thermal slowdown",
+                "HwPowerBrakeSlowdown": "HW power brake"}
+CLOCKS_WARN = {"SwThermalSlowdown": "SW thermal slowdown"}
+
+
+def clock_trouble(gpu: GpuInfo, table: Mapping[str, str]) -> str | None:
+    """The card's reasons that *table* (CLOCKS_BLOCK or CLOCKS_WARN) names, as words naming the card; None: none."""
+    words = [table[r] for r in gpu.clock_reasons or () if r in table]
+    return f"GPU {gpu.index} ({gpu.name}): {', '.join(words)}" if words else None
+
+
+def with_clock_reasons(thermal: CheckResult, gpus: Sequence[GpuInfo]) -> CheckResult:
+    """The thermal check, judged also by the clock-event reasons of the GPUs the job may use: a HW reason blocks
+    (12), SW thermal slowdown warns."""
+    hw = [t for t in (clock_trouble(g, CLOCKS_BLOCK) for g in gpus) if t]
+    sw = [t for t in (clock_trouble(g, CLOCKS_WARN) for g in gpus) if t]
+    if hw:
+        why = "; ".join(f"{t} (the card is throttling itself)" for t in hw)
+        if thermal.blocks:
+            return replace(thermal, reason=f"{thermal.reason}; {why}")
+        return replace(thermal, status=Status.FAIL, reason=why)
+    if sw:
+        why = "; ".join(f"{t} (at its temperature target: normal under load, not blocking)" for t in sw)
+        status = Status.WARN if thermal.status is Status.PASS else thermal.status
+        return replace(thermal, status=status, reason=f"{thermal.reason}; {why}")
+    return thermal
+
+
 def gpu_free(g: GpuInfo, reserved: Mapping[int, int]) -> int | None:
     """Free VRAM less what jobs safegate started on this card will still take."""
     return None if g.free is None else g.free - reserved.get(g.index, 0)
@@ -136,24 +200,47 @@ def gpu_fits(g: GpuInfo, need: int, margin: Size, reserved: Mapping[int, int]) -
     return free is not None and g.total is not None and free - need >= margin.resolve(g.total)
 
 
-def visible_to_cuda(gpus: tuple[GpuInfo, ...], cuda_visible: str | None) -> tuple[GpuInfo, ...]:
-    """The GPUs a preset CUDA_VISIBLE_DEVICES (indexes or UUIDs, as Slurm and users set it) leaves."""
-    if cuda_visible is None:
-        return gpus
-    chosen = []
-    for item in (p.strip() for p in cuda_visible.split(",")):
+def _visible(gpus: Sequence[GpuInfo], preset: str, number: Callable[[GpuInfo], int]) -> list[GpuInfo]:
+    """The *gpus* a preset list (indexes as *number* counts them, or UUIDs or their prefixes) names, in its order."""
+    chosen: list[GpuInfo] = []
+    for item in (p.strip() for p in preset.split(",")):
         if not item:
             continue
         if item.isascii() and item.isdigit():  # isdigit alone accepts '²', which int() refuses
-            chosen += [g for g in gpus if g.index == int(item)]
+            chosen += [g for g in gpus if number(g) == int(item)]
         else:
             chosen += [g for g in gpus if g.uuid and (g.uuid == item or g.uuid.startswith(item))]
-    return tuple(dict.fromkeys(chosen))
+    return list(dict.fromkeys(chosen))
 
 
-def select_gpus(snapshot: GpuSnapshot, requested: tuple[int, ...] | None, cuda_visible: str | None) -> Selection:
-    """The GPUs a job may use: those a preset CUDA_VISIBLE_DEVICES leaves, narrowed by --gpu."""
-    base = visible_to_cuda(snapshot.gpus, cuda_visible)
+def visible_to_cuda(gpus: tuple[GpuInfo, ...], cuda_visible: str | None) -> tuple[GpuInfo, ...]:
+    """The GPUs a preset CUDA_VISIBLE_DEVICES (indexes or UUIDs, as Slurm and users set it) leaves: of the NVIDIA
+    cards; other vendors' cards are left as they are."""
+    if cuda_visible is None:
+        return gpus
+    nvidia = _visible([g for g in gpus if g.vendor == "nvidia"], cuda_visible, lambda g: g.index)
+    return (*nvidia, *(g for g in gpus if g.vendor != "nvidia"))  # NVIDIA's in the preset's order, as before
+
+
+def visible_to_rocm(gpus: tuple[GpuInfo, ...], rocr_visible: str | None, hip_visible: str | None,
+                    ) -> tuple[GpuInfo, ...]:
+    """The GPUs a preset ROCR_VISIBLE_DEVICES, then HIP_VISIBLE_DEVICES, leaves of the AMD cards (as ROCm applies
+    them: ROCR's indexes count the AMD cards, HIP's count what ROCR left); other cards are left as they are."""
+    amd = [g for g in gpus if g.vendor == "amd"]
+    if rocr_visible is not None:
+        amd = _visible(amd, rocr_visible, lambda g: g.vendor_index if g.vendor_index is not None else g.index)
+    if hip_visible is not None:
+        place = {g.index: i for i, g in enumerate(amd)}
+        amd = _visible(amd, hip_visible, lambda g: place[g.index])
+    return (*(g for g in gpus if g.vendor != "amd"), *amd)
+
+
+def select_gpus(snapshot: GpuSnapshot, requested: tuple[int, ...] | None, cuda_visible: str | None,
+                rocm_visible: tuple[str | None, str | None] = (None, None)) -> Selection:
+    """The GPUs a job may use: those a preset CUDA_VISIBLE_DEVICES (NVIDIA) and ROCR_VISIBLE_DEVICES,
+    HIP_VISIBLE_DEVICES (AMD: *rocm_visible*) leave, narrowed by --gpu (indexes across vendors: NVIDIA's in NVML
+    order, then the DRM cards in card order)."""
+    base = visible_to_rocm(visible_to_cuda(snapshot.gpus, cuda_visible), *rocm_visible)
     if requested is None:
         return Selection(base, explicit=False)
     chosen = tuple(g for g in base if g.index in requested)
@@ -183,7 +270,7 @@ def check_gpu(
     if selection.explicit and selection.notes:
         return CheckResult("gpu", Status.FAIL, "; ".join(selection.notes), code, values, thresholds)
     if not selection.gpus:
-        why = "no NVIDIA GPU" if snapshot.status == "none" else "no GPU left by the selection"
+        why = "no GPU" if snapshot.status == "none" else "no GPU left by the selection"
         return CheckResult("gpu", Status.NONE, why, code, values, thresholds)
     failed = [g for g in selection.gpus if g.error is not None]
     if failed:
@@ -194,7 +281,10 @@ def check_gpu(
                            code, values, thresholds)
     unified = [g for g in selection.gpus if g.unified_memory]
     if unified and len(unified) == len(selection.gpus):
-        return CheckResult("gpu", Status.PASS, f"GPU {unified[0].index} shares system RAM (unified memory): "
+        g = unified[0]
+        # The kernel reports no VRAM use of an Intel card (i915, xe): its need is counted against RAM too.
+        how = "reports no memory use (Intel)" if g.vendor == "intel" else "shares system RAM (unified memory)"
+        return CheckResult("gpu", Status.PASS, f"GPU {g.index} {how}: "
                            f"the need of {format_bytes(need)} is counted against RAM", code, values, thresholds)
     sized = [g for g in selection.gpus if g.total is not None]
     could = [g for g in sized if need + margin.resolve(g.total or 0) <= (g.total or 0)]

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 from msgspec.structs import replace
 
-from safegate.config.model import DEFAULT_PROFILE, CompetingRule, Config, ThermalConfig
+from safegate.config.model import DEFAULT_PROFILE, CompetingRule, Config, Profile, ThermalConfig
 from safegate.gate.fairness import QUEUE, head_waiting, in_line
 from safegate.gate.grant import owner_idle
 from safegate.gate.policy import (
@@ -33,6 +33,7 @@ from safegate.gate.policy import (
     encloses,
     match_competing,
     select_gpus,
+    with_clock_reasons,
 )
 from safegate.gate.queue import HEAD_GRACE, Line, read_tickets, waiting_in_line
 from safegate.gate.results import CheckResult, CompetingValues, GpuValues, MemoryValues, Status, Verdict
@@ -179,7 +180,9 @@ def read_machine(settings: Settings) -> Machine:
     # its lock before it drops its ticket, so one seen in the process table is found in one or the other.
     procs = read_processes(accounted=lambda: {t.pid for t in read_tickets(lock_dir)} | dir_lockers(lock_dir, lockers()))
     return Machine(legacy=legacy, thermal=read_thermal(settings.thermal), gpus=gpus,
-                   selection=select_gpus(gpus, settings.profile.gpu, os.environ.get("CUDA_VISIBLE_DEVICES")),
+                   selection=select_gpus(gpus, settings.profile.gpu, os.environ.get("CUDA_VISIBLE_DEVICES"),
+                                         (os.environ.get("ROCR_VISIBLE_DEVICES"),
+                                          os.environ.get("HIP_VISIBLE_DEVICES"))),
                    competing=_competing(procs, settings.profile.competing, total_ram()), processes=procs)
 
 
@@ -226,6 +229,7 @@ def evaluate(
         _besides_the_lock(machine, lock_state, settings.profile.competing),
     ]
     checks[1] = blame_holder(checks[1], lock_state, holders, mem, need, margin)
+    checks = [with_clock_reasons(c, selection.gpus) if c.name == "thermal" else c for c in checks]
     if line is not None:
         tickets = read_tickets(store.directory, names=names)
         line.saw_head(*head_waiting(checks, line.ticket, tickets, line.passed_over()))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import stat
 from collections.abc import Sequence
 
@@ -18,6 +19,9 @@ MAX_ARGS = 512
 MAX_ARG = 4096
 MAX_STATS = 16
 MAX_WRAPPERS = 8
+MAX_SHELLS = 1  # sh -c '...' is read; a shell inside it is not
+MAX_COMMANDS = 16  # simple commands of a shell's -c line tried
+SHELLS = frozenset({"sh", "bash", "dash", "zsh", "ksh"})
 SIGNATURE_MAX = 400
 
 PYTHON = re.compile(r"(python|pypy)(\d+(\.\d+)?)?[a-z]?")
@@ -35,6 +39,9 @@ WRAPPERS: dict[str, tuple[frozenset[str], str | None]] = {
     "ionice": (frozenset({"-c", "--class", "-n", "--classdata", "-p", "-P", "-u"}), None),
     "stdbuf": (frozenset({"-i", "-o", "-e"}), None),
     "chrt": (frozenset(), None),
+    "timeout": (frozenset({"-s", "--signal", "-k", "--kill-after"}), None),
+    "taskset": (frozenset(), None),
+    "numactl": (frozenset({"-C", "-N", "-m", "-i", "-p"}), None),
     "sudo": (frozenset({"-u", "--user", "-g", "--group", "-C", "-D", "-h", "-p", "-r", "-t", "-T", "-U"}), None),
     "uv": (frozenset({"--with", "--with-editable", "--with-requirements", "--python", "-p", "--project",
                       "--directory", "--package", "--extra", "--group", "--env-file", "--index", "--from",
@@ -64,8 +71,9 @@ class Invocation(msgspec.Struct, frozen=True):
     notes: tuple[str, ...] = ()
 
 
-def recognise(argv: Sequence[str], known: Knowledge) -> Invocation:
-    """*argv* read as one of the tools *known* describes; never raises."""
+def recognise(argv: Sequence[str], known: Knowledge, *, depth: int = 0) -> Invocation:
+    """*argv* read as one of the tools *known* describes; never raises. A shell's -c command line is read as
+    the shell would split it (no expansion), when it names a tool."""
     notes: list[str] = []
     args = [a[:MAX_ARG] if isinstance(a, str) else "" for a in list(argv[:MAX_ARGS])]
     if len(argv) > MAX_ARGS:
@@ -73,6 +81,13 @@ def recognise(argv: Sequence[str], known: Knowledge) -> Invocation:
     args = _unwrap(args)
     if not args:
         return Invocation("", "", notes=tuple(notes))
+    shell = _shell_command(args)
+    if shell is not None:
+        for words in shell[0][:MAX_COMMANDS] if depth < MAX_SHELLS else ():
+            found = recognise(words, known, depth=depth + 1)
+            if found.family:
+                return msgspec.structs.replace(found, notes=(*notes, *found.notes))
+        args = [args[0], *shell[1]]  # its $0, $1, ...: a model file may be handed to the script there
     program, rest, python = _program(args)
     family_name = _family_of(program, known)
     family = known.families.get(family_name) if family_name else None
@@ -110,10 +125,38 @@ def _unwrap(args: list[str]) -> list[str]:
         if name == "env":
             while rest and ASSIGNMENT.fullmatch(rest[0]):
                 rest = rest[1:]
-        elif name == "chrt" and rest:
-            rest = rest[1:]  # the priority
+        elif name in ("chrt", "timeout", "taskset") and rest:
+            rest = rest[1:]  # the priority, the duration, the CPU mask or list
         args = rest
     return args
+
+
+def _shell_command(args: list[str]) -> tuple[list[list[str]], list[str]] | None:
+    """For `sh -c 'CMD ...' ARG...`: the simple commands of CMD as the shell would split them (quotes, no
+    expansion; at `&&`, `;`, `|`, ...), and the ARGs after it; else None."""
+    if os.path.basename(args[0]) not in SHELLS:
+        return None
+    rest = args[1:]
+    while rest and rest[0].startswith("-") and rest[0] not in ("-c", "--"):
+        rest = rest[1:]  # -e, -x, -l, --login, ...
+    if len(rest) < 2 or rest[0] != "-c":
+        return None
+    lexer = shlex.shlex(rest[1], posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    commands: list[list[str]] = [[]]
+    try:
+        for count, word in enumerate(lexer):
+            if count >= MAX_ARGS:
+                break
+            if word and all(c in "();<>|&" for c in word):
+                commands.append([])  # an operator or a redirection: what follows is another command or a file
+            else:
+                commands[-1].append(word)
+    except ValueError:  # an unmatched quote: not a command line to read
+        return [], rest[2:]
+    # "$1" and "${1}" are the arguments after the command line ($0 first), as the shell hands them over.
+    given = {f"${i}": word for i, word in enumerate(rest[2:12])} | {f"${{{i}}}": w for i, w in enumerate(rest[2:12])}
+    return [[given.get(w, w) for w in c] for c in commands if c], rest[2:]
 
 
 def _skip_options(args: list[str], takes_value: frozenset[str]) -> list[str]:

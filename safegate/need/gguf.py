@@ -20,7 +20,8 @@ import os
 import re
 import struct
 
-from safegate.need.header import Cursor, ModelFile, Unusable, block_of, open_regular, quoted
+from safegate.errors import BadModelFile
+from safegate.need.header import Cursor, ModelFile, block_of, open_regular, quoted
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)  # version 1 (u32 counts) is gone from llama.cpp since 2023
@@ -61,7 +62,8 @@ _START = struct.Struct("<4sIQQ")
 # Keys kept: these, and "<arch>.<suffix>" for each suffix (the arch may come after its keys).
 _KEYS = {"general.architecture", "general.alignment", "split.no", "split.count", "split.tensors.count"}
 _SUFFIXES = {"block_count", "embedding_length", "context_length", "attention.head_count",
-             "attention.head_count_kv", "attention.key_length", "attention.value_length", "vocab_size"}
+             "attention.head_count_kv", "attention.key_length", "attention.value_length", "vocab_size",
+             "attention.sliding_window"}
 
 
 class _Budget:
@@ -84,7 +86,7 @@ def read_gguf(path: str) -> ModelFile | str:
     why there is no prediction."""
     try:
         return _read_model(path)
-    except Unusable as exc:
+    except BadModelFile as exc:
         return str(exc)
     except OSError as exc:
         return f"{quoted(path)}: unreadable ({exc.strerror or exc})"
@@ -98,33 +100,34 @@ def _read_model(path: str) -> ModelFile:
     parts = [first]
     if count > 1:
         if _int(first, "split.no", 0) != 0:
-            raise Unusable(f"{quoted(path)}: part {_int(first, 'split.no', 0) + 1} of {count}; llama.cpp loads a "
+            raise BadModelFile(f"{quoted(path)}: part {_int(first, 'split.no', 0) + 1} of {count}; llama.cpp loads a "
                            "split model from its first part (-00001-of-...)")
         if count > MAX_PARTS:
-            raise Unusable(f"{quoted(path)}: split into {count} parts (at most {MAX_PARTS} accepted)")
+            raise BadModelFile(f"{quoted(path)}: split into {count} parts (at most {MAX_PARTS} accepted)")
         directory, name = os.path.split(path)
         match = _SPLIT_NAME.match(name)
         if not match or int(match.group(2)) != 1 or int(match.group(3)) != count:
-            raise Unusable(f"{quoted(path)}: split into {count} parts, but not named <prefix>-00001-of-"
+            raise BadModelFile(f"{quoted(path)}: split into {count} parts, but not named <prefix>-00001-of-"
                            f"{count:05d}.gguf, so the other parts cannot be found")
         for number in range(2, count + 1):
             part_path = os.path.join(directory, f"{match.group(1)}-{number:05d}-of-{count:05d}.gguf")
             if not os.path.lexists(part_path):
-                raise Unusable(f"{quoted(path)}: part {number} of {count} is missing ({quoted(part_path)})")
+                raise BadModelFile(f"{quoted(path)}: part {number} of {count} is missing ({quoted(part_path)})")
             part = _read_part(part_path, budget)
             if _int(part, "split.no", -1) != number - 1 or _int(part, "split.count", -1) != count:
-                raise Unusable(f"{quoted(part_path)}: does not say it is part {number} of {count}")
+                raise BadModelFile(f"{quoted(part_path)}: does not say it is part {number} of {count}")
             paths.append(part_path)
             parts.append(part)
     tensors: dict[str, int] = {}
     for part, part_path in zip(parts, paths, strict=True):
         for name, nbytes in part.tensors.items():
             if name in tensors:
-                raise Unusable(f"{quoted(part_path)}: tensor {quoted(name)} appears twice")
+                raise BadModelFile(f"{quoted(part_path)}: tensor {quoted(name)} appears twice")
             tensors[name] = nbytes
     expected = _int(first, "split.tensors.count", len(tensors)) if count > 1 else len(tensors)
     if expected != len(tensors):
-        raise Unusable(f"{quoted(path)}: the parts hold {len(tensors)} tensors, split.tensors.count says {expected}")
+        raise BadModelFile(f"{quoted(path)}: the parts hold {len(tensors)} tensors, "
+                           f"split.tensors.count says {expected}")
     return _model(first, tuple(paths), tensors)
 
 
@@ -132,18 +135,21 @@ def _model(first: _Part, paths: tuple[str, ...], tensors: dict[str, int]) -> Mod
     values = first.values
     arch = values.get("general.architecture")
     arch = arch if isinstance(arch, str) else None
-    notes: list[str] = []
 
     def number(suffix: str) -> int | None:
         value = values.get(f"{arch}.{suffix}") if arch else None
-        if isinstance(value, tuple):  # per layer (e.g. OpenELM's head counts): the largest, a bound
-            if value:
-                notes.append(f"{suffix} differs per layer: the largest ({max(value)}) used")
-            return max(value) if value else None
+        if isinstance(value, tuple):  # per layer (OpenELM's head counts; 0 for a hybrid's recurrent layers)
+            return max(value) if value and min(value) >= 0 and max(value) > 0 else None
         return value if isinstance(value, int) and 0 < value <= INT64_MAX else None
 
+    def per_layer(suffix: str) -> tuple[int, ...]:
+        value = values.get(f"{arch}.{suffix}") if arch else None
+        return value if isinstance(value, tuple) and len(value) == blocks and number(suffix) else ()
+
     blocks = number("block_count")
-    layers = [0] * blocks if blocks is not None and blocks <= MAX_LAYER_ARRAY else []
+    if blocks is not None and blocks > MAX_LAYER_ARRAY:
+        raise BadModelFile(f"{quoted(paths[0])}: {blocks} blocks (at most {MAX_LAYER_ARRAY} accepted)")
+    layers = [0] * (blocks or 0)
     input_weights = output_weights = 0
     for name, nbytes in tensors.items():
         block = block_of(name)
@@ -161,7 +167,9 @@ def _model(first: _Part, paths: tuple[str, ...], tensors: dict[str, int]) -> Mod
         head_count_kv=number("attention.head_count_kv"), key_length=number("attention.key_length"),
         value_length=number("attention.value_length"), context_length=number("context_length"), vocab_size=vocab,
         layer_weights=tuple(layers), input_weights=input_weights, output_weights=output_weights,
-        tied_output="output.weight" not in tensors and "token_embd.weight" in tensors, notes=tuple(notes))
+        tied_output="output.weight" not in tensors and "token_embd.weight" in tensors,
+        sliding_window=number("attention.sliding_window"), head_count_kv_per_layer=per_layer(
+            "attention.head_count_kv"))
 
 
 def _int(part: _Part, key: str, default: int) -> int:
@@ -174,28 +182,29 @@ def _read_part(path: str, budget: _Budget) -> _Part:
         cur = Cursor(fh, path)
         magic, version, n_tensors, n_kv = _START.unpack(cur.read(_START.size, "the GGUF header"))
         if magic != MAGIC:
-            raise Unusable(f"{quoted(path)}: not a GGUF file (it starts with {magic!r}, not b'GGUF')")
+            raise BadModelFile(f"{quoted(path)}: not a GGUF file (it starts with {magic!r}, not b'GGUF')")
         if version not in VERSIONS:
             swapped = int.from_bytes(version.to_bytes(4, "little"), "big")
             why = "a big-endian GGUF" if swapped in VERSIONS else f"GGUF version {version}"
-            raise Unusable(f"{quoted(path)}: {why} (versions {VERSIONS[0]} and {VERSIONS[-1]}, little-endian, read)")
+            raise BadModelFile(f"{quoted(path)}: {why} "
+                               f"(versions {VERSIONS[0]} and {VERSIONS[-1]}, little-endian, read)")
         if n_kv > MAX_KV:
-            raise Unusable(f"{quoted(path)}: {n_kv} metadata entries (at most {MAX_KV} accepted)")
+            raise BadModelFile(f"{quoted(path)}: {n_kv} metadata entries (at most {MAX_KV} accepted)")
         if n_tensors > budget.tensors:
-            raise Unusable(f"{quoted(path)}: {n_tensors} tensors (at most {MAX_TENSORS} accepted over all parts)")
+            raise BadModelFile(f"{quoted(path)}: {n_tensors} tensors (at most {MAX_TENSORS} accepted over all parts)")
         budget.tensors -= n_tensors
         part = _Part()
         for _ in range(n_kv):
             _read_kv(cur, part, budget)
         alignment = _int(part, "general.alignment", DEFAULT_ALIGNMENT)
         if not 0 < alignment <= MAX_ALIGNMENT or alignment & (alignment - 1):
-            raise Unusable(f"{quoted(path)}: general.alignment {alignment} is not a power of two up to "
+            raise BadModelFile(f"{quoted(path)}: general.alignment {alignment} is not a power of two up to "
                            f"{MAX_ALIGNMENT}")
         ends = [_read_tensor(cur, part, alignment) for _ in range(n_tensors)]
         data_start = -(-cur.pos // alignment) * alignment
         end = data_start + max(ends, default=0)
         if end > cur.size:
-            raise Unusable(f"{quoted(path)}: truncated (its tensors end at byte {end}, the file has {cur.size})")
+            raise BadModelFile(f"{quoted(path)}: truncated (its tensors end at byte {end}, the file has {cur.size})")
         return part
 
 
@@ -208,13 +217,13 @@ def _string(cur: Cursor, what: str, keep: int) -> str | None:
     try:
         return cur.read(length, what).decode("utf-8")
     except UnicodeDecodeError:
-        raise Unusable(f"{quoted(cur.path)}: {what} is not UTF-8") from None
+        raise BadModelFile(f"{quoted(cur.path)}: {what} is not UTF-8") from None
 
 
 def _read_kv(cur: Cursor, part: _Part, budget: _Budget) -> None:
     key = _string(cur, "a metadata key", MAX_KEY)
     if key is None:
-        raise Unusable(f"{quoted(cur.path)}: a metadata key longer than {MAX_KEY} bytes")
+        raise BadModelFile(f"{quoted(cur.path)}: a metadata key longer than {MAX_KEY} bytes")
     kind = cur.u32(f"the type of {key}")
     wanted = key in _KEYS or key.split(".", 1)[-1] in _SUFFIXES
     if kind in _SCALARS:
@@ -229,7 +238,7 @@ def _read_kv(cur: Cursor, part: _Part, budget: _Budget) -> None:
     elif kind == _ARRAY:
         _read_array(cur, key, part, budget, wanted)
     else:
-        raise Unusable(f"{quoted(cur.path)}: metadata {quoted(key)} has unknown type {kind}")
+        raise BadModelFile(f"{quoted(cur.path)}: metadata {quoted(key)} has unknown type {kind}")
 
 
 def _read_array(cur: Cursor, key: str, part: _Part, budget: _Budget, wanted: bool) -> None:
@@ -246,41 +255,41 @@ def _read_array(cur: Cursor, key: str, part: _Part, budget: _Budget, wanted: boo
             cur.skip(count * size, key)
     elif kind == _STRING:
         if count > budget.items:
-            raise Unusable(f"{quoted(cur.path)}: {key} holds {count} strings (at most {MAX_ITEMS} accepted)")
+            raise BadModelFile(f"{quoted(cur.path)}: {key} holds {count} strings (at most {MAX_ITEMS} accepted)")
         budget.items -= count
         cur.skip_strings(count, key)
     elif kind == _ARRAY:  # ggml refuses these too: llama.cpp could not load the file
-        raise Unusable(f"{quoted(cur.path)}: metadata {quoted(key)} is an array of arrays")
+        raise BadModelFile(f"{quoted(cur.path)}: metadata {quoted(key)} is an array of arrays")
     else:
-        raise Unusable(f"{quoted(cur.path)}: metadata {quoted(key)} is an array of unknown type {kind}")
+        raise BadModelFile(f"{quoted(cur.path)}: metadata {quoted(key)} is an array of unknown type {kind}")
 
 
 def _read_tensor(cur: Cursor, part: _Part, alignment: int) -> int:
     """One tensor's info: its bytes recorded in *part*; returns where its data ends, from the data section."""
     name = _string(cur, "a tensor name", MAX_NAME)
     if name is None:
-        raise Unusable(f"{quoted(cur.path)}: a tensor name longer than {MAX_NAME} bytes")
+        raise BadModelFile(f"{quoted(cur.path)}: a tensor name longer than {MAX_NAME} bytes")
     n_dims = cur.u32(f"the dimensions of {name}")
     if n_dims > MAX_DIMS:
-        raise Unusable(f"{quoted(cur.path)}: tensor {quoted(name)} has {n_dims} dimensions (at most {MAX_DIMS})")
+        raise BadModelFile(f"{quoted(cur.path)}: tensor {quoted(name)} has {n_dims} dimensions (at most {MAX_DIMS})")
     dims = struct.unpack(f"<{n_dims}Q", cur.read(8 * n_dims, f"the shape of {name}"))
     kind = cur.u32(f"the type of {name}")
     offset = cur.u64(f"the offset of {name}")
     if kind not in GGML_TYPES:
-        raise Unusable(f"{quoted(cur.path)}: tensor {quoted(name)} has ggml type {kind}, unknown here")
+        raise BadModelFile(f"{quoted(cur.path)}: tensor {quoted(name)} has ggml type {kind}, unknown here")
     type_name, block, size = GGML_TYPES[kind]
     elements = 1
     for dim in dims:
         elements *= dim
     if any(d > INT64_MAX for d in dims) or elements > INT64_MAX:
-        raise Unusable(f"{quoted(cur.path)}: tensor {quoted(name)} has a shape of more than 2**63 elements")
+        raise BadModelFile(f"{quoted(cur.path)}: tensor {quoted(name)} has a shape of more than 2**63 elements")
     if dims and dims[0] % block:
-        raise Unusable(f"{quoted(cur.path)}: tensor {quoted(name)}'s rows ({dims[0]}) are not whole {type_name} "
+        raise BadModelFile(f"{quoted(cur.path)}: tensor {quoted(name)}'s rows ({dims[0]}) are not whole {type_name} "
                        f"blocks of {block}")
     if offset % alignment:
-        raise Unusable(f"{quoted(cur.path)}: tensor {quoted(name)}'s offset {offset} is not aligned to {alignment}")
+        raise BadModelFile(f"{quoted(cur.path)}: tensor {quoted(name)}'s offset {offset} is not aligned to {alignment}")
     if name in part.tensors:
-        raise Unusable(f"{quoted(cur.path)}: tensor {quoted(name)} appears twice")
+        raise BadModelFile(f"{quoted(cur.path)}: tensor {quoted(name)} appears twice")
     nbytes = elements // block * size
     part.tensors[name] = nbytes
     if name == "token_embd.weight" and n_dims >= 2 and part.vocab is None:

@@ -4,13 +4,14 @@ never a user's command."""
 from __future__ import annotations
 
 import functools
+import sys
 from pathlib import Path
 
 import msgspec
 
-try:
+if sys.version_info >= (3, 11):
     import tomllib
-except ModuleNotFoundError:  # Python 3.10
+else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
 from safegate.units import parse_size
@@ -87,4 +88,4 @@ def knowledge() -> Knowledge:
 
 
 def size(text: str | None) -> int:
-    return 0 if text is None else parse_size(text, allow_percent=False).bytes
+    return 0 if text is None else parse_size(text, allow_percent=False).bytes or 0

@@ -47,6 +47,7 @@ def predict(argv: Sequence[str], gpu_present: Callable[[], bool]) -> Known:
     if not inv.family:
         return Known(None, inv.program, None, None, (*inv.notes, "no tool safegate knows (safegate need lists them)"))
     family = known.families[inv.family]
+    signature: str | None
     if family.engine is not None:
         device_gpu = _device_gpu(inv, family, gpu_present)
         signature = _signature(inv, family, device="cuda" if device_gpu else "cpu",
@@ -143,34 +144,36 @@ def _model_file(inv: Invocation, family: Family, known: Knowledge,
     context = _number(ctx_given, 0, MAX_CONTEXT)
     if ctx_given is not None and context is None:
         notes.append(f"context {printable(ctx_given)[:40]!r} is not a number of tokens: read as absent")
+    if context is None and family.default_context not in (None, "trained"):
+        context = int(str(family.default_context))
+    # None or 0: the model's trained context (llama.cpp's -c 0); for safetensors None is no KV cache.
     layers_given = inv.options.get(family.gpu_layers_options[0]) if family.gpu_layers_options else None
     layers = _number(layers_given, -MAX_LAYERS, MAX_LAYERS)
-    cache = inv.options.get(family.cache_options[0], "f16") if family.cache_options else "f16"
+    if layers_given is not None and layers is None:
+        notes.append(f"GPU layers {printable(layers_given)[:40]!r} is not a number: read as absent")
     device = inv.options.get(family.device_options[0], "").lower() if family.device_options else ""
-    model = read_model(inv.model)
-    if isinstance(model, str):
-        return None, [*notes, f"{printable(os.path.basename(inv.model))[:120]}: {model}; no prediction"], None
-    blocks = model.block_count or 0
-    all_layers = blocks + 1  # the repeating blocks and the output layer, as llama.cpp counts -ngl
-    if context is None or context == 0:  # llama.cpp's -c 0: the model's own
-        default = family.default_context or "trained"
-        context = model.context_length if default == "trained" or context == 0 else int(default)
-    if family.tool == "a safetensors model":
-        layers = 0 if device.startswith("cpu") else (all_layers if device.startswith("cuda") or gpu_present() else 0)
-    elif layers is None or layers == -1:
+    if family.gpu_layers_options == ():  # safetensors: the whole model where the device is
+        layers = 0 if device.startswith("cpu") else -1 if device.startswith("cuda") or gpu_present() else 0
+    elif layers is None or layers == -1:  # absent, or llama.cpp's -1 (auto: as many as fit)
         default = family.default_gpu_layers or "auto"
         if layers == -1 or default == "auto":
-            layers = all_layers if gpu_present() else 0
+            layers = -1 if gpu_present() else 0
         else:
-            layers = all_layers if default == "all" else int(default)
-    elif layers < -1:
-        layers = all_layers
-    need = file_need(model, context=context, gpu_layers=min(layers, all_layers), cache_type=cache)
+            layers = -1 if default == "all" else int(default)
+    if layers != 0 and family.gpu_layers_options and not gpu_present():
+        # llama.cpp without a GPU (or a CPU-only build) ignores -ngl: every layer stays in RAM.
+        notes.append(f"no GPU here: {printable(layers_given or str(layers))[:20]} GPU layers read as 0, all in RAM")
+        layers = 0
+    cache = inv.options.get(family.cache_options[0], "f16") if family.cache_options else "f16"
+    model = read_model(inv.model)
+    if isinstance(model, str):
+        return None, [*notes, f"{model}; no prediction"], None
+    need = file_need(model, context=context, gpu_layers=layers, cache_type=cache)
     signature = _signature(inv, family, ctx=need.context or None, ngl=need.gpu_layers,
                            cache=cache if cache != "f16" else None)
     where = os.path.basename(inv.model.rstrip("/"))
     detail = (f"{printable(where)[:120]} ({model.format} header): weights {format_bytes(need.weights)}, KV cache "
               f"{format_bytes(need.kv_cache)} at a context of {need.context} ({printable(cache)[:16]}), overhead "
-              f"{format_bytes(need.overhead)}; {need.gpu_layers} of {all_layers} layers on the GPU "
-              f"({family.tool}'s defaults where the command gives none)")
+              f"{format_bytes(need.overhead)}; {need.gpu_layers} of {(model.block_count or 0) + 1} layers on the "
+              f"GPU ({family.tool}'s defaults where the command gives none)")
     return (Prediction(need.ram, need.gpu, "file", detail, known.cite(family)), [*notes, *need.notes], signature)

@@ -15,7 +15,8 @@ from typing import Annotated, Any
 
 import msgspec
 
-from safegate.need.header import Cursor, ModelFile, Unusable, open_regular, quoted
+from safegate.errors import BadModelFile
+from safegate.need.header import Cursor, ModelFile, open_regular, quoted
 
 MAX_HEADER = 100_000_000  # the safetensors library's own cap on N
 MAX_INDEX = 1 << 26  # bytes of an index file (a real one: tens of KiB)
@@ -54,7 +55,7 @@ def read_safetensors(path: str) -> ModelFile | str:
     no prediction."""
     try:
         return _read(path)
-    except Unusable as exc:
+    except BadModelFile as exc:
         return str(exc)
     except OSError as exc:
         return f"{quoted(path)}: unreadable ({exc.strerror or exc})"
@@ -100,13 +101,13 @@ def _listed(folder: str) -> list[str]:
     with os.scandir(folder) as entries:
         for seen, entry in enumerate(entries):
             if seen >= MAX_LISTED:
-                raise Unusable(f"{quoted(folder)}: more than {MAX_LISTED} entries")
+                raise BadModelFile(f"{quoted(folder)}: more than {MAX_LISTED} entries")
             if entry.name.endswith(".safetensors"):
                 found.append(entry.path)
     if not found:
-        raise Unusable(f"{quoted(folder)}: no {INDEX}, {SINGLE} or *.safetensors in it")
+        raise BadModelFile(f"{quoted(folder)}: no {INDEX}, {SINGLE} or *.safetensors in it")
     if len(found) > MAX_SHARDS:
-        raise Unusable(f"{quoted(folder)}: {len(found)} .safetensors files (at most {MAX_SHARDS} accepted)")
+        raise BadModelFile(f"{quoted(folder)}: {len(found)} .safetensors files (at most {MAX_SHARDS} accepted)")
     return sorted(found)
 
 
@@ -117,16 +118,16 @@ def _shards(index: str) -> list[str]:
     try:
         weight_map = msgspec.json.decode(data, type=_Index).weight_map
     except (msgspec.DecodeError, RecursionError) as exc:
-        raise Unusable(f"{quoted(index)}: not a safetensors index ({quoted(str(exc))})") from None
+        raise BadModelFile(f"{quoted(index)}: not a safetensors index ({quoted(str(exc))})") from None
     names = sorted(set(weight_map.values()))
     if not names:
-        raise Unusable(f"{quoted(index)}: its weight_map names no file")
+        raise BadModelFile(f"{quoted(index)}: its weight_map names no file")
     if len(names) > MAX_SHARDS:
-        raise Unusable(f"{quoted(index)}: {len(names)} files (at most {MAX_SHARDS} accepted)")
+        raise BadModelFile(f"{quoted(index)}: {len(names)} files (at most {MAX_SHARDS} accepted)")
     for name in names:
         # Shards sit beside their index; a name that leaves the folder is not a shard.
         if not name or "/" in name or "\0" in name or name in {".", ".."}:
-            raise Unusable(f"{quoted(index)}: names {quoted(name)} as a shard, not a file beside it")
+            raise BadModelFile(f"{quoted(index)}: names {quoted(name)} as a shard, not a file beside it")
     folder = os.path.dirname(index)
     return [os.path.join(folder, name) for name in names]
 
@@ -140,29 +141,29 @@ def _read_file(path: str, budget: list[int]) -> dict[str, int]:
     try:
         raw = msgspec.json.decode(header, type=dict[str, msgspec.Raw])
     except (msgspec.DecodeError, RecursionError) as exc:
-        raise Unusable(f"{quoted(path)}: not a safetensors header ({quoted(str(exc))})") from None
+        raise BadModelFile(f"{quoted(path)}: not a safetensors header ({quoted(str(exc))})") from None
     tensors: dict[str, int] = {}
     for name, value in raw.items():
         if name == "__metadata__":
             continue
         budget[0] -= 1
         if budget[0] < 0:
-            raise Unusable(f"{quoted(path)}: more than {MAX_TENSORS} tensors")
+            raise BadModelFile(f"{quoted(path)}: more than {MAX_TENSORS} tensors")
         try:
             info = msgspec.json.decode(value, type=_Tensor)
         except (msgspec.DecodeError, RecursionError) as exc:
-            raise Unusable(f"{quoted(path)}: tensor {quoted(name)}: {quoted(str(exc))}") from None
+            raise BadModelFile(f"{quoted(path)}: tensor {quoted(name)}: {quoted(str(exc))}") from None
         bits = DTYPE_BITS.get(info.dtype)
         if bits is None:
-            raise Unusable(f"{quoted(path)}: tensor {quoted(name)} has dtype {quoted(info.dtype)}, unknown here")
+            raise BadModelFile(f"{quoted(path)}: tensor {quoted(name)} has dtype {quoted(info.dtype)}, unknown here")
         elements = 1
         for dim in info.shape:
             elements *= dim
         begin, end = info.data_offsets
         if elements * bits % 8 or end - begin != elements * bits // 8:
-            raise Unusable(f"{quoted(path)}: tensor {quoted(name)}'s offsets do not fit its dtype and shape")
+            raise BadModelFile(f"{quoted(path)}: tensor {quoted(name)}'s offsets do not fit its dtype and shape")
         if end > data_size:
-            raise Unusable(f"{quoted(path)}: truncated (tensor {quoted(name)} ends at byte {end} of the data, "
+            raise BadModelFile(f"{quoted(path)}: truncated (tensor {quoted(name)} ends at byte {end} of the data, "
                            f"which has {data_size})")
         tensors[name] = end - begin
     return tensors
@@ -174,7 +175,7 @@ def _config(path: str) -> tuple[dict[str, Any], list[str]]:
         with open_regular(path) as fh:
             cur = Cursor(fh, path)
             config = msgspec.json.decode(cur.read(cur.size, "config.json", limit=MAX_CONFIG))
-    except (Unusable, OSError, msgspec.DecodeError, RecursionError):
+    except (BadModelFile, OSError, msgspec.DecodeError, RecursionError):
         return {}, [f"no readable config.json in {quoted(os.path.dirname(path) or '.')}: weights only, no KV cache"]
     if not isinstance(config, dict):
         return {}, ["config.json is not an object: weights only, no KV cache"]

@@ -70,7 +70,7 @@ def settle(profile: Profile, overrides: Mapping[str, Any], command: Sequence[str
            gpu_present: Callable[[], bool]) -> tuple[Need, dict[str, Any]]:
     """The need, and what it changes in the profile (memory, gpu_memory, lock: what no option set)."""
     known = predict(command, gpu_present) if command else None
-    recorded = history.load(history.history_path(env)) if known and known.signature or profile.memory_auto else {}
+    recorded = history.load(history.history_path(env)) if (known and known.signature) or profile.memory_auto else {}
     learned = _learned(recorded, known.signature) if known and known.signature else None
     prediction = known.prediction if known else None
     memory = _figure("memory", profile, overrides, learned, prediction, recorded)

@@ -6,7 +6,8 @@
 - A device that errors (GPU is lost, unknown error) is reported as failed: the policy blocks on it.
 - A function the driver lacks is noted once per process and its older sibling used instead
   (nvmlDeviceGetMemoryInfo_v2 -> v1, nvmlDeviceGetTemperatureV -> nvmlDeviceGetTemperature, the v3 process
-  lists -> v2), all through one funnel (_newest).
+  lists -> v2, nvmlDeviceGetCurrentClocksEventReasons -> its old name ...ThrottleReasons), all through one
+  funnel (_newest).
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
+import msgspec
+
 from safegate.errors import UsageError
+from safegate.probes import drm
 from safegate.probes.snapshots import GpuInfo, GpuProcess, GpuSnapshot
 from safegate.units import BACKENDS
 
@@ -30,7 +34,7 @@ def gpu_backend(configured: str, env: Mapping[str, str]) -> str:
     """The GPU backend in effect: SAFEGATE_GPU beats [gpu] backend; its bad values are usage errors."""
     value = (env.get("SAFEGATE_GPU") or configured).strip().lower()
     if value not in BACKENDS:
-        raise UsageError(f"SAFEGATE_GPU: invalid GPU backend {value!r}: expected auto, nvml or none")
+        raise UsageError(f"SAFEGATE_GPU: invalid GPU backend {value!r}: expected auto, nvml, drm or none")
     return value
 
 
@@ -44,6 +48,7 @@ class _Nvml:
         self.missing: set[str] = set()  # functions the driver lacks, noted once
         self.notes: list[str] = []
         self.driver: str | None = None
+        self.reason_bits: dict[int, str] | None = None  # pynvml's clock-event reason names by bit, once read
 
     def start(self) -> bool:
         if self.module is not None:
@@ -77,10 +82,10 @@ class _Nvml:
             self.driver = None
         return True
 
-    def note_missing(self, function: str) -> None:
+    def note_missing(self, function: str, *, older: bool = True) -> None:
         if function not in self.missing:
             self.missing.add(function)
-            self.notes.append(f"NVML has no {function}; using its older form")
+            self.notes.append(f"NVML has no {function}; " + ("using its older form" if older else "not read"))
 
 
 _session = _Nvml()
@@ -95,10 +100,22 @@ def _text(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
-def read_gpus(backend: str) -> GpuSnapshot:
-    """Every GPU NVML reports, or why there are none."""
+def read_gpus(backend: str, drm_root: str = drm.SYSFS_ROOT) -> GpuSnapshot:
+    """Every GPU, or why there are none: NVML's (backend auto or nvml), then the AMD and Intel cards of the
+    kernel's DRM sysfs (backend auto or drm), numbered after NVIDIA's in card order (the documented --gpu order)."""
     if backend == "none":
         return GpuSnapshot(backend, "none", notes=("GPU backend is none",))
+    nvidia = _read_nvml(backend) if backend != "drm" else GpuSnapshot(backend, "none")
+    if backend == "nvml" or nvidia.status == "error":
+        return nvidia
+    cards, notes = drm.read_cards(drm_root, first_index=len(nvidia.gpus))
+    if not cards:
+        return msgspec.structs.replace(nvidia, notes=nvidia.notes + notes)
+    return GpuSnapshot(backend, "ok", nvidia.gpus + cards, nvidia.driver, nvidia.notes + notes)
+
+
+def _read_nvml(backend: str) -> GpuSnapshot:
+    """Every GPU NVML reports, or why there are none."""
     session = _session
     if not session.start():
         assert session.failure is not None
@@ -132,6 +149,7 @@ def _read_device(nvml: Any, session: _Nvml, index: int) -> GpuInfo:
         info["processes"] = _processes(nvml, session, handle)
         mig = _optional(nvml, lambda: nvml.nvmlDeviceGetMigMode(handle))
         info["mig_mode"] = int(mig[0]) if mig is not None else None
+        info["clock_reasons"] = _clock_reasons(nvml, session, handle)
     except (nvml.NVMLError, nvml.NVMLLibraryMismatchError) as exc:
         return GpuInfo(index, name, uuid, error=_message(exc))
     return GpuInfo(index, name, uuid, **info)
@@ -166,7 +184,7 @@ def _newest(nvml: Any, session: _Nvml, forms: Sequence[tuple[str, Callable[[], T
         except missing:
             if position == len(forms) and not none_is_unsupported:
                 raise
-            session.note_missing(name)
+            session.note_missing(name, older=position < len(forms))
     return unsupported
 
 
@@ -187,6 +205,46 @@ def _temperature(nvml: Any, session: _Nvml, handle: Any) -> float | None:
         ("nvmlDeviceGetTemperature", lambda: nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU)),
     ], None)
     return float(celsius) if celsius is not None else None
+
+
+def _clock_reasons(nvml: Any, session: _Nvml, handle: Any) -> tuple[str, ...] | None:
+    """Why the card holds its clocks down now, by name; None where it cannot say (NotSupported, or a driver with
+    neither the call nor its pre-R535 name)."""
+    mask = _newest(nvml, session, [
+        ("nvmlDeviceGetCurrentClocksEventReasons", lambda: nvml.nvmlDeviceGetCurrentClocksEventReasons(handle)),
+        ("nvmlDeviceGetCurrentClocksThrottleReasons",
+         lambda: nvml.nvmlDeviceGetCurrentClocksThrottleReasons(handle)),
+    ], None, none_is_unsupported=True)
+    if mask is None:
+        return None
+    if session.reason_bits is None:
+        session.reason_bits = reason_bits(nvml)
+    return decode_clock_reasons(int(mask), session.reason_bits)
+
+
+REASON_PREFIXES = ("nvmlClocksEventReason", "nvmlClocksThrottleReason")  # the new names first
+
+
+def reason_bits(nvml: Any) -> dict[int, str]:
+    """Each clock-event reason bit pynvml names, by its name less the prefix (0x40: "HwThermalSlowdown").
+
+    Taken from the module, not written out here: a newer pynvml's reasons are named without a change here. The
+    new names win over the old; of two names for one bit the first in sorted order ("ApplicationsClocksSetting",
+    not its deprecated alias "UserDefinedClocks"); None (0) and All (many bits) are not reasons."""
+    bits: dict[int, str] = {}
+    for prefix in REASON_PREFIXES:
+        for attr in sorted(a for a in dir(nvml) if a.startswith(prefix)):
+            value = getattr(nvml, attr)
+            if isinstance(value, int) and value > 0 and value & (value - 1) == 0:
+                bits.setdefault(value, attr[len(prefix):])
+    return bits
+
+
+def decode_clock_reasons(mask: int, bits: Mapping[int, str]) -> tuple[str, ...]:
+    """The reasons a mask (an unsigned 64-bit word) holds, lowest bit first; a bit *bits* does not name is kept,
+    as its hex value ("0x800"), so a reason newer than the installed pynvml still shows."""
+    mask &= (1 << 64) - 1
+    return tuple(bits.get(1 << b, f"0x{1 << b:x}") for b in range(64) if mask >> b & 1)
 
 
 def _process_list(nvml: Any, session: _Nvml, kind: str, handle: Any) -> list[Any]:
@@ -214,17 +272,17 @@ def _processes(nvml: Any, session: _Nvml, handle: Any) -> tuple[GpuProcess, ...]
     return tuple(merged[p] for p in sorted(merged))
 
 
-def gpu_indexes(proc_root: str = "/proc") -> tuple[int, ...]:
-    """The NVIDIA GPUs' indexes as the driver lists them (one directory per card), without loading NVML, whose
-    start can take seconds: for shell completion. NVML numbers the same cards 0..n-1. () without the driver."""
+def gpu_indexes(proc_root: str = "/proc", drm_root: str = drm.SYSFS_ROOT) -> tuple[int, ...]:
+    """The GPUs' indexes for shell completion: NVIDIA's as the driver lists them (one directory per card), without
+    loading NVML, whose start can take seconds (NVML numbers the same cards 0..n-1), then the AMD and Intel cards."""
     from itertools import islice
 
     try:
         with os.scandir(os.path.join(proc_root, "driver", "nvidia", "gpus")) as entries:
             count = sum(1 for _ in islice(entries, 64))  # a machine has a handful; a bound, whatever is there
     except OSError:
-        return ()
-    return tuple(range(count))
+        count = 0
+    return tuple(range(count + len(drm.read_cards(drm_root)[0])))  # the AMD and Intel cards come after NVIDIA's
 
 
 def host_pid_map(proc_root: str = "/proc") -> dict[int, int]:

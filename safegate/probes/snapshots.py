@@ -71,8 +71,16 @@ class GpuProcess(msgspec.Struct, frozen=True):
     kind: str  # compute, graphics, or both
 
 
+class GpuSensor(msgspec.Struct, frozen=True):
+    """A GPU's own sensor besides its main temperature (AMD junction or mem, Intel vram), with its critical limit."""
+
+    label: str
+    celsius: float
+    crit: float | None  # the driver's temp*_crit; None: not reported, the sensor is only shown
+
+
 class GpuInfo(msgspec.Struct, frozen=True):
-    """One GPU as NVML reports it."""
+    """One GPU as NVML (NVIDIA) or the kernel's DRM sysfs (AMD, Intel: probes.drm) reports it."""
 
     index: int
     name: str
@@ -85,6 +93,13 @@ class GpuInfo(msgspec.Struct, frozen=True):
     processes: tuple[GpuProcess, ...] = ()
     mig_mode: int | None = None
     error: str | None = None  # the device failed (e.g. "GPU is lost"): it blocks
+    vendor: str = "nvidia"  # nvidia, amd or intel
+    vendor_index: int | None = None  # its place among its vendor's cards (ROCR_VISIBLE_DEVICES); None: = index
+    bus_id: str | None = None  # PCI address (DRM cards): what fdinfo's drm-pdev names
+    hotspots: tuple[GpuSensor, ...] = ()  # AMD junction/mem, Intel vram: judged against their own crit
+    # Why NVIDIA's card holds its clocks down now, by pynvml's name less its prefix (nvmlClocksEventReason
+    # HwThermalSlowdown: "HwThermalSlowdown"; a bit pynvml does not name as "0x800"); None: the driver cannot say.
+    clock_reasons: tuple[str, ...] | None = None
 
     @property
     def unified_memory(self) -> bool:
@@ -94,7 +109,7 @@ class GpuInfo(msgspec.Struct, frozen=True):
 class GpuSnapshot(msgspec.Struct, frozen=True):
     """Every GPU, or why there are none to check."""
 
-    backend: str  # the backend asked for: auto, nvml, none
+    backend: str  # the backend asked for: auto, nvml, drm, none
     status: str  # none (nothing to check), ok, error (nvml asked for and unusable)
     gpus: tuple[GpuInfo, ...] = ()
     driver: str | None = None
@@ -102,7 +117,7 @@ class GpuSnapshot(msgspec.Struct, frozen=True):
 
 
 class Selection(msgspec.Struct, frozen=True):
-    """The GPUs a job may use, and the CUDA_VISIBLE_DEVICES value that gives it exactly those."""
+    """The GPUs a job may use (CUDA_VISIBLE_DEVICES and HIP/ROCR_VISIBLE_DEVICES give it exactly those)."""
 
     gpus: tuple[GpuInfo, ...]
     explicit: bool  # the user named them: the job uses all of them

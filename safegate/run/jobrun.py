@@ -25,6 +25,7 @@ from safegate.gate.results import GpuValues, Verdict
 from safegate.locks.legacy import claim_legacy, release_legacy, update_legacy
 from safegate.locks.store import HeldLock
 from safegate.probes.memory import read_memory
+from safegate.probes.snapshots import GpuInfo
 from safegate.run.limits import WARN_FRACTION, GpuLimits, WatchLimits
 from safegate.run.outcome import Event, Outcome
 from safegate.run.ready import service_ready
@@ -117,11 +118,26 @@ def job_gpus(settings: Settings, verdict: Verdict, held: HeldLock) -> tuple[tupl
         given = (chosen,)
     else:
         return candidates, {}
+    return given, gpu_env(given, gpu.gpus if gpu is not None else ())
+
+
+def gpu_env(given: Sequence[int], gpus: Sequence[GpuInfo]) -> dict[str, str]:
+    """The environment that gives a job the GPUs *given* (indexes across vendors): CUDA_VISIBLE_DEVICES for the
+    NVIDIA ones; for the AMD ones ROCR_VISIBLE_DEVICES (their places among the AMD cards) and HIP_VISIBLE_DEVICES
+    (0..n-1: HIP counts what ROCR leaves). A preset CUDA_VISIBLE_DEVICES, or a preset ROCR_VISIBLE_DEVICES or
+    HIP_VISIBLE_DEVICES, is left alone (the caller, or Slurm, chose already)."""
+    by_index = {g.index: g for g in gpus}
+    cards = [by_index.get(i) for i in given]
+    nvidia = [i for i, g in zip(given, cards, strict=True) if g is None or g.vendor == "nvidia"]
+    amd = [g.vendor_index if g.vendor_index is not None else g.index for g in cards if g and g.vendor == "amd"]
     env: dict[str, str] = {}
-    if "CUDA_VISIBLE_DEVICES" not in os.environ and given:
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in given)
+    if "CUDA_VISIBLE_DEVICES" not in os.environ and nvidia:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in nvidia)
         env.setdefault("CUDA_DEVICE_ORDER", os.environ.get("CUDA_DEVICE_ORDER", "PCI_BUS_ID"))
-    return given, env
+    if not {"ROCR_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES"} & os.environ.keys() and amd:
+        env["ROCR_VISIBLE_DEVICES"] = ",".join(str(i) for i in amd)
+        env["HIP_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(len(amd)))
+    return env
 
 
 def caller_environment() -> dict[str, str]:
@@ -217,7 +233,7 @@ def _supervise(settings: Settings, argv: Sequence[str], verdict: Verdict, held: 
         cgroup.configure(limits.max_mem)
     supervisor = Supervisor(
         argv, limits, on_event, pass_fds=[held.fd] if held.fd >= 0 else [], nice=settings.profile.nice,
-        on_sample=_UsedReporter(held),
+        oom_score_adj=settings.profile.oom_score_adj, on_sample=_UsedReporter(held),
         on_gpu_sample=_UsedReporter(held, gpu=True), env={**caller_environment(), **gpu_env}, cgroup=cgroup,
         timeline=bool(settings.profile.log),
     )
@@ -229,7 +245,7 @@ def _supervise(settings: Settings, argv: Sequence[str], verdict: Verdict, held: 
     except psutil.Error:
         start_time = None
     held.update_holder(job_pid=pid, job_start_time=start_time)
-    gpu_note = f" on GPU {gpu_env['CUDA_VISIBLE_DEVICES']}" if "CUDA_VISIBLE_DEVICES" in gpu_env else ""
+    gpu_note = f" on GPU {','.join(str(i) for i in gpus)}" if gpu_env else ""
     lock = settings.profile.lock or held.name
     on_event(Event("admitted", f"started pid {pid} (profile {settings.profile.name}, lock {lock}): "
                                f"{printable_command(argv)}{gpu_note}",

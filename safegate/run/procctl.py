@@ -1,9 +1,12 @@
-"""Linux process controls safegate needs as a supervisor: subreaper, parent-death signal, I/O priority."""
+"""Linux process controls safegate needs as a supervisor: subreaper, parent-death signal, I/O priority, the
+kernel's OOM scores (oom_score_adj) of the job and of safegate itself."""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
+import mmap
 import os
 import signal
 import sys
@@ -68,14 +71,17 @@ def stop_self() -> None:
 
 
 def child_setup(parent: int, nice: int | None, ignored: tuple[int, ...] = (), mask: Iterable[int] | None = None,
-                claim_terminal: Callable[[], None] | None = None, enter_cgroup: Callable[[], None] | None = None
-                ) -> None:
+                claim_terminal: Callable[[], None] | None = None, enter_cgroup: Callable[[], None] | None = None,
+                oom: OomScore | None = None) -> None:
     """Runs in the job between fork and exec (keep it async-signal-safe in spirit: no locks, no imports).
 
     *ignored*: signals the caller ignored; they stay ignored across exec, as in the caller's own children.
     *mask*: the caller's signal mask, which the job inherits as it would without safegate (safegate's own mask,
     inherited by the fork, blocks what its inbox takes). *claim_terminal*: takes the terminal's foreground for
-    the job's new group. *enter_cgroup*: moves the child into the job's cgroup, before it can start anything."""
+    the job's new group. *enter_cgroup*: moves the child into the job's cgroup, before it can start anything.
+    *oom*: the job's oom_score_adj, set first, so no moment of the job runs unraised (its children inherit it)."""
+    if oom is not None:
+        oom.raise_in_child()
     if enter_cgroup is not None:
         enter_cgroup()
     # safegate's own Python handlers were inherited by the fork: until exec they would swallow the
@@ -111,3 +117,74 @@ def _set_ioprio(*, idle: bool) -> None:
         return
     value = (_IOPRIO_CLASS_IDLE << 13) if idle else (_IOPRIO_CLASS_BE << 13 | 7)
     _libc.syscall(number, 1, 0, value)
+
+
+# --- the kernel's OOM choice -------------------------------------------------------------------------------
+
+# The supervisor lowers its own oom_score_adj this far below the caller's where the kernel lets it (with
+# CAP_SYS_RESOURCE, or down to the lowest score a privileged ancestor set): the kernel and earlyoom then take the
+# job, and the desktop, before its watcher. Never to -1000: that would make safegate unkillable, and a safegate
+# that hangs must stay killable by the kernel like any process.
+SUPERVISOR_BELOW = 500
+SUPERVISOR_FLOOR = -999
+
+
+def oom_score_adj(pid: int | str = "self") -> int | None:
+    """A process's oom_score_adj; None when it cannot be read (gone, no /proc)."""
+    try:
+        with open(f"/proc/{pid}/oom_score_adj", "rb") as fh:
+            return int(fh.read(16))
+    except (OSError, ValueError):
+        return None
+
+
+def set_oom_score_adj(value: int, pid: int | str = "self") -> None:
+    """Raises OSError: EACCES when lowering it is not allowed (no CAP_SYS_RESOURCE)."""
+    fd = os.open(f"/proc/{pid}/oom_score_adj", os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, str(value).encode())
+    finally:
+        os.close(fd)
+
+
+def supervisor_score(caller: int) -> int:
+    """What the supervisor lowers its own oom_score_adj to: SUPERVISOR_BELOW under the caller's, never below
+    SUPERVISOR_FLOOR (a caller already at -1000 or -999 is left as it is: never raised)."""
+    return min(caller, max(caller - SUPERVISOR_BELOW, SUPERVISOR_FLOOR))
+
+
+class OomScore:
+    """The job's oom_score_adj: the setting, or the caller's own when that is higher (never lowered). The child
+    writes it before exec; what failed there comes back through a page shared across the fork (the child cannot
+    emit events, and the job must run anyway)."""
+
+    def __init__(self, setting: int, caller: int) -> None:
+        self.caller = caller
+        self.job = max(setting, caller)
+        self._failed = mmap.mmap(-1, 4)  # the child's errno, 0: it took
+
+    def raise_in_child(self) -> None:
+        code = 0
+        try:
+            set_oom_score_adj(self.job)
+        except OSError as exc:
+            code = exc.errno or errno.EIO
+        self._failed[:4] = code.to_bytes(4, "little")
+
+    def failure(self) -> str | None:
+        """Why the last child could not set it (its strerror), or None."""
+        code = int.from_bytes(self._failed[:4], "little")
+        return os.strerror(code) if code else None
+
+    def lower_supervisor(self) -> int:
+        """Lower this process's own oom_score_adj (supervisor_score) where the kernel allows it, quietly keeping
+        the caller's where it does not; the score it has now. Called once the job is started, so the job did not
+        inherit the lowered score (it sets its own anyway)."""
+        target = supervisor_score(self.caller)
+        if target < self.caller:
+            try:
+                set_oom_score_adj(target)
+            except OSError:
+                return self.caller  # EACCES without CAP_SYS_RESOURCE: the caller's it stays
+            return target
+        return self.caller

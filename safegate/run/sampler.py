@@ -7,12 +7,13 @@ decisions are the watchers' (safegate.run.watchers).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import msgspec
 
 from safegate.config.model import ThermalConfig
 from safegate.exitcodes import ExitCode
+from safegate.probes.drm import DrmUsage, read_usage
 from safegate.probes.gpu import GpuInfo, GpuSnapshot, host_pid_map, read_gpus
 from safegate.probes.jobtree import read_available
 from safegate.probes.memory import read_pressure
@@ -36,6 +37,7 @@ class Probes(msgspec.Struct, frozen=True):
     gpus: Callable[[str], GpuSnapshot] = read_gpus
     thermal: Callable[[ThermalConfig], ThermalSnapshot] = read_thermal
     pid_map: Callable[[], Mapping[int, int]] = host_pid_map
+    drm_usage: Callable[[Iterable[int]], DrmUsage] = read_usage  # the job's VRAM on AMD/Intel cards (fdinfo)
     pressure: Callable[[], float | None] = read_pressure
 
 
@@ -131,7 +133,9 @@ class Sampler:
         cards = tuple(g for g in self.probes.gpus(gpu.backend).gpus if g.index in gpu.indexes)
         self._cards = cards
         job = self.job
-        job_vram = watch.job_vram(cards, {*job.members(), job.leader}, self.probes.pid_map())
+        pids = {*job.members(), job.leader}
+        drm = self.probes.drm_usage(pids) if any(g.vendor != "nvidia" for g in cards) else None
+        job_vram = watch.job_vram(cards, pids, self.probes.pid_map(), drm)
         self._job_vram = job_vram
         self.stats.gpus(cards, job_vram)
         if self.on_gpu_sample is not None:
@@ -146,7 +150,7 @@ class Sampler:
         if readings:
             self._hottest = max(r.temp for r in readings)
             self.stats.temperature(self._hottest)
-        return self._thermal.check(readings, paused=paused) if judge else NOTHING
+        return self._thermal.check(readings, paused=paused, gpus=self._cards) if judge else NOTHING
 
     def memory_actions(self, sample: MemorySample) -> list[Action]:
         """What the job's and the machine's memory watchers say; a breach is measured again before it counts."""

@@ -60,6 +60,7 @@ class Supervisor:
         *,
         pass_fds: Sequence[int] = (),
         nice: int | None = None,
+        oom_score_adj: int | None = None,
         on_sample: Callable[[int], None] | None = None,
         on_gpu_sample: Callable[[int], None] | None = None,
         env: Mapping[str, str] | None = None,
@@ -73,6 +74,7 @@ class Supervisor:
         self.emit = on_event
         self.pass_fds = tuple(pass_fds)
         self.nice = nice
+        self.oom_score_adj = oom_score_adj  # the job's (never below safegate's own); None: left as it is
         self._hooks = Hooks(on_sample, on_gpu_sample, on_event if timeline else None, on_event)  # for the Sampler
         self.env = dict(env) if env is not None else None
         self.clock = clock  # monotonic: deadlines must survive wall-clock jumps
@@ -100,7 +102,7 @@ class Supervisor:
     def start(self) -> int:
         """Spawn the job; raises SpawnError (126/127) when it cannot be executed."""
         pid, job, self.cgroup = launch(self.argv, self.pass_fds, self.env, self.nice, self._inbox, self._tty,
-                                       self.cgroup, self.emit)
+                                       self.cgroup, self.emit, self.oom_score_adj)
         self.attach(job)
         return pid
 

@@ -17,7 +17,8 @@ import msgspec
 from msgspec import field
 
 from safegate.exitcodes import ExitCode
-from safegate.gate.policy import gpu_temp_limit
+from safegate.gate.policy import CLOCKS_BLOCK, CLOCKS_WARN, clock_trouble, gpu_temp_limit, hotspot_limit
+from safegate.probes.drm import DrmUsage
 from safegate.probes.gpu import GpuInfo
 from safegate.probes.snapshots import SensorReading
 from safegate.run.limits import (
@@ -160,18 +161,41 @@ class GpuWatch:
         self.warned = False
         self.baseline: dict[int, int] | None = None  # each card's used memory at the first sample
 
-    def job_vram(self, cards: Sequence[GpuInfo], job_pids: Set[int], pid_map: Mapping[int, int]) -> int:
-        """The job's VRAM: per-process usage where NVML gives it, else the cards' growth since the first sample.
+    def job_vram(self, cards: Sequence[GpuInfo], job_pids: Set[int], pid_map: Mapping[int, int],
+                 drm: DrmUsage | None = None) -> int:
+        """The job's VRAM: on NVIDIA cards, per-process usage where NVML gives it; on AMD and Intel cards, what
+        the job's DRM fdinfo records say (*drm*: probes.drm.read_usage of the job's processes, by PCI device);
+        else the cards' growth since the first sample.
 
         *pid_map* turns NVML's host pids into ours (inside a PID namespace); the first call records the baseline.
         """
         measured = _measured(cards)
         if self.baseline is None:
             self.baseline = {g.index: g.used or 0 for g in measured}
-        procs = [p for g in measured for p in g.processes if pid_map.get(p.pid, p.pid) in job_pids]
+        nvidia = [g for g in measured if g.vendor == "nvidia"]
+        others = [g for g in measured if g.vendor != "nvidia"]
+        return self._nvidia_vram(nvidia, job_pids, pid_map) + self._drm_vram(others, drm)
+
+    def _growth(self, cards: Sequence[GpuInfo]) -> int:
+        baseline = self.baseline or {}
+        return sum(max(0, (g.used or 0) - baseline.get(g.index, 0)) for g in cards)
+
+    def _nvidia_vram(self, cards: Sequence[GpuInfo], job_pids: Set[int], pid_map: Mapping[int, int]) -> int:
+        procs = [p for g in cards for p in g.processes if pid_map.get(p.pid, p.pid) in job_pids]
         if procs and all(p.used is not None for p in procs):
             return sum(p.used or 0 for p in procs)
-        return sum(max(0, (g.used or 0) - self.baseline.get(g.index, 0)) for g in measured)
+        return self._growth(cards)
+
+    def _drm_vram(self, cards: Sequence[GpuInfo], drm: DrmUsage | None) -> int:
+        """fdinfo's figure where the job's fds could be read and every DRM client of the job reports its VRAM
+        (a record without drm-pdev counts for the only card, if one); else the cards' growth."""
+        if not cards:
+            return 0
+        if drm is None or not drm.readable or drm.unmeasured:
+            return self._growth(cards)
+        buses = {g.bus_id for g in cards if g.bus_id}
+        unnamed = drm.vram.get("", 0) if len(cards) == 1 else 0
+        return unnamed + sum(used for pdev, used in drm.vram.items() if pdev in buses)
 
     def check(self, cards: Sequence[GpuInfo], job_vram: int) -> Action:
         gpu = self.limits
@@ -222,11 +246,14 @@ class Reading(msgspec.Struct, frozen=True):
 
 class ThermalWatch:
     """max_temp and on_hot: at or above max_temp, pause (until every sensor is below resume_temp), kill, or warn
-    once (again after everything cooled below resume_temp)."""
+    once (again after everything cooled below resume_temp). A HW clock-event reason on one of the job's GPUs
+    (policy.CLOCKS_BLOCK) is heat too, until the card clears it; SW thermal slowdown warns once while it lasts."""
 
     def __init__(self, limits: WatchLimits) -> None:
         self.limits = limits
         self.warned = False
+        self.soft_warned = False  # SW thermal slowdown told, until it clears
+        self.held: str | None = None  # the card ("GPU 0") whose HW reason was last seen, until it clears
 
     def readings(self, sensors: Sequence[SensorReading], gpus: Sequence[GpuInfo]) -> list[Reading]:
         limits = self.limits
@@ -234,30 +261,73 @@ class ThermalWatch:
         readings += [Reading(f"GPU {g.index}", g.temp, gpu_temp_limit(g, limits.max_temp, resuming=False),
                              gpu_temp_limit(g, limits.resume_temp, resuming=True))
                      for g in gpus if g.temp is not None]
+        # A junction or memory sensor against its own crit (policy.hotspot_limit); one without crit is not judged.
+        for g in gpus:
+            for sensor in g.hotspots:
+                hot_at = hotspot_limit(sensor, resuming=False)
+                cool_at = hotspot_limit(sensor, resuming=True)
+                if hot_at is not None and cool_at is not None:
+                    readings.append(Reading(f"GPU {g.index} {sensor.label}", sensor.celsius, hot_at, cool_at))
         return readings
 
-    def check(self, readings: Sequence[Reading], *, paused: bool) -> Action:
-        """*paused*: the job is stopped for heat now (so a hot sample does not pause it twice)."""
-        if not readings:
-            return NOTHING
+    def check(self, readings: Sequence[Reading], *, paused: bool, gpus: Sequence[GpuInfo] = ()) -> Action:
+        """*paused*: the job is stopped for heat now (so a hot sample does not pause it twice). *gpus*: the job's
+        cards at the last GPU sample, for their clock-event reasons."""
+        action = self._heat(readings, [(g, why) for g in gpus if (why := clock_trouble(g, CLOCKS_BLOCK))],
+                            paused=paused)
+        soft = [(g, why) for g in gpus if (why := clock_trouble(g, CLOCKS_WARN))]
+        if not soft:
+            self.soft_warned = False
+        elif action.kind is Kind.NONE and not self.soft_warned:
+            self.soft_warned = True
+            g, why = soft[0]
+            return Action(Kind.WARN, f"{why} (at its temperature target: normal under load; the job runs on)",
+                          _clock_data(g))
+        return action
+
+    def _heat(self, readings: Sequence[Reading], hw: Sequence[tuple[GpuInfo, str]], *, paused: bool) -> Action:
         over = [r for r in readings if r.temp >= r.hot_at]
-        # Name the sensor that decides: the first one too hot, else the one closest to (or above) resume_temp.
-        r = over[0] if over else max(readings, key=lambda x: x.temp - x.cool_at)
-        data = {"sensor": r.key, "temp": r.temp, "max_temp": r.hot_at, "resume_temp": r.cool_at}
-        hot = f"{r.key} at {r.temp:g} C >= max_temp {r.hot_at:g} C"
         on_hot = self.limits.on_hot
-        if over:
+        if over or hw:
+            if over:
+                # Name the sensor that decides: the first one too hot.
+                r = over[0]
+                data: dict[str, Any] = {"sensor": r.key, "temp": r.temp, "max_temp": r.hot_at,
+                                        "resume_temp": r.cool_at}
+                hot, until = f"{r.key} at {r.temp:g} C >= max_temp {r.hot_at:g} C", f"below {r.cool_at:g} C"
+            else:
+                g, why = hw[0]
+                data = _clock_data(g)
+                hot, until = f"{why} (the card is throttling itself)", "the card clears it"
+            if hw:
+                self.held = f"GPU {hw[0][0].index}"
             if on_hot == "kill":
                 return breach(ExitCode.KILLED_HOT, "thermal", hot, data)
             if on_hot == "pause" and not paused:
-                return Action(Kind.PAUSE, f"{hot}; pausing the job until below {r.cool_at:g} C", data)
+                return Action(Kind.PAUSE, f"{hot}; pausing the job until {until}", data)
             if on_hot == "warn" and not self.warned:
                 self.warned = True
                 return Action(Kind.WARN, hot, data)
             return NOTHING
-        if all(x.temp < x.cool_at for x in readings):
+        # No readings is not "cooled down"; a card's clearing reason is the end of its own episode.
+        if (readings or self.held) and all(x.temp < x.cool_at for x in readings):
             self.warned = False
+            held, self.held = self.held, None
             if paused:
-                return Action(Kind.RESUME, f"{r.key} at {r.temp:g} C < resume_temp {r.cool_at:g} C; resuming the job",
-                              data)
+                cleared = f"{held}: its clocks are no longer held down; " if held else ""
+                if not readings:
+                    return Action(Kind.RESUME, f"{cleared}resuming the job", {})
+                # Named: the sensor closest to its resume_temp.
+                r = max(readings, key=lambda x: x.temp - x.cool_at)
+                data = {"sensor": r.key, "temp": r.temp, "max_temp": r.hot_at, "resume_temp": r.cool_at}
+                return Action(Kind.RESUME, f"{cleared}{r.key} at {r.temp:g} C < resume_temp {r.cool_at:g} C; "
+                              "resuming the job", data)
         return NOTHING
+
+
+def _clock_data(g: GpuInfo) -> dict[str, Any]:
+    """An event's figures for a card's clock-event reasons."""
+    data: dict[str, Any] = {"sensor": f"GPU {g.index}", "gpu": g.index, "clock_reasons": list(g.clock_reasons or ())}
+    if g.temp is not None:
+        data["temp"] = g.temp
+    return data

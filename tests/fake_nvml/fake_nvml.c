@@ -16,8 +16,12 @@
  *   device name=.. uuid=.. total=<bytes> used=<bytes> [reserved=<bytes, 0>] [temp=<C, 40>]
  *          [slowdown=<C, 90; -1 not supported>] [shutdown=<C, 95; -1 not supported>] [mem_ret=<code, 0>]
  *          [mem_v2_ret=<code, mem_ret>] [temp_ret=<code, 0>] [handle_ret=<code, 0>] [procs_ret=<code, 0>]
- *          [mig=<0|1; -1 not supported, 0>]
+ *          [mig=<0|1; -1 not supported, 0>] [clocks=<mask, 0>] [clocks_ret=<code, 0>]
  *   proc gpu=<index> pid=<pid> used=<bytes; -1 not available> [kind=compute|graphics]
+ *
+ * clocks is the clock-event reasons word (nvmlClocksEventReason* bits, decimal or 0x hex) both
+ * nvmlDeviceGetCurrentClocksEventReasons and its old name nvmlDeviceGetCurrentClocksThrottleReasons return;
+ * clocks_ret is returned by both instead, when not 0.
  *
  * Devices are numbered in file order. A malformed file is reported on stderr and every call then returns
  * NVML_ERROR_UNKNOWN, so a typo in a test cannot pass unnoticed. Like the real library, init is reference
@@ -170,6 +174,8 @@ nvmlReturn_t nvmlDeviceGetGraphicsRunningProcesses_v2(nvmlDevice_t device, unsig
 nvmlReturn_t nvmlDeviceGetGraphicsRunningProcesses_v3(nvmlDevice_t device, unsigned int *infoCount,
                                                       nvmlProcessInfo_t *infos);
 nvmlReturn_t nvmlDeviceGetMigMode(nvmlDevice_t device, unsigned int *currentMode, unsigned int *pendingMode);
+nvmlReturn_t nvmlDeviceGetCurrentClocksEventReasons(nvmlDevice_t device, unsigned long long *clocksEventReasons);
+nvmlReturn_t nvmlDeviceGetCurrentClocksThrottleReasons(nvmlDevice_t device, unsigned long long *clocksThrottleReasons);
 #endif /* FAKE_NVML_OWN_TYPES */
 
 /* The layouts pynvml's ctypes Structures assume (and the version words it passes), checked in both builds. */
@@ -194,6 +200,8 @@ typedef struct {
     unsigned long long total, used, reserved;
     long long temp, slowdown, shutdown, mig;
     long long mem_ret, mem_v2_ret, temp_ret, handle_ret, procs_ret;
+    unsigned long long clocks; /* clock-event reasons */
+    long long clocks_ret;
 } fake_device;
 
 typedef struct {
@@ -248,6 +256,21 @@ static int parse_ull(const char *key, const char *s, unsigned long long *out)
     v = strtoull(s, &end, 10);
     if (errno != 0 || *end != '\0')
         return parse_error("%s=%s: expected a non-negative integer", key, s);
+    *out = v;
+    return 0;
+}
+
+/* An unsigned 64-bit word, decimal or 0x hex (a bit mask). */
+static int parse_mask(const char *key, const char *s, unsigned long long *out)
+{
+    char *end;
+    unsigned long long v;
+    if (*s < '0' || *s > '9')
+        return parse_error("%s=%s: expected a non-negative integer (decimal or 0x hex)", key, s);
+    errno = 0;
+    v = strtoull(s, &end, 0);
+    if (errno != 0 || *end != '\0')
+        return parse_error("%s=%s: expected a non-negative integer (decimal or 0x hex)", key, s);
     *out = v;
     return 0;
 }
@@ -356,6 +379,10 @@ static int parse_device(char **save)
             rc = parse_ll(key, value, 0, RET_MAX, &d->procs_ret);
         } else if (strcmp(key, "mig") == 0) {
             rc = parse_ll(key, value, -1, 1, &d->mig);
+        } else if (strcmp(key, "clocks") == 0) {
+            rc = parse_mask(key, value, &d->clocks);
+        } else if (strcmp(key, "clocks_ret") == 0) {
+            rc = parse_ll(key, value, 0, RET_MAX, &d->clocks_ret);
         } else {
             return parse_error("device: unknown key '%s'", key);
         }
@@ -933,5 +960,34 @@ nvmlReturn_t nvmlDeviceGetMigMode(nvmlDevice_t device, unsigned int *currentMode
     *currentMode = (unsigned int)d->mig;
     *pendingMode = (unsigned int)d->mig;
     return NVML_SUCCESS;
+}
+#endif
+
+/* The clock-event reasons, under the name R535+ drivers export and under the old one, which they keep. */
+static nvmlReturn_t clocks_common(nvmlDevice_t device, unsigned long long *reasons)
+{
+    const fake_device *d;
+    nvmlReturn_t rc = begin_device(device, &d, NULL);
+    if (rc != NVML_SUCCESS)
+        return rc;
+    if (reasons == NULL)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    if (d->clocks_ret != 0)
+        return (nvmlReturn_t)d->clocks_ret;
+    *reasons = d->clocks;
+    return NVML_SUCCESS;
+}
+
+#ifndef OMIT_nvmlDeviceGetCurrentClocksEventReasons
+nvmlReturn_t nvmlDeviceGetCurrentClocksEventReasons(nvmlDevice_t device, unsigned long long *clocksEventReasons)
+{
+    return clocks_common(device, clocksEventReasons);
+}
+#endif
+
+#ifndef OMIT_nvmlDeviceGetCurrentClocksThrottleReasons
+nvmlReturn_t nvmlDeviceGetCurrentClocksThrottleReasons(nvmlDevice_t device, unsigned long long *clocksThrottleReasons)
+{
+    return clocks_common(device, clocksThrottleReasons);
 }
 #endif
