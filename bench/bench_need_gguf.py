@@ -196,6 +196,9 @@ def main() -> int:
                         else:
                             warm(model)
                         cached = file_cached(model)
+                        if cache == "cold" and cached > model.stat().st_size // 100:
+                            raise BenchError(f"{model}: {cached >> 20} MiB stayed in the page cache after "
+                                             "eviction (another process maps it?): a cold run would not be cold")
                         job = [args.bench_python, str(LOAD), str(model), "-c", str(ctx), "-ngl", "0",
                                "--prompt-tokens", str(args.prompt_tokens), *([] if use_mmap else ["--no-mmap"]),
                                *(["-fa"] if args.flash_attn else [])]

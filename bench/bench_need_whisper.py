@@ -154,11 +154,15 @@ def main() -> int:
             log(f"predicted: {gib(ram)} GiB ({how}); for the command as run: {gib(ram_path)} GiB ({how_path})")
             for i in range(args.runs):
                 for mode in modes if i % 2 == 0 else modes[::-1]:  # alternate, so drift hits both alike
+                    cache = mode
                     if mode == "cold":
                         evict(ckpt)
                     else:
                         warm(ckpt)
                     cached = file_cached(ckpt)
+                    if cache == "cold" and cached > ckpt.stat().st_size // 100:
+                        raise BenchError(f"{ckpt}: {cached >> 20} MiB stayed in the page cache after "
+                                         "eviction (another process maps it?): a cold run would not be cold")
                     time.sleep(1)
                     r = exec_with_peak(safegate, job, env, tmp, f"run{i}-{mode}", timeout=args.timeout)
                     r["cached_before"] = cached
