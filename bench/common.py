@@ -289,6 +289,117 @@ def tree(pid: int) -> list[int]:
     return [pid, *[p for k in kids for p in tree(k)]]
 
 
+# --- a job under `safegate exec --log`, and its peak memory (issue 27's predicted-vs-measured benches) -----------
+
+JOB_STATUS_FIELDS = ("VmHWM", "VmRSS", "RssAnon", "RssFile")
+
+
+def proc_status(pid: int, fields: Sequence[str] = JOB_STATUS_FIELDS) -> dict[str, int]:
+    """*fields* of /proc/PID/status in bytes ({} once the process is gone)."""
+    found: dict[str, int] = {}
+    for line in read_text(f"/proc/{pid}/status").splitlines():
+        name, _, rest = line.partition(":")
+        if name in fields and rest.split():
+            found[name] = int(rest.split()[0]) * 1024
+    return found
+
+
+def file_cached(path: Path) -> int:
+    """Bytes of *path* in the page cache (util-linux fincore), -1 when fincore cannot tell."""
+    out = first_line(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)])
+    return int(out) if out.strip().isdigit() else -1
+
+
+def evict(path: Path) -> None:
+    """Drop *path*'s clean pages from the page cache (pages a process maps stay): the next reader reads the disk,
+    and the page cache it fills is charged to its own cgroup, as at a user's first run after a reboot."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def warm(path: Path) -> None:
+    """Read *path* once, so its pages are in the page cache, charged to the bench's cgroup, not to the job's."""
+    with open(path, "rb") as fh:
+        while fh.read(16 << 20):
+            pass
+
+
+def log_events(path: Path) -> list[dict[str, Any]]:
+    """The JSON events of a `safegate exec --log` file (lines that are not JSON objects are left out)."""
+    events = []
+    for line in read_text(str(path)).splitlines():
+        with contextlib.suppress(ValueError):
+            event = json.loads(line)
+            if isinstance(event, dict):
+                events.append(event)
+    return events
+
+
+def exec_with_peak(safegate: str, argv: Sequence[str], env: Mapping[str, str], work: Path, name: str, *,
+                   exec_options: Sequence[str] = (), poll: float = 0.05,
+                   timeout: float | None = None) -> dict[str, Any]:
+    """Run *argv* as `safegate exec --log WORK/NAME.log ... -- ARGV`; while it runs, poll the job's main process
+    (the `admitted` event's pid) for its own high-water marks (VmHWM, and the highest RssAnon and RssFile seen), and
+    the machine's lowest MemAvailable. Returns safegate's exit status, the `summary` event's peak_job_memory (what
+    safegate records and learns from), those cross-checks, the wall time, and where the job's output went."""
+    log_file, out_file, err_file = (work / f"{name}.{ext}" for ext in ("log", "out", "err"))
+    log_file.unlink(missing_ok=True)
+    start_available = available()
+    highest: dict[str, int] = {}
+    lowest_available = start_available
+    pid: int | None = None
+    start = time.monotonic()
+    with open(out_file, "wb") as out, open(err_file, "wb") as err:
+        with DeferredStop():  # only while starting it: once it runs, Ctrl-C lands in the loop and stops it
+            proc = subprocess.Popen([safegate, "exec", "--log", str(log_file), *exec_options, "--", *argv],
+                                    env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err)
+        try:
+            while proc.poll() is None:
+                if timeout is not None and time.monotonic() - start > timeout:
+                    raise BenchError(f"{name}: the job ran past {timeout:.0f} s")
+                if pid is None:
+                    pid = next((int(e["pid"]) for e in log_events(log_file)
+                                if e.get("event") == "admitted" and isinstance(e.get("pid"), int)), None)
+                if pid is not None:
+                    for key, value in proc_status(pid).items():
+                        highest[key] = max(highest.get(key, 0), value)
+                lowest_available = min(lowest_available, available())
+                time.sleep(poll)
+        finally:
+            if proc.poll() is None:
+                with signals_ignored():
+                    proc.terminate()
+                    try:
+                        proc.wait(30)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                        proc.wait()
+    summary = next((e for e in log_events(log_file) if e.get("event") == "summary"), {})
+    return {
+        "status": proc.returncode, "wall_s": time.monotonic() - start, "pid": pid,
+        "peak_job_memory": summary.get("peak_job_memory"), "job_exit_code": summary.get("exit_code"),
+        "polled": highest, "available_drop": start_available - lowest_available,
+        "log": str(log_file), "stdout": str(out_file), "stderr": str(err_file),
+    }
+
+
+def need_json(safegate: str, argv: Sequence[str], env: Mapping[str, str]) -> dict[str, Any] | str:
+    """`safegate need --json -- ARGV`'s answer, or why there is none (a safegate without `need`, bad JSON)."""
+    done = subprocess.run([safegate, "need", "--json", "--", *argv], env=env, capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=120, check=False)
+    if done.returncode != 0:
+        return f"`safegate need` exited {done.returncode}: {(done.stderr or done.stdout).strip()[-300:]}"
+    try:
+        answer = json.loads(done.stdout)
+    except ValueError:
+        return f"`safegate need --json` printed no JSON: {done.stdout.strip()[:300]}"
+    return answer if isinstance(answer, dict) else f"`safegate need --json` printed {type(answer).__name__}"
+
+
 # --- statistics and Markdown -------------------------------------------------------------------------------------
 
 
