@@ -444,3 +444,21 @@ def test_flash_attention_as_each_program_runs_it(run: Run, llama: Path, tmp_path
     assert _bytes(need(run, *server), "memory") == ram[True]
     assert _bytes(need(run, *server, "-fa", "off"), "memory") == ram[False]
     assert _bytes(need(run, *server[:1], "-fa", *server[1:]), "memory") == ram[True]  # the older bare -fa
+
+
+def test_recorded_runs_raise_a_model_files_figure_but_never_lower_it(run: Run, llama: Path, env: dict[str, str],
+                                                                      config: Path) -> None:
+    """A job mapping a model file the page cache already holds is charged little of it: its recorded peak (7-35%
+    of its need in bench/bench_need_gguf.py) must not teach safegate to reserve less than the file's arithmetic."""
+    command = ("llama-server", "-m", str(llama), "-c", "4096", "-ngl", "0")
+    first = need(run, *command, options=("--config", str(config)))
+    signature, predicted = first["signature"], _bytes(first, "memory")
+    assert isinstance(signature, str) and fig(first, "memory")["source"] == "file"
+    _history(env, [_signed(signature, predicted // 10, predicted)] * 3)  # mmap-warm runs: 10% charged
+    low = need(run, *command, options=("--config", str(config)))
+    assert (_bytes(low, "memory"), fig(low, "memory")["source"]) == (predicted, "file")
+    assert "only raise it" in str(fig(low, "memory")["detail"])
+    assert any("the file's figure is kept" in n for n in low["notes"])  # type: ignore[attr-defined]
+    _history(env, [_signed(signature, 2 * predicted, predicted)] * 3)  # runs that used more: they win
+    high = need(run, *command, options=("--config", str(config)))
+    assert (_bytes(high, "memory"), fig(high, "memory")["source"]) == (int(2 * predicted * 1.1), "history")

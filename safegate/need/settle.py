@@ -3,7 +3,9 @@
 
 1. an option: --mem, --gpu-mem (or the API's keyword);
 2. the profile, where a config file sets memory / gpu_memory (in the profile or its [defaults]): the user's word;
-3. recorded runs of this command's signature, once MIN_RUNS whole runs exist (p95 of their peaks + 10%);
+3. recorded runs of this command's signature, once MIN_RUNS whole runs exist (p95 of their peaks + 10%); below a
+   model file's own figures they are not taken (a recorded peak misses weights mapped from a file the page cache
+   already held: bench/bench_need_gguf.py recorded 7-35% of such a job's need);
 4. the prediction: the built-in table (knowledge.toml) or the model file's header;
 5. the profile's own figure: memory = "auto" learned from the profile's runs (else its fallback), or a built-in
    profile's memory (whisper-large-v3's 10G, for a check that names no command);
@@ -94,6 +96,12 @@ def _figure(key: str, profile: Profile, overrides: Mapping[str, Any], learned: L
         return Figure(own, "profile", f"profile {profile.name} ({profile.source})")
     runs = None if learned is None else learned.memory if key == "memory" else learned.gpu_memory
     if learned is not None and runs is not None:
+        floor = _file_floor(key, prediction)
+        if floor is not None and runs < floor:
+            # A model file's header is exact arithmetic; a recorded peak can miss what the job maps from a file
+            # the page cache already held (charged to whoever read it first): learning only raises it.
+            return Figure(Size(bytes=floor), "file", f"{prediction.detail if prediction else ''}; recorded runs "
+                          f"used less ({format_bytes(runs)}), below the file's own figures: they only raise it")
         return Figure(Size(bytes=runs), "history", f"{learned.runs} recorded runs of this command (p95 + 10%)")
     if auto:
         of_profile = history.learned_need(recorded.get(profile.name, []))
@@ -108,6 +116,13 @@ def _figure(key: str, profile: Profile, overrides: Mapping[str, Any], learned: L
     if own.bytes or own.percent:
         return Figure(own, "profile", f"profile {profile.name} ({profile.source})")
     return Figure(own, "none", "nothing predicts it")
+
+
+def _file_floor(key: str, prediction: Prediction | None) -> int | None:
+    """A model file's predicted figure, which recorded runs may raise but never lower (see _figure)."""
+    if prediction is None or prediction.source != "file":
+        return None
+    return prediction.ram if key == "memory" else prediction.gpu
 
 
 def _learned(recorded: Mapping[str, list[history.Run]], signature: str) -> Learned | None:
@@ -139,7 +154,9 @@ def _far_off(learned: Learned | None, prediction: Prediction | None) -> list[str
                                   ("GPU memory", prediction.gpu, learned.peak_gpu_memory_p95)):
         off = far_off(predicted, used)
         if off is not None and used is not None:
+            kept = ("the file's figure is kept (runs only raise it)" if prediction.source == "file" and used < predicted
+                    else "the recorded figure is used")
             notes.append(f"the prediction of {what} ({format_bytes(predicted)}) is {off:.0%} off what "
-                         f"{learned.runs} recorded runs of this command used ({format_bytes(used)}, p95): the recorded "
-                         f"figure is used; correct {where} or set memory in a profile")
+                         f"{learned.runs} recorded runs of this command used ({format_bytes(used)}, p95): {kept}; "
+                         f"correct {where} or set memory in a profile")
     return notes
