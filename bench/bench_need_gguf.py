@@ -61,6 +61,7 @@ from common import (
     md_table,
     median,
     need_json,
+    predicted_ram,
     publish,
     read_text,
     stamp,
@@ -129,15 +130,6 @@ def file_need_parts(path: Path, context: int) -> dict[str, Any] | str:
         parts["flash" if flash else "no_flash"] = {"ram": need.ram, "weights": need.weights,
                                                    "kv_cache": need.kv_cache, "overhead": need.overhead}
     return parts
-
-
-def predicted_ram(answer: dict[str, Any] | str) -> tuple[int | None, str]:
-    if isinstance(answer, str):
-        return None, answer
-    pred = answer.get("predicted")
-    if isinstance(pred, dict) and isinstance(pred.get("memory"), int):
-        return pred["memory"], f"{pred.get('source', '?')}"
-    return None, f"no prediction in `need --json`: {answer.get('notes')}"
 
 
 def mib(n: float | None) -> str:

@@ -58,6 +58,7 @@ from common import (
     md_table,
     median,
     need_json,
+    predicted_ram,
     publish,
     stamp,
     warm,
@@ -95,16 +96,6 @@ def checkpoint(bench_python: str, work: Path) -> Path:
     if done.returncode != 0:
         raise BenchError(f"need_whisper_make.py exited {done.returncode}: {done.stderr.strip()[-800:]}")
     return path
-
-
-def predicted_ram(answer: dict[str, Any] | str) -> tuple[int | None, str]:
-    """The predicted RAM of a `need --json` answer, and how it was derived (or why there is none)."""
-    if isinstance(answer, str):
-        return None, answer
-    pred = answer.get("predicted")
-    if isinstance(pred, dict) and isinstance(pred.get("memory"), int):
-        return pred["memory"], f"{pred.get('source', '?')}: {pred.get('detail', '')}"
-    return None, f"no prediction in `need --json`: {answer.get('notes')}"
 
 
 def gib(n: float | None) -> str:
@@ -145,12 +136,12 @@ def main() -> int:
             env = bench_env(pycache=tmp / "pycache", SAFEGATE_LOCK_DIR=str(tmp / "locks"),
                             XDG_STATE_HOME=str(tmp / "state"), PATH=f"{whisper.parent}{os.pathsep}{os.environ['PATH']}")
             named = ["whisper", "--model", "large-v3", "--device", "cpu", str(audio)]
-            ram, how = predicted_ram(need_json(safegate, named, env))
+            ram, how = predicted_ram(need_json(safegate, named, env), detail=True)
             job = [str(whisper), str(audio), "--model", str(ckpt), "--device", "cpu", "--language", "en",
                    "--fp16", "False", "--temperature_increment_on_fallback", "None", "--no_speech_threshold", "0",
                    "--logprob_threshold", "0", "--beam_size", str(args.beam_size), "--verbose", "False",
                    "--output_dir", str(tmp / "out"), "--output_format", "txt"]
-            ram_path, how_path = predicted_ram(need_json(safegate, job, env))
+            ram_path, how_path = predicted_ram(need_json(safegate, job, env), detail=True)
             log(f"predicted: {gib(ram)} GiB ({how}); for the command as run: {gib(ram_path)} GiB ({how_path})")
             for i in range(args.runs):
                 for mode in modes if i % 2 == 0 else modes[::-1]:  # alternate, so drift hits both alike

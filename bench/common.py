@@ -400,6 +400,18 @@ def need_json(safegate: str, argv: Sequence[str], env: Mapping[str, str]) -> dic
     return answer if isinstance(answer, dict) else f"`safegate need --json` printed {type(answer).__name__}"
 
 
+def predicted_ram(answer: dict[str, Any] | str, *, detail: bool = False) -> tuple[int | None, str]:
+    """The predicted RAM of a need_json() answer, and its source (with how it was derived where *detail*), or why
+    there is none."""
+    if isinstance(answer, str):
+        return None, answer
+    pred = answer.get("predicted")
+    if isinstance(pred, dict) and isinstance(pred.get("memory"), int):
+        how = f"{pred.get('source', '?')}: {pred.get('detail', '')}" if detail else f"{pred.get('source', '?')}"
+        return pred["memory"], how
+    return None, f"no prediction in `need --json`: {answer.get('notes')}"
+
+
 # --- statistics and Markdown -------------------------------------------------------------------------------------
 
 

@@ -29,6 +29,17 @@ PY = sys.executable
 TIMEOUT = float(os.environ.get("SAFEGATE_TEST_TIMEOUT", "120"))
 
 
+def rss_anon(pid: int) -> int:
+    """A process's anonymous resident memory in bytes (0 once it is gone): what a hog really holds."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def wait_until(condition: Callable[[], Any], timeout: float = TIMEOUT, interval: float = 0.02, what: str = "") -> Any:
     """Poll *condition* until it returns something truthy, or fail the test at the deadline."""
     deadline = time.monotonic() + timeout

@@ -26,6 +26,7 @@ from support import (
     job_pid,
     neutral_config,
     pids_with,
+    rss_anon,
     set_temp,
     stderr_of,
     wait_until,
@@ -108,16 +109,6 @@ FILL = ("import sys\nblocks = []\nwhile True:\n    block = bytearray(1 << 20)\n 
         "    blocks.append(block)\n")
 
 
-def _rss_anon(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 @needs_cgroups
 def test_the_kernel_holds_max_mem_against_a_job_filling_memory_as_fast_as_it_can(config: Path, env: dict[str, str],
                                                                                   lock_dir: Path,
@@ -130,7 +121,7 @@ def test_the_kernel_holds_max_mem_against_a_job_filling_memory_as_fast_as_it_can
     def sample() -> None:  # an independent sampler: the anonymous memory the job holds, every millisecond
         job = wait_until(lambda: job_pid(lock_dir), what="the job")
         while gate.poll() is None:
-            seen.append(_rss_anon(job))
+            seen.append(rss_anon(job))
             time.sleep(0.001)
 
     sampler = threading.Thread(target=sample)

@@ -20,7 +20,20 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from support import HELPERS, PY, REPO, TIMEOUT, Procs, Run, alive, descendants, neutral_config, stderr_of, wait_until
+from support import (
+    HELPERS,
+    PY,
+    REPO,
+    TIMEOUT,
+    Procs,
+    Run,
+    alive,
+    descendants,
+    neutral_config,
+    rss_anon,
+    stderr_of,
+    wait_until,
+)
 
 from safegate.errors import ValueParseError
 from safegate.exitcodes import ExitCode
@@ -188,16 +201,6 @@ def oom_domain() -> Iterator[Path]:
         domain.rmdir()
 
 
-def _rss_anon(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 def _oom_kills(domain: Path) -> int:
     for line in (domain / "memory.oom_control").read_text().splitlines():
         if line.startswith("oom_kill "):
@@ -217,7 +220,7 @@ def test_a_real_kernel_oom_takes_the_job_and_leaves_its_neighbour(oom_domain: Pa
     enter = f'echo $$ > {shlex.quote(str(oom_domain / "cgroup.procs"))} && exec "$@"'
     hog = [PY, str(HELPERS / "hog.py"), "350"]
     neighbour = procs.spawn(["sh", "-c", enter, "sh", *hog, "350", "0"])
-    wait_until(lambda: _rss_anon(neighbour.pid) >= 350 * MiB, what="the neighbour to hold its 350 MiB")
+    wait_until(lambda: rss_anon(neighbour.pid) >= 350 * MiB, what="the neighbour to hold its 350 MiB")
     log = tmp_path / "log.jsonl"
     gate = procs.spawn(["sh", "-c", enter, "sh",
                         *_exec(config, "--cgroup", "off", "--min-available", "0", "--log", str(log), "--",
@@ -229,7 +232,7 @@ def test_a_real_kernel_oom_takes_the_job_and_leaves_its_neighbour(oom_domain: Pa
     err = stderr_of(gate)  # type: ignore[arg-type]
     assert gate.returncode == 128 + signal.SIGKILL, err
     assert "job died of SIGKILL; exit 137" in err, err
-    assert alive(neighbour.pid) and _rss_anon(neighbour.pid) >= 350 * MiB
+    assert alive(neighbour.pid) and rss_anon(neighbour.pid) >= 350 * MiB
     assert _oom_kills(oom_domain) >= 1  # the kernel's OOM killer, not a signal from anyone else
     assert not descendants([gate.pid])
 
@@ -293,9 +296,9 @@ def test_earlyoom_would_take_the_job_never_safegate(config: Path, env: dict[str,
     host = {p: _ns_pid(p) for p in descendants([inside.pid])}
     by_ns = {ns: p for p, ns in host.items() if ns is not None}
     neighbour, supervisor = by_ns[pids["neighbour"]], by_ns[pids["supervisor"]]
-    job = wait_until(lambda: next((p for p in descendants([supervisor]) if _rss_anon(p) >= 100 * MiB), 0),
+    job = wait_until(lambda: next((p for p in descendants([supervisor]) if rss_anon(p) >= 100 * MiB), 0),
                      what="the job to hold its 100 MiB")
-    wait_until(lambda: _rss_anon(neighbour) >= 200 * MiB, what="the neighbour to hold its 200 MiB")
+    wait_until(lambda: rss_anon(neighbour) >= 200 * MiB, what="the neighbour to hold its 200 MiB")
     ns_job = _ns_pid(job)
     oom_score = int(Path(f"/proc/{supervisor}/oom_score").read_text())  # the kernel's, before earlyoom's --avoid
     ready.touch()

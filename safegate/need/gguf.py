@@ -81,18 +81,9 @@ class _Part:
         self.vocab: int | None = None
 
 
-def read_gguf(path: str) -> ModelFile | str:
-    """The header of a GGUF file (the first part of a split model: all parts read and summed), or the one-line note
-    why there is no prediction."""
-    try:
-        return _read_model(path)
-    except BadModelFile as exc:
-        return str(exc)
-    except OSError as exc:
-        return f"{quoted(path)}: unreadable ({exc.strerror or exc})"
-
-
-def _read_model(path: str) -> ModelFile:
+def read_gguf(path: str) -> ModelFile:
+    """The header of a GGUF file (the first part of a split model: all parts read and summed). Raises BadModelFile
+    or OSError, which modelfile.read_model turns into the one-line note."""
     budget = _Budget()
     first = _read_part(path, budget)
     count = _int(first, "split.count", 1)

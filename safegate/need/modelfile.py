@@ -88,25 +88,27 @@ def read_model(path: str) -> ModelFile | str:
     """The header of a .gguf (the first part of a split model: all parts found and summed), a .safetensors file, a
     *.safetensors.index.json with its shards, or a folder holding them; or the ONE-line note why there is no
     prediction (missing, truncated, hostile, not a model). Never raises; reads headers only, bounded."""
-    lower = path.lower()
-    if lower.endswith(".gguf"):
-        return read_gguf(path)
-    if lower.endswith((".safetensors", ".index.json")):
-        return read_safetensors(path)
     try:
-        if os.path.isdir(path):
-            return read_safetensors(path)
-        with open_regular(path) as fh:
-            start = fh.read(9)
+        return _read_any(path)
     except BadModelFile as exc:
         return str(exc)
     except OSError as exc:
         return f"{quoted(path)}: unreadable ({exc.strerror or exc})"
+
+
+def _read_any(path: str) -> ModelFile:
+    lower = path.lower()
+    if lower.endswith(".gguf"):
+        return read_gguf(path)
+    if lower.endswith((".safetensors", ".index.json")) or os.path.isdir(path):
+        return read_safetensors(path)
+    with open_regular(path) as fh:
+        start = fh.read(9)
     if start[:4] == b"GGUF":
         return read_gguf(path)
     if len(start) == 9 and start[8:9] == b"{":
         return read_safetensors(path)
-    return f"{quoted(path)}: not a model file (neither GGUF nor safetensors)"
+    raise BadModelFile(f"{quoted(path)}: not a model file (neither GGUF nor safetensors)")
 
 
 def _row_bytes(elements: int, cache_type: str) -> int | None:

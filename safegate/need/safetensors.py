@@ -50,18 +50,9 @@ class _Index(msgspec.Struct):
     weight_map: dict[str, str]
 
 
-def read_safetensors(path: str) -> ModelFile | str:
-    """A .safetensors file, a *.safetensors.index.json, or a folder holding either; or the one-line note why there is
-    no prediction."""
-    try:
-        return _read(path)
-    except BadModelFile as exc:
-        return str(exc)
-    except OSError as exc:
-        return f"{quoted(path)}: unreadable ({exc.strerror or exc})"
-
-
-def _read(path: str) -> ModelFile:
+def read_safetensors(path: str) -> ModelFile:
+    """A .safetensors file, a *.safetensors.index.json, or a folder holding either. Raises BadModelFile or OSError,
+    which modelfile.read_model turns into the one-line note."""
     if os.path.isdir(path):
         folder = path
         if os.path.isfile(os.path.join(path, INDEX)):
